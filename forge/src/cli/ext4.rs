@@ -1,0 +1,114 @@
+//! `forge ext4`: the ext4 writer on its own, for direct use and tests.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+use formats::ext4::{self, Owner, Size, Slack, Tree};
+
+use super::output::AtomicOutput;
+
+#[derive(clap::Args)]
+pub struct Ext4Args {
+    /// Directory whose contents become the filesystem's root.
+    src: PathBuf,
+    /// Output image file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Filesystem size: `auto`, or bytes with an optional K/M/G/T suffix.
+    #[arg(long, default_value = "auto")]
+    size: String,
+    /// With --size auto: extra space, in bytes (K/M/G suffixes) or percent (`10%`).
+    #[arg(long, default_value = "0")]
+    slack: String,
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Filesystem UUID (default: derived from --seed).
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Add a jbd2 journal (the read-write "state" profile).
+    #[arg(long)]
+    journal: bool,
+    /// Force every entry's owner, e.g. 0:0 as a Nix store wants.
+    #[arg(long, value_name = "UID:GID")]
+    owner: Option<String>,
+    /// Seed for UUID and hash seed.
+    #[arg(long, default_value = "nixforge")]
+    seed: String,
+    /// Print the plan and write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn run(a: Ext4Args) -> Result<()> {
+    let size = match a.size.as_str() {
+        "auto" => Size::Auto {
+            slack: parse_slack(&a.slack)?,
+        },
+        s => Size::Fixed(super::parse_bytes(s).with_context(|| format!("--size {s}"))?),
+    };
+    let owner = Owner {
+        force: a.owner.as_deref().map(parse_owner).transpose()?,
+    };
+    let mut opts = ext4::Options::from_seed(&a.seed, &a.label, size, a.journal, super::epoch()?);
+    if let Some(u) = &a.uuid {
+        opts.uuid =
+            formats::seed::parse_uuid(u).with_context(|| format!("--uuid {u}: not a UUID"))?;
+    }
+    let md = std::fs::metadata(&a.src).with_context(|| format!("{}", a.src.display()))?;
+    if !md.is_dir() {
+        bail!("{}: not a directory", a.src.display());
+    }
+    let mut tree = Tree::new(0o755);
+    tree.add_host_contents(ext4::ROOT, &a.src, owner)?;
+    let plan = ext4::plan(&tree, &opts)?;
+    let g = &plan.geometry;
+    let summary = format!(
+        "{}: {} bytes, {} blocks in {} groups, {} inodes ({} used), {} blocks used{}",
+        a.output.display(),
+        plan.size_bytes(),
+        g.blocks,
+        g.groups,
+        g.inodes(),
+        plan.inodes_used(),
+        plan.blocks_used(),
+        if g.journal_blocks > 0 {
+            format!(", journal {} blocks", g.journal_blocks)
+        } else {
+            String::new()
+        }
+    );
+    if a.dry_run {
+        println!("{summary}");
+        return Ok(());
+    }
+    let mut out = AtomicOutput::create(&a.output)?;
+    out.file()
+        .set_len(plan.size_bytes())
+        .with_context(|| format!("sizing {}", out.temp_path().display()))?;
+    plan.write(out.file(), 0)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    out.commit()?;
+    eprintln!("{summary}");
+    Ok(())
+}
+
+fn parse_slack(s: &str) -> Result<Slack> {
+    if let Some(p) = s.strip_suffix('%') {
+        return Ok(Slack::Percent(
+            p.parse().with_context(|| format!("--slack {s}"))?,
+        ));
+    }
+    Ok(Slack::Bytes(
+        super::parse_bytes(s).with_context(|| format!("--slack {s}"))?,
+    ))
+}
+
+fn parse_owner(s: &str) -> Result<(u32, u32)> {
+    let (u, g) = s
+        .split_once(':')
+        .with_context(|| format!("--owner {s}: expected UID:GID"))?;
+    Ok((
+        u.parse().with_context(|| format!("--owner {s}: bad uid"))?,
+        g.parse().with_context(|| format!("--owner {s}: bad gid"))?,
+    ))
+}

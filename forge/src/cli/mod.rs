@@ -1,0 +1,36 @@
+//! Command implementations: argument types and glue to the library.
+
+pub mod ext4;
+pub mod output;
+
+use anyhow::{bail, Context, Result};
+
+/// `123`, `4K`, `512M`, `2G`, `1T` (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a size"))?;
+    match n.checked_mul(mult) {
+        Some(v) => Ok(v),
+        None => bail!("{s:?} is too large"),
+    }
+}
+
+/// Every timestamp in an image: SOURCE_DATE_EPOCH, or 1 (as in the Nix store).
+pub fn epoch() -> Result<u32> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        Err(_) => Ok(1),
+    }
+}

@@ -1,0 +1,274 @@
+//! The closure reader: from a toplevel store path to every store path the
+//! system needs, each with the NAR hash, size and references Nix itself
+//! would record.
+//!
+//! Where the references come from, in order of preference:
+//! 1. `--closure-info DIR` (nixpkgs' `closureInfo`: `store-paths` and
+//!    `registration`);
+//! 2. the store's own Nix database (`ROOT/nix/var/nix/db/db.sqlite`);
+//! 3. scanning every path's NAR stream for the hash parts of the paths
+//!    present in the store, exactly as Nix finds references after a build.
+//!
+//! In every case the NAR hashes are computed here, in one streaming pass per
+//! path, in parallel across paths (in mode 3 that same pass also scans).
+
+pub mod bootspec;
+mod db;
+pub mod registration;
+pub mod store;
+
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use formats::nar::{self, NarDigest, NarError, RefScanner, HASH_LEN};
+
+pub use bootspec::{Boot, BootSpec};
+pub use store::{Store, StoreError, STORE_DIR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClosureError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    BootSpec(#[from] bootspec::BootSpecError),
+    #[error(transparent)]
+    Nar(#[from] NarError),
+    #[error("{referrer} refers to {missing}, which is not in the store at {store}")]
+    MissingReference {
+        referrer: String,
+        missing: String,
+        store: PathBuf,
+    },
+    #[error("{file}: {problem}")]
+    ClosureInfo { file: PathBuf, problem: String },
+    #[error("{db}: {problem}")]
+    Db { db: PathBuf, problem: String },
+    #[error("{path}: contents hash to {computed}, but the Nix database at {db} records {recorded} (corrupted store path?)")]
+    HashMismatch {
+        path: String,
+        computed: String,
+        recorded: String,
+        db: PathBuf,
+    },
+}
+
+/// How the references were found.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    ClosureInfo,
+    NixDb,
+    Scan,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathInfo {
+    pub path: String,
+    #[serde(serialize_with = "ser_hash")]
+    pub nar_hash: [u8; 32],
+    pub nar_size: u64,
+    pub references: BTreeSet<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deriver: Option<String>,
+}
+
+fn ser_hash<S: serde::Serializer>(h: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&nar::format_hash(h))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Closure {
+    pub toplevel: String,
+    pub bootspec: Boot,
+    pub source: Source,
+    /// Sorted by path.
+    pub paths: Vec<PathInfo>,
+}
+
+pub struct Options {
+    pub root: PathBuf,
+    pub closure_info: Option<PathBuf>,
+}
+
+/// An edge list: path → (references, deriver, hash recorded by Nix).
+struct Graph {
+    nodes: BTreeMap<String, Node>,
+}
+
+#[derive(Default)]
+struct Node {
+    references: BTreeSet<String>,
+    deriver: Option<String>,
+    recorded_hash: Option<String>,
+}
+
+pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
+    let store = Store::new(&opts.root);
+    let toplevel = store.resolve_toplevel(system)?;
+    let phys = store.physical(&toplevel);
+    if let Err(source) = std::fs::symlink_metadata(&phys) {
+        return Err(StoreError::Io { path: phys, source }.into());
+    }
+    let boot = bootspec::read(&store, &toplevel)?;
+    let db_file = store.physical("/nix/var/nix/db/db.sqlite");
+
+    let (source, paths) = if let Some(ci) = &opts.closure_info {
+        let g = registration::read_closure_info(ci)?;
+        (Source::ClosureInfo, hash_graph(&store, g, None)?)
+    } else if db_file.exists() {
+        let g = db::closure(&db_file, &toplevel)?;
+        (Source::NixDb, hash_graph(&store, g, Some(&db_file))?)
+    } else {
+        (Source::Scan, scan_closure(&store, &toplevel)?)
+    };
+    Ok(Closure {
+        toplevel,
+        bootspec: boot,
+        source,
+        paths,
+    })
+}
+
+fn missing_check(store: &Store, g: &Graph) -> Result<(), ClosureError> {
+    for (path, node) in &g.nodes {
+        for r in std::iter::once(path).chain(&node.references) {
+            if std::fs::symlink_metadata(store.physical(r)).is_err() {
+                let referrer = if r == path {
+                    "the closure".to_string()
+                } else {
+                    path.clone()
+                };
+                return Err(ClosureError::MissingReference {
+                    referrer,
+                    missing: r.clone(),
+                    store: store.store_dir_physical(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// NAR-hash every node of a known graph, in parallel.
+fn hash_graph(store: &Store, g: Graph, db: Option<&Path>) -> Result<Vec<PathInfo>, ClosureError> {
+    missing_check(store, &g)?;
+    let nodes: Vec<(String, Node)> = g.nodes.into_iter().collect();
+    nodes
+        .into_par_iter()
+        .map_init(Vec::new, |buf, (path, node)| {
+            let (hash, size, _) = nar_digest(store, &path, None, buf)?;
+            if let (Some(rec), Some(db)) = (&node.recorded_hash, db) {
+                if !same_hash(rec, &hash) {
+                    return Err(ClosureError::HashMismatch {
+                        path,
+                        computed: nar::format_hash(&hash),
+                        recorded: rec.clone(),
+                        db: db.to_owned(),
+                    });
+                }
+            }
+            Ok(PathInfo {
+                path,
+                nar_hash: hash,
+                nar_size: size,
+                references: node.references,
+                deriver: node.deriver,
+            })
+        })
+        .collect()
+}
+
+/// Does a recorded `sha256:<base16|base32>` hash equal `digest`?
+fn same_hash(recorded: &str, digest: &[u8; 32]) -> bool {
+    let body = recorded.strip_prefix("sha256:").unwrap_or(recorded);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    body == hex || body == formats::nixbase32::encode(digest)
+}
+
+fn nar_digest(
+    store: &Store,
+    path: &str,
+    scanner: Option<RefScanner>,
+    buf: &mut Vec<u8>,
+) -> Result<([u8; 32], u64, Option<RefScanner>), NarError> {
+    let mut d = NarDigest::new(scanner);
+    nar::dump(&store.physical(path), &mut d, buf)?;
+    Ok(d.finish())
+}
+
+/// Breadth-first closure by scanning, one parallel NAR pass per level.
+fn scan_closure(store: &Store, toplevel: &str) -> Result<Vec<PathInfo>, ClosureError> {
+    let dir = store.store_dir_physical();
+    let mut by_hash: HashMap<[u8; HASH_LEN], String> = HashMap::new();
+    let rd = std::fs::read_dir(&dir).map_err(|source| StoreError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    for e in rd {
+        let e = e.map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((h, _)) = store::parse_base_name(name) {
+            by_hash.insert(h, format!("{STORE_DIR}/{name}"));
+        }
+    }
+    let candidates: Arc<HashSet<[u8; HASH_LEN]>> = Arc::new(by_hash.keys().copied().collect());
+
+    let mut done: BTreeMap<String, PathInfo> = BTreeMap::new();
+    let mut frontier = vec![toplevel.to_string()];
+    while !frontier.is_empty() {
+        let results: Vec<Result<PathInfo, ClosureError>> = frontier
+            .par_iter()
+            .map_init(Vec::new, |buf, path| {
+                let sc = RefScanner::new(candidates.clone());
+                let (hash, size, sc) = nar_digest(store, path, Some(sc), buf)?;
+                let sc = sc.expect("scanner was given");
+                if let Some(m) = sc.missing.iter().next() {
+                    return Err(ClosureError::MissingReference {
+                        referrer: path.clone(),
+                        missing: format!("{STORE_DIR}/{}", String::from_utf8_lossy(m)),
+                        store: store.store_dir_physical(),
+                    });
+                }
+                Ok(PathInfo {
+                    path: path.clone(),
+                    nar_hash: hash,
+                    nar_size: size,
+                    references: sc.found.iter().map(|h| by_hash[h].clone()).collect(),
+                    deriver: None,
+                })
+            })
+            .collect();
+        let mut next = BTreeSet::new();
+        for r in results {
+            let info = r?;
+            for reference in &info.references {
+                if !done.contains_key(reference) && !frontier.contains(reference) {
+                    next.insert(reference.clone());
+                }
+            }
+            done.insert(info.path.clone(), info);
+        }
+        frontier = next.into_iter().filter(|p| !done.contains_key(p)).collect();
+    }
+    Ok(done.into_values().collect())
+}
+
+impl Closure {
+    /// Text that `nix-store --load-db` accepts (and that forged images
+    /// carry as `/nix-path-registration`).
+    pub fn registration(&self) -> String {
+        registration::render(&self.paths)
+    }
+
+    pub fn total_nar_size(&self) -> u64 {
+        self.paths.iter().map(|p| p.nar_size).sum()
+    }
+}

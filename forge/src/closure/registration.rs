@@ -1,0 +1,111 @@
+//! Nix's "validity registration" text, as written by `nix-store --dump-db`
+//! and closureInfo, and read by `nix-store --load-db`. Per path:
+//! path, narHash, narSize, deriver (empty line if none), the number of
+//! references, then the references, one per line.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{ClosureError, Graph, Node, PathInfo};
+use formats::nar::format_hash;
+
+pub fn render(paths: &[PathInfo]) -> String {
+    let mut s = String::new();
+    for p in paths {
+        s.push_str(&p.path);
+        s.push('\n');
+        s.push_str(&format_hash(&p.nar_hash));
+        s.push('\n');
+        s.push_str(&p.nar_size.to_string());
+        s.push('\n');
+        s.push_str(p.deriver.as_deref().unwrap_or(""));
+        s.push('\n');
+        s.push_str(&p.references.len().to_string());
+        s.push('\n');
+        for r in &p.references {
+            s.push_str(r);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// One record of a registration file.
+pub struct Record {
+    pub path: String,
+    pub hash: String,
+    pub deriver: Option<String>,
+    pub references: Vec<String>,
+}
+
+pub fn parse(text: &str, file: &Path) -> Result<Vec<Record>, ClosureError> {
+    let mut lines = text.lines().enumerate();
+    let mut out = Vec::new();
+    let err = |n: usize, problem: &str| ClosureError::ClosureInfo {
+        file: file.to_owned(),
+        problem: format!("line {}: {problem}", n + 1),
+    };
+    while let Some((n, path)) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        if super::store::store_path_of(path).as_deref() != Some(path) {
+            return Err(err(n, &format!("{path:?} is not a store path")));
+        }
+        let mut field = |what: &str| {
+            lines
+                .next()
+                .map(|(_, l)| l.to_string())
+                .ok_or_else(|| err(n, &format!("record for {path} ends before its {what}")))
+        };
+        let hash = field("narHash")?;
+        let _size = field("narSize")?;
+        let deriver = field("deriver")?;
+        let count: usize = field("reference count")?
+            .parse()
+            .map_err(|_| err(n, &format!("bad reference count in record for {path}")))?;
+        let mut references = Vec::with_capacity(count);
+        for _ in 0..count {
+            references.push(field("references")?);
+        }
+        out.push(Record {
+            path: path.to_string(),
+            hash,
+            deriver: (!deriver.is_empty()).then_some(deriver),
+            references,
+        });
+    }
+    Ok(out)
+}
+
+/// Read nixpkgs' `closureInfo` output directory.
+pub(super) fn read_closure_info(dir: &Path) -> Result<Graph, ClosureError> {
+    let read = |name: &str| {
+        let f = dir.join(name);
+        std::fs::read_to_string(&f).map_err(|e| ClosureError::ClosureInfo {
+            file: f,
+            problem: e.to_string(),
+        })
+    };
+    let paths = read("store-paths")?;
+    let reg_file = dir.join("registration");
+    let records = parse(&read("registration")?, &reg_file)?;
+    let mut by_path: BTreeMap<String, Record> =
+        records.into_iter().map(|r| (r.path.clone(), r)).collect();
+    let mut nodes = BTreeMap::new();
+    for p in paths.lines().filter(|l| !l.is_empty()) {
+        let r = by_path.remove(p).ok_or_else(|| ClosureError::ClosureInfo {
+            file: reg_file.clone(),
+            problem: format!("{p} is listed in store-paths but has no registration record"),
+        })?;
+        nodes.insert(
+            p.to_string(),
+            Node {
+                references: r.references.into_iter().collect(),
+                deriver: r.deriver,
+                recorded_hash: Some(r.hash),
+            },
+        );
+    }
+    Ok(Graph { nodes })
+}

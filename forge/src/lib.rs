@@ -1,0 +1,4 @@
+//! nixforge's image compiler: closure → layout plan → filesystem writers →
+//! partition table → container. `main.rs` is only the command line.
+
+pub mod closure;

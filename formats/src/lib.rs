@@ -1,0 +1,12 @@
+//! On-disk formats shared by `forge` (which writes images) and `flash`
+//! (which writes images to devices).
+//!
+//! Every writer here is a *layout compiler*: it plans the whole structure
+//! first (pure, testable), then streams it into a `Write + Seek` target in
+//! one mostly-sequential pass. Nothing here knows about the command line.
+
+pub mod ext4;
+pub mod nar;
+pub mod nixbase32;
+pub mod seed;
+mod sys;

@@ -1,0 +1,187 @@
+//! Nix ARchive (NAR) serialization, streamed.
+//!
+//! A NAR is Nix's canonical serialization of a store path: every string is
+//! a little-endian u64 length followed by the bytes, zero-padded to 8.
+//! Directory entries are sorted by name bytes; only the executable bit of a
+//! mode is kept; symlinks are stored, never followed (a dangling symlink is
+//! perfectly legal). `narHash` is the SHA-256 of this byte stream and
+//! `narSize` its length; Nix finds a path's references by scanning the same
+//! stream for the hash parts of other store paths, which [`RefScanner`]
+//! reproduces.
+
+mod scan;
+
+pub use scan::{is_name_char, RefScanner, HASH_LEN};
+
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NarError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: unsupported file type (NAR holds only files, directories and symlinks)")]
+    FileType { path: PathBuf },
+    #[error("{path}: file changed size while it was read (expected {expected} bytes)")]
+    Changed { path: PathBuf, expected: u64 },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NarError + '_ {
+    move |source| NarError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes NAR framing to `W`; errors name the object being serialized.
+struct Framer<'a, W: Write> {
+    out: &'a mut W,
+    path_for_errors: PathBuf,
+}
+
+impl<W: Write> Framer<'_, W> {
+    fn raw(&mut self, b: &[u8]) -> Result<(), NarError> {
+        match self.out.write_all(b) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(io_err(&self.path_for_errors)(e)),
+        }
+    }
+    fn int(&mut self, n: u64) -> Result<(), NarError> {
+        self.raw(&n.to_le_bytes())
+    }
+    fn pad(&mut self, len: u64) -> Result<(), NarError> {
+        let p = (8 - (len % 8) as usize) % 8;
+        self.raw(&[0u8; 8][..p])
+    }
+    fn str(&mut self, s: &[u8]) -> Result<(), NarError> {
+        self.int(s.len() as u64)?;
+        self.raw(s)?;
+        self.pad(s.len() as u64)
+    }
+}
+
+/// Serialize the file system object at `path` as a NAR into `out`.
+/// `buf` is the read buffer (its capacity is reused between calls).
+pub fn dump<W: Write>(path: &Path, out: &mut W, buf: &mut Vec<u8>) -> Result<(), NarError> {
+    if buf.len() < 256 * 1024 {
+        buf.resize(256 * 1024, 0);
+    }
+    let mut f = Framer {
+        out,
+        path_for_errors: path.to_owned(),
+    };
+    f.str(b"nix-archive-1")?;
+    dump_node(path, &mut f, buf)
+}
+
+fn dump_node<W: Write>(path: &Path, f: &mut Framer<W>, buf: &mut [u8]) -> Result<(), NarError> {
+    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
+    let ft = md.file_type();
+    f.str(b"(")?;
+    f.str(b"type")?;
+    if ft.is_symlink() {
+        let target = fs::read_link(path).map_err(io_err(path))?;
+        f.str(b"symlink")?;
+        f.str(b"target")?;
+        f.str(target.as_os_str().as_bytes())?;
+    } else if ft.is_file() {
+        f.str(b"regular")?;
+        if md.permissions().mode() & 0o100 != 0 {
+            f.str(b"executable")?;
+            f.str(b"")?;
+        }
+        f.str(b"contents")?;
+        let size = md.len();
+        f.int(size)?;
+        let mut file = File::open(path).map_err(io_err(path))?;
+        let mut left = size;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = file.read(&mut buf[..want]).map_err(io_err(path))?;
+            if n == 0 {
+                return Err(NarError::Changed {
+                    path: path.to_owned(),
+                    expected: size,
+                });
+            }
+            f.raw(&buf[..n])?;
+            left -= n as u64;
+        }
+        f.pad(size)?;
+    } else if ft.is_dir() {
+        f.str(b"directory")?;
+        for name in sorted_entries(path)? {
+            let child = path.join(std::ffi::OsStr::from_bytes(&name));
+            f.str(b"entry")?;
+            f.str(b"(")?;
+            f.str(b"name")?;
+            f.str(&name)?;
+            f.str(b"node")?;
+            dump_node(&child, f, buf)?;
+            f.str(b")")?;
+        }
+    } else {
+        return Err(NarError::FileType {
+            path: path.to_owned(),
+        });
+    }
+    f.str(b")")
+}
+
+/// The names in a directory, sorted bytewise as NAR requires.
+pub fn sorted_entries(dir: &Path) -> Result<Vec<Vec<u8>>, NarError> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        names.push(e.file_name().as_bytes().to_vec());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// A `Write` sink that hashes, counts and scans the NAR stream in one pass.
+pub struct NarDigest {
+    sha: Sha256,
+    size: u64,
+    pub scanner: Option<RefScanner>,
+}
+
+impl NarDigest {
+    pub fn new(scanner: Option<RefScanner>) -> Self {
+        NarDigest {
+            sha: Sha256::new(),
+            size: 0,
+            scanner,
+        }
+    }
+    /// (sha256 digest, narSize, scanner)
+    pub fn finish(self) -> ([u8; 32], u64, Option<RefScanner>) {
+        (self.sha.finalize().into(), self.size, self.scanner)
+    }
+}
+
+impl Write for NarDigest {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.sha.update(b);
+        self.size += b.len() as u64;
+        if let Some(s) = &mut self.scanner {
+            s.feed(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `sha256:<nix base-32>`, the form Nix prints and `--load-db` accepts.
+pub fn format_hash(digest: &[u8; 32]) -> String {
+    format!("sha256:{}", crate::nixbase32::encode(digest))
+}
+
+#[cfg(test)]
+mod tests;
