@@ -54,7 +54,7 @@ pub enum BootSpecError {
     },
     #[error("{file}: no \"{V1}\" document (found keys: {found}); only bootspec v1 is understood")]
     Version { file: PathBuf, found: String },
-    #[error("{file}: field \"{field}\": {problem}")]
+    #[error("{file}: {field}: {problem}")]
     Field {
         file: PathBuf,
         field: String,
@@ -136,6 +136,11 @@ fn parse_v1(file: &Path, doc: &serde_json::Value, field: &str) -> Result<BootSpe
         }
     };
     let req = |f: &str| string(f, true).map(|s| s.unwrap_or_default());
+    // Fields are checked in bootspec's order, so the first problem is named.
+    let system = req("system")?;
+    let init = req("init")?;
+    let initrd = string("initrd", false)?;
+    let kernel = req("kernel")?;
     let kernel_params = match obj.get("kernelParams") {
         None => return Err(bad("kernelParams", "missing".into())),
         Some(serde_json::Value::Array(a)) => a
@@ -154,10 +159,10 @@ fn parse_v1(file: &Path, doc: &serde_json::Value, field: &str) -> Result<BootSpe
         }
     };
     let spec = BootSpec {
-        system: req("system")?,
-        init: req("init")?,
-        initrd: string("initrd", false)?,
-        kernel: req("kernel")?,
+        system,
+        init,
+        initrd,
+        kernel,
         kernel_params,
         label: req("label")?,
         toplevel: req("toplevel")?,

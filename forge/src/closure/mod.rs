@@ -133,22 +133,25 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
     })
 }
 
+/// Every path of the graph must be in the store; a missing one is named
+/// with a path that refers to it.
 fn missing_check(store: &Store, g: &Graph) -> Result<(), ClosureError> {
+    let present = |p: &str| std::fs::symlink_metadata(store.physical(p)).is_ok();
     for (path, node) in &g.nodes {
-        for r in std::iter::once(path).chain(&node.references) {
-            if std::fs::symlink_metadata(store.physical(r)).is_err() {
-                let referrer = if r == path {
-                    "the closure".to_string()
-                } else {
-                    path.clone()
-                };
-                return Err(ClosureError::MissingReference {
-                    referrer,
-                    missing: r.clone(),
-                    store: store.store_dir_physical(),
-                });
-            }
+        if let Some(r) = node.references.iter().find(|r| !present(r)) {
+            return Err(ClosureError::MissingReference {
+                referrer: path.clone(),
+                missing: r.clone(),
+                store: store.store_dir_physical(),
+            });
         }
+    }
+    if let Some(p) = g.nodes.keys().find(|p| !present(p)) {
+        return Err(ClosureError::MissingReference {
+            referrer: "the closure".into(),
+            missing: p.clone(),
+            store: store.store_dir_physical(),
+        });
     }
     Ok(())
 }

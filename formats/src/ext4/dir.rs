@@ -271,7 +271,8 @@ mod tests {
     fn small_dirs_are_linear_large_ones_hashed() {
         let seed = [1, 2, 3, 4];
         assert_eq!(shape(&entries(0), &seed, 1).0.htree_levels, 0);
-        assert_eq!(shape(&entries(100), &seed, 1).0.htree_levels, 1);
+        assert_eq!(shape(&entries(145), &seed, 1).0.htree_levels, 0);
+        assert_eq!(shape(&entries(200), &seed, 1).0.htree_levels, 1);
         let (s, p) = shape(&entries(100_000), &seed, 1);
         assert_eq!(s.htree_levels, 2);
         let bytes = encode(s, &p, 12, 2, 0);

@@ -1,0 +1,42 @@
+# nixforge: two commands do everything on a fresh Debian 12 machine (as root):
+#   make demo   forge the fixture system into an image and boot it
+#   make test   every test, with the real judges
+BUILD    ?= build
+FIX      := $(BUILD)/fixtures
+CARGO    ?= cargo
+FORGE    := target/release/forge
+export NIXFORGE_FIXTURES := $(abspath $(FIX))
+
+.PHONY: all deps fixtures build test demo bench lint clean
+
+all: build
+
+deps:
+	scripts/deps.sh
+
+# Fixture systems in real Nix stores; rebuilt when their scripts change.
+$(FIX)/.stamp: fixtures/make-systems.sh fixtures/system.nix fixtures/stage1-init.sh | deps
+	fixtures/make-systems.sh $(FIX)
+	touch $@
+fixtures: deps $(FIX)/.stamp
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+test: deps fixtures
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace -- --test-threads=2
+
+demo: deps fixtures build
+	scripts/demo.sh $(FIX) $(BUILD)/demo
+
+bench: deps build
+	scripts/bench.sh $(BUILD)/bench
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf $(BUILD)
+	$(CARGO) clean

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install what nixforge's tests, demo and benchmarks need, on Debian 12, as
+# root. Idempotent and non-interactive: packages already present are not
+# touched, and apt runs only when something is missing.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+pkgs=(
+  nix-bin                       # real Nix: fixture stores, the judge for closures and NAR hashes
+  busybox-static                # fixture builder and stage 1
+  systemd-boot-efi              # systemd-bootx64.efi for the fixture system
+  cpio kmod                     # initrd assembly
+  e2fsprogs dosfstools mtools   # e2fsck/debugfs, fsck.fat, mdir
+  gdisk fdisk                   # sgdisk -v, sfdisk -V
+  bmap-tools zstd               # bmaptool, zstd -t
+  ovmf qemu-system-x86          # UEFI boots
+  qemu-system-arm u-boot-qemu   # aarch64 boots through U-Boot
+  util-linux                    # losetup, partx, setpriv
+  hyperfine                     # make bench
+)
+# The arm64 busybox and kernel are only downloaded (apt-get download, by
+# fixtures/make-systems.sh): installing busybox-static:arm64 would replace
+# the host's. The arm64 architecture must be known to apt for that.
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status} ${Architecture}\n' "$p" 2>/dev/null \
+    | grep -Eq "install ok installed (amd64|all)$" || missing+=("$p")
+done
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  dpkg --add-architecture arm64
+  missing+=(arm64-architecture)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "deps: installing ${missing[*]}"
+apt-get update -qq
+install=()
+for p in "${missing[@]}"; do
+  case $p in
+    arm64-architecture) ;;
+    # The machine may carry qemu-utils from backports, which breaks
+    # bookworm's qemu-system-*: take the matching bookworm builds.
+    qemu-system-x86|qemu-system-arm) install+=("$p" qemu-utils/bookworm qemu-system-common/bookworm) ;;
+    *) install+=("$p") ;;
+  esac
+done
+[ ${#install[@]} -eq 0 ] || apt-get install -y -qq --allow-downgrades --no-install-recommends "${install[@]}" >/dev/null
