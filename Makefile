@@ -23,9 +23,10 @@ fixtures: deps $(FIX)/.stamp
 build:
 	$(CARGO) build --release --workspace --bins
 
-test: deps fixtures
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace -- --test-threads=2
+# End-to-end tests drive the release binaries (debug ones are ~10x slower
+# at hashing and writing).
+test: deps fixtures build
+	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test --workspace -- --test-threads=2
 
 demo: deps fixtures build
 	scripts/demo.sh $(FIX) $(BUILD)/demo

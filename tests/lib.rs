@@ -30,10 +30,16 @@ pub fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// A workspace binary (built by `cargo build --workspace --bins`).
+/// A workspace binary: from `NIXFORGE_BIN_DIR` (the Makefile points it at
+/// the release build), else beside the test executable's profile.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().unwrap().parent().unwrap().join(name);
+    let dir = std::env::var_os("NIXFORGE_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().unwrap().parent().unwrap().to_path_buf()
+        });
+    let p = dir.join(name);
     assert!(
         p.exists(),
         "{} not built: run `cargo build --workspace --bins` first",
@@ -104,6 +110,44 @@ pub fn fails(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `diff -r --no-dereference a b`, clean except for the special files diff
+/// cannot compare (it reports those even when they agree; their type and
+/// device numbers are compared by the callers' stat checks).
+pub fn diff_tree(a: &Path, b: &Path, exclude: &[&str]) {
+    let mut cmd = Command::new("diff");
+    cmd.args(["-r", "--no-dereference"]);
+    for x in exclude {
+        cmd.args(["-x", x]);
+    }
+    let out = cmd.arg(a).arg(b).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let real: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("File ")
+                && [
+                    "character special file",
+                    "block special file",
+                    "fifo",
+                    "socket",
+                ]
+                .iter()
+                .any(|k| {
+                    l.ends_with(&format!("is a {k}"))
+                        && l.contains(&format!("is a {k} while file "))
+                }))
+        })
+        .collect();
+    assert!(
+        real.is_empty() && out.status.code().unwrap_or(2) < 2,
+        "diff -r {} {}:\n{}\n{}",
+        a.display(),
+        b.display(),
+        real.join("\n"),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn sh(script: &str) -> String {

@@ -99,10 +99,9 @@ pub fn shape(entries: &[Entry], hash_seed: &[u32; 4], min_blocks: u32) -> (Shape
     }
     // A leaf that starts inside a run of equal hashes carries the
     // collision bit, telling lookups to continue from the previous leaf.
-    for k in 1..leaves.len() {
-        let s = leaves[k].0;
-        if hashed[s - 1].0 == hashed[s].0 {
-            leaves[k].1 |= 1;
+    for leaf in leaves.iter_mut().skip(1) {
+        if hashed[leaf.0 - 1].0 == hashed[leaf.0].0 {
+            leaf.1 |= 1;
         }
     }
     let nleaves = leaves.len();

@@ -1,6 +1,8 @@
 //! The directory-index name hash: half-MD4 with the filesystem's hash
-//! seed, names read as *unsigned* bytes (the superblock says so with
-//! EXT2_FLAGS_UNSIGNED_HASH, so the result is the same on every CPU).
+//! seed, names read as *signed* bytes. The superblock says so with
+//! EXT2_FLAGS_SIGNED_HASH (the kernel and e2fsck honour either flag); we
+//! pick signed because it is what mkfs writes on x86 and so what most
+//! filesystems carry, and some readers (ext4-view 1.0) assume it.
 
 const K2: u32 = 0x5A82_7999;
 const K3: u32 = 0x6ED9_EBA1;
@@ -66,7 +68,8 @@ fn str2hashbuf(msg: &[u8], len: usize, out: &mut [u32; 8]) {
     let take = len.min(32);
     let mut i_out = 0;
     for (i, &c) in msg[..take].iter().enumerate() {
-        val = (c as u32).wrapping_add(val << 8);
+        // Sign-extended, as the kernel's str2hashbuf_signed.
+        val = (c as i8 as i32 as u32).wrapping_add(val << 8);
         if i % 4 == 3 {
             out[i_out] = val;
             i_out += 1;

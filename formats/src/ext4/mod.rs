@@ -160,14 +160,20 @@ fn journal_blocks_for(blocks: u64) -> u64 {
     }
 }
 
+/// Groups are as large as they may be (32768 blocks), but there must be
+/// enough of them to index the inodes (at most 32768 each); a last group
+/// too small to hold a superblock backup is left out.
 fn geometry(blocks: u64, inodes: u64, journal: bool) -> Geometry {
-    let mut bpg = MAX_BPG;
+    let want = blocks
+        .div_ceil(MAX_BPG)
+        .max(inodes.div_ceil(MAX_IPG))
+        .max(1);
+    let bpg = blocks.div_ceil(want).next_multiple_of(8).clamp(8, MAX_BPG);
     let mut groups = blocks.div_ceil(bpg).max(1);
-    let inode_groups = inodes.div_ceil(MAX_IPG);
-    if inode_groups > groups {
-        // More inodes than full-size groups can index: use smaller groups.
-        bpg = (blocks / inode_groups) & !7;
-        groups = blocks.div_ceil(bpg);
+    let mut blocks = blocks;
+    if groups > 1 && blocks - (groups - 1) * bpg < 64 {
+        groups -= 1;
+        blocks = groups * bpg;
     }
     let ipg = inodes
         .div_ceil(groups)
@@ -424,7 +430,7 @@ fn choose<'t>(
     estimate: u64,
     needed_inodes: u64,
 ) -> Result<Plan<'t>, Ext4Error> {
-    let fit = |blocks: u64, inodes: u64| try_layout(tree, opts, &c, &dirs, blocks, inodes);
+    let fit = |blocks: u64, inodes: u64| try_layout(tree, opts, c, dirs, blocks, inodes);
     let auto = |slack: Slack| -> Result<Plan<'t>, Ext4Error> {
         // Grow until the content fits, then add slack and settle again.
         let mut blocks = estimate.max(16);
@@ -460,23 +466,19 @@ fn choose<'t>(
             if blocks > 1 << 48 {
                 return Err(Ext4Error::TooLarge { size: bytes });
             }
-            let max_inodes = blocks.min(MAX_IPG * blocks.div_ceil(16).max(1));
             let ratio_inodes = (bytes / 16384).max(needed_inodes);
             match fit(blocks, ratio_inodes).or_else(|_| fit(blocks, needed_inodes)) {
                 Ok(p) => Ok(p),
                 Err(_) => {
-                    let minimum = auto(Slack::Bytes(0))?;
-                    let itable_only = geometry(blocks, needed_inodes, false);
-                    if needed_inodes > max_inodes
-                        || itable_only.groups * itable_only.itable_blocks() >= blocks
-                    {
-                        let max = (blocks / 2 * INODES_PER_BLOCK).min(max_inodes);
+                    let max = max_inodes(blocks);
+                    if needed_inodes > max {
                         return Err(Ext4Error::TooManyInodes {
                             needed: needed_inodes,
                             max,
                             size: bytes,
                         });
                     }
+                    let minimum = auto(Slack::Bytes(0))?;
                     Err(Ext4Error::TooSmall {
                         size: bytes,
                         needed: minimum.size_bytes(),
@@ -485,6 +487,14 @@ fn choose<'t>(
             }
         }
     }
+}
+
+/// The most inodes `blocks` can hold: every group full of inode table,
+/// less one block each for the bitmaps, the superblock and descriptors.
+fn max_inodes(blocks: u64) -> u64 {
+    let g = geometry(blocks, 0, false);
+    let overhead = g.groups * 2 + 1 + g.gdt_blocks + 1;
+    (g.groups * MAX_IPG).min(blocks.saturating_sub(overhead) * INODES_PER_BLOCK)
 }
 
 fn words(b: &[u8; 16]) -> [u32; 4] {
@@ -562,14 +572,10 @@ fn try_layout<'t>(
     blocks: u64,
     inodes: u64,
 ) -> Result<Plan<'t>, Short> {
-    let mut g = geometry(blocks, inodes, opts.journal);
-    // A last group too small for its own superblock backup is dropped.
-    let last = g.groups - 1;
-    if g.groups > 1 && g.group_len(last) < 1 + g.gdt_blocks + 16 {
-        g = geometry(last * g.blocks_per_group, inodes, opts.journal);
-    }
+    let g = geometry(blocks, inodes, opts.journal);
     if (g.inodes() as usize) < c.order.len() {
-        return Err(Short(g.blocks_per_group));
+        // Only when a trimmed last group held needed inodes.
+        return Err(Short(64));
     }
     let mut a = Alloc::new(&g);
     let bb: Vec<u64> = (0..g.groups).map(|_| a.contiguous(1)).collect();

@@ -103,16 +103,18 @@ impl Tree {
     /// Link `child` as `name` in directory `dir`.
     pub fn link(&mut self, dir: NodeId, name: &[u8], child: NodeId) -> Result<(), TreeError> {
         check_name(name, || self.describe(dir, name))?;
-        let path = self.describe(dir, name);
+        // The path for messages is computed only on error: it walks the tree.
         match &mut self.nodes[dir].kind {
-            Kind::Dir { children } => {
-                if children.contains_key(name) {
-                    return Err(TreeError::Exists { path });
-                }
+            Kind::Dir { children } if !children.contains_key(name) => {
                 children.insert(name.to_vec(), child);
                 Ok(())
             }
-            _ => Err(TreeError::NotDir { path }),
+            Kind::Dir { .. } => Err(TreeError::Exists {
+                path: self.describe(dir, name),
+            }),
+            _ => Err(TreeError::NotDir {
+                path: self.describe(dir, name),
+            }),
         }
     }
 

@@ -29,7 +29,7 @@ const RO_HUGE_FILE: u32 = 0x8;
 const RO_DIR_NLINK: u32 = 0x20;
 const RO_EXTRA_ISIZE: u32 = 0x40;
 const RO_METADATA_CSUM: u32 = 0x400;
-const FLAGS_UNSIGNED_HASH: u32 = 0x2;
+const FLAGS_SIGNED_HASH: u32 = 0x1;
 
 struct Out<'w, W: Write + Seek> {
     w: BufWriter<&'w mut W>,
@@ -509,7 +509,7 @@ impl Plan<'_> {
         w32(&mut s, 0x158, free_blocks >> 32);
         w16(&mut s, 0x15C, inode::EXTRA_ISIZE as u64);
         w16(&mut s, 0x15E, inode::EXTRA_ISIZE as u64);
-        w32(&mut s, 0x160, FLAGS_UNSIGNED_HASH as u64);
+        w32(&mut s, 0x160, FLAGS_SIGNED_HASH as u64);
         s[0x174] = 4; // log groups per flex
         s[0x175] = 1; // checksum type: crc32c
         let _ = fs_seed;
