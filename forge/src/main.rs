@@ -26,6 +26,8 @@ enum Cmd {
     Closure(ClosureArgs),
     /// Write an ext4 filesystem image from a directory tree.
     Ext4(cli::ext4::Ext4Args),
+    /// Write a FAT32 volume image from a directory tree.
+    Fat(cli::fat::FatArgs),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Closure(a) => closure(a),
         Cmd::Ext4(a) => cli::ext4::run(a),
+        Cmd::Fat(a) => cli::fat::run(a),
     }
 }
 

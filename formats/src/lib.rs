@@ -6,7 +6,9 @@
 //! one mostly-sequential pass. Nothing here knows about the command line.
 
 pub mod ext4;
+pub mod fat;
 pub mod nar;
 pub mod nixbase32;
 pub mod seed;
 mod sys;
+pub mod tree;

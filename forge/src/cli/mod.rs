@@ -1,6 +1,7 @@
 //! Command implementations: argument types and glue to the library.
 
 pub mod ext4;
+pub mod fat;
 pub mod output;
 
 use anyhow::{bail, Context, Result};
@@ -32,5 +33,14 @@ pub fn epoch() -> Result<u32> {
             .parse()
             .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
         Err(_) => Ok(1),
+    }
+}
+
+/// `--sector-size`: 512 or 4096.
+pub fn sector_size(s: &str) -> Result<u32, String> {
+    match s {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err(format!("{s:?}: sector size must be 512 or 4096")),
     }
 }

@@ -16,13 +16,12 @@ mod csum;
 mod dir;
 mod hash;
 mod inode;
-pub mod tree;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
-pub use tree::{Content, Kind, Node, NodeId, Owner, Tree, TreeError, ROOT};
+pub use crate::tree::{Content, Kind, Node, NodeId, Owner, Tree, TreeError, ROOT};
 pub use write::Written;
 
 use dir::{Entry, Packed, Shape};

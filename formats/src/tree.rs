@@ -1,4 +1,5 @@
-//! The input of the ext4 writer: a tree *description*, not a directory.
+//! The input of the filesystem writers (ext4, FAT): a tree *description*,
+//! not a directory.
 //!
 //! Nodes come from host directories (read lazily at write time: only
 //! metadata is gathered here) or are generated (bytes, directories,
@@ -75,6 +76,7 @@ pub struct Tree {
     pub nodes: Vec<Node>,
 }
 
+/// Data segments of sparse files are aligned to this (the ext4 block).
 pub const BLOCK: u64 = 4096;
 
 impl Tree {

@@ -1,0 +1,58 @@
+//! `forge fat`: the FAT32 writer on its own, for direct use and tests.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+use formats::fat;
+use formats::tree::{Owner, Tree, ROOT};
+
+use super::output::AtomicOutput;
+
+#[derive(clap::Args)]
+pub struct FatArgs {
+    /// Directory whose contents become the volume's root.
+    src: PathBuf,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Volume size, bytes with an optional K/M/G suffix.
+    #[arg(long, default_value = "256M")]
+    size: String,
+    #[arg(long, default_value = "ESP")]
+    label: String,
+    /// Logical sector size of the disk it is meant for.
+    #[arg(long, default_value_t = 512, value_parser = super::sector_size)]
+    sector_size: u32,
+    /// Seed for the volume ID.
+    #[arg(long, default_value = "nixforge")]
+    seed: String,
+}
+
+pub fn run(a: FatArgs) -> Result<()> {
+    let md = std::fs::metadata(&a.src).with_context(|| a.src.display().to_string())?;
+    if !md.is_dir() {
+        bail!("{}: not a directory", a.src.display());
+    }
+    let mut tree = Tree::new(0o755);
+    tree.add_host_contents(ROOT, &a.src, Owner::default())?;
+    let size = super::parse_bytes(&a.size).with_context(|| format!("--size {}", a.size))?;
+    let opts = fat::Options {
+        size,
+        sector_size: a.sector_size,
+        label: a.label.clone(),
+        volume_id: volume_id(&a.seed, &a.label),
+        epoch: super::epoch()?,
+        hidden_sectors: 0,
+    };
+    let plan = fat::plan(&tree, &opts)?;
+    let mut out = AtomicOutput::create(&a.output)?;
+    out.file().set_len(plan.size_bytes())?;
+    plan.write(out.file(), 0)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    out.commit()
+}
+
+/// The FAT volume serial derived from the seed.
+pub fn volume_id(seed: &str, label: &str) -> u32 {
+    let d = formats::seed::derive(seed, &format!("fat:{label}:volume-id"));
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+}

@@ -1,0 +1,76 @@
+use super::*;
+use std::io::Cursor;
+use std::sync::Arc;
+
+fn opts(size: u64) -> Options {
+    Options {
+        size,
+        sector_size: 512,
+        label: "ESP".into(),
+        volume_id: 0x1234_5678,
+        epoch: 1,
+        hidden_sectors: 2048,
+    }
+}
+
+#[test]
+fn always_fat32_or_refused() {
+    let t = Tree::new(0o755);
+    let p = plan(&t, &opts(512 << 20)).unwrap();
+    assert_eq!(p.cluster_bytes(), 4096);
+    let p = plan(&t, &opts(64 << 20)).unwrap();
+    assert!(p.g.clusters >= MIN_FAT32_CLUSTERS, "{}", p.g.clusters);
+    match plan(&t, &opts(16 << 20)).err().unwrap() {
+        FatError::TooSmallForFat32 { needed, .. } => assert!(needed > 16 << 20),
+        e => panic!("{e}"),
+    }
+    // 4096-byte sectors need 4 KiB clusters: 256 MiB is too small.
+    let mut o = opts(256 << 20);
+    o.sector_size = 4096;
+    assert!(plan(&t, &o).is_err());
+}
+
+#[test]
+fn dos_dates() {
+    assert_eq!(dos_time(0), ((0 << 9) | (1 << 5) | 1, 0)); // clamped to 1980-01-01
+                                                           // 2023-11-14 22:13:20 UTC
+    let (d, t) = dos_time(1_700_000_000);
+    assert_eq!((d >> 9, (d >> 5) & 15, d & 31), (43, 11, 14));
+    assert_eq!((t >> 11, (t >> 5) & 63, (t & 31) * 2), (22, 13, 20));
+}
+
+#[test]
+fn deterministic_and_symlinks_refused() {
+    let mut t = Tree::new(0o755);
+    let d = t.mkdir_p(b"/EFI/BOOT", 0o755).unwrap();
+    let f = crate::tree::Node {
+        kind: Kind::File {
+            size: 5,
+            content: Content::Bytes(Arc::from(&b"hello"[..])),
+        },
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    t.insert(d, b"BOOTX64.EFI", f).unwrap();
+    let build = || {
+        let p = plan(&t, &opts(64 << 20)).unwrap();
+        let mut c = Cursor::new(Vec::new());
+        p.write(&mut c, 0).unwrap();
+        c.into_inner()
+    };
+    assert_eq!(build(), build());
+    let link = crate::tree::Node {
+        kind: Kind::Symlink {
+            target: b"x".to_vec(),
+        },
+        perm: 0o777,
+        uid: 0,
+        gid: 0,
+    };
+    t.insert(ROOT, b"l", link).unwrap();
+    assert!(matches!(
+        plan(&t, &opts(64 << 20)),
+        Err(FatError::Unsupported { .. })
+    ));
+}
