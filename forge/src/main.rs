@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-mod cli;
+use forge::cli;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,8 @@ enum Cmd {
     Ext4(cli::ext4::Ext4Args),
     /// Write a FAT32 volume image from a directory tree.
     Fat(cli::fat::FatArgs),
+    /// Compile a system into a bootable disk image.
+    Image(cli::image::ImageArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +66,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Closure(a) => closure(a),
         Cmd::Ext4(a) => cli::ext4::run(a),
         Cmd::Fat(a) => cli::fat::run(a),
+        Cmd::Image(a) => cli::image::run(a),
     }
 }
 

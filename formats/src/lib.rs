@@ -5,8 +5,10 @@
 //! first (pure, testable), then streams it into a `Write + Seek` target in
 //! one mostly-sequential pass. Nothing here knows about the command line.
 
+pub mod bmap;
 pub mod ext4;
 pub mod fat;
+pub mod gpt;
 pub mod nar;
 pub mod nixbase32;
 pub mod seed;

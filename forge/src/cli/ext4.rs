@@ -92,7 +92,7 @@ pub fn run(a: Ext4Args) -> Result<()> {
     Ok(())
 }
 
-fn parse_slack(s: &str) -> Result<Slack> {
+pub fn parse_slack(s: &str) -> Result<Slack> {
     if let Some(p) = s.strip_suffix('%') {
         return Ok(Slack::Percent(
             p.parse().with_context(|| format!("--slack {s}"))?,

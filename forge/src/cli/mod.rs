@@ -2,6 +2,7 @@
 
 pub mod ext4;
 pub mod fat;
+pub mod image;
 pub mod output;
 
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,93 @@
+//! `forge image`: arguments for the image compiler.
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+use crate::image::{self, Format, RootMode};
+use formats::ext4::{Size, Slack};
+
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    /// Toplevel store path of the system, or a link to one (e.g. ./result).
+    system: PathBuf,
+    /// Image format.
+    #[arg(long, value_enum)]
+    format: Format,
+    /// Output image (a .bmap is written beside it).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
+    #[arg(long, default_value = "/")]
+    root: PathBuf,
+    /// Seed for every UUID and GUID (default: the toplevel store path).
+    #[arg(long)]
+    seed: Option<String>,
+    #[arg(long, default_value = "512M")]
+    esp_size: String,
+    /// `auto` (the content plus --root-slack) or a size.
+    #[arg(long, default_value = "auto")]
+    root_size: String,
+    /// Extra space with --root-size auto: bytes or percent (default: 0 for ro, 25% for rw).
+    #[arg(long)]
+    root_slack: Option<String>,
+    #[arg(long, value_enum, default_value = "ro")]
+    root_mode: RootMode,
+    #[arg(long, default_value = "256M")]
+    state_size: String,
+    #[arg(long, default_value_t = 512, value_parser = super::sector_size)]
+    sector_size: u32,
+    /// systemd-boot menu timeout in seconds (loader.conf).
+    #[arg(long, default_value_t = 0)]
+    loader_timeout: u32,
+    /// Print the layout as JSON (with the sha256 of each partition).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: ImageArgs) -> Result<()> {
+    let bytes = |s: &str, what: &str| super::parse_bytes(s).with_context(|| format!("{what} {s}"));
+    let slack = match (&a.root_slack, a.root_mode) {
+        (Some(s), _) => super::ext4::parse_slack(s)?,
+        (None, RootMode::Ro) => Slack::Bytes(0),
+        (None, RootMode::Rw) => Slack::Percent(25),
+    };
+    let root_size = match a.root_size.as_str() {
+        "auto" => Size::Auto { slack },
+        s => Size::Fixed(bytes(s, "--root-size")?),
+    };
+    let opts = image::Options {
+        system: a.system,
+        store_root: a.root,
+        format: a.format,
+        output: a.output,
+        seed: a.seed,
+        esp_size: bytes(&a.esp_size, "--esp-size")?,
+        root_size,
+        root_mode: a.root_mode,
+        state_size: bytes(&a.state_size, "--state-size")?,
+        sector_size: a.sector_size,
+        loader_timeout: a.loader_timeout,
+        epoch: super::epoch()?,
+        hash_partitions: a.json,
+    };
+    check_output_dir(&opts.output)?;
+    let report = image::build(&opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+/// Fail early, before any work, when the output cannot be created.
+fn check_output_dir(out: &std::path::Path) -> Result<()> {
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let md =
+        std::fs::metadata(dir).with_context(|| format!("output directory {}", dir.display()))?;
+    if !md.is_dir() {
+        anyhow::bail!("output directory {}: not a directory", dir.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The filesystem trees of an image, described (never copied): the root
+//! holding the closure, and the ESP laid out as NixOS's systemd-boot
+//! builder lays it out, so `nixos-rebuild` and `bootctl` accept it later.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use formats::tree::{Content, Kind, Node, NodeId, Owner, Tree, ROOT};
+
+use crate::closure::{store, BootSpec, Closure, Store};
+
+/// Empty top-level directories a NixOS stage 2 needs and cannot create on
+/// a read-only root, with their modes.
+const MOUNT_POINTS: &[(&str, u16)] = &[
+    ("/bin", 0o755),
+    ("/boot", 0o755),
+    ("/dev", 0o755),
+    ("/etc", 0o755),
+    ("/home", 0o755),
+    ("/mnt", 0o755),
+    ("/proc", 0o555),
+    ("/root", 0o700),
+    ("/run", 0o755),
+    ("/srv", 0o755),
+    ("/sys", 0o555),
+    ("/tmp", 0o1777),
+    ("/usr", 0o755),
+    ("/var", 0o755),
+];
+
+/// nixpkgs' ids.gids.nixbld: NixOS keeps /nix/store root:nixbld 1775.
+const NIXBLD_GID: u32 = 30000;
+
+pub fn bytes_node(b: impl Into<Vec<u8>>, perm: u16) -> Node {
+    let b: Vec<u8> = b.into();
+    Node {
+        kind: Kind::File {
+            size: b.len() as u64,
+            content: Content::Bytes(Arc::from(b)),
+        },
+        perm,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+fn symlink_node(target: &str) -> Node {
+    Node {
+        kind: Kind::Symlink {
+            target: target.as_bytes().to_vec(),
+        },
+        perm: 0o777,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+/// The root filesystem: the closure in /nix/store, its registration, the
+/// system profile links and the mount points.
+pub fn root_tree(store: &Store, closure: &Closure) -> Result<Tree> {
+    let mut t = Tree::new(0o755);
+    let sd = t.mkdir_p(b"/nix/store", 0o755)?;
+    let n = &mut t.nodes[sd];
+    (n.perm, n.gid) = (0o1775, NIXBLD_GID);
+    let owner = Owner {
+        force: Some((0, 0)),
+    };
+    for p in &closure.paths {
+        let base = store::base_name(&p.path);
+        t.add_host(sd, base.as_bytes(), &store.physical(&p.path), owner)
+            .with_context(|| format!("adding {} to the root filesystem", p.path))?;
+    }
+    t.insert(
+        ROOT,
+        b"nix-path-registration",
+        bytes_node(closure.registration(), 0o444),
+    )?;
+    let profiles = t.mkdir_p(b"/nix/var/nix/profiles", 0o755)?;
+    t.insert(profiles, b"system-1-link", symlink_node(&closure.toplevel))?;
+    t.insert(profiles, b"system", symlink_node("system-1-link"))?;
+    for (dir, perm) in MOUNT_POINTS {
+        t.mkdir_p(dir.as_bytes(), *perm)?;
+        if let Some(id) = lookup(&t, dir.as_bytes()) {
+            t.nodes[id].perm = *perm;
+        }
+    }
+    // As nixpkgs' make-disk-image: the marker stage 1 looks for.
+    let etc = t.mkdir_p(b"/etc", 0o755)?;
+    t.insert(etc, b"NIXOS", bytes_node(Vec::new(), 0o644))?;
+    Ok(t)
+}
+
+pub fn lookup(t: &Tree, path: &[u8]) -> Option<NodeId> {
+    let mut cur = ROOT;
+    for c in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        match &t.nodes[cur].kind {
+            Kind::Dir { children } => cur = *children.get(c)?,
+            _ => return None,
+        }
+    }
+    Some(cur)
+}
+
+/// Architecture facts for the ESP.
+pub struct EfiArch {
+    pub boot_name: &'static str,
+    pub systemd_boot: &'static str,
+}
+
+pub fn efi_arch(system: &str) -> Option<EfiArch> {
+    match system {
+        "x86_64-linux" => Some(EfiArch {
+            boot_name: "BOOTX64.EFI",
+            systemd_boot: "systemd-bootx64.efi",
+        }),
+        "aarch64-linux" => Some(EfiArch {
+            boot_name: "BOOTAA64.EFI",
+            systemd_boot: "systemd-bootaa64.efi",
+        }),
+        _ => None,
+    }
+}
+
+/// Find systemd-boot in the closure: the toplevel's `systemd` link first,
+/// then every store path.
+pub fn find_systemd_boot(store: &Store, closure: &Closure, arch: &EfiArch) -> Result<PathBuf> {
+    let rel = format!("lib/systemd/boot/efi/{}", arch.systemd_boot);
+    let link = store.physical(&format!("{}/systemd", closure.toplevel));
+    let mut candidates = Vec::new();
+    if let Ok(t) = std::fs::read_link(&link) {
+        candidates.push(t.to_string_lossy().into_owned());
+    }
+    candidates.extend(closure.paths.iter().map(|p| p.path.clone()));
+    for c in candidates {
+        let p = store.physical(&format!("{c}/{rel}"));
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "no systemd-boot in the closure of {}: looked for {rel} under {}/systemd and every store path of the closure",
+        closure.toplevel,
+        closure.toplevel
+    )
+}
+
+/// The kernel must be an EFI executable (PE with an EFI stub) for
+/// systemd-boot to start it.
+pub fn check_efi_stub(path: &std::path::Path, logical: &str) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut head = [0u8; 64];
+    let ok = f.read_exact(&mut head).is_ok() && &head[..2] == b"MZ" && {
+        let pe = u32::from_le_bytes([head[60], head[61], head[62], head[63]]) as u64;
+        let mut sig = [0u8; 4];
+        f.seek(SeekFrom::Start(pe)).is_ok() && f.read_exact(&mut sig).is_ok() && &sig == b"PE\0\0"
+    };
+    if !ok {
+        bail!("{logical}: kernel is not an EFI-stub PE executable (no MZ/PE header); systemd-boot cannot start it");
+    }
+    Ok(())
+}
+
+/// NixOS's name for a store file copied to the ESP: `<hash>-<name>-<file>.efi`.
+pub fn efi_name(store_file: &str) -> String {
+    let rest = store_file
+        .trim_start_matches(store::STORE_DIR)
+        .trim_start_matches('/');
+    let mut parts = rest.splitn(2, '/');
+    let dir = parts.next().unwrap_or_default();
+    match parts.next() {
+        Some(file) => format!("{dir}-{}.efi", file.replace('/', "-")),
+        None => format!("{dir}.efi"),
+    }
+}
+
+/// `YYYY-MM-DD` of a Unix time, for the entry's "built on".
+pub fn date(epoch: u32) -> String {
+    let days = epoch as i64 / 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// One systemd-boot entry.
+pub struct Entry {
+    pub file: String,
+    pub text: String,
+}
+
+/// The entries for generation 1 and its specialisations, as NixOS writes them.
+pub fn boot_entries(closure: &Closure, epoch: u32) -> Vec<Entry> {
+    let boot = &closure.bootspec;
+    let sort_key = boot.sort_key.clone().unwrap_or_else(|| "nixos".into());
+    let entry = |spec: &BootSpec, special: Option<&str>| {
+        let mut text = format!(
+            "title NixOS{}\nsort-key {sort_key}\nversion Generation 1 {}, built on {}\nlinux /EFI/nixos/{}\n",
+            special.map(|s| format!(" ({s})")).unwrap_or_default(),
+            spec.label,
+            date(epoch),
+            efi_name(&spec.kernel),
+        );
+        if let Some(i) = &spec.initrd {
+            text.push_str(&format!("initrd /EFI/nixos/{}\n", efi_name(i)));
+        }
+        text.push_str(&format!(
+            "options init={} {}\n",
+            spec.init,
+            spec.kernel_params.join(" ")
+        ));
+        if let Some(dt) = &spec.devicetree {
+            text.push_str(&format!("devicetree /EFI/nixos/{}\n", efi_name(dt)));
+        }
+        let file = match special {
+            Some(s) => format!("nixos-generation-1-specialisation-{s}.conf"),
+            None => "nixos-generation-1.conf".to_string(),
+        };
+        Entry { file, text }
+    };
+    let mut v = vec![entry(&boot.spec, None)];
+    for (name, b) in &boot.specialisations {
+        v.push(entry(&b.spec, Some(name)));
+    }
+    v
+}
+
+/// The ESP: systemd-boot under both its names, loader.conf, the entries,
+/// and every kernel, initrd and devicetree they name.
+pub fn esp_tree(
+    store: &Store,
+    closure: &Closure,
+    systemd_boot: &PathBuf,
+    arch: &EfiArch,
+    epoch: u32,
+    timeout: u32,
+) -> Result<Tree> {
+    let mut t = Tree::new(0o755);
+    let owner = Owner::default();
+    let boot = t.mkdir_p(b"/EFI/BOOT", 0o755)?;
+    t.add_host(boot, arch.boot_name.as_bytes(), systemd_boot, owner)?;
+    let sdir = t.mkdir_p(b"/EFI/systemd", 0o755)?;
+    t.add_host(sdir, arch.systemd_boot.as_bytes(), systemd_boot, owner)?;
+    let nixos = t.mkdir_p(b"/EFI/nixos", 0o755)?;
+    let loader = t.mkdir_p(b"/loader", 0o755)?;
+    let entries_dir = t.mkdir_p(b"/loader/entries", 0o755)?;
+    let mut specs = vec![&closure.bootspec.spec];
+    specs.extend(closure.bootspec.specialisations.values().map(|b| &b.spec));
+    for spec in specs {
+        let files = [
+            Some(&spec.kernel),
+            spec.initrd.as_ref(),
+            spec.devicetree.as_ref(),
+        ];
+        for f in files.into_iter().flatten() {
+            let name = efi_name(f);
+            if lookup(&t, format!("/EFI/nixos/{name}").as_bytes()).is_none() {
+                let phys = store.physical(f);
+                t.add_host(nixos, name.as_bytes(), &phys, owner)
+                    .with_context(|| format!("adding {f} to the ESP"))?;
+            }
+        }
+    }
+    let conf = format!(
+        "timeout {timeout}\ndefault nixos-generation-1.conf\neditor 0\nconsole-mode keep\n"
+    );
+    t.insert(loader, b"loader.conf", bytes_node(conf, 0o644))?;
+    // bootctl install writes this marker (boot loader spec "type1" entries).
+    t.insert(loader, b"entries.srel", bytes_node("type1\n", 0o644))?;
+    for e in boot_entries(closure, epoch) {
+        t.insert(entries_dir, e.file.as_bytes(), bytes_node(e.text, 0o644))?;
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn efi_names_follow_nixos() {
+        assert_eq!(
+            efi_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-linux-6.1/bzImage"),
+            "0123456789abcdfghijklmnpqrsvwxyz-linux-6.1-bzImage.efi"
+        );
+        assert_eq!(
+            efi_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-initrd"),
+            "0123456789abcdfghijklmnpqrsvwxyz-initrd.efi"
+        );
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(1_700_000_000), "2023-11-14");
+        assert_eq!(date(951_782_400), "2000-02-29");
+    }
+}
