@@ -101,7 +101,7 @@ impl Gpt {
         h[40..48].copy_from_slice(&self.first_usable().to_le_bytes());
         h[48..56].copy_from_slice(&self.last_usable().to_le_bytes());
         h[56..72].copy_from_slice(&to_disk(&self.disk_guid));
-        h[72..80].copy_from_slice(&(entries as u64).to_le_bytes());
+        h[72..80].copy_from_slice(&entries.to_le_bytes());
         h[80..84].copy_from_slice(&(ENTRIES as u32).to_le_bytes());
         h[84..88].copy_from_slice(&(ENTRY_SIZE as u32).to_le_bytes());
         h[88..92].copy_from_slice(&array_crc.to_le_bytes());

@@ -237,7 +237,7 @@ pub fn boot_entries(closure: &Closure, epoch: u32) -> Vec<Entry> {
 pub fn esp_tree(
     store: &Store,
     closure: &Closure,
-    systemd_boot: &PathBuf,
+    systemd_boot: &std::path::Path,
     arch: &EfiArch,
     epoch: u32,
     timeout: u32,

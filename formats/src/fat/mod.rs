@@ -89,7 +89,7 @@ fn geometry(size: u64, sector: u64, cluster: u64) -> Option<Geometry> {
     loop {
         // Pad the reserved area so the data region is cluster-aligned.
         let mut reserved = RESERVED_SECTORS.max(7);
-        while ((reserved + 2 * fat) * sector) % cluster != 0 {
+        while !((reserved + 2 * fat) * sector).is_multiple_of(cluster) {
             reserved += 1;
         }
         let data = total.checked_sub(reserved + 2 * fat)?;

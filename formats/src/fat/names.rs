@@ -89,9 +89,9 @@ pub fn checksum(short: &[u8; 11]) -> u8 {
 /// The long-name entries (in on-disk order) for `name`.
 pub fn lfn_entries(name: &str, short: &[u8; 11]) -> Vec<[u8; 32]> {
     let mut units: Vec<u16> = name.encode_utf16().collect();
-    if units.len() % 13 != 0 {
+    if !units.len().is_multiple_of(13) {
         units.push(0);
-        while units.len() % 13 != 0 {
+        while !units.len().is_multiple_of(13) {
             units.push(0xFFFF);
         }
     }

@@ -32,8 +32,9 @@ fn always_fat32_or_refused() {
 
 #[test]
 fn dos_dates() {
-    assert_eq!(dos_time(0), ((0 << 9) | (1 << 5) | 1, 0)); // clamped to 1980-01-01
-                                                           // 2023-11-14 22:13:20 UTC
+    // Clamped to 1980-01-01: year 0, month 1, day 1.
+    assert_eq!(dos_time(0), ((1 << 5) | 1, 0));
+    // 2023-11-14 22:13:20 UTC
     let (d, t) = dos_time(1_700_000_000);
     assert_eq!((d >> 9, (d >> 5) & 15, d & 31), (43, 11, 14));
     assert_eq!((t >> 11, (t >> 5) & 63, (t & 31) * 2), (22, 13, 20));
