@@ -207,3 +207,117 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
+
+/// A loop device over a file, detached (with its partition nodes) on drop.
+pub struct Loop {
+    pub dev: String,
+}
+
+impl Loop {
+    pub fn attach(file: &Path, extra: &[&str]) -> Loop {
+        let dev = ok(Command::new("losetup")
+            .args(["-f", "--show"])
+            .args(extra)
+            .arg(file))
+        .trim()
+        .to_string();
+        Loop { dev }
+    }
+    /// Partition nodes via BLKPG (this kernel has no partition parsers).
+    pub fn partitions(&self) -> Vec<String> {
+        let _ = Command::new("partx").args(["-a", &self.dev]).output();
+        let mut v = Vec::new();
+        for n in 1..=8 {
+            let p = format!("{}p{n}", self.dev);
+            if Path::new(&p).exists() {
+                v.push(p);
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("partx").args(["-d", &self.dev]).output();
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
+/// How a boot ended.
+pub struct Boot {
+    pub marker: Option<String>,
+    pub log: String,
+}
+
+/// Boot `image` (a private copy is made) under QEMU and wait for the
+/// fixture's marker line; stop early on a panic, a firmware shell, a
+/// U-Boot prompt or the timeout.
+pub fn boot(arch: &str, image: &Path, sector: u32, timeout: std::time::Duration) -> Boot {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    ok(Command::new("cp")
+        .arg("--sparse=always")
+        .arg(image)
+        .arg(&disk));
+    let log = dir.path().join("serial.log");
+    let drive = format!("if=none,id=d0,format=raw,file={}", disk.display());
+    let mut cmd = if arch == "x86_64" {
+        let vars = dir.path().join("vars.fd");
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-accel", "tcg", "-machine", "q35", "-m", "512"])
+            .args([
+                "-drive",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ));
+        c
+    } else {
+        let mut c = Command::new("qemu-system-aarch64");
+        c.args([
+            "-M",
+            "virt",
+            "-cpu",
+            "cortex-a57",
+            "-accel",
+            "tcg",
+            "-m",
+            "1024",
+        ])
+        .args(["-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin"]);
+        c
+    };
+    cmd.arg("-drive")
+        .arg(drive)
+        .arg("-device")
+        .arg(format!(
+            "virtio-blk-pci,drive=d0,logical_block_size={sector},physical_block_size={sector}"
+        ))
+        .args(["-nic", "none", "-display", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", log.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("starting qemu");
+    let start = std::time::Instant::now();
+    let text = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let t = text();
+        let marker = t
+            .lines()
+            .find(|l| l.contains("NIXFORGE-BOOT-"))
+            .map(|l| l.trim().to_string());
+        let stuck = t.contains("Kernel panic") || t.contains("Shell> ") || t.contains("\n=> ");
+        let exited = child.try_wait().unwrap().is_some();
+        if marker.is_some() || stuck || exited || start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Boot { marker, log: t };
+        }
+    }
+}

@@ -92,15 +92,19 @@ pub fn run(a: Ext4Args) -> Result<()> {
     Ok(())
 }
 
+/// `64M`, `10%`, or both as `10%,64M` (the larger applies).
 pub fn parse_slack(s: &str) -> Result<Slack> {
-    if let Some(p) = s.strip_suffix('%') {
-        return Ok(Slack::Percent(
-            p.parse().with_context(|| format!("--slack {s}"))?,
-        ));
+    let mut slack = Slack::default();
+    for part in s.split(',') {
+        if let Some(p) = part.strip_suffix('%') {
+            slack.percent = p
+                .parse()
+                .with_context(|| format!("slack {s}: bad percent"))?;
+        } else {
+            slack.bytes = super::parse_bytes(part).with_context(|| format!("slack {s}"))?;
+        }
     }
-    Ok(Slack::Bytes(
-        super::parse_bytes(s).with_context(|| format!("--slack {s}"))?,
-    ))
+    Ok(slack)
 }
 
 fn parse_owner(s: &str) -> Result<(u32, u32)> {

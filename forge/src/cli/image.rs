@@ -27,7 +27,8 @@ pub struct ImageArgs {
     /// `auto` (the content plus --root-slack) or a size.
     #[arg(long, default_value = "auto")]
     root_size: String,
-    /// Extra space with --root-size auto: bytes or percent (default: 0 for ro, 25% for rw).
+    /// Extra space with --root-size auto: bytes, percent, or `25%,256M` for
+    /// the larger of both (default: none for ro; 25%, at least 256M, for rw).
     #[arg(long)]
     root_slack: Option<String>,
     #[arg(long, value_enum, default_value = "ro")]
@@ -48,8 +49,12 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let bytes = |s: &str, what: &str| super::parse_bytes(s).with_context(|| format!("{what} {s}"));
     let slack = match (&a.root_slack, a.root_mode) {
         (Some(s), _) => super::ext4::parse_slack(s)?,
-        (None, RootMode::Ro) => Slack::Bytes(0),
-        (None, RootMode::Rw) => Slack::Percent(25),
+        (None, RootMode::Ro) => Slack::default(),
+        // Room to rebuild in place; Nix alone reserves 8 MiB for its database.
+        (None, RootMode::Rw) => Slack {
+            bytes: 256 << 20,
+            percent: 25,
+        },
     };
     let root_size = match a.root_size.as_str() {
         "auto" => Size::Auto { slack },

@@ -48,10 +48,27 @@ pub enum Size {
     Fixed(u64),
 }
 
-#[derive(Clone, Copy, Debug)]
-pub enum Slack {
-    Bytes(u64),
-    Percent(u32),
+/// Free space added to an auto-sized filesystem: the larger of `bytes`
+/// and `percent` of what the content takes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Slack {
+    pub bytes: u64,
+    pub percent: u32,
+}
+
+impl Slack {
+    pub fn bytes(b: u64) -> Slack {
+        Slack {
+            bytes: b,
+            percent: 0,
+        }
+    }
+    pub fn percent(p: u32) -> Slack {
+        Slack {
+            bytes: 0,
+            percent: p,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -440,10 +457,10 @@ fn choose<'t>(
                 Ok(p) if slacked => return Ok(p),
                 Ok(p) => {
                     let used = p.used_end();
-                    let extra = match slack {
-                        Slack::Bytes(b) => b.div_ceil(BS64),
-                        Slack::Percent(pc) => used * pc as u64 / 100,
-                    };
+                    let extra = slack
+                        .bytes
+                        .div_ceil(BS64)
+                        .max(used * slack.percent as u64 / 100);
                     blocks = used.max(16) + extra;
                     // Slack for a writable filesystem wants inodes too.
                     inodes = needed_inodes + extra * BS64 / 16384;
@@ -477,7 +494,7 @@ fn choose<'t>(
                             size: bytes,
                         });
                     }
-                    let minimum = auto(Slack::Bytes(0))?;
+                    let minimum = auto(Slack::default())?;
                     Err(Ext4Error::TooSmall {
                         size: bytes,
                         needed: minimum.size_bytes(),

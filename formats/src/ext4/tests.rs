@@ -40,7 +40,7 @@ fn same_input_same_bytes() {
         .unwrap();
     }
     let o = opts(Size::Auto {
-        slack: Slack::Bytes(0),
+        slack: Slack::default(),
     });
     assert_eq!(build(&t, &o), build(&t, &o));
     let mut other = o.clone();
@@ -54,7 +54,7 @@ fn superblock_fields() {
     let img = build(
         &t,
         &opts(Size::Auto {
-            slack: Slack::Bytes(0),
+            slack: Slack::default(),
         }),
     );
     let sb = &img[1024..2048];
@@ -116,14 +116,14 @@ fn auto_size_grows_with_content_and_slack() {
     let a = plan(
         &t,
         &opts(Size::Auto {
-            slack: Slack::Bytes(0),
+            slack: Slack::default(),
         }),
     )
     .unwrap();
     let b = plan(
         &t,
         &opts(Size::Auto {
-            slack: Slack::Bytes(8 << 20),
+            slack: Slack::bytes(8 << 20),
         }),
     )
     .unwrap();

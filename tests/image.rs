@@ -1,0 +1,505 @@
+//! `forge image --format raw-efi` (issue 4): booted under OVMF, judged by
+//! sgdisk, fsck.fat, e2fsck, bmaptool and nix-store.
+
+use nixforge_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+struct Image {
+    _dir: tempfile::TempDir,
+    img: PathBuf,
+    layout: Value,
+}
+
+fn forge_image(sys: &System, sector: u32, extra: &[&str]) -> Image {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let out = ok(forge()
+        .arg("image")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(&sys.root)
+        .args([
+            "--format",
+            "raw-efi",
+            "--json",
+            "--sector-size",
+            &sector.to_string(),
+        ])
+        .arg("-o")
+        .arg(&img)
+        .args(extra));
+    Image {
+        layout: serde_json::from_str(&out).unwrap(),
+        img,
+        _dir: dir,
+    }
+}
+
+impl Image {
+    fn part(&self, n: usize) -> (u64, u64) {
+        let p = &self.layout["partitions"][n - 1];
+        (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap())
+    }
+    /// Copy partition `n` out to its own file.
+    fn extract(&self, n: usize, to: &Path) {
+        let (off, size) = self.part(n);
+        sh(&format!(
+            "dd if={} of={} bs=1M skip={} count={} status=none conv=sparse",
+            self.img.display(),
+            to.display(),
+            off >> 20,
+            size >> 20
+        ));
+    }
+    fn mtools(&self) -> String {
+        format!("{}@@{}", self.img.display(), self.part(1).0)
+    }
+}
+
+#[test]
+fn raw_efi_boots_under_ovmf() {
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 512, &[]);
+    let b = boot("x86_64", &im.img, 512, Duration::from_secs(180));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found"),
+        "serial log:\n{}",
+        b.log
+    );
+}
+
+#[test]
+fn raw_efi_boots_with_4096_byte_sectors() {
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 4096, &[]);
+    let b = boot("x86_64", &im.img, 4096, Duration::from_secs(180));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found"),
+        "serial log:\n{}",
+        b.log
+    );
+}
+
+#[test]
+fn tables_and_filesystems_pass_their_judges() {
+    let sys = system("x86_64");
+    let _g = privileged();
+    for sector in [512u32, 4096] {
+        let im = forge_image(&sys, sector, &[]);
+        // sgdisk takes files for 512-byte disks: read through a loop
+        // device with the image's logical sector size.
+        let lo = Loop::attach(&im.img, &["-b", &sector.to_string()]);
+        let v = ok(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+        assert!(
+            v.contains("No problems found") && !v.contains("Creating new GPT"),
+            "sgdisk -v ({sector}):\n{v}"
+        );
+        let info = ok(Command::new("sgdisk").args(["-i", "2"]).arg(&lo.dev));
+        assert!(info.contains("Attribute flags: 1000000000000000"), "{info}");
+        assert!(
+            info.contains("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+            "{info}"
+        );
+        drop(lo);
+        let d = tempfile::tempdir().unwrap();
+        for (n, judge) in [(1, "fsck.fat"), (2, "e2fsck"), (3, "e2fsck")] {
+            let f = d.path().join(format!("p{n}"));
+            im.extract(n, &f);
+            ok(Command::new(judge)
+                .arg(if judge == "e2fsck" { "-fn" } else { "-n" })
+                .arg(&f));
+        }
+        let parts = im.layout["partitions"].as_array().unwrap();
+        assert_eq!(
+            parts[0]["type_guid"],
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+        );
+        assert_eq!(
+            parts[1]["type_guid"],
+            "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
+        );
+        assert_eq!(
+            parts[2]["type_guid"],
+            "4d21b016-b534-45c2-a9fb-5c16e091fd1d"
+        );
+        assert_eq!(parts[1]["read_only"], true);
+        for p in parts {
+            assert_eq!(
+                p["offset"].as_u64().unwrap() % (1 << 20),
+                0,
+                "1 MiB alignment"
+            );
+        }
+    }
+}
+
+#[test]
+fn esp_holds_the_closure_bytes_and_nixos_entries() {
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 512, &[]);
+    let d = tempfile::tempdir().unwrap();
+    let get = |esp_path: &str| {
+        let to = d.path().join("out");
+        let _ = std::fs::remove_file(&to);
+        ok(Command::new("mcopy")
+            .arg("-i")
+            .arg(im.mtools())
+            .arg(format!("::{esp_path}"))
+            .arg(&to));
+        std::fs::read(&to).unwrap()
+    };
+    let boot: Value = serde_json::from_slice(
+        &std::fs::read(sys.physical(&format!("{}/boot.json", sys.toplevel))).unwrap(),
+    )
+    .unwrap();
+    let v1 = &boot["org.nixos.bootspec.v1"];
+    let kernel = v1["kernel"].as_str().unwrap();
+    let initrd = v1["initrd"].as_str().unwrap();
+    let sd = std::fs::read_link(sys.physical(&format!("{}/systemd", sys.toplevel))).unwrap();
+    let sd_efi = std::fs::read(sys.physical(&format!(
+        "{}/lib/systemd/boot/efi/systemd-bootx64.efi",
+        sd.display()
+    )))
+    .unwrap();
+    assert!(get("/EFI/BOOT/BOOTX64.EFI") == sd_efi);
+    assert!(get("/EFI/systemd/systemd-bootx64.efi") == sd_efi);
+    let efi_name = |p: &str| {
+        let rest = p.trim_start_matches("/nix/store/");
+        rest.replacen('/', "-", 1) + ".efi"
+    };
+    assert!(
+        get(&format!("/EFI/nixos/{}", efi_name(kernel)))
+            == std::fs::read(sys.physical(kernel)).unwrap()
+    );
+    assert!(
+        get(&format!("/EFI/nixos/{}", efi_name(initrd)))
+            == std::fs::read(sys.physical(initrd)).unwrap()
+    );
+    // loader.conf and the entries, parsed as systemd-boot reads them.
+    let conf = String::from_utf8(get("/loader/loader.conf")).unwrap();
+    let kv = |text: &str, key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
+    };
+    assert_eq!(kv(&conf, "default"), "nixos-generation-1.conf");
+    assert_eq!(kv(&conf, "editor"), "0");
+    let entry = String::from_utf8(get("/loader/entries/nixos-generation-1.conf")).unwrap();
+    assert_eq!(kv(&entry, "title"), "NixOS");
+    assert_eq!(kv(&entry, "sort-key"), "nixos");
+    assert_eq!(
+        kv(&entry, "linux"),
+        format!("/EFI/nixos/{}", efi_name(kernel))
+    );
+    assert_eq!(
+        kv(&entry, "initrd"),
+        format!("/EFI/nixos/{}", efi_name(initrd))
+    );
+    let params: Vec<&str> = v1["kernelParams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kv(&entry, "options"),
+        format!("init={} {}", v1["init"].as_str().unwrap(), params.join(" "))
+    );
+    assert!(kv(&entry, "version").starts_with(&format!(
+        "Generation 1 {}, built on ",
+        v1["label"].as_str().unwrap()
+    )));
+    // The specialisation gets its own entry.
+    let rescue = String::from_utf8(get(
+        "/loader/entries/nixos-generation-1-specialisation-rescue.conf",
+    ))
+    .unwrap();
+    assert_eq!(kv(&rescue, "title"), "NixOS (rescue)");
+    assert!(kv(&rescue, "options").contains("nixforge.specialisation=rescue"));
+}
+
+#[test]
+fn bmap_copy_onto_stale_data_gives_clean_filesystems() {
+    let _g = privileged();
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 512, &[]);
+    let bmap = PathBuf::from(format!("{}.bmap", im.img.display()));
+    let size = std::fs::metadata(&im.img).unwrap().len();
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("target");
+    // A "device" full of old data: every byte 0xFF.
+    sh(&format!(
+        "head -c {size} /dev/zero | tr '\\000' '\\377' > {}",
+        target.display()
+    ));
+    let lo = Loop::attach(&target, &[]);
+    ok(Command::new("bmaptool")
+        .args(["copy", "--bmap"])
+        .arg(&bmap)
+        .arg(&im.img)
+        .arg(&lo.dev));
+    let v = ok(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+    assert!(v.contains("No problems found"), "{v}");
+    let parts = lo.partitions();
+    assert_eq!(parts.len(), 3, "partx found {parts:?}");
+    ok(Command::new("fsck.fat").arg("-n").arg(&parts[0]));
+    ok(Command::new("e2fsck").arg("-fn").arg(&parts[1]));
+    ok(Command::new("e2fsck").arg("-fn").arg(&parts[2]));
+    // And the mapped ranges really left stale bytes elsewhere (the test can fail).
+    let unmapped_ff = sh(&format!(
+        "dd if={} bs=1M skip={} count=1 status=none | tr -d '\\377' | wc -c",
+        lo.dev,
+        (im.part(1).0 >> 20) + 300
+    ));
+    assert_eq!(
+        unmapped_ff.trim(),
+        "0",
+        "an unmapped MiB in the ESP should still hold 0xFF"
+    );
+}
+
+fn load_and_verify(store: &Path, reg: &[u8], sys: &System) {
+    let mut child = Command::new("nix-store")
+        .arg("--store")
+        .arg(store)
+        .arg("--load-db")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), reg).unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "nix-store --load-db into {}",
+        store.display()
+    );
+    let v = Command::new("nix-store")
+        .arg("--store")
+        .arg(store)
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&v.stderr);
+    assert!(
+        v.status.success() && !err.contains("modified") && !err.contains("error"),
+        "{err}"
+    );
+    let q = ok(Command::new("nix-store")
+        .arg("--store")
+        .arg(store)
+        .args(["-qR", &sys.toplevel]));
+    assert_eq!(
+        q.lines().count(),
+        sys.nix_store(&["-qR", &sys.toplevel]).lines().count()
+    );
+}
+
+#[test]
+fn registration_loads_into_the_root_and_verifies() {
+    let _g = privileged();
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    // Read-only root (full, no slack): load into a copy of its contents.
+    let im = forge_image(&sys, 512, &[]);
+    let root = d.path().join("root.img");
+    im.extract(2, &root);
+    {
+        let m = Mounted::ext4(&root, 0, "ro");
+        let reg = std::fs::read(m.path().join("nix-path-registration")).unwrap();
+        let copy = d.path().join("copy");
+        ok(Command::new("cp").arg("-a").arg(m.path()).arg(&copy));
+        load_and_verify(&copy, &reg, &sys);
+        assert_eq!(
+            std::fs::read_link(m.path().join("nix/var/nix/profiles/system")).unwrap(),
+            Path::new("system-1-link")
+        );
+        assert_eq!(
+            std::fs::read_link(m.path().join("nix/var/nix/profiles/system-1-link")).unwrap(),
+            Path::new(&sys.toplevel)
+        );
+        for dir in [
+            "boot", "dev", "etc", "home", "proc", "root", "run", "sys", "tmp", "var",
+        ] {
+            assert!(m.path().join(dir).is_dir(), "/{dir}");
+        }
+    }
+    // Writable root: the database goes into the root itself.
+    let im = forge_image(&sys, 512, &["--root-mode", "rw"]);
+    assert_eq!(im.layout["partitions"][1]["read_only"], false);
+    let root = d.path().join("root-rw.img");
+    im.extract(2, &root);
+    {
+        let m = Mounted::ext4(&root, 0, "rw");
+        let reg = std::fs::read(m.path().join("nix-path-registration")).unwrap();
+        load_and_verify(m.path(), &reg, &sys);
+    }
+    ok(Command::new("e2fsck").arg("-fn").arg(&root));
+}
+
+#[test]
+fn same_input_gives_the_same_image_and_bmap() {
+    let sys = system("x86_64");
+    let a = forge_image(&sys, 512, &[]);
+    let b = forge_image(&sys, 512, &[]);
+    assert_eq!(sha256_file(&a.img), sha256_file(&b.img));
+    let bm = |i: &Image| sha256_file(Path::new(&format!("{}.bmap", i.img.display())));
+    assert_eq!(bm(&a), bm(&b));
+    let c = forge_image(&sys, 512, &["--seed", "other"]);
+    assert_ne!(
+        sha256_file(&a.img),
+        sha256_file(&c.img),
+        "the seed must matter"
+    );
+}
+
+// ---- bad input ----
+
+fn image_err(sys_path: &Path, root: &Path, out_dir: &Path, extra: &[&str]) -> String {
+    let e = fails(
+        forge()
+            .arg("image")
+            .arg(sys_path)
+            .arg("--root")
+            .arg(root)
+            .args(["--format", "raw-efi", "-o"])
+            .arg(out_dir.join("disk.img"))
+            .args(extra),
+    );
+    assert!(
+        dir_entries(out_dir).is_empty(),
+        "left behind: {:?}",
+        dir_entries(out_dir)
+    );
+    e
+}
+
+fn last_line(e: &str) -> &str {
+    e.trim_end().lines().last().unwrap()
+}
+
+/// A hard-linked copy of a fixture store without its database.
+fn store_copy(sys: &System) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("nix")).unwrap();
+    ok(Command::new("cp")
+        .arg("-al")
+        .arg(sys.root.join("nix/store"))
+        .arg(d.path().join("nix/")));
+    d
+}
+
+#[test]
+fn closure_without_systemd_boot_is_refused() {
+    let sys = system("x86_64");
+    let copy = store_copy(&sys);
+    let top = copy.path().join(sys.toplevel.trim_start_matches('/'));
+    let sd = std::fs::read_link(top.join("systemd")).unwrap();
+    // Every toplevel (the system and its specialisation) links systemd.
+    sh(&format!(
+        "rm -f {}/nix/store/*-nixos-system-*/systemd",
+        copy.path().display()
+    ));
+    ok(Command::new("rm")
+        .arg("-rf")
+        .arg(copy.path().join(sd.strip_prefix("/").unwrap())));
+    let out = tempfile::tempdir().unwrap();
+    let e = image_err(Path::new(&sys.toplevel), copy.path(), out.path(), &[]);
+    let e = last_line(&e);
+    assert!(
+        e.contains("no systemd-boot") && e.contains("lib/systemd/boot/efi/systemd-bootx64.efi"),
+        "{e}"
+    );
+}
+
+#[test]
+fn kernel_that_is_not_an_efi_stub_is_refused() {
+    let sys = system("x86_64");
+    let copy = store_copy(&sys);
+    let boot: Value = serde_json::from_slice(
+        &std::fs::read(sys.physical(&format!("{}/boot.json", sys.toplevel))).unwrap(),
+    )
+    .unwrap();
+    let kernel = boot["org.nixos.bootspec.v1"]["kernel"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let k = copy.path().join(kernel.trim_start_matches('/'));
+    std::fs::remove_file(&k).unwrap();
+    std::fs::write(&k, vec![0x7fu8; 4096]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let e = image_err(Path::new(&sys.toplevel), copy.path(), out.path(), &[]);
+    let e = last_line(&e);
+    assert!(e.contains(&kernel) && e.contains("not an EFI-stub"), "{e}");
+}
+
+#[test]
+fn fixed_sizes_too_small_say_what_is_needed() {
+    let sys = system("x86_64");
+    let out = tempfile::tempdir().unwrap();
+    let e = image_err(&sys.result, &sys.root, out.path(), &["--root-size", "2M"]);
+    assert!(
+        last_line(&e).contains("2097152-byte filesystem is too small")
+            && e.contains("bytes are needed"),
+        "{e}"
+    );
+    let e = image_err(&sys.result, &sys.root, out.path(), &["--esp-size", "16M"]);
+    assert!(
+        last_line(&e).contains("too small for FAT32") && e.contains("at least"),
+        "{e}"
+    );
+    let e = image_err(&sys.result, &sys.root, out.path(), &["--state-size", "1M"]);
+    assert!(
+        last_line(&e).contains("1048576-byte filesystem is too small") && e.contains("state"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unwritable_output_directory_and_unknown_format_are_refused() {
+    let sys = system("x86_64");
+    let e = fails(
+        forge()
+            .arg("image")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(&sys.root)
+            .args(["--format", "raw-efi", "-o", "/nonexistent/dir/disk.img"]),
+    );
+    assert!(last_line(&e).contains("/nonexistent/dir"), "{e}");
+    let out = tempfile::tempdir().unwrap();
+    let e = fails(
+        forge()
+            .arg("image")
+            .arg(&sys.result)
+            .args(["--format", "qcow9", "-o"])
+            .arg(out.path().join("x.img")),
+    );
+    assert!(e.contains("qcow9") && e.contains("raw-efi"), "{e}");
+    assert!(dir_entries(out.path()).is_empty());
+    // A directory that exists but cannot be written (as nobody).
+    sh(&format!(
+        "chmod 755 {0}; mkdir {0}/ro; chmod 555 {0}/ro",
+        out.path().display()
+    ));
+    let e = fails(
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(bin("forge"))
+            .arg("image")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(&sys.root)
+            .args(["--format", "raw-efi", "-o"])
+            .arg(out.path().join("ro/disk.img")),
+    );
+    assert!(
+        last_line(&e).contains(&format!("{}/ro", out.path().display())),
+        "{e}"
+    );
+    assert!(dir_entries(&out.path().join("ro")).is_empty());
+}
