@@ -31,8 +31,8 @@ test: deps fixtures build
 demo: deps fixtures build
 	scripts/demo.sh $(FIX) $(BUILD)/demo
 
-bench: deps build
-	scripts/bench.sh $(BUILD)/bench
+bench: deps fixtures build
+	scripts/bench.py $(BUILD)/bench
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -503,3 +503,68 @@ fn unwritable_output_directory_and_unknown_format_are_refused() {
     );
     assert!(dir_entries(&out.path().join("ro")).is_empty());
 }
+
+#[test]
+fn inspect_reads_back_layout_and_entries_as_blkid_sees_them() {
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 512, &[]);
+    let r: Value =
+        serde_json::from_str(&ok(forge().arg("inspect").arg(&im.img).arg("--json"))).unwrap();
+    assert_eq!(r["table"], "gpt");
+    assert_eq!(r["disk_id"], im.layout["disk_guid"]);
+    let parts = r["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 3);
+    for (p, want) in parts
+        .iter()
+        .zip(im.layout["partitions"].as_array().unwrap())
+    {
+        assert_eq!(p["offset"], want["offset"]);
+        assert_eq!(p["size"], want["size"]);
+        assert_eq!(p["guid"], want["guid"]);
+        assert_eq!(p["read_only"], want["read_only"]);
+        // blkid, probing the partition on its own, agrees on label and UUID.
+        let probe = ok(Command::new("blkid")
+            .args(["-p", "-o", "export", "-O", &want["offset"].to_string()])
+            .arg(&im.img));
+        let field = |k: &str| {
+            probe
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(
+            field("LABEL"),
+            p["filesystem"]["label"].as_str().unwrap(),
+            "{probe}"
+        );
+        assert_eq!(
+            field("UUID").to_lowercase(),
+            p["filesystem"]["uuid"].as_str().unwrap().to_lowercase(),
+            "{probe}"
+        );
+        assert_eq!(
+            field("TYPE"),
+            p["filesystem"]["kind"].as_str().unwrap(),
+            "{probe}"
+        );
+    }
+    let entries = parts[0]["boot_entries"].as_array().unwrap();
+    let files: Vec<&str> = entries
+        .iter()
+        .map(|e| e["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "/loader/loader.conf",
+            "/loader/entries/nixos-generation-1-specialisation-rescue.conf",
+            "/loader/entries/nixos-generation-1.conf"
+        ]
+    );
+    let text = ok(forge().arg("inspect").arg(&im.img));
+    assert!(
+        text.contains("root-x86-64") && text.contains("read-only") && text.contains("title NixOS"),
+        "{text}"
+    );
+}

@@ -4,3 +4,4 @@
 pub mod cli;
 pub mod closure;
 pub mod image;
+pub mod inspect;

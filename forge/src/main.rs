@@ -30,6 +30,12 @@ enum Cmd {
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
     Image(cli::image::ImageArgs),
+    /// Read a raw disk image back: table, partitions, filesystems, boot entries.
+    Inspect {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -67,6 +73,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ext4(a) => cli::ext4::run(a),
         Cmd::Fat(a) => cli::fat::run(a),
         Cmd::Image(a) => cli::image::run(a),
+        Cmd::Inspect { image, json } => {
+            let r = forge::inspect::inspect(&image)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", forge::inspect::render(&r));
+            }
+            Ok(())
+        }
     }
 }
 

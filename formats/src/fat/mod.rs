@@ -8,6 +8,7 @@
 //! same bytes.
 
 mod names;
+pub mod read;
 
 use std::collections::HashSet;
 use std::fs::File;

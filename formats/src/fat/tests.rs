@@ -75,3 +75,44 @@ fn deterministic_and_symlinks_refused() {
         Err(FatError::Unsupported { .. })
     ));
 }
+
+#[test]
+fn reader_reads_back_what_the_writer_wrote() {
+    let mut t = Tree::new(0o755);
+    let d = t.mkdir_p(b"/loader/entries", 0o755).unwrap();
+    let text = b"title NixOS\n".repeat(1000);
+    let f = crate::tree::Node {
+        kind: Kind::File {
+            size: text.len() as u64,
+            content: Content::Bytes(Arc::from(&text[..])),
+        },
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    t.insert(d, b"nixos-generation-1.conf", f).unwrap();
+    let p = plan(&t, &opts(64 << 20)).unwrap();
+    let mut c = Cursor::new(Vec::new());
+    p.write(&mut c, 0).unwrap();
+    let mut v = read::Volume::open(c, 0).unwrap();
+    assert_eq!(v.label, "ESP");
+    let names: Vec<String> = v
+        .list("/loader/entries")
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec!["nixos-generation-1.conf"]);
+    assert_eq!(
+        v.read("/loader/entries/nixos-generation-1.conf")
+            .unwrap()
+            .unwrap(),
+        text
+    );
+    assert!(v.read("/nope").unwrap().is_none());
+    assert!(
+        v.list("/LOADER").unwrap().is_some(),
+        "lookups ignore case as FAT does"
+    );
+}

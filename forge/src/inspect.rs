@@ -1,0 +1,298 @@
+//! `forge inspect`: read any raw disk image back — partition table,
+//! partitions, filesystem types, labels and UUIDs — and, for our images,
+//! the boot entries (systemd-boot on an ESP, extlinux on an ext4 root).
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use formats::{fat, gpt, seed};
+
+#[derive(Serialize)]
+pub struct Report {
+    pub image: String,
+    pub size: u64,
+    pub table: &'static str,
+    pub sector_size: u64,
+    pub disk_id: String,
+    pub partitions: Vec<Part>,
+}
+
+#[derive(Serialize)]
+pub struct Part {
+    pub number: usize,
+    pub offset: u64,
+    pub size: u64,
+    pub type_id: String,
+    pub type_name: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guid: Option<String>,
+    pub name: String,
+    pub read_only: bool,
+    pub bootable: bool,
+    pub filesystem: Option<Fs>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub boot_entries: Vec<BootEntry>,
+}
+
+#[derive(Serialize)]
+pub struct Fs {
+    pub kind: &'static str,
+    pub label: String,
+    pub uuid: String,
+}
+
+#[derive(Serialize)]
+pub struct BootEntry {
+    pub loader: &'static str,
+    pub file: String,
+    /// key → value, in file order.
+    pub fields: Vec<(String, String)>,
+}
+
+fn type_name(t: &str) -> &'static str {
+    match t {
+        gpt::types::ESP => "esp",
+        gpt::types::ROOT_X86_64 => "root-x86-64",
+        gpt::types::ROOT_AARCH64 => "root-arm64",
+        gpt::types::VAR => "var",
+        "0fc63daf-8483-4772-8e79-3d69d8477de4" => "linux-generic",
+        "0c" => "fat32-lba",
+        "83" => "linux",
+        "ee" => "gpt-protective",
+        _ => "unknown",
+    }
+}
+
+fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut b = vec![0u8; n];
+    f.seek(SeekFrom::Start(off))?;
+    f.read_exact(&mut b)?;
+    Ok(b)
+}
+
+pub fn inspect(path: &Path) -> Result<Report> {
+    let mut f = File::open(path).with_context(|| path.display().to_string())?;
+    let size = f.metadata()?.len();
+    let what = || path.display().to_string();
+    let mut table = "none";
+    let mut sector = 512;
+    let mut disk_id = String::new();
+    let mut parts = Vec::new();
+    for ss in [512u64, 4096] {
+        if size < ss * 2 {
+            continue;
+        }
+        let mut r = |o: u64, n: usize| read_at(&mut f, o, n);
+        if let Some(g) = gpt::Gpt::parse(&mut r, ss, size).with_context(what)? {
+            table = "gpt";
+            sector = ss;
+            disk_id = seed::format_uuid(&g.disk_guid);
+            for (i, p) in g.partitions.iter().enumerate() {
+                let t = seed::format_uuid(&p.type_guid);
+                parts.push(Part {
+                    number: i + 1,
+                    offset: p.first_lba * ss,
+                    size: (p.last_lba + 1 - p.first_lba) * ss,
+                    type_name: type_name(&t),
+                    type_id: t,
+                    guid: Some(seed::format_uuid(&p.guid)),
+                    name: p.name.clone(),
+                    read_only: p.attributes & gpt::ATTR_READ_ONLY != 0,
+                    bootable: false,
+                    filesystem: None,
+                    boot_entries: Vec::new(),
+                });
+            }
+            break;
+        }
+    }
+    if table == "none" && size >= 512 {
+        let m = read_at(&mut f, 0, 512).with_context(what)?;
+        if m[510..512] == [0x55, 0xAA] {
+            table = "mbr";
+            disk_id = format!(
+                "{:08x}",
+                u32::from_le_bytes([m[440], m[441], m[442], m[443]])
+            );
+            for i in 0..4 {
+                let e = &m[446 + 16 * i..462 + 16 * i];
+                let (start, count) = (
+                    u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as u64,
+                    u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as u64,
+                );
+                if e[4] == 0 || count == 0 {
+                    continue;
+                }
+                let t = format!("{:02x}", e[4]);
+                parts.push(Part {
+                    number: i + 1,
+                    offset: start * 512,
+                    size: count * 512,
+                    type_name: type_name(&t),
+                    type_id: t,
+                    guid: None,
+                    name: String::new(),
+                    read_only: false,
+                    bootable: e[0] == 0x80,
+                    filesystem: None,
+                    boot_entries: Vec::new(),
+                });
+            }
+        }
+    }
+    for p in &mut parts {
+        p.filesystem = filesystem(&mut f, p.offset).ok().flatten();
+        p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind) {
+            Some("vfat") => systemd_boot_entries(path, p.offset).unwrap_or_default(),
+            Some("ext4") => extlinux_entries(path, p.offset).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+    }
+    Ok(Report {
+        image: path.display().to_string(),
+        size,
+        table,
+        sector_size: sector,
+        disk_id,
+        partitions: parts,
+    })
+}
+
+fn filesystem(f: &mut File, off: u64) -> std::io::Result<Option<Fs>> {
+    let sb = read_at(f, off, 2048)?;
+    if sb[1024 + 0x38..1024 + 0x3A] == [0x53, 0xEF] {
+        let s = &sb[1024..];
+        let uuid: [u8; 16] = s[0x68..0x78].try_into().expect("16 bytes");
+        let label = String::from_utf8_lossy(&s[0x78..0x88])
+            .trim_end_matches('\0')
+            .to_string();
+        return Ok(Some(Fs {
+            kind: "ext4",
+            label,
+            uuid: seed::format_uuid(&uuid),
+        }));
+    }
+    if &sb[82..87] == b"FAT32" && sb[510..512] == [0x55, 0xAA] {
+        let label = String::from_utf8_lossy(&sb[71..82]).trim_end().to_string();
+        let id = u32::from_le_bytes([sb[67], sb[68], sb[69], sb[70]]);
+        return Ok(Some(Fs {
+            kind: "vfat",
+            label,
+            uuid: format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF),
+        }));
+    }
+    Ok(None)
+}
+
+fn parse_conf(loader: &'static str, file: String, text: &str) -> BootEntry {
+    let fields = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.split_once(char::is_whitespace) {
+            Some((k, v)) => (k.to_string(), v.trim().to_string()),
+            None => (l.to_string(), String::new()),
+        })
+        .collect();
+    BootEntry {
+        loader,
+        file,
+        fields,
+    }
+}
+
+fn systemd_boot_entries(path: &Path, off: u64) -> std::io::Result<Vec<BootEntry>> {
+    let mut v = fat::read::Volume::open(File::open(path)?, off)?;
+    let mut out = Vec::new();
+    if let Some(conf) = v.read("/loader/loader.conf")? {
+        out.push(parse_conf(
+            "systemd-boot",
+            "/loader/loader.conf".into(),
+            &String::from_utf8_lossy(&conf),
+        ));
+    }
+    let mut names: Vec<String> = v
+        .list("/loader/entries")?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| !e.is_dir && e.name.ends_with(".conf"))
+        .map(|e| e.name)
+        .collect();
+    names.sort();
+    for n in names {
+        let p = format!("/loader/entries/{n}");
+        if let Some(t) = v.read(&p)? {
+            out.push(parse_conf("systemd-boot", p, &String::from_utf8_lossy(&t)));
+        }
+    }
+    Ok(out)
+}
+
+struct Region {
+    f: File,
+    off: u64,
+}
+
+impl ext4_view::Ext4Read for Region {
+    fn read(
+        &mut self,
+        start: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        self.f.seek(SeekFrom::Start(self.off + start))?;
+        self.f.read_exact(dst)?;
+        Ok(())
+    }
+}
+
+fn extlinux_entries(path: &Path, off: u64) -> Result<Vec<BootEntry>> {
+    let fs = ext4_view::Ext4::load(Box::new(Region {
+        f: File::open(path)?,
+        off,
+    }))?;
+    let conf = "/boot/extlinux/extlinux.conf";
+    match fs.read(conf) {
+        Ok(b) => Ok(vec![parse_conf(
+            "extlinux",
+            conf.into(),
+            &String::from_utf8_lossy(&b),
+        )]),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+/// Human-readable form.
+pub fn render(r: &Report) -> String {
+    let mut s = format!(
+        "{}: {} bytes, {} table, {}-byte sectors, disk {}\n",
+        r.image, r.size, r.table, r.sector_size, r.disk_id
+    );
+    for p in &r.partitions {
+        let fs = p
+            .filesystem
+            .as_ref()
+            .map(|f| format!("{} label={:?} uuid={}", f.kind, f.label, f.uuid))
+            .unwrap_or_else(|| "no known filesystem".into());
+        s.push_str(&format!(
+            "  {} {:14} at {:>12} size {:>12} {:10} {}{}{}\n",
+            p.number,
+            p.type_name,
+            p.offset,
+            p.size,
+            p.name,
+            fs,
+            if p.read_only { " read-only" } else { "" },
+            if p.bootable { " bootable" } else { "" },
+        ));
+        for e in &p.boot_entries {
+            s.push_str(&format!("      {} {}\n", e.loader, e.file));
+            for (k, v) in &e.fields {
+                s.push_str(&format!("        {k} {v}\n"));
+            }
+        }
+    }
+    s
+}

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""make bench: nixforge against the peer tools, measured in the same run.
+
+    scripts/bench.py OUT [--mib 2048] [--runs 3]
+
+Builds (once, cached in OUT/corpus-MIB) the shared store-shaped corpus
+(../shared/bench/make-store-corpus.py) with the fixture kernel and initrd,
+then times whole processes, warm page cache, median of --runs runs, with
+peak RSS from GNU time. Prints a Markdown table (copy it to BENCHMARKS.md)
+and writes OUT/results.json.
+"""
+import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+FORGE = os.path.join(REPO, "target/release/forge")
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def measure(name, cmd, runs, setup=None):
+    """Median wall seconds and max peak RSS (KiB) of `cmd` over `runs` runs."""
+    times, rss = [], []
+    for _ in range(runs):
+        if setup:
+            sh(setup)
+        f = tempfile.NamedTemporaryFile(delete=False)
+        subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, "bash", "-c", cmd],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        e, m = open(f.name).read().split()[-2:]
+        os.unlink(f.name)
+        times.append(float(e))
+        rss.append(int(m))
+    r = {"name": name, "cmd": cmd, "median_s": statistics.median(times), "runs": times, "peak_rss_kib": max(rss)}
+    print(f"  {name}: {r['median_s']:.2f} s (runs {times}), peak RSS {max(rss) // 1024} MiB", file=sys.stderr)
+    return r
+
+
+def corpus(out, mib, fixtures):
+    d = os.path.join(out, f"corpus-{mib}")
+    if not os.path.exists(os.path.join(d, "toplevel")):
+        shutil.rmtree(d, ignore_errors=True)
+        x86 = os.path.join(fixtures, "x86_64/inputs")
+        sh(f"python3 {REPO}/../shared/bench/make-store-corpus.py {d} --mib {mib} "
+           f"--kernel {x86}/kernel/bzImage --initrd {x86}/initrd/initrd")
+    return d, open(os.path.join(d, "toplevel")).read().strip()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--mib", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    out = os.path.abspath(a.out)
+    c, top = corpus(out, a.mib, a.fixtures)
+    store = os.path.join(c, "nix/store")
+    w = os.path.join(out, "work")
+    os.makedirs(w, exist_ok=True)
+    rm = f"rm -rf {w}/*"
+    # Warm the page cache the same way for everyone.
+    sh(f"tar -cf - -C {c} nix | cat > /dev/null")
+    res = []
+
+    print("closure + NAR hashing", file=sys.stderr)
+    # GNU tar skips reading file data when its output is /dev/null itself,
+    # so the peer writes through a pipe.
+    res.append(measure("tar -cf - store | cat > /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null", a.runs))
+    res.append(measure("forge closure --json", f"{FORGE} closure {top} --root {c} --json > /dev/null", a.runs))
+
+    print("ext4 of the corpus", file=sys.stderr)
+    plan = sh(f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --dry-run")
+    size = int(plan.split(": ")[1].split(" bytes")[0])
+    size = (size * 11 // 10 + (1 << 20) - 1) >> 20 << 20
+    inodes = int(plan.split("inodes (")[1].split(" used")[0]) + 1000
+    res.append(measure("tar -cf OUT tree && sync", f"tar -cf {w}/x.tar -C {c} nix && sync", a.runs, rm))
+    res.append(measure("mkfs.ext4 -d", f"truncate -s {size} {w}/x.img && mkfs.ext4 -q -F -N {inodes} -d {c} {w}/x.img", a.runs, rm))
+    res.append(measure("forge ext4", f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --size {size}", a.runs, rm))
+
+    print("raw-efi image of the corpus", file=sys.stderr)
+    sd = sh(f"ls -d {store}/*-systemd-corpus").strip()
+    boot = json.load(open(f"{c}{top}/boot.json"))["org.nixos.bootspec.v1"]
+    kernel, initrd = c + boot["kernel"], c + boot["initrd"]
+    esp, state = 512 << 20, 256 << 20
+    root = size
+    pipeline = f"""set -e; cd {w}
+truncate -s {esp} esp.img; mkfs.vfat -F 32 -n ESP esp.img >/dev/null
+mmd -i esp.img ::/EFI ::/EFI/BOOT ::/EFI/systemd ::/EFI/nixos ::/loader ::/loader/entries
+mcopy -i esp.img {sd}/lib/systemd/boot/efi/systemd-bootx64.efi ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i esp.img {sd}/lib/systemd/boot/efi/systemd-bootx64.efi ::/EFI/systemd/systemd-bootx64.efi
+mcopy -i esp.img {kernel} ::/EFI/nixos/kernel.efi; mcopy -i esp.img {initrd} ::/EFI/nixos/initrd.efi
+printf 'timeout 0\\n' > loader.conf; mcopy -i esp.img loader.conf ::/loader/loader.conf
+truncate -s {root} root.img; mkfs.ext4 -q -F -N {inodes} -d {c} root.img
+truncate -s {state} state.img; mkfs.ext4 -q -F -L state state.img
+truncate -s {(1 << 20) + esp + root + state + (1 << 20)} disk.img
+sgdisk -n 1:2048:+{esp >> 10}K -t 1:ef00 -n 2:0:+{root >> 10}K -t 2:8304 -n 3:0:+{state >> 10}K -t 3:8310 disk.img >/dev/null
+dd if=esp.img of=disk.img bs=4M seek=1 oflag=seek_bytes conv=notrunc,sparse status=none
+dd if=root.img of=disk.img bs=4M seek=$((1048576+{esp})) oflag=seek_bytes conv=notrunc,sparse status=none
+dd if=state.img of=disk.img bs=4M seek=$((1048576+{esp}+{root})) oflag=seek_bytes conv=notrunc,sparse status=none
+rm esp.img root.img state.img; sync"""
+    res.append(measure("mkfs.vfat+mcopy+mkfs.ext4 -d+sgdisk+dd", pipeline, a.runs, rm))
+    res.append(measure("forge image --format raw-efi", f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/disk.img", a.runs, rm))
+    sh(rm)
+
+    by = {r["name"]: r for r in res}
+    ratio = lambda a_, b_: by[a_]["median_s"] / by[b_]["median_s"]
+    print(f"\n| benchmark ({a.mib} MiB corpus, {a.runs} runs, median) | seconds | peak RSS |")
+    print("|---|---:|---:|")
+    for r in res:
+        print(f"| {r['name']} | {r['median_s']:.2f} | {r['peak_rss_kib'] // 1024} MiB |")
+    print("\n| ratio | value | goal |\n|---|---:|---:|")
+    for label, x, y, goal in [
+        ("forge closure / tar", "forge closure --json", "tar -cf - store | cat > /dev/null", "≤ 1.2"),
+        ("forge ext4 / mkfs.ext4 -d", "forge ext4", "mkfs.ext4 -d", "≤ 0.55"),
+        ("forge ext4 / tar + sync", "forge ext4", "tar -cf OUT tree && sync", "≤ 1.1"),
+        ("forge image / pipeline", "forge image --format raw-efi", "mkfs.vfat+mcopy+mkfs.ext4 -d+sgdisk+dd", "≤ 0.5"),
+        ("forge image / tar + sync", "forge image --format raw-efi", "tar -cf OUT tree && sync", "≤ 1.2"),
+    ]:
+        print(f"| {label} | {ratio(x, y):.2f} | {goal} |")
+    json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()
