@@ -33,8 +33,21 @@ pub struct ImageArgs {
     root_slack: Option<String>,
     #[arg(long, value_enum, default_value = "ro")]
     root_mode: RootMode,
+    /// Size of the state partition (`none`: no state partition; sd-aarch64 only).
     #[arg(long, default_value = "256M")]
     state_size: String,
+    /// sd-aarch64: files for the firmware partition (a store path or directory, or a file); repeatable.
+    #[arg(long, value_name = "PATH")]
+    firmware: Vec<PathBuf>,
+    /// sd-aarch64: the Pi's config.txt (default: one that starts U-Boot in 64-bit mode, UART on).
+    #[arg(long, value_name = "FILE")]
+    config_txt: Option<PathBuf>,
+    /// sd-aarch64: size of the FAT32 firmware partition.
+    #[arg(long, default_value = "128M")]
+    firmware_size: String,
+    /// zstd level for outputs ending in .zst.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+    zstd_level: i32,
     #[arg(long, default_value_t = 512, value_parser = super::sector_size)]
     sector_size: u32,
     /// systemd-boot menu timeout in seconds (loader.conf).
@@ -69,12 +82,20 @@ pub fn run(a: ImageArgs) -> Result<()> {
         esp_size: bytes(&a.esp_size, "--esp-size")?,
         root_size,
         root_mode: a.root_mode,
-        state_size: bytes(&a.state_size, "--state-size")?,
+        state_size: match a.state_size.as_str() {
+            "none" => None,
+            s => Some(bytes(s, "--state-size")?),
+        },
         sector_size: a.sector_size,
+        firmware: a.firmware,
+        config_txt: a.config_txt,
+        firmware_size: bytes(&a.firmware_size, "--firmware-size")?,
+        zstd_level: a.zstd_level,
         loader_timeout: a.loader_timeout,
         epoch: super::epoch()?,
         hash_partitions: a.json,
     };
+    image::container_for(&opts.output)?;
     check_output_dir(&opts.output)?;
     let report = image::build(&opts)?;
     if a.json {

@@ -1,6 +1,8 @@
 //! `forge image`: closure → filesystem trees → plans → partition table →
 //! one pass into a sparse temporary file → bmap → rename into place.
 
+mod raw_efi;
+mod sd;
 pub mod trees;
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +13,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use formats::{bmap, ext4, fat, gpt, seed};
+use formats::{bmap, ext4};
 
 use crate::closure::{self, Closure, Store};
 
@@ -21,6 +23,38 @@ pub const ALIGN: u64 = 1 << 20;
 pub enum Format {
     /// GPT + FAT32 ESP with systemd-boot + ext4 root + ext4 state (UEFI).
     RawEfi,
+    /// Raspberry Pi: MBR + FAT32 firmware + ext4 root (U-Boot, extlinux) + state.
+    SdAarch64,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::RawEfi => "raw-efi",
+            Format::SdAarch64 => "sd-aarch64",
+        }
+    }
+}
+
+/// How the image is shipped, from the output name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Container {
+    Raw,
+    Zstd,
+}
+
+pub fn container_for(out: &std::path::Path) -> Result<Container> {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name.ends_with(".img.zst") || name.ends_with(".raw.zst") {
+        Ok(Container::Zstd)
+    } else if name.ends_with(".img") || name.ends_with(".raw") {
+        Ok(Container::Raw)
+    } else {
+        bail!("{}: unknown output extension: use .img or .raw (raw image) or .img.zst (zstd-compressed)", out.display())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -40,8 +74,13 @@ pub struct Options {
     pub esp_size: u64,
     pub root_size: ext4::Size,
     pub root_mode: RootMode,
-    pub state_size: u64,
+    /// None: no state partition (sd-aarch64 only).
+    pub state_size: Option<u64>,
     pub sector_size: u32,
+    pub firmware: Vec<PathBuf>,
+    pub config_txt: Option<PathBuf>,
+    pub firmware_size: u64,
+    pub zstd_level: i32,
     pub loader_timeout: u32,
     pub epoch: u32,
     pub hash_partitions: bool,
@@ -60,6 +99,7 @@ pub struct PartitionReport {
     pub fs_uuid: String,
     pub fs_size: u64,
     pub read_only: bool,
+    pub bootable: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }
@@ -69,9 +109,13 @@ pub struct Report {
     pub image: PathBuf,
     pub bmap: PathBuf,
     pub format: &'static str,
+    pub compressed: bool,
+    /// Size of the raw image.
     pub size: u64,
     pub sector_size: u32,
-    pub disk_guid: String,
+    pub table: &'static str,
+    /// GPT disk GUID, or the MBR disk signature.
+    pub disk_id: String,
     pub mapped_bytes: u64,
     pub toplevel: String,
     pub closure_paths: usize,
@@ -90,9 +134,42 @@ fn align(n: u64) -> u64 {
     n.next_multiple_of(ALIGN)
 }
 
+/// What a format's layout wrote into the raw image.
+pub(crate) struct Laid {
+    size: u64,
+    table: &'static str,
+    disk_id: String,
+    mapped: Vec<(u64, u64)>,
+    partitions: Vec<PartitionReport>,
+}
+
+/// A planned filesystem, ready to be written at an offset.
+pub(crate) enum Planned<'t> {
+    Fat(formats::fat::Plan<'t>),
+    Ext4(formats::ext4::Plan<'t>),
+}
+
+impl Planned<'_> {
+    pub(crate) fn size(&self) -> u64 {
+        match self {
+            Planned::Fat(p) => p.size_bytes(),
+            Planned::Ext4(p) => p.size_bytes(),
+        }
+    }
+    /// Write at `off`, returning the mapped ranges relative to the image.
+    pub(crate) fn write(&self, f: &mut File, off: u64, what: &str) -> Result<Vec<(u64, u64)>> {
+        let w = match self {
+            Planned::Fat(p) => p.write(f, off).map_err(anyhow::Error::from),
+            Planned::Ext4(p) => p.write(f, off).map_err(anyhow::Error::from),
+        }
+        .with_context(|| format!("writing the {what} at byte {off}"))?;
+        Ok(w.mapped.iter().map(|&(s, l)| (s + off, l)).collect())
+    }
+}
+
 pub fn build(o: &Options) -> Result<Report> {
+    let container = container_for(&o.output)?;
     let p = Progress(Instant::now());
-    let store = Store::new(&o.store_root);
     let c: Closure = closure::read(
         &o.system,
         &closure::Options {
@@ -106,190 +183,87 @@ pub fn build(o: &Options) -> Result<Report> {
         c.paths.len(),
         c.total_nar_size()
     ));
-    let system = c.bootspec.spec.system.as_str();
-    let Some(arch) = trees::efi_arch(system) else {
-        bail!("{}: system {system:?} cannot boot from a raw-efi image (x86_64-linux and aarch64-linux can; sd-aarch64 is for Raspberry Pis)", c.toplevel);
-    };
-    let root_type = if system == "x86_64-linux" {
-        gpt::types::ROOT_X86_64
-    } else {
-        gpt::types::ROOT_AARCH64
-    };
-    let sd_boot = trees::find_systemd_boot(&store, &c, &arch)?;
-    let mut specs = vec![&c.bootspec.spec];
-    specs.extend(c.bootspec.specialisations.values().map(|b| &b.spec));
-    for s in &specs {
-        trees::check_efi_stub(&store.physical(&s.kernel), &s.kernel)?;
-    }
+    let store = Store::new(&o.store_root);
     let seed = o.seed.clone().unwrap_or_else(|| c.toplevel.clone());
-    let ss = o.sector_size as u64;
 
-    // Plans: everything is decided before a byte is written.
-    let esp_tree = trees::esp_tree(&store, &c, &sd_boot, &arch, o.epoch, o.loader_timeout)?;
-    let esp_off = ALIGN;
-    let esp_opts = fat::Options {
-        size: o.esp_size,
-        sector_size: o.sector_size,
-        label: "ESP".into(),
-        volume_id: crate::cli::fat::volume_id(&seed, "ESP"),
-        epoch: o.epoch,
-        hidden_sectors: (esp_off / ss) as u32,
+    // The raw image is built in a temporary file beside the output: it is
+    // the output itself when raw, the input of the compressor otherwise.
+    let raw_target = match container {
+        Container::Raw => o.output.clone(),
+        Container::Zstd => PathBuf::from(o.output.to_string_lossy().trim_end_matches(".zst")),
     };
-    let esp = fat::plan(&esp_tree, &esp_opts).context("planning the ESP (--esp-size)")?;
-    let root_tree = trees::root_tree(&store, &c)?;
-    let rw = o.root_mode == RootMode::Rw;
-    let root_opts = ext4::Options::from_seed(&seed, "nixos", o.root_size, rw, o.epoch);
-    let root =
-        ext4::plan(&root_tree, &root_opts).context("planning the root filesystem (--root-size)")?;
-    let state_tree = ext4::Tree::new(0o755);
-    let state_opts = ext4::Options::from_seed(
-        &seed,
-        "state",
-        ext4::Size::Fixed(o.state_size),
-        true,
-        o.epoch,
-    );
-    let state = ext4::plan(&state_tree, &state_opts)
-        .context("planning the state filesystem (--state-size)")?;
-    p.stage(&format!(
-        "planned: ESP {} bytes, root {} bytes ({} inodes), state {} bytes",
-        esp.size_bytes(),
-        root.size_bytes(),
-        root.inodes_used(),
-        state.size_bytes()
-    ));
-
-    let root_off = align(esp_off + o.esp_size);
-    let state_off = align(root_off + root.size_bytes());
-    let end = align(state_off + o.state_size) + ALIGN;
-    let guid = |what: &str| seed::uuid(&seed, &format!("gpt:{what}"));
-    let part = |ty: &str, name: &str, off: u64, size: u64, attrs: u64| gpt::Partition {
-        type_guid: seed::parse_uuid(ty).expect("constant GUIDs parse"),
-        guid: guid(name),
-        first_lba: off / ss,
-        last_lba: (off + size) / ss - 1,
-        attributes: attrs,
-        name: name.to_string(),
-    };
-    let table = gpt::Gpt {
-        sector: ss,
-        disk_sectors: end / ss,
-        disk_guid: guid("disk"),
-        partitions: vec![
-            part(gpt::types::ESP, "ESP", esp_off, o.esp_size, 0),
-            part(
-                root_type,
-                "nixos",
-                root_off,
-                align(root.size_bytes()),
-                if rw { 0 } else { gpt::ATTR_READ_ONLY },
-            ),
-            part(gpt::types::VAR, "state", state_off, align(o.state_size), 0),
-        ],
-    };
-
-    let mut out = crate::cli::output::AtomicOutput::create(&o.output)?;
-    let tmp = out.temp_path().to_owned();
-    out.file()
-        .set_len(end)
-        .with_context(|| format!("sizing {}", tmp.display()))?;
-    let mut mapped: Vec<(u64, u64)> = Vec::new();
-    let primary = table.primary();
-    write_at(out.file(), 0, &primary)
-        .with_context(|| format!("writing the GPT to {}", tmp.display()))?;
-    mapped.push((0, primary.len() as u64));
-    let (boff, backup) = table.backup();
-    write_at(out.file(), boff, &backup)
-        .with_context(|| format!("writing the backup GPT to {}", tmp.display()))?;
-    mapped.push((boff, backup.len() as u64));
-    let w = esp
-        .write(out.file(), esp_off)
-        .with_context(|| format!("writing the ESP into {}", tmp.display()))?;
-    mapped.extend(w.mapped.iter().map(|&(s, l)| (s + esp_off, l)));
-    p.stage("wrote the ESP");
-    let w = root
-        .write(out.file(), root_off)
-        .with_context(|| format!("writing the root filesystem into {}", tmp.display()))?;
-    mapped.extend(w.mapped.iter().map(|&(s, l)| (s + root_off, l)));
-    p.stage("wrote the root filesystem");
-    let w = state
-        .write(out.file(), state_off)
-        .with_context(|| format!("writing the state filesystem into {}", tmp.display()))?;
-    mapped.extend(w.mapped.iter().map(|&(s, l)| (s + state_off, l)));
-    p.stage("wrote the state filesystem");
+    let mut raw = crate::cli::output::AtomicOutput::create(&raw_target)?;
+    let tmp = raw.temp_path().to_owned();
+    let laid = match o.format {
+        Format::RawEfi => raw_efi::lay(o, &c, &store, &seed, raw.file(), &p),
+        Format::SdAarch64 => sd::lay(o, &c, &store, &seed, raw.file(), &p),
+    }
+    .with_context(|| format!("building {}", tmp.display()))?;
 
     let bmap_path = bmap_path_for(&o.output);
-    let bmap_text = bmap::create(out.file(), end, &mapped)
+    let bmap_text = bmap::create(raw.file(), laid.size, &laid.mapped)
         .with_context(|| format!("reading back {}", tmp.display()))?;
-    let mapped_bytes: u64 = bmap::blocks(&mapped)
+    let mapped_bytes: u64 = bmap::blocks(&laid.mapped)
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
         .sum();
-    let mut reports = Vec::new();
-    let fs = [
-        (
-            "vfat",
-            "ESP".to_string(),
-            format!("{:08X}", esp_opts.volume_id),
-            esp.size_bytes(),
-        ),
-        (
-            "ext4",
-            "nixos".to_string(),
-            seed::format_uuid(&root_opts.uuid),
-            root.size_bytes(),
-        ),
-        (
-            "ext4",
-            "state".to_string(),
-            seed::format_uuid(&state_opts.uuid),
-            state.size_bytes(),
-        ),
-    ];
-    for (i, (pt, (fstype, label, fsuuid, fssize))) in table.partitions.iter().zip(fs).enumerate() {
-        let (off, size) = (pt.first_lba * ss, (pt.last_lba + 1 - pt.first_lba) * ss);
-        let sha256 = if o.hash_partitions {
-            Some(hash_range(out.file(), off, size)?)
-        } else {
-            None
-        };
-        reports.push(PartitionReport {
-            number: i as u32 + 1,
-            name: pt.name.clone(),
-            type_guid: seed::format_uuid(&pt.type_guid),
-            guid: seed::format_uuid(&pt.guid),
-            offset: off,
-            size,
-            filesystem: fstype,
-            label,
-            fs_uuid: fsuuid,
-            fs_size: fssize,
-            read_only: pt.attributes & gpt::ATTR_READ_ONLY != 0,
-            sha256,
-        });
+    let mut partitions = laid.partitions;
+    if o.hash_partitions {
+        for pr in &mut partitions {
+            pr.sha256 = Some(hash_range(raw.file(), pr.offset, pr.size)?);
+        }
     }
     let mut bout = crate::cli::output::AtomicOutput::create(&bmap_path)?;
     std::io::Write::write_all(bout.file(), bmap_text.as_bytes())
         .with_context(|| format!("writing {}", bmap_path.display()))?;
-    out.commit()?;
+    match container {
+        Container::Raw => raw.commit()?,
+        Container::Zstd => {
+            let mut zout = crate::cli::output::AtomicOutput::create(&o.output)?;
+            compress(raw.file(), zout.file(), laid.size, o.zstd_level)
+                .with_context(|| format!("compressing into {}", zout.temp_path().display()))?;
+            zout.commit()?;
+            p.stage(&format!("compressed (zstd level {})", o.zstd_level));
+            // `raw` is dropped here: its temporary file is removed.
+        }
+    }
     bout.commit()?;
     p.stage(&format!(
-        "done: {} ({end} bytes, {mapped_bytes} mapped) and {}",
+        "done: {} ({} bytes raw, {mapped_bytes} mapped) and {}",
         o.output.display(),
+        laid.size,
         bmap_path.display()
     ));
     Ok(Report {
         image: o.output.clone(),
         bmap: bmap_path,
-        format: "raw-efi",
-        size: end,
+        format: o.format.name(),
+        compressed: container == Container::Zstd,
+        size: laid.size,
         sector_size: o.sector_size,
-        disk_guid: seed::format_uuid(&table.disk_guid),
+        table: laid.table,
+        disk_id: laid.disk_id,
         mapped_bytes,
         toplevel: c.toplevel.clone(),
         closure_paths: c.paths.len(),
-        partitions: reports,
+        partitions,
     })
+}
+
+/// zstd, multithreaded (the output is the same for any worker count in
+/// multithreaded mode), window within 2^27 so readers need no `--long`.
+fn compress(raw: &mut File, out: &mut File, size: u64, level: i32) -> Result<()> {
+    raw.seek(SeekFrom::Start(0))?;
+    let mut enc =
+        zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(4 << 20, out), level)?;
+    enc.multithread(2)?;
+    // Levels up to 19 use windows of at most 2^23, 20-22 at most 2^27.
+    enc.include_checksum(true)?;
+    enc.set_pledged_src_size(Some(size))?;
+    std::io::copy(&mut std::io::Read::take(raw, size), &mut enc)?;
+    let mut w = enc.finish()?;
+    std::io::Write::flush(&mut w)?;
+    Ok(())
 }
 
 /// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.bmap`.

@@ -303,3 +303,96 @@ mod tests {
         assert_eq!(date(951_782_400), "2000-02-29");
     }
 }
+
+/// NixOS's generic-extlinux-compatible name for a store file or directory
+/// copied to /boot/nixos: the store path without `/nix/store/`, `/` → `-`.
+pub fn extlinux_name(p: &str) -> String {
+    p.trim_start_matches(store::STORE_DIR)
+        .trim_start_matches('/')
+        .replace('/', "-")
+}
+
+/// `YYYY-MM-DD HH:MM` of a Unix time.
+fn date_time(epoch: u32) -> String {
+    let s = epoch % 86_400;
+    format!("{} {:02}:{:02}", date(epoch), s / 3600, (s % 3600) / 60)
+}
+
+/// /boot/extlinux/extlinux.conf and the kernels, initrds and device trees
+/// it names under /boot/nixos, as NixOS's extlinux-conf-builder writes them
+/// (a `default` entry, generation 1, and one entry per specialisation).
+pub fn extlinux(
+    t: &mut Tree,
+    store: &Store,
+    closure: &Closure,
+    epoch: u32,
+    timeout: u32,
+) -> Result<()> {
+    let nixos = t.mkdir_p(b"/boot/nixos", 0o755)?;
+    let extl = t.mkdir_p(b"/boot/extlinux", 0o755)?;
+    let owner = Owner {
+        force: Some((0, 0)),
+    };
+    let copy = |t: &mut Tree, logical: &str| -> Result<String> {
+        let name = extlinux_name(logical);
+        if lookup(t, format!("/boot/nixos/{name}").as_bytes()).is_none() {
+            t.add_host(nixos, name.as_bytes(), &store.physical(logical), owner)
+                .with_context(|| format!("adding {logical} to /boot/nixos"))?;
+        }
+        Ok(format!("../nixos/{name}"))
+    };
+    // In tenths of a second. U-Boot reads 0 as "wait forever"; NixOS writes
+    // -10 for "boot now", which U-Boot 2023.01 (Debian 12's) also waits on,
+    // so "now" is 0.1 s here.
+    let tenths = if timeout == 0 { 1 } else { timeout as u64 * 10 };
+    let mut conf = format!(
+        "# Generated file, all changes will be lost on nixos-rebuild!\n\n\
+         # Change this to e.g. nixos-42 to temporarily boot to an older configuration.\n\
+         DEFAULT nixos-default\n\nMENU TITLE ------------------------------------------------------------\n\
+         TIMEOUT {tenths}\n"
+    );
+    let entry = |t: &mut Tree, spec: &BootSpec, tag: &str, menu: &str| -> Result<String> {
+        let mut e = format!(
+            "\nLABEL nixos-{tag}\n  MENU LABEL {menu}\n  LINUX {}\n",
+            copy(t, &spec.kernel)?
+        );
+        if let Some(i) = &spec.initrd {
+            e.push_str(&format!("  INITRD {}\n", copy(t, i)?));
+        }
+        e.push_str(&format!(
+            "  APPEND init={} {}\n",
+            spec.init,
+            spec.kernel_params.join(" ")
+        ));
+        let dtbs = store.physical(&format!("{}/dtbs", spec.toplevel));
+        if let Ok(target) = std::fs::read_link(&dtbs) {
+            e.push_str(&format!(
+                "  FDTDIR {}\n",
+                copy(t, &target.to_string_lossy())?
+            ));
+        }
+        Ok(e)
+    };
+    let version =
+        std::fs::read_to_string(store.physical(&format!("{}/nixos-version", closure.toplevel)))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| closure.bootspec.spec.label.clone());
+    let main = &closure.bootspec.spec;
+    conf.push_str(&entry(t, main, "default", "NixOS - Default")?);
+    conf.push_str(&entry(
+        t,
+        main,
+        "1",
+        &format!("NixOS - Configuration 1 ({} - {version})", date_time(epoch)),
+    )?);
+    for (name, b) in &closure.bootspec.specialisations {
+        conf.push_str(&entry(
+            t,
+            &b.spec,
+            &format!("1-specialisation-{name}"),
+            &format!("NixOS - Configuration 1 ({name})"),
+        )?);
+    }
+    t.insert(extl, b"extlinux.conf", bytes_node(conf, 0o644))?;
+    Ok(())
+}
