@@ -66,6 +66,13 @@ def main():
     sh(f"tar -cf - -C {c} nix | cat > /dev/null")
     res = []
 
+    # Correctness first: on the full corpus (no Nix database, so scanning)
+    # the closure must equal the corpus's own list.
+    got = json.loads(sh(f"{FORGE} closure {top} --root {c} --json 2>/dev/null"))
+    want = open(os.path.join(c, "closure-paths")).read().split()
+    assert sorted(p["path"] for p in got["paths"]) == sorted(want), "corpus closure differs from closure-paths"
+    print(f"closure of the corpus equals closure-paths ({len(want)} paths)", file=sys.stderr)
+
     print("closure + NAR hashing", file=sys.stderr)
     # GNU tar skips reading file data when its output is /dev/null itself,
     # so the peer writes through a pipe.

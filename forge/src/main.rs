@@ -94,6 +94,9 @@ fn closure(a: ClosureArgs) -> Result<()> {
         },
     )
     .with_context(|| format!("reading the closure of {}", a.system.display()))?;
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
     if c.bootspec.synthesized {
         eprintln!(
             "note: {} has no boot.json; bootspec synthesized from kernel, initrd, init and kernel-params",

@@ -85,6 +85,9 @@ pub struct Closure {
     pub toplevel: String,
     pub bootspec: Boot,
     pub source: Source,
+    /// Things worth saying that are not errors (printed on stderr).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Sorted by path.
     pub paths: Vec<PathInfo>,
 }
@@ -116,6 +119,7 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
     let boot = bootspec::read(&store, &toplevel)?;
     let db_file = store.physical("/nix/var/nix/db/db.sqlite");
 
+    let mut warnings = Vec::new();
     let (source, paths) = if let Some(ci) = &opts.closure_info {
         let g = registration::read_closure_info(ci)?;
         (Source::ClosureInfo, hash_graph(&store, g, None)?)
@@ -123,12 +127,16 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
         let g = db::closure(&db_file, &toplevel)?;
         (Source::NixDb, hash_graph(&store, g, Some(&db_file))?)
     } else {
-        (Source::Scan, scan_closure(&store, &toplevel)?)
+        (
+            Source::Scan,
+            scan_closure(&store, &toplevel, &mut warnings)?,
+        )
     };
     Ok(Closure {
         toplevel,
         bootspec: boot,
         source,
+        warnings,
         paths,
     })
 }
@@ -204,7 +212,16 @@ fn nar_digest(
 }
 
 /// Breadth-first closure by scanning, one parallel NAR pass per level.
-fn scan_closure(store: &Store, toplevel: &str) -> Result<Vec<PathInfo>, ClosureError> {
+///
+/// As in Nix, only hashes of paths present in the store are references. A
+/// `/nix/store/<hash>-<name>` string whose path is absent is reported as a
+/// warning: it may be a deleted dependency, or just text (Debian's nix-bin
+/// carries such strings).
+fn scan_closure(
+    store: &Store,
+    toplevel: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<PathInfo>, ClosureError> {
     let dir = store.store_dir_physical();
     let mut by_hash: HashMap<[u8; HASH_LEN], String> = HashMap::new();
     let rd = std::fs::read_dir(&dir).map_err(|source| StoreError::Io {
@@ -227,31 +244,39 @@ fn scan_closure(store: &Store, toplevel: &str) -> Result<Vec<PathInfo>, ClosureE
     let mut done: BTreeMap<String, PathInfo> = BTreeMap::new();
     let mut frontier = vec![toplevel.to_string()];
     while !frontier.is_empty() {
-        let results: Vec<Result<PathInfo, ClosureError>> = frontier
+        let results: Vec<Result<(Vec<String>, PathInfo), ClosureError>> = frontier
             .par_iter()
             .map_init(Vec::new, |buf, path| {
                 let sc = RefScanner::new(candidates.clone());
                 let (hash, size, sc) = nar_digest(store, path, Some(sc), buf)?;
                 let sc = sc.expect("scanner was given");
-                if let Some(m) = sc.missing.iter().next() {
-                    return Err(ClosureError::MissingReference {
-                        referrer: path.clone(),
-                        missing: format!("{STORE_DIR}/{}", String::from_utf8_lossy(m)),
-                        store: store.store_dir_physical(),
-                    });
-                }
-                Ok(PathInfo {
-                    path: path.clone(),
-                    nar_hash: hash,
-                    nar_size: size,
-                    references: sc.found.iter().map(|h| by_hash[h].clone()).collect(),
-                    deriver: None,
-                })
+                let missing = sc
+                    .missing
+                    .iter()
+                    .map(|m| format!("{STORE_DIR}/{}", String::from_utf8_lossy(m)))
+                    .collect::<Vec<_>>();
+                Ok((
+                    missing,
+                    PathInfo {
+                        path: path.clone(),
+                        nar_hash: hash,
+                        nar_size: size,
+                        references: sc.found.iter().map(|h| by_hash[h].clone()).collect(),
+                        deriver: None,
+                    },
+                ))
             })
             .collect();
         let mut next = BTreeSet::new();
         for r in results {
-            let info = r?;
+            let (missing, info) = r?;
+            for m in missing {
+                warnings.push(format!(
+                    "{} mentions {m}, which is not in the store at {} (not counted as a reference)",
+                    info.path,
+                    store.store_dir_physical().display()
+                ));
+            }
             for reference in &info.references {
                 if !done.contains_key(reference) && !frontier.contains(reference) {
                     next.insert(reference.clone());

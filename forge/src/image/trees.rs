@@ -280,30 +280,6 @@ pub fn esp_tree(
     Ok(t)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn efi_names_follow_nixos() {
-        assert_eq!(
-            efi_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-linux-6.1/bzImage"),
-            "0123456789abcdfghijklmnpqrsvwxyz-linux-6.1-bzImage.efi"
-        );
-        assert_eq!(
-            efi_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-initrd"),
-            "0123456789abcdfghijklmnpqrsvwxyz-initrd.efi"
-        );
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(date(0), "1970-01-01");
-        assert_eq!(date(1_700_000_000), "2023-11-14");
-        assert_eq!(date(951_782_400), "2000-02-29");
-    }
-}
-
 /// NixOS's generic-extlinux-compatible name for a store file or directory
 /// copied to /boot/nixos: the store path without `/nix/store/`, `/` → `-`.
 pub fn extlinux_name(p: &str) -> String {
@@ -395,4 +371,28 @@ pub fn extlinux(
     }
     t.insert(extl, b"extlinux.conf", bytes_node(conf, 0o644))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn efi_names_follow_nixos() {
+        assert_eq!(
+            efi_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-linux-6.1/bzImage"),
+            "0123456789abcdfghijklmnpqrsvwxyz-linux-6.1-bzImage.efi"
+        );
+        assert_eq!(
+            efi_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-initrd"),
+            "0123456789abcdfghijklmnpqrsvwxyz-initrd.efi"
+        );
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(date(0), "1970-01-01");
+        assert_eq!(date(1_700_000_000), "2023-11-14");
+        assert_eq!(date(951_782_400), "2000-02-29");
+    }
 }
