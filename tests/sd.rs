@@ -1,0 +1,342 @@
+//! `forge image --format sd-aarch64` (issue 5): booted by U-Boot through
+//! extlinux, judged by sfdisk, fsck.fat, e2fsck, zstd and bmaptool.
+
+use nixforge_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+struct Sd {
+    dir: tempfile::TempDir,
+    layout: Value,
+}
+
+impl Sd {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A firmware directory standing in for the Pi firmware + U-Boot builds.
+fn firmware(dir: &Path) -> PathBuf {
+    let fw = dir.join("firmware");
+    std::fs::create_dir_all(fw.join("overlays")).unwrap();
+    std::fs::write(fw.join("start4.elf"), b"pi firmware\n".repeat(3000)).unwrap();
+    std::fs::write(
+        fw.join("u-boot-rpi4.bin"),
+        (0..700_000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    std::fs::write(fw.join("overlays/disable-bt.dtbo"), b"overlay").unwrap();
+    fw
+}
+
+fn forge_sd(sys: &System, out_name: &str, extra: &[&str]) -> Sd {
+    let dir = tempfile::tempdir().unwrap();
+    let fw = firmware(dir.path());
+    let out = ok(forge()
+        .arg("image")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(&sys.root)
+        .args(["--format", "sd-aarch64", "--json", "--firmware"])
+        .arg(&fw)
+        .arg("-o")
+        .arg(dir.path().join(out_name))
+        .args(extra));
+    Sd {
+        layout: serde_json::from_str(&out).unwrap(),
+        dir,
+    }
+}
+
+fn part(layout: &Value, n: usize) -> (u64, u64) {
+    let p = &layout["partitions"][n - 1];
+    (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap())
+}
+
+#[test]
+fn sd_image_boots_under_u_boot_through_extlinux() {
+    let sys = system("aarch64");
+    let sd = forge_sd(&sys, "nixos.img", &[]);
+    let b = boot(
+        "aarch64",
+        &sd.path("nixos.img"),
+        512,
+        Duration::from_secs(240),
+    );
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=mbr init=found"),
+        "serial log:\n{}",
+        b.log
+    );
+    assert!(
+        b.log.contains("Found /boot/extlinux/extlinux.conf"),
+        "{}",
+        b.log
+    );
+}
+
+#[test]
+fn table_filesystems_and_firmware_pass_their_judges() {
+    let sys = system("aarch64");
+    let sd = forge_sd(&sys, "nixos.img", &[]);
+    let img = sd.path("nixos.img");
+    let v = ok(Command::new("sfdisk").arg("-V").arg(&img));
+    assert!(v.contains("No errors detected"), "{v}");
+    let dump: Value =
+        serde_json::from_str(&ok(Command::new("sfdisk").arg("--json").arg(&img))).unwrap();
+    let parts = dump["partitiontable"]["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 3);
+    assert_eq!(parts[0]["type"], "c");
+    assert_eq!(parts[0]["start"], 16384, "firmware starts at 8 MiB");
+    assert_eq!(parts[1]["type"], "83");
+    assert_eq!(parts[1]["bootable"], true);
+    assert_eq!(parts[2]["type"], "83");
+    let sig = sd.layout["disk_id"].as_str().unwrap();
+    assert_eq!(dump["partitiontable"]["id"], format!("0x{sig}"));
+    assert_eq!(
+        sd.layout["partitions"][1]["guid"],
+        format!("{sig}-02"),
+        "Pi PARTUUID"
+    );
+    let d = tempfile::tempdir().unwrap();
+    for (n, judge, label) in [
+        (1, "fsck.fat", "FIRMWARE"),
+        (2, "e2fsck", "NIXOS_SD"),
+        (3, "e2fsck", "state"),
+    ] {
+        let (off, size) = part(&sd.layout, n);
+        let f = d.path().join(format!("p{n}"));
+        sh(&format!(
+            "dd if={} of={} bs=1M skip={} count={} status=none",
+            img.display(),
+            f.display(),
+            off >> 20,
+            size >> 20
+        ));
+        ok(Command::new(judge)
+            .arg(if judge == "e2fsck" { "-fn" } else { "-n" })
+            .arg(&f));
+        let probe = ok(Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "LABEL"])
+            .arg(&f));
+        assert_eq!(probe.trim(), label);
+    }
+    // The firmware partition holds the inputs byte for byte, plus config.txt.
+    let fw = firmware(d.path());
+    let (off, _) = part(&sd.layout, 1);
+    let mt = format!("{}@@{off}", img.display());
+    for f in ["start4.elf", "u-boot-rpi4.bin", "overlays/disable-bt.dtbo"] {
+        let got = d.path().join("got");
+        let _ = std::fs::remove_file(&got);
+        ok(Command::new("mcopy")
+            .arg("-i")
+            .arg(&mt)
+            .arg(format!("::/{f}"))
+            .arg(&got));
+        assert!(
+            std::fs::read(&got).unwrap() == std::fs::read(fw.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let got = d.path().join("config.txt");
+    ok(Command::new("mcopy")
+        .arg("-i")
+        .arg(&mt)
+        .arg("::/config.txt")
+        .arg(&got));
+    let cfg = std::fs::read_to_string(&got).unwrap();
+    for want in [
+        "arm_64bit=1",
+        "enable_uart=1",
+        "[pi4]",
+        "[pi3]",
+        "[pi5]",
+        "kernel=u-boot-rpi4.bin",
+    ] {
+        assert!(cfg.contains(want), "config.txt lacks {want}:\n{cfg}");
+    }
+}
+
+#[test]
+fn extlinux_and_boot_files_follow_nixos() {
+    let _g = privileged();
+    let sys = system("aarch64");
+    let sd = forge_sd(&sys, "nixos.img", &[]);
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root.img");
+    let (off, size) = part(&sd.layout, 2);
+    sh(&format!(
+        "dd if={} of={} bs=1M skip={} count={} status=none",
+        sd.path("nixos.img").display(),
+        root.display(),
+        off >> 20,
+        size >> 20
+    ));
+    let m = Mounted::ext4(&root, 0, "ro");
+    let conf = std::fs::read_to_string(m.path().join("boot/extlinux/extlinux.conf")).unwrap();
+    let boot: Value = serde_json::from_slice(
+        &std::fs::read(sys.physical(&format!("{}/boot.json", sys.toplevel))).unwrap(),
+    )
+    .unwrap();
+    let v1 = &boot["org.nixos.bootspec.v1"];
+    let clean = |p: &str| p.trim_start_matches("/nix/store/").replace('/', "-");
+    let kernel = clean(v1["kernel"].as_str().unwrap());
+    assert!(conf.contains("DEFAULT nixos-default\n"), "{conf}");
+    assert!(
+        conf.contains(&format!("  LINUX ../nixos/{kernel}\n")),
+        "{conf}"
+    );
+    assert!(
+        conf.contains(&format!(
+            "  APPEND init={} console=ttyAMA0 panic=-1\n",
+            v1["init"].as_str().unwrap()
+        )),
+        "{conf}"
+    );
+    assert!(
+        conf.contains("LABEL nixos-1-specialisation-rescue"),
+        "{conf}"
+    );
+    // Kernel bytes unchanged (still an uncompressed Image), dtbs copied.
+    let k = std::fs::read(m.path().join("boot/nixos").join(&kernel)).unwrap();
+    assert!(k == std::fs::read(sys.physical(v1["kernel"].as_str().unwrap())).unwrap());
+    assert_eq!(&k[0x38..0x3C], b"ARM\x64");
+    let fdtdir = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("FDTDIR ../nixos/"))
+        .unwrap();
+    assert!(m
+        .path()
+        .join("boot/nixos")
+        .join(fdtdir)
+        .join("broadcom/bcm2711-rpi-4-b.dtb")
+        .is_file());
+}
+
+#[test]
+fn zstd_output_is_the_raw_image_and_bmaptool_reproduces_it() {
+    let sys = system("aarch64");
+    let z = forge_sd(&sys, "nixos.img.zst", &[]);
+    let r = forge_sd(&sys, "nixos.img", &[]);
+    let zst = z.path("nixos.img.zst");
+    ok(Command::new("zstd").arg("-t").arg(&zst));
+    assert!(
+        !z.path("nixos.img").exists(),
+        "the raw temporary must not be left"
+    );
+    let raw_sha = sha256_file(&r.path("nixos.img"));
+    assert_eq!(
+        sh(&format!(
+            "zstd -dc {} | sha256sum | cut -d' ' -f1",
+            zst.display()
+        ))
+        .trim(),
+        raw_sha
+    );
+    // The .bmap beside the .zst describes the raw image; bmaptool takes both.
+    let target = z.path("target.img");
+    ok(Command::new("bmaptool")
+        .args(["copy", "--bmap"])
+        .arg(z.path("nixos.img.bmap"))
+        .arg(&zst)
+        .arg(&target));
+    assert_eq!(sha256_file(&target), raw_sha);
+    assert_eq!(
+        sha256_file(&z.path("nixos.img.bmap")),
+        sha256_file(&r.path("nixos.img.bmap"))
+    );
+}
+
+#[test]
+fn same_input_gives_the_same_zst_and_raw_image() {
+    let sys = system("aarch64");
+    let a = forge_sd(&sys, "nixos.img.zst", &[]);
+    let b = forge_sd(&sys, "nixos.img.zst", &[]);
+    assert_eq!(
+        sha256_file(&a.path("nixos.img.zst")),
+        sha256_file(&b.path("nixos.img.zst"))
+    );
+    assert_eq!(
+        sha256_file(&a.path("nixos.img.bmap")),
+        sha256_file(&b.path("nixos.img.bmap"))
+    );
+}
+
+// ---- bad input ----
+
+fn sd_err(sys: &System, out: &Path, extra: &[&str]) -> String {
+    let e = fails(
+        forge()
+            .arg("image")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(&sys.root)
+            .args(["--format", "sd-aarch64"])
+            .args(extra),
+    );
+    assert!(
+        dir_entries(out).iter().all(|e| e == "firmware"),
+        "left behind: {:?}",
+        dir_entries(out)
+    );
+    e.trim_end().lines().last().unwrap().to_string()
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_left() {
+    let sys = system("aarch64");
+    let d = tempfile::tempdir().unwrap();
+    let fw = firmware(d.path());
+    let out = |n: &str| d.path().join(n).to_string_lossy().into_owned();
+    let e = sd_err(
+        &sys,
+        d.path(),
+        &["--firmware", "/nonexistent/firmware", "-o", &out("a.img")],
+    );
+    assert!(
+        e.contains("--firmware /nonexistent/firmware") && e.contains("No such file"),
+        "{e}"
+    );
+    // More firmware than the partition holds.
+    std::fs::write(fw.join("huge.bin"), vec![9u8; 40 << 20]).unwrap();
+    let e = sd_err(
+        &sys,
+        d.path(),
+        &[
+            "--firmware",
+            fw.to_str().unwrap(),
+            "--firmware-size",
+            "34M",
+            "-o",
+            &out("a.img"),
+        ],
+    );
+    assert!(
+        e.contains("too small for this content") && e.contains("bytes are needed"),
+        "{e}"
+    );
+    std::fs::remove_file(fw.join("huge.bin")).unwrap();
+    let e = sd_err(
+        &sys,
+        d.path(),
+        &["--firmware", fw.to_str().unwrap(), "-o", &out("a.iso")],
+    );
+    assert!(
+        e.contains("a.iso") && e.contains("unknown output extension") && e.contains(".img.zst"),
+        "{e}"
+    );
+    let x86 = system("x86_64");
+    let e = sd_err(
+        &x86,
+        d.path(),
+        &["--firmware", fw.to_str().unwrap(), "-o", &out("a.img")],
+    );
+    assert!(
+        e.contains("x86_64-linux") && e.contains("aarch64-linux") && e.contains("--format raw-efi"),
+        "{e}"
+    );
+}
