@@ -14,7 +14,7 @@ $forge image "$sys/result" --root "$sys/store" --format raw-efi -o "$out/disk.im
 python3 - "$out/layout.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"{r['image']}: {r['size']} bytes, {r['mapped_bytes']} mapped, disk GUID {r['disk_guid']}")
+print(f"{r['image']}: {r['size']} bytes, {r['mapped_bytes']} mapped, disk {r['disk_id']}")
 for p in r["partitions"]:
     print(f"  {p['number']} {p['name']:6} {p['filesystem']:5} at {p['offset']:>10} size {p['size']:>10} label {p['label']} uuid {p['fs_uuid']}{' (read-only)' if p['read_only'] else ''}")
 PY

@@ -45,8 +45,9 @@ impl Rng {
     }
 }
 
-/// A random tree: every kind of entry, sizes around block boundaries,
-/// hard links, short and long symlinks, deep nesting, odd permissions.
+/// A random tree: every kind of entry (files, directories, short and long
+/// symlinks, hard links, character and block devices, a fifo, a socket),
+/// sizes around block boundaries, deep nesting, odd permissions.
 fn random_tree(root: &Path, seed: u64) {
     let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut dirs = vec![root.to_path_buf()];
@@ -125,6 +126,13 @@ fn random_tree(root: &Path, seed: u64) {
     }
     fs::create_dir_all(&deep).unwrap();
     ok(Command::new("mkfifo").arg(deep.join("fifo")));
+    // Socket paths are limited to 108 bytes: bind relative to the directory.
+    ok(Command::new("python3")
+        .args([
+            "-c",
+            "import socket; socket.socket(socket.AF_UNIX).bind('sock')",
+        ])
+        .current_dir(&deep));
     ok(Command::new("mknod")
         .arg(deep.join("blk"))
         .args(["b", "259", "300"]));

@@ -511,7 +511,7 @@ fn inspect_reads_back_layout_and_entries_as_blkid_sees_them() {
     let r: Value =
         serde_json::from_str(&ok(forge().arg("inspect").arg(&im.img).arg("--json"))).unwrap();
     assert_eq!(r["table"], "gpt");
-    assert_eq!(r["disk_id"], im.layout["disk_guid"]);
+    assert_eq!(r["disk_id"], im.layout["disk_id"]);
     let parts = r["partitions"].as_array().unwrap();
     assert_eq!(parts.len(), 3);
     for (p, want) in parts

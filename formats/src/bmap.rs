@@ -2,9 +2,11 @@
 //! matter, each range with its SHA-256, and the file's own SHA-256
 //! computed with that field's value replaced by zeros.
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
+use std::os::unix::fs::FileExt;
 
 pub const BLOCK: u64 = 4096;
 
@@ -26,28 +28,37 @@ pub fn blocks(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Render the bmap of `image` (of `image_size` bytes) for the mapped
-/// byte ranges, hashing each range as it is read from the image.
-pub fn create<R: Read + Seek>(
-    image: &mut R,
-    image_size: u64,
-    mapped: &[(u64, u64)],
-) -> io::Result<String> {
-    let ranges = blocks(mapped);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut hashed = Vec::with_capacity(ranges.len());
-    for &(first, last) in &ranges {
-        let mut h = Sha256::new();
-        image.seek(SeekFrom::Start(first * BLOCK))?;
-        let mut left = ((last + 1) * BLOCK).min(image_size) - first * BLOCK;
-        while left > 0 {
-            let n = (buf.len() as u64).min(left) as usize;
-            image.read_exact(&mut buf[..n])?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        hashed.push((first, last, format!("{:x}", h.finalize())));
-    }
+/// Longest range written to a bmap: adjacent ranges are allowed, and
+/// pieces of this size let every core hash (SHA-256 itself is sequential).
+pub const MAX_RANGE_BLOCKS: u64 = 16384;
+
+/// Render the bmap of `image` (of `image_size` bytes) for the mapped byte
+/// ranges, hashing the pieces in parallel with positional reads.
+pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> io::Result<String> {
+    let pieces: Vec<(u64, u64)> = blocks(mapped)
+        .into_iter()
+        .flat_map(|(first, last)| {
+            (first..=last)
+                .step_by(MAX_RANGE_BLOCKS as usize)
+                .map(move |s| (s, (s + MAX_RANGE_BLOCKS - 1).min(last)))
+        })
+        .collect();
+    let hashed = pieces
+        .par_iter()
+        .map(|&(first, last)| -> io::Result<(u64, u64, String)> {
+            let end = ((last + 1) * BLOCK).min(image_size);
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 4 << 20];
+            let mut off = first * BLOCK;
+            while off < end {
+                let n = (buf.len() as u64).min(end - off) as usize;
+                image.read_exact_at(&mut buf[..n], off)?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            Ok((first, last, format!("{:x}", h.finalize())))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     Ok(render(image_size, &hashed))
 }
 
@@ -99,12 +110,28 @@ mod tests {
 
     #[test]
     fn file_checksum_is_over_zeroed_field() {
-        let img = vec![7u8; 3 * 4096];
-        let s = create(&mut io::Cursor::new(&img), img.len() as u64, &[(0, 8192)]).unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[7u8; 3 * 4096]).unwrap();
+        let s = create(&f, 3 * 4096, &[(0, 8192)]).unwrap();
         let start = s.find("<BmapFileChecksum> ").unwrap() + 19;
         let sum = s[start..start + 64].to_string();
         let zeroed = s.replacen(&sum, &"0".repeat(64), 1);
         assert_eq!(format!("{:x}", Sha256::digest(zeroed.as_bytes())), sum);
         assert!(s.contains("> 0-1 </Range>"));
+    }
+
+    #[test]
+    fn long_ranges_are_split_into_adjacent_pieces() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(40000 * BLOCK).unwrap();
+        let s = create(&f, 40000 * BLOCK, &[(0, 40000 * BLOCK)]).unwrap();
+        for want in [
+            "> 0-16383 </Range>",
+            "> 16384-32767 </Range>",
+            "> 32768-39999 </Range>",
+        ] {
+            assert!(s.contains(want), "{want} in\n{s}");
+        }
+        assert!(s.contains("<MappedBlocksCount> 40000 </MappedBlocksCount>"));
     }
 }

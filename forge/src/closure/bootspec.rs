@@ -91,12 +91,18 @@ fn parse_document(file: &Path, v: &serde_json::Value, prefix: &str) -> Result<Bo
         file: file.to_owned(),
         found: obj.keys().cloned().collect::<Vec<_>>().join(", "),
     })?;
-    let spec = parse_v1(file, doc, &format!("{prefix}{V1}"))?;
-    let sort_key = obj
-        .get("org.nixos.systemd-boot")
-        .and_then(|s| s.get("sortKey"))
-        .and_then(|s| s.as_str())
-        .map(str::to_string);
+    let mut spec = parse_v1(file, doc, &format!("{prefix}{V1}"))?;
+    // NixOS's systemd-boot builder reads these from its extension.
+    let ext = |k: &str| {
+        obj.get("org.nixos.systemd-boot")
+            .and_then(|s| s.get(k))
+            .and_then(|s| s.as_str())
+            .map(str::to_string)
+    };
+    let sort_key = ext("sortKey");
+    if let Some(dt) = ext("devicetree") {
+        spec.devicetree = Some(dt);
+    }
     let mut specialisations = BTreeMap::new();
     if let Some(sp) = obj.get(SPECIALISATION_V1) {
         let field = format!("{prefix}{SPECIALISATION_V1}");
@@ -252,6 +258,18 @@ mod tests {
         let b = parse_document(Path::new("boot.json"), &d, "").unwrap();
         assert_eq!(b.spec.kernel_params, vec!["console=ttyS0"]);
         assert_eq!(b.specialisations.len(), 1);
+    }
+
+    #[test]
+    fn devicetree_comes_from_the_systemd_boot_extension() {
+        let mut d = doc(good());
+        d["org.nixos.systemd-boot"] = serde_json::json!({ "sortKey": "b", "devicetree": "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-dtbs/x.dtb" });
+        let b = parse_document(Path::new("boot.json"), &d, "").unwrap();
+        assert_eq!(b.sort_key.as_deref(), Some("b"));
+        assert_eq!(
+            b.spec.devicetree.as_deref(),
+            Some("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-dtbs/x.dtb")
+        );
     }
 
     #[test]
