@@ -260,7 +260,15 @@ fn compress(raw: &mut File, out: &mut File, size: u64, level: i32) -> Result<()>
     // Levels up to 19 use windows of at most 2^23, 20-22 at most 2^27.
     enc.include_checksum(true)?;
     enc.set_pledged_src_size(Some(size))?;
-    std::io::copy(&mut std::io::Read::take(raw, size), &mut enc)?;
+    // Large reads: the encoder's workers take whole jobs, not 8 KiB writes.
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = (buf.len() as u64).min(left) as usize;
+        raw.read_exact(&mut buf[..n])?;
+        std::io::Write::write_all(&mut enc, &buf[..n])?;
+        left -= n as u64;
+    }
     let mut w = enc.finish()?;
     std::io::Write::flush(&mut w)?;
     Ok(())
