@@ -127,42 +127,8 @@ fn registration_loads_into_a_fresh_store_and_verifies() {
             .arg(sys.physical(&p))
             .arg(fresh.path().join("nix/store/")));
     }
-    let load = |store: &Path| {
-        let mut child = Command::new("nix-store")
-            .arg("--store")
-            .arg(store)
-            .arg("--load-db")
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(reg.as_bytes())
-            .unwrap();
-        assert!(
-            child.wait().unwrap().success(),
-            "nix-store --load-db failed"
-        );
-    };
-    load(fresh.path());
-    let verify = |store: &Path| {
-        Command::new("nix-store")
-            .arg("--store")
-            .arg(store)
-            .args(["--verify", "--check-contents"])
-            .output()
-            .unwrap()
-    };
-    let v = verify(fresh.path());
-    assert!(
-        v.status.success(),
-        "verify failed: {}",
-        String::from_utf8_lossy(&v.stderr)
-    );
-    assert!(!String::from_utf8_lossy(&v.stderr).contains("modified"));
+    let (ok_, err) = load_db_and_verify(fresh.path(), reg.as_bytes());
+    assert!(ok_ && !err.contains("modified"), "verify failed: {err}");
     let q = ok(Command::new("nix-store")
         .arg("--store")
         .arg(fresh.path())
@@ -178,7 +144,12 @@ fn registration_loads_into_a_fresh_store_and_verifies() {
         .join(lib.trim_start_matches('/'))
         .join("lib/libfixture.so");
     std::fs::write(&f, "tampered\n").unwrap();
-    let v = verify(fresh.path());
+    let v = Command::new("nix-store")
+        .arg("--store")
+        .arg(fresh.path())
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&v.stderr);
     assert!(
         !v.status.success() || err.contains("modified"),

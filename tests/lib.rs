@@ -150,6 +150,35 @@ pub fn diff_tree(a: &Path, b: &Path, exclude: &[&str]) {
     );
 }
 
+/// `nix-store --store STORE --load-db < registration`, then `--verify
+/// --check-contents`; returns verify's output (status, stderr).
+pub fn load_db_and_verify(store: &Path, registration: &[u8]) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new("nix-store")
+        .arg("--store")
+        .arg(store)
+        .arg("--load-db")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(registration).unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "nix-store --load-db into {}",
+        store.display()
+    );
+    let v = Command::new("nix-store")
+        .arg("--store")
+        .arg(store)
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    (
+        v.status.success(),
+        String::from_utf8_lossy(&v.stderr).into_owned(),
+    )
+}
+
 pub fn sh(script: &str) -> String {
     ok(Command::new("bash")
         .arg("-euo")

@@ -14,4 +14,5 @@ pub mod nar;
 pub mod nixbase32;
 pub mod seed;
 mod sys;
+pub mod time;
 pub mod tree;

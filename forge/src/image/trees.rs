@@ -177,16 +177,7 @@ pub fn efi_name(store_file: &str) -> String {
 
 /// `YYYY-MM-DD` of a Unix time, for the entry's "built on".
 pub fn date(epoch: u32) -> String {
-    let days = epoch as i64 / 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    let (y, m, d, _) = formats::time::civil(epoch as i64);
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -290,7 +281,7 @@ pub fn extlinux_name(p: &str) -> String {
 
 /// `YYYY-MM-DD HH:MM` of a Unix time.
 fn date_time(epoch: u32) -> String {
-    let s = epoch % 86_400;
+    let (_, _, _, s) = formats::time::civil(epoch as i64);
     format!("{} {:02}:{:02}", date(epoch), s / 3600, (s % 3600) / 60)
 }
 

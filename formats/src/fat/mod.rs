@@ -267,19 +267,8 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, FatError> {
 /// DOS date and time of a Unix time (clamped to 1980…2107).
 fn dos_time(epoch: u32) -> (u16, u16) {
     let secs = (epoch as i64).clamp(315_532_800, 4_354_819_199);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    let date = (((y - 1980) << 9) | (m << 5) | d) as u16;
+    let (y, m, d, rem) = crate::time::civil(secs);
+    let date = ((((y - 1980) as u32) << 9) | (m << 5) | d) as u16;
     let time = (((rem / 3600) << 11) | (((rem % 3600) / 60) << 5) | ((rem % 60) / 2)) as u16;
     (date, time)
 }
