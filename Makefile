@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build test demo bench lint clean
+.PHONY: all deps fixtures build test demo bench bench-scaling lint clean
 
 all: build
 
@@ -33,6 +33,10 @@ demo: deps fixtures build
 
 bench: deps fixtures build
 	scripts/bench.py $(BUILD)/bench
+
+# forge ext4 on 0.5, 1, 2 and 4 GiB corpora: does time grow linearly?
+bench-scaling: deps fixtures build
+	scripts/bench.py $(BUILD)/bench --scaling
 
 lint:
 	$(CARGO) fmt --all -- --check

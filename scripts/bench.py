@@ -54,9 +54,13 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
+    ap.add_argument("--scaling", action="store_true",
+                    help="forge ext4 vs mkfs.ext4 -d on 512, 1024, 2048 and 4096 MiB corpora")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     out = os.path.abspath(a.out)
+    if a.scaling:
+        return scaling(out, a)
     c, top = corpus(out, a.mib, a.fixtures)
     store = os.path.join(c, "nix/store")
     w = os.path.join(out, "work")
@@ -165,6 +169,33 @@ zstd -q -T0 -3 sd.img -o sd.img.zst; rm fw.img root.img sd.img; sync"""
     ]:
         print(f"| {label} | {ratio(x, y):.2f} | {goal} |")
     json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=2)
+
+
+def scaling(out, a):
+    """Does forge ext4's time grow linearly with the tree? (issue 3)"""
+    rows = []
+    w = os.path.join(out, "work")
+    os.makedirs(w, exist_ok=True)
+    for mib in [512, 1024, 2048, 4096]:
+        c, _ = corpus(out, mib, a.fixtures)
+        data = int(sh(f"du -sb {c}/nix/store").split()[0])
+        entries = int(sh(f"find {c}/nix/store | wc -l"))
+        sh(f"tar -cf - -C {c} nix | cat > /dev/null")
+        plan = sh(f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --dry-run")
+        size = int(plan.split(": ")[1].split(" bytes")[0])
+        size = (size * 11 // 10 + (1 << 20) - 1) >> 20 << 20
+        inodes = int(plan.split("inodes (")[1].split(" used")[0]) + 1000
+        rm = f"rm -rf {w}/*"
+        f = measure(f"forge ext4 {mib}", f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --size {size}", a.runs, rm)
+        m = measure(f"mkfs.ext4 -d {mib}", f"truncate -s {size} {w}/x.img && mkfs.ext4 -q -F -N {inodes} -d {c} {w}/x.img", a.runs, rm)
+        sh(rm)
+        rows.append((mib, data, entries, f, m))
+    print(f"\n| corpus (requested) | data | entries | forge ext4 | s per GiB | peak RSS | mkfs.ext4 -d | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mib, data, entries, f, m in rows:
+        gib = data / (1 << 30)
+        print(f"| {mib} MiB | {gib:.2f} GiB | {entries} | {f['median_s']:.2f} s | {f['median_s'] / gib:.2f} | "
+              f"{f['peak_rss_kib'] // 1024} MiB | {m['median_s']:.2f} s | {f['median_s'] / m['median_s']:.2f} |")
 
 
 if __name__ == "__main__":
