@@ -198,7 +198,7 @@ pub fn build(o: &Options) -> Result<Report> {
         Format::RawEfi => raw_efi::lay(o, &c, &store, &seed, raw.file(), &p),
         Format::SdAarch64 => sd::lay(o, &c, &store, &seed, raw.file(), &p),
     }
-    .with_context(|| format!("building {}", tmp.display()))?;
+    .with_context(|| format!("building {}", o.output.display()))?;
 
     let bmap_path = bmap_path_for(&o.output);
     let bmap_text = bmap::create(raw.file(), laid.size, &laid.mapped)
