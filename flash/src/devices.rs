@@ -7,6 +7,26 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+/// One failed preflight check: its name and what was found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    pub check: &'static str,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.check, self.detail)
+    }
+}
+
+fn refusal(check: &'static str, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        check,
+        detail: detail.into(),
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Disk {
     pub path: PathBuf,
@@ -18,8 +38,10 @@ pub struct Disk {
     pub read_only: bool,
     pub logical_sector_size: u32,
     pub partitions: Vec<String>,
+    /// "major:minor" of the disk.
+    pub devnum: String,
     /// Why this disk may not be written (empty: it may).
-    pub refusals: Vec<String>,
+    pub refusals: Vec<Refusal>,
     /// Busy or backing the running system: shown only with --all.
     pub system: bool,
 }
@@ -78,10 +100,26 @@ fn transport(sys: &Path) -> String {
     "unknown".into()
 }
 
+/// (loop device, backing file) for every attached loop device: a disk or
+/// partition backing a loop device is in use even though nothing mounts it.
+fn loop_backings() -> Vec<(String, String)> {
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let b = read_trim(e.path().join("loop/backing_file"));
+            (!b.is_empty()).then_some((name, b))
+        })
+        .collect()
+}
+
 /// Every whole disk in /sys/block, with refusal reasons filled in.
 pub fn list() -> std::io::Result<Vec<Disk>> {
     let mounts = mounts();
     let swaps = swaps();
+    let backings = loop_backings();
     let mut disks = Vec::new();
     let mut names: Vec<_> = fs::read_dir("/sys/block")?
         .filter_map(|e| e.ok())
@@ -113,30 +151,43 @@ pub fn list() -> std::io::Result<Vec<Disk>> {
         for (dev, mnt) in &mounts {
             if devnums.contains(dev) {
                 if ["/", "/boot", "/nix", "/usr"].contains(&mnt.as_str()) {
-                    refusals.push(format!("backs the running system ({mnt} is on it)"));
+                    refusals.push(refusal("system disk", format!("{mnt} is on it")));
                     system = true;
                 } else {
-                    refusals.push(format!("mounted ({mnt})"));
+                    refusals.push(refusal("not mounted", format!("mounted at {mnt}")));
                 }
             }
         }
         if holders {
-            refusals.push("in use (has holders)".into());
+            refusals.push(refusal("no holders", "in use by another device (holders)"));
             system = true;
         }
+        let ours: Vec<String> = std::iter::once(&name)
+            .chain(&parts)
+            .map(|n| format!("/dev/{n}"))
+            .collect();
+        for (lo, backing) in &backings {
+            if ours.contains(backing) {
+                refusals.push(refusal("no holders", format!("{backing} backs /dev/{lo}")));
+            }
+        }
         if swaps.contains(&name) || parts.iter().any(|p| swaps.contains(p)) {
-            refusals.push("in use as swap".into());
+            refusals.push(refusal("not swap", "in use as swap"));
             system = true;
         }
         let read_only = read_trim(sys.join("ro")) == "1";
         if read_only {
-            refusals.push("read-only".into());
+            refusals.push(refusal("writable", "the device is read-only"));
         }
         let removable = read_trim(sys.join("removable")) == "1";
         if !removable {
-            refusals.push("not removable (needs --allow-non-removable)".into());
+            refusals.push(refusal(
+                "removable",
+                "not a removable disk (pass --allow-non-removable if you mean it)",
+            ));
         }
         disks.push(Disk {
+            devnum: devnums[0].clone(),
             path: PathBuf::from("/dev").join(&name),
             size,
             model: read_trim(sys.join("device/model")),

@@ -5,3 +5,7 @@
 //! tracked in issue 6.
 
 pub mod devices;
+pub mod ioctl;
+pub mod preflight;
+pub mod source;
+pub mod write;

@@ -135,3 +135,112 @@ mod tests {
         assert!(s.contains("<MappedBlocksCount> 40000 </MappedBlocksCount>"));
     }
 }
+
+/// A parsed bmap: image size and (first block, last block, sha256 hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bmap {
+    pub image_size: u64,
+    pub block_size: u64,
+    pub ranges: Vec<(u64, u64, Option<String>)>,
+}
+
+impl Bmap {
+    /// Mapped byte ranges (offset, length), clipped to the image size.
+    pub fn byte_ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges
+            .iter()
+            .map(|&(a, b, _)| {
+                let s = a * self.block_size;
+                (s, ((b + 1) * self.block_size).min(self.image_size) - s)
+            })
+            .collect()
+    }
+}
+
+fn tag<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let start = text.find(&open)? + open.len();
+    let end = text[start..].find(&format!("</{name}>"))? + start;
+    Some(text[start..end].trim())
+}
+
+/// Parse a bmap (version 1.x or 2.x, as bmap-tools and nixforge write),
+/// verifying its own checksum when it carries one.
+pub fn parse(text: &str) -> Result<Bmap, String> {
+    let num = |name: &str| -> Result<u64, String> {
+        tag(text, name)
+            .ok_or_else(|| format!("no <{name}>"))?
+            .parse()
+            .map_err(|_| format!("<{name}> is not a number"))
+    };
+    let image_size = num("ImageSize")?;
+    let block_size = num("BlockSize")?;
+    if block_size == 0 || block_size % 512 != 0 {
+        return Err(format!("block size {block_size} is not a multiple of 512"));
+    }
+    for (field, algo) in [("BmapFileChecksum", "sha256"), ("BmapFileSHA1", "sha1")] {
+        if let Some(sum) = tag(text, field) {
+            if algo == "sha256" {
+                let zeroed = text.replacen(sum, &"0".repeat(sum.len()), 1);
+                let got = format!("{:x}", Sha256::digest(zeroed.as_bytes()));
+                if got != sum {
+                    return Err(format!(
+                        "bmap checksum mismatch: the file says {sum}, its contents hash to {got}"
+                    ));
+                }
+            }
+        }
+    }
+    let mut ranges = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("<Range") {
+        let r = &rest[i..];
+        let close = r.find("</Range>").ok_or("unterminated <Range>")?;
+        let gt = r.find('>').ok_or("malformed <Range>")?;
+        let attrs = &r[..gt];
+        let chksum = ["chksum=\"", "sha1=\""].iter().find_map(|k| {
+            let s = attrs.find(k)? + k.len();
+            Some(attrs[s..s + attrs[s..].find('"')?].to_string())
+        });
+        let span = r[gt + 1..close].trim();
+        let (a, b) = match span.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (span, span),
+        };
+        let a: u64 = a.parse().map_err(|_| format!("bad range {span:?}"))?;
+        let b: u64 = b.parse().map_err(|_| format!("bad range {span:?}"))?;
+        if b < a || a * block_size >= image_size.max(1) {
+            return Err(format!(
+                "range {span} lies outside the {image_size}-byte image"
+            ));
+        }
+        ranges.push((a, b, chksum));
+        rest = &r[close..];
+    }
+    Ok(Bmap {
+        image_size,
+        block_size,
+        ranges,
+    })
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_create_writes_and_catches_tampering() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[3u8; 5 * 4096]).unwrap();
+        let s = create(&f, 5 * 4096, &[(0, 4096), (3 * 4096, 2 * 4096)]).unwrap();
+        let b = parse(&s).unwrap();
+        assert_eq!(b.image_size, 5 * 4096);
+        assert_eq!(b.byte_ranges(), vec![(0, 4096), (3 * 4096, 2 * 4096)]);
+        assert!(b
+            .ranges
+            .iter()
+            .all(|r| r.2.as_ref().is_some_and(|c| c.len() == 64)));
+        let tampered = s.replacen("> 0 </Range>", "> 1 </Range>", 1);
+        assert!(parse(&tampered).unwrap_err().contains("checksum mismatch"));
+    }
+}

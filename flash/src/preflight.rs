@@ -1,0 +1,133 @@
+//! Every check before a destructive write, each with its own name in the
+//! message. A refusal happens before the device is opened for writing.
+
+use anyhow::{Context, Result};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::devices::{self, Disk, Refusal};
+
+pub struct Target {
+    pub given: PathBuf,
+    pub disk: Disk,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to write to {device}: {refusal}")]
+pub struct Refused {
+    pub device: String,
+    pub refusal: Refusal,
+}
+
+fn refuse(dev: &Path, check: &'static str, detail: impl Into<String>) -> anyhow::Error {
+    Refused {
+        device: dev.display().to_string(),
+        refusal: Refusal {
+            check,
+            detail: detail.into(),
+        },
+    }
+    .into()
+}
+
+/// The sector size an image's partition table was written for, if any.
+pub fn image_sector_size(head: &[u8]) -> Option<u32> {
+    for ss in [512usize, 4096] {
+        if head.len() >= ss + 8 && &head[ss..ss + 8] == b"EFI PART" {
+            return Some(ss as u32);
+        }
+    }
+    if head.len() >= 512 && head[510..512] == [0x55, 0xAA] && head[446..510].iter().any(|&b| b != 0)
+    {
+        return Some(512); // MBR
+    }
+    None
+}
+
+pub fn check(
+    given: &Path,
+    image_size: u64,
+    image_sector: Option<u32>,
+    allow_non_removable: bool,
+) -> Result<Target> {
+    let md = match std::fs::symlink_metadata(given) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(given, "exists", e.to_string())),
+    };
+    let path = std::fs::canonicalize(given)
+        .map_err(|e| refuse(given, "exists", format!("cannot resolve: {e}")))?;
+    let shown = if path != given {
+        format!("{} (resolved from {})", path.display(), given.display())
+    } else {
+        path.display().to_string()
+    };
+    let shown = Path::new(&shown);
+    let md = if md.file_type().is_symlink() {
+        std::fs::metadata(&path).context("stat")?
+    } else {
+        md
+    };
+    if !md.file_type().is_block_device() {
+        let what = if md.is_file() {
+            "a regular file (refused, never created or overwritten)"
+        } else {
+            "not a block device"
+        };
+        return Err(refuse(shown, "block device", what));
+    }
+    let (major, minor) = (libc::major(md.rdev()), libc::minor(md.rdev()));
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}"))
+        .with_context(|| format!("sysfs entry of {}", path.display()))?;
+    if sys.join("partition").exists() {
+        let parent = sys
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| format!("/dev/{}", n.to_string_lossy()))
+            .unwrap_or_default();
+        return Err(refuse(
+            shown,
+            "whole disk",
+            format!("a partition of {parent}; give the whole disk"),
+        ));
+    }
+    let name = sys
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let disk = devices::list()
+        .context("reading /sys/block")?
+        .into_iter()
+        .find(|d| {
+            d.path
+                .file_name()
+                .map(|n| n.to_string_lossy() == name)
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| refuse(shown, "whole disk", format!("{name} is not in /sys/block")))?;
+    for r in &disk.refusals {
+        if r.check == "removable" && allow_non_removable {
+            continue;
+        }
+        return Err(refuse(shown, r.check, r.detail.clone()));
+    }
+    if disk.size < image_size {
+        return Err(refuse(
+            shown,
+            "large enough",
+            format!("{} bytes, the image needs {image_size}", disk.size),
+        ));
+    }
+    if let Some(ss) = image_sector {
+        if ss != disk.logical_sector_size {
+            return Err(refuse(
+                shown,
+                "sector size",
+                format!("the image's partition table is for {ss}-byte sectors, the device has {}-byte sectors", disk.logical_sector_size),
+            ));
+        }
+    }
+    Ok(Target {
+        given: given.to_owned(),
+        disk,
+    })
+}
