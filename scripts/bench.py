@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
+    ap.add_argument("--only", default="closure,ext4,image,sd,flash",
+                    help="comma-separated sections to run")
     ap.add_argument("--scaling", action="store_true",
                     help="forge ext4 vs mkfs.ext4 -d on 512, 1024, 2048 and 4096 MiB corpora")
     a = ap.parse_args()
@@ -81,12 +83,26 @@ def main():
     assert sorted(p["path"] for p in got["paths"]) == sorted(want), "corpus closure differs from closure-paths"
     print(f"closure of the corpus equals closure-paths ({len(want)} paths)", file=sys.stderr)
 
+    only = set(a.only.split(","))
+    if "closure" in only:
+        closure_bench(res, c, top, a)
+    if "ext4" in only or "image" in only or "sd" in only:
+        ext4_and_images(res, c, top, a, w, store, only)
+    if "flash" in only:
+        flash_bench(res, c, top, a, w)
+    report(res, a, out)
+
+
+def closure_bench(res, c, top, a):
     print("closure + NAR hashing", file=sys.stderr)
     # GNU tar skips reading file data when its output is /dev/null itself,
     # so the peer writes through a pipe.
     res.append(measure("tar -cf - store | cat > /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null", a.runs))
     res.append(measure("forge closure --json", f"{FORGE} closure {top} --root {c} --json > /dev/null", a.runs))
 
+
+def ext4_and_images(res, c, top, a, w, store, only):
+    rm = f"rm -rf {w}/*"
     print("ext4 of the corpus", file=sys.stderr)
     plan = sh(f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --dry-run")
     size = int(plan.split(": ")[1].split(" bytes")[0])
@@ -156,6 +172,30 @@ zstd -q -T0 -3 sd.img -o sd.img.zst; rm fw.img root.img sd.img; sync"""
                        a.runs, rm))
     sh(rm)
 
+
+
+def flash_bench(res, c, top, a, w):
+    """flash + verify of the corpus's raw-efi image to a loop device, against
+    dd (no verify) and bmaptool copy, in the same run."""
+    print("flash to a loop device", file=sys.stderr)
+    img = os.path.join(w, "flash.img")
+    sh(f"{FORGE} image {top} --root {c} --format raw-efi -o {img} 2>/dev/null")
+    size = os.path.getsize(img)
+    backing = os.path.join(w, "flash-target")
+    sh(f"truncate -s {size + (64 << 20)} {backing}")
+    dev = sh(f"losetup -f --show {backing}").strip()
+    try:
+        res.append(measure("dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none", a.runs))
+        res.append(measure("bmaptool copy", f"bmaptool -q copy {img} {dev}", a.runs))
+        res.append(measure("flash (write + verify)", f"{REPO}/target/release/flash {img} {dev} --yes --allow-non-removable --quiet", a.runs))
+    finally:
+        sh(f"partx -d {dev} || true; losetup -d {dev}")
+        os.unlink(backing)
+        for f in (img, img + ".bmap"):
+            os.unlink(f)
+
+
+def report(res, a, out):
     by = {r["name"]: r for r in res}
     ratio = lambda a_, b_: by[a_]["median_s"] / by[b_]["median_s"]
     print(f"\n| benchmark ({a.mib} MiB corpus, {a.runs} runs, median) | seconds | peak RSS |")
@@ -170,8 +210,11 @@ zstd -q -T0 -3 sd.img -o sd.img.zst; rm fw.img root.img sd.img; sync"""
         ("forge image / pipeline", "forge image --format raw-efi", "mkfs.vfat+mcopy+mkfs.ext4 -d+sgdisk+dd", "≤ 0.5"),
         ("forge image / tar + sync", "forge image --format raw-efi", "tar -cf OUT tree && sync", "≤ 1.2"),
         ("forge sd-aarch64 .zst / sd pipeline", "forge image --format sd-aarch64 -o .img.zst", "mkfs.ext4 -d+mkfs.vfat/mcopy+sfdisk+dd+zstd -T0 -3", "≤ 0.5"),
+        ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
+        ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
     ]:
-        print(f"| {label} | {ratio(x, y):.2f} | {goal} |")
+        if x in by and y in by:
+            print(f"| {label} | {ratio(x, y):.2f} | {goal} |")
     json.dump(res, open(os.path.join(out, "results.json"), "w"), indent=2)
 
 

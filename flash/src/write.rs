@@ -158,8 +158,16 @@ pub fn flash(src: &Source, t: &Target, verify: bool, quiet: bool) -> Result<Outc
     // Identity re-check right before the first write.
     let size = ioctl::size(&f).with_context(|| format!("size of {name}"))?;
     let lbs = ioctl::logical_sector_size(&f).with_context(|| format!("sector size of {name}"))?;
-    if size != t.disk.size || lbs != t.disk.logical_sector_size {
-        bail!("refusing to write to {name}: identity: the device changed since the checks ({size} bytes, {lbs}-byte sectors)");
+    let model = std::fs::read_to_string(format!(
+        "/sys/block/{}/device/model",
+        dev.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ))
+    .map(|m| m.trim().to_string())
+    .unwrap_or_default();
+    if size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model {
+        bail!("refusing to write to {name}: identity: the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})");
     }
     let mut p = Progress {
         dev: name.clone(),
@@ -254,7 +262,14 @@ fn write_all(
     let mut head_mapped: Vec<(u64, u64)> = Vec::new();
     let mut hashes: Hashes = Vec::new();
     let mut written = 0u64;
-    src.stream(CHUNK, &mut |off, data| {
+    // Chunks written past the first MiB are hashed on another core.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
+    let hasher = std::thread::spawn(move || {
+        rx.into_iter()
+            .map(|(off, d)| (off, d.len(), <[u8; 32]>::from(Sha256::digest(&d))))
+            .collect::<Hashes>()
+    });
+    let streamed = src.stream(CHUNK, &mut |off, data| {
         let end = off + data.len() as u64;
         if off < HEAD {
             // Stash what falls in the first MiB; it is written last.
@@ -263,16 +278,25 @@ fn write_all(
             head_mapped.push((off, cut as u64));
             if cut < data.len() {
                 write_direct(f, name, &mut buf, HEAD, &data[cut..], lbs)?;
-                hashes.push((HEAD, data.len() - cut, Sha256::digest(&data[cut..]).into()));
+                tx.send((HEAD, data[cut..].to_vec()))
+                    .map_err(|_| anyhow!("the hashing thread stopped"))?;
             }
         } else {
             write_direct(f, name, &mut buf, off, data, lbs)?;
-            hashes.push((off, data.len(), Sha256::digest(data).into()));
+            tx.send((off, data.to_vec()))
+                .map_err(|_| anyhow!("the hashing thread stopped"))?;
         }
         written += data.len() as u64;
         p.add(data.len() as u64, "written");
         Ok(())
-    })?;
+    });
+    drop(tx);
+    hashes.extend(
+        hasher
+            .join()
+            .map_err(|_| anyhow!("the hashing thread panicked"))?,
+    );
+    streamed?;
     f.sync_all().with_context(|| format!("syncing {name}"))?;
     // A GPT image on a larger disk: the backup table moves to the end.
     let mut gpt_moved = false;
@@ -315,31 +339,39 @@ fn wipe_head(f: &File, size: u64) {
 /// Read every written range back with O_DIRECT (never the page cache)
 /// and compare; report the first differing 4 KiB block's offset.
 fn verify_hashes(f: &File, name: &str, hashes: &Hashes, quiet: bool) -> Result<u64> {
+    use rayon::prelude::*;
     let lbs =
         ioctl::logical_sector_size(f).with_context(|| format!("sector size of {name}"))? as usize;
     let _ = ioctl::flush_buffers(f);
-    let mut buf = Aligned::new(CHUNK + HEAD as usize);
     let mut sorted = hashes.clone();
     sorted.sort();
-    let mut total = 0;
-    for (off, len, want) in sorted {
-        // O_DIRECT wants whole logical sectors, and the last range may end
-        // at the device's end: pad to the sector, not further.
-        let padded = len.div_ceil(lbs) * lbs;
-        let b = buf.slice(padded);
-        f.read_exact_at(b, off)
-            .with_context(|| format!("reading {name} back at byte {off}"))?;
-        let got: [u8; 32] = Sha256::digest(&b[..len]).into();
-        if got != want {
-            return Err(Mismatch {
-                device: name.to_string(),
-                offset: off,
-                len,
-            }
-            .into());
+    // Chunks are read (O_DIRECT) and hashed on every core; the first
+    // mismatch in device order is reported.
+    let bad = sorted
+        .par_iter()
+        .map_init(
+            || Aligned::new(CHUNK + HEAD as usize),
+            |buf, &(off, len, want)| -> Result<Option<(u64, usize)>> {
+                // O_DIRECT wants whole logical sectors, and the last range may
+                // end at the device's end: pad to the sector, not further.
+                let padded = len.div_ceil(lbs) * lbs;
+                let b = buf.slice(padded);
+                f.read_exact_at(b, off)
+                    .with_context(|| format!("reading {name} back at byte {off}"))?;
+                let got: [u8; 32] = Sha256::digest(&b[..len]).into();
+                Ok((got != want).then_some((off, len)))
+            },
+        )
+        .collect::<Result<Vec<_>>>()?;
+    if let Some((offset, len)) = bad.into_iter().flatten().min() {
+        return Err(Mismatch {
+            device: name.to_string(),
+            offset,
+            len,
         }
-        total += len as u64;
+        .into());
     }
+    let total: u64 = sorted.iter().map(|h| h.1 as u64).sum();
     if !quiet {
         eprintln!("flash: {name}: verified {total} bytes by reading them back");
     }
