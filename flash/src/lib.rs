@@ -1,8 +1,9 @@
 //! flash: writing images to block devices safely.
 //!
-//! This first part is device discovery (`flash list`): what the machine has,
-//! and why a disk would be refused as a target. Writing and verifying are
-//! tracked in issue 6.
+//! `devices` finds disks and why each would be refused; `source` streams an
+//! image (raw or zstd) by its bmap; `preflight` runs every named check;
+//! `write` writes (first MiB last) and verifies by reading back; `ioctl`
+//! holds the only unsafe code.
 
 pub mod devices;
 pub mod ioctl;
