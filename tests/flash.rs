@@ -384,6 +384,13 @@ fn refuses_regular_files_and_missing_nodes_creating_nothing() {
 
 // ---- faults: detected, non-zero exit, nothing bootable left ----
 
+/// Byte offset of the root partition, as `forge inspect` reads it.
+fn root_offset(img: &Path) -> u64 {
+    let r: Value =
+        serde_json::from_str(&ok(forge().arg("inspect").arg(img).arg("--json"))).unwrap();
+    r["partitions"][1]["offset"].as_u64().unwrap()
+}
+
 fn head_is_blank(p: &Path) -> bool {
     // No GPT signature and no MBR boot signature in the first MiB.
     let b = std::fs::read(p).unwrap();
@@ -395,9 +402,7 @@ fn a_source_that_does_not_match_its_bmap_is_caught_and_leaves_nothing_bootable()
     let _g = privileged();
     let t = disk(&[], 64 << 20);
     // Corrupt one mapped byte of the root filesystem after the bmap was made.
-    let r: Value =
-        serde_json::from_str(&ok(forge().arg("inspect").arg(&t.img).arg("--json"))).unwrap();
-    let root_off = r["partitions"][1]["offset"].as_u64().unwrap();
+    let root_off = root_offset(&t.img);
     sh(&format!(
         "printf 'X' | dd of={} bs=1 seek={} conv=notrunc status=none",
         t.img.display(),
@@ -463,9 +468,7 @@ fn standalone_verify_catches_a_corrupted_byte() {
         .arg(&t.img)
         .arg(&t.lo.dev)
         .args(["--yes", "--allow-non-removable", "--quiet"]));
-    let r: Value =
-        serde_json::from_str(&ok(forge().arg("inspect").arg(&t.img).arg("--json"))).unwrap();
-    let root_off = r["partitions"][1]["offset"].as_u64().unwrap();
+    let root_off = root_offset(&t.img);
     sh(&format!(
         "printf 'X' | dd of={} bs=1 seek={} conv=notrunc status=none; sync",
         t.lo.dev,

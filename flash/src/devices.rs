@@ -46,6 +46,33 @@ pub struct Disk {
     pub system: bool,
 }
 
+impl Disk {
+    /// One line: path, size, transport, model, serial, sector size, partitions.
+    pub fn describe(&self) -> String {
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        format!(
+            "{}  {:.1} GiB  {} {}  {}  sector {}  partitions: {}",
+            self.path.display(),
+            self.size as f64 / (1u64 << 30) as f64,
+            self.transport,
+            or_dash(&self.model),
+            or_dash(&self.serial),
+            self.logical_sector_size,
+            if self.partitions.is_empty() {
+                "none".into()
+            } else {
+                self.partitions.join(",")
+            },
+        )
+    }
+}
+
 fn read_trim(p: impl AsRef<Path>) -> String {
     fs::read_to_string(p)
         .map(|s| s.trim().to_string())

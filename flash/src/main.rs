@@ -110,28 +110,21 @@ fn bmap_choice(bmap: Option<PathBuf>, no_bmap: bool) -> BmapChoice {
     }
 }
 
-fn head_of(src: &Source) -> Result<Vec<u8>> {
-    let mut head = Vec::new();
-    src.stream(1 << 16, &mut |off, data| {
-        if off < 8192 {
-            let end = (head.len() as u64).max(off + data.len() as u64).min(8192) as usize;
-            head.resize(end, 0);
-            let n = end.saturating_sub(off as usize);
-            head[off as usize..end].copy_from_slice(&data[..n]);
-            if end >= 8192 {
-                return Err(anyhow::anyhow!("enough"));
-            }
-        }
-        Ok(())
-    })
-    .or_else(|e| {
-        if e.to_string() == "enough" || !head.is_empty() {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })?;
-    Ok(head)
+/// A refusal of every named device for want of confirmation.
+fn unconfirmed(devices: &[PathBuf], detail: &str) -> anyhow::Error {
+    let device = devices
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Refused {
+        device,
+        refusal: flash::devices::Refusal {
+            check: "confirmed",
+            detail: detail.into(),
+        },
+    }
+    .into()
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -176,7 +169,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
             );
         }
     }
-    let head = head_of(&src)?;
+    let head = src.head(8192)?;
     let sector = preflight::image_sector_size(&head);
     // Every check on every device before anything is written anywhere.
     let mut targets = Vec::new();
@@ -190,54 +183,17 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     }
     if !a.yes {
         if !std::io::stdin().is_terminal() {
-            return Err(Refused {
-                device: a
-                    .devices
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                refusal: flash::devices::Refusal {
-                    check: "confirmed",
-                    detail: "no terminal to ask on; pass --yes".into(),
-                },
-            }
-            .into());
+            return Err(unconfirmed(&a.devices, "no terminal to ask on; pass --yes"));
         }
         for t in &targets {
-            let d = &t.disk;
-            eprintln!(
-                "{}: {} {} ({}), {:.1} GiB, partitions: {}",
-                d.path.display(),
-                if d.model.is_empty() { "-" } else { &d.model },
-                if d.serial.is_empty() { "-" } else { &d.serial },
-                d.transport,
-                d.size as f64 / (1u64 << 30) as f64,
-                if d.partitions.is_empty() {
-                    "none".into()
-                } else {
-                    d.partitions.join(", ")
-                }
-            );
+            eprintln!("{}", t.disk.describe());
         }
         eprint!("Everything on these disks will be overwritten. Type yes to continue: ");
         std::io::stderr().flush()?;
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if answer.trim() != "yes" {
-            return Err(Refused {
-                device: a
-                    .devices
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                refusal: flash::devices::Refusal {
-                    check: "confirmed",
-                    detail: "not confirmed".into(),
-                },
-            }
-            .into());
+            return Err(unconfirmed(&a.devices, "not confirmed"));
         }
     }
     let mut reports = Vec::new();
@@ -291,20 +247,7 @@ fn list(all: bool, json: bool) -> Result<()> {
     }
     for d in &disks {
         let mark = if d.system { " [system]" } else { "" };
-        println!(
-            "{}{mark}  {:.1} GiB  {} {}  {}  sector {}  partitions: {}",
-            d.path.display(),
-            d.size as f64 / (1u64 << 30) as f64,
-            d.transport,
-            if d.model.is_empty() { "-" } else { &d.model },
-            if d.serial.is_empty() { "-" } else { &d.serial },
-            d.logical_sector_size,
-            if d.partitions.is_empty() {
-                "none".into()
-            } else {
-                d.partitions.join(",")
-            },
-        );
+        println!("{}{mark}", d.describe());
         for r in &d.refusals {
             println!("    refused: {r}");
         }

@@ -93,6 +93,22 @@ impl Source {
         })
     }
 
+    /// The first `n` bytes of the (decompressed) image, or fewer if shorter.
+    pub fn head(&self, n: usize) -> Result<Vec<u8>> {
+        let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
+        let mut r: Box<dyn Read> = if self.zstd {
+            Box::new(zstd::stream::read::Decoder::new(f)?)
+        } else {
+            Box::new(f)
+        };
+        let mut head = Vec::with_capacity(n);
+        r.by_ref()
+            .take(n as u64)
+            .read_to_end(&mut head)
+            .with_context(|| format!("{}: reading its first {n} bytes", self.path.display()))?;
+        Ok(head)
+    }
+
     /// (offset, length, expected sha256) of every range to write.
     pub fn ranges(&self) -> Vec<(u64, u64, Option<String>)> {
         match &self.bmap {
