@@ -483,5 +483,13 @@ fn standalone_verify_catches_a_corrupted_byte() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
-    assert!(err.contains(&format!("at byte {root_off}")), "{err}");
+    // The very byte, and what it holds against what it should.
+    let want = std::fs::read(&t.img).unwrap()[(root_off + 1124) as usize];
+    assert!(
+        err.contains(&format!(
+            "byte {} reads 0x58 from the device but the image has {want:#04x}",
+            root_off + 1124
+        )),
+        "{err}"
+    );
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use flash::preflight::{self, Refused};
 use flash::source::{BmapChoice, Source};
-use flash::write::{self, Mismatch};
+use flash::write::{self, Device, Mismatch, Sink};
 
 #[derive(Parser)]
 #[command(
@@ -139,7 +139,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }) => {
             let src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
             let t = preflight::check(&device, src.size, None, allow_non_removable)?;
-            let n = write::verify_only(&src, &t, false)?;
+            let n = write::verify_only(&src, Box::new(Device::open(&t, false)?), false)?;
             println!(
                 "{}: matches {} ({n} bytes compared)",
                 t.disk.path.display(),
@@ -196,33 +196,37 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
             return Err(unconfirmed(&a.devices, "not confirmed"));
         }
     }
+    // Every device opened (and its identity re-checked) before any write;
+    // one that cannot be opened fails alone.
+    let mut opened: Vec<Result<Box<dyn Sink>>> = Vec::new();
+    for t in &targets {
+        opened.push(Device::open(t, true).map(|d| Box::new(d) as Box<dyn Sink>));
+    }
+    let mut results: Vec<Option<Result<write::Outcome>>> = Vec::new();
+    let mut sinks = Vec::new();
+    for o in opened {
+        match o {
+            Ok(s) => {
+                sinks.push(s);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let opts = write::Options {
+        verify: !a.no_verify,
+        quiet: a.quiet || a.json,
+    };
+    let mut outs = write::flash(&src, sinks, &opts).into_iter();
     let mut reports = Vec::new();
     let mut worst: Option<anyhow::Error> = None;
-    for t in &targets {
-        match write::flash(&src, t, !a.no_verify, a.quiet || a.json) {
-            Ok(o) => {
-                if !a.quiet && !a.json {
-                    eprintln!(
-                        "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s{}",
-                        o.device,
-                        o.written,
-                        o.skipped,
-                        o.verified,
-                        o.seconds,
-                        o.mb_per_s,
-                        if o.gpt_moved {
-                            ", backup GPT moved to the end of the disk"
-                        } else {
-                            ""
-                        }
-                    );
-                }
-                reports.push(serde_json::json!({ "device": o.device, "ok": true, "report": o }));
-            }
+    for (t, r) in targets.iter().zip(results) {
+        match r.or_else(|| outs.next()).expect("one result per device") {
+            Ok(o) => reports.push(serde_json::json!({ "device": o.device, "ok": true, "report": o })),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 reports.push(serde_json::json!({ "device": t.disk.path, "ok": false, "error": format!("{e:#}") }));
-                worst = Some(e);
+                worst.get_or_insert(e);
             }
         }
     }

@@ -122,60 +122,155 @@ impl Source {
         }
     }
 
-    /// Stream every range through `f(offset, bytes)` in chunks of at most
-    /// `chunk` bytes, checking each range against its bmap checksum.
-    pub fn stream(&self, chunk: usize, f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
-        let ranges = self.ranges();
+    /// A pull reader over every range, in order, checking each range
+    /// against its bmap checksum as its last byte is read.
+    pub fn reader(&self) -> Result<Reader<'_>> {
         let file = File::open(&self.path).with_context(|| self.path.display().to_string())?;
-        let mut dec: Option<Box<dyn Read>> = if self.zstd {
+        let dec: Option<Box<dyn Read + Send>> = if self.zstd {
             Some(Box::new(zstd::stream::read::Decoder::with_buffer(
                 BufReader::with_capacity(1 << 20, file.try_clone()?),
             )?))
         } else {
             None
         };
-        let mut pos = 0u64; // decompressed position, for zstd
+        Ok(Reader {
+            src: self,
+            ranges: self.ranges(),
+            i: 0,
+            done: 0,
+            sum: RangeSum::new(),
+            file,
+            dec,
+            pos: 0,
+        })
+    }
+
+    /// Stream every range through `f(offset, bytes)` in chunks of at most
+    /// `chunk` bytes, checking each range against its bmap checksum.
+    pub fn stream(&self, chunk: usize, f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        let mut r = self.reader()?;
         let mut buf = vec![0u8; chunk];
-        for (off, len, sum) in ranges {
-            let mut h = Sha256::new();
-            if let Some(d) = dec.as_mut() {
-                // Skip the gap by decompressing into nothing.
-                let gap = off - pos;
-                std::io::copy(&mut d.by_ref().take(gap), &mut std::io::sink())?;
-            }
-            let mut done = 0u64;
-            while done < len {
-                let n = (chunk as u64).min(len - done) as usize;
-                match dec.as_mut() {
-                    Some(d) => d.read_exact(&mut buf[..n]).with_context(|| {
-                        format!(
-                            "{}: decompressing at byte {}",
-                            self.path.display(),
-                            off + done
-                        )
-                    })?,
-                    None => file
-                        .read_exact_at(&mut buf[..n], off + done)
-                        .with_context(|| {
-                            format!("{}: reading at byte {}", self.path.display(), off + done)
-                        })?,
-                }
-                h.update(&buf[..n]);
-                f(off + done, &buf[..n])?;
-                done += n as u64;
-            }
-            pos = off + len;
-            if let Some(want) = sum {
-                let got = format!("{:x}", h.finalize());
-                if got != want {
-                    bail!(
-                        "{}: bytes {off}..{} do not match the bmap's checksum (source corrupted, or the wrong bmap)",
-                        self.path.display(),
-                        off + len
-                    );
-                }
-            }
+        while let Some((off, n)) = r.next_into(&mut buf)? {
+            f(off, &buf[..n])?;
         }
         Ok(())
+    }
+
+    /// Bytes `off..off+len` of the (decompressed) image; for locating a
+    /// mismatch, so a zstd source is simply decompressed up to there.
+    pub fn read_range(&self, off: u64, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        let what = || format!("{}: reading {len} bytes at byte {off}", self.path.display());
+        let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
+        if self.zstd {
+            let mut d = zstd::stream::read::Decoder::new(f).with_context(what)?;
+            std::io::copy(&mut d.by_ref().take(off), &mut std::io::sink()).with_context(what)?;
+            d.read_exact(&mut out).with_context(what)?;
+        } else {
+            f.read_exact_at(&mut out, off).with_context(what)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A bmap range checksum: SHA-256 (bmap 2.x) or SHA-1 (bmap 1.x).
+enum RangeSum {
+    Sha256(Sha256),
+    Sha1(sha1::Sha1),
+}
+
+impl RangeSum {
+    fn new() -> RangeSum {
+        RangeSum::Sha256(Sha256::new())
+    }
+    fn for_sum(want: Option<&String>) -> RangeSum {
+        match want {
+            Some(w) if w.len() == 40 => RangeSum::Sha1(sha1::Sha1::new()),
+            _ => RangeSum::new(),
+        }
+    }
+    fn update(&mut self, d: &[u8]) {
+        match self {
+            RangeSum::Sha256(h) => h.update(d),
+            RangeSum::Sha1(h) => h.update(d),
+        }
+    }
+    fn hex(self) -> String {
+        match self {
+            RangeSum::Sha256(h) => format!("{:x}", h.finalize()),
+            RangeSum::Sha1(h) => format!("{:x}", h.finalize()),
+        }
+    }
+}
+
+/// See [`Source::reader`].
+pub struct Reader<'a> {
+    src: &'a Source,
+    ranges: Vec<(u64, u64, Option<String>)>,
+    /// The current range, and how much of it has been read.
+    i: usize,
+    done: u64,
+    sum: RangeSum,
+    file: File,
+    dec: Option<Box<dyn Read + Send>>,
+    /// Decompressed position, for zstd.
+    pos: u64,
+}
+
+impl Reader<'_> {
+    /// Read the next at most `buf.len()` bytes of the current range into
+    /// `buf`: `Some((offset, n))`, or `None` after the last range. A range
+    /// whose checksum fails is an error before its last bytes are returned.
+    pub fn next_into(&mut self, buf: &mut [u8]) -> Result<Option<(u64, usize)>> {
+        let path = self.src.path.display();
+        loop {
+            let Some((off, len, want)) = self.ranges.get(self.i) else {
+                return Ok(None);
+            };
+            let (off, len) = (*off, *len);
+            if self.done == 0 {
+                self.sum = RangeSum::for_sum(want.as_ref());
+                if let Some(d) = self.dec.as_mut() {
+                    // Skip the gap by decompressing into nothing.
+                    std::io::copy(&mut d.by_ref().take(off - self.pos), &mut std::io::sink())
+                        .with_context(|| format!("{path}: decompressing before byte {off}"))?;
+                    self.pos = off;
+                }
+            }
+            if self.done == len {
+                self.i += 1;
+                self.done = 0;
+                continue;
+            }
+            let at = off + self.done;
+            let n = (buf.len() as u64).min(len - self.done) as usize;
+            match self.dec.as_mut() {
+                Some(d) => d
+                    .read_exact(&mut buf[..n])
+                    .with_context(|| format!("{path}: decompressing at byte {at}"))?,
+                None => self
+                    .file
+                    .read_exact_at(&mut buf[..n], at)
+                    .with_context(|| format!("{path}: reading at byte {at}"))?,
+            }
+            self.sum.update(&buf[..n]);
+            self.done += n as u64;
+            self.pos = at + n as u64;
+            if self.done == len {
+                let sum = std::mem::replace(&mut self.sum, RangeSum::new());
+                if let Some(want) = want {
+                    let got = sum.hex();
+                    if !got.eq_ignore_ascii_case(want) {
+                        bail!(
+                            "{path}: bytes {off}..{} do not match the bmap's checksum (source corrupted, or the wrong bmap)",
+                            off + len
+                        );
+                    }
+                }
+                self.i += 1;
+                self.done = 0;
+            }
+            return Ok(Some((at, n)));
+        }
     }
 }

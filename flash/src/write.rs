@@ -1,24 +1,39 @@
-//! Writing an image to a device: exclusive, direct, first MiB last,
-//! verified by reading back past the page cache.
+//! Writing an image to devices: one read of the source feeds a writer
+//! thread per device; each writes exclusively and directly, the first MiB
+//! last, then reads everything back past the page cache.
+//!
+//! Devices are reached through [`Sink`], so tests can inject the faults a
+//! real block device here cannot produce (an I/O error at a chosen offset,
+//! a short write, corruption between write and verify).
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
-use std::io::IsTerminal;
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::ioctl;
-use crate::preflight::Target;
+use crate::preflight::{Refused, Target};
+use crate::progress::{Meter, Progress};
 use crate::source::Source;
 use formats::gpt::Gpt;
 
 /// What stays unwritten until everything else is on the device: the
 /// partition table and boot sectors live here.
 pub const HEAD: u64 = 1 << 20;
-const CHUNK: usize = 4 << 20;
+const CHUNK: usize = 8 << 20;
 const ALIGN: usize = 4096;
+/// Chunks in flight per writer.
+const DEPTH: usize = 3;
+/// Bmap ranges up to this size are verified against the bmap's own
+/// checksum (already proven against the source while streaming); larger
+/// ones are hashed in chunks so the read-back can run on every core.
+const MAX_UNIT: u64 = 64 << 20;
 
 /// A heap buffer whose usable slice starts on a 4 KiB boundary (O_DIRECT).
 struct Aligned {
@@ -37,6 +52,128 @@ impl Aligned {
         assert!(n <= self.len);
         &mut self.raw[self.off..self.off + n]
     }
+    fn get(&self, n: usize) -> &[u8] {
+        &self.raw[self.off..self.off + n]
+    }
+}
+
+/// Where an image goes: a block device, or in tests a device with faults.
+pub trait Sink: Send + Sync {
+    fn name(&self) -> &str;
+    fn size(&self) -> u64;
+    fn sector_size(&self) -> u64;
+    /// One positional write of sector-aligned bytes from an aligned buffer;
+    /// may write fewer bytes than given (a short write).
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<usize>;
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    fn sync(&self) -> io::Result<()>;
+    /// Drop cached blocks so that reads reach the medium (BLKFLSBUF).
+    fn drop_cache(&self) -> io::Result<()>;
+    /// Make the kernel see the new partition table.
+    fn announce(&self) {}
+}
+
+/// A whole-disk block device, opened O_DIRECT and locked.
+pub struct Device {
+    name: String,
+    file: nix::fcntl::Flock<File>,
+    size: u64,
+    lbs: u64,
+}
+
+fn model_of(dev: &Path) -> String {
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/sys/block/{name}/device/model"))
+        .map(|m| m.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Device {
+    /// Open a checked target. For writing: O_EXCL (no mounts, no other
+    /// exclusive openers), an exclusive flock (keeps udev from probing
+    /// mid-write), and the identity re-checked right before the first write.
+    pub fn open(t: &Target, write: bool) -> Result<Device> {
+        let path: PathBuf = t.disk.path.clone();
+        let name = path.display().to_string();
+        let mut o = OpenOptions::new();
+        o.read(true);
+        if write {
+            o.write(true).custom_flags(libc::O_EXCL | libc::O_DIRECT);
+        } else {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let f = o
+            .open(&path)
+            .with_context(|| format!("opening {name}{}", if write { " exclusively" } else { "" }))?;
+        let how = if write {
+            nix::fcntl::FlockArg::LockExclusiveNonblock
+        } else {
+            nix::fcntl::FlockArg::LockSharedNonblock
+        };
+        let file =
+            nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow!("locking {name}: {e}"))?;
+        let size = ioctl::size(&file).with_context(|| format!("size of {name}"))?;
+        let lbs = ioctl::logical_sector_size(&file)
+            .with_context(|| format!("sector size of {name}"))?;
+        let model = model_of(&path);
+        if write
+            && (size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model)
+        {
+            return Err(Refused {
+                device: name,
+                refusal: crate::devices::Refusal {
+                    check: "identity",
+                    detail: format!(
+                        "the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})"
+                    ),
+                },
+            }
+            .into());
+        }
+        Ok(Device {
+            name,
+            file,
+            size,
+            lbs: lbs as u64,
+        })
+    }
+}
+
+impl Sink for Device {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn sector_size(&self) -> u64 {
+        self.lbs
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        self.file.write_at(buf, off)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+    fn drop_cache(&self) -> io::Result<()> {
+        ioctl::flush_buffers(&self.file)
+    }
+    fn announce(&self) {
+        // BLKRRPART, and where the kernel has no partition parsers, BLKPG
+        // through partx.
+        let _ = ioctl::reread_partitions(&self.file);
+        let _ = std::process::Command::new("partx")
+            .args(["-a", &self.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }
 
 #[derive(Serialize, Debug)]
@@ -50,165 +187,265 @@ pub struct Outcome {
     pub gpt_moved: bool,
 }
 
-/// Exit codes: a refused target, a failed write, a failed verify.
+/// A verify failure (its own exit code): the first byte that differs.
 #[derive(Debug, thiserror::Error)]
-#[error("verifying {device}: the device differs from the image in the {len} bytes at byte {offset} (the first mismatching range)")]
+#[error("verifying {device}: byte {offset} reads {got} from the device but the image has {want} (the first difference){wiped}")]
 pub struct Mismatch {
     pub device: String,
     pub offset: u64,
-    pub len: usize,
+    pub got: String,
+    pub want: String,
+    pub wiped: &'static str,
 }
 
-struct Progress {
-    dev: String,
-    total: u64,
-    done: u64,
-    start: Instant,
-    last: Instant,
-    tty: bool,
-    quiet: bool,
+pub struct Options {
+    pub verify: bool,
+    pub quiet: bool,
 }
 
-impl Progress {
-    fn add(&mut self, n: u64, what: &str) {
-        self.done += n;
-        if self.quiet || self.last.elapsed().as_millis() < 1000 {
-            return;
-        }
-        self.last = Instant::now();
-        let s = self.start.elapsed().as_secs_f64().max(1e-3);
-        let rate = self.done as f64 / s;
-        let eta = (self.total.saturating_sub(self.done)) as f64 / rate.max(1.0);
-        let line = format!(
-            "flash: {}: {what} {:.1} of {:.1} MiB, {:.0} MB/s, ETA {:.0} s",
-            self.dev,
-            self.done as f64 / 1048576.0,
-            self.total as f64 / 1048576.0,
-            rate / 1e6,
-            eta
-        );
-        if self.tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
-        }
-    }
-    fn end(&self) {
-        if self.tty && !self.quiet {
-            eprintln!();
-        }
+/// A piece of the source, shared by every writer (and the hasher).
+struct Chunk {
+    off: u64,
+    len: usize,
+    buf: Aligned,
+}
+
+impl Chunk {
+    /// The bytes, zero-padded to whole `lbs` sectors (the buffer is zeroed
+    /// up to the next 4 KiB by the reader).
+    fn padded(&self, from: usize, lbs: u64) -> &[u8] {
+        let end = (self.len as u64).div_ceil(lbs) * lbs;
+        &self.buf.get(end as usize)[from..]
     }
 }
 
-/// Only verify: compare the device with the image, reading both.
-pub fn verify_only(src: &Source, t: &Target, quiet: bool) -> Result<u64> {
-    let name = t.disk.path.display().to_string();
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&t.disk.path)
-        .with_context(|| format!("opening {name}"))?;
-    let size = ioctl::size(&f).with_context(|| format!("size of {name}"))?;
-    let lbs =
-        ioctl::logical_sector_size(&f).with_context(|| format!("sector size of {name}"))? as u64;
-    let mut hashes: Hashes = Vec::new();
-    let mut head_chunks: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut head = vec![0u8; HEAD.min(src.size) as usize];
-    src.stream(CHUNK, &mut |off, data| {
-        if off < HEAD {
-            let cut = (HEAD.min(off + data.len() as u64) - off) as usize;
-            head[off as usize..off as usize + cut].copy_from_slice(&data[..cut]);
-            head_chunks.push((off, data.to_vec()));
-        } else {
-            hashes.push((off, data.len(), Sha256::digest(data).into()));
-        }
-        Ok(())
-    })?;
-    // What flash wrote on a larger disk: the relocated GPT.
-    if let Some((primary, boff, backup)) = relocate_gpt(&head, src.size, size, lbs) {
-        for (off, data) in &mut head_chunks {
-            let (o, end) = (*off as usize, *off as usize + data.len());
-            if o < primary.len() {
-                let stop = end.min(primary.len());
-                data[..stop - o].copy_from_slice(&primary[o..stop]);
+/// A range to read back and what it must hash to. `bytes` is kept for
+/// what only this run knows (the first MiB, a moved GPT); everything else
+/// is compared with the source again only to locate a mismatch.
+#[derive(Clone)]
+struct Unit {
+    off: u64,
+    len: usize,
+    sum: [u8; 32],
+    bytes: Option<Arc<Vec<u8>>>,
+}
+
+enum Msg {
+    Chunk(Arc<Chunk>),
+    /// The source is complete: what the part past the first MiB hashes to.
+    Finish(Arc<Vec<Unit>>),
+    /// The source failed; nothing more will come.
+    Abort(Arc<String>),
+}
+
+/// Bmap ranges that serve directly as verify units (past the first MiB,
+/// SHA-256, not too large), sorted by offset.
+fn bmap_units(src: &Source) -> Vec<Unit> {
+    src.ranges()
+        .into_iter()
+        .filter_map(|(off, len, sum)| {
+            let sum = sum?;
+            if off < HEAD || len > MAX_UNIT || sum.len() != 64 {
+                return None;
             }
-        }
-        hashes.push((boff, backup.len(), Sha256::digest(&backup).into()));
-    }
-    for (off, data) in head_chunks {
-        hashes.push((off, data.len(), Sha256::digest(&data).into()));
-    }
-    verify_hashes(&f, &name, &hashes, quiet)
+            let mut b = [0u8; 32];
+            for (i, byte) in b.iter_mut().enumerate() {
+                *byte = u8::from_str_radix(sum.get(2 * i..2 * i + 2)?, 16).ok()?;
+            }
+            Some(Unit {
+                off,
+                len: len as usize,
+                sum: b,
+                bytes: None,
+            })
+        })
+        .collect()
 }
 
-/// Write `src` to the target and (unless `verify` is false) read it back.
-pub fn flash(src: &Source, t: &Target, verify: bool, quiet: bool) -> Result<Outcome> {
-    let dev = t.disk.path.clone();
-    let name = dev.display().to_string();
-    let start = Instant::now();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_EXCL | libc::O_DIRECT)
-        .open(&dev)
-        .with_context(|| format!("opening {name} exclusively"))?;
-    // An exclusive lock keeps udev from probing the disk mid-write.
-    let f = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|(_, e)| anyhow!("locking {name}: {e}"))?;
-    // Identity re-check right before the first write.
-    let size = ioctl::size(&f).with_context(|| format!("size of {name}"))?;
-    let lbs = ioctl::logical_sector_size(&f).with_context(|| format!("sector size of {name}"))?;
-    let model = std::fs::read_to_string(format!(
-        "/sys/block/{}/device/model",
-        dev.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ))
-    .map(|m| m.trim().to_string())
-    .unwrap_or_default();
-    if size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model {
-        bail!("refusing to write to {name}: identity: the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})");
-    }
-    let mut p = Progress {
-        dev: name.clone(),
-        total: src.ranges().iter().map(|r| r.1).sum(),
-        done: 0,
-        start,
-        last: Instant::now(),
-        tty: std::io::stderr().is_terminal(),
+fn covered(units: &[Unit], off: u64) -> bool {
+    let i = units.partition_point(|u| u.off + u.len as u64 <= off);
+    units.get(i).is_some_and(|u| u.off <= off)
+}
+
+/// Write `src` to every sink at once: one read of the source, a writer per
+/// device; a device that fails does not stop the others. Each result is
+/// that device's.
+pub fn flash(src: &Source, sinks: Vec<Box<dyn Sink>>, opts: &Options) -> Vec<Result<Outcome>> {
+    run(src, sinks, opts, true)
+}
+
+/// Only verify: compare one device with the image (no writes).
+pub fn verify_only(src: &Source, sink: Box<dyn Sink>, quiet: bool) -> Result<u64> {
+    let opts = Options {
+        verify: true,
         quiet,
     };
-    let result = write_all(src, &f, &name, size, lbs as u64, &mut p);
-    p.end();
-    let (written, gpt_moved, hashes) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            wipe_head(&f, size);
-            return Err(e.context(format!(
-                "{name}: nothing bootable was left (first MiB wiped)"
-            )));
+    run(src, vec![sink], &opts, false)
+        .pop()
+        .expect("one result per sink")
+        .map(|o| o.verified)
+}
+
+fn run(src: &Source, sinks: Vec<Box<dyn Sink>>, opts: &Options, write: bool) -> Vec<Result<Outcome>> {
+    let progress = &Progress::new(opts.quiet);
+    let known = bmap_units(src);
+    let total: u64 = src.ranges().iter().map(|r| r.1).sum();
+    std::thread::scope(|s| {
+        // The hasher: chunks past the first MiB that no bmap unit covers.
+        let (htx, hrx) = sync_channel::<Arc<Chunk>>(DEPTH);
+        let hasher = s.spawn(move || {
+            let mut units = Vec::new();
+            for c in hrx {
+                let from = HEAD.saturating_sub(c.off) as usize;
+                let d = &c.buf.get(c.len)[from..];
+                units.push(Unit {
+                    off: c.off + from as u64,
+                    len: d.len(),
+                    sum: Sha256::digest(d).into(),
+                    bytes: None,
+                });
+            }
+            units
+        });
+        let mut writers: Vec<(Option<SyncSender<Msg>>, _)> = sinks
+            .into_iter()
+            .map(|sink| {
+                let (tx, rx) = sync_channel::<Msg>(DEPTH);
+                let meter = progress.meter(sink.name());
+                let h = s.spawn(move || {
+                    device_job(&*sink, rx, src, total, opts, write, &meter, &progress)
+                });
+                (Some(tx), h)
+            })
+            .collect();
+        let read = read_source(src, &known, &htx, &mut writers);
+        drop(htx);
+        let hashed = hasher.join();
+        let end: Result<Arc<Vec<Unit>>, Arc<String>> = match (read, hashed) {
+            (Ok(()), Ok(mut units)) => {
+                units.extend(known);
+                Ok(Arc::new(units))
+            }
+            (Err(e), _) => Err(Arc::new(format!("{e:#}"))),
+            (_, Err(_)) => Err(Arc::new("the hashing thread panicked".into())),
+        };
+        for (tx, _) in &mut writers {
+            if let Some(tx) = tx.take() {
+                let _ = tx.send(match &end {
+                    Ok(u) => Msg::Finish(u.clone()),
+                    Err(e) => Msg::Abort(e.clone()),
+                });
+            }
         }
-    };
-    let mut verified = 0;
-    if verify {
-        verified = verify_hashes(&f, &name, &hashes, quiet)?;
-    }
-    let _ = ioctl::reread_partitions(&f);
-    drop(f);
-    expose_partitions(&name);
-    let seconds = start.elapsed().as_secs_f64();
-    Ok(Outcome {
-        device: name,
-        written,
-        skipped: src.size - written.min(src.size),
-        verified,
-        seconds,
-        mb_per_s: written as f64 / seconds.max(1e-3) / 1e6,
-        gpt_moved,
+        writers
+            .into_iter()
+            .map(|(_, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a writer thread panicked")))
+            })
+            .collect()
     })
 }
 
-type Hashes = Vec<(u64, usize, [u8; 32])>;
+/// Read the source once, handing every chunk to each live writer (and to
+/// the hasher where no bmap checksum covers it). Buffers are recycled once
+/// every writer is done with them.
+fn read_source(
+    src: &Source,
+    known: &[Unit],
+    htx: &SyncSender<Arc<Chunk>>,
+    writers: &mut [(Option<SyncSender<Msg>>, impl Sized)],
+) -> Result<()> {
+    let mut reader = src.reader()?;
+    let mut pool: Vec<Arc<Chunk>> = Vec::new();
+    let cap = DEPTH * (writers.len() + 1) + 4;
+    loop {
+        if writers.iter().all(|w| w.0.is_none()) {
+            return Ok(()); // every device failed; each says why
+        }
+        // A free buffer: one no writer holds any more.
+        let slot = loop {
+            if let Some(i) = pool.iter().position(|c| Arc::strong_count(c) == 1) {
+                break i;
+            }
+            if pool.len() < cap {
+                pool.push(Arc::new(Chunk {
+                    off: 0,
+                    len: 0,
+                    buf: Aligned::new(CHUNK),
+                }));
+                break pool.len() - 1;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        };
+        let c = Arc::get_mut(&mut pool[slot]).expect("no other holder");
+        let Some((off, n)) = reader.next_into(c.buf.slice(CHUNK))? else {
+            return Ok(());
+        };
+        // Zero the tail of the last 4 KiB, for sector-padded writes.
+        let end = n.div_ceil(ALIGN) * ALIGN;
+        c.buf.slice(end)[n..].fill(0);
+        c.off = off;
+        c.len = n;
+        let c = pool[slot].clone();
+        if off + n as u64 > HEAD && !covered(known, off.max(HEAD)) {
+            htx.send(c.clone())
+                .map_err(|_| anyhow!("the hashing thread stopped"))?;
+        }
+        for w in writers.iter_mut() {
+            if let Some(tx) = &w.0 {
+                if tx.send(Msg::Chunk(c.clone())).is_err() {
+                    w.0 = None; // that writer failed; the others go on
+                }
+            }
+        }
+    }
+}
+
+/// Write `data` (sector-padded) at `off`, through an aligned bounce buffer
+/// when `data` itself is not aligned.
+fn put(sink: &dyn Sink, bounce: &mut Aligned, data: &[u8], off: u64) -> Result<()> {
+    if (data.as_ptr() as usize) % ALIGN == 0 {
+        return write_exact(sink, data, off);
+    }
+    for (i, piece) in data.chunks(bounce.len).enumerate() {
+        bounce.slice(piece.len()).copy_from_slice(piece);
+        write_exact(sink, bounce.get(piece.len()), off + (i * bounce.len) as u64)?;
+    }
+    Ok(())
+}
+
+/// One write of `b` at `off`; short writes are continued while they stay
+/// on sector boundaries, and a device that takes nothing more is an error.
+fn write_exact(sink: &dyn Sink, b: &[u8], off: u64) -> Result<()> {
+    let lbs = sink.sector_size() as usize;
+    let name = sink.name();
+    let mut done = 0;
+    while done < b.len() {
+        let pos = off + done as u64;
+        match sink.write_at(&b[done..], pos) {
+            Ok(0) => bail!(
+                "writing {name} at byte {pos}: short write: the device took {done} of {} bytes and then nothing",
+                b.len()
+            ),
+            Ok(n) if n % lbs != 0 => bail!(
+                "writing {name} at byte {pos}: short write of {n} bytes, not whole {lbs}-byte sectors"
+            ),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("writing {name} at byte {pos}")),
+        }
+    }
+    Ok(())
+}
+
+/// Best effort: zeros over the first MiB, so a failed flash never boots.
+fn wipe_head(sink: &dyn Sink) {
+    let mut buf = Aligned::new(HEAD as usize);
+    let n = HEAD.min(sink.size()) as usize;
+    let _ = sink.write_at(buf.slice(n), 0);
+    let _ = sink.sync();
+}
 
 /// For a GPT image on a larger device: the rewritten primary table (bytes
 /// from offset 0) and the backup table moved to the device's end.
@@ -232,158 +469,265 @@ fn relocate_gpt(
     Some((g.primary(), boff, backup))
 }
 
-fn write_direct(
-    f: &File,
-    name: &str,
-    buf: &mut Aligned,
-    off: u64,
-    data: &[u8],
-    lbs: u64,
-) -> Result<()> {
-    let n = data.len();
-    let padded = (n as u64).div_ceil(lbs) * lbs;
-    let b = buf.slice(padded as usize);
-    b[..n].copy_from_slice(data);
-    b[n..].fill(0);
-    f.write_all_at(b, off)
-        .with_context(|| format!("writing {name} at byte {off}"))
-}
-
-fn write_all(
+/// What one device does with the stream: write (or, verifying only, just
+/// collect the first MiB), then read everything back.
+#[allow(clippy::too_many_arguments)]
+fn device_job(
+    sink: &dyn Sink,
+    rx: Receiver<Msg>,
     src: &Source,
-    f: &File,
-    name: &str,
-    size: u64,
-    lbs: u64,
-    p: &mut Progress,
-) -> Result<(u64, bool, Hashes)> {
-    let mut buf = Aligned::new(CHUNK + HEAD as usize);
+    total: u64,
+    opts: &Options,
+    write: bool,
+    meter: &Meter,
+    progress: &Progress,
+) -> Result<Outcome> {
+    let start = Instant::now();
+    let name = sink.name().to_string();
+    let lbs = sink.sector_size();
     let mut head = vec![0u8; HEAD.min(src.size) as usize];
     let mut head_mapped: Vec<(u64, u64)> = Vec::new();
-    let mut hashes: Hashes = Vec::new();
+    let mut bounce = Aligned::new(HEAD as usize);
     let mut written = 0u64;
-    // Chunks written past the first MiB are hashed on another core.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
-    let hasher = std::thread::spawn(move || {
-        rx.into_iter()
-            .map(|(off, d)| (off, d.len(), <[u8; 32]>::from(Sha256::digest(&d))))
-            .collect::<Hashes>()
-    });
-    let streamed = src.stream(CHUNK, &mut |off, data| {
-        let end = off + data.len() as u64;
-        if off < HEAD {
-            // Stash what falls in the first MiB; it is written last.
-            let cut = (HEAD.min(end) - off) as usize;
-            head[off as usize..off as usize + cut].copy_from_slice(&data[..cut]);
-            head_mapped.push((off, cut as u64));
-            if cut < data.len() {
-                write_direct(f, name, &mut buf, HEAD, &data[cut..], lbs)?;
-                tx.send((HEAD, data[cut..].to_vec()))
-                    .map_err(|_| anyhow!("the hashing thread stopped"))?;
+    meter.phase(if write { "writing" } else { "reading" }, total);
+    let streamed = (|| -> Result<Arc<Vec<Unit>>> {
+        loop {
+            let c = match rx.recv() {
+                Ok(Msg::Chunk(c)) => c,
+                Ok(Msg::Finish(units)) => return Ok(units),
+                Ok(Msg::Abort(e)) => bail!("{e}"),
+                Err(_) => bail!("the source stopped"),
+            };
+            let end = c.off + c.len as u64;
+            let mut from = 0;
+            if c.off < HEAD {
+                // Stash what falls in the first MiB; it is written last.
+                let cut = (HEAD.min(end) - c.off) as usize;
+                head[c.off as usize..c.off as usize + cut].copy_from_slice(c.buf.get(cut));
+                head_mapped.push((c.off, cut as u64));
+                from = cut;
             }
-        } else {
-            write_direct(f, name, &mut buf, off, data, lbs)?;
-            tx.send((off, data.to_vec()))
-                .map_err(|_| anyhow!("the hashing thread stopped"))?;
+            if write && from < c.len {
+                put(sink, &mut bounce, c.padded(from, lbs), c.off + from as u64)?;
+            }
+            written += c.len as u64;
+            meter.add(c.len as u64);
         }
-        written += data.len() as u64;
-        p.add(data.len() as u64, "written");
-        Ok(())
+    })();
+    drop(rx);
+    let fail = |e: anyhow::Error, wiped: bool| -> anyhow::Error {
+        meter.finish("failed");
+        if wiped {
+            e.context(format!("{name}: nothing bootable was left (first MiB wiped)"))
+        } else {
+            e
+        }
+    };
+    let finished = streamed.and_then(|global| {
+        let mut units: Vec<Unit> = global.to_vec();
+        let gpt = relocate_gpt(&head, src.size, sink.size(), lbs);
+        if write {
+            sink.sync().with_context(|| format!("syncing {name}"))?;
+        }
+        if let Some((primary, boff, backup)) = &gpt {
+            // A GPT image on a larger disk: the backup table moves to the end.
+            if write {
+                put(sink, &mut bounce, backup, *boff)?;
+                sink.sync().with_context(|| format!("syncing {name}"))?;
+            }
+            units.push(Unit {
+                off: *boff,
+                len: backup.len(),
+                sum: Sha256::digest(backup).into(),
+                bytes: Some(Arc::new(backup.clone())),
+            });
+            head[..primary.len()].copy_from_slice(primary);
+            head_mapped.push((0, primary.len() as u64));
+        }
+        // Last: the first MiB, in the sector-aligned pieces that were mapped.
+        for (o, l) in merge_sectors(head_mapped.clone(), lbs, head.len() as u64) {
+            let piece = head[o as usize..(o + l) as usize].to_vec();
+            if write {
+                let mut padded = piece.clone();
+                padded.resize(l.div_ceil(lbs) as usize * lbs as usize, 0);
+                put(sink, &mut bounce, &padded, o)?;
+            }
+            units.push(Unit {
+                off: o,
+                len: piece.len(),
+                sum: Sha256::digest(&piece).into(),
+                bytes: Some(Arc::new(piece)),
+            });
+        }
+        if write {
+            sink.sync().with_context(|| format!("syncing {name}"))?;
+        }
+        Ok((units, gpt.is_some()))
     });
-    drop(tx);
-    hashes.extend(
-        hasher
-            .join()
-            .map_err(|_| anyhow!("the hashing thread panicked"))?,
-    );
-    streamed?;
-    f.sync_all().with_context(|| format!("syncing {name}"))?;
-    // A GPT image on a larger disk: the backup table moves to the end.
-    let mut gpt_moved = false;
-    if let Some((primary, boff, backup)) = relocate_gpt(&head, src.size, size, lbs) {
-        write_direct(f, name, &mut buf, boff, &backup, lbs)?;
-        hashes.push((boff, backup.len(), Sha256::digest(&backup).into()));
-        head[..primary.len()].copy_from_slice(&primary);
-        head_mapped.push((0, primary.len() as u64));
-        gpt_moved = true;
-        f.sync_all().with_context(|| format!("syncing {name}"))?;
+    let (units, gpt_moved) = match finished {
+        Ok(r) => r,
+        Err(e) => {
+            if write {
+                wipe_head(sink);
+            }
+            return Err(fail(e, write));
+        }
+    };
+    let mut verified = 0;
+    if opts.verify {
+        if let Err(e) = verify(sink, src, units, meter).map(|n| verified = n) {
+            if write {
+                wipe_head(sink);
+            }
+            return Err(match e.downcast::<Mismatch>() {
+                Ok(mut m) => {
+                    if write {
+                        m.wiped = "; nothing bootable was left (first MiB wiped)";
+                    }
+                    meter.finish("failed");
+                    m.into()
+                }
+                Err(e) => fail(e, write),
+            });
+        }
     }
-    // Last: the first MiB, in the block-aligned pieces that were mapped.
-    head_mapped.sort();
+    if write {
+        sink.announce();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    meter.finish("done");
+    let o = Outcome {
+        device: name,
+        written: if write { written } else { 0 },
+        skipped: if write { src.size - written.min(src.size) } else { 0 },
+        verified,
+        seconds,
+        mb_per_s: written as f64 / seconds.max(1e-3) / 1e6,
+        gpt_moved: write && gpt_moved,
+    };
+    if write {
+        progress.println(&format!(
+            "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s{}",
+            o.device,
+            o.written,
+            o.skipped,
+            o.verified,
+            o.seconds,
+            o.mb_per_s,
+            if o.gpt_moved {
+                ", backup GPT moved to the end of the disk"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(o)
+}
+
+/// Byte ranges widened to whole sectors, merged, clipped to `limit`.
+fn merge_sectors(mut ranges: Vec<(u64, u64)>, lbs: u64, limit: u64) -> Vec<(u64, u64)> {
+    ranges.sort();
     let mut merged: Vec<(u64, u64)> = Vec::new();
-    for (o, l) in head_mapped {
-        let (o2, e2) = (o / lbs * lbs, (o + l).div_ceil(lbs) * lbs);
+    for (o, l) in ranges {
+        let (o2, e2) = (o / lbs * lbs, ((o + l).div_ceil(lbs) * lbs).min(limit));
         match merged.last_mut() {
             Some(m) if o2 <= m.0 + m.1 => m.1 = m.1.max(e2 - m.0),
             _ => merged.push((o2, e2 - o2)),
         }
     }
-    for (o, l) in merged {
-        let l = l.min(head.len() as u64 - o);
-        let piece = head[o as usize..(o + l) as usize].to_vec();
-        write_direct(f, name, &mut buf, o, &piece, lbs)?;
-        hashes.push((o, piece.len(), Sha256::digest(&piece).into()));
-    }
-    f.sync_all().with_context(|| format!("syncing {name}"))?;
-    Ok((written, gpt_moved, hashes))
+    merged
 }
 
-/// Best effort: zeros over the first MiB, so a failed flash never boots.
-fn wipe_head(f: &File, size: u64) {
-    let mut buf = Aligned::new(HEAD as usize);
-    let n = HEAD.min(size) as usize;
-    let _ = f.write_all_at(buf.slice(n), 0);
-    let _ = f.sync_all();
-}
-
-/// Read every written range back with O_DIRECT (never the page cache)
-/// and compare; report the first differing 4 KiB block's offset.
-fn verify_hashes(f: &File, name: &str, hashes: &Hashes, quiet: bool) -> Result<u64> {
+/// Read every unit back with O_DIRECT after a sync and BLKFLSBUF (never
+/// from the page cache), hashing on every core; on a mismatch, find the
+/// first differing byte.
+fn verify(sink: &dyn Sink, src: &Source, mut units: Vec<Unit>, meter: &Meter) -> Result<u64> {
     use rayon::prelude::*;
-    let lbs =
-        ioctl::logical_sector_size(f).with_context(|| format!("sector size of {name}"))? as usize;
-    let _ = ioctl::flush_buffers(f);
-    let mut sorted = hashes.clone();
-    sorted.sort();
-    // Chunks are read (O_DIRECT) and hashed on every core; the first
-    // mismatch in device order is reported.
-    let bad = sorted
+    let name = sink.name();
+    let lbs = sink.sector_size() as usize;
+    sink.sync().with_context(|| format!("syncing {name}"))?;
+    sink.drop_cache()
+        .with_context(|| format!("dropping the buffer cache of {name}"))?;
+    units.sort_by_key(|u| u.off);
+    let total: u64 = units.iter().map(|u| u.len as u64).sum();
+    meter.phase("verifying", total);
+    let bad = units
         .par_iter()
         .map_init(
-            || Aligned::new(CHUNK + HEAD as usize),
-            |buf, &(off, len, want)| -> Result<Option<(u64, usize)>> {
-                // O_DIRECT wants whole logical sectors, and the last range may
-                // end at the device's end: pad to the sector, not further.
-                let padded = len.div_ceil(lbs) * lbs;
-                let b = buf.slice(padded);
-                f.read_exact_at(b, off)
-                    .with_context(|| format!("reading {name} back at byte {off}"))?;
-                let got: [u8; 32] = Sha256::digest(&b[..len]).into();
-                Ok((got != want).then_some((off, len)))
+            || Aligned::new(CHUNK),
+            |buf, u| -> Result<Option<Unit>> {
+                let mut h = Sha256::new();
+                let mut done = 0;
+                while done < u.len {
+                    let n = (u.len - done).min(CHUNK);
+                    // O_DIRECT reads whole sectors; the last range may end
+                    // at the device's end: pad to the sector, not further.
+                    let b = buf.slice(n.div_ceil(lbs) * lbs);
+                    read_exact(sink, b, u.off + done as u64)?;
+                    h.update(&b[..n]);
+                    done += n;
+                    meter.add(n as u64);
+                }
+                Ok((<[u8; 32]>::from(h.finalize()) != u.sum).then(|| u.clone()))
             },
         )
         .collect::<Result<Vec<_>>>()?;
-    if let Some((offset, len)) = bad.into_iter().flatten().min() {
-        return Err(Mismatch {
-            device: name.to_string(),
-            offset,
-            len,
-        }
-        .into());
-    }
-    let total: u64 = sorted.iter().map(|h| h.1 as u64).sum();
-    if !quiet {
-        eprintln!("flash: {name}: verified {total} bytes by reading them back");
+    if let Some(u) = bad.into_iter().flatten().min_by_key(|u| u.off) {
+        return Err(locate(sink, src, &u)?.into());
     }
     Ok(total)
 }
 
-/// Make the kernel see the new partitions: BLKRRPART above, and where the
-/// kernel has no partition parsers, BLKPG through partx.
-fn expose_partitions(name: &str) {
-    let _ = std::process::Command::new("partx")
-        .args(["-a", name])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
+fn read_exact(sink: &dyn Sink, b: &mut [u8], off: u64) -> Result<()> {
+    let mut done = 0;
+    while done < b.len() {
+        match sink.read_at(&mut b[done..], off + done as u64) {
+            Ok(0) => bail!(
+                "reading {} back at byte {}: the device ended",
+                sink.name(),
+                off + done as u64
+            ),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("reading {} back at byte {}", sink.name(), off + done as u64))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The first byte of a mismatching unit that differs from the image.
+fn locate(sink: &dyn Sink, src: &Source, u: &Unit) -> Result<Mismatch> {
+    let want = match &u.bytes {
+        Some(b) => b.clone(),
+        None => Arc::new(src.read_range(u.off, u.len)?),
+    };
+    let lbs = sink.sector_size() as usize;
+    let mut buf = Aligned::new(u.len.div_ceil(lbs) * lbs);
+    let b = buf.slice(u.len.div_ceil(lbs) * lbs);
+    read_exact(sink, b, u.off)?;
+    let (offset, got, want) = match b[..u.len].iter().zip(want.iter()).position(|(g, w)| g != w)
+    {
+        Some(i) => (
+            u.off + i as u64,
+            format!("{:#04x}", b[i]),
+            format!("{:#04x}", want[i]),
+        ),
+        // The hash differed but a second read matches: the device returns
+        // different data on each read.
+        None => (
+            u.off,
+            "different bytes on each read".into(),
+            format!("{} stable bytes here", u.len),
+        ),
+    };
+    Ok(Mismatch {
+        device: sink.name().to_string(),
+        offset,
+        got,
+        want,
+        wiped: "",
+    })
 }

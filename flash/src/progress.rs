@@ -1,0 +1,144 @@
+//! Progress per device: an indicatif bar each (rate, ETA) on a terminal,
+//! plain lines every few seconds when stderr is piped, nothing when quiet.
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const PLAIN_EVERY: Duration = Duration::from_secs(2);
+
+enum Mode {
+    Bars(MultiProgress),
+    Plain,
+    Quiet,
+}
+
+pub struct Progress {
+    mode: Mode,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Progress {
+        let mode = if quiet {
+            Mode::Quiet
+        } else if std::io::stderr().is_terminal() {
+            Mode::Bars(MultiProgress::with_draw_target(ProgressDrawTarget::stderr()))
+        } else {
+            Mode::Plain
+        };
+        Progress { mode }
+    }
+
+    /// A meter for one device, labelled with its name.
+    pub fn meter(&self, name: &str) -> Meter {
+        let bar = match &self.mode {
+            Mode::Bars(m) => {
+                let b = m.add(ProgressBar::new(0));
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix} {msg:9} [{bar:30}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}",
+                    )
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+                );
+                b.set_prefix(name.to_string());
+                Some(b)
+            }
+            _ => None,
+        };
+        Meter {
+            name: name.to_string(),
+            bar,
+            plain: matches!(self.mode, Mode::Plain),
+            state: Mutex::new(Plain {
+                phase: "",
+                total: 0,
+                done: 0,
+                start: Instant::now(),
+                last: Instant::now(),
+            }),
+        }
+    }
+
+    /// Print a line without tearing the bars.
+    pub fn println(&self, line: &str) {
+        match &self.mode {
+            Mode::Bars(m) => {
+                let _ = m.println(line);
+            }
+            Mode::Plain => eprintln!("{line}"),
+            Mode::Quiet => {}
+        }
+    }
+}
+
+struct Plain {
+    phase: &'static str,
+    total: u64,
+    done: u64,
+    start: Instant,
+    last: Instant,
+}
+
+/// Progress of one device; shared by the threads working on it.
+pub struct Meter {
+    name: String,
+    bar: Option<ProgressBar>,
+    plain: bool,
+    state: Mutex<Plain>,
+}
+
+impl Meter {
+    /// Start a phase ("writing", "verifying") of `total` bytes.
+    pub fn phase(&self, phase: &'static str, total: u64) {
+        if let Some(b) = &self.bar {
+            b.set_message(phase);
+            b.set_length(total);
+            b.set_position(0);
+            b.reset_eta();
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *s = Plain {
+            phase,
+            total,
+            done: 0,
+            start: Instant::now(),
+            last: Instant::now(),
+        };
+    }
+
+    pub fn add(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+        if !self.plain {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.done += n;
+        if s.last.elapsed() < PLAIN_EVERY {
+            return;
+        }
+        s.last = Instant::now();
+        let secs = s.start.elapsed().as_secs_f64().max(1e-3);
+        let rate = s.done as f64 / secs;
+        let eta = s.total.saturating_sub(s.done) as f64 / rate.max(1.0);
+        eprintln!(
+            "flash: {}: {} {:.0} of {:.0} MiB, {:.0} MB/s, ETA {:.0} s",
+            self.name,
+            s.phase,
+            s.done as f64 / 1048576.0,
+            s.total as f64 / 1048576.0,
+            rate / 1e6,
+            eta
+        );
+    }
+
+    /// End the bar with a closing message (kept on screen).
+    pub fn finish(&self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.finish_with_message(msg.to_string());
+        }
+    }
+}
