@@ -222,7 +222,9 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let mut worst: Option<anyhow::Error> = None;
     for (t, r) in targets.iter().zip(results) {
         match r.or_else(|| outs.next()).expect("one result per device") {
-            Ok(o) => reports.push(serde_json::json!({ "device": o.device, "ok": true, "report": o })),
+            Ok(o) => {
+                reports.push(serde_json::json!({ "device": o.device, "ok": true, "report": o }))
+            }
             Err(e) => {
                 eprintln!("error: {e:#}");
                 reports.push(serde_json::json!({ "device": t.disk.path, "ok": false, "error": format!("{e:#}") }));

@@ -105,9 +105,9 @@ impl Device {
         } else {
             o.custom_flags(libc::O_DIRECT);
         }
-        let f = o
-            .open(&path)
-            .with_context(|| format!("opening {name}{}", if write { " exclusively" } else { "" }))?;
+        let f = o.open(&path).with_context(|| {
+            format!("opening {name}{}", if write { " exclusively" } else { "" })
+        })?;
         let how = if write {
             nix::fcntl::FlockArg::LockExclusiveNonblock
         } else {
@@ -116,8 +116,8 @@ impl Device {
         let file =
             nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow!("locking {name}: {e}"))?;
         let size = ioctl::size(&file).with_context(|| format!("size of {name}"))?;
-        let lbs = ioctl::logical_sector_size(&file)
-            .with_context(|| format!("sector size of {name}"))?;
+        let lbs =
+            ioctl::logical_sector_size(&file).with_context(|| format!("sector size of {name}"))?;
         let model = model_of(&path);
         if write
             && (size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model)
@@ -286,7 +286,12 @@ pub fn verify_only(src: &Source, sink: Box<dyn Sink>, quiet: bool) -> Result<u64
         .map(|o| o.verified)
 }
 
-fn run(src: &Source, sinks: Vec<Box<dyn Sink>>, opts: &Options, write: bool) -> Vec<Result<Outcome>> {
+fn run(
+    src: &Source,
+    sinks: Vec<Box<dyn Sink>>,
+    opts: &Options,
+    write: bool,
+) -> Vec<Result<Outcome>> {
     let progress = &Progress::new(opts.quiet);
     let known = bmap_units(src);
     let total: u64 = src.ranges().iter().map(|r| r.1).sum();
@@ -313,7 +318,7 @@ fn run(src: &Source, sinks: Vec<Box<dyn Sink>>, opts: &Options, write: bool) -> 
                 let (tx, rx) = sync_channel::<Msg>(DEPTH);
                 let meter = progress.meter(sink.name());
                 let h = s.spawn(move || {
-                    device_job(&*sink, rx, src, total, opts, write, &meter, &progress)
+                    device_job(&*sink, rx, src, total, opts, write, &meter, progress)
                 });
                 (Some(tx), h)
             })
@@ -405,7 +410,7 @@ fn read_source(
 /// Write `data` (sector-padded) at `off`, through an aligned bounce buffer
 /// when `data` itself is not aligned.
 fn put(sink: &dyn Sink, bounce: &mut Aligned, data: &[u8], off: u64) -> Result<()> {
-    if (data.as_ptr() as usize) % ALIGN == 0 {
+    if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
         return write_exact(sink, data, off);
     }
     for (i, piece) in data.chunks(bounce.len).enumerate() {
@@ -518,7 +523,9 @@ fn device_job(
     let fail = |e: anyhow::Error, wiped: bool| -> anyhow::Error {
         meter.finish("failed");
         if wiped {
-            e.context(format!("{name}: nothing bootable was left (first MiB wiped)"))
+            e.context(format!(
+                "{name}: nothing bootable was left (first MiB wiped)"
+            ))
         } else {
             e
         }
@@ -599,7 +606,11 @@ fn device_job(
     let o = Outcome {
         device: name,
         written: if write { written } else { 0 },
-        skipped: if write { src.size - written.min(src.size) } else { 0 },
+        skipped: if write {
+            src.size - written.min(src.size)
+        } else {
+            0
+        },
         verified,
         seconds,
         mb_per_s: written as f64 / seconds.max(1e-3) / 1e6,
@@ -690,8 +701,9 @@ fn read_exact(sink: &dyn Sink, b: &mut [u8], off: u64) -> Result<()> {
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("reading {} back at byte {}", sink.name(), off + done as u64))
+                return Err(e).with_context(|| {
+                    format!("reading {} back at byte {}", sink.name(), off + done as u64)
+                })
             }
         }
     }
@@ -708,8 +720,7 @@ fn locate(sink: &dyn Sink, src: &Source, u: &Unit) -> Result<Mismatch> {
     let mut buf = Aligned::new(u.len.div_ceil(lbs) * lbs);
     let b = buf.slice(u.len.div_ceil(lbs) * lbs);
     read_exact(sink, b, u.off)?;
-    let (offset, got, want) = match b[..u.len].iter().zip(want.iter()).position(|(g, w)| g != w)
-    {
+    let (offset, got, want) = match b[..u.len].iter().zip(want.iter()).position(|(g, w)| g != w) {
         Some(i) => (
             u.off + i as u64,
             format!("{:#04x}", b[i]),
