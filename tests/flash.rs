@@ -493,3 +493,298 @@ fn standalone_verify_catches_a_corrupted_byte() {
         "{err}"
     );
 }
+
+// ---- several devices from one run ----
+
+#[test]
+fn two_devices_in_one_run_and_one_failing_does_not_stop_the_other() {
+    let _g = privileged();
+    let good = disk(&[], 64 << 20);
+    // The second device runs out of space mid-write (a loop device over a
+    // sparse file on a 16 MiB tmpfs).
+    let fs = good._d.path().join("tmpfs");
+    std::fs::create_dir(&fs).unwrap();
+    ok(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&fs));
+    let small = fs.join("disk");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(len(&good.img))
+        .unwrap();
+    let bad = Loop::attach(&small, &[]);
+    let out = flash()
+        .arg(&good.img)
+        .arg(&good.lo.dev)
+        .arg(&bad.dev)
+        .args(["--yes", "--allow-non-removable", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    drop(bad);
+    let bad_head_blank = head_is_blank(&small);
+    let _ = Command::new("umount").arg(&fs).status();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(r[0]["ok"], true, "{r}");
+    assert_eq!(r[1]["ok"], false, "{r}");
+    assert!(r[1]["error"].as_str().unwrap().contains("at byte"), "{r}");
+    assert!(r[0]["report"]["verified"].as_u64().unwrap() > 0);
+    assert!(bad_head_blank);
+    judge_device(&good.lo);
+}
+
+#[test]
+fn two_devices_in_one_run_both_written_and_verified() {
+    let _g = privileged();
+    let a = disk(&[], 64 << 20);
+    let backing_b = a._d.path().join("disk-b");
+    stale_file(&backing_b, len(&a.img));
+    let b = Loop::attach(&backing_b, &[]);
+    let out = ok(flash().arg(&a.img).arg(&a.lo.dev).arg(&b.dev).args([
+        "--yes",
+        "--allow-non-removable",
+        "--json",
+    ]));
+    let r: Value = serde_json::from_str(&out).unwrap();
+    for (i, dev) in [&a.lo.dev, &b.dev].into_iter().enumerate() {
+        assert_eq!(r[i]["ok"], true, "{r}");
+        assert_eq!(r[i]["device"], dev.as_str());
+        assert!(
+            r[i]["report"]["verified"].as_u64().unwrap()
+                >= r[i]["report"]["written"].as_u64().unwrap()
+        );
+    }
+    // Only the larger disk needed its backup GPT moved.
+    assert_eq!(r[0]["report"]["gpt_moved"], true);
+    assert_eq!(r[1]["report"]["gpt_moved"], false);
+    judge_device(&a.lo);
+    judge_device(&b);
+}
+
+// ---- faults a loop device cannot produce: an injecting sink ----
+
+use flash::write::{self, Device, Sink};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+enum Fault {
+    /// EIO from the write that covers this byte.
+    IoErrorAt(u64),
+    /// The write covering this byte stops there; then either the device
+    /// takes nothing more, or the rest goes through on the retry.
+    ShortAt { at: u64, then_nothing: bool },
+    /// The byte flips between the write and the read-back.
+    CorruptBeforeVerify(u64),
+}
+
+/// A real loop device with one injected fault.
+struct Faulty {
+    inner: Device,
+    path: String,
+    fault: Fault,
+    fired: AtomicBool,
+}
+
+impl Sink for Faulty {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn sector_size(&self) -> u64 {
+        self.inner.sector_size()
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<usize> {
+        let covers = |x: u64| off <= x && x < off + buf.len() as u64;
+        match self.fault {
+            Fault::IoErrorAt(x) if covers(x) => {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+            Fault::ShortAt { at, then_nothing } if covers(at) => {
+                if !self.fired.swap(true, Ordering::SeqCst) {
+                    return self.inner.write_at(&buf[..(at - off) as usize], off);
+                }
+                if then_nothing {
+                    return Ok(0);
+                }
+            }
+            _ => {}
+        }
+        self.inner.write_at(buf, off)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.inner.sync()
+    }
+    fn drop_cache(&self) -> std::io::Result<()> {
+        if let Fault::CorruptBeforeVerify(x) = self.fault {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)?;
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, x)?;
+            f.write_all_at(&[!b[0]], x)?;
+            f.sync_all()?;
+        }
+        self.inner.drop_cache()
+    }
+}
+
+/// Flash `t.img` through a faulty sink over `t.lo` (and any more sinks).
+fn flash_faulty(t: &Disk, fault: Fault, more: Vec<Box<dyn Sink>>) -> Vec<Res> {
+    let src = flash::source::Source::open(&t.img, flash::source::BmapChoice::Auto).unwrap();
+    let target = flash::preflight::check(Path::new(&t.lo.dev), src.size, Some(512), true).unwrap();
+    let faulty = Faulty {
+        inner: Device::open(&target, true).unwrap(),
+        path: t.lo.dev.clone(),
+        fault,
+        fired: AtomicBool::new(false),
+    };
+    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(faulty)];
+    sinks.extend(more);
+    let opts = write::Options {
+        verify: true,
+        quiet: true,
+    };
+    write::flash(&src, sinks, &opts)
+        .into_iter()
+        .map(|r| {
+            r.map_err(|e| {
+                (
+                    format!("{e:#}"),
+                    e.downcast_ref::<write::Mismatch>().is_some(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A device's result: the outcome, or (message, is a verify mismatch).
+type Res = Result<write::Outcome, (String, bool)>;
+
+/// A mapped byte inside the root filesystem, 76 KiB into a mapped range of
+/// at least 128 KiB (so not on a write boundary), read from the .bmap.
+fn root_byte(t: &Disk) -> u64 {
+    let root = root_offset(&t.img);
+    let bmap = std::fs::read_to_string(format!("{}.bmap", t.img.display())).unwrap();
+    bmap.split("<Range")
+        .skip(1)
+        .filter_map(|r| {
+            let span = r.split('>').nth(1)?.split('<').next()?.trim();
+            let (a, b) = span.split_once('-').unwrap_or((span, span));
+            let (a, b): (u64, u64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            Some((a * 4096, (b + 1 - a) * 4096))
+        })
+        .find(|&(o, l)| o >= root && l >= 128 << 10)
+        .map(|(o, _)| o + (76 << 10))
+        .expect("a mapped range in the root filesystem")
+}
+
+#[test]
+fn an_io_error_at_an_offset_is_reported_there_and_leaves_nothing_bootable() {
+    let _g = privileged();
+    let t = disk(&[], 64 << 20);
+    let x = root_byte(&t);
+    let r = flash_faulty(&t, Fault::IoErrorAt(x), vec![]);
+    let (msg, mismatch) = r[0].as_ref().unwrap_err();
+    assert!(!mismatch);
+    let at: u64 = msg
+        .split("at byte ")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{msg}"));
+    assert!(at <= x && x - at < 8 << 20, "{msg}");
+    assert!(
+        msg.contains(&t.lo.dev)
+            && msg.contains("Input/output error")
+            && msg.contains("first MiB wiped"),
+        "{msg}"
+    );
+    drop(t.lo);
+    assert!(head_is_blank(&t.backing));
+}
+
+#[test]
+fn a_short_write_then_nothing_is_an_error_and_leaves_nothing_bootable() {
+    let _g = privileged();
+    let t = disk(&[], 64 << 20);
+    let x = root_byte(&t);
+    let r = flash_faulty(
+        &t,
+        Fault::ShortAt {
+            at: x,
+            then_nothing: true,
+        },
+        vec![],
+    );
+    let (msg, _) = r[0].as_ref().unwrap_err();
+    assert!(
+        msg.contains(&format!("writing {} at byte {x}: short write", t.lo.dev)),
+        "{msg}"
+    );
+    assert!(msg.contains("first MiB wiped"), "{msg}");
+    drop(t.lo);
+    assert!(head_is_blank(&t.backing));
+}
+
+#[test]
+fn a_short_write_that_the_device_then_completes_gives_a_verified_disk() {
+    let _g = privileged();
+    let t = disk(&[], 64 << 20);
+    let x = root_byte(&t);
+    let r = flash_faulty(
+        &t,
+        Fault::ShortAt {
+            at: x,
+            then_nothing: false,
+        },
+        vec![],
+    );
+    let o = r[0].as_ref().unwrap_or_else(|e| panic!("{}", e.0));
+    assert!(o.verified >= o.written);
+    judge_device(&t.lo);
+}
+
+#[test]
+fn a_byte_corrupted_before_verify_is_found_exactly_and_leaves_nothing_bootable() {
+    let _g = privileged();
+    let t = disk(&[], 64 << 20);
+    let x = root_byte(&t) + 1234;
+    let want = std::fs::read(&t.img).unwrap()[x as usize];
+    let r = flash_faulty(&t, Fault::CorruptBeforeVerify(x), vec![]);
+    let (msg, mismatch) = r[0].as_ref().unwrap_err();
+    assert!(mismatch, "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "byte {x} reads {:#04x} from the device but the image has {want:#04x}",
+            !want
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("first MiB wiped"), "{msg}");
+    drop(t.lo);
+    assert!(head_is_blank(&t.backing));
+}
+
+#[test]
+fn a_failing_device_among_several_leaves_the_others_written() {
+    let _g = privileged();
+    let t = disk(&[], 64 << 20);
+    let backing_b = t._d.path().join("disk-b");
+    stale_file(&backing_b, len(&t.img));
+    let b = Loop::attach(&backing_b, &[]);
+    let src = flash::source::Source::open(&t.img, flash::source::BmapChoice::None).unwrap();
+    let tb = flash::preflight::check(Path::new(&b.dev), src.size, Some(512), true).unwrap();
+    let good: Box<dyn Sink> = Box::new(Device::open(&tb, true).unwrap());
+    let r = flash_faulty(&t, Fault::IoErrorAt(root_byte(&t)), vec![good]);
+    assert!(r[0].is_err());
+    let o = r[1].as_ref().unwrap_or_else(|e| panic!("{}", e.0));
+    assert!(o.verified >= o.written);
+    judge_device(&b);
+}
