@@ -18,6 +18,8 @@ pub struct Source {
     /// Size of the (decompressed) image.
     pub size: u64,
     pub bmap: Option<(PathBuf, Bmap)>,
+    /// (offset, length, expected checksum) of every range to write.
+    spans: Vec<(u64, u64, Option<String>)>,
 }
 
 pub enum BmapChoice {
@@ -85,11 +87,21 @@ impl Source {
                 );
             }
         }
+        let spans = match &bmap {
+            Some((_, b)) => b
+                .byte_ranges()
+                .into_iter()
+                .zip(&b.ranges)
+                .map(|((o, l), r)| (o, l, r.2.clone()))
+                .collect(),
+            None => vec![(0, size, None)],
+        };
         Ok(Source {
             path: path.to_owned(),
             zstd,
             size,
             bmap,
+            spans,
         })
     }
 
@@ -109,22 +121,16 @@ impl Source {
         Ok(head)
     }
 
-    /// (offset, length, expected sha256) of every range to write.
-    pub fn ranges(&self) -> Vec<(u64, u64, Option<String>)> {
-        match &self.bmap {
-            Some((_, b)) => b
-                .byte_ranges()
-                .into_iter()
-                .zip(&b.ranges)
-                .map(|((o, l), r)| (o, l, r.2.clone()))
-                .collect(),
-            None => vec![(0, self.size, None)],
-        }
+    /// (offset, length, expected checksum) of every range to write.
+    pub fn ranges(&self) -> &[(u64, u64, Option<String>)] {
+        &self.spans
     }
 
-    /// A pull reader over every range, in order, checking each range
-    /// against its bmap checksum as its last byte is read.
-    pub fn reader(&self) -> Result<Reader<'_>> {
+    /// A pull reader over every range, in order. With `check`, each range
+    /// is checked against its bmap checksum as its last byte is read;
+    /// without, the caller checks with [`Source::range_check`] (e.g. on
+    /// other cores, range by range).
+    pub fn reader(&self, check: bool) -> Result<Reader<'_>> {
         let file = File::open(&self.path).with_context(|| self.path.display().to_string())?;
         let dec: Option<Box<dyn Read + Send>> = if self.zstd {
             Some(Box::new(zstd::stream::read::Decoder::with_buffer(
@@ -135,23 +141,35 @@ impl Source {
         };
         Ok(Reader {
             src: self,
-            ranges: self.ranges(),
+            check,
             i: 0,
             done: 0,
-            sum: RangeSum::new(),
+            sum: None,
             file,
             dec,
             pos: 0,
         })
     }
 
+    /// The checker of range `i` (as numbered in [`Piece::range`]).
+    pub fn range_check(&self, i: usize) -> RangeCheck {
+        let (off, len, want) = self.spans[i].clone();
+        RangeCheck {
+            path: self.path.clone(),
+            off,
+            len,
+            sum: RangeSum::for_sum(want.as_ref()),
+            want,
+        }
+    }
+
     /// Stream every range through `f(offset, bytes)` in chunks of at most
     /// `chunk` bytes, checking each range against its bmap checksum.
     pub fn stream(&self, chunk: usize, f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
-        let mut r = self.reader()?;
+        let mut r = self.reader(true)?;
         let mut buf = vec![0u8; chunk];
-        while let Some((off, n)) = r.next_into(&mut buf)? {
-            f(off, &buf[..n])?;
+        while let Some(p) = r.next_into(&mut buf)? {
+            f(p.off, &buf[..p.len])?;
         }
         Ok(())
     }
@@ -180,13 +198,10 @@ enum RangeSum {
 }
 
 impl RangeSum {
-    fn new() -> RangeSum {
-        RangeSum::Sha256(Sha256::new())
-    }
     fn for_sum(want: Option<&String>) -> RangeSum {
         match want {
             Some(w) if w.len() == 40 => RangeSum::Sha1(sha1::Sha1::new()),
-            _ => RangeSum::new(),
+            _ => RangeSum::Sha256(Sha256::new()),
         }
     }
     fn update(&mut self, d: &[u8]) {
@@ -203,14 +218,58 @@ impl RangeSum {
     }
 }
 
+/// Checks one range's bytes, fed in order, against its bmap checksum.
+pub struct RangeCheck {
+    path: PathBuf,
+    off: u64,
+    len: u64,
+    sum: RangeSum,
+    want: Option<String>,
+}
+
+impl RangeCheck {
+    /// Whether there is anything to check.
+    pub fn has_sum(&self) -> bool {
+        self.want.is_some()
+    }
+    pub fn update(&mut self, d: &[u8]) {
+        if self.want.is_some() {
+            self.sum.update(d);
+        }
+    }
+    pub fn finish(self) -> Result<()> {
+        if let Some(want) = &self.want {
+            if !self.sum.hex().eq_ignore_ascii_case(want) {
+                bail!(
+                    "{}: bytes {}..{} do not match the bmap's checksum (source corrupted, or the wrong bmap)",
+                    self.path.display(),
+                    self.off,
+                    self.off + self.len
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`Reader::next_into`] read: `len` bytes at `off`, part of range
+/// number `range`, its last piece when `last`.
+#[derive(Clone, Copy, Debug)]
+pub struct Piece {
+    pub off: u64,
+    pub len: usize,
+    pub range: usize,
+    pub last: bool,
+}
+
 /// See [`Source::reader`].
 pub struct Reader<'a> {
     src: &'a Source,
-    ranges: Vec<(u64, u64, Option<String>)>,
-    /// The current range, and how much of it has been read.
+    check: bool,
+    /// The current range, how much of it has been read, its checker.
     i: usize,
     done: u64,
-    sum: RangeSum,
+    sum: Option<RangeCheck>,
     file: File,
     dec: Option<Box<dyn Read + Send>>,
     /// Decompressed position, for zstd.
@@ -219,17 +278,18 @@ pub struct Reader<'a> {
 
 impl Reader<'_> {
     /// Read the next at most `buf.len()` bytes of the current range into
-    /// `buf`: `Some((offset, n))`, or `None` after the last range. A range
-    /// whose checksum fails is an error before its last bytes are returned.
-    pub fn next_into(&mut self, buf: &mut [u8]) -> Result<Option<(u64, usize)>> {
+    /// `buf`, or `None` after the last range. When checking, a range whose
+    /// checksum fails is an error before its last bytes are returned.
+    pub fn next_into(&mut self, buf: &mut [u8]) -> Result<Option<Piece>> {
         let path = self.src.path.display();
         loop {
-            let Some((off, len, want)) = self.ranges.get(self.i) else {
+            let Some(&(off, len, _)) = self.src.spans.get(self.i) else {
                 return Ok(None);
             };
-            let (off, len) = (*off, *len);
             if self.done == 0 {
-                self.sum = RangeSum::for_sum(want.as_ref());
+                if self.check {
+                    self.sum = Some(self.src.range_check(self.i));
+                }
                 if let Some(d) = self.dec.as_mut() {
                     // Skip the gap by decompressing into nothing.
                     std::io::copy(&mut d.by_ref().take(off - self.pos), &mut std::io::sink())
@@ -253,24 +313,25 @@ impl Reader<'_> {
                     .read_exact_at(&mut buf[..n], at)
                     .with_context(|| format!("{path}: reading at byte {at}"))?,
             }
-            self.sum.update(&buf[..n]);
+            if let Some(c) = self.sum.as_mut() {
+                c.update(&buf[..n]);
+            }
             self.done += n as u64;
             self.pos = at + n as u64;
-            if self.done == len {
-                let sum = std::mem::replace(&mut self.sum, RangeSum::new());
-                if let Some(want) = want {
-                    let got = sum.hex();
-                    if !got.eq_ignore_ascii_case(want) {
-                        bail!(
-                            "{path}: bytes {off}..{} do not match the bmap's checksum (source corrupted, or the wrong bmap)",
-                            off + len
-                        );
-                    }
+            let piece = Piece {
+                off: at,
+                len: n,
+                range: self.i,
+                last: self.done == len,
+            };
+            if piece.last {
+                if let Some(c) = self.sum.take() {
+                    c.finish()?;
                 }
                 self.i += 1;
                 self.done = 0;
             }
-            return Ok(Some((at, n)));
+            return Ok(Some(piece));
         }
     }
 }

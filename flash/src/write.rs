@@ -8,7 +8,6 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -16,24 +15,21 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::Instant;
+use xxhash_rust::xxh3::xxh3_128;
 
 use crate::ioctl;
 use crate::preflight::{Refused, Target};
 use crate::progress::{Meter, Progress};
-use crate::source::Source;
+use crate::source::{RangeCheck, Source};
 use formats::gpt::Gpt;
 
 /// What stays unwritten until everything else is on the device: the
 /// partition table and boot sectors live here.
 pub const HEAD: u64 = 1 << 20;
-const CHUNK: usize = 8 << 20;
+const CHUNK: usize = 4 << 20;
 const ALIGN: usize = 4096;
 /// Chunks in flight per writer.
 const DEPTH: usize = 3;
-/// Bmap ranges up to this size are verified against the bmap's own
-/// checksum (already proven against the source while streaming); larger
-/// ones are hashed in chunks so the read-back can run on every core.
-const MAX_UNIT: u64 = 64 << 20;
 
 /// A heap buffer whose usable slice starts on a 4 KiB boundary (O_DIRECT).
 struct Aligned {
@@ -207,6 +203,9 @@ pub struct Options {
 struct Chunk {
     off: u64,
     len: usize,
+    /// Which source range it belongs to, and whether it ends that range.
+    range: usize,
+    last: bool,
     buf: Aligned,
 }
 
@@ -219,14 +218,18 @@ impl Chunk {
     }
 }
 
-/// A range to read back and what it must hash to. `bytes` is kept for
-/// what only this run knows (the first MiB, a moved GPT); everything else
-/// is compared with the source again only to locate a mismatch.
+/// A range to read back and what it must hash to. The read-back check is
+/// XXH3-128: it guards against a device returning other bytes than it was
+/// given, not against an adversary (the source itself is held to the
+/// bmap's SHA-256 while it streams), and it hashes at memory speed, so
+/// verifying costs the reading. `bytes` is kept for what only this run
+/// knows (the first MiB, a moved GPT); everything else is read from the
+/// source again only to locate a mismatch.
 #[derive(Clone)]
 struct Unit {
     off: u64,
     len: usize,
-    sum: [u8; 32],
+    sum: u128,
     bytes: Option<Arc<Vec<u8>>>,
 }
 
@@ -236,35 +239,6 @@ enum Msg {
     Finish(Arc<Vec<Unit>>),
     /// The source failed; nothing more will come.
     Abort(Arc<String>),
-}
-
-/// Bmap ranges that serve directly as verify units (past the first MiB,
-/// SHA-256, not too large), sorted by offset.
-fn bmap_units(src: &Source) -> Vec<Unit> {
-    src.ranges()
-        .into_iter()
-        .filter_map(|(off, len, sum)| {
-            let sum = sum?;
-            if off < HEAD || len > MAX_UNIT || sum.len() != 64 {
-                return None;
-            }
-            let mut b = [0u8; 32];
-            for (i, byte) in b.iter_mut().enumerate() {
-                *byte = u8::from_str_radix(sum.get(2 * i..2 * i + 2)?, 16).ok()?;
-            }
-            Some(Unit {
-                off,
-                len: len as usize,
-                sum: b,
-                bytes: None,
-            })
-        })
-        .collect()
-}
-
-fn covered(units: &[Unit], off: u64) -> bool {
-    let i = units.partition_point(|u| u.off + u.len as u64 <= off);
-    units.get(i).is_some_and(|u| u.off <= off)
 }
 
 /// Write `src` to every sink at once: one read of the source, a writer per
@@ -293,25 +267,18 @@ fn run(
     write: bool,
 ) -> Vec<Result<Outcome>> {
     let progress = &Progress::new(opts.quiet);
-    let known = bmap_units(src);
     let total: u64 = src.ranges().iter().map(|r| r.1).sum();
     std::thread::scope(|s| {
-        // The hasher: chunks past the first MiB that no bmap unit covers.
-        let (htx, hrx) = sync_channel::<Arc<Chunk>>(DEPTH);
-        let hasher = s.spawn(move || {
-            let mut units = Vec::new();
-            for c in hrx {
-                let from = HEAD.saturating_sub(c.off) as usize;
-                let d = &c.buf.get(c.len)[from..];
-                units.push(Unit {
-                    off: c.off + from as u64,
-                    len: d.len(),
-                    sum: Sha256::digest(d).into(),
-                    bytes: None,
-                });
-            }
-            units
-        });
+        // Hashers, one per core: each checks whole bmap ranges against
+        // their SHA-256 (a range's pieces go to one hasher, in order), and
+        // notes what every chunk past the first MiB must read back as.
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 4));
+        let (htxs, hashers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| {
+                let (tx, rx) = sync_channel::<Arc<Chunk>>(DEPTH);
+                (tx, s.spawn(move || hash_chunks(src, rx)))
+            })
+            .unzip();
         let mut writers: Vec<(Option<SyncSender<Msg>>, _)> = sinks
             .into_iter()
             .map(|sink| {
@@ -323,16 +290,20 @@ fn run(
                 (Some(tx), h)
             })
             .collect();
-        let read = read_source(src, &known, &htx, &mut writers);
-        drop(htx);
-        let hashed = hasher.join();
-        let end: Result<Arc<Vec<Unit>>, Arc<String>> = match (read, hashed) {
-            (Ok(()), Ok(mut units)) => {
-                units.extend(known);
-                Ok(Arc::new(units))
-            }
-            (Err(e), _) => Err(Arc::new(format!("{e:#}"))),
-            (_, Err(_)) => Err(Arc::new("the hashing thread panicked".into())),
+        let read = read_source(src, &htxs, &mut writers);
+        drop(htxs);
+        // A hasher's own error (a range that fails its checksum) explains
+        // why the reader could not hand it more, so it comes first.
+        let hashed: Result<Vec<Unit>> = hashers.into_iter().try_fold(Vec::new(), |mut all, h| {
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow!("a hashing thread panicked"))??,
+            );
+            Ok(all)
+        });
+        let end: Result<Arc<Vec<Unit>>, Arc<String>> = match (hashed, read) {
+            (Ok(units), Ok(())) => Ok(Arc::new(units)),
+            (Err(e), _) | (_, Err(e)) => Err(Arc::new(format!("{e:#}"))),
         };
         for (tx, _) in &mut writers {
             if let Some(tx) = tx.take() {
@@ -352,23 +323,54 @@ fn run(
     })
 }
 
-/// Read the source once, handing every chunk to each live writer (and to
-/// the hasher where no bmap checksum covers it). Buffers are recycled once
-/// every writer is done with them.
+/// One hasher: check the ranges it is given against the bmap, and hash
+/// each chunk past the first MiB for the read-back.
+fn hash_chunks(src: &Source, rx: Receiver<Arc<Chunk>>) -> Result<Vec<Unit>> {
+    let mut units = Vec::new();
+    let mut check: Option<(usize, RangeCheck)> = None;
+    for c in rx {
+        if c.off + c.len as u64 > HEAD {
+            let from = HEAD.saturating_sub(c.off) as usize;
+            let d = &c.buf.get(c.len)[from..];
+            units.push(Unit {
+                off: c.off + from as u64,
+                len: d.len(),
+                sum: xxh3_128(d),
+                bytes: None,
+            });
+        }
+        if check.as_ref().is_none_or(|(r, _)| *r != c.range) {
+            check = Some((c.range, src.range_check(c.range)));
+        }
+        if let Some((_, k)) = check.as_mut() {
+            k.update(c.buf.get(c.len));
+        }
+        if c.last {
+            if let Some((_, k)) = check.take() {
+                k.finish()?;
+            }
+        }
+    }
+    Ok(units)
+}
+
+/// Read the source once, handing every chunk to each live writer and to a
+/// hasher (a checked range's chunks all to the same one). Buffers are
+/// recycled once every holder is done with them.
 fn read_source(
     src: &Source,
-    known: &[Unit],
-    htx: &SyncSender<Arc<Chunk>>,
+    hashers: &[SyncSender<Arc<Chunk>>],
     writers: &mut [(Option<SyncSender<Msg>>, impl Sized)],
 ) -> Result<()> {
-    let mut reader = src.reader()?;
+    let mut reader = src.reader(false)?;
     let mut pool: Vec<Arc<Chunk>> = Vec::new();
-    let cap = DEPTH * (writers.len() + 1) + 4;
+    let cap = DEPTH * (writers.len() + hashers.len()) + 4;
+    let mut seq = 0usize;
     loop {
         if writers.iter().all(|w| w.0.is_none()) {
             return Ok(()); // every device failed; each says why
         }
-        // A free buffer: one no writer holds any more.
+        // A free buffer: one nobody holds any more.
         let slot = loop {
             if let Some(i) = pool.iter().position(|c| Arc::strong_count(c) == 1) {
                 break i;
@@ -377,6 +379,8 @@ fn read_source(
                 pool.push(Arc::new(Chunk {
                     off: 0,
                     len: 0,
+                    range: 0,
+                    last: false,
                     buf: Aligned::new(CHUNK),
                 }));
                 break pool.len() - 1;
@@ -384,19 +388,23 @@ fn read_source(
             std::thread::sleep(std::time::Duration::from_micros(100));
         };
         let c = Arc::get_mut(&mut pool[slot]).expect("no other holder");
-        let Some((off, n)) = reader.next_into(c.buf.slice(CHUNK))? else {
+        let Some(p) = reader.next_into(c.buf.slice(CHUNK))? else {
             return Ok(());
         };
         // Zero the tail of the last 4 KiB, for sector-padded writes.
-        let end = n.div_ceil(ALIGN) * ALIGN;
-        c.buf.slice(end)[n..].fill(0);
-        c.off = off;
-        c.len = n;
+        let end = p.len.div_ceil(ALIGN) * ALIGN;
+        c.buf.slice(end)[p.len..].fill(0);
+        (c.off, c.len, c.range, c.last) = (p.off, p.len, p.range, p.last);
         let c = pool[slot].clone();
-        if off + n as u64 > HEAD && !covered(known, off.max(HEAD)) {
-            htx.send(c.clone())
-                .map_err(|_| anyhow!("the hashing thread stopped"))?;
-        }
+        let h = if src.ranges()[p.range].2.is_some() {
+            p.range
+        } else {
+            seq
+        };
+        seq += 1;
+        hashers[h % hashers.len()]
+            .send(c.clone())
+            .map_err(|_| anyhow!("a hashing thread stopped"))?;
         for w in writers.iter_mut() {
             if let Some(tx) = &w.0 {
                 if tx.send(Msg::Chunk(c.clone())).is_err() {
@@ -545,7 +553,7 @@ fn device_job(
             units.push(Unit {
                 off: *boff,
                 len: backup.len(),
-                sum: Sha256::digest(backup).into(),
+                sum: xxh3_128(backup),
                 bytes: Some(Arc::new(backup.clone())),
             });
             head[..primary.len()].copy_from_slice(primary);
@@ -562,7 +570,7 @@ fn device_job(
             units.push(Unit {
                 off: o,
                 len: piece.len(),
-                sum: Sha256::digest(&piece).into(),
+                sum: xxh3_128(&piece),
                 bytes: Some(Arc::new(piece)),
             });
         }
@@ -649,9 +657,9 @@ fn merge_sectors(mut ranges: Vec<(u64, u64)>, lbs: u64, limit: u64) -> Vec<(u64,
     merged
 }
 
-/// Read every unit back with O_DIRECT after a sync and BLKFLSBUF (never
-/// from the page cache), hashing on every core; on a mismatch, find the
-/// first differing byte.
+/// Read every unit (at most a chunk each) back with O_DIRECT after a sync
+/// and BLKFLSBUF (never from the page cache), on every core; on a
+/// mismatch, find the first differing byte.
 fn verify(sink: &dyn Sink, src: &Source, mut units: Vec<Unit>, meter: &Meter) -> Result<u64> {
     use rayon::prelude::*;
     let name = sink.name();
@@ -667,19 +675,12 @@ fn verify(sink: &dyn Sink, src: &Source, mut units: Vec<Unit>, meter: &Meter) ->
         .map_init(
             || Aligned::new(CHUNK),
             |buf, u| -> Result<Option<Unit>> {
-                let mut h = Sha256::new();
-                let mut done = 0;
-                while done < u.len {
-                    let n = (u.len - done).min(CHUNK);
-                    // O_DIRECT reads whole sectors; the last range may end
-                    // at the device's end: pad to the sector, not further.
-                    let b = buf.slice(n.div_ceil(lbs) * lbs);
-                    read_exact(sink, b, u.off + done as u64)?;
-                    h.update(&b[..n]);
-                    done += n;
-                    meter.add(n as u64);
-                }
-                Ok((<[u8; 32]>::from(h.finalize()) != u.sum).then(|| u.clone()))
+                // O_DIRECT reads whole sectors; the last range may end at
+                // the device's end: pad to the sector, not further.
+                let b = buf.slice(u.len.div_ceil(lbs) * lbs);
+                read_exact(sink, b, u.off)?;
+                meter.add(u.len as u64);
+                Ok((xxh3_128(&b[..u.len]) != u.sum).then(|| u.clone()))
             },
         )
         .collect::<Result<Vec<_>>>()?;
