@@ -249,6 +249,20 @@ fn zstd_output_is_the_raw_image_and_bmaptool_reproduces_it() {
         sha256_file(&z.path("nixos.img.bmap")),
         sha256_file(&r.path("nixos.img.bmap"))
     );
+    // The partitions' hashes, noted on the way to the compressor, are
+    // those of the raw image's bytes.
+    for n in 1..=3 {
+        let (off, size) = part(&z.layout, n);
+        let got = sh(&format!(
+            "dd if={} bs=1M skip={off} count={size} iflag=skip_bytes,count_bytes status=none | sha256sum | cut -d' ' -f1",
+            r.path("nixos.img").display()
+        ));
+        assert_eq!(
+            z.layout["partitions"][n - 1]["sha256"],
+            got.trim(),
+            "partition {n}"
+        );
+    }
 }
 
 #[test]

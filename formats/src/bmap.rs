@@ -62,7 +62,9 @@ pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> 
     Ok(render(image_size, &hashed))
 }
 
-fn render(image_size: u64, ranges: &[(u64, u64, String)]) -> String {
+/// Render a bmap from pieces already hashed: (first block, last block,
+/// SHA-256 hex), as [`create`] makes them or as a stream computes them.
+pub fn render(image_size: u64, ranges: &[(u64, u64, String)]) -> String {
     let mapped: u64 = ranges.iter().map(|r| r.1 - r.0 + 1).sum();
     let zeros = "0".repeat(64);
     let mut s = String::new();

@@ -1,15 +1,18 @@
 //! `forge image`: closure → filesystem trees → plans → partition table →
-//! one pass into a sparse temporary file → bmap → rename into place.
+//! one ascending pass of writes → rename into place. A raw image is written
+//! sparse into a temporary file and its bmap hashed from it; a compressed
+//! one streams through zstd, its bmap hashed on the way (`stream`).
 
 mod raw_efi;
 mod sd;
+mod stream;
 pub mod trees;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -157,7 +160,7 @@ impl Planned<'_> {
         }
     }
     /// Write at `off`, returning the mapped ranges relative to the image.
-    pub(crate) fn write(&self, f: &mut File, off: u64, what: &str) -> Result<Vec<(u64, u64)>> {
+    pub(crate) fn write<W: Out>(&self, f: &mut W, off: u64, what: &str) -> Result<Vec<(u64, u64)>> {
         let w = match self {
             Planned::Fat(p) => p.write(f, off).map_err(anyhow::Error::from),
             Planned::Ext4(p) => p.write(f, off).map_err(anyhow::Error::from),
@@ -165,6 +168,36 @@ impl Planned<'_> {
         .with_context(|| format!("writing the {what} at byte {off}"))?;
         Ok(w.mapped.iter().map(|&(s, l)| (s + off, l)).collect())
     }
+}
+
+/// Where a layout writes its image, in ascending order: the raw file, or
+/// the compressing [`stream::Stream`].
+pub(crate) trait Out: Write + Seek {
+    /// The image's size; called before any write.
+    fn set_len(&mut self, n: u64) -> std::io::Result<()>;
+    /// A byte range (a partition) whose SHA-256 the stream should note.
+    fn watch(&mut self, _off: u64, _len: u64) {}
+}
+
+impl Out for File {
+    fn set_len(&mut self, n: u64) -> std::io::Result<()> {
+        File::set_len(self, n)
+    }
+}
+
+fn lay<W: Out>(
+    o: &Options,
+    c: &Closure,
+    store: &Store,
+    seed: &str,
+    f: &mut W,
+    p: &Progress,
+) -> Result<Laid> {
+    match o.format {
+        Format::RawEfi => raw_efi::lay(o, c, store, seed, f, p),
+        Format::SdAarch64 => sd::lay(o, c, store, seed, f, p),
+    }
+    .with_context(|| format!("building {}", o.output.display()))
 }
 
 pub fn build(o: &Options) -> Result<Report> {
@@ -186,47 +219,50 @@ pub fn build(o: &Options) -> Result<Report> {
     let store = Store::new(&o.store_root);
     let seed = o.seed.clone().unwrap_or_else(|| c.toplevel.clone());
 
-    // The raw image is built in a temporary file beside the output: it is
-    // the output itself when raw, the input of the compressor otherwise.
-    let raw_target = match container {
-        Container::Raw => o.output.clone(),
-        Container::Zstd => PathBuf::from(o.output.to_string_lossy().trim_end_matches(".zst")),
-    };
-    let mut raw = crate::cli::output::AtomicOutput::create(&raw_target)?;
-    let tmp = raw.temp_path().to_owned();
-    let laid = match o.format {
-        Format::RawEfi => raw_efi::lay(o, &c, &store, &seed, raw.file(), &p),
-        Format::SdAarch64 => sd::lay(o, &c, &store, &seed, raw.file(), &p),
-    }
-    .with_context(|| format!("building {}", o.output.display()))?;
-
     let bmap_path = bmap_path_for(&o.output);
-    let bmap_text = bmap::create(raw.file(), laid.size, &laid.mapped)
-        .with_context(|| format!("reading back {}", tmp.display()))?;
+    let mut out = crate::cli::output::AtomicOutput::create(&o.output)?;
+    let tmp = out.temp_path().to_owned();
+    let (laid, bmap_text) = match container {
+        Container::Raw => {
+            let laid = lay(o, &c, &store, &seed, out.file(), &p)?;
+            let text = bmap::create(out.file(), laid.size, &laid.mapped)
+                .with_context(|| format!("reading back {}", tmp.display()))?;
+            let mut laid = laid;
+            if o.hash_partitions {
+                for pr in &mut laid.partitions {
+                    pr.sha256 = Some(hash_range(out.file(), pr.offset, pr.size)?);
+                }
+            }
+            (laid, text)
+        }
+        Container::Zstd => {
+            let mut s = stream::Stream::new(out.file(), o.zstd_level)
+                .with_context(|| format!("compressing into {}", tmp.display()))?;
+            let mut laid = lay(o, &c, &store, &seed, &mut s, &p)?;
+            let (text, hashes) = s
+                .finish()
+                .with_context(|| format!("compressing into {}", tmp.display()))?;
+            for pr in &mut laid.partitions {
+                pr.sha256 = hashes
+                    .iter()
+                    .find(|h| (h.0, h.1) == (pr.offset, pr.size))
+                    .map(|h| h.2.clone())
+                    .filter(|_| o.hash_partitions);
+            }
+            p.stage(&format!("compressed (zstd level {})", o.zstd_level));
+            (laid, text)
+        }
+    };
     let mapped_bytes: u64 = bmap::blocks(&laid.mapped)
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
         .sum();
-    let mut partitions = laid.partitions;
-    if o.hash_partitions {
-        for pr in &mut partitions {
-            pr.sha256 = Some(hash_range(raw.file(), pr.offset, pr.size)?);
-        }
-    }
+    let partitions = laid.partitions;
     let mut bout = crate::cli::output::AtomicOutput::create(&bmap_path)?;
-    std::io::Write::write_all(bout.file(), bmap_text.as_bytes())
+    bout.file()
+        .write_all(bmap_text.as_bytes())
         .with_context(|| format!("writing {}", bmap_path.display()))?;
-    match container {
-        Container::Raw => raw.commit()?,
-        Container::Zstd => {
-            let mut zout = crate::cli::output::AtomicOutput::create(&o.output)?;
-            compress(raw.file(), zout.file(), laid.size, o.zstd_level)
-                .with_context(|| format!("compressing into {}", zout.temp_path().display()))?;
-            zout.commit()?;
-            p.stage(&format!("compressed (zstd level {})", o.zstd_level));
-            // `raw` is dropped here: its temporary file is removed.
-        }
-    }
+    out.commit()?;
     bout.commit()?;
     p.stage(&format!(
         "done: {} ({} bytes raw, {mapped_bytes} mapped) and {}",
@@ -250,30 +286,6 @@ pub fn build(o: &Options) -> Result<Report> {
     })
 }
 
-/// zstd, multithreaded (the output is the same for any worker count in
-/// multithreaded mode), window within 2^27 so readers need no `--long`.
-fn compress(raw: &mut File, out: &mut File, size: u64, level: i32) -> Result<()> {
-    raw.seek(SeekFrom::Start(0))?;
-    let mut enc =
-        zstd::stream::Encoder::new(std::io::BufWriter::with_capacity(4 << 20, out), level)?;
-    enc.multithread(2)?;
-    // Levels up to 19 use windows of at most 2^23, 20-22 at most 2^27.
-    enc.include_checksum(true)?;
-    enc.set_pledged_src_size(Some(size))?;
-    // Large reads: the encoder's workers take whole jobs, not 8 KiB writes.
-    let mut buf = vec![0u8; 4 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = (buf.len() as u64).min(left) as usize;
-        raw.read_exact(&mut buf[..n])?;
-        std::io::Write::write_all(&mut enc, &buf[..n])?;
-        left -= n as u64;
-    }
-    let mut w = enc.finish()?;
-    std::io::Write::flush(&mut w)?;
-    Ok(())
-}
-
 /// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.bmap`.
 pub fn bmap_path_for(out: &std::path::Path) -> PathBuf {
     let s = out.to_string_lossy();
@@ -281,9 +293,9 @@ pub fn bmap_path_for(out: &std::path::Path) -> PathBuf {
     PathBuf::from(format!("{base}.bmap"))
 }
 
-fn write_at(f: &mut File, off: u64, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(data, off)
+fn write_at<W: Out>(f: &mut W, off: u64, data: &[u8]) -> std::io::Result<()> {
+    f.seek(SeekFrom::Start(off))?;
+    f.write_all(data)
 }
 
 fn hash_range(f: &mut File, off: u64, size: u64) -> Result<String> {

@@ -1,21 +1,20 @@
 //! raw-efi: GPT, FAT32 ESP with systemd-boot, ext4 root, ext4 state.
 
 use anyhow::{bail, Context, Result};
-use std::fs::File;
 
 use formats::{ext4, fat, gpt, seed};
 
 use super::{
-    align, trees, write_at, Laid, Options, PartitionReport, Planned, Progress, RootMode, ALIGN,
+    align, trees, write_at, Laid, Options, Out, PartitionReport, Planned, Progress, RootMode, ALIGN,
 };
 use crate::closure::{Closure, Store};
 
-pub(super) fn lay(
+pub(super) fn lay<W: Out>(
     o: &Options,
     c: &Closure,
     store: &Store,
     seed: &str,
-    f: &mut File,
+    f: &mut W,
     p: &Progress,
 ) -> Result<Laid> {
     let system = c.bootspec.spec.system.as_str();
@@ -105,15 +104,19 @@ pub(super) fn lay(
     let primary = table.primary();
     write_at(f, 0, &primary).context("writing the GPT")?;
     mapped.push((0, primary.len() as u64));
-    let (boff, backup) = table.backup();
-    write_at(f, boff, &backup).context("writing the backup GPT")?;
-    mapped.push((boff, backup.len() as u64));
+    for pt in &table.partitions {
+        f.watch(pt.first_lba * ss, (pt.last_lba + 1 - pt.first_lba) * ss);
+    }
     mapped.extend(esp.write(f, esp_off, "ESP")?);
     p.stage("wrote the ESP");
     mapped.extend(root.write(f, root_off, "root filesystem")?);
     p.stage("wrote the root filesystem");
     mapped.extend(state.write(f, state_off, "state filesystem")?);
     p.stage("wrote the state filesystem");
+    // Last, as everything is written in ascending order: the backup table.
+    let (boff, backup) = table.backup();
+    write_at(f, boff, &backup).context("writing the backup GPT")?;
+    mapped.push((boff, backup.len() as u64));
 
     let fs = [
         (

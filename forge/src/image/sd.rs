@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use formats::tree::{Kind, Owner, Tree, ROOT};
 use formats::{ext4, fat, mbr, seed};
 
-use super::{align, trees, write_at, Laid, Options, PartitionReport, Planned, Progress, RootMode};
+use super::{
+    align, trees, write_at, Laid, Options, Out, PartitionReport, Planned, Progress, RootMode,
+};
 use crate::closure::{Closure, Store};
 
 const FIRMWARE_OFFSET: u64 = 8 << 20;
@@ -99,12 +101,12 @@ fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn lay(
+pub(super) fn lay<W: Out>(
     o: &Options,
     c: &Closure,
     store: &Store,
     seed: &str,
-    f: &mut File,
+    f: &mut W,
     p: &Progress,
 ) -> Result<Laid> {
     let system = c.bootspec.spec.system.as_str();
@@ -201,6 +203,9 @@ pub(super) fn lay(
     let table = mbr::encode(signature, &parts);
     write_at(f, 0, &table).context("writing the MBR")?;
     let mut mapped = vec![(0, table.len() as u64)];
+    for pt in &parts {
+        f.watch(pt.first_lba as u64 * 512, pt.sectors as u64 * 512);
+    }
     mapped.extend(fw.write(f, FIRMWARE_OFFSET, "firmware partition")?);
     p.stage("wrote the firmware partition");
     mapped.extend(root.write(f, root_off, "root filesystem")?);

@@ -134,3 +134,88 @@ fn auto_size_grows_with_content_and_slack() {
     );
     assert!(b.size_bytes() >= a.size_bytes() + (8 << 20));
 }
+
+/// A `Write + Seek` that refuses to go back: what a streaming consumer
+/// (the compressing image writer) needs from every filesystem writer.
+struct Ascending {
+    pos: u64,
+    cursor: u64,
+}
+
+impl std::io::Write for Ascending {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.cursor < self.pos {
+            return Err(std::io::Error::other(format!(
+                "write at {} after {}",
+                self.cursor, self.pos
+            )));
+        }
+        self.cursor += b.len() as u64;
+        self.pos = self.cursor;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Seek for Ascending {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        match to {
+            std::io::SeekFrom::Start(n) => self.cursor = n,
+            _ => return Err(std::io::Error::other("only absolute seeks")),
+        }
+        Ok(self.cursor)
+    }
+}
+
+#[test]
+fn writes_ascend_even_when_a_file_jumps_over_a_backup_superblock() {
+    // 160 MiB of data: its extents start in group 0 and continue past the
+    // backup superblock at the start of group 1 (block 32768).
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    let size = 160u64 << 20;
+    {
+        let mut f = std::fs::File::create(&big).unwrap();
+        let chunk = vec![0xA5u8; 1 << 20];
+        for _ in 0..size >> 20 {
+            std::io::Write::write_all(&mut f, &chunk).unwrap();
+        }
+    }
+    let mut t = Tree::new(0o755);
+    for i in 0..20 {
+        t.insert(ROOT, format!("small{i}").as_bytes(), file(&[i as u8; 5000]))
+            .unwrap();
+    }
+    let node = Node {
+        kind: Kind::File {
+            size,
+            content: Content::Host {
+                path: big.clone(),
+                segments: vec![(0, size)],
+            },
+        },
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    t.insert(ROOT, b"big", node).unwrap();
+    let p = plan(
+        &t,
+        &opts(Size::Auto {
+            slack: Slack::default(),
+        }),
+    )
+    .unwrap();
+    let big_ino = p
+        .inodes
+        .iter()
+        .find(|ip| ip.extents.iter().map(|e| e.len as u64).sum::<u64>() * BS64 >= size)
+        .expect("the big file's inode");
+    assert!(
+        big_ino.extents.len() > 1,
+        "the file must be split for this test to mean anything"
+    );
+    p.write(&mut Ascending { pos: 0, cursor: 0 }, 0).unwrap();
+}

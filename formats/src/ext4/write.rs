@@ -119,9 +119,11 @@ impl Plan<'_> {
         for (b, data) in tree_blocks {
             items.push((b, Item::Bytes(data)));
         }
+        // Every extent on its own: a file whose data jumps over metadata
+        // (a backup superblock) is written in two places, each in order.
         for (i, ip) in self.inodes.iter().enumerate() {
-            if let Some(e) = ip.extents.first() {
-                items.push((e.physical, Item::Inode(i)));
+            for (k, e) in ip.extents.iter().enumerate() {
+                items.push((e.physical, Item::Extent(i, k)));
             }
         }
         items.sort_by_key(|it| it.0);
@@ -136,7 +138,7 @@ impl Plan<'_> {
         for (block, item) in items {
             match item {
                 Item::Bytes(b) => o.at(block, &b)?,
-                Item::Inode(i) => self.write_inode_data(&mut o, i, &mut buf)?,
+                Item::Extent(i, k) => self.write_extent(&mut o, i, k, &mut buf)?,
             }
         }
         let end = base + g.blocks * BS64;
@@ -260,16 +262,19 @@ impl Plan<'_> {
         inode::encode(&i, ip.ino, fs_seed)
     }
 
-    fn write_inode_data<W: Write + Seek>(
+    /// Extent `k` of inode `idx`, at its physical blocks.
+    fn write_extent<W: Write + Seek>(
         &self,
         o: &mut Out<W>,
         idx: usize,
+        k: usize,
         buf: &mut Vec<u8>,
     ) -> Result<(), Ext4Error> {
         let ip = &self.inodes[idx];
+        let extents = &ip.extents[k..=k];
         let seed = csum::inode_seed(self.fs_seed(), ip.ino, 0);
         let mem: Vec<u8> = match &ip.what {
-            What::Journal => return self.write_journal(o, &ip.extents),
+            What::Journal => return self.write_journal(o, extents),
             What::LostFound => {
                 let shape = ip.dir.expect("lost+found is a directory");
                 let packed = &self.dirs[idx].as_ref().expect("packed").1;
@@ -289,11 +294,11 @@ impl Plan<'_> {
                 Kind::File {
                     content: Content::Host { path, .. },
                     size,
-                } => return copy_host(o, path, *size, &ip.extents, buf),
+                } => return copy_host(o, path, *size, extents, buf),
                 _ => return Ok(()),
             },
         };
-        for e in &ip.extents {
+        for e in extents {
             let lo = (e.logical as usize * BS).min(mem.len());
             let hi = ((e.logical + e.len) as usize * BS).min(mem.len());
             let mut chunk = mem[lo..hi].to_vec();
@@ -322,14 +327,12 @@ impl Plan<'_> {
         jsb[0x30..0x40].copy_from_slice(&self.opts.uuid);
         be(&mut jsb, 0x40, 1);
         let zeros = vec![0u8; 256 * BS];
-        let mut first = true;
         for e in extents {
             let mut b = e.physical;
             let end = e.physical + e.len as u64;
-            if first {
+            if e.logical == 0 {
                 o.at(b, &jsb)?;
                 b += 1;
-                first = false;
             }
             while b < end {
                 let n = (end - b).min(256);
@@ -521,7 +524,8 @@ impl Plan<'_> {
 
 enum Item {
     Bytes(Vec<u8>),
-    Inode(usize),
+    /// (inode index, extent index)
+    Extent(usize, usize),
 }
 
 fn copy_host<W: Write + Seek>(
