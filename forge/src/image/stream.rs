@@ -98,7 +98,10 @@ pub(crate) struct Stream<'f> {
     watches: Vec<(u64, u64, Sha256)>,
 }
 
-const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+
+/// (offset, length, SHA-256 hex) of a watched range.
+pub(crate) type Watched = (u64, u64, String);
 
 impl<'f> Stream<'f> {
     pub(crate) fn new(out: &'f mut File, level: i32) -> io::Result<Stream<'f>> {
@@ -142,7 +145,7 @@ impl<'f> Stream<'f> {
 
     /// Finish the image at its `set_len` size: (bmap text, SHA-256 of each
     /// watched range in the order watched).
-    pub(crate) fn finish(mut self) -> io::Result<(String, Vec<(u64, u64, String)>)> {
+    pub(crate) fn finish(mut self) -> io::Result<(String, Vec<Watched>)> {
         let len = self.len;
         self.zeros_to(len)?;
         self.bmap.end_partial();
