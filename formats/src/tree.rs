@@ -52,8 +52,8 @@ pub struct Node {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
     #[error("{path}: name is {len} bytes; ext4 allows at most 255")]
     NameTooLong { path: PathBuf, len: usize },
     #[error("{path}: invalid name (empty, '.', '..', or contains '/' or NUL)")]
@@ -318,9 +318,9 @@ fn check_name(name: &[u8], path: impl Fn() -> PathBuf) -> Result<(), TreeError> 
 }
 
 fn io_err(p: &Path) -> impl FnOnce(io::Error) -> TreeError + '_ {
-    move |source| TreeError::Io {
+    move |err| TreeError::Io {
         path: p.to_owned(),
-        source,
+        err,
     }
 }
 

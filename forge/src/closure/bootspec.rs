@@ -42,15 +42,12 @@ pub struct Boot {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootSpecError {
-    #[error("{file}: {source}")]
-    Io {
-        file: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{file}: malformed JSON: {source}")]
+    #[error("{file}: {err}")]
+    Io { file: PathBuf, err: std::io::Error },
+    #[error("{file}: malformed JSON: {err}")]
     Json {
         file: PathBuf,
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     #[error("{file}: no \"{V1}\" document (found keys: {found}); only bootspec v1 is understood")]
     Version { file: PathBuf, found: String },
@@ -70,14 +67,14 @@ pub fn read(store: &Store, toplevel: &str) -> Result<Boot, BootSpecError> {
     match std::fs::read(&file) {
         Ok(bytes) => {
             let v: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|source| BootSpecError::Json {
+                serde_json::from_slice(&bytes).map_err(|err| BootSpecError::Json {
                     file: file.clone(),
-                    source,
+                    err,
                 })?;
             parse_document(&file, &v, "")
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => synthesize(store, toplevel, &file),
-        Err(source) => Err(BootSpecError::Io { file, source }),
+        Err(err) => Err(BootSpecError::Io { file, err }),
     }
 }
 

@@ -113,8 +113,8 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
     let store = Store::new(&opts.root);
     let toplevel = store.resolve_toplevel(system)?;
     let phys = store.physical(&toplevel);
-    if let Err(source) = std::fs::symlink_metadata(&phys) {
-        return Err(StoreError::Io { path: phys, source }.into());
+    if let Err(err) = std::fs::symlink_metadata(&phys) {
+        return Err(StoreError::Io { path: phys, err }.into());
     }
     let boot = bootspec::read(&store, &toplevel)?;
     let db_file = store.physical("/nix/var/nix/db/db.sqlite");
@@ -224,14 +224,14 @@ fn scan_closure(
 ) -> Result<Vec<PathInfo>, ClosureError> {
     let dir = store.store_dir_physical();
     let mut by_hash: HashMap<[u8; HASH_LEN], String> = HashMap::new();
-    let rd = std::fs::read_dir(&dir).map_err(|source| StoreError::Io {
+    let rd = std::fs::read_dir(&dir).map_err(|err| StoreError::Io {
         path: dir.clone(),
-        source,
+        err,
     })?;
     for e in rd {
-        let e = e.map_err(|source| StoreError::Io {
+        let e = e.map_err(|err| StoreError::Io {
             path: dir.clone(),
-            source,
+            err,
         })?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };

@@ -15,11 +15,8 @@ pub const STORE_DIR: &str = "/nix/store";
 pub enum StoreError {
     #[error("{0}: not a store path (expected {STORE_DIR}/<32-char hash>-<name>)")]
     NotStorePath(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{0}: too many levels of symbolic links")]
     Loop(PathBuf),
 }
@@ -65,22 +62,22 @@ impl Store {
                 p.clone()
             } else {
                 std::env::current_dir()
-                    .map_err(|source| StoreError::Io {
+                    .map_err(|err| StoreError::Io {
                         path: p.clone(),
-                        source,
+                        err,
                     })?
                     .join(&p)
             };
-            let md = std::fs::symlink_metadata(&phys).map_err(|source| StoreError::Io {
+            let md = std::fs::symlink_metadata(&phys).map_err(|err| StoreError::Io {
                 path: phys.clone(),
-                source,
+                err,
             })?;
             if !md.file_type().is_symlink() {
                 return Err(StoreError::NotStorePath(system.display().to_string()));
             }
-            let target = std::fs::read_link(&phys).map_err(|source| StoreError::Io {
+            let target = std::fs::read_link(&phys).map_err(|err| StoreError::Io {
                 path: phys.clone(),
-                source,
+                err,
             })?;
             p = if target.is_absolute() {
                 target

@@ -224,10 +224,9 @@ pub fn build(o: &Options) -> Result<Report> {
     let tmp = out.temp_path().to_owned();
     let (laid, bmap_text) = match container {
         Container::Raw => {
-            let laid = lay(o, &c, &store, &seed, out.file(), &p)?;
+            let mut laid = lay(o, &c, &store, &seed, out.file(), &p)?;
             let text = bmap::create(out.file(), laid.size, &laid.mapped)
                 .with_context(|| format!("reading back {}", tmp.display()))?;
-            let mut laid = laid;
             if o.hash_partitions {
                 for pr in &mut laid.partitions {
                     pr.sha256 = Some(hash_range(out.file(), pr.offset, pr.size)?);

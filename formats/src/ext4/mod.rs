@@ -108,15 +108,12 @@ pub enum Ext4Error {
     TooLarge { size: u64 },
     #[error("label {0:?} is longer than 16 bytes")]
     Label(String),
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
     #[error("{path}: file changed while the image was written (expected {expected} bytes)")]
     Changed { path: PathBuf, expected: u64 },
-    #[error("writing the filesystem at byte {offset}: {source}")]
-    Write { offset: u64, source: std::io::Error },
+    #[error("writing the filesystem at byte {offset}: {err}")]
+    Write { offset: u64, err: std::io::Error },
 }
 
 /// Filesystem geometry.

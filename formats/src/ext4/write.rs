@@ -42,10 +42,7 @@ impl<W: Write + Seek> Out<'_, W> {
     fn at(&mut self, block: u64, data: &[u8]) -> Result<(), Ext4Error> {
         debug_assert_eq!(data.len() % BS, 0);
         let off = self.base + block * BS64;
-        let werr = |source| Ext4Error::Write {
-            offset: off,
-            source,
-        };
+        let werr = |err| Ext4Error::Write { offset: off, err };
         if self.pos != Some(off) {
             self.w.seek(SeekFrom::Start(off)).map_err(werr)?;
         }
@@ -142,10 +139,8 @@ impl Plan<'_> {
             }
         }
         let end = base + g.blocks * BS64;
-        o.w.flush().map_err(|source| Ext4Error::Write {
-            offset: end,
-            source,
-        })?;
+        o.w.flush()
+            .map_err(|err| Ext4Error::Write { offset: end, err })?;
         Ok(Written {
             size: g.blocks * BS64,
             mapped: o
@@ -535,9 +530,9 @@ fn copy_host<W: Write + Seek>(
     extents: &[Extent],
     buf: &mut Vec<u8>,
 ) -> Result<(), Ext4Error> {
-    let rerr = |source| Ext4Error::Read {
+    let rerr = |err| Ext4Error::Read {
         path: path.to_owned(),
-        source,
+        err,
     };
     let changed = || Ext4Error::Changed {
         path: path.to_owned(),

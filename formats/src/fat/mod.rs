@@ -51,15 +51,12 @@ pub enum FatError {
     BadName { path: PathBuf },
     #[error("label {0:?}: FAT labels are at most 11 ASCII characters")]
     Label(String),
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
     #[error("{path}: file changed while the image was written")]
     Changed { path: PathBuf },
-    #[error("writing the FAT volume at byte {offset}: {source}")]
-    Write { offset: u64, source: std::io::Error },
+    #[error("writing the FAT volume at byte {offset}: {err}")]
+    Write { offset: u64, err: std::io::Error },
 }
 
 struct Geometry {
@@ -406,9 +403,9 @@ impl Plan<'_> {
         let mut w = BufWriter::with_capacity(4 << 20, out);
         let mut mapped: Vec<(u64, u64)> = Vec::new();
         let mut put = |w: &mut BufWriter<&mut W>, off: u64, data: &[u8]| -> Result<(), FatError> {
-            let werr = |source| FatError::Write {
+            let werr = |err| FatError::Write {
                 offset: base + off,
-                source,
+                err,
             };
             w.seek(SeekFrom::Start(base + off)).map_err(werr)?;
             w.write_all(data).map_err(werr)?;
@@ -467,9 +464,9 @@ impl Plan<'_> {
                     put(&mut w, off, &v)?;
                 }
                 Content::Host { path, .. } => {
-                    let rerr = |source| FatError::Read {
+                    let rerr = |err| FatError::Read {
                         path: path.clone(),
-                        source,
+                        err,
                     };
                     let mut f = File::open(path).map_err(rerr)?;
                     let mut done = 0usize;
@@ -491,10 +488,8 @@ impl Plan<'_> {
                 }
             }
         }
-        w.flush().map_err(|source| FatError::Write {
-            offset: base,
-            source,
-        })?;
+        w.flush()
+            .map_err(|err| FatError::Write { offset: base, err })?;
         Ok(Written {
             size: self.size_bytes(),
             mapped,

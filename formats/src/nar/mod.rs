@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
     #[error("{path}: unsupported file type (NAR holds only files, directories and symlinks)")]
     FileType { path: PathBuf },
     #[error("{path}: file changed size while it was read (expected {expected} bytes)")]
@@ -31,9 +31,9 @@ pub enum NarError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> NarError + '_ {
-    move |source| NarError::Io {
+    move |err| NarError::Io {
         path: path.to_owned(),
-        source,
+        err,
     }
 }
 
