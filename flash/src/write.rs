@@ -22,36 +22,15 @@ use crate::preflight::{Refused, Target};
 use crate::progress::{Meter, Progress};
 use crate::source::{RangeCheck, Source};
 use formats::gpt::Gpt;
+use formats::sys::Aligned;
 
 /// What stays unwritten until everything else is on the device: the
 /// partition table and boot sectors live here.
 pub const HEAD: u64 = 1 << 20;
 const CHUNK: usize = 4 << 20;
-const ALIGN: usize = 4096;
+const ALIGN: usize = formats::sys::DIRECT_ALIGN;
 /// Chunks in flight per writer.
 const DEPTH: usize = 3;
-
-/// A heap buffer whose usable slice starts on a 4 KiB boundary (O_DIRECT).
-struct Aligned {
-    raw: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let raw = vec![0u8; len + ALIGN];
-        let off = raw.as_ptr().align_offset(ALIGN);
-        Aligned { raw, off, len }
-    }
-    fn slice(&mut self, n: usize) -> &mut [u8] {
-        assert!(n <= self.len);
-        &mut self.raw[self.off..self.off + n]
-    }
-    fn get(&self, n: usize) -> &[u8] {
-        &self.raw[self.off..self.off + n]
-    }
-}
 
 /// Where an image goes: a block device, or in tests a device with faults.
 pub trait Sink: Send + Sync {
@@ -421,9 +400,13 @@ fn put(sink: &dyn Sink, bounce: &mut Aligned, data: &[u8], off: u64) -> Result<(
     if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
         return write_exact(sink, data, off);
     }
-    for (i, piece) in data.chunks(bounce.len).enumerate() {
+    for (i, piece) in data.chunks(bounce.len()).enumerate() {
         bounce.slice(piece.len()).copy_from_slice(piece);
-        write_exact(sink, bounce.get(piece.len()), off + (i * bounce.len) as u64)?;
+        write_exact(
+            sink,
+            bounce.get(piece.len()),
+            off + (i * bounce.len()) as u64,
+        )?;
     }
     Ok(())
 }

@@ -32,18 +32,23 @@ pub fn blocks(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// pieces of this size let every core hash (SHA-256 itself is sequential).
 pub const MAX_RANGE_BLOCKS: u64 = 16384;
 
-/// Render the bmap of `image` (of `image_size` bytes) for the mapped byte
-/// ranges, hashing the pieces in parallel with positional reads.
-pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> io::Result<String> {
-    let pieces: Vec<(u64, u64)> = blocks(mapped)
+/// The (first, last) block ranges a bmap lists for the mapped byte ranges:
+/// merged, then cut into pieces of at most [`MAX_RANGE_BLOCKS`].
+pub fn pieces(mapped: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    blocks(mapped)
         .into_iter()
         .flat_map(|(first, last)| {
             (first..=last)
                 .step_by(MAX_RANGE_BLOCKS as usize)
                 .map(move |s| (s, (s + MAX_RANGE_BLOCKS - 1).min(last)))
         })
-        .collect();
-    let hashed = pieces
+        .collect()
+}
+
+/// Render the bmap of `image` (of `image_size` bytes) for the mapped byte
+/// ranges, hashing the pieces in parallel with positional reads.
+pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> io::Result<String> {
+    let hashed = pieces(mapped)
         .par_iter()
         .map(|&(first, last)| -> io::Result<(u64, u64, String)> {
             let end = ((last + 1) * BLOCK).min(image_size);

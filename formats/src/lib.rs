@@ -13,6 +13,6 @@ pub mod mbr;
 pub mod nar;
 pub mod nixbase32;
 pub mod seed;
-mod sys;
+pub mod sys;
 pub mod time;
 pub mod tree;

@@ -20,3 +20,51 @@ pub fn seek_hole(f: &File, pos: u64) -> io::Result<u64> {
         .map(|p| p as u64)
         .map_err(Into::into)
 }
+
+/// Alignment of buffers and offsets for O_DIRECT I/O.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A zeroed heap buffer whose usable slice starts on a 4 KiB boundary, as
+/// O_DIRECT needs.
+pub struct Aligned {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    pub fn new(len: usize) -> Aligned {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let off = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        Aligned { raw, off, len }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The first `n` bytes.
+    pub fn slice(&mut self, n: usize) -> &mut [u8] {
+        assert!(n <= self.len);
+        &mut self.raw[self.off..self.off + n]
+    }
+    pub fn get(&self, n: usize) -> &[u8] {
+        &self.raw[self.off..self.off + n]
+    }
+}
+
+/// `path` opened for writing with O_DIRECT (no page cache), or None where
+/// its filesystem does not support that (EINVAL).
+pub fn open_direct_write(path: &std::path::Path) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
+}

@@ -76,6 +76,12 @@ pub struct Tree {
     pub nodes: Vec<Node>,
 }
 
+/// A host object read apart from any tree: see [`Tree::read_host`].
+pub struct Fragment {
+    tree: Tree,
+    top: NodeId,
+}
+
 /// Data segments of sparse files are aligned to this (the ext4 block).
 pub const BLOCK: u64 = 4096;
 
@@ -164,6 +170,33 @@ impl Tree {
     ) -> Result<NodeId, TreeError> {
         let mut links = HashMap::new();
         self.add_host_inner(dir, name, src, owner, &mut links)
+    }
+
+    /// The host object at `src` read on its own, as [`Tree::add_host`]
+    /// would read it, to be [`Tree::graft`]ed later: many can be read in
+    /// parallel (reading is all system calls; grafting is cheap).
+    pub fn read_host(src: &Path, owner: Owner) -> Result<Fragment, TreeError> {
+        let mut tree = Tree::new(0o755);
+        let name = src.file_name().map_or(&b"_"[..], |n| n.as_bytes());
+        let top = tree.add_host(ROOT, name, src, owner)?;
+        Ok(Fragment { tree, top })
+    }
+
+    /// Put a fragment into `dir` as `name`.
+    pub fn graft(&mut self, dir: NodeId, name: &[u8], f: Fragment) -> Result<NodeId, TreeError> {
+        // The fragment's nodes but its own root move up by `shift`.
+        let shift = self.nodes.len() - 1;
+        for mut node in f.tree.nodes.into_iter().skip(1) {
+            if let Kind::Dir { children } = &mut node.kind {
+                for id in children.values_mut() {
+                    *id += shift;
+                }
+            }
+            self.nodes.push(node);
+        }
+        let top = f.top + shift;
+        self.link(dir, name, top)?;
+        Ok(top)
     }
 
     /// Merge the *contents* of host directory `src` into `dir`.

@@ -1,24 +1,25 @@
 //! `forge image`: closure → filesystem trees → plans → partition table →
 //! one ascending pass of writes → rename into place. A raw image is written
-//! sparse into a temporary file and its bmap hashed from it; a compressed
-//! one streams through zstd, its bmap hashed on the way (`stream`).
+//! sparse into a temporary file, its bmap hashed right behind the writer
+//! (`raw`); a compressed one streams through zstd, its bmap hashed on the
+//! way (`stream`). Either way the bmap lists exactly the blocks written,
+//! and those must be the blocks the filesystems say they use.
 
+mod out;
 mod raw_efi;
 mod sd;
-mod stream;
 pub mod trees;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use formats::{bmap, ext4};
 
 use crate::closure::{self, Closure, Store};
+use out::ImageOut;
 
 pub const ALIGN: u64 = 1 << 20;
 
@@ -160,7 +161,7 @@ impl Planned<'_> {
         }
     }
     /// Write at `off`, returning the mapped ranges relative to the image.
-    pub(crate) fn write<W: Out>(&self, f: &mut W, off: u64, what: &str) -> Result<Vec<(u64, u64)>> {
+    pub(crate) fn write(&self, f: &mut ImageOut, off: u64, what: &str) -> Result<Vec<(u64, u64)>> {
         let w = match self {
             Planned::Fat(p) => p.write(f, off).map_err(anyhow::Error::from),
             Planned::Ext4(p) => p.write(f, off).map_err(anyhow::Error::from),
@@ -170,27 +171,12 @@ impl Planned<'_> {
     }
 }
 
-/// Where a layout writes its image, in ascending order: the raw file, or
-/// the compressing [`stream::Stream`].
-pub(crate) trait Out: Write + Seek {
-    /// The image's size; called before any write.
-    fn set_len(&mut self, n: u64) -> std::io::Result<()>;
-    /// A byte range (a partition) whose SHA-256 the stream should note.
-    fn watch(&mut self, _off: u64, _len: u64) {}
-}
-
-impl Out for File {
-    fn set_len(&mut self, n: u64) -> std::io::Result<()> {
-        File::set_len(self, n)
-    }
-}
-
-fn lay<W: Out>(
+fn lay(
     o: &Options,
     c: &Closure,
     store: &Store,
     seed: &str,
-    f: &mut W,
+    f: &mut ImageOut,
     p: &Progress,
 ) -> Result<Laid> {
     match o.format {
@@ -222,36 +208,28 @@ pub fn build(o: &Options) -> Result<Report> {
     let bmap_path = bmap_path_for(&o.output);
     let mut out = crate::cli::output::AtomicOutput::create(&o.output)?;
     let tmp = out.temp_path().to_owned();
-    let (laid, bmap_text) = match container {
-        Container::Raw => {
-            let mut laid = lay(o, &c, &store, &seed, out.file(), &p)?;
-            let text = bmap::create(out.file(), laid.size, &laid.mapped)
-                .with_context(|| format!("reading back {}", tmp.display()))?;
-            if o.hash_partitions {
-                for pr in &mut laid.partitions {
-                    pr.sha256 = Some(hash_range(out.file(), pr.offset, pr.size)?);
-                }
-            }
-            (laid, text)
-        }
-        Container::Zstd => {
-            let mut s = stream::Stream::new(out.file(), o.zstd_level)
-                .with_context(|| format!("compressing into {}", tmp.display()))?;
-            let mut laid = lay(o, &c, &store, &seed, &mut s, &p)?;
-            let (text, hashes) = s
-                .finish()
-                .with_context(|| format!("compressing into {}", tmp.display()))?;
-            for pr in &mut laid.partitions {
-                pr.sha256 = hashes
-                    .iter()
-                    .find(|h| (h.0, h.1) == (pr.offset, pr.size))
-                    .map(|h| h.2.clone())
-                    .filter(|_| o.hash_partitions);
-            }
-            p.stage(&format!("compressed (zstd level {})", o.zstd_level));
-            (laid, text)
-        }
+    let stage = match container {
+        Container::Raw => out::Stage::Raw(tmp.clone()),
+        Container::Zstd => out::Stage::Zstd(o.zstd_level),
     };
+    let mut w = out::ImageOut::new(out.file(), stage, o.hash_partitions)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut laid = lay(o, &c, &store, &seed, &mut w, &p)?;
+    let tapped = w
+        .finish()
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    if container == Container::Zstd {
+        p.stage(&format!("compressed (zstd level {})", o.zstd_level));
+    }
+    same_ranges(&tapped.pieces, &laid.mapped)?;
+    let bmap_text = bmap::render(laid.size, &tapped.pieces);
+    for pr in &mut laid.partitions {
+        pr.sha256 = tapped
+            .watched
+            .iter()
+            .find(|h| (h.0, h.1) == (pr.offset, pr.size))
+            .map(|h| h.2.clone());
+    }
     let mapped_bytes: u64 = bmap::blocks(&laid.mapped)
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
@@ -292,21 +270,28 @@ pub fn bmap_path_for(out: &std::path::Path) -> PathBuf {
     PathBuf::from(format!("{base}.bmap"))
 }
 
-fn write_at<W: Out>(f: &mut W, off: u64, data: &[u8]) -> std::io::Result<()> {
+fn write_at(f: &mut ImageOut, off: u64, data: &[u8]) -> std::io::Result<()> {
     f.seek(SeekFrom::Start(off))?;
     f.write_all(data)
 }
 
-fn hash_range(f: &mut File, off: u64, size: u64) -> Result<String> {
-    let mut h = Sha256::new();
-    f.seek(SeekFrom::Start(off))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = (buf.len() as u64).min(left) as usize;
-        f.read_exact(&mut buf[..n])?;
-        h.update(&buf[..n]);
-        left -= n as u64;
+/// The bmap lists what was written; the filesystems say what must be
+/// mapped. They are the same ranges, or a writer left out bytes it relies
+/// on (a device holding old data would show them) or wrote bytes it did
+/// not report: either is a bug, never a silently wrong bmap.
+fn same_ranges(written: &[(u64, u64, String)], mapped: &[(u64, u64)]) -> Result<()> {
+    let want = bmap::pieces(mapped);
+    let got: Vec<(u64, u64)> = written.iter().map(|w| (w.0, w.1)).collect();
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        let show = |r: Option<&(u64, u64)>| match r {
+            Some((a, b)) => format!("blocks {a}-{b}"),
+            None => "nothing".into(),
+        };
+        bail!(
+            "internal: the image's written blocks differ from the blocks its filesystems map: piece {i} is {} written, {} mapped",
+            show(got.get(i)),
+            show(want.get(i))
+        );
     }
-    Ok(format!("{:x}", h.finalize()))
+    Ok(())
 }

@@ -5,16 +5,17 @@ use anyhow::{bail, Context, Result};
 use formats::{ext4, fat, gpt, seed};
 
 use super::{
-    align, trees, write_at, Laid, Options, Out, PartitionReport, Planned, Progress, RootMode, ALIGN,
+    align, trees, write_at, ImageOut, Laid, Options, PartitionReport, Planned, Progress, RootMode,
+    ALIGN,
 };
 use crate::closure::{Closure, Store};
 
-pub(super) fn lay<W: Out>(
+pub(super) fn lay(
     o: &Options,
     c: &Closure,
     store: &Store,
     seed: &str,
-    f: &mut W,
+    f: &mut ImageOut,
     p: &Progress,
 ) -> Result<Laid> {
     let system = c.bootspec.spec.system.as_str();
@@ -105,7 +106,8 @@ pub(super) fn lay<W: Out>(
     write_at(f, 0, &primary).context("writing the GPT")?;
     mapped.push((0, primary.len() as u64));
     for pt in &table.partitions {
-        f.watch(pt.first_lba * ss, (pt.last_lba + 1 - pt.first_lba) * ss);
+        f.watch(pt.first_lba * ss, (pt.last_lba + 1 - pt.first_lba) * ss)
+            .context("hashing the partitions")?;
     }
     mapped.extend(esp.write(f, esp_off, "ESP")?);
     p.stage("wrote the ESP");

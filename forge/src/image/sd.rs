@@ -10,7 +10,7 @@ use formats::tree::{Kind, Owner, Tree, ROOT};
 use formats::{ext4, fat, mbr, seed};
 
 use super::{
-    align, trees, write_at, Laid, Options, Out, PartitionReport, Planned, Progress, RootMode,
+    align, trees, write_at, ImageOut, Laid, Options, PartitionReport, Planned, Progress, RootMode,
 };
 use crate::closure::{Closure, Store};
 
@@ -101,12 +101,12 @@ fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn lay<W: Out>(
+pub(super) fn lay(
     o: &Options,
     c: &Closure,
     store: &Store,
     seed: &str,
-    f: &mut W,
+    f: &mut ImageOut,
     p: &Progress,
 ) -> Result<Laid> {
     let system = c.bootspec.spec.system.as_str();
@@ -204,7 +204,8 @@ pub(super) fn lay<W: Out>(
     write_at(f, 0, &table).context("writing the MBR")?;
     let mut mapped = vec![(0, table.len() as u64)];
     for pt in &parts {
-        f.watch(pt.first_lba as u64 * 512, pt.sectors as u64 * 512);
+        f.watch(pt.first_lba as u64 * 512, pt.sectors as u64 * 512)
+            .context("hashing the partitions")?;
     }
     mapped.extend(fw.write(f, FIRMWARE_OFFSET, "firmware partition")?);
     p.stage("wrote the firmware partition");

@@ -3,12 +3,13 @@
 //! builder lays it out, so `nixos-rebuild` and `bootctl` accept it later.
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use formats::tree::{Content, Kind, Node, NodeId, Owner, Tree, ROOT};
+use formats::tree::{Content, Fragment, Kind, Node, NodeId, Owner, Tree, ROOT};
 
-use crate::closure::{store, BootSpec, Closure, Store};
+use crate::closure::{self, store, BootSpec, Closure, Store};
 
 /// Empty top-level directories a NixOS stage 2 needs and cannot create on
 /// a read-only root, with their modes.
@@ -66,10 +67,13 @@ pub fn root_tree(store: &Store, closure: &Closure) -> Result<Tree> {
     let owner = Owner {
         force: Some((0, 0)),
     };
-    for p in &closure.paths {
-        let base = store::base_name(&p.path);
-        t.add_host(sd, base.as_bytes(), &store.physical(&p.path), owner)
-            .with_context(|| format!("adding {} to the root filesystem", p.path))?;
+    let read = |p: &closure::PathInfo| {
+        Tree::read_host(&store.physical(&p.path), owner)
+            .with_context(|| format!("adding {} to the root filesystem", p.path))
+    };
+    let fragments: Vec<Result<Fragment>> = closure.paths.par_iter().map(read).collect();
+    for (p, f) in closure.paths.iter().zip(fragments) {
+        t.graft(sd, store::base_name(&p.path).as_bytes(), f?)?;
     }
     t.insert(
         ROOT,

@@ -3,7 +3,7 @@
 //! and recorded, so a bmap of the result maps exactly what matters.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 
 use super::inode::{self, Extent, Inode};
 use super::{csum, dir, Content, Ext4Error, Kind, Plan, What, BS, BS64, FIRST_INO, JOURNAL_INO};
@@ -32,7 +32,7 @@ const RO_METADATA_CSUM: u32 = 0x400;
 const FLAGS_SIGNED_HASH: u32 = 0x1;
 
 struct Out<'w, W: Write + Seek> {
-    w: BufWriter<&'w mut W>,
+    w: &'w mut W,
     base: u64,
     pos: Option<u64>,
     mapped: Vec<(u64, u64)>, // blocks
@@ -62,7 +62,10 @@ impl Plan<'_> {
         csum::fs_seed(&self.opts.uuid)
     }
 
-    /// Write the filesystem into `out` starting at byte `base`.
+    /// Write the filesystem into `out` starting at byte `base`, in
+    /// ascending order. Writes go straight to `out` (whole blocks, often
+    /// small): give it a buffered target (`forge image`'s own output
+    /// assembles chunks; a plain file wants a `BufWriter`).
     pub fn write<W: Write + Seek>(&self, out: &mut W, base: u64) -> Result<Written, Ext4Error> {
         let g = &self.geometry;
         let fs_seed = self.fs_seed();
@@ -126,7 +129,7 @@ impl Plan<'_> {
         items.sort_by_key(|it| it.0);
 
         let mut o = Out {
-            w: BufWriter::with_capacity(4 << 20, out),
+            w: out,
             base,
             pos: None,
             mapped: Vec::new(),
