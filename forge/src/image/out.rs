@@ -647,3 +647,118 @@ impl ImageOut {
         self.send_watch(ToWatch::Watch(off, len))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use formats::bmap;
+    use std::io::Read;
+
+    /// Writes that exercise every edge: partial blocks, two writes in one
+    /// block, a write across chunks, gaps inside a chunk and between
+    /// chunks, a run longer than a bmap piece, an image size that is not
+    /// a multiple of the block.
+    fn lay(w: &mut ImageOut, len: u64) -> Vec<(u64, u64)> {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect()
+        };
+        let mut writes: Vec<(u64, usize)> = vec![
+            (0, 512),
+            (1024, 100),
+            (3 * 4096 + 7, 20_000),
+            (CHUNK as u64 - 4096, 3 * 4096),
+            (3 * CHUNK as u64, 17 * CHUNK),
+            (21 * CHUNK as u64 + 8192, 10),
+        ];
+        // Small writes into chunks reused after the long run (stale bytes
+        // around them must read as zeros).
+        for k in 22..30u64 {
+            writes.push((k * CHUNK as u64 + k * 4096 + 5, 10));
+        }
+        writes.push((len - 300, 300));
+        w.set_len(len).unwrap();
+        w.watch(0, 2 * CHUNK as u64).unwrap();
+        w.watch(3 * CHUNK as u64, len - 3 * CHUNK as u64).unwrap();
+        for &(off, n) in &writes {
+            w.seek(SeekFrom::Start(off)).unwrap();
+            w.write_all(&bytes(n)).unwrap();
+        }
+        writes.iter().map(|&(o, n)| (o, n as u64)).collect()
+    }
+
+    fn sha(data: &[u8]) -> String {
+        format!("{:x}", Sha256::digest(data))
+    }
+
+    #[test]
+    fn pieces_and_hashes_match_a_read_back_and_zstd_matches_raw() {
+        let len = 30 * CHUNK as u64 + 1234;
+        let dir = tempfile::tempdir().unwrap();
+        let raw_path = dir.path().join("x.img");
+        let raw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&raw_path)
+            .unwrap();
+        let mut w = ImageOut::new(&raw, Stage::Raw(raw_path.clone()), true).unwrap();
+        let mapped = lay(&mut w, len);
+        let got = w.finish().unwrap();
+
+        // The reference: bmap::create reads the finished file back.
+        assert_eq!(raw.metadata().unwrap().len(), len);
+        let want = bmap::create(&raw, len, &mapped).unwrap();
+        assert_eq!(bmap::render(len, &got.pieces), want);
+        assert!(got.pieces.len() > 3, "{:?}", got.pieces);
+        let image = std::fs::read(&raw_path).unwrap();
+        let w0 = &got.watched;
+        assert_eq!(w0[0].2, sha(&image[..2 * CHUNK]));
+        assert_eq!(w0[1].2, sha(&image[3 * CHUNK..]));
+        // Unwritten blocks stay holes.
+        use std::os::unix::fs::MetadataExt;
+        assert!(raw.metadata().unwrap().blocks() * 512 < 20 * CHUNK as u64);
+
+        let zst_path = dir.path().join("x.img.zst");
+        let zst = File::create(&zst_path).unwrap();
+        let mut w = ImageOut::new(&zst, Stage::Zstd(3), true).unwrap();
+        lay(&mut w, len);
+        let got_z = w.finish().unwrap();
+        assert_eq!(got_z.pieces, got.pieces);
+        assert_eq!(got_z.watched, got.watched);
+        let mut out = Vec::new();
+        zstd::stream::read::Decoder::new(File::open(&zst_path).unwrap())
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == image, "the .zst decompresses to the raw image");
+    }
+
+    #[test]
+    fn writes_must_ascend_and_stay_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.img");
+        let f = File::create(&p).unwrap();
+        let mut w = ImageOut::new(&f, Stage::Raw(p), false).unwrap();
+        w.set_len(1 << 20).unwrap();
+        w.seek(SeekFrom::Start(8192)).unwrap();
+        w.write_all(b"later").unwrap();
+        w.seek(SeekFrom::Start(4096)).unwrap();
+        let e = w.write_all(b"earlier").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a write at byte 4096 after byte 8197"),
+            "{e}"
+        );
+        w.seek(SeekFrom::Start((1 << 20) - 2)).unwrap();
+        let e = w.write_all(b"past").unwrap_err();
+        assert!(e.to_string().contains("goes past the image's end"), "{e}");
+    }
+}
