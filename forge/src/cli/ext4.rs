@@ -1,7 +1,6 @@
 //! `forge ext4`: the ext4 writer on its own, for direct use and tests.
 
 use anyhow::{bail, Context, Result};
-use std::io::Write;
 use std::path::PathBuf;
 
 use formats::ext4::{self, Owner, Size, Slack, Tree};
@@ -83,15 +82,11 @@ pub fn run(a: Ext4Args) -> Result<()> {
         return Ok(());
     }
     let mut out = AtomicOutput::create(&a.output)?;
-    out.file()
-        .set_len(plan.size_bytes())
-        .with_context(|| format!("sizing {}", out.temp_path().display()))?;
-    let mut w = std::io::BufWriter::with_capacity(4 << 20, out.file());
-    plan.write(&mut w, 0)
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    w.flush()
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    drop(w);
+    out.write_image(plan.size_bytes(), |w| {
+        plan.write(w, 0)
+            .with_context(|| format!("writing {}", a.output.display()))?;
+        Ok(())
+    })?;
     out.commit()?;
     eprintln!("{summary}");
     Ok(())

@@ -45,9 +45,11 @@ pub fn run(a: FatArgs) -> Result<()> {
     };
     let plan = fat::plan(&tree, &opts)?;
     let mut out = AtomicOutput::create(&a.output)?;
-    out.file().set_len(plan.size_bytes())?;
-    plan.write(out.file(), 0)
-        .with_context(|| format!("writing {}", a.output.display()))?;
+    out.write_image(plan.size_bytes(), |w| {
+        plan.write(w, 0)
+            .with_context(|| format!("writing {}", a.output.display()))?;
+        Ok(())
+    })?;
     out.commit()
 }
 

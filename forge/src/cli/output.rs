@@ -4,6 +4,8 @@
 
 use anyhow::{Context, Result};
 use std::fs::File;
+
+use crate::image::out::{Hashes, ImageOut, Stage};
 use std::path::{Path, PathBuf};
 
 pub struct AtomicOutput {
@@ -37,6 +39,24 @@ impl AtomicOutput {
 
     pub fn temp_path(&self) -> &Path {
         self.tmp.path()
+    }
+
+    /// Fill the file with one filesystem of `size` bytes the way `forge
+    /// image` writes images: in ascending order, sparse, O_DIRECT.
+    pub(crate) fn write_image(
+        &mut self,
+        size: u64,
+        write: impl FnOnce(&mut ImageOut) -> Result<()>,
+    ) -> Result<()> {
+        let tmp = self.tmp.path().to_owned();
+        let what = || format!("writing {}", tmp.display());
+        let stage = Stage::Raw(tmp.clone());
+        let mut w =
+            ImageOut::new(self.tmp.as_file(), stage, Hashes::default()).with_context(what)?;
+        w.set_len(size).with_context(what)?;
+        write(&mut w)?;
+        w.finish().with_context(what)?;
+        Ok(())
     }
 
     /// Flush to disk and move into place.

@@ -5,7 +5,7 @@
 //! way (`stream`). Either way the bmap lists exactly the blocks written,
 //! and those must be the blocks the filesystems say they use.
 
-mod out;
+pub(crate) mod out;
 mod raw_efi;
 mod sd;
 pub mod trees;
@@ -212,7 +212,11 @@ pub fn build(o: &Options) -> Result<Report> {
         Container::Raw => out::Stage::Raw(tmp.clone()),
         Container::Zstd => out::Stage::Zstd(o.zstd_level),
     };
-    let mut w = out::ImageOut::new(out.file(), stage, o.hash_partitions)
+    let hashes = out::Hashes {
+        bmap: true,
+        partitions: o.hash_partitions,
+    };
+    let mut w = out::ImageOut::new(out.file(), stage, hashes)
         .with_context(|| format!("writing {}", tmp.display()))?;
     let mut laid = lay(o, &c, &store, &seed, &mut w, &p)?;
     let tapped = w

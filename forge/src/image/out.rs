@@ -37,9 +37,12 @@ use formats::sys::Aligned;
 
 const CHUNK: usize = 4 << 20;
 const BLOCKS: usize = CHUNK / BLOCK as usize;
-/// Chunks allocated at most: enough for every hash worker to hold a whole
-/// piece while the disk stage writes ahead.
+/// Chunks allocated at most for a raw image: enough for two hash workers
+/// to each hold a piece (16 chunks) while the disk stage writes ahead.
 const POOL: usize = 24;
+/// Without bmap hashing, or behind zstd (slower than hashing), a few
+/// chunks ahead suffice.
+const POOL_SMALL: usize = 8;
 
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
@@ -49,6 +52,15 @@ pub(crate) enum Stage {
     Raw(std::path::PathBuf),
     /// The zstd level.
     Zstd(i32),
+}
+
+/// What the image's bytes are hashed for (nothing, for a bare filesystem).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Hashes {
+    /// The bmap's pieces.
+    pub(crate) bmap: bool,
+    /// The watched ranges (the partitions, for --json).
+    pub(crate) partitions: bool,
 }
 
 /// (offset, length, SHA-256 hex) of a watched range.
@@ -178,6 +190,9 @@ impl Pieces {
     }
 
     fn close(&mut self) -> Result<(), ()> {
+        if self.workers.is_empty() {
+            return Ok(());
+        }
         if let Some((id, first, count)) = self.open.take() {
             let last = first + count - 1;
             self.worker(id)
@@ -189,6 +204,9 @@ impl Pieces {
 
     /// A chunk's first `len` bytes, cut into pieces of touched blocks.
     fn feed(&mut self, c: &Shared, len: usize) -> Result<(), ()> {
+        if self.workers.is_empty() {
+            return Ok(());
+        }
         let base = c.off / BLOCK;
         if base != self.next_block {
             self.close()?;
@@ -236,7 +254,9 @@ pub(crate) struct ImageOut {
     pos: u64,
     len: u64,
     cur: Option<Box<Chunk>>,
+    /// Chunks allocated, and how many may be.
     allocated: usize,
+    pool: usize,
     free: Receiver<Box<Chunk>>,
     back: Sender<Box<Chunk>>,
     disk: Option<SyncSender<ToDisk>>,
@@ -256,10 +276,14 @@ fn spawn<T: Send + 'static>(
 }
 
 impl ImageOut {
-    /// Write into `file` (created empty) as `stage` says; `hash_watches`:
-    /// whether watched ranges (the partitions) are hashed.
-    pub(crate) fn new(file: &File, stage: Stage, hash_watches: bool) -> io::Result<ImageOut> {
+    /// Write into `file` (created empty) as `stage` says, hashing what
+    /// `hashes` asks for.
+    pub(crate) fn new(file: &File, stage: Stage, hashes: Hashes) -> io::Result<ImageOut> {
         let (disk, to_disk) = sync_channel::<ToDisk>(POOL);
+        let pool = match stage {
+            Stage::Raw(_) if hashes.bmap => POOL,
+            _ => POOL_SMALL,
+        };
         let disk_thread = match stage {
             Stage::Raw(path) => {
                 let f = match formats::sys::open_direct_write(&path)? {
@@ -273,7 +297,10 @@ impl ImageOut {
                 spawn("image-zstd", move || write_zstd(f, level, to_disk))?
             }
         };
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+        let n = match hashes.bmap {
+            true => std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4)),
+            false => 0,
+        };
         let mut workers = Vec::new();
         let mut hash_threads = Vec::new();
         for _ in 0..n {
@@ -281,7 +308,7 @@ impl ImageOut {
             workers.push(tx);
             hash_threads.push(spawn("image-hash", move || hash_pieces(rx))?);
         }
-        let (watch, watch_thread) = if hash_watches {
+        let (watch, watch_thread) = if hashes.partitions {
             let (tx, rx) = sync_channel::<ToWatch>(POOL);
             (
                 Some(tx),
@@ -297,6 +324,7 @@ impl ImageOut {
             len: 0,
             cur: None,
             allocated: 0,
+            pool,
             free,
             back,
             disk: Some(disk),
@@ -352,7 +380,7 @@ impl ImageOut {
     fn fresh(&mut self, off: u64) -> io::Result<Box<Chunk>> {
         let mut c = match self.free.try_recv() {
             Ok(c) => c,
-            Err(_) if self.allocated < POOL => {
+            Err(_) if self.allocated < self.pool => {
                 self.allocated += 1;
                 Box::new(Chunk {
                     off: 0,
@@ -694,6 +722,11 @@ mod tests {
         writes.iter().map(|&(o, n)| (o, n as u64)).collect()
     }
 
+    const ALL: Hashes = Hashes {
+        bmap: true,
+        partitions: true,
+    };
+
     fn sha(data: &[u8]) -> String {
         format!("{:x}", Sha256::digest(data))
     }
@@ -709,7 +742,7 @@ mod tests {
             .create_new(true)
             .open(&raw_path)
             .unwrap();
-        let mut w = ImageOut::new(&raw, Stage::Raw(raw_path.clone()), true).unwrap();
+        let mut w = ImageOut::new(&raw, Stage::Raw(raw_path.clone()), ALL).unwrap();
         let mapped = lay(&mut w, len);
         let got = w.finish().unwrap();
 
@@ -728,7 +761,7 @@ mod tests {
 
         let zst_path = dir.path().join("x.img.zst");
         let zst = File::create(&zst_path).unwrap();
-        let mut w = ImageOut::new(&zst, Stage::Zstd(3), true).unwrap();
+        let mut w = ImageOut::new(&zst, Stage::Zstd(3), ALL).unwrap();
         lay(&mut w, len);
         let got_z = w.finish().unwrap();
         assert_eq!(got_z.pieces, got.pieces);
@@ -746,7 +779,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.img");
         let f = File::create(&p).unwrap();
-        let mut w = ImageOut::new(&f, Stage::Raw(p), false).unwrap();
+        let mut w = ImageOut::new(&f, Stage::Raw(p), Hashes::default()).unwrap();
         w.set_len(1 << 20).unwrap();
         w.seek(SeekFrom::Start(8192)).unwrap();
         w.write_all(b"later").unwrap();
