@@ -335,6 +335,26 @@ fn same_input_gives_the_same_image_and_bmap() {
     );
 }
 
+/// Outputs get the mode any other new file gets (0666 less the umask),
+/// not the temporary file's 0600.
+#[test]
+fn outputs_are_created_with_the_umask_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let umask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+        .unwrap();
+    let sys = system("x86_64");
+    let a = forge_image(&sys, 512, &[]);
+    let bmap = PathBuf::from(format!("{}.bmap", a.img.display()));
+    for f in [&a.img, &bmap] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask, "{}", f.display());
+    }
+}
+
 // ---- bad input ----
 
 fn image_err(sys_path: &Path, root: &Path, out_dir: &Path, extra: &[&str]) -> String {

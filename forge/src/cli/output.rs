@@ -22,9 +22,12 @@ impl AtomicOutput {
         let name = target
             .file_name()
             .with_context(|| format!("{}: not a file name", target.display()))?;
+        // Created 0666 less the umask, as any other output file (the
+        // temporary file's default, 0600, would follow it into place).
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{}.", name.to_string_lossy()))
             .suffix(".tmp")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .tempfile_in(dir)
             .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
         Ok(AtomicOutput {
