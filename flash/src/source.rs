@@ -151,6 +151,16 @@ impl Source {
         })
     }
 
+    /// A reader of a raw source's bytes at any offset, for pieces that
+    /// [`Reader::next_piece`] left unread.
+    pub fn piece_reader(&self) -> Result<PieceReader> {
+        let file = File::open(&self.path).with_context(|| self.path.display().to_string())?;
+        Ok(PieceReader {
+            file,
+            path: self.path.clone(),
+        })
+    }
+
     /// The checker of range `i` (as numbered in [`Piece::range`]).
     pub fn range_check(&self, i: usize) -> RangeCheck {
         let (off, len, want) = self.spans[i].clone();
@@ -260,6 +270,24 @@ pub struct Piece {
     pub len: usize,
     pub range: usize,
     pub last: bool,
+    /// Whether the bytes were read into the buffer (see
+    /// [`Reader::next_piece`]).
+    pub filled: bool,
+}
+
+/// See [`Source::piece_reader`].
+pub struct PieceReader {
+    file: File,
+    path: PathBuf,
+}
+
+impl PieceReader {
+    /// Bytes `at..at + buf.len()` of the raw source.
+    pub fn read(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, at)
+            .with_context(|| format!("{}: reading at byte {at}", self.path.display()))
+    }
 }
 
 /// See [`Source::reader`].
@@ -281,6 +309,19 @@ impl Reader<'_> {
     /// `buf`, or `None` after the last range. When checking, a range whose
     /// checksum fails is an error before its last bytes are returned.
     pub fn next_into(&mut self, buf: &mut [u8]) -> Result<Option<Piece>> {
+        self.next(buf, true)
+    }
+
+    /// Like [`Reader::next_into`], but a raw (uncompressed) source is not
+    /// read: the piece says where its bytes are and `filled` is false, so
+    /// another thread can read them with [`Source::read_piece`]. A zstd
+    /// source can only be read in order, here.
+    pub fn next_piece(&mut self, buf: &mut [u8]) -> Result<Option<Piece>> {
+        assert!(!self.check, "a checking reader reads every byte itself");
+        self.next(buf, false)
+    }
+
+    fn next(&mut self, buf: &mut [u8], fill: bool) -> Result<Option<Piece>> {
         let path = self.src.path.display();
         loop {
             let Some(&(off, len, _)) = self.src.spans.get(self.i) else {
@@ -304,15 +345,20 @@ impl Reader<'_> {
             }
             let at = off + self.done;
             let n = (buf.len() as u64).min(len - self.done) as usize;
-            match self.dec.as_mut() {
-                Some(d) => d
-                    .read_exact(&mut buf[..n])
-                    .with_context(|| format!("{path}: decompressing at byte {at}"))?,
-                None => self
-                    .file
-                    .read_exact_at(&mut buf[..n], at)
-                    .with_context(|| format!("{path}: reading at byte {at}"))?,
-            }
+            let filled = match self.dec.as_mut() {
+                Some(d) => {
+                    d.read_exact(&mut buf[..n])
+                        .with_context(|| format!("{path}: decompressing at byte {at}"))?;
+                    true
+                }
+                None if fill => {
+                    self.file
+                        .read_exact_at(&mut buf[..n], at)
+                        .with_context(|| format!("{path}: reading at byte {at}"))?;
+                    true
+                }
+                None => false,
+            };
             if let Some(c) = self.sum.as_mut() {
                 c.update(&buf[..n]);
             }
@@ -323,6 +369,7 @@ impl Reader<'_> {
                 len: n,
                 range: self.i,
                 last: self.done == len,
+                filled,
             };
             if piece.last {
                 if let Some(c) = self.sum.take() {

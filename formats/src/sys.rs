@@ -68,3 +68,48 @@ pub fn open_direct_write(path: &std::path::Path) -> io::Result<Option<File>> {
         Err(e) => Err(e),
     }
 }
+
+/// A buffer from a pool, shared read-only by several threads (as
+/// `Arc<Lease<T>>`): when the last of them drops it, it goes back to the
+/// pool's channel to be filled again. Whoever takes it from the pool
+/// resets it.
+pub struct Lease<T> {
+    item: Option<T>,
+    back: std::sync::mpsc::Sender<T>,
+}
+
+impl<T> Lease<T> {
+    pub fn new(item: T, back: std::sync::mpsc::Sender<T>) -> Lease<T> {
+        Lease {
+            item: Some(item),
+            back,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for Lease<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.item
+            .as_ref()
+            .expect("a lease holds its item until dropped")
+    }
+}
+
+/// Only its holder writes: before it is shared.
+impl<T> std::ops::DerefMut for Lease<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.item
+            .as_mut()
+            .expect("a lease holds its item until dropped")
+    }
+}
+
+impl<T> Drop for Lease<T> {
+    fn drop(&mut self) {
+        if let Some(item) = self.item.take() {
+            // A pool that is gone needs nothing back.
+            let _ = self.back.send(item);
+        }
+    }
+}

@@ -26,14 +26,13 @@
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::ops::Deref;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use formats::bmap::{BLOCK, MAX_RANGE_BLOCKS};
-use formats::sys::Aligned;
+use formats::sys::{Aligned, Lease};
 
 const CHUNK: usize = 4 << 20;
 const BLOCKS: usize = CHUNK / BLOCK as usize;
@@ -121,33 +120,9 @@ impl Chunk {
     }
 }
 
-/// A sealed chunk, shared by the threads; the last to drop it zeroes it
-/// and hands it back for reuse.
-struct Lease {
-    chunk: Option<Box<Chunk>>,
-    back: Sender<Box<Chunk>>,
-}
-
-impl Deref for Lease {
-    type Target = Chunk;
-    fn deref(&self) -> &Chunk {
-        self.chunk
-            .as_ref()
-            .expect("a lease holds its chunk until dropped")
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.chunk.take() {
-            // Untouched blocks are never read, so the bytes can stay.
-            c.touched = [false; BLOCKS];
-            let _ = self.back.send(c);
-        }
-    }
-}
-
-type Shared = Arc<Lease>;
+/// A sealed chunk, shared by the threads; the last to drop it hands it
+/// back for reuse.
+type Shared = Arc<Lease<Box<Chunk>>>;
 
 enum ToDisk {
     Len(u64),
@@ -394,6 +369,8 @@ impl ImageOut {
             },
         };
         c.off = off;
+        // Untouched blocks are never read, so their bytes can stay.
+        c.touched = [false; BLOCKS];
         Ok(c)
     }
 
@@ -403,10 +380,7 @@ impl ImageOut {
             return Ok(());
         };
         let n = (self.len.saturating_sub(c.off) as usize).min(CHUNK);
-        let shared = Arc::new(Lease {
-            chunk: Some(c),
-            back: self.back.clone(),
-        });
+        let shared = Arc::new(Lease::new(c, self.back.clone()));
         if self.pieces.feed(&shared, n).is_err() {
             return Err(self.stopped());
         }
