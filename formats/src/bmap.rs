@@ -33,16 +33,19 @@ pub fn blocks(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
 pub const MAX_RANGE_BLOCKS: u64 = 16384;
 
 /// The (first, last) block ranges a bmap lists for the mapped byte ranges:
-/// merged, then cut into pieces of at most [`MAX_RANGE_BLOCKS`].
+/// merged, then cut at every multiple of [`MAX_RANGE_BLOCKS`] (windows of
+/// the image, so each piece can be hashed on its own).
 pub fn pieces(mapped: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    blocks(mapped)
-        .into_iter()
-        .flat_map(|(first, last)| {
-            (first..=last)
-                .step_by(MAX_RANGE_BLOCKS as usize)
-                .map(move |s| (s, (s + MAX_RANGE_BLOCKS - 1).min(last)))
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (first, last) in blocks(mapped) {
+        let mut s = first;
+        while s <= last {
+            let window_end = (s / MAX_RANGE_BLOCKS + 1) * MAX_RANGE_BLOCKS - 1;
+            out.push((s, window_end.min(last)));
+            s = window_end + 1;
+        }
+    }
+    out
 }
 
 /// Render the bmap of `image` (of `image_size` bytes) for the mapped byte

@@ -13,6 +13,7 @@ pub mod mbr;
 pub mod nar;
 pub mod nixbase32;
 pub mod seed;
+pub mod sink;
 pub mod sys;
 pub mod time;
 pub mod tree;

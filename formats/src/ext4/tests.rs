@@ -159,6 +159,8 @@ impl std::io::Write for Ascending {
     }
 }
 
+impl crate::sink::Sink for Ascending {}
+
 impl std::io::Seek for Ascending {
     fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
         match to {

@@ -3,10 +3,11 @@
 //! and recorded, so a bmap of the result maps exactly what matters.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 
 use super::inode::{self, Extent, Inode};
 use super::{csum, dir, Content, Ext4Error, Kind, Plan, What, BS, BS64, FIRST_INO, JOURNAL_INO};
+use crate::sink::Sink;
 
 /// What was written: the filesystem's size and the byte ranges (relative
 /// to its start) whose content matters.
@@ -31,14 +32,38 @@ const RO_EXTRA_ISIZE: u32 = 0x40;
 const RO_METADATA_CSUM: u32 = 0x400;
 const FLAGS_SIGNED_HASH: u32 = 0x1;
 
-struct Out<'w, W: Write + Seek> {
+struct Out<'w, W: Sink> {
     w: &'w mut W,
     base: u64,
     pos: Option<u64>,
     mapped: Vec<(u64, u64)>, // blocks
 }
 
-impl<W: Write + Seek> Out<'_, W> {
+impl<W: Sink> Out<'_, W> {
+    /// Extent `e` of a host file of `size` bytes, by reference if the
+    /// sink takes it so (false: the caller must copy it).
+    fn host(&mut self, e: &Extent, path: &std::path::Path, size: u64) -> Result<bool, Ext4Error> {
+        let off = self.base + e.physical * BS64;
+        let werr = |err| Ext4Error::Write { offset: off, err };
+        let span = e.len as u64 * BS64;
+        let from = e.logical as u64 * BS64;
+        let len = span.min(size.saturating_sub(from));
+        if self.pos != Some(off) {
+            self.w.seek(SeekFrom::Start(off)).map_err(werr)?;
+            self.pos = Some(off);
+        }
+        if !self.w.put_host(path, from, len, span, size).map_err(werr)? {
+            return Ok(false);
+        }
+        self.pos = Some(off + span);
+        let n = e.len as u64;
+        match self.mapped.last_mut() {
+            Some(m) if m.0 + m.1 == e.physical => m.1 += n,
+            _ => self.mapped.push((e.physical, n)),
+        }
+        Ok(true)
+    }
+
     fn at(&mut self, block: u64, data: &[u8]) -> Result<(), Ext4Error> {
         debug_assert_eq!(data.len() % BS, 0);
         let off = self.base + block * BS64;
@@ -66,7 +91,7 @@ impl Plan<'_> {
     /// ascending order. Writes go straight to `out` (whole blocks, often
     /// small): give it a buffered target (`forge image`'s own output
     /// assembles chunks; a plain file wants a `BufWriter`).
-    pub fn write<W: Write + Seek>(&self, out: &mut W, base: u64) -> Result<Written, Ext4Error> {
+    pub fn write<W: Sink>(&self, out: &mut W, base: u64) -> Result<Written, Ext4Error> {
         let g = &self.geometry;
         let fs_seed = self.fs_seed();
         // Inode tables (and extent trees, whose roots live in the inodes).
@@ -261,7 +286,7 @@ impl Plan<'_> {
     }
 
     /// Extent `k` of inode `idx`, at its physical blocks.
-    fn write_extent<W: Write + Seek>(
+    fn write_extent<W: Sink>(
         &self,
         o: &mut Out<W>,
         idx: usize,
@@ -306,11 +331,7 @@ impl Plan<'_> {
         Ok(())
     }
 
-    fn write_journal<W: Write + Seek>(
-        &self,
-        o: &mut Out<W>,
-        extents: &[Extent],
-    ) -> Result<(), Ext4Error> {
+    fn write_journal<W: Sink>(&self, o: &mut Out<W>, extents: &[Extent]) -> Result<(), Ext4Error> {
         // jbd2 superblock v2 (big-endian), clean: s_start = 0. The rest is
         // zeroed explicitly so stale device data can never look like a
         // transaction.
@@ -526,13 +547,23 @@ enum Item {
     Extent(usize, usize),
 }
 
-fn copy_host<W: Write + Seek>(
+fn copy_host<W: Sink>(
     o: &mut Out<W>,
     path: &std::path::Path,
     size: u64,
     extents: &[Extent],
     buf: &mut Vec<u8>,
 ) -> Result<(), Ext4Error> {
+    // A sink takes host bytes by reference always or never: its first
+    // answer holds for every extent.
+    if let Some((first, rest)) = extents.split_first() {
+        if o.host(first, path, size)? {
+            for e in rest {
+                o.host(e, path, size)?;
+            }
+            return Ok(());
+        }
+    }
     let rerr = |err| Ext4Error::Read {
         path: path.to_owned(),
         err,
