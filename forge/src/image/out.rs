@@ -53,8 +53,9 @@ const SLICE: usize = 64 << 10;
 /// Chunks allocated at most for a raw image: enough for two workers to
 /// each hold a window (16 chunks) while the disk stage writes.
 const POOL: usize = 32;
-/// Without bmap hashing, or behind zstd (slower than hashing), fewer do.
-const POOL_SMALL: usize = 20;
+/// Without bmap hashing, or behind zstd (slower than hashing), a few
+/// chunks ahead suffice.
+const POOL_SMALL: usize = 8;
 
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
