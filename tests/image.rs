@@ -335,6 +335,45 @@ fn same_input_gives_the_same_image_and_bmap() {
     );
 }
 
+/// Where the output's filesystem refuses O_DIRECT (ramfs does), the image
+/// goes through the page cache instead: the same image and bmap.
+#[test]
+fn output_where_o_direct_is_refused_is_the_same_image() {
+    use std::os::unix::fs::OpenOptionsExt;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let sys = system("x86_64");
+    let a = forge_image(&sys, 512, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    sh(&format!("mount -t ramfs ramfs {}", dir.path().display()));
+    let _mounted = Unmount(dir.path().to_owned());
+    let probe = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.path().join("probe"));
+    assert_eq!(
+        probe.err().and_then(|e| e.raw_os_error()),
+        Some(libc::EINVAL),
+        "ramfs must refuse O_DIRECT for this test to mean anything"
+    );
+    let img = dir.path().join("disk.img");
+    ok(forge()
+        .arg("image")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(&sys.root)
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&img));
+    assert_eq!(sha256_file(&img), sha256_file(&a.img));
+    let bm = |i: &Path| sha256_file(Path::new(&format!("{}.bmap", i.display())));
+    assert_eq!(bm(&img), bm(&a.img));
+}
+
 /// Outputs get the mode any other new file gets (0666 less the umask),
 /// not the temporary file's 0600.
 #[test]
