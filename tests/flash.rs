@@ -16,11 +16,7 @@ fn flash() -> Command {
 fn raw_efi(dir: &Path, sector: u32) -> PathBuf {
     let sys = system("x86_64");
     let img = dir.join("disk.img");
-    ok(forge()
-        .arg("image")
-        .arg(&sys.result)
-        .arg("--root")
-        .arg(&sys.root)
+    ok(forge_image_of(&sys)
         .args([
             "--format",
             "raw-efi",
@@ -163,11 +159,7 @@ fn zst_with_its_bmap_and_a_bmaptool_bmap() {
     std::fs::create_dir(&fw).unwrap();
     std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
     let zst = d.path().join("nixos.img.zst");
-    ok(forge()
-        .arg("image")
-        .arg(&sys.result)
-        .arg("--root")
-        .arg(&sys.root)
+    ok(forge_image_of(&sys)
         .args(["--format", "sd-aarch64", "--firmware"])
         .arg(&fw)
         .arg("-o")

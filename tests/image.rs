@@ -16,11 +16,7 @@ struct Image {
 fn forge_image(sys: &System, sector: u32, extra: &[&str]) -> Image {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
-    let out = ok(forge()
-        .arg("image")
-        .arg(&sys.result)
-        .arg("--root")
-        .arg(&sys.root)
+    let out = ok(forge_image_of(sys)
         .args([
             "--format",
             "raw-efi",
@@ -362,11 +358,7 @@ fn output_where_o_direct_is_refused_is_the_same_image() {
         "ramfs must refuse O_DIRECT for this test to mean anything"
     );
     let img = dir.path().join("disk.img");
-    ok(forge()
-        .arg("image")
-        .arg(&sys.result)
-        .arg("--root")
-        .arg(&sys.root)
+    ok(forge_image_of(&sys)
         .args(["--format", "raw-efi", "-o"])
         .arg(&img));
     assert_eq!(sha256_file(&img), sha256_file(&a.img));
@@ -499,14 +491,12 @@ fn fixed_sizes_too_small_say_what_is_needed() {
 #[test]
 fn unwritable_output_directory_and_unknown_format_are_refused() {
     let sys = system("x86_64");
-    let e = fails(
-        forge()
-            .arg("image")
-            .arg(&sys.result)
-            .arg("--root")
-            .arg(&sys.root)
-            .args(["--format", "raw-efi", "-o", "/nonexistent/dir/disk.img"]),
-    );
+    let e = fails(forge_image_of(&sys).args([
+        "--format",
+        "raw-efi",
+        "-o",
+        "/nonexistent/dir/disk.img",
+    ]));
     assert!(last_line(&e).contains("/nonexistent/dir"), "{e}");
     let out = tempfile::tempdir().unwrap();
     let e = fails(

@@ -52,6 +52,14 @@ pub fn forge() -> Command {
     Command::new(bin("forge"))
 }
 
+/// `forge image SYSTEM --root ROOT` of a fixture system; the caller adds
+/// the format, output and options.
+pub fn forge_image_of(sys: &System) -> Command {
+    let mut c = forge();
+    c.arg("image").arg(&sys.result).arg("--root").arg(&sys.root);
+    c
+}
+
 /// A fixture system: its store root and toplevel.
 pub struct System {
     pub arch: &'static str,

@@ -35,11 +35,7 @@ fn firmware(dir: &Path) -> PathBuf {
 fn forge_sd(sys: &System, out_name: &str, extra: &[&str]) -> Sd {
     let dir = tempfile::tempdir().unwrap();
     let fw = firmware(dir.path());
-    let out = ok(forge()
-        .arg("image")
-        .arg(&sys.result)
-        .arg("--root")
-        .arg(&sys.root)
+    let out = ok(forge_image_of(sys)
         .args(["--format", "sd-aarch64", "--json", "--firmware"])
         .arg(&fw)
         .arg("-o")
@@ -284,11 +280,7 @@ fn same_input_gives_the_same_zst_and_raw_image() {
 
 fn sd_err(sys: &System, out: &Path, extra: &[&str]) -> String {
     let e = fails(
-        forge()
-            .arg("image")
-            .arg(&sys.result)
-            .arg("--root")
-            .arg(&sys.root)
+        forge_image_of(sys)
             .args(["--format", "sd-aarch64"])
             .args(extra),
     );
