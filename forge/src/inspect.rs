@@ -8,61 +8,30 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::layout::report::type_name;
+use crate::layout::{BootEntry, Disk, Fs, Part, Role, MANIFEST_VERSION};
 use formats::{fat, gpt, seed};
 
+/// `forge inspect`'s answer: the image's name and the disk it holds.
 #[derive(Serialize)]
 pub struct Report {
     pub image: String,
-    pub size: u64,
-    pub table: &'static str,
-    pub sector_size: u64,
-    pub disk_id: String,
-    pub partitions: Vec<Part>,
+    #[serde(flatten)]
+    pub disk: Disk,
 }
 
-#[derive(Serialize)]
-pub struct Part {
-    pub number: usize,
-    pub offset: u64,
-    pub size: u64,
-    pub type_id: String,
-    pub type_name: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub guid: Option<String>,
-    pub name: String,
-    pub read_only: bool,
-    pub bootable: bool,
-    pub filesystem: Option<Fs>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub boot_entries: Vec<BootEntry>,
-}
-
-#[derive(Serialize)]
-pub struct Fs {
-    pub kind: &'static str,
-    pub label: String,
-    pub uuid: String,
-}
-
-#[derive(Serialize)]
-pub struct BootEntry {
-    pub loader: &'static str,
-    pub file: String,
-    /// key → value, in file order.
-    pub fields: Vec<(String, String)>,
-}
-
-fn type_name(t: &str) -> &'static str {
-    match t {
-        gpt::types::ESP => "esp",
-        gpt::types::ROOT_X86_64 => "root-x86-64",
-        gpt::types::ROOT_AARCH64 => "root-arm64",
-        gpt::types::VAR => "var",
-        "0fc63daf-8483-4772-8e79-3d69d8477de4" => "linux-generic",
-        "0c" => "fat32-lba",
-        "83" => "linux",
-        "ee" => "gpt-protective",
-        _ => "unknown",
+/// The role our layouts give a partition of this type (or, on an MBR,
+/// of this filesystem).
+fn role(p: &Part) -> Option<Role> {
+    let label = p.filesystem.as_ref().map(|f| f.label.as_str());
+    match (p.type_name.as_str(), label) {
+        ("esp", _) => Some(Role::Esp),
+        ("root-x86-64" | "root-arm64", _) => Some(Role::Root),
+        ("var", _) => Some(Role::State),
+        ("fat32-lba", Some("FIRMWARE")) => Some(Role::Firmware),
+        ("linux", Some("state")) => Some(Role::State),
+        ("linux", _) if p.bootable => Some(Role::Root),
+        _ => None,
     }
 }
 
@@ -93,16 +62,18 @@ pub fn inspect(path: &Path) -> Result<Report> {
             for (i, p) in g.partitions.iter().enumerate() {
                 let t = seed::format_uuid(&p.type_guid);
                 parts.push(Part {
-                    number: i + 1,
+                    number: i as u32 + 1,
+                    role: None,
                     offset: p.first_lba * ss,
                     size: (p.last_lba + 1 - p.first_lba) * ss,
-                    type_name: type_name(&t),
+                    type_name: type_name(&t).into(),
                     type_id: t,
-                    guid: Some(seed::format_uuid(&p.guid)),
+                    guid: seed::format_uuid(&p.guid),
                     name: p.name.clone(),
                     read_only: p.attributes & gpt::ATTR_READ_ONLY != 0,
                     bootable: false,
                     filesystem: None,
+                    sha256: None,
                     boot_entries: Vec::new(),
                 });
             }
@@ -128,16 +99,18 @@ pub fn inspect(path: &Path) -> Result<Report> {
                 }
                 let t = format!("{:02x}", e[4]);
                 parts.push(Part {
-                    number: i + 1,
+                    number: i as u32 + 1,
+                    role: None,
                     offset: start * 512,
                     size: count * 512,
-                    type_name: type_name(&t),
+                    type_name: type_name(&t).into(),
                     type_id: t,
-                    guid: None,
+                    guid: format!("{disk_id}-{:02x}", i + 1),
                     name: String::new(),
                     read_only: false,
                     bootable: e[0] == 0x80,
                     filesystem: None,
+                    sha256: None,
                     boot_entries: Vec::new(),
                 });
             }
@@ -145,19 +118,31 @@ pub fn inspect(path: &Path) -> Result<Report> {
     }
     for p in &mut parts {
         p.filesystem = filesystem(&mut f, p.offset).ok().flatten();
-        p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind) {
+        p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
             Some("vfat") => systemd_boot_entries(path, p.offset).unwrap_or_default(),
             Some("ext4") => extlinux_entries(path, p.offset).unwrap_or_default(),
             _ => Vec::new(),
         };
+        if table == "mbr" {
+            p.name = p
+                .filesystem
+                .as_ref()
+                .map(|f| f.label.clone())
+                .unwrap_or_default();
+        }
+        p.role = role(p);
     }
     Ok(Report {
         image: path.display().to_string(),
-        size,
-        table,
-        sector_size: sector,
-        disk_id,
-        partitions: parts,
+        disk: Disk {
+            version: MANIFEST_VERSION,
+            table: table.into(),
+            sector_size: sector,
+            disk_id,
+            size,
+            partitions: parts,
+            identity: None,
+        },
     })
 }
 
@@ -170,24 +155,26 @@ fn filesystem(f: &mut File, off: u64) -> std::io::Result<Option<Fs>> {
             .trim_end_matches('\0')
             .to_string();
         return Ok(Some(Fs {
-            kind: "ext4",
+            kind: "ext4".into(),
             label,
             uuid: seed::format_uuid(&uuid),
+            size: None,
         }));
     }
     if &sb[82..87] == b"FAT32" && sb[510..512] == [0x55, 0xAA] {
         let label = String::from_utf8_lossy(&sb[71..82]).trim_end().to_string();
         let id = u32::from_le_bytes([sb[67], sb[68], sb[69], sb[70]]);
         return Ok(Some(Fs {
-            kind: "vfat",
+            kind: "vfat".into(),
             label,
-            uuid: format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF),
+            uuid: formats::fat::format_volume_id(id),
+            size: None,
         }));
     }
     Ok(None)
 }
 
-fn parse_conf(loader: &'static str, file: String, text: &str) -> BootEntry {
+fn parse_conf(loader: &str, file: String, text: &str) -> BootEntry {
     let fields = text
         .lines()
         .map(str::trim)
@@ -198,7 +185,7 @@ fn parse_conf(loader: &'static str, file: String, text: &str) -> BootEntry {
         })
         .collect();
     BootEntry {
-        loader,
+        loader: loader.into(),
         file,
         fields,
     }
@@ -268,9 +255,9 @@ fn extlinux_entries(path: &Path, off: u64) -> Result<Vec<BootEntry>> {
 pub fn render(r: &Report) -> String {
     let mut s = format!(
         "{}: {} bytes, {} table, {}-byte sectors, disk {}\n",
-        r.image, r.size, r.table, r.sector_size, r.disk_id
+        r.image, r.disk.size, r.disk.table, r.disk.sector_size, r.disk.disk_id
     );
-    for p in &r.partitions {
+    for p in &r.disk.partitions {
         let fs = p
             .filesystem
             .as_ref()

@@ -1,7 +1,16 @@
-//! nixforge's image compiler: closure → layout plan → filesystem writers →
-//! partition table → container. `main.rs` is only the command line.
+//! nixforge's image compiler: closure → filesystem trees → layout →
+//! container. The command line lives in the `forge` binary (`main.rs`,
+//! `cli/`); nothing here parses arguments or prints.
 
-pub mod cli;
 pub mod closure;
+pub mod container;
 pub mod image;
 pub mod inspect;
+pub mod layout;
+pub mod output;
+
+/// Where a library reports progress; the binaries decide how to show it.
+pub trait Progress {
+    /// A stage of the work is done.
+    fn stage(&self, what: &str);
+}

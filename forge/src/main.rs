@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use forge::cli;
+mod cli;
 
 #[derive(Parser)]
 #[command(

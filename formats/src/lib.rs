@@ -12,6 +12,7 @@ pub mod gpt;
 pub mod mbr;
 pub mod nar;
 pub mod nixbase32;
+pub mod ranges;
 pub mod seed;
 pub mod sink;
 pub mod sys;

@@ -1,16 +1,30 @@
-//! What the filesystem writers write into: any `Write + Seek`, which may
-//! also take a host file's bytes by reference (and read them itself,
-//! later, on another thread, where it can hash them while they are in
-//! cache) instead of being handed a copy.
+//! What the filesystem writers write into: any `Write + Seek` that can
+//! also take a host file's bytes by reference. The default reads and
+//! writes them at once; forge's image output overrides it to read them
+//! later, on another thread, where it hashes them while they are in cache.
 
-use std::io::{self, BufWriter, Cursor, Seek, Write};
+use std::fs::File;
+use std::io::{self, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+
+/// The error for a host file whose size is not the one planned.
+pub fn changed(path: &Path, expected: u64) -> io::Error {
+    io::Error::other(format!(
+        "{}: file changed size while it was read (expected {expected} bytes)",
+        path.display()
+    ))
+}
+
+/// An I/O error reading `path`, naming it.
+pub fn named(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
 
 pub trait Sink: Write + Seek {
     /// Write `span` bytes at the current position: the first `len` are
     /// bytes `off..off + len` of the host file `path` (whose size must
-    /// still be `size` when it is read), the rest zeros. `Ok(false)`: this
-    /// sink wants the bytes themselves, and the caller writes them.
+    /// still be `size` when it is read), the rest zeros. Errors name the
+    /// file.
     fn put_host(
         &mut self,
         path: &Path,
@@ -18,15 +32,34 @@ pub trait Sink: Write + Seek {
         len: u64,
         span: u64,
         size: u64,
-    ) -> io::Result<bool> {
-        let _ = (path, off, len, span, size);
-        Ok(false)
+    ) -> io::Result<()> {
+        let mut f = File::open(path).map_err(|e| named(path, e))?;
+        if f.metadata().map_err(|e| named(path, e))?.len() != size {
+            return Err(changed(path, size));
+        }
+        f.seek(SeekFrom::Start(off)).map_err(|e| named(path, e))?;
+        let mut buf = vec![0u8; span.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < span {
+            let n = (span - done).min(buf.len() as u64) as usize;
+            let from_file = len.saturating_sub(done).min(n as u64) as usize;
+            let b = &mut buf[..n];
+            f.read_exact(&mut b[..from_file])
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => changed(path, size),
+                    _ => named(path, e),
+                })?;
+            b[from_file..].fill(0);
+            self.write_all(b)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 }
 
-impl Sink for std::fs::File {}
+impl Sink for File {}
 impl<T: AsRef<[u8]>> Sink for Cursor<T> where Cursor<T>: Write {}
-impl<W: Write + Seek> Sink for BufWriter<W> {}
+impl<W: Write + Seek> Sink for io::BufWriter<W> {}
 impl<S: Sink + ?Sized> Sink for &mut S {
     fn put_host(
         &mut self,
@@ -35,7 +68,44 @@ impl<S: Sink + ?Sized> Sink for &mut S {
         len: u64,
         span: u64,
         size: u64,
-    ) -> io::Result<bool> {
+    ) -> io::Result<()> {
         (**self).put_host(path, off, len, span, size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_put_host_copies_the_range_and_pads_with_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let mut c = Cursor::new(vec![0xAAu8; 3_200_000]);
+        c.seek(SeekFrom::Start(10)).unwrap();
+        c.put_host(&p, 5, 2_500_000, 3_000_000, 3_000_000).unwrap();
+        let v = c.into_inner();
+        assert_eq!(v[..10], [0xAA; 10]);
+        assert!(v[10..2_500_010] == data[5..2_500_005]);
+        assert!(v[2_500_010..3_000_010].iter().all(|&b| b == 0));
+        assert!(v[3_000_010..].iter().all(|&b| b == 0xAA));
+    }
+
+    #[test]
+    fn a_host_file_of_another_size_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"12345").unwrap();
+        let mut c = Cursor::new(Vec::new());
+        let e = c.put_host(&p, 0, 6, 4096, 6).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: file changed size while it was read (expected 6 bytes)",
+                p.display()
+            )
+        );
     }
 }

@@ -113,3 +113,66 @@ impl<T> Drop for Lease<T> {
         }
     }
 }
+
+/// Buffers lent out as [`Lease`]s and given back when dropped: at most
+/// `cap` are ever made; past that, taking one waits for one to come back.
+/// (forge's image output and flash's reader both fill 4 MiB chunks this way.)
+pub struct Pool<T> {
+    cap: usize,
+    made: usize,
+    free: std::sync::mpsc::Receiver<T>,
+    back: std::sync::mpsc::Sender<T>,
+}
+
+impl<T> Pool<T> {
+    pub fn new(cap: usize) -> Pool<T> {
+        let (back, free) = std::sync::mpsc::channel();
+        Pool {
+            cap: cap.max(1),
+            made: 0,
+            free,
+            back,
+        }
+    }
+
+    /// A buffer as its last user left it (or new, from `make`): the taker
+    /// resets it. Waits while all `cap` are out; since the pool keeps a
+    /// sender itself, the wait ends when any lease is dropped.
+    pub fn take(&mut self, make: impl FnOnce() -> T) -> Lease<T> {
+        let item = match self.free.try_recv() {
+            Ok(item) => item,
+            Err(_) if self.made < self.cap => {
+                self.made += 1;
+                make()
+            }
+            Err(_) => self
+                .free
+                .recv()
+                .expect("the pool holds a sender, so its channel stays open"),
+        };
+        Lease::new(item, self.back.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_makes_at_most_cap_and_reuses_what_comes_back() {
+        let mut p: Pool<Vec<u8>> = Pool::new(2);
+        let mut made = 0;
+        let mut make = || {
+            made += 1;
+            vec![0u8; 4]
+        };
+        let mut a = p.take(&mut make);
+        a[0] = 9;
+        let b = p.take(&mut make);
+        drop(a);
+        let c = p.take(&mut make);
+        assert_eq!(c[0], 9, "the returned buffer, as its user left it");
+        drop((b, c));
+        assert_eq!(made, 2);
+    }
+}

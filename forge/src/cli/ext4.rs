@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use formats::ext4::{self, Owner, Size, Slack, Tree};
 
-use super::output::AtomicOutput;
+use forge::output::AtomicOutput;
 
 #[derive(clap::Args)]
 pub struct Ext4Args {
@@ -82,7 +82,7 @@ pub fn run(a: Ext4Args) -> Result<()> {
         return Ok(());
     }
     let mut out = AtomicOutput::create(&a.output)?;
-    out.write_image(plan.size_bytes(), |w| {
+    out.write_image(plan.size_bytes(), plan.mapped(), |w| {
         plan.write(w, 0)
             .with_context(|| format!("writing {}", a.output.display()))?;
         Ok(())

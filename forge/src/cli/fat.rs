@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use formats::fat;
 use formats::tree::{Owner, Tree, ROOT};
 
-use super::output::AtomicOutput;
+use forge::output::AtomicOutput;
 
 #[derive(clap::Args)]
 pub struct FatArgs {
@@ -39,22 +39,16 @@ pub fn run(a: FatArgs) -> Result<()> {
         size,
         sector_size: a.sector_size,
         label: a.label.clone(),
-        volume_id: volume_id(&a.seed, &a.label),
+        volume_id: fat::volume_id(&a.seed, &a.label),
         epoch: super::epoch()?,
         hidden_sectors: 0,
     };
     let plan = fat::plan(&tree, &opts)?;
     let mut out = AtomicOutput::create(&a.output)?;
-    out.write_image(plan.size_bytes(), |w| {
+    out.write_image(plan.size_bytes(), plan.mapped(), |w| {
         plan.write(w, 0)
             .with_context(|| format!("writing {}", a.output.display()))?;
         Ok(())
     })?;
     out.commit()
-}
-
-/// The FAT volume serial derived from the seed.
-pub fn volume_id(seed: &str, label: &str) -> u32 {
-    let d = formats::seed::derive(seed, &format!("fat:{label}:volume-id"));
-    u32::from_le_bytes([d[0], d[1], d[2], d[3]])
 }

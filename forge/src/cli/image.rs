@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
-use crate::image::{self, Format, RootMode};
+use forge::image::{self, Format, RootMode};
 use formats::ext4::{Size, Slack};
 
 #[derive(clap::Args)]
@@ -11,8 +11,8 @@ pub struct ImageArgs {
     /// Toplevel store path of the system, or a link to one (e.g. ./result).
     system: PathBuf,
     /// Image format.
-    #[arg(long, value_enum)]
-    format: Format,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
+    format: String,
     /// Output image (a .bmap is written beside it).
     #[arg(short, long)]
     output: PathBuf,
@@ -31,8 +31,10 @@ pub struct ImageArgs {
     /// the larger of both (default: none for ro; 25%, at least 256M, for rw).
     #[arg(long)]
     root_slack: Option<String>,
-    #[arg(long, value_enum, default_value = "ro")]
-    root_mode: RootMode,
+    /// ro: read-only root without a journal (GPT read-only attribute set);
+    /// rw: journaled and writable, for systems that rebuild in place.
+    #[arg(long, value_parser = ["ro", "rw"], default_value = "ro")]
+    root_mode: String,
     /// Size of the state partition (`none`: no state partition; sd-aarch64 only).
     #[arg(long, default_value = "256M")]
     state_size: String,
@@ -60,7 +62,12 @@ pub struct ImageArgs {
 
 pub fn run(a: ImageArgs) -> Result<()> {
     let bytes = |s: &str, what: &str| super::parse_bytes(s).with_context(|| format!("{what} {s}"));
-    let slack = match (&a.root_slack, a.root_mode) {
+    let root_mode = match a.root_mode.as_str() {
+        "rw" => RootMode::Rw,
+        _ => RootMode::Ro,
+    };
+    let format = Format::from_name(&a.format).context("--format")?;
+    let slack = match (&a.root_slack, root_mode) {
         (Some(s), _) => super::ext4::parse_slack(s)?,
         (None, RootMode::Ro) => Slack::default(),
         // Room to rebuild in place; Nix alone reserves 8 MiB for its database.
@@ -76,12 +83,12 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let opts = image::Options {
         system: a.system,
         store_root: a.root,
-        format: a.format,
+        format,
         output: a.output,
         seed: a.seed,
         esp_size: bytes(&a.esp_size, "--esp-size")?,
         root_size,
-        root_mode: a.root_mode,
+        root_mode,
         state_size: match a.state_size.as_str() {
             "none" => None,
             s => Some(bytes(s, "--state-size")?),
@@ -97,7 +104,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
     };
     image::container_for(&opts.output)?;
     check_output_dir(&opts.output)?;
-    let report = image::build(&opts)?;
+    let report = image::build(&opts, &super::Stages::new())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }

@@ -3,7 +3,6 @@
 pub mod ext4;
 pub mod fat;
 pub mod image;
-pub mod output;
 
 use anyhow::{bail, Context, Result};
 
@@ -43,5 +42,20 @@ pub fn sector_size(s: &str) -> Result<u32, String> {
         "512" => Ok(512),
         "4096" => Ok(4096),
         _ => Err(format!("{s:?}: sector size must be 512 or 4096")),
+    }
+}
+
+/// Stage lines on stderr, one per stage, with the time since the start.
+pub struct Stages(std::time::Instant);
+
+impl Stages {
+    pub fn new() -> Stages {
+        Stages(std::time::Instant::now())
+    }
+}
+
+impl forge::Progress for Stages {
+    fn stage(&self, what: &str) {
+        eprintln!("forge: [{:6.2}s] {what}", self.0.elapsed().as_secs_f64());
     }
 }

@@ -1,9 +1,8 @@
-//! `forge image`: closure → filesystem trees → plans → partition table →
-//! one ascending pass of writes → rename into place. A raw image is written
-//! sparse into a temporary file, its bmap hashed right behind the writer
-//! (`raw`); a compressed one streams through zstd, its bmap hashed on the
-//! way (`stream`). Either way the bmap lists exactly the blocks written,
-//! and those must be the blocks the filesystems say they use.
+//! `forge image`: closure → filesystem trees → a layout value (the
+//! format's) → placed → one ascending pass of writes through the output's
+//! container → rename into place, with the .bmap and the layout manifest.
+//! The bmap lists exactly the blocks written, and those must be the
+//! blocks the layout planned.
 
 pub(crate) mod out;
 mod raw_efi;
@@ -12,18 +11,21 @@ pub mod trees;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::io::{Seek, SeekFrom, Write};
-use std::path::PathBuf;
-use std::time::Instant;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use formats::{bmap, ext4};
+use formats::bmap;
+use formats::ext4;
+use formats::tree::Tree;
 
 use crate::closure::{self, Closure, Store};
+use crate::container;
+use crate::layout::{self, Disk, Filesystem, Layout, PartType, Partition, Role, SizePolicy};
+use crate::output::AtomicOutput;
+use crate::Progress;
 use out::ImageOut;
 
-pub const ALIGN: u64 = 1 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     /// GPT + FAT32 ESP with systemd-boot + ext4 root + ext4 state (UEFI).
     RawEfi,
@@ -32,41 +34,40 @@ pub enum Format {
 }
 
 impl Format {
-    fn name(self) -> &'static str {
+    pub const NAMES: [&'static str; 2] = ["raw-efi", "sd-aarch64"];
+
+    pub fn name(self) -> &'static str {
         match self {
             Format::RawEfi => "raw-efi",
             Format::SdAarch64 => "sd-aarch64",
         }
     }
-}
 
-/// How the image is shipped, from the output name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Container {
-    Raw,
-    Zstd,
-}
-
-pub fn container_for(out: &std::path::Path) -> Result<Container> {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if name.ends_with(".img.zst") || name.ends_with(".raw.zst") {
-        Ok(Container::Zstd)
-    } else if name.ends_with(".img") || name.ends_with(".raw") {
-        Ok(Container::Raw)
-    } else {
-        bail!("{}: unknown output extension: use .img or .raw (raw image) or .img.zst (zstd-compressed)", out.display())
+    pub fn from_name(s: &str) -> Option<Format> {
+        [Format::RawEfi, Format::SdAarch64]
+            .into_iter()
+            .find(|f| f.name() == s)
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RootMode {
     /// Read-only root without a journal (GPT read-only attribute set).
     Ro,
     /// Journaled, writable root, for systems that rebuild in place.
     Rw,
+}
+
+/// The container an output name asks for, or an error naming the output.
+pub fn container_for(out: &Path) -> Result<container::Kind> {
+    match container::Kind::for_output(out) {
+        Some(k) => Ok(k),
+        None => bail!(
+            "{}: unknown output extension: use {}",
+            out.display(),
+            container::NAMES
+        ),
+    }
 }
 
 pub struct Options {
@@ -90,105 +91,133 @@ pub struct Options {
     pub hash_partitions: bool,
 }
 
-#[derive(Serialize)]
-pub struct PartitionReport {
-    pub number: u32,
-    pub name: String,
-    pub type_guid: String,
-    pub guid: String,
-    pub offset: u64,
-    pub size: u64,
-    pub filesystem: &'static str,
-    pub label: String,
-    pub fs_uuid: String,
-    pub fs_size: u64,
-    pub read_only: bool,
-    pub bootable: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-}
-
+/// What `forge image --json` prints: the outputs, and the disk as laid
+/// out (the same fields as the manifest).
 #[derive(Serialize)]
 pub struct Report {
     pub image: PathBuf,
     pub bmap: PathBuf,
+    pub manifest: PathBuf,
     pub format: &'static str,
     pub compressed: bool,
-    /// Size of the raw image.
-    pub size: u64,
-    pub sector_size: u32,
-    pub table: &'static str,
-    /// GPT disk GUID, or the MBR disk signature.
-    pub disk_id: String,
     pub mapped_bytes: u64,
     pub toplevel: String,
     pub closure_paths: usize,
-    pub partitions: Vec<PartitionReport>,
+    #[serde(flatten)]
+    pub disk: Disk,
 }
 
-/// Stage lines on stderr: one per stage, with elapsed time.
-struct Progress(Instant);
-impl Progress {
-    fn stage(&self, what: &str) {
-        eprintln!("forge: [{:6.2}s] {what}", self.0.elapsed().as_secs_f64());
+/// The inputs a format's layout is made from.
+pub(crate) struct Input<'a> {
+    pub o: &'a Options,
+    pub c: &'a Closure,
+    pub store: &'a Store,
+    pub seed: &'a str,
+}
+
+/// A format: its trees first (owned), then the layout that plans them.
+/// `trees` order is the format's own; `layout` borrows them.
+fn trees(i: &Input) -> Result<Vec<Tree>> {
+    match i.o.format {
+        Format::RawEfi => raw_efi::trees_of(i),
+        Format::SdAarch64 => sd::trees_of(i),
     }
 }
 
-fn align(n: u64) -> u64 {
-    n.next_multiple_of(ALIGN)
+fn plan<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
+    match i.o.format {
+        Format::RawEfi => raw_efi::layout(i, trees),
+        Format::SdAarch64 => sd::layout(i, trees),
+    }
 }
 
-/// What a format's layout wrote into the raw image.
-pub(crate) struct Laid {
+/// The root partition: the closure's ext4, read-only unless `--root-mode rw`.
+pub(crate) fn root_partition<'t>(
+    i: &Input,
+    tree: &'t Tree,
+    label: &str,
+    ty: PartType,
+    bootable: bool,
+) -> Result<Partition<'t>> {
+    let rw = i.o.root_mode == RootMode::Rw;
+    let opts = ext4::Options::from_seed(i.seed, label, i.o.root_size, rw, i.o.epoch);
+    let plan = ext4::plan(tree, &opts).context("planning the root filesystem (--root-size)")?;
+    Ok(Partition {
+        role: Role::Root,
+        ty,
+        name: "nixos",
+        label: label.into(),
+        read_only: !rw && matches!(ty, PartType::Gpt(_)),
+        bootable,
+        start: None,
+        size: SizePolicy::Content,
+        fs: Filesystem::Ext4 {
+            plan,
+            uuid: opts.uuid,
+        },
+    })
+}
+
+/// The state partition (/var): a journaled ext4 of `--state-size`.
+pub(crate) fn state_partition<'t>(
+    i: &Input,
+    tree: &'t Tree,
     size: u64,
-    table: &'static str,
-    disk_id: String,
-    mapped: Vec<(u64, u64)>,
-    partitions: Vec<PartitionReport>,
+    ty: PartType,
+) -> Result<Partition<'t>> {
+    let opts = ext4::Options::from_seed(i.seed, "state", ext4::Size::Fixed(size), true, i.o.epoch);
+    let plan = ext4::plan(tree, &opts).context("planning the state filesystem (--state-size)")?;
+    Ok(Partition {
+        role: Role::State,
+        ty,
+        name: "state",
+        label: "state".into(),
+        read_only: false,
+        bootable: false,
+        start: None,
+        size: SizePolicy::Fixed(size.next_multiple_of(layout::ALIGN)),
+        fs: Filesystem::Ext4 {
+            plan,
+            uuid: opts.uuid,
+        },
+    })
 }
 
-/// A planned filesystem, ready to be written at an offset.
-pub(crate) enum Planned<'t> {
-    Fat(formats::fat::Plan<'t>),
-    Ext4(formats::ext4::Plan<'t>),
+/// A FAT32 partition of exactly `size` bytes at `start`.
+pub(crate) fn fat_partition<'t>(
+    i: &Input,
+    tree: &'t Tree,
+    (role, name, label): (Role, &'static str, &str),
+    (start, size): (u64, u64),
+    ty: PartType,
+    what: &str,
+) -> Result<Partition<'t>> {
+    let volume_id = formats::fat::volume_id(i.seed, label);
+    let opts = formats::fat::Options {
+        size,
+        sector_size: i.o.sector_size,
+        label: label.into(),
+        volume_id,
+        epoch: i.o.epoch,
+        hidden_sectors: u32::try_from(start / i.o.sector_size as u64)
+            .context("a FAT volume past 2^32 sectors")?,
+    };
+    let plan = formats::fat::plan(tree, &opts).with_context(|| format!("planning the {what}"))?;
+    Ok(Partition {
+        role,
+        ty,
+        name,
+        label: label.into(),
+        read_only: false,
+        bootable: false,
+        start: Some(start),
+        size: SizePolicy::Fixed(size),
+        fs: Filesystem::Fat { plan, volume_id },
+    })
 }
 
-impl Planned<'_> {
-    pub(crate) fn size(&self) -> u64 {
-        match self {
-            Planned::Fat(p) => p.size_bytes(),
-            Planned::Ext4(p) => p.size_bytes(),
-        }
-    }
-    /// Write at `off`, returning the mapped ranges relative to the image.
-    pub(crate) fn write(&self, f: &mut ImageOut, off: u64, what: &str) -> Result<Vec<(u64, u64)>> {
-        let w = match self {
-            Planned::Fat(p) => p.write(f, off).map_err(anyhow::Error::from),
-            Planned::Ext4(p) => p.write(f, off).map_err(anyhow::Error::from),
-        }
-        .with_context(|| format!("writing the {what} at byte {off}"))?;
-        Ok(w.mapped.iter().map(|&(s, l)| (s + off, l)).collect())
-    }
-}
-
-fn lay(
-    o: &Options,
-    c: &Closure,
-    store: &Store,
-    seed: &str,
-    f: &mut ImageOut,
-    p: &Progress,
-) -> Result<Laid> {
-    match o.format {
-        Format::RawEfi => raw_efi::lay(o, c, store, seed, f, p),
-        Format::SdAarch64 => sd::lay(o, c, store, seed, f, p),
-    }
-    .with_context(|| format!("building {}", o.output.display()))
-}
-
-pub fn build(o: &Options) -> Result<Report> {
-    let container = container_for(&o.output)?;
-    let p = Progress(Instant::now());
+pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
+    let kind = container_for(&o.output)?;
     let c: Closure = closure::read(
         &o.system,
         &closure::Options {
@@ -197,92 +226,121 @@ pub fn build(o: &Options) -> Result<Report> {
         },
     )
     .with_context(|| format!("reading the closure of {}", o.system.display()))?;
-    p.stage(&format!(
+    progress.stage(&format!(
         "closure: {} paths, {} bytes",
         c.paths.len(),
         c.total_nar_size()
     ));
     let store = Store::new(&o.store_root);
     let seed = o.seed.clone().unwrap_or_else(|| c.toplevel.clone());
+    let input = Input {
+        o,
+        c: &c,
+        store: &store,
+        seed: &seed,
+    };
+    let what = || format!("building {}", o.output.display());
+    let trees = trees(&input).with_context(what)?;
+    let layout = plan(&input, &trees).with_context(what)?;
+    let placed = layout.place().with_context(what)?;
+    progress.stage(&format!(
+        "planned: {}",
+        layout
+            .partitions
+            .iter()
+            .zip(&placed.at)
+            .map(|(p, a)| format!("{} {} bytes", p.label, a.1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
 
     let bmap_path = bmap_path_for(&o.output);
-    let mut out = crate::cli::output::AtomicOutput::create(&o.output)?;
+    let manifest_path = manifest_path_for(&o.output);
+    let mut out = AtomicOutput::create(&o.output)?;
     let tmp = out.temp_path().to_owned();
-    let stage = match container {
-        Container::Raw => out::Stage::Raw(tmp.clone()),
-        Container::Zstd => out::Stage::Zstd(o.zstd_level),
-    };
     let hashes = out::Hashes {
         bmap: true,
         partitions: o.hash_partitions,
     };
-    let mut w = out::ImageOut::new(out.file(), stage, hashes)
+    let container = kind
+        .open(out.file(), &tmp, o.zstd_level)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    let mut laid = lay(o, &c, &store, &seed, &mut w, &p)?;
+    let mut w =
+        ImageOut::new(container, hashes).with_context(|| format!("writing {}", tmp.display()))?;
+    placed
+        .write(&mut w, &mut |s| progress.stage(s))
+        .with_context(what)?;
     let tapped = w
         .finish()
         .with_context(|| format!("writing {}", tmp.display()))?;
-    if container == Container::Zstd {
-        p.stage(&format!("compressed (zstd level {})", o.zstd_level));
+    if kind.compressed() {
+        progress.stage(&format!("compressed (zstd level {})", o.zstd_level));
     }
-    same_ranges(&tapped.pieces, &laid.mapped)?;
-    let bmap_text = bmap::render(laid.size, &tapped.pieces);
-    for pr in &mut laid.partitions {
-        pr.sha256 = tapped
+    let mapped = placed.mapped();
+    same_ranges(&tapped.pieces, &mapped)?;
+    let bmap_text = bmap::render(placed.size, &tapped.pieces);
+    let disk = placed.report(&|off, len| {
+        tapped
             .watched
             .iter()
-            .find(|h| (h.0, h.1) == (pr.offset, pr.size))
-            .map(|h| h.2.clone());
-    }
-    let mapped_bytes: u64 = bmap::blocks(&laid.mapped)
+            .find(|h| (h.0, h.1) == (off, len))
+            .map(|h| h.2.clone())
+    });
+    let mapped_bytes: u64 = bmap::blocks(&mapped)
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
         .sum();
-    let partitions = laid.partitions;
-    let mut bout = crate::cli::output::AtomicOutput::create(&bmap_path)?;
+    let mut bout = AtomicOutput::create(&bmap_path)?;
     bout.file()
         .write_all(bmap_text.as_bytes())
         .with_context(|| format!("writing {}", bmap_path.display()))?;
+    let mut mout = AtomicOutput::create(&manifest_path)?;
+    let manifest = serde_json::to_vec_pretty(&disk).context("rendering the layout manifest")?;
+    mout.file()
+        .write_all(&manifest)
+        .with_context(|| format!("writing {}", manifest_path.display()))?;
     out.commit()?;
     bout.commit()?;
-    p.stage(&format!(
-        "done: {} ({} bytes raw, {mapped_bytes} mapped) and {}",
+    mout.commit()?;
+    progress.stage(&format!(
+        "done: {} ({} bytes raw, {mapped_bytes} mapped), {} and {}",
         o.output.display(),
-        laid.size,
-        bmap_path.display()
+        placed.size,
+        bmap_path.display(),
+        manifest_path.display()
     ));
     Ok(Report {
         image: o.output.clone(),
         bmap: bmap_path,
+        manifest: manifest_path,
         format: o.format.name(),
-        compressed: container == Container::Zstd,
-        size: laid.size,
-        sector_size: o.sector_size,
-        table: laid.table,
-        disk_id: laid.disk_id,
+        compressed: kind.compressed(),
         mapped_bytes,
         toplevel: c.toplevel.clone(),
         closure_paths: c.paths.len(),
-        partitions,
+        disk,
     })
 }
 
 /// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.bmap`.
-pub fn bmap_path_for(out: &std::path::Path) -> PathBuf {
+pub fn bmap_path_for(out: &Path) -> PathBuf {
     let s = out.to_string_lossy();
     let base = s.strip_suffix(".zst").unwrap_or(&s);
     PathBuf::from(format!("{base}.bmap"))
 }
 
-fn write_at(f: &mut ImageOut, off: u64, data: &[u8]) -> std::io::Result<()> {
-    f.seek(SeekFrom::Start(off))?;
-    f.write_all(data)
+/// `disk.img` → `disk.img.layout.json`; `nixos.img.zst` →
+/// `nixos.img.zst.layout.json` (so the two never replace each other's).
+pub fn manifest_path_for(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".layout.json");
+    PathBuf::from(s)
 }
 
-/// The bmap lists what was written; the filesystems say what must be
-/// mapped. They are the same ranges, or a writer left out bytes it relies
-/// on (a device holding old data would show them) or wrote bytes it did
-/// not report: either is a bug, never a silently wrong bmap.
+/// The bmap lists what was written; the layout says what must be mapped.
+/// They are the same ranges, or a writer left out bytes it relies on (a
+/// device holding old data would show them) or wrote bytes it did not
+/// plan: either is a bug, never a silently wrong bmap.
 fn same_ranges(written: &[(u64, u64, String)], mapped: &[(u64, u64)]) -> Result<()> {
     let want = bmap::pieces(mapped);
     let got: Vec<(u64, u64)> = written.iter().map(|w| (w.0, w.1)).collect();
@@ -292,7 +350,7 @@ fn same_ranges(written: &[(u64, u64, String)], mapped: &[(u64, u64)]) -> Result<
             None => "nothing".into(),
         };
         bail!(
-            "internal: the image's written blocks differ from the blocks its filesystems map: piece {i} is {} written, {} mapped",
+            "internal: the image's written blocks differ from the blocks its layout maps: piece {i} is {} written, {} mapped",
             show(got.get(i)),
             show(want.get(i))
         );

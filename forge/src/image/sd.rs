@@ -6,13 +6,12 @@ use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use formats::mbr;
 use formats::tree::{Kind, Owner, Tree, ROOT};
-use formats::{ext4, fat, mbr, seed};
 
-use super::{
-    align, trees, write_at, ImageOut, Laid, Options, PartitionReport, Planned, Progress, RootMode,
-};
-use crate::closure::{Closure, Store};
+use super::{fat_partition, root_partition, state_partition, trees, Input, Options};
+use crate::closure::Store;
+use crate::layout::{Layout, PartType, Role, Table};
 
 const FIRMWARE_OFFSET: u64 = 8 << 20;
 
@@ -101,162 +100,50 @@ fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn lay(
-    o: &Options,
-    c: &Closure,
-    store: &Store,
-    seed: &str,
-    f: &mut ImageOut,
-    p: &Progress,
-) -> Result<Laid> {
-    let system = c.bootspec.spec.system.as_str();
+/// The firmware files, the root (with extlinux) and an empty state tree.
+pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
+    let system = i.c.bootspec.spec.system.as_str();
     if system != "aarch64-linux" {
         let fits = if system == "x86_64-linux" {
             "; --format raw-efi fits x86_64-linux systems"
         } else {
             ""
         };
-        bail!("{}: system {system:?} is not aarch64-linux, which sd-aarch64 images (64-bit Raspberry Pis) need{fits}", c.toplevel);
+        bail!("{}: system {system:?} is not aarch64-linux, which sd-aarch64 images (64-bit Raspberry Pis) need{fits}", i.c.toplevel);
     }
-    if o.sector_size != 512 {
-        bail!("sd-aarch64 images use 512-byte sectors (SD cards and their MBR); --sector-size {} does not apply", o.sector_size);
+    if i.o.sector_size != 512 {
+        bail!("sd-aarch64 images use 512-byte sectors (SD cards and their MBR); --sector-size {} does not apply", i.o.sector_size);
     }
-    let mut specs = vec![&c.bootspec.spec];
-    specs.extend(c.bootspec.specialisations.values().map(|b| &b.spec));
+    let mut specs = vec![&i.c.bootspec.spec];
+    specs.extend(i.c.bootspec.specialisations.values().map(|b| &b.spec));
     for s in &specs {
-        check_arm64_image(&store.physical(&s.kernel), &s.kernel)?;
+        check_arm64_image(&i.store.physical(&s.kernel), &s.kernel)?;
     }
-    let fw_tree = firmware_tree(o, store)?;
-    let fw_opts = fat::Options {
-        size: o.firmware_size,
-        sector_size: 512,
-        label: "FIRMWARE".into(),
-        volume_id: crate::cli::fat::volume_id(seed, "FIRMWARE"),
-        epoch: o.epoch,
-        hidden_sectors: (FIRMWARE_OFFSET / 512) as u32,
-    };
-    let fw = Planned::Fat(
-        fat::plan(&fw_tree, &fw_opts)
-            .context("planning the firmware partition (--firmware-size)")?,
-    );
-    let mut root_tree = trees::root_tree(store, c)?;
-    trees::extlinux(&mut root_tree, store, c, o.epoch, o.loader_timeout)?;
-    let rw = o.root_mode == RootMode::Rw;
-    let root_opts = ext4::Options::from_seed(seed, "NIXOS_SD", o.root_size, rw, o.epoch);
-    let root = Planned::Ext4(
-        ext4::plan(&root_tree, &root_opts).context("planning the root filesystem (--root-size)")?,
-    );
-    let state_tree = ext4::Tree::new(0o755);
-    let state_opts = o
-        .state_size
-        .map(|s| ext4::Options::from_seed(seed, "state", ext4::Size::Fixed(s), true, o.epoch));
-    let state = match &state_opts {
-        Some(so) => Some(Planned::Ext4(
-            ext4::plan(&state_tree, so).context("planning the state filesystem (--state-size)")?,
-        )),
-        None => None,
-    };
-    p.stage(&format!(
-        "planned: firmware {} bytes, root {} bytes, state {}",
-        fw.size(),
-        root.size(),
-        state
-            .as_ref()
-            .map(|s| format!("{} bytes", s.size()))
-            .unwrap_or_else(|| "none".into())
-    ));
+    let fw = firmware_tree(i.o, i.store)?;
+    let mut root = trees::root_tree(i.store, i.c)?;
+    trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout)?;
+    Ok(vec![fw, root, Tree::new(0o755)])
+}
 
-    let root_off = align(FIRMWARE_OFFSET + o.firmware_size);
-    let root_size = align(root.size());
-    let state_off = root_off + root_size;
-    let end = state_off + o.state_size.map(align).unwrap_or(0);
-    let lba = |b: u64| -> Result<u32> {
-        u32::try_from(b / 512).context("image too large for an MBR (2 TiB)")
+pub(super) fn layout<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
+    let [fw, root, state] = trees else {
+        bail!("internal: sd-aarch64 has three trees");
     };
-    let mut parts = vec![
-        mbr::Partition {
-            bootable: false,
-            kind: mbr::FAT32_LBA,
-            first_lba: lba(FIRMWARE_OFFSET)?,
-            sectors: lba(o.firmware_size)?,
-        },
+    let fw_part = (Role::Firmware, "firmware", "FIRMWARE");
+    let fw_at = (FIRMWARE_OFFSET, i.o.firmware_size);
+    let what = "firmware partition (--firmware-size)";
+    let mut partitions = vec![
+        fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?,
         // U-Boot's distro boot scans only partitions marked bootable.
-        mbr::Partition {
-            bootable: true,
-            kind: mbr::LINUX,
-            first_lba: lba(root_off)?,
-            sectors: lba(root_size)?,
-        },
+        root_partition(i, root, "NIXOS_SD", PartType::Mbr(mbr::LINUX), true)?,
     ];
-    if let Some(s) = o.state_size {
-        parts.push(mbr::Partition {
-            bootable: false,
-            kind: mbr::LINUX,
-            first_lba: lba(state_off)?,
-            sectors: lba(align(s))?,
-        });
+    if let Some(size) = i.o.state_size {
+        partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);
     }
-    let d = formats::seed::derive(seed, "mbr:signature");
-    let signature = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-
-    f.set_len(end).context("sizing the image")?;
-    let table = mbr::encode(signature, &parts);
-    write_at(f, 0, &table).context("writing the MBR")?;
-    let mut mapped = vec![(0, table.len() as u64)];
-    for pt in &parts {
-        f.watch(pt.first_lba as u64 * 512, pt.sectors as u64 * 512)
-            .context("hashing the partitions")?;
-    }
-    mapped.extend(fw.write(f, FIRMWARE_OFFSET, "firmware partition")?);
-    p.stage("wrote the firmware partition");
-    mapped.extend(root.write(f, root_off, "root filesystem")?);
-    p.stage("wrote the root filesystem");
-    if let Some(s) = &state {
-        mapped.extend(s.write(f, state_off, "state filesystem")?);
-        p.stage("wrote the state filesystem");
-    }
-
-    let mut reports = Vec::new();
-    let mut fs = vec![
-        (
-            "vfat",
-            "FIRMWARE",
-            format!("{:08X}", fw_opts.volume_id),
-            fw.size(),
-        ),
-        (
-            "ext4",
-            "NIXOS_SD",
-            seed::format_uuid(&root_opts.uuid),
-            root.size(),
-        ),
-    ];
-    if let (Some(so), Some(s)) = (&state_opts, &state) {
-        fs.push(("ext4", "state", seed::format_uuid(&so.uuid), s.size()));
-    }
-    for (i, (pt, (fstype, label, fs_uuid, fs_size))) in parts.iter().zip(fs).enumerate() {
-        reports.push(PartitionReport {
-            number: i as u32 + 1,
-            name: label.to_string(),
-            type_guid: format!("{:02x}", pt.kind),
-            // The Pi's PARTUUID: <disk signature>-<partition number>.
-            guid: format!("{signature:08x}-{:02x}", i + 1),
-            offset: pt.first_lba as u64 * 512,
-            size: pt.sectors as u64 * 512,
-            filesystem: fstype,
-            label: label.into(),
-            fs_uuid,
-            fs_size,
-            read_only: false,
-            bootable: pt.bootable,
-            sha256: None,
-        });
-    }
-    Ok(Laid {
-        size: end,
-        table: "mbr",
-        disk_id: format!("{signature:08x}"),
-        mapped,
-        partitions: reports,
+    Ok(Layout {
+        table: Table::Mbr,
+        sector_size: 512,
+        seed: i.seed.to_string(),
+        partitions,
     })
 }

@@ -26,7 +26,6 @@ pub use write::Written;
 
 use dir::{Entry, Packed, Shape};
 use inode::Extent;
-use std::path::PathBuf;
 
 pub const BS: usize = 4096;
 const BS64: u64 = BS as u64;
@@ -108,10 +107,6 @@ pub enum Ext4Error {
     TooLarge { size: u64 },
     #[error("label {0:?} is longer than 16 bytes")]
     Label(String),
-    #[error("{path}: {err}")]
-    Read { path: PathBuf, err: std::io::Error },
-    #[error("{path}: file changed while the image was written (expected {expected} bytes)")]
-    Changed { path: PathBuf, expected: u64 },
     #[error("writing the filesystem at byte {offset}: {err}")]
     Write { offset: u64, err: std::io::Error },
 }

@@ -21,10 +21,12 @@ fn opts(size: Size) -> Options {
     Options::from_seed("test", "t", size, false, 1)
 }
 
+/// Written, after checking the plan knew beforehand what it would write.
 fn build(tree: &Tree, o: &Options) -> Vec<u8> {
     let p = plan(tree, o).unwrap();
     let mut c = Cursor::new(vec![0u8; p.size_bytes() as usize]);
-    p.write(&mut c, 0).unwrap();
+    let w = p.write(&mut c, 0).unwrap();
+    assert_eq!(crate::ranges::merge(w.mapped), p.mapped());
     c.into_inner()
 }
 
@@ -219,5 +221,18 @@ fn writes_ascend_even_when_a_file_jumps_over_a_backup_superblock() {
         big_ino.extents.len() > 1,
         "the file must be split for this test to mean anything"
     );
-    p.write(&mut Ascending { pos: 0, cursor: 0 }, 0).unwrap();
+    let w = p.write(&mut Ascending { pos: 0, cursor: 0 }, 0).unwrap();
+    assert_eq!(crate::ranges::merge(w.mapped), p.mapped());
+}
+
+#[test]
+fn a_journaled_filesystem_maps_what_its_plan_says() {
+    let mut t = Tree::new(0o755);
+    t.insert(ROOT, b"f", file(&[7u8; 10_000])).unwrap();
+    // build() compares the plan's map with what was written.
+    let img = build(
+        &t,
+        &Options::from_seed("test", "state", Size::Fixed(64 << 20), true, 1),
+    );
+    assert_eq!(img.len(), 64 << 20);
 }

@@ -2,8 +2,7 @@
 //! relies on is written explicitly (zeros included), in ascending order,
 //! and recorded, so a bmap of the result maps exactly what matters.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::SeekFrom;
 
 use super::inode::{self, Extent, Inode};
 use super::{csum, dir, Content, Ext4Error, Kind, Plan, What, BS, BS64, FIRST_INO, JOURNAL_INO};
@@ -32,17 +31,16 @@ const RO_EXTRA_ISIZE: u32 = 0x40;
 const RO_METADATA_CSUM: u32 = 0x400;
 const FLAGS_SIGNED_HASH: u32 = 0x1;
 
-struct Out<'w, W: Sink> {
+struct Out<'w, W: Sink + ?Sized> {
     w: &'w mut W,
     base: u64,
     pos: Option<u64>,
     mapped: Vec<(u64, u64)>, // blocks
 }
 
-impl<W: Sink> Out<'_, W> {
-    /// Extent `e` of a host file of `size` bytes, by reference if the
-    /// sink takes it so (false: the caller must copy it).
-    fn host(&mut self, e: &Extent, path: &std::path::Path, size: u64) -> Result<bool, Ext4Error> {
+impl<W: Sink + ?Sized> Out<'_, W> {
+    /// Extent `e` of a host file of `size` bytes, through the sink.
+    fn host(&mut self, e: &Extent, path: &std::path::Path, size: u64) -> Result<(), Ext4Error> {
         let off = self.base + e.physical * BS64;
         let werr = |err| Ext4Error::Write { offset: off, err };
         let span = e.len as u64 * BS64;
@@ -50,18 +48,15 @@ impl<W: Sink> Out<'_, W> {
         let len = span.min(size.saturating_sub(from));
         if self.pos != Some(off) {
             self.w.seek(SeekFrom::Start(off)).map_err(werr)?;
-            self.pos = Some(off);
         }
-        if !self.w.put_host(path, from, len, span, size).map_err(werr)? {
-            return Ok(false);
-        }
+        self.w.put_host(path, from, len, span, size).map_err(werr)?;
         self.pos = Some(off + span);
         let n = e.len as u64;
         match self.mapped.last_mut() {
             Some(m) if m.0 + m.1 == e.physical => m.1 += n,
             _ => self.mapped.push((e.physical, n)),
         }
-        Ok(true)
+        Ok(())
     }
 
     fn at(&mut self, block: u64, data: &[u8]) -> Result<(), Ext4Error> {
@@ -87,11 +82,39 @@ impl Plan<'_> {
         csum::fs_seed(&self.opts.uuid)
     }
 
+    /// The byte ranges (relative to the filesystem's start) that `write`
+    /// writes, known before writing: superblocks with their descriptors,
+    /// bitmaps, the used part of each inode table, extent tree blocks and
+    /// every extent (the journal's zeros included). Sorted and merged.
+    pub fn mapped(&self) -> Vec<(u64, u64)> {
+        let g = &self.geometry;
+        let mut blocks: Vec<(u64, u64)> = Vec::new();
+        for grp in (0..g.groups).filter(|&grp| super::has_super(grp)) {
+            blocks.push((g.group_start(grp), 1 + g.gdt_blocks));
+        }
+        for (grp, gm) in self.groups.iter().enumerate() {
+            blocks.push((gm.block_bitmap, 1));
+            blocks.push((gm.inode_bitmap, 1));
+            let first = grp as u64 * g.inodes_per_group;
+            let used = (self.inodes.len() as u64)
+                .saturating_sub(first)
+                .min(g.inodes_per_group);
+            if used > 0 {
+                blocks.push((gm.inode_table, used.div_ceil(super::INODES_PER_BLOCK)));
+            }
+        }
+        for ip in &self.inodes {
+            blocks.extend(ip.tree_blocks.iter().map(|&b| (b, 1)));
+            blocks.extend(ip.extents.iter().map(|e| (e.physical, e.len as u64)));
+        }
+        crate::ranges::merge(blocks.into_iter().map(|(b, n)| (b * BS64, n * BS64)))
+    }
+
     /// Write the filesystem into `out` starting at byte `base`, in
     /// ascending order. Writes go straight to `out` (whole blocks, often
     /// small): give it a buffered target (`forge image`'s own output
     /// assembles chunks; a plain file wants a `BufWriter`).
-    pub fn write<W: Sink>(&self, out: &mut W, base: u64) -> Result<Written, Ext4Error> {
+    pub fn write<W: Sink + ?Sized>(&self, out: &mut W, base: u64) -> Result<Written, Ext4Error> {
         let g = &self.geometry;
         let fs_seed = self.fs_seed();
         // Inode tables (and extent trees, whose roots live in the inodes).
@@ -159,11 +182,10 @@ impl Plan<'_> {
             pos: None,
             mapped: Vec::new(),
         };
-        let mut buf = Vec::new();
         for (block, item) in items {
             match item {
                 Item::Bytes(b) => o.at(block, &b)?,
-                Item::Extent(i, k) => self.write_extent(&mut o, i, k, &mut buf)?,
+                Item::Extent(i, k) => self.write_extent(&mut o, i, k)?,
             }
         }
         let end = base + g.blocks * BS64;
@@ -286,12 +308,11 @@ impl Plan<'_> {
     }
 
     /// Extent `k` of inode `idx`, at its physical blocks.
-    fn write_extent<W: Sink>(
+    fn write_extent<W: Sink + ?Sized>(
         &self,
         o: &mut Out<W>,
         idx: usize,
         k: usize,
-        buf: &mut Vec<u8>,
     ) -> Result<(), Ext4Error> {
         let ip = &self.inodes[idx];
         let extents = &ip.extents[k..=k];
@@ -317,7 +338,12 @@ impl Plan<'_> {
                 Kind::File {
                     content: Content::Host { path, .. },
                     size,
-                } => return copy_host(o, path, *size, extents, buf),
+                } => {
+                    for e in extents {
+                        o.host(e, path, *size)?;
+                    }
+                    return Ok(());
+                }
                 _ => return Ok(()),
             },
         };
@@ -331,7 +357,11 @@ impl Plan<'_> {
         Ok(())
     }
 
-    fn write_journal<W: Sink>(&self, o: &mut Out<W>, extents: &[Extent]) -> Result<(), Ext4Error> {
+    fn write_journal<W: Sink + ?Sized>(
+        &self,
+        o: &mut Out<W>,
+        extents: &[Extent],
+    ) -> Result<(), Ext4Error> {
         // jbd2 superblock v2 (big-endian), clean: s_start = 0. The rest is
         // zeroed explicitly so stale device data can never look like a
         // transaction.
@@ -545,65 +575,4 @@ enum Item {
     Bytes(Vec<u8>),
     /// (inode index, extent index)
     Extent(usize, usize),
-}
-
-fn copy_host<W: Sink>(
-    o: &mut Out<W>,
-    path: &std::path::Path,
-    size: u64,
-    extents: &[Extent],
-    buf: &mut Vec<u8>,
-) -> Result<(), Ext4Error> {
-    // A sink takes host bytes by reference always or never: its first
-    // answer holds for every extent.
-    if let Some((first, rest)) = extents.split_first() {
-        if o.host(first, path, size)? {
-            for e in rest {
-                o.host(e, path, size)?;
-            }
-            return Ok(());
-        }
-    }
-    let rerr = |err| Ext4Error::Read {
-        path: path.to_owned(),
-        err,
-    };
-    let changed = || Ext4Error::Changed {
-        path: path.to_owned(),
-        expected: size,
-    };
-    let mut f = File::open(path).map_err(rerr)?;
-    if f.metadata().map_err(rerr)?.len() != size {
-        return Err(changed());
-    }
-    const CHUNK: u64 = 256; // blocks per write
-    if buf.len() < CHUNK as usize * BS {
-        buf.resize(CHUNK as usize * BS, 0);
-    }
-    let mut fpos = 0u64;
-    for e in extents {
-        let mut done = 0u64;
-        while done < e.len as u64 {
-            let n = (e.len as u64 - done).min(CHUNK);
-            let off = (e.logical as u64 + done) * BS64;
-            let want = (n * BS64).min(size.saturating_sub(off)) as usize;
-            if fpos != off {
-                f.seek(SeekFrom::Start(off)).map_err(rerr)?;
-            }
-            let b = &mut buf[..n as usize * BS];
-            let mut got = 0;
-            while got < want {
-                let r = f.read(&mut b[got..want]).map_err(rerr)?;
-                if r == 0 {
-                    return Err(changed());
-                }
-                got += r;
-            }
-            b[want..].fill(0);
-            fpos = off + want as u64;
-            o.at(e.physical + done, b)?;
-            done += n;
-        }
-    }
-    Ok(())
 }

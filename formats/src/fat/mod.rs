@@ -11,10 +11,10 @@ mod names;
 pub mod read;
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::SeekFrom;
 use std::path::PathBuf;
 
+use crate::sink::Sink;
 use crate::tree::{Content, Kind, NodeId, Tree, ROOT};
 
 /// Fewer clusters than this and every reader takes the volume for FAT16.
@@ -51,10 +51,6 @@ pub enum FatError {
     BadName { path: PathBuf },
     #[error("label {0:?}: FAT labels are at most 11 ASCII characters")]
     Label(String),
-    #[error("{path}: {err}")]
-    Read { path: PathBuf, err: std::io::Error },
-    #[error("{path}: file changed while the image was written")]
-    Changed { path: PathBuf },
     #[error("writing the FAT volume at byte {offset}: {err}")]
     Write { offset: u64, err: std::io::Error },
 }
@@ -397,23 +393,31 @@ impl Plan<'_> {
         out
     }
 
-    /// Write the volume into `out` at byte `base`.
-    pub fn write<W: Write + Seek>(&self, out: &mut W, base: u64) -> Result<Written, FatError> {
+    /// The byte ranges (relative to the volume's start) that `write`
+    /// writes, known before writing: the reserved area, both FATs, every
+    /// directory's clusters and every file's. Sorted and merged.
+    pub fn mapped(&self) -> Vec<(u64, u64)> {
         let g = &self.g;
-        let mut w = BufWriter::with_capacity(4 << 20, out);
-        let mut mapped: Vec<(u64, u64)> = Vec::new();
-        let mut put = |w: &mut BufWriter<&mut W>, off: u64, data: &[u8]| -> Result<(), FatError> {
-            let werr = |err| FatError::Write {
-                offset: base + off,
-                err,
-            };
-            w.seek(SeekFrom::Start(base + off)).map_err(werr)?;
-            w.write_all(data).map_err(werr)?;
-            match mapped.last_mut() {
-                Some(m) if m.0 + m.1 == off => m.1 += data.len() as u64,
-                _ => mapped.push((off, data.len() as u64)),
+        let cb = g.cluster_bytes();
+        let mut r = vec![(0, (g.reserved + 2 * g.fat_sectors) * g.sector)];
+        for d in &self.dirs {
+            r.push((g.cluster_offset(d.first), d.clusters as u64 * cb));
+        }
+        for (node, &(first, n)) in self.alloc.iter().enumerate() {
+            if let (true, Kind::File { size, .. }) = (n > 0, &self.tree.nodes[node].kind) {
+                r.push((g.cluster_offset(first), size.div_ceil(cb) * cb));
             }
-            Ok(())
+        }
+        crate::ranges::merge(r)
+    }
+
+    /// Write the volume into `out` at byte `base`, in ascending order.
+    pub fn write<W: Sink + ?Sized>(&self, out: &mut W, base: u64) -> Result<Written, FatError> {
+        let g = &self.g;
+        let mut o = Out {
+            w: out,
+            base,
+            mapped: Vec::new(),
         };
         // Reserved area: boot sector, FSInfo, their backups at 6 and 7.
         let ss = g.sector as usize;
@@ -427,10 +431,10 @@ impl Plan<'_> {
             reserved[(at + 2) * ss + 510] = 0x55;
             reserved[(at + 2) * ss + 511] = 0xAA;
         }
-        put(&mut w, 0, &reserved)?;
+        o.bytes(0, &reserved)?;
         let fat = self.fat();
-        put(&mut w, g.reserved * g.sector, &fat)?;
-        put(&mut w, (g.reserved + g.fat_sectors) * g.sector, &fat)?;
+        o.bytes(g.reserved * g.sector, &fat)?;
+        o.bytes((g.reserved + g.fat_sectors) * g.sector, &fat)?;
         drop(fat);
         // Directories and files in cluster order.
         let mut items: Vec<(u32, Option<usize>, NodeId)> = self
@@ -445,56 +449,88 @@ impl Plan<'_> {
             }
         }
         items.sort();
-        let cb = g.cluster_bytes() as usize;
-        let mut buf = vec![0u8; 1 << 20];
+        let cb = g.cluster_bytes();
         for (first, dir, node) in items {
             let off = g.cluster_offset(first);
             if let Some(i) = dir {
-                put(&mut w, off, &self.dir_bytes(&self.dirs[i]))?;
+                o.bytes(off, &self.dir_bytes(&self.dirs[i]))?;
                 continue;
             }
             let Kind::File { size, content } = &self.tree.nodes[node].kind else {
                 continue;
             };
-            let padded = (*size as usize).div_ceil(cb) * cb;
+            let padded = size.div_ceil(cb) * cb;
             match content {
                 Content::Bytes(b) => {
                     let mut v = b.to_vec();
-                    v.resize(padded, 0);
-                    put(&mut w, off, &v)?;
+                    v.resize(padded as usize, 0);
+                    o.bytes(off, &v)?;
                 }
-                Content::Host { path, .. } => {
-                    let rerr = |err| FatError::Read {
-                        path: path.clone(),
-                        err,
-                    };
-                    let mut f = File::open(path).map_err(rerr)?;
-                    let mut done = 0usize;
-                    while done < padded {
-                        let want = buf.len().min(padded - done);
-                        let data_left = (*size as usize).saturating_sub(done).min(want);
-                        let mut got = 0;
-                        while got < data_left {
-                            let r = f.read(&mut buf[got..data_left]).map_err(rerr)?;
-                            if r == 0 {
-                                return Err(FatError::Changed { path: path.clone() });
-                            }
-                            got += r;
-                        }
-                        buf[data_left..want].fill(0);
-                        put(&mut w, off + done as u64, &buf[..want])?;
-                        done += want;
-                    }
-                }
+                Content::Host { path, .. } => o.host(off, path, *size, padded)?,
             }
         }
-        w.flush()
+        o.w.flush()
             .map_err(|err| FatError::Write { offset: base, err })?;
         Ok(Written {
             size: self.size_bytes(),
-            mapped,
+            mapped: o.mapped,
         })
     }
+}
+
+/// The sink, the volume's offset in it, and what was written (relative).
+struct Out<'w, W: Sink + ?Sized> {
+    w: &'w mut W,
+    base: u64,
+    mapped: Vec<(u64, u64)>,
+}
+
+impl<W: Sink + ?Sized> Out<'_, W> {
+    fn seek(&mut self, off: u64, len: u64) -> Result<(), FatError> {
+        let offset = self.base + off;
+        self.w
+            .seek(SeekFrom::Start(offset))
+            .map_err(|err| FatError::Write { offset, err })?;
+        match self.mapped.last_mut() {
+            Some(m) if m.0 + m.1 == off => m.1 += len,
+            _ => self.mapped.push((off, len)),
+        }
+        Ok(())
+    }
+
+    fn bytes(&mut self, off: u64, data: &[u8]) -> Result<(), FatError> {
+        self.seek(off, data.len() as u64)?;
+        let offset = self.base + off;
+        self.w
+            .write_all(data)
+            .map_err(|err| FatError::Write { offset, err })
+    }
+
+    /// A host file of `size` bytes, zero-padded to `span`.
+    fn host(
+        &mut self,
+        off: u64,
+        path: &std::path::Path,
+        size: u64,
+        span: u64,
+    ) -> Result<(), FatError> {
+        self.seek(off, span)?;
+        let offset = self.base + off;
+        self.w
+            .put_host(path, 0, size, span, size)
+            .map_err(|err| FatError::Write { offset, err })
+    }
+}
+
+/// A volume serial as blkid and /dev/disk/by-uuid show it.
+pub fn format_volume_id(id: u32) -> String {
+    format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF)
+}
+
+/// The volume serial derived from the seed and the volume's label.
+pub fn volume_id(seed: &str, label: &str) -> u32 {
+    let d = crate::seed::derive(seed, &format!("fat:{label}:volume-id"));
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]])
 }
 
 #[cfg(test)]

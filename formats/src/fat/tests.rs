@@ -93,7 +93,9 @@ fn reader_reads_back_what_the_writer_wrote() {
     t.insert(d, b"nixos-generation-1.conf", f).unwrap();
     let p = plan(&t, &opts(64 << 20)).unwrap();
     let mut c = Cursor::new(Vec::new());
-    p.write(&mut c, 0).unwrap();
+    let w = p.write(&mut c, 0).unwrap();
+    // The plan knew beforehand what it would write.
+    assert_eq!(crate::ranges::merge(w.mapped), p.mapped());
     let mut v = read::Volume::open(c, 0).unwrap();
     assert_eq!(v.label, "ESP");
     let names: Vec<String> = v

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use std::fs::File;
 
-use crate::image::out::{Hashes, ImageOut, Stage};
+use crate::image::out::{Hashes, ImageOut};
 use std::path::{Path, PathBuf};
 
 pub struct AtomicOutput {
@@ -44,19 +44,22 @@ impl AtomicOutput {
         self.tmp.path()
     }
 
-    /// Fill the file with one filesystem of `size` bytes the way `forge
-    /// image` writes images: in ascending order, sparse, O_DIRECT.
-    pub(crate) fn write_image(
+    /// Fill the file with one filesystem of `size` bytes that writes
+    /// `map`, the way `forge image` writes images: in ascending order,
+    /// sparse, O_DIRECT.
+    pub fn write_image(
         &mut self,
         size: u64,
-        write: impl FnOnce(&mut ImageOut) -> Result<()>,
+        map: Vec<(u64, u64)>,
+        write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
     ) -> Result<()> {
         let tmp = self.tmp.path().to_owned();
         let what = || format!("writing {}", tmp.display());
-        let stage = Stage::Raw(tmp.clone());
-        let mut w =
-            ImageOut::new(self.tmp.as_file(), stage, Hashes::default()).with_context(what)?;
-        w.set_len(size).with_context(what)?;
+        let raw = crate::container::Kind::Raw
+            .open(self.tmp.as_file(), &tmp, 0)
+            .with_context(what)?;
+        let mut w = ImageOut::new(raw, Hashes::default()).with_context(what)?;
+        w.begin(size, map).with_context(what)?;
         write(&mut w)?;
         w.finish().with_context(what)?;
         Ok(())

@@ -1,0 +1,70 @@
+//! How an image is shipped: a container takes the image's size and its
+//! block map first, then the image's chunks. Containers whose metadata
+//! precedes the data (qcow2's tables, a dynamic VHD's block table) can
+//! lay it out from the map before the first chunk arrives.
+//!
+//! A new container is one new file here plus a line in [`Kind::for_output`].
+
+mod raw;
+mod zstd;
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+pub use crate::image::out::Chunk;
+
+/// The image's bytes leave through one of these, on the image output's
+/// disk thread.
+pub trait Container: Send {
+    /// Whether chunks must arrive in image order (a stream); otherwise
+    /// they come as they are ready.
+    fn ordered(&self) -> bool;
+    /// Before any chunk: the image's size and every byte range that will
+    /// be written (sorted, merged); all else is zeros.
+    fn begin(&mut self, size: u64, map: &[(u64, u64)]) -> io::Result<()>;
+    /// The chunk's first `n` bytes are the image's, at `chunk.off`;
+    /// blocks it does not mark touched are zeros.
+    fn chunk(&mut self, chunk: &Chunk, n: usize) -> io::Result<()>;
+    /// Everything has been given.
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+/// The containers, chosen by the output's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `.img`, `.raw`: a sparse raw file.
+    Raw,
+    /// `.img.zst`, `.raw.zst`: a zstd stream of the raw image.
+    Zstd,
+}
+
+/// The accepted output names, for messages and help.
+pub const NAMES: &str = ".img or .raw (raw image), .img.zst or .raw.zst (zstd-compressed)";
+
+impl Kind {
+    /// The container an output name asks for.
+    pub fn for_output(name: &Path) -> Option<Kind> {
+        let n = name.file_name()?.to_string_lossy();
+        let has = |ext: &str| n.len() > ext.len() && n.ends_with(ext);
+        if has(".img.zst") || has(".raw.zst") {
+            Some(Kind::Zstd)
+        } else if has(".img") || has(".raw") {
+            Some(Kind::Raw)
+        } else {
+            None
+        }
+    }
+
+    pub fn compressed(self) -> bool {
+        self == Kind::Zstd
+    }
+
+    /// The container writing into `file` (created empty, at `path`).
+    pub fn open(self, file: &File, path: &Path, zstd_level: i32) -> io::Result<Box<dyn Container>> {
+        Ok(match self {
+            Kind::Raw => Box::new(raw::Raw::open(file, path)?),
+            Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, zstd_level)),
+        })
+    }
+}

@@ -1,0 +1,294 @@
+//! Disk layouts as data (in the spirit of systemd-repart's partition
+//! definitions): a table kind and partitions, each with a role, a type, a
+//! name, a label, attributes, a size policy and the filesystem plan it
+//! holds. An image format is a [`Layout`] value; [`Layout::place`] decides
+//! every offset (pure), [`Placed::write`] writes any layout in one
+//! ascending pass, and [`Placed::report`] describes it (the manifest).
+
+pub mod report;
+
+use anyhow::{bail, Context, Result};
+use std::io::{Seek, SeekFrom, Write};
+
+use crate::image::out::ImageOut;
+use formats::{ext4, fat, gpt, mbr, ranges, seed};
+pub use report::{BootEntry, Disk, Fs, IdentityAt, Part, Role, MANIFEST_VERSION};
+
+/// Partitions start on 1 MiB boundaries.
+pub const ALIGN: u64 = 1 << 20;
+
+fn align(n: u64) -> u64 {
+    n.next_multiple_of(ALIGN)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Gpt,
+    /// DOS partition table, 512-byte sectors only.
+    Mbr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartType {
+    /// A GPT type GUID.
+    Gpt(&'static str),
+    /// An MBR partition type byte.
+    Mbr(u8),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizePolicy {
+    /// Exactly this many bytes.
+    Fixed(u64),
+    /// The filesystem's planned size, rounded up to [`ALIGN`].
+    Content,
+}
+
+/// A planned filesystem, ready to be written at an offset.
+pub enum Filesystem<'t> {
+    Fat {
+        plan: fat::Plan<'t>,
+        volume_id: u32,
+    },
+    Ext4 {
+        plan: ext4::Plan<'t>,
+        uuid: [u8; 16],
+    },
+}
+
+impl Filesystem<'_> {
+    pub fn size(&self) -> u64 {
+        match self {
+            Filesystem::Fat { plan, .. } => plan.size_bytes(),
+            Filesystem::Ext4 { plan, .. } => plan.size_bytes(),
+        }
+    }
+    /// What it will write, relative to its start.
+    pub fn mapped(&self) -> Vec<(u64, u64)> {
+        match self {
+            Filesystem::Fat { plan, .. } => plan.mapped(),
+            Filesystem::Ext4 { plan, .. } => plan.mapped(),
+        }
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Filesystem::Fat { .. } => "vfat",
+            Filesystem::Ext4 { .. } => "ext4",
+        }
+    }
+    pub fn uuid(&self) -> String {
+        match self {
+            Filesystem::Fat { volume_id, .. } => fat::format_volume_id(*volume_id),
+            Filesystem::Ext4 { uuid, .. } => seed::format_uuid(uuid),
+        }
+    }
+    /// Write at `off` of `out`; what it wrote must be what it planned.
+    fn write(&self, out: &mut ImageOut, off: u64) -> Result<()> {
+        let w = match self {
+            Filesystem::Fat { plan, .. } => plan.write(out, off).map(|w| w.mapped)?,
+            Filesystem::Ext4 { plan, .. } => plan.write(out, off).map(|w| w.mapped)?,
+        };
+        if ranges::merge(w) != self.mapped() {
+            bail!(
+                "internal: the {} filesystem wrote other blocks than it planned",
+                self.kind()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A partition as the layout declares it.
+pub struct Partition<'t> {
+    pub role: Role,
+    pub ty: PartType,
+    /// The GPT partition name.
+    pub name: &'static str,
+    /// The filesystem's label.
+    pub label: String,
+    /// GPT attribute bit 60 (the root of a read-only image).
+    pub read_only: bool,
+    /// MBR active flag (U-Boot's distro boot scans only these).
+    pub bootable: bool,
+    /// The earliest byte it may start at (else right after the previous
+    /// one, aligned).
+    pub start: Option<u64>,
+    pub size: SizePolicy,
+    pub fs: Filesystem<'t>,
+}
+
+pub struct Layout<'t> {
+    pub table: Table,
+    pub sector_size: u32,
+    /// Seed of the disk's and partitions' GUIDs (GPT) or signature (MBR).
+    pub seed: String,
+    pub partitions: Vec<Partition<'t>>,
+}
+
+/// The partition table's bytes: at the start, and (GPT) the backup at the end.
+struct TableBytes {
+    head: Vec<u8>,
+    tail: Option<(u64, Vec<u8>)>,
+    disk_id: String,
+    /// Per partition: its GUID (GPT) or PARTUUID (MBR).
+    guids: Vec<String>,
+}
+
+/// A layout with every offset decided.
+pub struct Placed<'l, 't> {
+    pub layout: &'l Layout<'t>,
+    /// (offset, size) of each partition.
+    pub at: Vec<(u64, u64)>,
+    pub size: u64,
+    table: TableBytes,
+}
+
+impl<'t> Layout<'t> {
+    /// Decide every offset: partitions aligned, in order; a GPT keeps
+    /// 1 MiB at the end for its backup. Pure.
+    pub fn place(&self) -> Result<Placed<'_, 't>> {
+        let ss = self.sector_size as u64;
+        if self.table == Table::Mbr && ss != 512 {
+            bail!("an MBR needs 512-byte sectors; --sector-size {ss} does not apply");
+        }
+        let mut at = Vec::new();
+        let mut end = 0;
+        for p in &self.partitions {
+            let off = align(end.max(p.start.unwrap_or(ALIGN)));
+            let size = match p.size {
+                SizePolicy::Fixed(n) => n,
+                SizePolicy::Content => align(p.fs.size()),
+            };
+            if p.fs.size() > size {
+                bail!(
+                    "the {} filesystem ({} bytes) does not fit its {size}-byte partition",
+                    p.label,
+                    p.fs.size()
+                );
+            }
+            if size % ss != 0 {
+                bail!("the {} partition's size, {size} bytes, is not a whole number of {ss}-byte sectors", p.label);
+            }
+            at.push((off, size));
+            end = off + size;
+        }
+        let size = align(end)
+            + match self.table {
+                Table::Gpt => ALIGN,
+                Table::Mbr => 0,
+            };
+        let table = match self.table {
+            Table::Gpt => self.gpt(&at, size)?,
+            Table::Mbr => self.mbr(&at)?,
+        };
+        Ok(Placed {
+            layout: self,
+            at,
+            size,
+            table,
+        })
+    }
+
+    fn gpt(&self, at: &[(u64, u64)], size: u64) -> Result<TableBytes> {
+        let ss = self.sector_size as u64;
+        let guid = |what: &str| seed::uuid(&self.seed, &format!("gpt:{what}"));
+        let mut partitions = Vec::new();
+        for (p, &(off, len)) in self.partitions.iter().zip(at) {
+            let PartType::Gpt(ty) = p.ty else {
+                bail!("internal: the {} partition has no GPT type", p.name);
+            };
+            partitions.push(gpt::Partition {
+                type_guid: seed::parse_uuid(ty).context("internal: a GPT type GUID")?,
+                guid: guid(p.name),
+                first_lba: off / ss,
+                last_lba: (off + len) / ss - 1,
+                attributes: if p.read_only { gpt::ATTR_READ_ONLY } else { 0 },
+                name: p.name.to_string(),
+            });
+        }
+        let g = gpt::Gpt {
+            sector: ss,
+            disk_sectors: size / ss,
+            disk_guid: guid("disk"),
+            partitions,
+        };
+        Ok(TableBytes {
+            head: g.primary(),
+            tail: Some(g.backup()),
+            disk_id: seed::format_uuid(&g.disk_guid),
+            guids: g
+                .partitions
+                .iter()
+                .map(|p| seed::format_uuid(&p.guid))
+                .collect(),
+        })
+    }
+
+    fn mbr(&self, at: &[(u64, u64)]) -> Result<TableBytes> {
+        let lba = |b: u64| -> Result<u32> {
+            u32::try_from(b / 512).context("image too large for an MBR (2 TiB)")
+        };
+        let mut parts = Vec::new();
+        for (p, &(off, len)) in self.partitions.iter().zip(at) {
+            let PartType::Mbr(kind) = p.ty else {
+                bail!("internal: the {} partition has no MBR type", p.name);
+            };
+            parts.push(mbr::Partition {
+                bootable: p.bootable,
+                kind,
+                first_lba: lba(off)?,
+                sectors: lba(len)?,
+            });
+        }
+        let d = seed::derive(&self.seed, "mbr:signature");
+        let signature = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+        Ok(TableBytes {
+            head: mbr::encode(signature, &parts),
+            tail: None,
+            disk_id: format!("{signature:08x}"),
+            // The Pi's PARTUUID: <disk signature>-<partition number>.
+            guids: (1..=parts.len())
+                .map(|n| format!("{signature:08x}-{n:02x}"))
+                .collect(),
+        })
+    }
+}
+
+impl Placed<'_, '_> {
+    /// Every byte range the image's writes cover: the tables and each
+    /// filesystem's map, known before a byte is written.
+    pub fn mapped(&self) -> Vec<(u64, u64)> {
+        let mut r = vec![(0, self.table.head.len() as u64)];
+        for (p, &(off, _)) in self.layout.partitions.iter().zip(&self.at) {
+            r.extend(ranges::shift(&p.fs.mapped(), off));
+        }
+        if let Some((off, b)) = &self.table.tail {
+            r.push((*off, b.len() as u64));
+        }
+        ranges::merge(r)
+    }
+
+    /// Write the whole image in ascending order: the table, each
+    /// filesystem, the backup table last. `stage` hears of each step.
+    pub(crate) fn write(&self, out: &mut ImageOut, stage: &mut dyn FnMut(&str)) -> Result<()> {
+        out.begin(self.size, self.mapped())
+            .context("sizing the image")?;
+        let write_at = |out: &mut ImageOut, off: u64, b: &[u8]| -> std::io::Result<()> {
+            out.seek(SeekFrom::Start(off))?;
+            out.write_all(b)
+        };
+        write_at(out, 0, &self.table.head).context("writing the partition table")?;
+        for &(off, len) in &self.at {
+            out.watch(off, len).context("hashing the partitions")?;
+        }
+        for (p, &(off, _)) in self.layout.partitions.iter().zip(&self.at) {
+            p.fs.write(out, off)
+                .with_context(|| format!("writing the {} partition at byte {off}", p.label))?;
+            stage(&format!("wrote the {} partition", p.label));
+        }
+        if let Some((off, b)) = &self.table.tail {
+            write_at(out, *off, b).context("writing the backup GPT")?;
+        }
+        Ok(())
+    }
+}
