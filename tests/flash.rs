@@ -556,7 +556,8 @@ fn two_devices_in_one_run_both_written_and_verified() {
 
 // ---- faults a loop device cannot produce: an injecting sink ----
 
-use flash::write::{self, Device, Sink};
+use flash::device::{BlockDevice, Device};
+use flash::write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 enum Fault {
@@ -577,7 +578,7 @@ struct Faulty {
     fired: AtomicBool,
 }
 
-impl Sink for Faulty {
+impl BlockDevice for Faulty {
     fn name(&self) -> &str {
         self.inner.name()
     }
@@ -628,7 +629,7 @@ impl Sink for Faulty {
 }
 
 /// Flash `t.img` through a faulty sink over `t.lo` (and any more sinks).
-fn flash_faulty(t: &Disk, fault: Fault, more: Vec<Box<dyn Sink>>) -> Vec<Res> {
+fn flash_faulty(t: &Disk, fault: Fault, more: Vec<Box<dyn BlockDevice>>) -> Vec<Res> {
     let src = flash::source::Source::open(&t.img, flash::source::BmapChoice::Auto).unwrap();
     let target = flash::preflight::check(Path::new(&t.lo.dev), src.size, Some(512), true).unwrap();
     let faulty = Faulty {
@@ -637,13 +638,10 @@ fn flash_faulty(t: &Disk, fault: Fault, more: Vec<Box<dyn Sink>>) -> Vec<Res> {
         fault,
         fired: AtomicBool::new(false),
     };
-    let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(faulty)];
+    let mut sinks: Vec<Box<dyn BlockDevice>> = vec![Box::new(faulty)];
     sinks.extend(more);
-    let opts = write::Options {
-        verify: true,
-        quiet: true,
-    };
-    write::flash(&src, sinks, &opts)
+    let opts = write::Options { verify: true };
+    write::flash(&src, sinks, &opts, &flash::Silent)
         .into_iter()
         .map(|r| {
             r.map_err(|e| {
@@ -773,7 +771,7 @@ fn a_failing_device_among_several_leaves_the_others_written() {
     let b = Loop::attach(&backing_b, &[]);
     let src = flash::source::Source::open(&t.img, flash::source::BmapChoice::None).unwrap();
     let tb = flash::preflight::check(Path::new(&b.dev), src.size, Some(512), true).unwrap();
-    let good: Box<dyn Sink> = Box::new(Device::open(&tb, true).unwrap());
+    let good: Box<dyn BlockDevice> = Box::new(Device::open(&tb, true).unwrap());
     let r = flash_faulty(&t, Fault::IoErrorAt(root_byte(&t)), vec![good]);
     assert!(r[0].is_err());
     let o = r[1].as_ref().unwrap_or_else(|e| panic!("{}", e.0));

@@ -108,18 +108,9 @@ fn tables_and_filesystems_pass_their_judges() {
                 .arg(&f));
         }
         let parts = im.layout["partitions"].as_array().unwrap();
-        assert_eq!(
-            parts[0]["type_guid"],
-            "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-        );
-        assert_eq!(
-            parts[1]["type_guid"],
-            "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"
-        );
-        assert_eq!(
-            parts[2]["type_guid"],
-            "4d21b016-b534-45c2-a9fb-5c16e091fd1d"
-        );
+        assert_eq!(parts[0]["type_id"], "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+        assert_eq!(parts[1]["type_id"], "4f68bce3-e8cd-4db1-96e7-fbcaf984b709");
+        assert_eq!(parts[2]["type_id"], "4d21b016-b534-45c2-a9fb-5c16e091fd1d");
         assert_eq!(parts[1]["read_only"], true);
         for p in parts {
             assert_eq!(
@@ -529,6 +520,54 @@ fn unwritable_output_directory_and_unknown_format_are_refused() {
         "{e}"
     );
     assert!(dir_entries(&out.path().join("ro")).is_empty());
+}
+
+/// One description of a disk: the manifest beside the image holds the
+/// same disk as `--json` prints, and `forge inspect` reads the same
+/// partitions back from the bytes (sha256 is hashed only for --json;
+/// inspect cannot know the filesystems' own sizes).
+#[test]
+fn the_layout_manifest_is_the_json_report_and_inspect_reads_it_back() {
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 512, &[]);
+    let path = im.img.with_file_name("disk.img.layout.json");
+    assert_eq!(im.layout["manifest"], path.to_str().unwrap());
+    let m: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for k in [
+        "version",
+        "table",
+        "sector_size",
+        "disk_id",
+        "size",
+        "partitions",
+        "identity",
+    ] {
+        assert_eq!(m[k], im.layout[k], "{k}");
+    }
+    assert_eq!(m["version"], 1);
+    assert_eq!(m["identity"]["partition"], 3);
+    assert_eq!(m["identity"]["path"], "identity");
+    let roles: Vec<&str> = m["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["esp", "root", "state"]);
+    let mut r: Value =
+        serde_json::from_str(&ok(forge().arg("inspect").arg(&im.img).arg("--json"))).unwrap();
+    let mut want = m.clone();
+    for p in want["partitions"].as_array_mut().unwrap() {
+        let p = p.as_object_mut().unwrap();
+        p.remove("sha256");
+        p["filesystem"].as_object_mut().unwrap().remove("size");
+    }
+    for p in r["partitions"].as_array_mut().unwrap() {
+        p.as_object_mut().unwrap().remove("boot_entries");
+    }
+    for k in ["table", "sector_size", "disk_id", "size", "partitions"] {
+        assert_eq!(r[k], want[k], "{k}");
+    }
 }
 
 #[test]

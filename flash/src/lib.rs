@@ -2,13 +2,46 @@
 //!
 //! `devices` finds disks and why each would be refused; `source` streams an
 //! image (raw or zstd) by its bmap; `preflight` runs every named check;
-//! `write` writes to every device from one read (first MiB last) and
-//! verifies by reading back; `progress` draws a bar per device; `ioctl`
-//! holds the only unsafe code.
+//! `device` opens a checked disk (the [`device::BlockDevice`] seam, which
+//! `memdisk` also implements for tests); `write` writes to every device
+//! from one read (first MiB last) and verifies by reading back; `ioctl`
+//! holds the only unsafe code. Nothing here prints: progress goes through
+//! [`Progress`], which the binary implements.
 
+pub mod device;
 pub mod devices;
 pub mod ioctl;
+pub mod memdisk;
 pub mod preflight;
-pub mod progress;
 pub mod source;
 pub mod write;
+
+/// Where the writers report progress; the binary draws it.
+pub trait Progress: Sync {
+    /// A meter for one device.
+    fn meter(&self, device: &str) -> Box<dyn Meter>;
+}
+
+/// Progress of one device; shared by the threads working on it.
+pub trait Meter: Send + Sync {
+    /// A phase ("writing", "verifying") of `total` bytes starts.
+    fn phase(&self, phase: &'static str, total: u64);
+    fn add(&self, n: u64);
+    /// The device is done (`done` or `failed`).
+    fn finish(&self, how: &str);
+}
+
+/// Progress nobody watches.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn meter(&self, _: &str) -> Box<dyn Meter> {
+        Box::new(Silent)
+    }
+}
+
+impl Meter for Silent {
+    fn phase(&self, _: &'static str, _: u64) {}
+    fn add(&self, _: u64) {}
+    fn finish(&self, _: &str) {}
+}

@@ -84,6 +84,9 @@ pub(super) enum Stopped {
     Elsewhere,
 }
 
+/// A worker's hashed pieces, or why it stopped.
+type WorkResult = Result<Vec<Piece>, Stopped>;
+
 pub(super) enum ToDisk {
     /// The image's size and the ranges that will be written.
     Begin(u64, Vec<(u64, u64)>),
@@ -113,7 +116,7 @@ pub(crate) struct ImageOut {
     pieces: Option<Pieces>,
     watch: Option<SyncSender<ToWatch>>,
     disk_thread: Option<JoinHandle<io::Result<()>>>,
-    work_threads: Vec<Option<JoinHandle<Result<Vec<Piece>, Stopped>>>>,
+    work_threads: Vec<Option<JoinHandle<WorkResult>>>,
     watch_thread: Option<JoinHandle<Vec<Watched>>>,
     failed: Option<(io::ErrorKind, String)>,
 }

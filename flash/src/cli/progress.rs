@@ -14,12 +14,12 @@ enum Mode {
     Quiet,
 }
 
-pub struct Progress {
+pub struct Bars {
     mode: Mode,
 }
 
-impl Progress {
-    pub fn new(quiet: bool) -> Progress {
+impl Bars {
+    pub fn new(quiet: bool) -> Bars {
         let mode = if quiet {
             Mode::Quiet
         } else if std::io::stderr().is_terminal() {
@@ -27,11 +27,11 @@ impl Progress {
         } else {
             Mode::Plain
         };
-        Progress { mode }
+        Bars { mode }
     }
 
     /// A meter for one device, labelled with its name.
-    pub fn meter(&self, name: &str) -> Meter {
+    fn bar(&self, name: &str) -> Meter {
         let bar = match &self.mode {
             Mode::Bars(m) => {
                 let b = m.add(ProgressBar::new(0));
@@ -89,9 +89,9 @@ pub struct Meter {
     state: Mutex<Plain>,
 }
 
-impl Meter {
+impl flash::Meter for Meter {
     /// Start a phase ("writing", "verifying") of `total` bytes.
-    pub fn phase(&self, phase: &'static str, total: u64) {
+    fn phase(&self, phase: &'static str, total: u64) {
         if let Some(b) = &self.bar {
             b.set_message(phase);
             b.set_length(total);
@@ -108,7 +108,7 @@ impl Meter {
         };
     }
 
-    pub fn add(&self, n: u64) {
+    fn add(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);
         }
@@ -136,9 +136,15 @@ impl Meter {
     }
 
     /// End the bar with a closing message (kept on screen).
-    pub fn finish(&self, msg: &str) {
+    fn finish(&self, msg: &str) {
         if let Some(b) = &self.bar {
             b.finish_with_message(msg.to_string());
         }
+    }
+}
+
+impl flash::Progress for Bars {
+    fn meter(&self, device: &str) -> Box<dyn flash::Meter> {
+        Box::new(self.bar(device))
     }
 }

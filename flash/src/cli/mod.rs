@@ -1,0 +1,281 @@
+//! The command line: parses arguments, calls the library, prints errors
+//! as a one-line context chain and exits non-zero on failure: 1 a failed
+//! write, 2 a refused target, 3 a failed verify.
+
+mod progress;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use flash::device::{BlockDevice, Device};
+use flash::preflight::{self, Refused};
+use flash::source::{BmapChoice, Source};
+use flash::write::{self, Mismatch};
+use progress::Bars;
+
+#[derive(Parser)]
+#[command(
+    name = "flash",
+    version,
+    about = "Write nixforge images to block devices, safely",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    write: WriteArgs,
+}
+
+#[derive(clap::Args)]
+struct WriteArgs {
+    /// Image: raw or zstd-compressed (recognized by content).
+    #[arg(required = true)]
+    image: Option<PathBuf>,
+    /// Whole-disk block devices (symlinks such as /dev/disk/by-id are resolved).
+    #[arg(required = true)]
+    devices: Vec<PathBuf>,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+    /// Block map to use (default: IMAGE.bmap or the .bmap beside a .zst).
+    #[arg(long, conflicts_with = "no_bmap")]
+    bmap: Option<PathBuf>,
+    /// Write every byte of the image.
+    #[arg(long)]
+    no_bmap: bool,
+    /// Skip reading the device back.
+    #[arg(long)]
+    no_verify: bool,
+    /// Allow disks that are not marked removable.
+    #[arg(long)]
+    allow_non_removable: bool,
+    /// Expected SHA-256 of the whole (decompressed) image.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List candidate target disks and why any would be refused.
+    List {
+        /// Also show system and busy disks (marked).
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare a device with an image by reading both (no writes).
+    Verify {
+        image: PathBuf,
+        device: PathBuf,
+        #[arg(long)]
+        bmap: Option<PathBuf>,
+        #[arg(long)]
+        no_bmap: bool,
+        #[arg(long)]
+        allow_non_removable: bool,
+    },
+}
+
+pub fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    if e.downcast_ref::<Refused>().is_some() {
+        ExitCode::from(2)
+    } else if e.downcast_ref::<Mismatch>().is_some() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn bmap_choice(bmap: Option<PathBuf>, no_bmap: bool) -> BmapChoice {
+    match (bmap, no_bmap) {
+        (_, true) => BmapChoice::None,
+        (Some(p), _) => BmapChoice::File(p),
+        (None, false) => BmapChoice::Auto,
+    }
+}
+
+/// A refusal of every named device for want of confirmation.
+fn unconfirmed(devices: &[PathBuf], detail: &str) -> anyhow::Error {
+    let device = devices
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Refused {
+        device,
+        refusal: flash::devices::Refusal {
+            check: "confirmed",
+            detail: detail.into(),
+        },
+    }
+    .into()
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Some(Cmd::List { all, json }) => list(all, json).map(|_| ExitCode::SUCCESS),
+        Some(Cmd::Verify {
+            image,
+            device,
+            bmap,
+            no_bmap,
+            allow_non_removable,
+        }) => {
+            let src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
+            let t = preflight::check(&device, src.size, None, allow_non_removable)?;
+            let dev = Box::new(Device::open(&t, false)?);
+            let n = write::verify_only(&src, dev, &Bars::new(false))?;
+            println!(
+                "{}: matches {} ({n} bytes compared)",
+                t.disk.path.display(),
+                image.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => write_cmd(cli.write),
+    }
+}
+
+fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
+    let image = a.image.expect("clap requires IMAGE");
+    let src = Source::open(&image, bmap_choice(a.bmap.clone(), a.no_bmap))?;
+    if let Some(want) = &a.sha256 {
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        let full = Source::open(&image, BmapChoice::None)?;
+        full.stream(4 << 20, &mut |_, d| {
+            sha2::Digest::update(&mut h, d);
+            Ok(())
+        })?;
+        let got = format!("{:x}", sha2::Digest::finalize(h));
+        if !got.eq_ignore_ascii_case(want) {
+            bail!(
+                "{}: SHA-256 is {got}, not the expected {want}",
+                image.display()
+            );
+        }
+    }
+    let head = src.head(8192)?;
+    let sector = preflight::image_sector_size(&head);
+    // Every check on every device before anything is written anywhere.
+    let mut targets = Vec::new();
+    for d in &a.devices {
+        targets.push(preflight::check(
+            d,
+            src.size,
+            sector,
+            a.allow_non_removable,
+        )?);
+    }
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(unconfirmed(&a.devices, "no terminal to ask on; pass --yes"));
+        }
+        for t in &targets {
+            eprintln!("{}", t.disk.describe());
+        }
+        eprint!("Everything on these disks will be overwritten. Type yes to continue: ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if answer.trim() != "yes" {
+            return Err(unconfirmed(&a.devices, "not confirmed"));
+        }
+    }
+    // Every device opened (and its identity re-checked) before any write;
+    // one that cannot be opened fails alone.
+    let mut opened: Vec<Result<Box<dyn BlockDevice>>> = Vec::new();
+    for t in &targets {
+        opened.push(Device::open(t, true).map(|d| Box::new(d) as Box<dyn BlockDevice>));
+    }
+    let mut results: Vec<Option<Result<write::Outcome>>> = Vec::new();
+    let mut sinks = Vec::new();
+    for o in opened {
+        match o {
+            Ok(s) => {
+                sinks.push(s);
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let opts = write::Options {
+        verify: !a.no_verify,
+    };
+    let bars = Bars::new(a.quiet || a.json);
+    let mut outs = write::flash(&src, sinks, &opts, &bars).into_iter();
+    let mut reports = Vec::new();
+    let mut worst: Option<anyhow::Error> = None;
+    for (t, r) in targets.iter().zip(results) {
+        match r.or_else(|| outs.next()).expect("one result per device") {
+            Ok(o) => {
+                bars.println(&format!(
+                    "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s{}",
+                    o.device,
+                    o.written,
+                    o.skipped,
+                    o.verified,
+                    o.seconds,
+                    o.mb_per_s,
+                    if o.gpt_moved {
+                        ", backup GPT moved to the end of the disk"
+                    } else {
+                        ""
+                    }
+                ));
+                reports.push(serde_json::json!({ "device": o.device, "ok": true, "report": o }))
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                reports.push(serde_json::json!({ "device": t.disk.path, "ok": false, "error": format!("{e:#}") }));
+                worst.get_or_insert(e);
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(match worst {
+        Some(e) => exit_code(&e),
+        None => ExitCode::SUCCESS,
+    })
+}
+
+fn list(all: bool, json: bool) -> Result<()> {
+    let disks: Vec<_> = flash::devices::list()
+        .context("reading /sys/block")?
+        .into_iter()
+        .filter(|d| all || !d.system)
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&disks)?);
+        return Ok(());
+    }
+    for d in &disks {
+        let mark = if d.system { " [system]" } else { "" };
+        println!("{}{mark}", d.describe());
+        for r in &d.refusals {
+            println!("    refused: {r}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The devices an image is written to: the [`BlockDevice`] seam, and the
+//! real one, a whole disk opened exclusively, locked and re-identified.
+//! Tests put an in-memory disk ([`crate::memdisk`]) or a fault-injecting
+//! wrapper behind the same seam.
+
+use anyhow::{anyhow, Context, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::ioctl;
+use crate::preflight::{Refused, Target};
+
+/// Where an image goes: a block device, or in tests a device with faults.
+pub trait BlockDevice: Send + Sync {
+    fn name(&self) -> &str;
+    fn size(&self) -> u64;
+    fn sector_size(&self) -> u64;
+    /// One positional write of sector-aligned bytes from an aligned buffer;
+    /// may write fewer bytes than given (a short write).
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<usize>;
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    fn sync(&self) -> io::Result<()>;
+    /// Drop cached blocks so that reads reach the medium (BLKFLSBUF).
+    fn drop_cache(&self) -> io::Result<()>;
+    /// Make the kernel see the new partition table.
+    fn announce(&self) {}
+}
+
+/// A whole-disk block device, opened O_DIRECT and locked.
+pub struct Device {
+    name: String,
+    file: nix::fcntl::Flock<File>,
+    size: u64,
+    lbs: u64,
+}
+
+fn model_of(dev: &Path) -> String {
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/sys/block/{name}/device/model"))
+        .map(|m| m.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Device {
+    /// Open a checked target. For writing: O_EXCL (no mounts, no other
+    /// exclusive openers), an exclusive flock (keeps udev from probing
+    /// mid-write), and the identity re-checked right before the first write.
+    pub fn open(t: &Target, write: bool) -> Result<Device> {
+        let path: PathBuf = t.disk.path.clone();
+        let name = path.display().to_string();
+        let mut o = OpenOptions::new();
+        o.read(true);
+        if write {
+            o.write(true).custom_flags(libc::O_EXCL | libc::O_DIRECT);
+        } else {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let f = o.open(&path).with_context(|| {
+            format!("opening {name}{}", if write { " exclusively" } else { "" })
+        })?;
+        let how = if write {
+            nix::fcntl::FlockArg::LockExclusiveNonblock
+        } else {
+            nix::fcntl::FlockArg::LockSharedNonblock
+        };
+        let file =
+            nix::fcntl::Flock::lock(f, how).map_err(|(_, e)| anyhow!("locking {name}: {e}"))?;
+        let size = ioctl::size(&file).with_context(|| format!("size of {name}"))?;
+        let lbs =
+            ioctl::logical_sector_size(&file).with_context(|| format!("sector size of {name}"))?;
+        let model = model_of(&path);
+        if write
+            && (size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model)
+        {
+            return Err(Refused {
+                device: name,
+                refusal: crate::devices::Refusal {
+                    check: "identity",
+                    detail: format!(
+                        "the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})"
+                    ),
+                },
+            }
+            .into());
+        }
+        Ok(Device {
+            name,
+            file,
+            size,
+            lbs: lbs as u64,
+        })
+    }
+}
+
+impl BlockDevice for Device {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn sector_size(&self) -> u64 {
+        self.lbs
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        self.file.write_at(buf, off)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+    fn drop_cache(&self) -> io::Result<()> {
+        ioctl::flush_buffers(&self.file)
+    }
+    fn announce(&self) {
+        // BLKRRPART, and where the kernel has no partition parsers, BLKPG
+        // through partx.
+        let _ = ioctl::reread_partitions(&self.file);
+        let _ = std::process::Command::new("partx")
+            .args(["-a", &self.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,253 @@
+//! The write path on an in-memory disk: no root, no loop devices. Every
+//! write and read must be aligned as O_DIRECT needs (the disk refuses and
+//! records any that is not), the bytes written must be the image's, a GPT
+//! moves to the disk's end, and each injected fault leaves the head wiped.
+
+use super::*;
+use crate::memdisk::{Event, Fault, MemDisk};
+use crate::source::BmapChoice;
+use formats::gpt::{self, Gpt};
+use std::path::{Path, PathBuf};
+
+/// A GPT image with `ss`-byte sectors: the table, a partition filled with
+/// a byte pattern from 1 MiB on, whose last range ends mid-sector (the
+/// size is not a multiple of 4 KiB for 512-byte sectors), and the backup
+/// table. With `bmap`, a .bmap beside it maps only the written ranges.
+fn image(dir: &Path, ss: u64, bmap: bool) -> (PathBuf, Vec<u8>, Vec<(u64, u64)>) {
+    let size = (9 << 20) + 3 * ss;
+    let g = Gpt {
+        sector: ss,
+        disk_sectors: size / ss,
+        disk_guid: [7; 16],
+        partitions: vec![gpt::Partition {
+            type_guid: formats::seed::parse_uuid(gpt::types::VAR).unwrap(),
+            guid: [9; 16],
+            first_lba: (1 << 20) / ss,
+            last_lba: (8 << 20) / ss - 1,
+            attributes: 0,
+            name: "data".into(),
+        }],
+    };
+    let mut img = vec![0u8; size as usize];
+    let primary = g.primary();
+    img[..primary.len()].copy_from_slice(&primary);
+    let data = (1u64 << 20)..(5 << 20) + 777;
+    for i in data.clone() {
+        img[i as usize] = (i * 31 % 251) as u8 + 1;
+    }
+    let (boff, backup) = g.backup();
+    img[boff as usize..boff as usize + backup.len()].copy_from_slice(&backup);
+    let path = dir.join("x.img");
+    std::fs::write(&path, &img).unwrap();
+    let mapped = vec![
+        (0, primary.len() as u64),
+        (data.start, data.end - data.start),
+        (boff, backup.len() as u64),
+    ];
+    if bmap {
+        let f = std::fs::File::open(&path).unwrap();
+        let text = formats::bmap::create(&f, size, &mapped).unwrap();
+        std::fs::write(dir.join("x.img.bmap"), text).unwrap();
+    }
+    (path, img, mapped)
+}
+
+fn flash_to(path: &Path, disk: MemDisk, bmap: bool) -> (Result<Outcome>, MemDisk) {
+    let choice = if bmap {
+        BmapChoice::Auto
+    } else {
+        BmapChoice::None
+    };
+    let src = Source::open(path, choice).unwrap();
+    let disk = std::sync::Arc::new(disk);
+    let dev: Box<dyn BlockDevice> = Box::new(Shared(disk.clone()));
+    let r = flash(&src, vec![dev], &Options { verify: true }, &crate::Silent)
+        .pop()
+        .unwrap();
+    let disk = std::sync::Arc::try_unwrap(disk)
+        .ok()
+        .expect("the writers are done");
+    (r, disk)
+}
+
+/// The disk behind an Arc, so the test can look at it afterwards.
+struct Shared(std::sync::Arc<MemDisk>);
+
+impl BlockDevice for Shared {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn sector_size(&self) -> u64 {
+        self.0.sector_size()
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<usize> {
+        self.0.write_at(buf, off)
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        self.0.read_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.0.sync()
+    }
+    fn drop_cache(&self) -> std::io::Result<()> {
+        self.0.drop_cache()
+    }
+}
+
+/// Bytes of the image in the 4 KiB blocks a bmap maps for `mapped`.
+fn bmap_bytes(mapped: &[(u64, u64)], size: u64) -> u64 {
+    formats::bmap::blocks(mapped)
+        .iter()
+        .map(|&(first, last)| ((last + 1) * 4096).min(size) - first * 4096)
+        .sum()
+}
+
+#[test]
+fn writes_are_aligned_and_exact_at_512_and_4096_byte_sectors_and_the_gpt_moves() {
+    for ss in [512u64, 4096] {
+        for bmap in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img, mapped) = image(dir.path(), ss, bmap);
+            let dev_size = 16 << 20;
+            let (r, disk) = flash_to(&path, MemDisk::new(dev_size, ss, 0xAA), bmap);
+            let o = r.unwrap_or_else(|e| panic!("{ss} {bmap}: {e:#}"));
+            assert!(disk.refused().is_empty(), "{ss}: {:?}", disk.refused());
+            let got = disk.bytes();
+            // The backup GPT now sits at the disk's end and parses there.
+            let mut read = |off: u64, n: usize| -> std::io::Result<Vec<u8>> {
+                Ok(got[off as usize..off as usize + n].to_vec())
+            };
+            let g = Gpt::parse(&mut read, ss, dev_size).unwrap().expect("a GPT");
+            assert_eq!(g.disk_sectors, dev_size / ss);
+            assert!(o.gpt_moved);
+            let (boff, backup) = g.backup();
+            assert!(got[boff as usize..] == backup[..]);
+            // Every mapped byte of the image is on the disk, past the
+            // table (rewritten for the larger disk).
+            let head = g.primary().len();
+            for &(off, len) in &mapped[1..2] {
+                let (a, b) = (off as usize, (off + len) as usize);
+                assert!(got[a..b] == img[a..b], "{ss} {bmap}: bytes {a}..{b}");
+            }
+            // Without a bmap every byte is written; with one, only the
+            // mapped blocks (the old 0xAA elsewhere stays).
+            if bmap {
+                assert_eq!(
+                    got[head + 4096],
+                    0xAA,
+                    "an unmapped block of the head was written"
+                );
+                let untouched = (6u64 << 20) as usize;
+                assert_eq!(got[untouched], 0xAA, "an unmapped block was written");
+            } else {
+                assert!(got[head..img.len()] == img[head..]);
+            }
+            // Verified: exactly what was written plus the moved backup.
+            let written = if bmap {
+                bmap_bytes(&mapped, img.len() as u64)
+            } else {
+                img.len() as u64
+            };
+            assert_eq!(o.written, written, "{ss} {bmap}");
+            assert_eq!(o.verified, written + backup.len() as u64, "{ss} {bmap}");
+            // The head is written last: after the body's final sync.
+            let ev = disk.events();
+            let last_head = ev
+                .iter()
+                .rposition(|e| matches!(e, Event::Write { off, .. } if *off < HEAD))
+                .unwrap();
+            let body = ev
+                .iter()
+                .rposition(|e| matches!(e, Event::Write { off, .. } if *off >= HEAD))
+                .unwrap();
+            assert!(last_head > body);
+            assert!(ev[body..last_head].contains(&Event::Sync));
+        }
+    }
+}
+
+fn assert_head_wiped(disk: &MemDisk) {
+    assert!(
+        disk.bytes()[..HEAD as usize].iter().all(|&b| b == 0),
+        "the first MiB is wiped"
+    );
+}
+
+#[test]
+fn an_io_error_names_the_device_and_offset_and_wipes_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, ..) = image(dir.path(), 512, false);
+    let disk = MemDisk::new(16 << 20, 512, 0xAA).with_fault(Fault::EioAt(3 << 20));
+    let (r, disk) = flash_to(&path, disk, false);
+    let e = format!("{:#}", r.unwrap_err());
+    // The failing write is the one of the chunk holding that byte; the
+    // first chunk's write starts past the first MiB (written last).
+    assert!(
+        e.contains("writing memdisk512 at byte 1048576: Input"),
+        "{e}"
+    );
+    assert!(e.contains("Input/output error"), "{e}");
+    assert!(e.contains("first MiB wiped"), "{e}");
+    assert_head_wiped(&disk);
+}
+
+#[test]
+fn a_short_write_then_nothing_is_an_error_at_the_exact_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, ..) = image(dir.path(), 4096, false);
+    let byte = (2 << 20) + 5 * 4096 + 100;
+    let fault = Fault::ShortAt {
+        byte,
+        then_nothing: true,
+    };
+    let (r, disk) = flash_to(
+        &path,
+        MemDisk::new(16 << 20, 4096, 0xAA).with_fault(fault),
+        false,
+    );
+    let e = format!("{:#}", r.unwrap_err());
+    let at = (2 << 20) + 5 * 4096;
+    assert!(e.contains(&format!("at byte {at}: short write")), "{e}");
+    assert!(disk.refused().is_empty());
+    // The wipe itself took nothing either (the disk is gone): the old
+    // head stays, which the loop-device tests cover; here the error is
+    // what matters.
+}
+
+#[test]
+fn a_short_write_the_device_completes_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, img, _) = image(dir.path(), 512, false);
+    let byte = (3 << 20) + 1000;
+    let fault = Fault::ShortAt {
+        byte,
+        then_nothing: false,
+    };
+    let (r, disk) = flash_to(
+        &path,
+        MemDisk::new(16 << 20, 512, 0xAA).with_fault(fault),
+        false,
+    );
+    r.unwrap();
+    assert!(disk.bytes()[1 << 20..6 << 20] == img[1 << 20..6 << 20]);
+}
+
+#[test]
+fn a_byte_flipped_between_write_and_verify_is_located_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, img, _) = image(dir.path(), 512, false);
+    let byte = (4 << 20) + 12345;
+    let disk = MemDisk::new(16 << 20, 512, 0xAA).with_fault(Fault::FlipAt(byte));
+    let (r, disk) = flash_to(&path, disk, false);
+    let m = r
+        .unwrap_err()
+        .downcast::<Mismatch>()
+        .expect("a verify mismatch");
+    assert_eq!(m.offset, byte);
+    assert_eq!(m.want, format!("{:#04x}", img[byte as usize]));
+    assert_eq!(m.got, format!("{:#04x}", !img[byte as usize]));
+    assert_head_wiped(&disk);
+}
