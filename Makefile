@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build test demo bench bench-scaling lint clean
+.PHONY: all deps fixtures build test test-unit test-boots test-flash demo bench bench-scaling lint clean
 
 all: build
 
@@ -27,6 +27,17 @@ build:
 # at hashing and writing).
 test: deps fixtures build
 	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test --workspace -- --test-threads=2
+
+# Parts of `make test` on their own. test-unit needs no root, no
+# fixtures and no loop devices (the flash core runs on an in-memory disk).
+test-unit:
+	$(CARGO) test --workspace --lib
+# The QEMU boots (OVMF, U-Boot).
+test-boots: deps fixtures build
+	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests -- --test-threads=2 boots
+# flash on loop devices (root).
+test-flash: deps fixtures build
+	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests --test flash -- --test-threads=2
 
 demo: deps fixtures build
 	scripts/demo.sh $(FIX) $(BUILD)/demo

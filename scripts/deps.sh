@@ -16,6 +16,7 @@ pkgs=(
   ovmf qemu-system-x86          # UEFI boots
   qemu-system-arm u-boot-qemu   # aarch64 boots through U-Boot
   util-linux                    # losetup, partx, setpriv
+  openssh-client                # ssh-keygen judges generated host keys
   hyperfine time                # make bench (time: peak RSS)
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by

@@ -9,6 +9,7 @@ pub mod bmap;
 pub mod ext4;
 pub mod fat;
 pub mod gpt;
+pub mod identity;
 pub mod mbr;
 pub mod nar;
 pub mod nixbase32;

@@ -169,6 +169,16 @@ fn writes_are_aligned_and_exact_at_512_and_4096_byte_sectors_and_the_gpt_moves()
     }
 }
 
+/// Flash the `ss`-sector test image (no bmap) onto a 16 MiB disk that
+/// injects `fault`: the result, the disk, and the image's bytes.
+fn flash_faulty(ss: u64, fault: Fault) -> (Result<Outcome>, MemDisk, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, img, _) = image(dir.path(), ss, false);
+    let disk = MemDisk::new(16 << 20, ss, 0xAA).with_fault(fault);
+    let (r, disk) = flash_to(&path, disk, false);
+    (r, disk, img)
+}
+
 fn assert_head_wiped(disk: &MemDisk) {
     assert!(
         disk.bytes()[..HEAD as usize].iter().all(|&b| b == 0),
@@ -178,10 +188,7 @@ fn assert_head_wiped(disk: &MemDisk) {
 
 #[test]
 fn an_io_error_names_the_device_and_offset_and_wipes_the_head() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, ..) = image(dir.path(), 512, false);
-    let disk = MemDisk::new(16 << 20, 512, 0xAA).with_fault(Fault::EioAt(3 << 20));
-    let (r, disk) = flash_to(&path, disk, false);
+    let (r, disk, _) = flash_faulty(512, Fault::EioAt(3 << 20));
     let e = format!("{:#}", r.unwrap_err());
     // The failing write is the one of the chunk holding that byte; the
     // first chunk's write starts past the first MiB (written last).
@@ -196,17 +203,13 @@ fn an_io_error_names_the_device_and_offset_and_wipes_the_head() {
 
 #[test]
 fn a_short_write_then_nothing_is_an_error_at_the_exact_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, ..) = image(dir.path(), 4096, false);
     let byte = (2 << 20) + 5 * 4096 + 100;
-    let fault = Fault::ShortAt {
-        byte,
-        then_nothing: true,
-    };
-    let (r, disk) = flash_to(
-        &path,
-        MemDisk::new(16 << 20, 4096, 0xAA).with_fault(fault),
-        false,
+    let (r, disk, _) = flash_faulty(
+        4096,
+        Fault::ShortAt {
+            byte,
+            then_nothing: true,
+        },
     );
     let e = format!("{:#}", r.unwrap_err());
     let at = (2 << 20) + 5 * 4096;
@@ -219,17 +222,13 @@ fn a_short_write_then_nothing_is_an_error_at_the_exact_byte() {
 
 #[test]
 fn a_short_write_the_device_completes_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, img, _) = image(dir.path(), 512, false);
     let byte = (3 << 20) + 1000;
-    let fault = Fault::ShortAt {
-        byte,
-        then_nothing: false,
-    };
-    let (r, disk) = flash_to(
-        &path,
-        MemDisk::new(16 << 20, 512, 0xAA).with_fault(fault),
-        false,
+    let (r, disk, img) = flash_faulty(
+        512,
+        Fault::ShortAt {
+            byte,
+            then_nothing: false,
+        },
     );
     r.unwrap();
     assert!(disk.bytes()[1 << 20..6 << 20] == img[1 << 20..6 << 20]);
@@ -237,11 +236,8 @@ fn a_short_write_the_device_completes_verifies() {
 
 #[test]
 fn a_byte_flipped_between_write_and_verify_is_located_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, img, _) = image(dir.path(), 512, false);
     let byte = (4 << 20) + 12345;
-    let disk = MemDisk::new(16 << 20, 512, 0xAA).with_fault(Fault::FlipAt(byte));
-    let (r, disk) = flash_to(&path, disk, false);
+    let (r, disk, img) = flash_faulty(512, Fault::FlipAt(byte));
     let m = r
         .unwrap_err()
         .downcast::<Mismatch>()

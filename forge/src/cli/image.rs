@@ -13,7 +13,8 @@ pub struct ImageArgs {
     /// Image format.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
     format: String,
-    /// Output image (a .bmap is written beside it).
+    /// Output image: .img or .raw (raw), .img.zst or .raw.zst (zstd);
+    /// its .bmap and IMAGE.layout.json (the layout manifest) go beside it.
     #[arg(short, long)]
     output: PathBuf,
     /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….

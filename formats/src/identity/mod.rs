@@ -1,0 +1,313 @@
+//! A machine's identity: a directory of files that ends up visible at
+//! `/var/identity` on the running system (on a disk image: the state
+//! filesystem's `identity/`, as the layout manifest says). This module
+//! turns a source directory plus generated items into the tree written
+//! there:
+//!
+//! - regular files and directories only; a symlink is taken only when it
+//!   leads to a regular file inside the source directory (copied as a
+//!   file); one leading outside, device nodes, fifos and sockets are
+//!   refused, naming the path;
+//! - every owner is root; modes are kept, except private keys (`*_key`,
+//!   `*.key`), which are forced to 0600 (a git checkout gives 0644);
+//! - generated on request: `hostname`, `machine-id` (when the source has
+//!   none), and an ed25519 SSH host key pair (`ssh_host_ed25519_key`,
+//!   `.pub`) made from the OS's randomness, never from a public seed.
+
+use base64::Engine;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::tree::{Content, Kind, Node, NodeId, Owner, Tree, TreeError, ROOT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{path}: a symlink leading outside the identity directory ({target})")]
+    Escapes { path: PathBuf, target: PathBuf },
+    #[error("{path}: not a regular file or directory ({what}); an identity holds files only")]
+    NotAFile { path: PathBuf, what: &'static str },
+    #[error(
+        "{path}: the identity directory already has {name}, which was also asked to be generated"
+    )]
+    Clash { path: PathBuf, name: &'static str },
+    #[error("hostname {0:?}: not a valid host name (letters, digits, '-', '.'; at most 253)")]
+    Hostname(String),
+    #[error("the OS's randomness: {0}")]
+    Random(String),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+}
+
+/// Where the machine-id comes from when the source has none.
+#[derive(Clone, Debug)]
+pub enum MachineId {
+    /// Derived from a seed and a purpose (stable per machine name).
+    Seeded { seed: String, purpose: String },
+    /// From the OS's randomness.
+    Random,
+}
+
+/// What to generate besides the source directory's files.
+#[derive(Clone, Debug, Default)]
+pub struct Generate {
+    pub hostname: Option<String>,
+    pub machine_id: Option<MachineId>,
+    pub host_key: bool,
+}
+
+/// A generated host key's public half, for the operator to pin.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct HostKey {
+    /// The `.pub` line.
+    pub public: String,
+    /// As `ssh-keygen -l` prints it: `SHA256:…`.
+    pub fingerprint: String,
+}
+
+pub struct Identity {
+    pub tree: Tree,
+    pub host_key: Option<HostKey>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |err| IdentityError::Io {
+        path: path.to_owned(),
+        err,
+    }
+}
+
+fn file(bytes: Vec<u8>, perm: u16) -> Node {
+    Node {
+        kind: Kind::File {
+            size: bytes.len() as u64,
+            content: Content::Bytes(bytes.into()),
+        },
+        perm,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+/// Whether a file name is a private key's.
+pub fn is_private_key(name: &[u8]) -> bool {
+    name.ends_with(b"_key") || name.ends_with(b".key")
+}
+
+/// The identity tree of `src` (if any) plus what `gen` asks for.
+pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityError> {
+    let mut tree = Tree::new(0o755);
+    if let Some(src) = src {
+        let top = fs::canonicalize(src).map_err(io(src))?;
+        if !fs::metadata(&top).map_err(io(src))?.is_dir() {
+            return Err(IdentityError::NotAFile {
+                path: src.to_owned(),
+                what: "not a directory",
+            });
+        }
+        add_dir(&mut tree, ROOT, src, &top)?;
+    }
+    let has = |t: &Tree, name: &[u8]| matches!(&t.nodes[ROOT].kind, Kind::Dir { children } if children.contains_key(name));
+    let clash = |name: &'static str| IdentityError::Clash {
+        path: src.map(Path::to_path_buf).unwrap_or_default(),
+        name,
+    };
+    if let Some(h) = &gen.hostname {
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(IdentityError::Hostname(h.clone()));
+        }
+        if has(&tree, b"hostname") {
+            return Err(clash("hostname"));
+        }
+        tree.insert(
+            ROOT,
+            b"hostname",
+            file(format!("{h}\n").into_bytes(), 0o644),
+        )?;
+    }
+    if let (Some(m), false) = (&gen.machine_id, has(&tree, b"machine-id")) {
+        let id: [u8; 16] = match m {
+            MachineId::Seeded { seed, purpose } => {
+                let d = crate::seed::derive(seed, &format!("machine-id:{purpose}"));
+                d[..16].try_into().expect("16 bytes")
+            }
+            MachineId::Random => random()?,
+        };
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        tree.insert(
+            ROOT,
+            b"machine-id",
+            file(format!("{hex}\n").into_bytes(), 0o444),
+        )?;
+    }
+    let mut host_key = None;
+    if gen.host_key {
+        for name in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
+            if has(&tree, name.as_bytes()) {
+                return Err(clash(if name.ends_with(".pub") {
+                    "ssh_host_ed25519_key.pub"
+                } else {
+                    "ssh_host_ed25519_key"
+                }));
+            }
+        }
+        let (private, public, fingerprint) = ed25519_pair(random()?)?;
+        tree.insert(
+            ROOT,
+            b"ssh_host_ed25519_key",
+            file(private.into_bytes(), 0o600),
+        )?;
+        tree.insert(
+            ROOT,
+            b"ssh_host_ed25519_key.pub",
+            file(format!("{public}\n").into_bytes(), 0o644),
+        )?;
+        host_key = Some(HostKey {
+            public,
+            fingerprint,
+        });
+    }
+    Ok(Identity { tree, host_key })
+}
+
+fn random<const N: usize>() -> Result<[u8; N], IdentityError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| IdentityError::Random(e.to_string()))?;
+    Ok(b)
+}
+
+/// The entries of `dir` (a path under the canonical `top`) into `node`.
+fn add_dir(tree: &mut Tree, node: NodeId, dir: &Path, top: &Path) -> Result<(), IdentityError> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(io(dir))?;
+    entries.sort();
+    for path in entries {
+        let name = path
+            .file_name()
+            .expect("a directory entry has a name")
+            .as_encoded_bytes()
+            .to_vec();
+        let md = fs::symlink_metadata(&path).map_err(io(&path))?;
+        let ft = md.file_type();
+        let (real, md) = if ft.is_symlink() {
+            let target = fs::canonicalize(&path).map_err(io(&path))?;
+            if !target.starts_with(top) {
+                return Err(IdentityError::Escapes { path, target });
+            }
+            let md = fs::metadata(&target).map_err(io(&target))?;
+            if !md.is_file() {
+                return Err(IdentityError::NotAFile {
+                    path,
+                    what: "a symlink to a non-file",
+                });
+            }
+            (target, md)
+        } else {
+            (path.clone(), md)
+        };
+        let ft = md.file_type();
+        if ft.is_dir() {
+            let perm = (md.permissions().mode() & 0o7777) as u16;
+            let id = tree.insert(
+                node,
+                &name,
+                Node {
+                    kind: Kind::Dir {
+                        children: Default::default(),
+                    },
+                    perm,
+                    uid: 0,
+                    gid: 0,
+                },
+            )?;
+            add_dir(tree, id, &path, top)?;
+        } else if ft.is_file() {
+            let id = tree.add_host(
+                node,
+                &name,
+                &real,
+                Owner {
+                    force: Some((0, 0)),
+                },
+            )?;
+            if is_private_key(&name) {
+                tree.nodes[id].perm = 0o600;
+            }
+        } else {
+            use std::os::unix::fs::FileTypeExt;
+            let what = if ft.is_block_device() || ft.is_char_device() {
+                "a device node"
+            } else if ft.is_fifo() {
+                "a fifo"
+            } else {
+                "a socket"
+            };
+            return Err(IdentityError::NotAFile { path, what });
+        }
+    }
+    Ok(())
+}
+
+/// An ed25519 key pair from a 32-byte secret: the OpenSSH private key
+/// file (openssh-key-v1, unencrypted), the public line and its SHA-256
+/// fingerprint.
+fn ed25519_pair(secret: [u8; 32]) -> Result<(String, String, String), IdentityError> {
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let pk = key.verifying_key().to_bytes();
+    let put = |v: &mut Vec<u8>, b: &[u8]| {
+        v.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        v.extend_from_slice(b);
+    };
+    let mut blob = Vec::new();
+    put(&mut blob, b"ssh-ed25519");
+    put(&mut blob, &pk);
+    let check: [u8; 4] = random()?;
+    let mut private = Vec::new();
+    private.extend_from_slice(&check);
+    private.extend_from_slice(&check);
+    put(&mut private, b"ssh-ed25519");
+    put(&mut private, &pk);
+    let mut sk = secret.to_vec();
+    sk.extend_from_slice(&pk);
+    put(&mut private, &sk);
+    put(&mut private, b"root@nixforge");
+    let mut pad = 1u8;
+    while private.len() % 8 != 0 {
+        private.push(pad);
+        pad += 1;
+    }
+    let mut file = b"openssh-key-v1\0".to_vec();
+    put(&mut file, b"none");
+    put(&mut file, b"none");
+    put(&mut file, b"");
+    file.extend_from_slice(&1u32.to_be_bytes());
+    put(&mut file, &blob);
+    put(&mut file, &private);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let body = b64.encode(&file);
+    let mut pem = String::from("-----BEGIN OPENSSH PRIVATE KEY-----\n");
+    for line in body.as_bytes().chunks(70) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END OPENSSH PRIVATE KEY-----\n");
+    let public = format!("ssh-ed25519 {} root@nixforge", b64.encode(&blob));
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&blob);
+    let fingerprint = format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    );
+    Ok((pem, public, fingerprint))
+}
+
+#[cfg(test)]
+mod tests;
