@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """make bench: nixforge against the peer tools, measured in the same run.
 
-    scripts/bench.py OUT [--mib 2048] [--runs 3]
+    scripts/bench.py OUT [--mib 2048] [--runs 3] [--base REV]
 
 Builds (once, cached in OUT/corpus-MIB) the shared store-shaped corpus
 (../shared/bench/make-store-corpus.py) with the fixture kernel and initrd,
 then times whole processes, warm page cache, median of --runs runs, with
 peak RSS from GNU time. Prints a Markdown table (copy it to BENCHMARKS.md)
 and writes OUT/results.json.
+
+With --base REV it also builds forge at git revision REV (once, cached in
+OUT/base-REV) and runs old and new alternately on the same corpus, run by
+run, so that drift in the machine hits both alike; the outputs must be
+byte-identical, and a median or peak RSS more than 5 % worse is flagged.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
 
@@ -59,6 +64,8 @@ def main():
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
     ap.add_argument("--only", default="closure,ext4,image,sd,flash",
                     help="comma-separated sections to run")
+    ap.add_argument("--base", metavar="REV",
+                    help="also run forge at git revision REV interleaved with this tree's")
     ap.add_argument("--scaling", action="store_true",
                     help="forge ext4 vs mkfs.ext4 -d on 512, 1024, 2048 and 4096 MiB corpora")
     a = ap.parse_args()
@@ -91,6 +98,8 @@ def main():
     if "flash" in only:
         flash_bench(res, c, top, a, w)
     report(res, a, out)
+    if a.base:
+        against_base(out, c, top, a, w)
 
 
 def closure_bench(res, c, top, a):
@@ -138,9 +147,7 @@ rm esp.img root.img state.img; sync"""
     sh(rm)
 
     print("sd-aarch64 image of the corpus, compressed", file=sys.stderr)
-    fw = os.path.join(w, "..", "firmware")
-    os.makedirs(fw, exist_ok=True)
-    sh(f"head -c 3000000 /dev/urandom > {fw}/start4.elf; head -c 600000 /dev/urandom > {fw}/u-boot-rpi4.bin")
+    fw = firmware(w)
     fws = 128 << 20
     sd_pipeline = f"""set -e; cd {w}
 truncate -s {fws} fw.img; mkfs.vfat -F 32 -n FIRMWARE fw.img >/dev/null
@@ -153,25 +160,107 @@ dd if=fw.img of=sd.img bs=4M seek={8 << 20} oflag=seek_bytes conv=notrunc,sparse
 dd if=root.img of=sd.img bs=4M seek={(8 << 20) + fws} oflag=seek_bytes conv=notrunc,sparse status=none
 zstd -q -T0 -3 sd.img -o sd.img.zst; rm fw.img root.img sd.img; sync"""
     res.append(measure("mkfs.ext4 -d+mkfs.vfat/mcopy+sfdisk+dd+zstd -T0 -3", sd_pipeline, a.runs, rm))
-    # The corpus is an x86_64 system: a hard-linked variant whose bootspec
-    # says aarch64-linux and whose kernel file is the arm64 fixture Image
-    # lets sd-aarch64 run on the same tree (scanning checks no hashes).
-    csd = c + "-aarch64"
-    if not os.path.exists(csd):
-        sh(f"cp -al {c} {csd}")
-        bj = f"{csd}{top}/boot.json"
-        doc = json.load(open(bj))
-        doc["org.nixos.bootspec.v1"]["system"] = "aarch64-linux"
-        os.unlink(bj)
-        json.dump(doc, open(bj, "w"))
-        k = csd + boot["kernel"]
-        os.unlink(k)
-        shutil.copy(os.path.join(a.fixtures, "aarch64/inputs/kernel/Image"), k)
+    csd = aarch64_corpus(c, top, a)
     res.append(measure("forge image --format sd-aarch64 -o .img.zst",
                        f"{FORGE} image {top} --root {csd} --format sd-aarch64 --firmware {fw} --state-size none -o {w}/sd.img.zst",
                        a.runs, rm))
     sh(rm)
 
+
+
+def base_forge(out, rev):
+    """forge built at git revision `rev`, from a `git archive` of it (no
+    worktree left registered in the repository)."""
+    full = sh(f"git -C {REPO} rev-parse --verify {rev}^{{commit}}").strip()
+    d = os.path.join(out, f"base-{full[:12]}")
+    exe = os.path.join(d, "target/release/forge")
+    if not os.path.exists(exe):
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        sh(f"git -C {REPO} archive {full} | tar -x -C {d}")
+        print(f"building forge at {full[:12]} in {d}", file=sys.stderr)
+        sh(f"cd {d} && cargo build --release --quiet -p nixforge --bin forge")
+    return exe, full[:12]
+
+
+def against_base(out, c, top, a, w):
+    """The same forge commands at the base revision and here, alternated run
+    by run; outputs compared byte for byte."""
+    old, rev = base_forge(out, a.base)
+    csd = aarch64_corpus(c, top, a)
+    fw = firmware(w)
+    cases = [
+        ("closure --json", "{f} closure {top} --root {c} --json > {o}/closure.json", ["closure.json"]),
+        ("image raw-efi .img", "{f} image {top} --root {c} --format raw-efi -o {o}/disk.img",
+         ["disk.img", "disk.img.bmap"]),
+        ("image sd-aarch64 .img.zst",
+         "{f} image {top} --root {csd} --format sd-aarch64 --firmware {fw} --state-size none -o {o}/sd.img.zst",
+         ["sd.img.zst", "sd.img.bmap"]),
+    ]
+    print(f"\nforge at {rev} (old) against this tree (new), interleaved", file=sys.stderr)
+    rows, bad = [], []
+    for name, tmpl, outputs in cases:
+        runs = {"old": [], "new": []}
+        for i in range(a.runs):
+            for side, exe in (("old", old), ("new", FORGE)):
+                o = os.path.join(w, side)
+                shutil.rmtree(o, ignore_errors=True)
+                os.makedirs(o)
+                cmd = tmpl.format(f=exe, top=top, c=c, csd=csd, fw=fw, o=o)
+                runs[side].append(measure(f"{name} ({side})", cmd, 1))
+            if i == 0:
+                for f in outputs:
+                    same = subprocess.run(["cmp", "-s", os.path.join(w, "old", f), os.path.join(w, "new", f)]).returncode == 0
+                    if not same:
+                        bad.append(f"{name}: {f} differs")
+        med = {s: statistics.median(r["median_s"] for r in runs[s]) for s in runs}
+        rss = {s: max(r["peak_rss_kib"] for r in runs[s]) for s in runs}
+        rows.append((name, med, rss, runs))
+        for what, x, y in (("median", med["new"], med["old"]), ("peak RSS", rss["new"], rss["old"])):
+            if x > y * 1.05:
+                bad.append(f"{name}: {what} {x / y:.3f}x the base")
+    shutil.rmtree(os.path.join(w, "old"), ignore_errors=True)
+    shutil.rmtree(os.path.join(w, "new"), ignore_errors=True)
+    print(f"\n| {a.mib} MiB corpus, {a.runs} runs each, alternated | {rev} median | this tree median | ratio | peak RSS old / new |")
+    print("|---|---:|---:|---:|---:|")
+    for name, med, rss, runs in rows:
+        print(f"| forge {name} | {med['old']:.2f} s | {med['new']:.2f} s | {med['new'] / med['old']:.3f} | "
+              f"{rss['old'] // 1024} / {rss['new'] // 1024} MiB |")
+    print("\noutputs byte-identical: " + ("yes" if not any("differs" in b for b in bad) else "NO"))
+    for b in bad:
+        print(f"  worse or different: {b}")
+    json.dump([{"name": n, "median_s": m, "peak_rss_kib": r} for n, m, r, _ in rows],
+              open(os.path.join(out, "base-results.json"), "w"), indent=2)
+    if bad:
+        sys.exit(1)
+
+
+def firmware(w):
+    """Stand-in Pi firmware files (their content does not matter here)."""
+    fw = os.path.join(w, "..", "firmware")
+    if not os.path.exists(os.path.join(fw, "u-boot-rpi4.bin")):
+        os.makedirs(fw, exist_ok=True)
+        sh(f"head -c 3000000 /dev/urandom > {fw}/start4.elf; head -c 600000 /dev/urandom > {fw}/u-boot-rpi4.bin")
+    return fw
+
+
+def aarch64_corpus(c, top, a):
+    """The corpus is an x86_64 system: a hard-linked variant whose bootspec
+    says aarch64-linux and whose kernel file is the arm64 fixture Image lets
+    sd-aarch64 run on the same tree (scanning checks no hashes)."""
+    csd = c + "-aarch64"
+    if not os.path.exists(csd):
+        sh(f"cp -al {c} {csd}")
+        bj = f"{csd}{top}/boot.json"
+        doc = json.load(open(bj))
+        boot = doc["org.nixos.bootspec.v1"]
+        boot["system"] = "aarch64-linux"
+        os.unlink(bj)
+        json.dump(doc, open(bj, "w"))
+        k = csd + boot["kernel"]
+        os.unlink(k)
+        shutil.copy(os.path.join(a.fixtures, "aarch64/inputs/kernel/Image"), k)
+    return csd
 
 
 def flash_bench(res, c, top, a, w):

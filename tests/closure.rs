@@ -246,12 +246,6 @@ fn corpus_closure_equals_closure_paths() {
 
 // ---- bad input: one line, naming the file/path, non-zero exit ----
 
-fn one_line(err: &str) -> &str {
-    let t = err.trim_end();
-    assert_eq!(t.lines().count(), 1, "error is not one line: {err}");
-    t
-}
-
 fn closure_err(system: &Path, root: &Path) -> String {
     fails(forge().arg("closure").arg(system).arg("--root").arg(root))
 }
@@ -288,7 +282,7 @@ fn missing_boot_json_is_synthesized_from_the_toplevel() {
     // Without kernel either, it is an error naming boot.json and what is missing.
     std::fs::remove_file(top.join("kernel")).unwrap();
     let e = closure_err(Path::new(&sys.toplevel), copy.path());
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains("boot.json: missing") && e.contains("kernel"),
         "{e}"
@@ -310,14 +304,14 @@ fn with_boot_json(content: &str) -> String {
 #[test]
 fn malformed_boot_json_names_the_file() {
     let e = with_boot_json("{ \"org.nixos.bootspec.v1\": ");
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(e.contains("boot.json: malformed JSON"), "{e}");
 }
 
 #[test]
 fn wrong_bootspec_version_names_what_was_found() {
     let e = with_boot_json(r#"{"org.nixos.bootspec.v2": {}}"#);
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains("boot.json") && e.contains("org.nixos.bootspec.v2") && e.contains("v1"),
         "{e}"
@@ -328,7 +322,7 @@ fn wrong_bootspec_version_names_what_was_found() {
 fn missing_bootspec_field_is_named() {
     let e = with_boot_json(r#"{"org.nixos.bootspec.v1": {"system": "x86_64-linux"}}"#);
     assert!(
-        one_line(&e).contains("org.nixos.bootspec.v1.init: missing"),
+        the_error(&e).contains("org.nixos.bootspec.v1.init: missing"),
         "{e}"
     );
 }
@@ -337,7 +331,7 @@ fn missing_bootspec_field_is_named() {
 fn system_that_is_not_a_store_path_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let e = closure_err(d.path(), Path::new("/"));
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains("not a store path") && e.contains(&d.path().display().to_string()),
         "{e}"
@@ -364,7 +358,7 @@ fn missing_referenced_path_names_both_paths() {
         .arg("-rf")
         .arg(copy.path().join(lib.trim_start_matches('/'))));
     let e = closure_err(Path::new(&sys.toplevel), copy.path());
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains(&hello) && e.contains(&lib) && e.contains("not in the store"),
         "{e}"
@@ -419,7 +413,7 @@ fn unreadable_file_is_named() {
             .arg("--root")
             .arg(copy.path()),
     );
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains(&f.display().to_string()) && e.contains("Permission denied"),
         "{e}"

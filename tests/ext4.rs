@@ -439,12 +439,6 @@ fn assert_nothing_left(dir: &Path, keep: &[&str]) {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-fn one_line(e: &str) -> &str {
-    let t = e.trim_end();
-    assert_eq!(t.lines().count(), 1, "not one line: {e}");
-    t
-}
-
 #[test]
 fn fixed_size_too_small_fails_saying_what_is_needed() {
     let d = tempfile::tempdir().unwrap();
@@ -459,7 +453,7 @@ fn fixed_size_too_small_fails_saying_what_is_needed() {
             .arg(d.path().join("out.img"))
             .args(["--size", "4M"]),
     );
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains("4194304-byte filesystem is too small") && e.contains("bytes are needed"),
         "{e}"
@@ -483,7 +477,7 @@ fn more_inodes_than_a_fixed_size_allows_fails() {
             .arg(d.path().join("out.img"))
             .args(["--size", "1M"]),
     );
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains("20011 inodes") && e.contains("holds at most"),
         "{e}"
@@ -516,7 +510,7 @@ fn unreadable_source_file_is_named_and_nothing_is_left() {
             .arg("-o")
             .arg(out.join("fs.img")),
     );
-    let e = one_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains(&format!("{}/secret", src.display())) && e.contains("Permission denied"),
         "{e}"

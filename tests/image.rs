@@ -398,10 +398,6 @@ fn image_err(sys_path: &Path, root: &Path, out_dir: &Path, extra: &[&str]) -> St
     e
 }
 
-fn last_line(e: &str) -> &str {
-    e.trim_end().lines().last().unwrap()
-}
-
 /// A hard-linked copy of a fixture store without its database.
 fn store_copy(sys: &System) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
@@ -429,7 +425,7 @@ fn closure_without_systemd_boot_is_refused() {
         .arg(copy.path().join(sd.strip_prefix("/").unwrap())));
     let out = tempfile::tempdir().unwrap();
     let e = image_err(Path::new(&sys.toplevel), copy.path(), out.path(), &[]);
-    let e = last_line(&e);
+    let e = the_error(&e);
     assert!(
         e.contains("no systemd-boot") && e.contains("lib/systemd/boot/efi/systemd-bootx64.efi"),
         "{e}"
@@ -453,7 +449,7 @@ fn kernel_that_is_not_an_efi_stub_is_refused() {
     std::fs::write(&k, vec![0x7fu8; 4096]).unwrap();
     let out = tempfile::tempdir().unwrap();
     let e = image_err(Path::new(&sys.toplevel), copy.path(), out.path(), &[]);
-    let e = last_line(&e);
+    let e = the_error(&e);
     assert!(e.contains(&kernel) && e.contains("not an EFI-stub"), "{e}");
 }
 
@@ -463,18 +459,49 @@ fn fixed_sizes_too_small_say_what_is_needed() {
     let out = tempfile::tempdir().unwrap();
     let e = image_err(&sys.result, &sys.root, out.path(), &["--root-size", "2M"]);
     assert!(
-        last_line(&e).contains("2097152-byte filesystem is too small")
+        the_error(&e).contains("2097152-byte filesystem is too small")
             && e.contains("bytes are needed"),
         "{e}"
     );
     let e = image_err(&sys.result, &sys.root, out.path(), &["--esp-size", "16M"]);
     assert!(
-        last_line(&e).contains("too small for FAT32") && e.contains("at least"),
+        the_error(&e).contains("too small for FAT32") && e.contains("at least"),
         "{e}"
     );
     let e = image_err(&sys.result, &sys.root, out.path(), &["--state-size", "1M"]);
     assert!(
-        last_line(&e).contains("1048576-byte filesystem is too small") && e.contains("state"),
+        the_error(&e).contains("1048576-byte filesystem is too small") && e.contains("state"),
+        "{e}"
+    );
+}
+
+#[test]
+fn disk_size_makes_the_state_partition_and_filesystem_fill_the_disk() {
+    let sys = system("x86_64");
+    let im = forge_image(&sys, 512, &["--disk-size", "1G"]);
+    assert_eq!(std::fs::metadata(&im.img).unwrap().len(), 1 << 30);
+    assert_eq!(im.layout["size"], 1u64 << 30);
+    let (off, size) = im.part(3);
+    // The backup GPT keeps the last MiB.
+    assert_eq!(off + size, (1 << 30) - (1 << 20));
+    assert_eq!(im.layout["partitions"][2]["filesystem"]["size"], size);
+    let v = ok(Command::new("sgdisk").arg("-v").arg(&im.img));
+    assert!(v.contains("No problems found"), "{v}");
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("state");
+    im.extract(3, &f);
+    ok(Command::new("e2fsck").arg("-fn").arg(&f));
+    let blocks = ok(Command::new("dumpe2fs").arg("-h").arg(&f));
+    assert!(
+        blocks.contains(&format!("Block count:              {}", size / 4096)),
+        "{blocks}"
+    );
+
+    let out = tempfile::tempdir().unwrap();
+    let e = image_err(&sys.result, &sys.root, out.path(), &["--disk-size", "64M"]);
+    let e = the_error(&e);
+    assert!(
+        e.contains("--disk-size") && e.contains("the disk size is 67108864"),
         "{e}"
     );
 }
@@ -488,7 +515,7 @@ fn unwritable_output_directory_and_unknown_format_are_refused() {
         "-o",
         "/nonexistent/dir/disk.img",
     ]));
-    assert!(last_line(&e).contains("/nonexistent/dir"), "{e}");
+    assert!(the_error(&e).contains("/nonexistent/dir"), "{e}");
     let out = tempfile::tempdir().unwrap();
     let e = fails(
         forge()
@@ -516,7 +543,7 @@ fn unwritable_output_directory_and_unknown_format_are_refused() {
             .arg(out.path().join("ro/disk.img")),
     );
     assert!(
-        last_line(&e).contains(&format!("{}/ro", out.path().display())),
+        the_error(&e).contains(&format!("{}/ro", out.path().display())),
         "{e}"
     );
     assert!(dir_entries(&out.path().join("ro")).is_empty());

@@ -120,6 +120,27 @@ pub fn fails(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The one error line of a failed run's stderr: exactly one line starts
+/// with `error:`, it is the last, and every other line is progress
+/// (`forge: [..]` stages) or a `warning:`.
+pub fn the_error(stderr: &str) -> &str {
+    let lines: Vec<&str> = stderr.trim_end().lines().collect();
+    let errors = lines.iter().filter(|l| l.starts_with("error:")).count();
+    assert_eq!(errors, 1, "want exactly one error line:\n{stderr}");
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.starts_with("error:"),
+        "the error is not the last line:\n{stderr}"
+    );
+    for l in &lines[..lines.len() - 1] {
+        assert!(
+            l.starts_with("forge: [") || l.starts_with("warning:") || l.starts_with("flash: "),
+            "not one line of error output:\n{stderr}"
+        );
+    }
+    last
+}
+
 /// `diff -r --no-dereference a b`, clean except for the special files diff
 /// cannot compare (it reports those even when they agree; their type and
 /// device numbers are compared by the callers' stat checks).

@@ -289,7 +289,7 @@ fn sd_err(sys: &System, out: &Path, extra: &[&str]) -> String {
         "left behind: {:?}",
         dir_entries(out)
     );
-    e.trim_end().lines().last().unwrap().to_string()
+    the_error(&e).to_string()
 }
 
 #[test]

@@ -36,9 +36,14 @@ pub struct ImageArgs {
     /// rw: journaled and writable, for systems that rebuild in place.
     #[arg(long, value_parser = ["ro", "rw"], default_value = "ro")]
     root_mode: String,
-    /// Size of the state partition (`none`: no state partition; sd-aarch64 only).
+    /// Size of the state partition (`none`: no state partition; sd-aarch64
+    /// only); with --disk-size, its least size.
     #[arg(long, default_value = "256M")]
     state_size: String,
+    /// Size of the whole image (e.g. 8G): the state partition, and its
+    /// filesystem, fill what the others leave (default: as small as they allow).
+    #[arg(long, value_name = "SIZE")]
+    disk_size: Option<String>,
     /// sd-aarch64: files for the firmware partition (a store path or directory, or a file); repeatable.
     #[arg(long, value_name = "PATH")]
     firmware: Vec<PathBuf>,
@@ -94,6 +99,11 @@ pub fn run(a: ImageArgs) -> Result<()> {
             "none" => None,
             s => Some(bytes(s, "--state-size")?),
         },
+        disk_size: a
+            .disk_size
+            .as_deref()
+            .map(|s| bytes(s, "--disk-size"))
+            .transpose()?,
         sector_size: a.sector_size,
         firmware: a.firmware,
         config_txt: a.config_txt,

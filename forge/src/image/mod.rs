@@ -20,7 +20,7 @@ use formats::tree::Tree;
 
 use crate::closure::{self, Closure, Store};
 use crate::container;
-use crate::layout::{self, Disk, Filesystem, Layout, PartType, Partition, Role, SizePolicy};
+use crate::layout::{Disk, Filesystem, Layout, PartType, Partition, Role, SizePolicy};
 use crate::output::AtomicOutput;
 use crate::Progress;
 use out::ImageOut;
@@ -79,8 +79,13 @@ pub struct Options {
     pub esp_size: u64,
     pub root_size: ext4::Size,
     pub root_mode: RootMode,
-    /// None: no state partition (sd-aarch64 only).
+    /// None: no state partition (sd-aarch64 only). With `disk_size`, the
+    /// state partition's least size.
     pub state_size: Option<u64>,
+    /// The whole image's size: the state partition fills what the others
+    /// leave (without one, the rest is unallocated). None: as small as
+    /// the partitions allow.
+    pub disk_size: Option<u64>,
     pub sector_size: u32,
     pub firmware: Vec<PathBuf>,
     pub config_txt: Option<PathBuf>,
@@ -175,7 +180,8 @@ pub(crate) fn state_partition<'t>(
         read_only: false,
         bootable: false,
         start: None,
-        size: SizePolicy::Fixed(size.next_multiple_of(layout::ALIGN)),
+        // --state-size, or everything --disk-size leaves.
+        size: SizePolicy::Fill,
         fs: Filesystem::Ext4 {
             plan,
             uuid: opts.uuid,
@@ -241,7 +247,13 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     };
     let what = || format!("building {}", o.output.display());
     let trees = trees(&input).with_context(what)?;
-    let layout = plan(&input, &trees).with_context(what)?;
+    let mut layout = plan(&input, &trees).with_context(what)?;
+    if let Some(disk) = o.disk_size {
+        layout
+            .fill(disk)
+            .context("--disk-size")
+            .with_context(what)?;
+    }
     let placed = layout.place().with_context(what)?;
     progress.stage(&format!(
         "planned: {}",

@@ -56,5 +56,6 @@ pub(super) fn layout<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
         sector_size: i.o.sector_size,
         seed: i.seed.to_string(),
         partitions,
+        disk_size: None,
     })
 }

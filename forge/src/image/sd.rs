@@ -145,5 +145,6 @@ pub(super) fn layout<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
         sector_size: 512,
         seed: i.seed.to_string(),
         partitions,
+        disk_size: None,
     })
 }

@@ -42,6 +42,10 @@ pub enum SizePolicy {
     Fixed(u64),
     /// The filesystem's planned size, rounded up to [`ALIGN`].
     Content,
+    /// The rest of the disk when the layout has a disk size (the
+    /// filesystem is re-planned to fill it, see [`Layout::fill`]); else
+    /// like `Content`. Only the last partition may fill.
+    Fill,
 }
 
 /// A planned filesystem, ready to be written at an offset.
@@ -80,6 +84,16 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { volume_id, .. } => fat::format_volume_id(*volume_id),
             Filesystem::Ext4 { uuid, .. } => seed::format_uuid(uuid),
+        }
+    }
+    /// The same filesystem planned at exactly `bytes`.
+    fn resized(&self, bytes: u64) -> Result<Self> {
+        match self {
+            Filesystem::Ext4 { plan, uuid } => Ok(Filesystem::Ext4 {
+                plan: plan.resized(bytes)?,
+                uuid: *uuid,
+            }),
+            Filesystem::Fat { .. } => bail!("only an ext4 partition can fill the disk"),
         }
     }
     /// Write at `off` of `out`; what it wrote must be what it planned.
@@ -123,6 +137,9 @@ pub struct Layout<'t> {
     /// Seed of the disk's and partitions' GUIDs (GPT) or signature (MBR).
     pub seed: String,
     pub partitions: Vec<Partition<'t>>,
+    /// The whole disk's size, when the layout is made for one (else the
+    /// partitions decide it); set by [`Layout::fill`].
+    pub disk_size: Option<u64>,
 }
 
 /// The partition table's bytes: at the start, and (GPT) the backup at the end.
@@ -144,6 +161,53 @@ pub struct Placed<'l, 't> {
 }
 
 impl<'t> Layout<'t> {
+    /// Bytes the end of the disk keeps for the table: a GPT's backup.
+    fn tail_reserve(&self) -> u64 {
+        match self.table {
+            Table::Gpt => ALIGN,
+            Table::Mbr => 0,
+        }
+    }
+
+    /// Make the layout exactly `disk_size` bytes: a [`SizePolicy::Fill`]
+    /// partition (the last) gets, and its filesystem is re-planned to,
+    /// everything the others leave before the table's tail.
+    pub fn fill(&mut self, disk_size: u64) -> Result<()> {
+        let ss = self.sector_size as u64;
+        if disk_size % ss != 0 {
+            bail!("the disk size, {disk_size} bytes, is not a whole number of {ss}-byte sectors");
+        }
+        self.disk_size = Some(disk_size);
+        let Some(i) = self
+            .partitions
+            .iter()
+            .position(|p| p.size == SizePolicy::Fill)
+        else {
+            return Ok(());
+        };
+        let start = {
+            let placed = self.place()?;
+            placed.at[i].0
+        };
+        let end = (disk_size.saturating_sub(self.tail_reserve()) / ALIGN) * ALIGN;
+        let p = &mut self.partitions[i];
+        if end <= start || end - start < p.fs.size() {
+            bail!(
+                "a {disk_size}-byte disk leaves the {} partition less than its {} bytes",
+                p.label,
+                p.fs.size()
+            );
+        }
+        p.fs = p.fs.resized(end - start).with_context(|| {
+            format!(
+                "planning the {} filesystem at {} bytes",
+                p.label,
+                end - start
+            )
+        })?;
+        Ok(())
+    }
+
     /// Decide every offset: partitions aligned, in order; a GPT keeps
     /// 1 MiB at the end for its backup. Pure.
     pub fn place(&self) -> Result<Placed<'_, 't>> {
@@ -151,13 +215,20 @@ impl<'t> Layout<'t> {
         if self.table == Table::Mbr && ss != 512 {
             bail!("an MBR needs 512-byte sectors; --sector-size {ss} does not apply");
         }
+        let last = self.partitions.len().saturating_sub(1);
         let mut at = Vec::new();
         let mut end = 0;
-        for p in &self.partitions {
+        for (i, p) in self.partitions.iter().enumerate() {
             let off = align(end.max(p.start.unwrap_or(ALIGN)));
             let size = match p.size {
                 SizePolicy::Fixed(n) => n,
-                SizePolicy::Content => align(p.fs.size()),
+                SizePolicy::Fill if i != last => {
+                    bail!(
+                        "internal: the {} partition fills the disk but is not the last",
+                        p.label
+                    )
+                }
+                SizePolicy::Content | SizePolicy::Fill => align(p.fs.size()),
             };
             if p.fs.size() > size {
                 bail!(
@@ -172,11 +243,14 @@ impl<'t> Layout<'t> {
             at.push((off, size));
             end = off + size;
         }
-        let size = align(end)
-            + match self.table {
-                Table::Gpt => ALIGN,
-                Table::Mbr => 0,
-            };
+        let size = align(end) + self.tail_reserve();
+        let size = match self.disk_size {
+            Some(disk) if disk < size => {
+                bail!("the partitions need {size} bytes; the disk size is {disk}")
+            }
+            Some(disk) => disk,
+            None => size,
+        };
         let table = match self.table {
             Table::Gpt => self.gpt(&at, size)?,
             Table::Mbr => self.mbr(&at)?,

@@ -320,7 +320,7 @@ pub struct Plan<'t> {
     dirs: Vec<Option<(Shape, Packed)>>,
 }
 
-impl Plan<'_> {
+impl<'t> Plan<'t> {
     pub fn size_bytes(&self) -> u64 {
         self.geometry.blocks * BS64
     }
@@ -329,6 +329,14 @@ impl Plan<'_> {
     }
     pub fn blocks_used(&self) -> u64 {
         self.used.iter().map(|u| u.1).sum()
+    }
+    /// The same tree and options, planned at exactly `bytes`.
+    pub fn resized(&self, bytes: u64) -> Result<Plan<'t>, Ext4Error> {
+        let opts = Options {
+            size: Size::Fixed(bytes),
+            ..self.opts.clone()
+        };
+        plan(self.tree, &opts)
     }
 }
 
