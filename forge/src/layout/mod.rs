@@ -174,7 +174,7 @@ impl<'t> Layout<'t> {
     /// everything the others leave before the table's tail.
     pub fn fill(&mut self, disk_size: u64) -> Result<()> {
         let ss = self.sector_size as u64;
-        if disk_size % ss != 0 {
+        if !disk_size.is_multiple_of(ss) {
             bail!("the disk size, {disk_size} bytes, is not a whole number of {ss}-byte sectors");
         }
         self.disk_size = Some(disk_size);
