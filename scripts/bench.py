@@ -185,7 +185,8 @@ def base_forge(out, rev):
 
 def against_base(out, c, top, a, w):
     """The same forge commands at the base revision and here, alternated run
-    by run; outputs compared byte for byte."""
+    by run (ABBA, so neither always runs second); outputs compared byte for
+    byte."""
     old, rev = base_forge(out, a.base)
     csd = aarch64_corpus(c, top, a)
     fw = firmware(w)
@@ -202,7 +203,9 @@ def against_base(out, c, top, a, w):
     for name, tmpl, outputs in cases:
         runs = {"old": [], "new": []}
         for i in range(a.runs):
-            for side, exe in (("old", old), ("new", FORGE)):
+            # ABBA: each side goes first in every other round.
+            sides = (("old", old), ("new", FORGE))
+            for side, exe in sides if i % 2 == 0 else sides[::-1]:
                 o = os.path.join(w, side)
                 shutil.rmtree(o, ignore_errors=True)
                 os.makedirs(o)
