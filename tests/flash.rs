@@ -1,56 +1,11 @@
 //! `flash` (issue 6) on real loop block devices: writes, verification,
 //! every refusal (each proving zero bytes written), and faults.
 
+use nixforge_tests::flashing::*;
 use nixforge_tests::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-fn flash() -> Command {
-    let mut c = Command::new(bin("flash"));
-    c.stdin(Stdio::null());
-    c
-}
-
-/// A forged raw-efi image (and its .bmap) in a temporary directory.
-fn raw_efi(dir: &Path, sector: u32) -> PathBuf {
-    let sys = system("x86_64");
-    let img = dir.join("disk.img");
-    ok(forge_image_of(&sys)
-        .args([
-            "--format",
-            "raw-efi",
-            "--sector-size",
-            &sector.to_string(),
-            "-o",
-        ])
-        .arg(&img));
-    img
-}
-
-/// A backing file of `size` bytes, every byte 0xFF (a disk full of old data).
-fn stale_file(path: &Path, size: u64) {
-    sh(&format!(
-        "head -c {size} /dev/zero | tr '\\000' '\\377' > {}",
-        path.display()
-    ));
-}
-
-fn len(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap().len()
-}
-
-/// Bytes `off..off+n` of a file hold only 0xFF.
-fn still_stale(p: &Path, off: u64, n: u64) -> bool {
-    sh(&format!(
-        "dd if={} bs=4096 skip={} count={} status=none | tr -d '\\377' | wc -c",
-        p.display(),
-        off / 4096,
-        n / 4096
-    ))
-    .trim()
-        == "0"
-}
+use std::path::Path;
+use std::process::Command;
 
 fn judge_device(lo: &Loop) {
     let v = ok(Command::new("sgdisk").arg("-v").arg(&lo.dev));
@@ -207,51 +162,6 @@ fn zst_with_its_bmap_and_a_bmaptool_bmap() {
 
 // ---- refusals: each names its check, exits 2, writes nothing ----
 
-struct Disk {
-    _d: tempfile::TempDir,
-    img: PathBuf,
-    backing: PathBuf,
-    before: String,
-    lo: Loop,
-}
-
-fn disk(extra_losetup: &[&str], size_delta: i64) -> Disk {
-    let d = tempfile::tempdir().unwrap();
-    let img = raw_efi(d.path(), 512);
-    let backing = d.path().join("disk");
-    stale_file(&backing, (len(&img) as i64 + size_delta) as u64);
-    let before = sha256_file(&backing);
-    let lo = Loop::attach(&backing, extra_losetup);
-    Disk {
-        _d: d,
-        img,
-        backing,
-        before,
-        lo,
-    }
-}
-
-fn refused(cmd: &mut Command, check: &str) -> String {
-    let out = cmd.output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("refusing to write to") && err.contains(&format!(": {check}: ")),
-        "{err}"
-    );
-    err
-}
-
-impl Disk {
-    fn untouched(&self) {
-        assert_eq!(
-            sha256_file(&self.backing),
-            self.before,
-            "zero bytes were written"
-        );
-    }
-}
-
 #[test]
 fn refuses_non_removable_read_only_too_small_and_unconfirmed() {
     let _g = privileged();
@@ -377,18 +287,6 @@ fn refuses_regular_files_and_missing_nodes_creating_nothing() {
 // ---- faults: detected, non-zero exit, nothing bootable left ----
 
 /// Byte offset of the root partition, as `forge inspect` reads it.
-fn root_offset(img: &Path) -> u64 {
-    let r: Value =
-        serde_json::from_str(&ok(forge().arg("inspect").arg(img).arg("--json"))).unwrap();
-    r["partitions"][1]["offset"].as_u64().unwrap()
-}
-
-fn head_is_blank(p: &Path) -> bool {
-    // No GPT signature and no MBR boot signature in the first MiB.
-    let b = std::fs::read(p).unwrap();
-    &b[512..520] != b"EFI PART" && b[510..512] != [0x55, 0xAA]
-}
-
 #[test]
 fn a_source_that_does_not_match_its_bmap_is_caught_and_leaves_nothing_bootable() {
     let _g = privileged();
@@ -409,11 +307,11 @@ fn a_source_that_does_not_match_its_bmap_is_caught_and_leaves_nothing_bootable()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("do not match the bmap's checksum") && err.contains("first MiB wiped"),
+        err.contains("do not match the bmap's checksum") && err.contains("partition tables wiped"),
         "{err}"
     );
     drop(t.lo);
-    assert!(head_is_blank(&t.backing));
+    assert!(no_table_left(&t.backing));
 }
 
 #[test]
@@ -443,11 +341,12 @@ fn a_device_that_runs_out_of_space_mid_write_is_caught() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains(&format!("writing {} at byte", lo.dev)) && err.contains("first MiB wiped"),
+        err.contains(&format!("writing {} at byte", lo.dev))
+            && err.contains("partition tables wiped"),
         "{err}"
     );
     drop(lo);
-    let head_ok = head_is_blank(&backing);
+    let head_ok = no_table_left(&backing);
     let _ = Command::new("umount").arg(&fs).status();
     assert!(head_ok, "the first MiB must not hold a partition table");
 }
@@ -515,7 +414,7 @@ fn two_devices_in_one_run_and_one_failing_does_not_stop_the_other() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     drop(bad);
-    let bad_head_blank = head_is_blank(&small);
+    let bad_head_blank = no_table_left(&small);
     let _ = Command::new("umount").arg(&fs).status();
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(r[0]["ok"], true, "{r}");
@@ -640,7 +539,7 @@ fn flash_faulty(t: &Disk, fault: Fault, more: Vec<Box<dyn BlockDevice>>) -> Vec<
     };
     let mut sinks: Vec<Box<dyn BlockDevice>> = vec![Box::new(faulty)];
     sinks.extend(more);
-    let opts = write::Options { verify: true };
+    let opts = write::Options::verifying(true);
     write::flash(&src, sinks, &opts, &flash::Silent)
         .into_iter()
         .map(|r| {
@@ -693,11 +592,11 @@ fn an_io_error_at_an_offset_is_reported_there_and_leaves_nothing_bootable() {
     assert!(
         msg.contains(&t.lo.dev)
             && msg.contains("Input/output error")
-            && msg.contains("first MiB wiped"),
+            && msg.contains("partition tables wiped"),
         "{msg}"
     );
     drop(t.lo);
-    assert!(head_is_blank(&t.backing));
+    assert!(no_table_left(&t.backing));
 }
 
 #[test]
@@ -718,9 +617,9 @@ fn a_short_write_then_nothing_is_an_error_and_leaves_nothing_bootable() {
         msg.contains(&format!("writing {} at byte {x}: short write", t.lo.dev)),
         "{msg}"
     );
-    assert!(msg.contains("first MiB wiped"), "{msg}");
+    assert!(msg.contains("partition tables wiped"), "{msg}");
     drop(t.lo);
-    assert!(head_is_blank(&t.backing));
+    assert!(no_table_left(&t.backing));
 }
 
 #[test]
@@ -757,9 +656,9 @@ fn a_byte_corrupted_before_verify_is_found_exactly_and_leaves_nothing_bootable()
         )),
         "{msg}"
     );
-    assert!(msg.contains("first MiB wiped"), "{msg}");
+    assert!(msg.contains("partition tables wiped"), "{msg}");
     drop(t.lo);
-    assert!(head_is_blank(&t.backing));
+    assert!(no_table_left(&t.backing));
 }
 
 #[test]

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 
+pub mod flashing;
+
 /// The fixture directory made by `make fixtures`.
 pub fn fixtures() -> PathBuf {
     let d = std::env::var_os("NIXFORGE_FIXTURES")

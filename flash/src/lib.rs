@@ -29,6 +29,11 @@ pub trait Meter: Send + Sync {
     fn add(&self, n: u64);
     /// The device is done (`done` or `failed`).
     fn finish(&self, how: &str);
+    /// The writer reached a named point: `cleared` (old tables zeroed),
+    /// `body` (the first write past the head), `head` (the body is on the
+    /// disk, the head is next). Tests pause here to interrupt at a known
+    /// moment.
+    fn reached(&self, _point: &'static str) {}
 }
 
 /// Progress nobody watches.

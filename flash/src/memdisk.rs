@@ -34,6 +34,8 @@ pub struct MemDisk {
     lbs: u64,
     data: Mutex<Vec<u8>>,
     fault: Option<Fault>,
+    /// Keep every write's bytes (see [`MemDisk::writes`]).
+    record: bool,
     state: Mutex<State>,
 }
 
@@ -44,6 +46,8 @@ struct State {
     dead: bool,
     /// A short write happens once.
     shorted: bool,
+    /// With `record`: (offset, bytes) of every write, in order.
+    writes: Vec<(u64, Vec<u8>)>,
 }
 
 impl MemDisk {
@@ -54,6 +58,7 @@ impl MemDisk {
             lbs,
             data: Mutex::new(vec![fill; size as usize]),
             fault: None,
+            record: false,
             state: Mutex::new(State::default()),
         }
     }
@@ -61,6 +66,22 @@ impl MemDisk {
     pub fn with_fault(mut self, f: Fault) -> MemDisk {
         self.fault = Some(f);
         self
+    }
+
+    /// Keep the bytes of every write, to replay any prefix of them (a
+    /// power cut after that write).
+    pub fn recording(mut self) -> MemDisk {
+        self.record = true;
+        self
+    }
+
+    /// With [`MemDisk::recording`]: (offset, bytes) of every write, in order.
+    pub fn writes(&self) -> Vec<(u64, Vec<u8>)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writes
+            .clone()
     }
 
     /// The disk's bytes now.
@@ -140,6 +161,9 @@ impl BlockDevice for MemDisk {
                 _ => {}
             }
             st.events.push(Event::Write { off, len: n });
+            if self.record {
+                st.writes.push((off, buf[..n].to_vec()));
+            }
         }
         let mut d = self.data.lock().unwrap_or_else(|e| e.into_inner());
         if end > d.len() as u64 {

@@ -20,7 +20,12 @@ pub struct Source {
     pub bmap: Option<(PathBuf, Bmap)>,
     /// (offset, length, expected checksum) of every range to write.
     spans: Vec<(u64, u64, Option<String>)>,
+    /// The first MiB of the (decompressed) image, or all of a shorter one.
+    first: Vec<u8>,
 }
+
+/// How much of the image's start [`Source::first_mib`] keeps.
+pub const FIRST: usize = 1 << 20;
 
 pub enum BmapChoice {
     Auto,
@@ -96,13 +101,22 @@ impl Source {
                 .collect(),
             None => vec![(0, size, None)],
         };
-        Ok(Source {
+        let mut src = Source {
             path: path.to_owned(),
             zstd,
             size,
             bmap,
             spans,
-        })
+            first: Vec::new(),
+        };
+        src.first = src.head(FIRST)?;
+        Ok(src)
+    }
+
+    /// The first MiB of the (decompressed) image, or all of a shorter one:
+    /// its partition table, read once at open.
+    pub fn first_mib(&self) -> &[u8] {
+        &self.first
     }
 
     /// The first `n` bytes of the (decompressed) image, or fewer if shorter.

@@ -36,6 +36,64 @@ pub struct Gpt {
     pub partitions: Vec<Partition>,
 }
 
+/// The fields of a GPT header that say where things are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub my_lba: u64,
+    /// The other header: the backup's LBA in a primary header.
+    pub alternate_lba: u64,
+    pub first_usable: u64,
+    pub last_usable: u64,
+    pub entries_lba: u64,
+    pub entries: u32,
+    pub entry_size: u32,
+    pub array_crc: u32,
+}
+
+impl Header {
+    /// A header sector: `None` without the signature; an error when its
+    /// CRC or sizes are wrong. Never panics, whatever the bytes.
+    pub fn parse(h: &[u8], sector: u64) -> Result<Option<Header>, GptError> {
+        if h.len() < 92 || &h[0..8] != b"EFI PART" {
+            return Ok(None);
+        }
+        let bad = |problem: String| GptError::Bad {
+            offset: sector,
+            problem,
+        };
+        let u64at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+        let u32at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+        let hsize = u32at(12) as usize;
+        if !(92..=h.len()).contains(&hsize) {
+            return Err(bad(format!("header size {hsize} is not 92..{}", h.len())));
+        }
+        let mut hc = h[..hsize].to_vec();
+        hc[16..20].fill(0);
+        if crc32fast::hash(&hc) != u32at(16) {
+            return Err(bad("header CRC mismatch".into()));
+        }
+        let (entries, entry_size) = (u32at(80), u32at(84));
+        // The spec: 128 × 2^n bytes per entry; no real table is larger
+        // than 1024 entries of 4 KiB.
+        if entry_size < 128 || !entry_size.is_power_of_two() || entry_size > 4096 || entries > 1024
+        {
+            return Err(bad(format!(
+                "unsupported entry array ({entries} entries of {entry_size} bytes)"
+            )));
+        }
+        Ok(Some(Header {
+            my_lba: u64at(24),
+            alternate_lba: u64at(32),
+            first_usable: u64at(40),
+            last_usable: u64at(48),
+            entries_lba: u64at(72),
+            entries,
+            entry_size,
+            array_crc: u32at(88),
+        }))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
     #[error("no GPT header at byte {0} (signature missing)")]
@@ -148,6 +206,7 @@ impl Gpt {
     }
 
     /// Parse the primary GPT of a disk image (`read_at(offset, len)`).
+    /// Arbitrary bytes give an error or `None`, never a panic.
     pub fn parse(
         read_at: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
         sector: u64,
@@ -157,31 +216,25 @@ impl Gpt {
             offset: sector,
             problem: e.to_string(),
         })?;
-        if &h[0..8] != b"EFI PART" {
+        let Some(hd) = Header::parse(&h, sector)? else {
             return Ok(None);
-        }
+        };
         let bad = |problem: String| GptError::Bad {
             offset: sector,
             problem,
         };
-        let mut hc = h[..92].to_vec();
-        let crc = u32::from_le_bytes(hc[16..20].try_into().expect("4 bytes"));
-        hc[16..20].fill(0);
-        if crc32fast::hash(&hc) != crc {
-            return Err(bad("header CRC mismatch".into()));
-        }
-        let u64at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes"));
-        let u32at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
-        let (entries_lba, n, size) = (u64at(72), u32at(80) as usize, u32at(84) as usize);
-        if size < 128 || n > 1024 {
-            return Err(bad(format!(
-                "unsupported entry array ({n} entries of {size} bytes)"
-            )));
-        }
-        let arr = read_at(entries_lba * sector, n * size).map_err(|e| bad(e.to_string()))?;
-        if crc32fast::hash(&arr) != u32at(88) {
+        let (n, size) = (hd.entries as usize, hd.entry_size as usize);
+        let at = hd.entries_lba.checked_mul(sector).ok_or_else(|| {
+            bad(format!(
+                "entry array at LBA {} is past any disk",
+                hd.entries_lba
+            ))
+        })?;
+        let arr = read_at(at, n * size).map_err(|e| bad(e.to_string()))?;
+        if arr.len() != n * size || crc32fast::hash(&arr) != hd.array_crc {
             return Err(bad("entry array CRC mismatch".into()));
         }
+        let h = &h[..];
         let mut disk_guid = [0u8; 16];
         disk_guid.copy_from_slice(&h[56..72]);
         let mut partitions = Vec::new();

@@ -9,6 +9,10 @@ use clap::{Parser, Subcommand};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use flash::device::{BlockDevice, Device};
 use flash::preflight::{self, Refused};
@@ -218,10 +222,9 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
             Err(e) => results.push(Some(Err(e))),
         }
     }
-    let opts = write::Options {
-        verify: !a.no_verify,
-    };
-    let bars = Bars::new(a.quiet || a.json);
+    let opts = write::Options::verifying(!a.no_verify);
+    let signal = on_signals(&opts.stop)?;
+    let bars = Bars::stoppable(a.quiet || a.json, opts.stop.clone());
     let mut outs = write::flash(&src, sinks, &opts, &bars).into_iter();
     let mut reports = Vec::new();
     let mut worst: Option<anyhow::Error> = None;
@@ -254,10 +257,33 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
+    let sig = signal.load(Ordering::Relaxed) as i32;
+    if sig != 0 {
+        eprintln!(
+            "flash: stopped by {}: every write stopped and the partition tables were wiped; nothing on {} boots",
+            if sig == SIGINT { "SIGINT" } else { "SIGTERM" },
+            if targets.len() == 1 { "the disk" } else { "the disks" }
+        );
+        return Ok(ExitCode::from(128 + sig as u8));
+    }
     Ok(match worst {
         Some(e) => exit_code(&e),
         None => ExitCode::SUCCESS,
     })
+}
+
+/// From here on SIGINT and SIGTERM set `stop` (every writer stops and
+/// wipes its disk's tables) and the returned signal number; a second one
+/// ends the process at once (the tables are gone by then).
+fn on_signals(stop: &Arc<AtomicBool>) -> Result<Arc<AtomicUsize>> {
+    let which = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, stop.clone())
+            .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+            .and_then(|_| signal_hook::flag::register_usize(sig, which.clone(), sig as usize))
+            .context("installing the signal handlers")?;
+    }
+    Ok(which)
 }
 
 fn list(all: bool, json: bool) -> Result<()> {

@@ -3,7 +3,8 @@
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PLAIN_EVERY: Duration = Duration::from_secs(2);
@@ -16,10 +17,19 @@ enum Mode {
 
 pub struct Bars {
     mode: Mode,
+    /// Tests only: `NIXFORGE_FLASH_PAUSE=POINT` holds each writer at that
+    /// point (see [`flash::Meter::reached`]) until `stop` is set or the
+    /// process is killed.
+    pause: Option<String>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Bars {
     pub fn new(quiet: bool) -> Bars {
+        Bars::stoppable(quiet, Arc::default())
+    }
+
+    pub fn stoppable(quiet: bool, stop: Arc<AtomicBool>) -> Bars {
         let mode = if quiet {
             Mode::Quiet
         } else if std::io::stderr().is_terminal() {
@@ -27,7 +37,11 @@ impl Bars {
         } else {
             Mode::Plain
         };
-        Bars { mode }
+        Bars {
+            mode,
+            pause: std::env::var("NIXFORGE_FLASH_PAUSE").ok(),
+            stop,
+        }
     }
 
     /// A meter for one device, labelled with its name.
@@ -49,6 +63,8 @@ impl Bars {
         };
         Meter {
             name: name.to_string(),
+            pause: self.pause.clone(),
+            stop: self.stop.clone(),
             bar,
             plain: matches!(self.mode, Mode::Plain),
             state: Mutex::new(Plain {
@@ -84,6 +100,8 @@ struct Plain {
 /// Progress of one device; shared by the threads working on it.
 pub struct Meter {
     name: String,
+    pause: Option<String>,
+    stop: Arc<AtomicBool>,
     bar: Option<ProgressBar>,
     plain: bool,
     state: Mutex<Plain>,
@@ -133,6 +151,16 @@ impl flash::Meter for Meter {
             rate / 1e6,
             eta
         );
+    }
+
+    fn reached(&self, point: &'static str) {
+        if self.pause.as_deref() != Some(point) {
+            return;
+        }
+        eprintln!("flash: {}: paused at {point}", self.name);
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// End the bar with a closing message (kept on screen).

@@ -1,6 +1,25 @@
-//! A GPT image on a larger disk: the backup table moves to the disk's end.
+//! GPT facts the writer needs: where an image's own backup header is (it
+//! is held back until the head is on the disk), and, on a larger disk, the
+//! tables rewritten so the backup sits at the disk's end.
 
-use formats::gpt::Gpt;
+use formats::gpt::{Gpt, Header};
+
+/// The image's sector size and its primary GPT header, if it has one.
+fn header_of(head: &[u8]) -> Option<(u64, Header)> {
+    [512u64, 4096].into_iter().find_map(|ss| {
+        let h = head.get(ss as usize..2 * ss as usize)?;
+        Header::parse(h, ss).ok().flatten().map(|h| (ss, h))
+    })
+}
+
+/// (offset, length) of the image's backup GPT header: the one sector that
+/// makes a backup table usable on its own, so it is written only after
+/// the head.
+pub(super) fn backup_header(head: &[u8], image_size: u64) -> Option<(u64, u64)> {
+    let (ss, h) = header_of(head)?;
+    let off = h.alternate_lba.checked_mul(ss)?;
+    (off.checked_add(ss)? <= image_size).then_some((off, ss))
+}
 
 /// For a GPT image on a larger device: the rewritten primary table (bytes
 /// from offset 0) and the backup table moved to the device's end.
@@ -14,7 +33,8 @@ pub(super) fn relocate_gpt(
         return None;
     }
     let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
-        head.get(o as usize..o as usize + n)
+        o.checked_add(n as u64)
+            .and_then(|end| head.get(o as usize..end as usize))
             .map(|s| s.to_vec())
             .ok_or_else(|| std::io::Error::other("outside the first MiB"))
     };

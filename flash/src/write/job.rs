@@ -1,17 +1,25 @@
-//! What one device does with the stream: write every chunk past the first
-//! MiB as it comes, then the moved backup GPT, then the first MiB; on any
-//! failure, wipe the head so nothing bootable is left.
+//! What one device does with the stream, in an order chosen so that the
+//! disk never looks valid while it is not:
+//! 1. zeros over the old backup GPT header at the end, then the old head,
+//!    synced: from here on no tool finds the old table;
+//! 2. every chunk past the first MiB as it comes, except the image's own
+//!    backup GPT header (a backup alone lets `sgdisk` rebuild a table);
+//! 3. synced, the moved backup's entries, then the first MiB, synced;
+//! 4. the backup headers, synced; then the read-back.
+//!
+//! On any failure or interruption both ends are zeroed again.
 
 use anyhow::{bail, Context, Result};
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::gpt_move::relocate_gpt;
+use super::gpt_move::{backup_header, relocate_gpt};
 use super::verify::{verify, Mismatch};
-use super::{Msg, Options, Outcome, Unit, ALIGN, HEAD};
+use super::{Interrupted, Msg, Options, Outcome, Unit, ALIGN, HEAD};
 use crate::device::BlockDevice;
 use crate::source::Source;
 use crate::Meter;
@@ -20,6 +28,9 @@ use formats::sys::Aligned;
 /// Write `data` (sector-padded) at `off`, through an aligned bounce buffer
 /// when `data` itself is not aligned.
 fn put(sink: &dyn BlockDevice, bounce: &mut Aligned, data: &[u8], off: u64) -> Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
     if (data.as_ptr() as usize).is_multiple_of(ALIGN) {
         return write_exact(sink, data, off);
     }
@@ -58,12 +69,48 @@ fn write_exact(sink: &dyn BlockDevice, b: &[u8], off: u64) -> Result<()> {
     Ok(())
 }
 
-/// Best effort: zeros over the first MiB, so a failed flash never boots.
-pub(super) fn wipe_head(sink: &dyn BlockDevice) {
-    let mut buf = Aligned::new(HEAD as usize);
-    let n = HEAD.min(sink.size()) as usize;
-    let _ = sink.write_at(buf.slice(n), 0);
-    let _ = sink.sync();
+/// Zeros over where tables live: first the disk's last 4 KiB (the backup
+/// GPT header at either sector size), then the first MiB (MBR, primary
+/// GPT, boot code); synced. Between the two writes the disk is still the
+/// old one, whole but for its backup header; after the second, neither
+/// table is there, and no tool (sfdisk, sgdisk, blkid, the kernel) finds
+/// one.
+fn zero_ends(sink: &dyn BlockDevice) -> Result<()> {
+    let (size, lbs) = (sink.size(), sink.sector_size());
+    let mut zeros = Aligned::new(HEAD as usize);
+    let tail = lbs.max(4096).min(size);
+    write_exact(sink, zeros.slice(tail as usize), size - tail)?;
+    write_exact(sink, zeros.slice(HEAD.min(size) as usize), 0)?;
+    sink.sync()
+        .with_context(|| format!("syncing {}", sink.name()))
+}
+
+/// Best effort, after a failure: nothing bootable and no table is left.
+pub(super) fn wipe(sink: &dyn BlockDevice) {
+    let _ = zero_ends(sink);
+}
+
+/// Write `bytes` (whole sectors) at `at`, except the sectors of `held`,
+/// which are copied to `stash` instead (to be written later).
+fn put_around(
+    sink: &dyn BlockDevice,
+    bounce: &mut Aligned,
+    bytes: &[u8],
+    at: u64,
+    held: Option<(u64, u64)>,
+    stash: &mut Option<Vec<u8>>,
+) -> Result<()> {
+    let end = at + bytes.len() as u64;
+    match held {
+        Some((ho, hl)) if ho < end && ho + hl > at => {
+            let a = (ho.max(at) - at) as usize;
+            let b = ((ho + hl).min(end) - at) as usize;
+            put(sink, bounce, &bytes[..a], at)?;
+            *stash = Some(bytes[a..b].to_vec());
+            put(sink, bounce, &bytes[b..], at + b as u64)
+        }
+        _ => put(sink, bounce, bytes, at),
+    }
 }
 
 /// What one device does with the stream: write (or, verifying only, just
@@ -84,9 +131,21 @@ pub(super) fn device_job(
     let mut head_mapped: Vec<(u64, u64)> = Vec::new();
     let mut bounce = Aligned::new(HEAD as usize);
     let mut written = 0u64;
-    meter.phase(if write { "writing" } else { "reading" }, total);
+    // The image's own backup GPT header, widened to this disk's sectors.
+    let held = backup_header(src.first_mib(), src.size)
+        .map(|(o, l)| (o / lbs * lbs, (o + l).div_ceil(lbs) * lbs - o / lbs * lbs));
+    let mut stash: Option<Vec<u8>> = None;
     let streamed = (|| -> Result<Arc<Vec<Unit>>> {
+        if write {
+            zero_ends(sink).with_context(|| format!("clearing the old tables on {name}"))?;
+            meter.reached("cleared");
+        }
+        meter.phase(if write { "writing" } else { "reading" }, total);
+        let mut body = false;
         loop {
+            if opts.stop.load(Ordering::Relaxed) {
+                return Err(Interrupted.into());
+            }
             let c = match rx.recv() {
                 Ok(Msg::Chunk(c)) => c,
                 Ok(Msg::Finish(units)) => return Ok(units),
@@ -103,7 +162,12 @@ pub(super) fn device_job(
                 from = cut;
             }
             if write && from < c.len {
-                put(sink, &mut bounce, c.padded(from, lbs), c.off + from as u64)?;
+                let at = c.off + from as u64;
+                put_around(sink, &mut bounce, c.padded(from, lbs), at, held, &mut stash)?;
+                if !body {
+                    body = true;
+                    meter.reached("body");
+                }
             }
             written += c.len as u64;
             meter.add(c.len as u64);
@@ -114,7 +178,7 @@ pub(super) fn device_job(
         meter.finish("failed");
         if wiped {
             e.context(format!(
-                "{name}: nothing bootable was left (first MiB wiped)"
+                "{name}: nothing bootable was left (partition tables wiped)"
             ))
         } else {
             e
@@ -123,15 +187,19 @@ pub(super) fn device_job(
     let finished = streamed.and_then(|global| {
         let mut units: Vec<Unit> = global.to_vec();
         let gpt = relocate_gpt(&head, src.size, sink.size(), lbs);
-        if write {
-            sink.sync().with_context(|| format!("syncing {name}"))?;
+        // A backup header is usable alone: each is written after the
+        // head it backs up.
+        let mut headers: Vec<(u64, &[u8])> = Vec::new();
+        if let (Some((ho, _)), Some(b)) = (held, &stash) {
+            headers.push((ho, b));
         }
         if let Some((primary, boff, backup)) = &gpt {
             // A GPT image on a larger disk: the backup table moves to the end.
+            let entries = backup.len() - lbs as usize;
             if write {
-                put(sink, &mut bounce, backup, *boff)?;
-                sink.sync().with_context(|| format!("syncing {name}"))?;
+                put(sink, &mut bounce, &backup[..entries], *boff)?;
             }
+            headers.push((*boff + entries as u64, &backup[entries..]));
             units.push(Unit {
                 off: *boff,
                 len: backup.len(),
@@ -141,7 +209,11 @@ pub(super) fn device_job(
             head[..primary.len()].copy_from_slice(primary);
             head_mapped.push((0, primary.len() as u64));
         }
-        // Last: the first MiB, in the sector-aligned pieces that were mapped.
+        if write {
+            sink.sync().with_context(|| format!("syncing {name}"))?;
+            meter.reached("head");
+        }
+        // Then the first MiB, in the sector-aligned pieces that were mapped.
         for (o, l) in merge_sectors(head_mapped.clone(), lbs, head.len() as u64) {
             let piece = head[o as usize..(o + l) as usize].to_vec();
             if write {
@@ -158,6 +230,10 @@ pub(super) fn device_job(
         }
         if write {
             sink.sync().with_context(|| format!("syncing {name}"))?;
+            for (o, b) in headers {
+                put(sink, &mut bounce, b, o)?;
+            }
+            sink.sync().with_context(|| format!("syncing {name}"))?;
         }
         Ok((units, gpt.is_some()))
     });
@@ -165,21 +241,21 @@ pub(super) fn device_job(
         Ok(r) => r,
         Err(e) => {
             if write {
-                wipe_head(sink);
+                wipe(sink);
             }
             return Err(fail(e, write));
         }
     };
     let mut verified = 0;
     if opts.verify {
-        if let Err(e) = verify(sink, src, units, meter).map(|n| verified = n) {
+        if let Err(e) = verify(sink, src, units, meter, &opts.stop).map(|n| verified = n) {
             if write {
-                wipe_head(sink);
+                wipe(sink);
             }
             return Err(match e.downcast::<Mismatch>() {
                 Ok(mut m) => {
                     if write {
-                        m.wiped = "; nothing bootable was left (first MiB wiped)";
+                        m.wiped = "; nothing bootable was left (partition tables wiped)";
                     }
                     meter.finish("failed");
                     m.into()

@@ -1,8 +1,9 @@
 //! Writing an image to devices: one read of the source feeds hashers,
 //! which hand each chunk to a writer thread per device (`job.rs`); each
-//! writes exclusively and directly, the first MiB last, moves a GPT's
-//! backup to its disk's end (`gpt_move.rs`), then reads everything back
-//! past the page cache (`verify.rs`).
+//! zeroes its disk's ends, writes exclusively and directly, the first MiB
+//! and then the backup GPT header last, moves a GPT's backup to its disk's
+//! end (`gpt_move.rs`), then reads everything back past the page cache
+//! (`verify.rs`). A stop flag ends every writer, which zeroes its ends.
 //!
 //! Devices are reached through [`BlockDevice`], so tests can use an
 //! in-memory disk and inject the faults a real block device here cannot
@@ -47,7 +48,24 @@ pub struct Outcome {
 
 pub struct Options {
     pub verify: bool,
+    /// Set (e.g. by a signal handler) to stop every writer: each zeroes
+    /// its disk's ends and returns [`Interrupted`].
+    pub stop: Arc<AtomicBool>,
 }
+
+impl Options {
+    pub fn verifying(verify: bool) -> Options {
+        Options {
+            verify,
+            stop: Arc::default(),
+        }
+    }
+}
+
+/// The run was stopped through [`Options::stop`].
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
 
 /// A chunk from the pool: filled by one thread, then shared read-only by
 /// every writer; back to the pool when the last lets go.
@@ -116,7 +134,7 @@ pub fn verify_only(
     dev: Box<dyn BlockDevice>,
     progress: &dyn Progress,
 ) -> Result<u64> {
-    let opts = Options { verify: true };
+    let opts = Options::verifying(true);
     run(src, vec![dev], &opts, false, progress)
         .pop()
         .expect("one result per device")
@@ -158,7 +176,7 @@ fn run(
                 (tx, s.spawn(move || hash_chunks(src, rx, &wtxs, gone)))
             })
             .unzip();
-        let read = read_source(src, &htxs, depth, gone);
+        let read = read_source(src, &htxs, depth, gone, &opts.stop);
         drop(htxs);
         // A hasher's own error (a range that fails its checksum, a read
         // that fails) explains why the reader could not hand it more, so
@@ -286,6 +304,7 @@ fn read_source(
     hashers: &[SyncSender<Leased>],
     hasher_depth: usize,
     gone: &[AtomicBool],
+    stop: &AtomicBool,
 ) -> Result<()> {
     let mut reader = src.reader(false)?;
     let mut pool = Pool::new(DEPTH * gone.len() + hasher_depth * hashers.len() + 4);
@@ -293,6 +312,9 @@ fn read_source(
     loop {
         if gone.iter().all(|g| g.load(Ordering::Relaxed)) {
             return Ok(()); // every device failed; each says why
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(Interrupted.into());
         }
         let mut c = pool.take(|| {
             Box::new(Chunk {

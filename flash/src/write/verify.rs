@@ -6,11 +6,12 @@ use std::io;
 use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::{Unit, CHUNK};
+use super::{Interrupted, Unit, CHUNK};
 use crate::device::BlockDevice;
 use crate::source::Source;
 use crate::Meter;
 use formats::sys::Aligned;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A verify failure (its own exit code): the first byte that differs.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,7 @@ pub(super) fn verify(
     src: &Source,
     mut units: Vec<Unit>,
     meter: &dyn Meter,
+    stop: &AtomicBool,
 ) -> Result<u64> {
     use rayon::prelude::*;
     let name = sink.name();
@@ -46,6 +48,9 @@ pub(super) fn verify(
         .map_init(
             || Aligned::new(CHUNK),
             |buf, u| -> Result<Option<Unit>> {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(Interrupted.into());
+                }
                 // O_DIRECT reads whole sectors; the last range may end at
                 // the device's end: pad to the sector, not further.
                 let b = buf.slice(u.len.div_ceil(lbs) * lbs);

@@ -1,0 +1,183 @@
+//! flash under interruption (issue 12): whatever moment a flash of image B
+//! over disk A is killed or interrupted at, no tool finds a usable
+//! partition table, old or new, primary or backup; SIGINT and SIGTERM say
+//! so and exit 130 and 143. The moment is made sure by a pause point
+//! (`NIXFORGE_FLASH_PAUSE`, see `flash::Meter::reached`).
+
+use nixforge_tests::flashing::*;
+use nixforge_tests::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+/// A raw-efi image of the x86_64 fixture forged with `seed`, in `dir`.
+fn forged(dir: &Path, name: &str, seed: &str) -> PathBuf {
+    let img = dir.join(name);
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--seed", seed, "-o"])
+        .arg(&img));
+    img
+}
+
+/// Disk A (a flashed raw-efi image) on a loop device, and image B.
+struct Scene {
+    _d: tempfile::TempDir,
+    b: PathBuf,
+    backing: PathBuf,
+    lo: Loop,
+}
+
+fn scene() -> Scene {
+    let d = tempfile::tempdir().unwrap();
+    let b = forged(d.path(), "b.img", "disk B");
+    scene_with(d, b)
+}
+
+/// Disk A, as large as `b` or larger, on a loop device.
+fn scene_with(d: tempfile::TempDir, b: PathBuf) -> Scene {
+    let a = forged(d.path(), "a.img", "disk A");
+    let backing = d.path().join("disk");
+    stale_file(&backing, len(&a).max(len(&b)));
+    let lo = Loop::attach(&backing, &[]);
+    ok(flash()
+        .arg(&a)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable", "--quiet"]));
+    let dump = ok(Command::new("sfdisk").arg("-d").arg(&lo.dev));
+    assert!(dump.contains("label: gpt"), "disk A has its table: {dump}");
+    Scene {
+        _d: d,
+        b,
+        backing,
+        lo,
+    }
+}
+
+/// Start flashing B, held at `point`; returns once it is there, with the
+/// rest of its stderr to come.
+fn paused_at(s: &Scene, point: &str) -> (Child, Receiver<String>) {
+    let mut child = flash()
+        .arg(&s.b)
+        .arg(&s.lo.dev)
+        .args(["--yes", "--allow-non-removable"])
+        .env("NIXFORGE_FLASH_PAUSE", point)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let want = format!("paused at {point}");
+    loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) if l.contains(&want) => break,
+            Ok(_) => {}
+            Err(e) => panic!("flash never reached {point}: {e}"),
+        }
+    }
+    (child, rx)
+}
+
+/// No tool finds a table: sfdisk, sgdisk (nor a backup to rebuild from),
+/// blkid, wipefs; and the backing file has no signature at either end.
+fn no_usable_table(s: &Scene, when: &str) {
+    let dev = &s.lo.dev;
+    let out = Command::new("sfdisk").arg("-d").arg(dev).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not contain a recognized partition table"),
+        "{when}: sfdisk -d: {err} {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v = ok(Command::new("sgdisk").arg("-v").arg(dev));
+    assert!(
+        v.contains("Creating new GPT entries in memory") && !v.contains("backup"),
+        "{when}: sgdisk -v: {v}"
+    );
+    let b = Command::new("blkid").arg("-p").arg(dev).output().unwrap();
+    assert_eq!(b.status.code(), Some(2), "{when}: blkid -p finds {b:?}");
+    let w = ok(Command::new("wipefs").arg("-n").arg(dev));
+    assert_eq!(w.trim(), "", "{when}: wipefs -n: {w}");
+    assert!(no_table_left(&s.backing), "{when}: a signature is left");
+}
+
+#[test]
+fn flash_killed_at_any_point_leaves_no_usable_table_old_or_new() {
+    let _g = privileged();
+    let s = scene();
+    for point in ["cleared", "body", "head"] {
+        let (mut child, _) = paused_at(&s, point);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        no_usable_table(&s, &format!("SIGKILL at {point}"));
+    }
+}
+
+fn interrupted_by(signal: &str, code: i32) {
+    let _g = privileged();
+    let s = scene();
+    let (mut child, rest) = paused_at(&s, "body");
+    ok(Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string()));
+    let status = child.wait().unwrap();
+    let err: Vec<String> = rest.iter().collect();
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "exit status after SIG{signal}: {err:?}"
+    );
+    assert!(
+        err.iter()
+            .any(|l| l.contains(&format!("stopped by SIG{signal}"))
+                && l.contains("partition tables were wiped")),
+        "{err:?}"
+    );
+    no_usable_table(&s, &format!("SIG{signal}"));
+}
+
+#[test]
+fn flash_interrupted_by_sigint_wipes_the_tables_and_exits_130() {
+    interrupted_by("INT", 130);
+}
+
+#[test]
+fn flash_interrupted_by_sigterm_wipes_the_tables_and_exits_143() {
+    interrupted_by("TERM", 143);
+}
+
+#[test]
+fn mbr_image_over_a_gpt_disk_leaves_no_old_backup_gpt() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let fw = d.path().join("fw");
+    std::fs::create_dir(&fw).unwrap();
+    std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
+    let sd = d.path().join("sd.img");
+    ok(forge_image_of(&system("aarch64"))
+        .args(["--format", "sd-aarch64", "--firmware"])
+        .arg(&fw)
+        .arg("-o")
+        .arg(&sd));
+    let s = scene_with(d, sd);
+    ok(flash()
+        .arg(&s.b)
+        .arg(&s.lo.dev)
+        .args(["--yes", "--allow-non-removable", "--quiet"]));
+    let dump = ok(Command::new("sfdisk").arg("-d").arg(&s.lo.dev));
+    assert!(dump.contains("label: dos"), "{dump}");
+    // sgdisk sees the MBR alone: no GPT, not even a backup to offer.
+    let v = ok(Command::new("sgdisk").arg("-v").arg(&s.lo.dev));
+    assert!(
+        !v.contains("GPT: damaged") && !v.contains("backup") && !v.contains("corrupt GPT"),
+        "{v}"
+    );
+    let w = ok(Command::new("wipefs").arg("-n").arg(&s.lo.dev));
+    assert!(!w.contains("gpt") && w.contains("dos"), "{w}");
+}
