@@ -181,3 +181,174 @@ fn mbr_image_over_a_gpt_disk_leaves_no_old_backup_gpt() {
     let w = ok(Command::new("wipefs").arg("-n").arg(&s.lo.dev));
     assert!(!w.contains("gpt") && w.contains("dos"), "{w}");
 }
+
+// ---- sources refused before the first byte: exit 2, one line, the
+// device's bytes unchanged ----
+
+/// Run flash on `t`'s device with `args` (the source first); it must be
+/// refused with exit 2, one error line containing every `want`, and the
+/// device untouched.
+fn source_refused(t: &Disk, args: &[&std::ffi::OsStr], want: &[&str]) {
+    let out = flash()
+        .args(args)
+        .arg(&t.lo.dev)
+        .args(["--yes", "--allow-non-removable"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let line = the_error(&err);
+    for w in want {
+        assert!(line.contains(w), "want {w:?} in: {line}");
+    }
+    t.untouched();
+}
+
+fn os(s: &Path) -> &std::ffi::OsStr {
+    s.as_os_str()
+}
+
+#[test]
+fn flash_writes_any_file_as_an_image_no_more() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let text = t.img.with_file_name("notes.txt");
+    std::fs::write(&text, "these are not the bytes of a disk\n\n\n\n").unwrap();
+    source_refused(
+        &t,
+        &[os(&text)],
+        &["notes.txt", "no partition table", "--raw"],
+    );
+}
+
+#[test]
+fn truncated_zst_is_refused_before_writing() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let zst = t.img.with_extension("img.zst");
+    ok(Command::new("zstd")
+        .args(["-q", "-T0"])
+        .arg(&t.img)
+        .arg("-o")
+        .arg(&zst));
+    ok(Command::new("truncate")
+        .args(["-s", &(len(&zst) / 2).to_string()])
+        .arg(&zst));
+    source_refused(
+        &t,
+        &[os(&zst)],
+        &["disk.img.zst", "ends inside a zstd frame", "truncated"],
+    );
+}
+
+#[test]
+fn bmap_of_another_image_of_the_same_size_is_refused_before_writing() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let other = forged(t.img.parent().unwrap(), "other.img", "another seed");
+    assert_eq!(len(&other), len(&t.img));
+    let bmap = PathBuf::from(format!("{}.bmap", other.display()));
+    source_refused(
+        &t,
+        &[os(&t.img), "--bmap".as_ref(), os(&bmap)],
+        &["other.img.bmap does not describe it", "bytes 0.."],
+    );
+}
+
+#[test]
+fn raw_image_shorter_than_its_partition_table_is_refused() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let short = t.img.with_file_name("short.img");
+    std::fs::copy(&t.img, &short).unwrap();
+    ok(Command::new("truncate").args(["-s", "-1M"]).arg(&short));
+    source_refused(
+        &t,
+        &[os(&short)],
+        &["short.img", "partition table reaches byte", "truncated"],
+    );
+}
+
+#[test]
+fn same_device_twice_even_through_a_symlink_is_refused() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let link = t.img.with_file_name("alias");
+    std::os::unix::fs::symlink(&t.lo.dev, &link).unwrap();
+    for second in [Path::new(&t.lo.dev), link.as_path()] {
+        let err = refused(
+            flash()
+                .arg(&t.img)
+                .arg(&t.lo.dev)
+                .arg(second)
+                .args(["--yes", "--allow-non-removable"]),
+            "distinct",
+        );
+        assert!(err.contains("the same disk as"), "{err}");
+        the_error(&err);
+        t.untouched();
+    }
+}
+
+#[test]
+fn bad_sha256_is_refused_before_hashing() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let out = flash()
+        .arg(&t.img)
+        .arg(&t.lo.dev)
+        .args(["--yes", "--allow-non-removable", "--sha256", "xyz"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("\"xyz\" is not a SHA-256 (64 hex digits)"),
+        "{err}"
+    );
+    t.untouched();
+}
+
+#[test]
+fn qcow2_vhd_and_oci_tarballs_are_refused_by_name() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let dir = t.img.parent().unwrap();
+    let qcow2 = dir.join("x.qcow2");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&t.img)
+        .arg(&qcow2));
+    source_refused(&t, &[os(&qcow2)], &["x.qcow2", "a qcow2 image"]);
+    let vhd = dir.join("x.vhd");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-O", "vpc", "-o", "subformat=dynamic"])
+        .arg(&t.img)
+        .arg(&vhd));
+    source_refused(&t, &[os(&vhd)], &["x.vhd", "a dynamic VHD image"]);
+    let tar = dir.join("oci.tar");
+    ok(Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(dir)
+        .arg("disk.img.layout.json"));
+    source_refused(&t, &[os(&tar)], &["oci.tar", "a tar archive"]);
+}
+
+#[test]
+fn a_layout_manifest_of_another_image_is_refused() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let other = forged(t.img.parent().unwrap(), "other.img", "another seed");
+    std::fs::copy(
+        format!("{}.layout.json", other.display()),
+        format!("{}.layout.json", t.img.display()),
+    )
+    .unwrap();
+    source_refused(
+        &t,
+        &[os(&t.img), "--no-bmap".as_ref()],
+        &["disk.img.layout.json describes another image", "disk id"],
+    );
+}

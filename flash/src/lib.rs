@@ -1,7 +1,9 @@
 //! flash: writing images to block devices safely.
 //!
 //! `devices` finds disks and why each would be refused; `source` streams an
-//! image (raw or zstd) by its bmap; `preflight` runs every named check;
+//! image (raw or zstd) by its bmap; `examine` checks the source (a whole
+//! disk image, its own sidecars) and `preflight` each device, before any
+//! write;
 //! `device` opens a checked disk (the [`device::BlockDevice`] seam, which
 //! `memdisk` also implements for tests); `write` writes to every device
 //! from one read (first MiB last) and verifies by reading back; `ioctl`
@@ -10,6 +12,7 @@
 
 pub mod device;
 pub mod devices;
+pub mod examine;
 pub mod ioctl;
 pub mod memdisk;
 pub mod preflight;

@@ -30,20 +30,6 @@ fn refuse(dev: &Path, check: &'static str, detail: impl Into<String>) -> anyhow:
     .into()
 }
 
-/// The sector size an image's partition table was written for, if any.
-pub fn image_sector_size(head: &[u8]) -> Option<u32> {
-    for ss in [512usize, 4096] {
-        if head.len() >= ss + 8 && &head[ss..ss + 8] == b"EFI PART" {
-            return Some(ss as u32);
-        }
-    }
-    if head.len() >= 512 && head[510..512] == [0x55, 0xAA] && head[446..510].iter().any(|&b| b != 0)
-    {
-        return Some(512); // MBR
-    }
-    None
-}
-
 pub fn check(
     given: &Path,
     image_size: u64,

@@ -84,12 +84,15 @@ impl Source {
         };
         if let Some((p, b)) = &bmap {
             if b.image_size != size {
-                bail!(
-                    "{}: describes a {}-byte image, but {} is {size} bytes",
-                    p.display(),
-                    b.image_size,
-                    path.display()
-                );
+                return Err(crate::examine::Unfit {
+                    image: path.display().to_string(),
+                    detail: format!(
+                        "it is {size} bytes, but its bmap {} describes a {}-byte image",
+                        p.display(),
+                        b.image_size
+                    ),
+                }
+                .into());
             }
         }
         let spans = match &bmap {

@@ -132,6 +132,8 @@ pub fn inspect(path: &Path) -> Result<Report> {
         }
         p.role = role(p);
     }
+    let first = read_at(&mut f, 0, size.min(crate::layout::ALIGN) as usize).with_context(what)?;
+    let head_sha256 = Some(crate::layout::report::head_sha256(&first));
     Ok(Report {
         image: path.display().to_string(),
         disk: Disk {
@@ -142,6 +144,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             size,
             partitions: parts,
             identity: None,
+            head_sha256,
         },
     })
 }

@@ -19,3 +19,4 @@ pub mod sink;
 pub mod sys;
 pub mod time;
 pub mod tree;
+pub mod zstd_frames;

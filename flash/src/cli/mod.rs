@@ -15,6 +15,7 @@ use std::sync::Arc;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use flash::device::{BlockDevice, Device};
+use flash::examine::{examine, Unfit};
 use flash::preflight::{self, Refused};
 use flash::source::{BmapChoice, Source};
 use flash::write::{self, Mismatch};
@@ -59,8 +60,12 @@ struct WriteArgs {
     #[arg(long)]
     allow_non_removable: bool,
     /// Expected SHA-256 of the whole (decompressed) image.
-    #[arg(long, value_name = "HEX")]
+    #[arg(long, value_name = "HEX", value_parser = sha256_hex)]
     sha256: Option<String>,
+    /// Write a source that has no partition table (or is some other
+    /// format), byte for byte, on purpose.
+    #[arg(long)]
+    raw: bool,
     #[arg(long)]
     json: bool,
     #[arg(long)]
@@ -100,8 +105,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `--sha256`: 64 hex digits, checked before anything is read.
+fn sha256_hex(s: &str) -> Result<String, String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("{s:?} is not a SHA-256 (64 hex digits)"))
+    }
+}
+
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    if e.downcast_ref::<Refused>().is_some() {
+    if e.downcast_ref::<Refused>().is_some() || e.downcast_ref::<Unfit>().is_some() {
         ExitCode::from(2)
     } else if e.downcast_ref::<Mismatch>().is_some() {
         ExitCode::from(3)
@@ -163,6 +177,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let image = a.image.expect("clap requires IMAGE");
     let src = Source::open(&image, bmap_choice(a.bmap.clone(), a.no_bmap))?;
+    let sector = examine(&src, a.raw)?.sector;
     if let Some(want) = &a.sha256 {
         let mut h = <sha2::Sha256 as sha2::Digest>::new();
         let full = Source::open(&image, BmapChoice::None)?;
@@ -178,17 +193,25 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
             );
         }
     }
-    let head = src.head(8192)?;
-    let sector = preflight::image_sector_size(&head);
     // Every check on every device before anything is written anywhere.
-    let mut targets = Vec::new();
+    let mut targets: Vec<preflight::Target> = Vec::new();
     for d in &a.devices {
-        targets.push(preflight::check(
-            d,
-            src.size,
-            sector,
-            a.allow_non_removable,
-        )?);
+        let t = preflight::check(d, src.size, sector, a.allow_non_removable)?;
+        if let Some(same) = targets.iter().find(|o| o.disk.devnum == t.disk.devnum) {
+            return Err(Refused {
+                device: d.display().to_string(),
+                refusal: flash::devices::Refusal {
+                    check: "distinct",
+                    detail: format!(
+                        "the same disk as {} (device {})",
+                        same.given.display(),
+                        t.disk.devnum
+                    ),
+                },
+            }
+            .into());
+        }
+        targets.push(t);
     }
     if !a.yes {
         if !std::io::stdin().is_terminal() {

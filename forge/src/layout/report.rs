@@ -96,6 +96,16 @@ pub struct Disk {
     pub partitions: Vec<Part>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub identity: Option<IdentityAt>,
+    /// SHA-256 of the image's first MiB (its table; all of a smaller
+    /// image): pairs the manifest and the bmap with their image.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub head_sha256: Option<String>,
+}
+
+/// SHA-256 (hex) of an image's first MiB, given its bytes.
+pub fn head_sha256(first_mib: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(first_mib))
 }
 
 /// A short name for a partition type.
@@ -116,6 +126,18 @@ pub fn type_name(t: &str) -> &'static str {
 impl Placed<'_, '_> {
     /// The disk as laid out; `sha256` gives each partition's hash where
     /// it was computed.
+    /// The image's first MiB, known without writing it when nothing but
+    /// the table lies there (every partition starts at 1 MiB or later).
+    fn first_mib(&self) -> Option<Vec<u8>> {
+        let n = self.size.min(super::ALIGN) as usize;
+        if self.at.iter().any(|&(off, _)| off < n as u64) || self.table.head.len() > n {
+            return None;
+        }
+        let mut b = self.table.head.clone();
+        b.resize(n, 0);
+        Some(b)
+    }
+
     pub fn report(&self, sha256: &dyn Fn(u64, u64) -> Option<String>) -> Disk {
         let mut partitions = Vec::new();
         for (i, (p, &(off, size))) in self.layout.partitions.iter().zip(&self.at).enumerate() {
@@ -166,6 +188,7 @@ impl Placed<'_, '_> {
             size: self.size,
             partitions,
             identity,
+            head_sha256: self.first_mib().map(|b| head_sha256(&b)),
         }
     }
 }

@@ -1,0 +1,239 @@
+//! Everything about the source that can be checked before a byte is
+//! written: it is a disk image (a partition table, not some other format),
+//! whole (a .zst's frames end where the file does; the image reaches as
+//! far as its own table says), and its sidecars are its own (the bmap's
+//! first range matches; the layout manifest names the same size and disk
+//! id). A refusal here leaves every device untouched.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::source::Source;
+use formats::gpt::{Gpt, Header};
+use formats::zstd_frames;
+
+/// The source cannot be written as it is (exit code 2, like a refused
+/// device).
+#[derive(Debug, thiserror::Error)]
+#[error("refusing {image}: {detail}")]
+pub struct Unfit {
+    pub image: String,
+    pub detail: String,
+}
+
+/// What the checks learnt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Examined {
+    /// The sector size the image's table is for (None: `--raw`, no table).
+    pub sector: Option<u32>,
+}
+
+/// The sector size an image's partition table was written for, if any.
+pub fn image_sector_size(head: &[u8]) -> Option<u32> {
+    for ss in [512usize, 4096] {
+        if head.get(ss..ss + 8) == Some(b"EFI PART".as_slice()) {
+            return Some(ss as u32);
+        }
+    }
+    if head.len() >= 512 && head[510..512] == [0x55, 0xAA] && head[446..510].iter().any(|&b| b != 0)
+    {
+        return Some(512); // MBR
+    }
+    None
+}
+
+/// Formats that are not raw disk images, by their magic numbers.
+fn foreign(b: &[u8]) -> Option<&'static str> {
+    let at = |o: usize, m: &[u8]| b.get(o..o + m.len()) == Some(m);
+    if at(0, b"QFI\xfb") {
+        Some("a qcow2 image: convert it first (qemu-img convert -O raw)")
+    } else if at(0, b"conectix") {
+        Some("a dynamic VHD image: convert it first (qemu-img convert -O raw)")
+    } else if at(0, b"vhdxfile") {
+        Some("a VHDX image: convert it first (qemu-img convert -O raw)")
+    } else if at(257, b"ustar") {
+        Some("a tar archive (an OCI image or other tarball), not a disk image")
+    } else if at(0, &[0x1f, 0x8b]) {
+        Some("gzip-compressed: decompress it first (flash reads raw and .zst images)")
+    } else if at(0, &[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Some("xz-compressed: decompress it first (flash reads raw and .zst images)")
+    } else if at(0, b"BZh") {
+        Some("bzip2-compressed: decompress it first (flash reads raw and .zst images)")
+    } else {
+        None
+    }
+}
+
+/// Run every check; `raw` allows a source without a partition table
+/// (and of any format), written byte for byte on purpose.
+pub fn examine(src: &Source, raw: bool) -> Result<Examined, Unfit> {
+    let unfit = |detail: String| Unfit {
+        image: src.path.display().to_string(),
+        detail,
+    };
+    let head = src.first_mib();
+    if src.zstd {
+        let mut f = File::open(&src.path).map_err(|e| unfit(e.to_string()))?;
+        let len = f.metadata().map_err(|e| unfit(e.to_string()))?.len();
+        let frames = zstd_frames::walk(&mut f, len).map_err(|e| unfit(e.to_string()))?;
+        if let Some(n) = frames.content_size.filter(|&n| n != src.size) {
+            return Err(unfit(format!(
+                "its zstd frames hold {n} bytes, but its bmap says the image is {}",
+                src.size
+            )));
+        }
+    }
+    if !raw {
+        if let Some(what) = foreign(head) {
+            return Err(unfit(what.into()));
+        }
+    }
+    let sector = image_sector_size(head);
+    let Some(ss) = sector else {
+        if raw {
+            return Ok(Examined { sector: None });
+        }
+        return Err(unfit(
+            "no partition table: not a disk image (pass --raw to write its bytes anyway)".into(),
+        ));
+    };
+    if !src.size.is_multiple_of(512) {
+        return Err(unfit(format!(
+            "{} bytes is not a whole number of 512-byte sectors",
+            src.size
+        )));
+    }
+    if let Some((need, what)) = table_extent(head, ss as u64).map_err(unfit)? {
+        if need > src.size {
+            return Err(unfit(format!(
+                "{} bytes, but its partition table reaches byte {need} ({what}): truncated, or not the whole image",
+                src.size
+            )));
+        }
+    }
+    first_range_matches(src).map_err(unfit)?;
+    manifest_matches(src, head, ss as u64).map_err(unfit)?;
+    Ok(Examined { sector })
+}
+
+/// How far the table says the image reaches, and what reaches that far.
+fn table_extent(head: &[u8], ss: u64) -> Result<Option<(u64, String)>, String> {
+    let end = |lba: u64| lba.checked_add(1).and_then(|n| n.checked_mul(ss));
+    if head.get(ss as usize..ss as usize + 8) == Some(b"EFI PART".as_slice()) {
+        let h = Header::parse(&head[ss as usize..2 * ss as usize], ss)
+            .map_err(|e| format!("its primary {e}"))?
+            .ok_or("no GPT header")?;
+        let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
+            o.checked_add(n as u64)
+                .and_then(|e| head.get(o as usize..e as usize))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::other("the entry array is not in the first MiB"))
+        };
+        let g = Gpt::parse(&mut read, ss, u64::MAX)
+            .map_err(|e| format!("its primary {e}"))?
+            .ok_or("no GPT header")?;
+        let mut far = (
+            end(h.alternate_lba).ok_or("a backup GPT header past any disk")?,
+            "the backup GPT header".to_string(),
+        );
+        for (i, p) in g.partitions.iter().enumerate() {
+            let e = end(p.last_lba).ok_or_else(|| format!("partition {} past any disk", i + 1))?;
+            if e > far.0 {
+                far = (e, format!("partition {}", i + 1));
+            }
+        }
+        return Ok(Some(far));
+    }
+    // MBR: the four primary entries (a protective 0xEE says nothing).
+    let mut far: Option<(u64, String)> = None;
+    for i in 0..4 {
+        let e = &head[446 + 16 * i..462 + 16 * i];
+        if e[4] == 0 || e[4] == 0xEE {
+            continue;
+        }
+        let start = u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as u64;
+        let count = u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as u64;
+        let reach = (start + count) * 512;
+        if far.as_ref().is_none_or(|f| reach > f.0) {
+            far = Some((reach, format!("partition {}", i + 1)));
+        }
+    }
+    Ok(far)
+}
+
+/// A bmap of another image of the same size is caught by its first
+/// range's checksum, read before anything is written.
+fn first_range_matches(src: &Source) -> Result<(), String> {
+    let Some((bmap, _)) = &src.bmap else {
+        return Ok(());
+    };
+    let Some((off, len, Some(_))) = src.ranges().first().cloned() else {
+        return Ok(());
+    };
+    let mut r = src.reader(true).map_err(|e| format!("{e:#}"))?;
+    let mut buf = vec![0u8; 4 << 20];
+    while let Some(p) = r.next_into(&mut buf).map_err(|_| {
+        format!(
+            "{} does not describe it: bytes {off}..{} differ from its first range's checksum",
+            bmap.display(),
+            off + len
+        )
+    })? {
+        if p.last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// `IMAGE.layout.json`, forge's layout manifest, beside the image.
+pub fn manifest_path(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".layout.json");
+    PathBuf::from(s)
+}
+
+/// The manifest beside the image, if any, names the same size and disk id.
+fn manifest_matches(src: &Source, head: &[u8], ss: u64) -> Result<(), String> {
+    let path = manifest_path(&src.path);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let m: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a layout manifest: {e}", path.display()))?;
+    let other = |what: String| {
+        format!(
+            "{} describes another image ({what}); remove it or rebuild the image",
+            path.display()
+        )
+    };
+    if let Some(size) = m["size"].as_u64() {
+        if size != src.size {
+            return Err(other(format!("{size} bytes, this one is {}", src.size)));
+        }
+    }
+    let id = if head.get(ss as usize..ss as usize + 8) == Some(b"EFI PART".as_slice()) {
+        let mut g = [0u8; 16];
+        g.copy_from_slice(&head[ss as usize + 56..ss as usize + 72]);
+        formats::seed::format_uuid(&formats::gpt::from_disk(&g))
+    } else {
+        format!(
+            "{:08x}",
+            u32::from_le_bytes([head[440], head[441], head[442], head[443]])
+        )
+    };
+    if let Some(want) = m["disk_id"].as_str() {
+        if !want.eq_ignore_ascii_case(&id) {
+            return Err(other(format!("disk id {want}, this one is {id}")));
+        }
+    }
+    if let Some(want) = m["head_sha256"].as_str() {
+        let got = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(head));
+        if want != got {
+            return Err(other(format!(
+                "first MiB sha256 {want}, this one's is {got}"
+            )));
+        }
+    }
+    Ok(())
+}
