@@ -124,7 +124,7 @@ fn zst_with_its_bmap_and_a_bmaptool_bmap() {
     let backing = d.path().join("disk");
     stale_file(&backing, len(&raw));
     let lo = Loop::attach(&backing, &[]);
-    // nixos.img.bmap beside nixos.img.zst is found by itself.
+    // nixos.img.zst.bmap beside nixos.img.zst is found by itself.
     let out = ok(flash()
         .arg(&zst)
         .arg(&lo.dev)

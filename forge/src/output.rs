@@ -1,47 +1,128 @@
-//! All-or-nothing output files: written to a temporary file beside the
-//! target and renamed into place only when complete, so a failure leaves
-//! nothing behind.
+//! All-or-nothing output files. Each is written to an unnamed file in the
+//! target's directory (O_TMPFILE), which no signal or crash can leave
+//! behind, and is given its name only when complete. An image and its
+//! sidecars (bmap, layout manifest) are committed together by
+//! [`commit_together`]: under a lock on their directory, so concurrent
+//! runs on one output cannot interleave, stale sidecars go first, then
+//! the image takes its name, then each sidecar. Readers (flash, inspect)
+//! check that a sidecar names its image (size, disk id, first MiB).
+//!
+//! Where the filesystem has no O_TMPFILE, a named `.NAME.PID.XXXXXX.tmp`
+//! is used instead; later runs remove those whose process is gone.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
 use std::fs::File;
-
-use crate::image::out::{Hashes, ImageOut};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::image::out::{Hashes, ImageOut};
+
 pub struct AtomicOutput {
-    tmp: tempfile::NamedTempFile,
+    file: File,
+    /// None: an unnamed (O_TMPFILE) file; else its temporary name.
+    named: Option<tempfile::TempPath>,
     target: PathBuf,
+    dir: PathBuf,
+}
+
+fn dir_of(target: &Path) -> &Path {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `.NAME.` — the prefix of every temporary name for `target`.
+fn temp_prefix(target: &Path) -> Result<String> {
+    let name = target
+        .file_name()
+        .with_context(|| format!("{}: not a file name", target.display()))?;
+    Ok(format!(".{}.", name.to_string_lossy()))
+}
+
+/// Remove `.NAME.PID.XXXXXX.tmp` files of `target` whose process is gone
+/// (left by a run killed where O_TMPFILE was not available).
+fn remove_stale(target: &Path) -> Result<()> {
+    let prefix = temp_prefix(target)?;
+    let Ok(entries) = std::fs::read_dir(dir_of(target)) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&prefix).and_then(|r| r.strip_suffix(".tmp")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
 }
 
 impl AtomicOutput {
     pub fn create(target: &Path) -> Result<Self> {
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
+        let dir = dir_of(target);
+        temp_prefix(target)?;
+        if target.is_dir() {
+            bail!("{}: is a directory", target.display());
+        }
+        remove_stale(target)?;
+        // Created 0666 less the umask, as any other output file.
+        let unnamed = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o666)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir);
+        let (file, named) = match unnamed {
+            Ok(f) => (f, None),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)
+                ) && dir.is_dir() =>
+            {
+                let t = tempfile::Builder::new()
+                    .prefix(&format!("{}{}.", temp_prefix(target)?, std::process::id()))
+                    .suffix(".tmp")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                    .tempfile_in(dir)
+                    .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+                let (f, p) = t.into_parts();
+                (f, Some(p))
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", target.display()));
+            }
         };
-        let name = target
-            .file_name()
-            .with_context(|| format!("{}: not a file name", target.display()))?;
-        // Created 0666 less the umask, as any other output file (the
-        // temporary file's default, 0600, would follow it into place).
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{}.", name.to_string_lossy()))
-            .suffix(".tmp")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-            .tempfile_in(dir)
-            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
         Ok(AtomicOutput {
-            tmp,
+            file,
+            named,
             target: target.to_owned(),
+            dir: dir.to_owned(),
         })
     }
 
     pub fn file(&mut self) -> &mut File {
-        self.tmp.as_file_mut()
+        &mut self.file
     }
 
-    pub fn temp_path(&self) -> &Path {
-        self.tmp.path()
+    /// A path that opens the file being written (to reopen it with other
+    /// flags): its temporary name, or its /proc/self/fd entry.
+    pub fn temp_path(&self) -> PathBuf {
+        match &self.named {
+            Some(p) => p.to_path_buf(),
+            None => PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd())),
+        }
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
     }
 
     /// Fill the file with one filesystem of `size` bytes that writes
@@ -53,10 +134,9 @@ impl AtomicOutput {
         map: Vec<(u64, u64)>,
         write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
     ) -> Result<()> {
-        let tmp = self.tmp.path().to_owned();
-        let what = || format!("writing {}", tmp.display());
+        let what = || format!("writing {}", self.target.display());
         let raw = crate::container::Kind::Raw
-            .open(self.tmp.as_file(), &tmp, 0)
+            .open(&self.file, &self.temp_path(), 0)
             .with_context(what)?;
         let mut w = ImageOut::new(raw, Hashes::default()).with_context(what)?;
         w.begin(size, map).with_context(what)?;
@@ -65,15 +145,127 @@ impl AtomicOutput {
         Ok(())
     }
 
-    /// Flush to disk and move into place.
+    /// Flush to disk and give the file its name (replacing what had it).
     pub fn commit(self) -> Result<()> {
-        self.tmp
-            .as_file()
+        let _lock = lock_dir(&self.dir)?;
+        self.commit_locked()
+    }
+
+    fn commit_locked(self) -> Result<()> {
+        let target = self.target.clone();
+        self.file
             .sync_all()
-            .with_context(|| format!("syncing {}", self.tmp.path().display()))?;
-        self.tmp
-            .persist(&self.target)
-            .with_context(|| format!("renaming into {}", self.target.display()))?;
+            .with_context(|| format!("syncing {}", target.display()))?;
+        let named = match self.named {
+            Some(p) => p,
+            None => {
+                // Link the unnamed file under a temporary name, then
+                // rename that over the target (linkat cannot replace).
+                let tmp = tempfile::Builder::new()
+                    .prefix(&format!("{}{}.", temp_prefix(&target)?, std::process::id()))
+                    .suffix(".tmp")
+                    .make_in(&self.dir, |p| {
+                        nix::unistd::linkat(
+                            nix::fcntl::AT_FDCWD,
+                            Path::new(&format!("/proc/self/fd/{}", self.file.as_raw_fd())),
+                            nix::fcntl::AT_FDCWD,
+                            p,
+                            nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                        )
+                        .map_err(std::io::Error::from)
+                    })
+                    .with_context(|| format!("naming {}", target.display()))?;
+                tmp.into_temp_path()
+            }
+        };
+        named
+            .persist(&target)
+            .with_context(|| format!("renaming into {}", target.display()))?;
         Ok(())
+    }
+}
+
+/// An exclusive lock on `dir`, held while the value lives: commits into
+/// one directory happen one at a time.
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}", dir.display()))
+}
+
+/// Commit an image and its sidecars as one unit (see the module doc):
+/// under the directory's lock, remove the sidecars' old files, rename the
+/// image into place, then each sidecar in order.
+pub fn commit_together(image: AtomicOutput, sidecars: Vec<AtomicOutput>) -> Result<()> {
+    let _lock = lock_dir(&image.dir)?;
+    for s in &sidecars {
+        match std::fs::remove_file(&s.target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing the old {}", s.target.display()))
+            }
+        }
+    }
+    image.commit_locked()?;
+    for s in sidecars {
+        s.commit_locked()?;
+    }
+    Ok(())
+}
+
+/// `NAME` + `suffix`, beside `path`.
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s: OsString = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn stale_named_temporaries_of_dead_runs_are_removed_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("x.img");
+        let dead = d.path().join(".x.img.4194999.abc123.tmp");
+        let live = d
+            .path()
+            .join(format!(".x.img.{}.def456.tmp", std::process::id()));
+        let other = d.path().join(".y.img.4194999.abc123.tmp");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        let mut out = AtomicOutput::create(&target).unwrap();
+        assert!(!dead.exists(), "a dead run's temporary is removed");
+        assert!(live.exists() && other.exists());
+        out.file().write_all(b"whole").unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"whole");
+        let mut names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                format!(".x.img.{}.def456.tmp", std::process::id()),
+                ".y.img.4194999.abc123.tmp".into(),
+                "x.img".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn an_uncommitted_output_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let mut out = AtomicOutput::create(&d.path().join("x.img")).unwrap();
+        out.file().write_all(b"half").unwrap();
+        drop(out);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }

@@ -115,6 +115,15 @@ pub fn run(a: ImageArgs) -> Result<()> {
     };
     image::container_for(&opts.output)?;
     check_output_dir(&opts.output)?;
+    for p in [
+        &opts.output,
+        &image::bmap_path_for(&opts.output),
+        &image::manifest_path_for(&opts.output),
+    ] {
+        if p.is_dir() {
+            anyhow::bail!("{}: is a directory", p.display());
+        }
+    }
     let report = image::build(&opts, &super::Stages::new())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

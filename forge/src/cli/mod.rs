@@ -46,16 +46,27 @@ pub fn sector_size(s: &str) -> Result<u32, String> {
 }
 
 /// Stage lines on stderr, one per stage, with the time since the start.
-pub struct Stages(std::time::Instant);
+/// Tests only: `NIXFORGE_FORGE_PAUSE=TEXT` holds the run at the first
+/// stage whose line contains TEXT (to interrupt it at a known moment).
+pub struct Stages(std::time::Instant, Option<String>);
 
 impl Stages {
     pub fn new() -> Stages {
-        Stages(std::time::Instant::now())
+        Stages(
+            std::time::Instant::now(),
+            std::env::var("NIXFORGE_FORGE_PAUSE").ok(),
+        )
     }
 }
 
 impl forge::Progress for Stages {
     fn stage(&self, what: &str) {
         eprintln!("forge: [{:6.2}s] {what}", self.0.elapsed().as_secs_f64());
+        if self.1.as_deref().is_some_and(|p| what.contains(p)) {
+            eprintln!("forge: paused");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+        }
     }
 }

@@ -268,23 +268,26 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
 
     let bmap_path = bmap_path_for(&o.output);
     let manifest_path = manifest_path_for(&o.output);
+    // All three are created (unnamed) before any work is written.
     let mut out = AtomicOutput::create(&o.output)?;
-    let tmp = out.temp_path().to_owned();
+    let mut bout = AtomicOutput::create(&bmap_path)?;
+    let mut mout = AtomicOutput::create(&manifest_path)?;
+    let tmp = out.temp_path();
     let hashes = out::Hashes {
         bmap: true,
         partitions: o.hash_partitions,
     };
     let container = kind
         .open(out.file(), &tmp, o.zstd_level)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    let mut w =
-        ImageOut::new(container, hashes).with_context(|| format!("writing {}", tmp.display()))?;
+        .with_context(|| format!("writing {}", o.output.display()))?;
+    let mut w = ImageOut::new(container, hashes)
+        .with_context(|| format!("writing {}", o.output.display()))?;
     placed
         .write(&mut w, &mut |s| progress.stage(s))
         .with_context(what)?;
     let tapped = w
         .finish()
-        .with_context(|| format!("writing {}", tmp.display()))?;
+        .with_context(|| format!("writing {}", o.output.display()))?;
     if kind.compressed() {
         progress.stage(&format!("compressed (zstd level {})", o.zstd_level));
     }
@@ -302,18 +305,14 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
         .sum();
-    let mut bout = AtomicOutput::create(&bmap_path)?;
     bout.file()
         .write_all(bmap_text.as_bytes())
         .with_context(|| format!("writing {}", bmap_path.display()))?;
-    let mut mout = AtomicOutput::create(&manifest_path)?;
     let manifest = serde_json::to_vec_pretty(&disk).context("rendering the layout manifest")?;
     mout.file()
         .write_all(&manifest)
         .with_context(|| format!("writing {}", manifest_path.display()))?;
-    out.commit()?;
-    bout.commit()?;
-    mout.commit()?;
+    crate::output::commit_together(out, vec![bout, mout])?;
     progress.stage(&format!(
         "done: {} ({} bytes raw, {mapped_bytes} mapped), {} and {}",
         o.output.display(),
@@ -335,18 +334,17 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
 }
 
 /// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.bmap`.
+/// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.zst.bmap`
+/// (so `x.img` and `x.img.zst` never replace each other's; bmaptool and
+/// flash look for IMAGE.bmap first).
 pub fn bmap_path_for(out: &Path) -> PathBuf {
-    let s = out.to_string_lossy();
-    let base = s.strip_suffix(".zst").unwrap_or(&s);
-    PathBuf::from(format!("{base}.bmap"))
+    crate::output::with_suffix(out, ".bmap")
 }
 
 /// `disk.img` → `disk.img.layout.json`; `nixos.img.zst` →
-/// `nixos.img.zst.layout.json` (so the two never replace each other's).
+/// `nixos.img.zst.layout.json`.
 pub fn manifest_path_for(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".layout.json");
-    PathBuf::from(s)
+    crate::output::with_suffix(out, ".layout.json")
 }
 
 /// The bmap lists what was written; the layout says what must be mapped.

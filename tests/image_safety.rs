@@ -1,0 +1,140 @@
+//! forge's outputs under wrong input and interruption (issue 12): an
+//! image and its sidecars appear whole or not at all, never replace
+//! another image's, and leave nothing behind on any signal.
+
+use nixforge_tests::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn raw_efi(out: &Path, seed: &str) -> Command {
+    let mut c = forge_image_of(&system("x86_64"));
+    c.args(["--format", "raw-efi", "--seed", seed, "-o"])
+        .arg(out);
+    c
+}
+
+fn sidecar(img: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", img.display()))
+}
+
+/// The bmap and the manifest beside `img` are its own: bmaptool copies it
+/// with the bmap's checksums, and the manifest names its disk id and size.
+fn sidecars_match(img: &Path) {
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("copy");
+    ok(Command::new("bmaptool")
+        .args(["-q", "copy", "--bmap"])
+        .arg(sidecar(img, ".bmap"))
+        .arg(img)
+        .arg(&t));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sidecar(img, ".layout.json")).unwrap()).unwrap();
+    let i: serde_json::Value =
+        serde_json::from_str(&ok(forge().arg("inspect").arg(img).arg("--json"))).unwrap();
+    assert_eq!(m["disk_id"], i["disk_id"]);
+    assert_eq!(m["size"], i["size"]);
+    assert_eq!(m["head_sha256"], i["head_sha256"]);
+}
+
+#[test]
+fn zst_output_never_replaces_the_bmap_of_a_raw_image_beside_it() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    ok(&mut raw_efi(&img, "one"));
+    let before = sha256_file(&sidecar(&img, ".bmap"));
+    let zst = d.path().join("x.img.zst");
+    ok(&mut raw_efi(&zst, "two"));
+    assert_eq!(sha256_file(&sidecar(&img, ".bmap")), before);
+    assert!(sidecar(&zst, ".bmap").is_file());
+    sidecars_match(&img);
+    assert_eq!(
+        dir_entries(d.path()),
+        [
+            "x.img",
+            "x.img.bmap",
+            "x.img.layout.json",
+            "x.img.zst",
+            "x.img.zst.bmap",
+            "x.img.zst.layout.json"
+        ]
+    );
+}
+
+#[test]
+fn killed_or_interrupted_forge_image_leaves_no_temporary_file() {
+    for signal in ["KILL", "INT", "TERM"] {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("x.img");
+        let mut child = raw_efi(&img, "one")
+            .env("NIXFORGE_FORGE_PAUSE", "wrote the ESP")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = Vec::new();
+        for line in err.lines().map_while(Result::ok) {
+            let paused = line.contains("forge: paused");
+            seen.push(line);
+            if paused {
+                break;
+            }
+        }
+        assert!(
+            seen.last().is_some_and(|l| l.contains("paused")),
+            "{seen:?}"
+        );
+        ok(Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string()));
+        child.wait().unwrap();
+        assert_eq!(
+            dir_entries(d.path()),
+            Vec::<String>::new(),
+            "SIG{signal} mid-write left files"
+        );
+    }
+}
+
+#[test]
+fn bmap_path_that_is_a_directory_leaves_no_image() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    std::fs::create_dir(sidecar(&img, ".bmap")).unwrap();
+    let e = fails(&mut raw_efi(&img, "one"));
+    assert!(the_error(&e).contains("x.img.bmap: is a directory"), "{e}");
+    assert_eq!(dir_entries(d.path()), ["x.img.bmap"]);
+}
+
+#[test]
+fn output_naming_a_directory_is_refused_before_building_with_one_cause() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    std::fs::create_dir(&img).unwrap();
+    let e = fails(&mut raw_efi(&img, "one"));
+    let line = the_error(&e);
+    assert_eq!(line, format!("error: {}: is a directory", img.display()));
+    assert!(!e.contains("closure:"), "failed only after work began: {e}");
+}
+
+#[test]
+fn two_runs_to_the_same_output_leave_a_matching_image_bmap_and_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    for round in 0..3 {
+        let mut a = raw_efi(&img, &format!("a{round}"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut b = raw_efi(&img, &format!("b{round}"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+        sidecars_match(&img);
+        assert_eq!(
+            dir_entries(d.path()),
+            ["x.img", "x.img.bmap", "x.img.layout.json"]
+        );
+    }
+}
