@@ -138,3 +138,86 @@ fn two_runs_to_the_same_output_leave_a_matching_image_bmap_and_manifest() {
         );
     }
 }
+
+// ---- forge inspect reads what flash reads, and says what is wrong ----
+
+fn inspect_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(forge().arg("inspect").arg(p).arg("--json"))).unwrap()
+}
+
+#[test]
+fn inspect_reads_block_devices_and_zst_images_like_the_raw_image() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    ok(&mut raw_efi(&img, "one"));
+    let zst = d.path().join("x.img.zst");
+    ok(&mut raw_efi(&zst, "one"));
+    let want = inspect_json(&img);
+    assert_eq!(want["table"], "gpt");
+    assert_eq!(want["partitions"].as_array().unwrap().len(), 3);
+    let lo = Loop::attach(&img, &["-r"]);
+    for (what, got) in [
+        ("block device", inspect_json(Path::new(&lo.dev))),
+        ("zst", inspect_json(&zst)),
+    ] {
+        for k in [
+            "table",
+            "sector_size",
+            "disk_id",
+            "size",
+            "partitions",
+            "head_sha256",
+        ] {
+            assert_eq!(got[k], want[k], "{what}: {k}");
+        }
+    }
+}
+
+#[test]
+fn inspect_of_something_that_is_not_an_image_fails_saying_so() {
+    let d = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("empty", Vec::new()),
+        ("text", b"hello, not a disk\n".to_vec()),
+        (
+            "random",
+            (0..70_000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = fails(forge().arg("inspect").arg(&p));
+        let line = the_error(&e);
+        assert_eq!(
+            line,
+            format!(
+                "error: {}: no partition table (not a disk image)",
+                p.display()
+            )
+        );
+    }
+}
+
+#[test]
+fn inspect_of_a_truncated_image_warns() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    ok(&mut raw_efi(&img, "one"));
+    ok(Command::new("truncate").args(["-s", "-1M"]).arg(&img));
+    let out = ok(forge().arg("inspect").arg(&img));
+    assert!(
+        out.contains("warning: the image is")
+            && out.contains("reaches byte")
+            && out.contains("truncated?"),
+        "{out}"
+    );
+    // Its manifest (of the whole image) no longer matches either.
+    assert!(
+        out.contains("x.img.layout.json describes another image"),
+        "{out}"
+    );
+}

@@ -9,7 +9,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::source::Source;
-use formats::gpt::{Gpt, Header};
 use formats::zstd_frames;
 
 /// The source cannot be written as it is (exit code 2, like a refused
@@ -26,20 +25,6 @@ pub struct Unfit {
 pub struct Examined {
     /// The sector size the image's table is for (None: `--raw`, no table).
     pub sector: Option<u32>,
-}
-
-/// The sector size an image's partition table was written for, if any.
-pub fn image_sector_size(head: &[u8]) -> Option<u32> {
-    for ss in [512usize, 4096] {
-        if head.get(ss..ss + 8) == Some(b"EFI PART".as_slice()) {
-            return Some(ss as u32);
-        }
-    }
-    if head.len() >= 512 && head[510..512] == [0x55, 0xAA] && head[446..510].iter().any(|&b| b != 0)
-    {
-        return Some(512); // MBR
-    }
-    None
 }
 
 /// Formats that are not raw disk images, by their magic numbers.
@@ -88,8 +73,9 @@ pub fn examine(src: &Source, raw: bool) -> Result<Examined, Unfit> {
             return Err(unfit(what.into()));
         }
     }
-    let sector = image_sector_size(head);
-    let Some(ss) = sector else {
+    let found =
+        formats::table::probe(head).map_err(|e| unfit(format!("its partition table: {e}")))?;
+    let Some(found) = found else {
         if raw {
             return Ok(Examined { sector: None });
         }
@@ -97,68 +83,22 @@ pub fn examine(src: &Source, raw: bool) -> Result<Examined, Unfit> {
             "no partition table: not a disk image (pass --raw to write its bytes anyway)".into(),
         ));
     };
+    let ss = found.sector_size();
     if !src.size.is_multiple_of(512) {
         return Err(unfit(format!(
             "{} bytes is not a whole number of 512-byte sectors",
             src.size
         )));
     }
-    if let Some((need, what)) = table_extent(head, ss as u64).map_err(unfit)? {
-        if need > src.size {
-            return Err(unfit(format!(
-                "{} bytes, but its partition table reaches byte {need} ({what}): truncated, or not the whole image",
-                src.size
-            )));
-        }
+    if found.reach > src.size {
+        return Err(unfit(format!(
+            "{} bytes, but its partition table reaches byte {} ({}): truncated, or not the whole image",
+            src.size, found.reach, found.what
+        )));
     }
     first_range_matches(src).map_err(unfit)?;
     manifest_matches(src, head, ss as u64).map_err(unfit)?;
-    Ok(Examined { sector })
-}
-
-/// How far the table says the image reaches, and what reaches that far.
-fn table_extent(head: &[u8], ss: u64) -> Result<Option<(u64, String)>, String> {
-    let end = |lba: u64| lba.checked_add(1).and_then(|n| n.checked_mul(ss));
-    if head.get(ss as usize..ss as usize + 8) == Some(b"EFI PART".as_slice()) {
-        let h = Header::parse(&head[ss as usize..2 * ss as usize], ss)
-            .map_err(|e| format!("its primary {e}"))?
-            .ok_or("no GPT header")?;
-        let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
-            o.checked_add(n as u64)
-                .and_then(|e| head.get(o as usize..e as usize))
-                .map(<[u8]>::to_vec)
-                .ok_or_else(|| std::io::Error::other("the entry array is not in the first MiB"))
-        };
-        let g = Gpt::parse(&mut read, ss, u64::MAX)
-            .map_err(|e| format!("its primary {e}"))?
-            .ok_or("no GPT header")?;
-        let mut far = (
-            end(h.alternate_lba).ok_or("a backup GPT header past any disk")?,
-            "the backup GPT header".to_string(),
-        );
-        for (i, p) in g.partitions.iter().enumerate() {
-            let e = end(p.last_lba).ok_or_else(|| format!("partition {} past any disk", i + 1))?;
-            if e > far.0 {
-                far = (e, format!("partition {}", i + 1));
-            }
-        }
-        return Ok(Some(far));
-    }
-    // MBR: the four primary entries (a protective 0xEE says nothing).
-    let mut far: Option<(u64, String)> = None;
-    for i in 0..4 {
-        let e = &head[446 + 16 * i..462 + 16 * i];
-        if e[4] == 0 || e[4] == 0xEE {
-            continue;
-        }
-        let start = u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as u64;
-        let count = u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as u64;
-        let reach = (start + count) * 512;
-        if far.as_ref().is_none_or(|f| reach > f.0) {
-            far = Some((reach, format!("partition {}", i + 1)));
-        }
-    }
-    Ok(far)
+    Ok(Examined { sector: Some(ss) })
 }
 
 /// A bmap of another image of the same size is caught by its first

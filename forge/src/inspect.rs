@@ -1,8 +1,10 @@
-//! `forge inspect`: read any raw disk image back — partition table,
-//! partitions, filesystem types, labels and UUIDs — and, for our images,
-//! the boot entries (systemd-boot on an ESP, extlinux on an ext4 root).
+//! `forge inspect`: read any disk image (raw, zstd, or a block device)
+//! back — partition table, partitions, filesystem types, labels and UUIDs
+//! — and, for our images, the boot entries (systemd-boot on an ESP,
+//! extlinux on an ext4 root). What does not add up (an image shorter than
+//! its table, a layout manifest of another image beside it) is a warning.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -16,6 +18,9 @@ use formats::{fat, gpt, seed};
 #[derive(Serialize)]
 pub struct Report {
     pub image: String,
+    /// What is wrong with the image (e.g. shorter than its table says).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     #[serde(flatten)]
     pub disk: Disk,
 }
@@ -42,18 +47,65 @@ fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     Ok(b)
 }
 
+/// The image's bytes: a raw image or block device as it is; a zstd image
+/// decompressed into an unnamed sparse temporary file. And its size.
+fn open_image(path: &Path) -> std::io::Result<(File, u64)> {
+    let mut f = File::open(path)?;
+    let size = f.seek(SeekFrom::End(0))?; // block devices have no length
+    let mut magic = [0u8; 4];
+    f.seek(SeekFrom::Start(0))?;
+    if size < 4 || f.read_exact(&mut magic).is_err() || magic != [0x28, 0xB5, 0x2F, 0xFD] {
+        return Ok((f, size));
+    }
+    f.seek(SeekFrom::Start(0))?;
+    let mut d = zstd::stream::read::Decoder::new(f)?;
+    let mut out = tempfile::tempfile()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match d.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            std::io::Write::write_all(&mut out, &buf[..n])?;
+        }
+        total += n as u64;
+    }
+    out.set_len(total)?;
+    Ok((out, total))
+}
+
 pub fn inspect(path: &Path) -> Result<Report> {
-    let mut f = File::open(path).with_context(|| path.display().to_string())?;
-    let size = f.metadata()?.len();
     let what = || path.display().to_string();
+    let (mut f, size) = open_image(path).with_context(what)?;
+    let first = read_at(&mut f, 0, size.min(crate::layout::ALIGN) as usize).with_context(what)?;
+    let found = formats::table::probe(&first)
+        .with_context(|| format!("{}: its partition table", path.display()))?;
+    let Some(found) = found else {
+        bail!("{}: no partition table (not a disk image)", path.display());
+    };
+    let mut warnings = Vec::new();
+    if found.reach > size {
+        warnings.push(format!(
+            "the image is {size} bytes, but its partition table reaches byte {} ({}): truncated?",
+            found.reach, found.what
+        ));
+    }
     let mut table = "none";
     let mut sector = 512;
     let mut disk_id = String::new();
     let mut parts = Vec::new();
-    for ss in [512u64, 4096] {
-        if size < ss * 2 {
-            continue;
-        }
+    if let formats::table::Kind::Gpt(ss) = found.kind {
+        let ss = ss as u64;
         let mut r = |o: u64, n: usize| read_at(&mut f, o, n);
         if let Some(g) = gpt::Gpt::parse(&mut r, ss, size).with_context(what)? {
             table = "gpt";
@@ -61,6 +113,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             disk_id = seed::format_uuid(&g.disk_guid);
             for (i, p) in g.partitions.iter().enumerate() {
                 let t = seed::format_uuid(&p.type_guid);
+                // probe() checked that every range is valid and fits u64.
                 parts.push(Part {
                     number: i as u32 + 1,
                     role: None,
@@ -77,7 +130,6 @@ pub fn inspect(path: &Path) -> Result<Report> {
                     boot_entries: Vec::new(),
                 });
             }
-            break;
         }
     }
     if table == "none" && size >= 512 {
@@ -119,8 +171,8 @@ pub fn inspect(path: &Path) -> Result<Report> {
     for p in &mut parts {
         p.filesystem = filesystem(&mut f, p.offset).ok().flatten();
         p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
-            Some("vfat") => systemd_boot_entries(path, p.offset).unwrap_or_default(),
-            Some("ext4") => extlinux_entries(path, p.offset).unwrap_or_default(),
+            Some("vfat") => systemd_boot_entries(&f, p.offset).unwrap_or_default(),
+            Some("ext4") => extlinux_entries(&f, p.offset).unwrap_or_default(),
             _ => Vec::new(),
         };
         if table == "mbr" {
@@ -132,10 +184,25 @@ pub fn inspect(path: &Path) -> Result<Report> {
         }
         p.role = role(p);
     }
-    let first = read_at(&mut f, 0, size.min(crate::layout::ALIGN) as usize).with_context(what)?;
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
+    let manifest = crate::image::manifest_path_for(path);
+    if let Ok(text) = std::fs::read_to_string(&manifest) {
+        let m: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let differs = m["size"].as_u64() != Some(size)
+            || m["disk_id"].as_str() != Some(disk_id.as_str())
+            || m["head_sha256"]
+                .as_str()
+                .is_some_and(|h| Some(h) != head_sha256.as_deref());
+        if differs {
+            warnings.push(format!(
+                "{} describes another image (size, disk id or first MiB differ)",
+                manifest.display()
+            ));
+        }
+    }
     Ok(Report {
         image: path.display().to_string(),
+        warnings,
         disk: Disk {
             version: MANIFEST_VERSION,
             table: table.into(),
@@ -194,8 +261,8 @@ fn parse_conf(loader: &str, file: String, text: &str) -> BootEntry {
     }
 }
 
-fn systemd_boot_entries(path: &Path, off: u64) -> std::io::Result<Vec<BootEntry>> {
-    let mut v = fat::read::Volume::open(File::open(path)?, off)?;
+fn systemd_boot_entries(f: &File, off: u64) -> std::io::Result<Vec<BootEntry>> {
+    let mut v = fat::read::Volume::open(f.try_clone()?, off)?;
     let mut out = Vec::new();
     if let Some(conf) = v.read("/loader/loader.conf")? {
         out.push(parse_conf(
@@ -238,9 +305,9 @@ impl ext4_view::Ext4Read for Region {
     }
 }
 
-fn extlinux_entries(path: &Path, off: u64) -> Result<Vec<BootEntry>> {
+fn extlinux_entries(f: &File, off: u64) -> Result<Vec<BootEntry>> {
     let fs = ext4_view::Ext4::load(Box::new(Region {
-        f: File::open(path)?,
+        f: f.try_clone()?,
         off,
     }))?;
     let conf = "/boot/extlinux/extlinux.conf";
@@ -260,6 +327,9 @@ pub fn render(r: &Report) -> String {
         "{}: {} bytes, {} table, {}-byte sectors, disk {}\n",
         r.image, r.disk.size, r.disk.table, r.disk.sector_size, r.disk.disk_id
     );
+    for w in &r.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
     for p in &r.disk.partitions {
         let fs = p
             .filesystem

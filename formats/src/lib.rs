@@ -8,6 +8,7 @@
 pub mod bmap;
 pub mod ext4;
 pub mod fat;
+pub mod fuzz;
 pub mod gpt;
 pub mod identity;
 pub mod mbr;
@@ -17,6 +18,7 @@ pub mod ranges;
 pub mod seed;
 pub mod sink;
 pub mod sys;
+pub mod table;
 pub mod time;
 pub mod tree;
 pub mod zstd_frames;

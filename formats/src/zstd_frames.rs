@@ -222,24 +222,14 @@ mod tests {
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic() {
-        // A small deterministic generator: mutated real frames and noise.
-        let base = zstd::encode_all(&data(50_000)[..], 3).unwrap();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for _ in 0..2000 {
+    fn arbitrary_and_mutated_bytes_never_panic() {
+        let base = zstd::bulk::compress(&data(50_000), 3).unwrap();
+        crate::fuzz::run("zstd_frames::walk", 3000, |r| {
             let mut b = base.clone();
-            for _ in 0..(next() % 8) {
-                let i = (next() as usize) % b.len();
-                b[i] = next() as u8;
-            }
-            b.truncate((next() as usize) % (b.len() + 1));
+            r.mutate(&mut b, 8);
             let _ = walk_bytes(&b);
-        }
+            let n = r.below(64);
+            let _ = walk_bytes(&r.bytes(n));
+        });
     }
 }
