@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build test test-unit test-boots test-flash demo bench bench-scaling lint clean
+.PHONY: all deps fixtures build test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
 
 all: build
 
@@ -38,6 +38,13 @@ test-boots: deps fixtures build
 # flash on loop devices (root).
 test-flash: deps fixtures build
 	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests --test flash -- --test-threads=2
+
+# The parsers' property tests (tables, bmap, zstd frames, registration,
+# bootspec; every test named *never_panic) for FUZZ_SECS each, on a fresh
+# seed (printed). `make test` runs them briefly with a fixed seed.
+FUZZ_SECS ?= 120
+fuzz:
+	NIXFORGE_FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --workspace --lib never_panic -- --nocapture --test-threads=2
 
 demo: deps fixtures build
 	scripts/demo.sh $(FIX) $(BUILD)/demo

@@ -160,8 +160,10 @@ impl Bmap {
         self.ranges
             .iter()
             .map(|&(a, b, _)| {
+                // parse() made sure both ends lie within the image.
                 let s = a * self.block_size;
-                (s, ((b + 1) * self.block_size).min(self.image_size) - s)
+                let e = b.saturating_add(1).saturating_mul(self.block_size);
+                (s, e.min(self.image_size) - s)
             })
             .collect()
     }
@@ -206,7 +208,7 @@ pub fn parse(text: &str) -> Result<Bmap, String> {
     while let Some(i) = rest.find("<Range") {
         let r = &rest[i..];
         let close = r.find("</Range>").ok_or("unterminated <Range>")?;
-        let gt = r.find('>').ok_or("malformed <Range>")?;
+        let gt = r[..close].find('>').ok_or("malformed <Range>")?;
         let attrs = &r[..gt];
         let chksum = ["chksum=\"", "sha1=\""].iter().find_map(|k| {
             let s = attrs.find(k)? + k.len();
@@ -219,7 +221,10 @@ pub fn parse(text: &str) -> Result<Bmap, String> {
         };
         let a: u64 = a.parse().map_err(|_| format!("bad range {span:?}"))?;
         let b: u64 = b.parse().map_err(|_| format!("bad range {span:?}"))?;
-        if b < a || a * block_size >= image_size.max(1) {
+        if b < a
+            || a.checked_mul(block_size)
+                .is_none_or(|s| s >= image_size.max(1))
+        {
             return Err(format!(
                 "range {span} lies outside the {image_size}-byte image"
             ));
@@ -237,6 +242,38 @@ pub fn parse(text: &str) -> Result<Bmap, String> {
 #[cfg(test)]
 mod parse_tests {
     use super::*;
+
+    #[test]
+    fn arbitrary_and_mutated_bmaps_never_panic() {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, &[3u8; 5 * 4096]).unwrap();
+        let good = create(&f, 5 * 4096, &[(0, 4096), (3 * 4096, 2 * 4096)]).unwrap();
+        let pieces = [
+            "<Range",
+            "</Range>",
+            ">",
+            "-",
+            "\"",
+            "chksum=\"",
+            "<ImageSize>",
+            "</ImageSize>",
+            "<BlockSize>",
+            "</BlockSize>",
+            "18446744073709551615",
+            "0",
+            "4096",
+        ];
+        crate::fuzz::run("bmap::parse", 3000, |r| {
+            let mut b = good.clone().into_bytes();
+            r.mutate(&mut b, 6);
+            let _ = parse(&String::from_utf8_lossy(&b)).map(|m| m.byte_ranges());
+            // Text built from the grammar's own pieces.
+            let t: String = (0..r.below(40))
+                .map(|_| pieces[r.below(pieces.len())])
+                .collect();
+            let _ = parse(&t).map(|m| m.byte_ranges());
+        });
+    }
 
     #[test]
     fn parses_what_create_writes_and_catches_tampering() {

@@ -249,6 +249,44 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_and_mutated_documents_never_panic() {
+        let mut base = doc(good());
+        base[SPECIALISATION_V1] = serde_json::json!({ "debug": doc(good()) });
+        let text = serde_json::to_string(&base).unwrap();
+        formats::fuzz::run("bootspec::parse_document", 3000, |r| {
+            let mut b = text.clone().into_bytes();
+            r.mutate(&mut b, 4);
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                let _ = parse_document(Path::new("boot.json"), &v, "");
+            }
+            // Valid JSON with fields of the wrong kinds.
+            let mut v = base.clone();
+            let wrong = [
+                serde_json::json!(null),
+                serde_json::json!(7),
+                serde_json::json!([]),
+                serde_json::json!({}),
+                serde_json::json!("x"),
+                serde_json::json!(["/nix/store"]),
+            ];
+            for k in [
+                "system",
+                "init",
+                "initrd",
+                "kernel",
+                "kernelParams",
+                "label",
+                "toplevel",
+            ] {
+                if r.below(3) == 0 {
+                    v[V1][k] = wrong[r.below(wrong.len())].clone();
+                }
+            }
+            let _ = parse_document(Path::new("boot.json"), &v, "");
+        });
+    }
+
+    #[test]
     fn parses_v1_with_specialisation() {
         let mut d = doc(good());
         d[SPECIALISATION_V1] = serde_json::json!({ "debug": doc(good()) });
