@@ -113,6 +113,7 @@ fn zst_with_its_bmap_and_a_bmaptool_bmap() {
     let fw = d.path().join("fw");
     std::fs::create_dir(&fw).unwrap();
     std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
+    std::fs::write(fw.join("u-boot-rpi4.bin"), b"u-boot").unwrap();
     let zst = d.path().join("nixos.img.zst");
     ok(forge_image_of(&sys)
         .args(["--format", "sd-aarch64", "--firmware"])

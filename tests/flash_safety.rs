@@ -159,6 +159,7 @@ fn mbr_image_over_a_gpt_disk_leaves_no_old_backup_gpt() {
     let fw = d.path().join("fw");
     std::fs::create_dir(&fw).unwrap();
     std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
+    std::fs::write(fw.join("u-boot-rpi4.bin"), b"u-boot").unwrap();
     let sd = d.path().join("sd.img");
     ok(forge_image_of(&system("aarch64"))
         .args(["--format", "sd-aarch64", "--firmware"])

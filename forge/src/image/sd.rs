@@ -89,6 +89,61 @@ fn firmware_tree(o: &Options, store: &Store) -> Result<Tree> {
     Ok(t)
 }
 
+/// The files a config.txt has the firmware start (`kernel=`), in order.
+fn kernels_named(config: &str) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for l in config.lines() {
+        let l = l.split('#').next().unwrap_or("").trim();
+        if let Some(k) = l.strip_prefix("kernel=").map(str::trim) {
+            if !k.is_empty() && !v.iter().any(|x| x == k) {
+                v.push(k.to_string());
+            }
+        }
+    }
+    v
+}
+
+/// The config.txt the firmware partition will hold, as text.
+fn config_text(o: &Options, store: &Store) -> Result<String> {
+    let from = |p: &Path| {
+        std::fs::read(p)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .with_context(|| p.display().to_string())
+    };
+    if let Some(c) = &o.config_txt {
+        return from(c);
+    }
+    for p in &o.firmware {
+        let phys = physical(store, p);
+        if phys.is_dir() && phys.join("config.txt").is_file() {
+            return from(&phys.join("config.txt"));
+        }
+        if phys.file_name().is_some_and(|n| n == "config.txt") {
+            return from(&phys);
+        }
+    }
+    Ok(DEFAULT_CONFIG_TXT.to_string())
+}
+
+/// The firmware must be given, and hold a file config.txt starts (else
+/// the Pi stops at its rainbow screen).
+fn check_firmware(o: &Options, store: &Store, fw: &Tree) -> Result<()> {
+    if o.firmware.is_empty() {
+        bail!("sd-aarch64 needs the Pi firmware and U-Boot: give --firmware (directories or files: start4.elf, fixup4.dat, … and u-boot-rpi4.bin for a Pi 4)");
+    }
+    let named = kernels_named(&config_text(o, store)?);
+    let Kind::Dir { children } = &fw.nodes[ROOT].kind else {
+        bail!("internal: the firmware tree has no root directory");
+    };
+    if !named.is_empty() && !named.iter().any(|k| children.contains_key(k.as_bytes())) {
+        bail!(
+            "config.txt starts {} (kernel=), but none of them is among the --firmware files",
+            named.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// U-Boot's `booti` needs an uncompressed arm64 `Image`.
 fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
     use std::io::Read;
@@ -120,6 +175,7 @@ pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
         check_arm64_image(&i.store.physical(&s.kernel), &s.kernel)?;
     }
     let fw = firmware_tree(i.o, i.store)?;
+    check_firmware(i.o, i.store, &fw)?;
     let mut root = trees::root_tree(i.store, i.c)?;
     trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout)?;
     Ok(vec![fw, root, Tree::new(0o755)])
