@@ -221,3 +221,28 @@ fn inspect_of_a_truncated_image_warns() {
         "{out}"
     );
 }
+
+#[test]
+fn forge_fat_refuses_two_names_that_differ_only_in_case() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"one").unwrap();
+    std::fs::write(src.join("A.TXT"), b"two").unwrap();
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let e = fails(
+        forge()
+            .arg("fat")
+            .arg(&src)
+            .arg("-o")
+            .arg(out.join("esp.img"))
+            .args(["--size", "64M"]),
+    );
+    let line = the_error(&e);
+    assert!(
+        line.contains("\"A.TXT\" and \"a.txt\" are one name on FAT (names are case-insensitive)"),
+        "{line}"
+    );
+    assert!(dir_entries(&out).is_empty());
+}

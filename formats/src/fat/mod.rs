@@ -49,6 +49,12 @@ pub enum FatError {
         "{path}: name is not valid on FAT (UTF-8, at most 255 characters, none of \"*/:<>?\\|)"
     )]
     BadName { path: PathBuf },
+    #[error("{path}: {first:?} and {second:?} are one name on FAT (names are case-insensitive)")]
+    CaseClash {
+        path: PathBuf,
+        first: String,
+        second: String,
+    },
     #[error("label {0:?}: FAT labels are at most 11 ASCII characters")]
     Label(String),
     #[error("writing the FAT volume at byte {offset}: {err}")]
@@ -169,12 +175,20 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, FatError> {
             unreachable!("queued directories only")
         };
         let mut taken = HashSet::new();
+        let mut folded: std::collections::HashMap<String, &str> = Default::default();
         let mut entries = Vec::new();
         for (name, &cid) in children {
             let path = || tree.path_of(cid);
             let name = std::str::from_utf8(name).map_err(|_| FatError::BadName { path: path() })?;
             if !names::valid_long(name) {
                 return Err(FatError::BadName { path: path() });
+            }
+            if let Some(first) = folded.insert(name.to_uppercase(), name) {
+                return Err(FatError::CaseClash {
+                    path: tree.path_of(id),
+                    first: first.into(),
+                    second: name.into(),
+                });
             }
             match &tree.nodes[cid].kind {
                 Kind::Dir { .. } | Kind::File { .. } => {}

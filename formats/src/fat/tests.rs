@@ -118,3 +118,34 @@ fn reader_reads_back_what_the_writer_wrote() {
         "lookups ignore case as FAT does"
     );
 }
+
+#[test]
+fn names_differing_only_in_case_are_refused() {
+    let mut t = Tree::new(0o755);
+    let d = t.mkdir_p(b"/EFI", 0o755).unwrap();
+    let file = || crate::tree::Node {
+        kind: Kind::File {
+            size: 1,
+            content: Content::Bytes(Arc::from(&b"x"[..])),
+        },
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    t.insert(d, b"a.txt", file()).unwrap();
+    t.insert(d, b"B.txt", file()).unwrap();
+    assert!(plan(&t, &opts(64 << 20)).is_ok());
+    t.insert(d, b"A.TXT", file()).unwrap();
+    match plan(&t, &opts(64 << 20)) {
+        Err(FatError::CaseClash {
+            path,
+            first,
+            second,
+        }) => {
+            assert_eq!(path, std::path::PathBuf::from("/EFI"));
+            assert_eq!((first.as_str(), second.as_str()), ("A.TXT", "a.txt"));
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a.txt and A.TXT were both planned"),
+    }
+}
