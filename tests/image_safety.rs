@@ -246,3 +246,87 @@ fn forge_fat_refuses_two_names_that_differ_only_in_case() {
     );
     assert!(dir_entries(&out).is_empty());
 }
+
+#[test]
+fn running_out_of_space_says_so_once_with_one_offset_and_leaves_nothing() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    ok(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20M", "tmpfs"])
+        .arg(d.path()));
+    let img = d.path().join("x.img");
+    let e = fails(&mut raw_efi(&img, "one"));
+    let entries = dir_entries(d.path());
+    ok(Command::new("umount").arg(d.path()));
+    let line = the_error(&e);
+    assert_eq!(line.matches("No space left on device").count(), 1, "{line}");
+    assert_eq!(line.matches("at byte").count(), 1, "{line}");
+    assert!(
+        line.contains(&format!("writing {}", img.display())),
+        "{line}"
+    );
+    assert!(entries.is_empty(), "{entries:?}");
+}
+
+/// Options and arguments in a clap help text that have no description.
+fn undescribed(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut bad = Vec::new();
+    let mut in_list = false;
+    for (i, l) in lines.iter().enumerate() {
+        if l.ends_with(':') && !l.starts_with(' ') {
+            in_list = matches!(*l, "Options:" | "Arguments:");
+            continue;
+        }
+        let t = l.trim_start();
+        if !in_list || !(l.starts_with("  ") && (t.starts_with('-') || t.starts_with('<'))) {
+            continue;
+        }
+        // "  --flag <V>  text" on one line, or the text on the next,
+        // indented deeper.
+        // (A bare "[default: …]" is no description.)
+        let same_line = t
+            .split_once("  ")
+            .is_some_and(|(_, d)| !d.trim().is_empty() && !d.trim().starts_with('['));
+        let next_line = lines
+            .get(i + 1)
+            .is_some_and(|n| n.starts_with("          ") && !n.trim().is_empty());
+        if !same_line && !next_line {
+            bad.push(t.to_string());
+        }
+    }
+    bad
+}
+
+#[test]
+fn help_describes_every_option_with_examples_and_exit_codes() {
+    let forge_cmds: &[&[&str]] = &[
+        &[],
+        &["closure"],
+        &["ext4"],
+        &["fat"],
+        &["image"],
+        &["inspect"],
+    ];
+    let flash_cmds: &[&[&str]] = &[&[], &["list"], &["verify"]];
+    for (bin_name, cmds) in [("forge", forge_cmds), ("flash", flash_cmds)] {
+        for sub in cmds {
+            let help = ok(Command::new(bin(bin_name)).args(*sub).arg("--help"));
+            let bad = undescribed(&help);
+            assert!(
+                bad.is_empty(),
+                "{bin_name} {sub:?} --help: undescribed {bad:?}\n{help}"
+            );
+            if sub.is_empty() {
+                assert!(
+                    help.contains("Examples:") && help.contains("Exit status:"),
+                    "{help}"
+                );
+            }
+        }
+    }
+    let image = ok(forge().args(["image", "--help"]));
+    for ext in [".img", ".raw", ".img.zst", ".raw.zst"] {
+        assert!(image.contains(ext), "forge image --help lists {ext}");
+    }
+}

@@ -13,7 +13,21 @@ mod cli;
 #[command(
     name = "forge",
     version,
-    about = "Compile a NixOS system closure into bootable disk images"
+    about = "Compile a NixOS system closure into bootable disk images",
+    after_help = "\
+Examples:
+  forge image ./result --format raw-efi -o disk.img
+  forge image ./result --format raw-efi --disk-size 8G -o vm.img
+  forge image ./result --format sd-aarch64 --firmware ./pi-firmware -o nixos.img.zst
+  forge inspect nixos.img.zst
+  forge closure ./result --json
+
+Outputs appear whole or not at all: an image with its IMAGE.bmap and
+IMAGE.layout.json, renamed into place together; an interrupted run
+leaves nothing. Every UUID, GUID and timestamp derives from the inputs,
+--seed and SOURCE_DATE_EPOCH.
+
+Exit status: 0 done, 1 failed (one line on stderr says why), 2 bad arguments"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -30,9 +44,13 @@ enum Cmd {
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
     Image(cli::image::ImageArgs),
-    /// Read a raw disk image back: table, partitions, filesystems, boot entries.
+    /// Read a disk image back (raw, .zst or a block device): table,
+    /// partitions, filesystems, boot entries; warns when it is shorter than
+    /// its table or its layout manifest is another image's.
     Inspect {
+        /// A raw or zstd-compressed image, or a block device.
         image: PathBuf,
+        /// Print the layout as JSON (the layout manifest's fields).
         #[arg(long)]
         json: bool,
     },

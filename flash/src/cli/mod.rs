@@ -26,6 +26,26 @@ use progress::Bars;
     name = "flash",
     version,
     about = "Write nixforge images to block devices, safely",
+    after_help = "\
+Examples:
+  flash list
+  flash nixos.img.zst /dev/disk/by-id/usb-SanDisk_Ultra_4C53-0:0
+  flash disk.img /dev/sdb /dev/sdc --yes --allow-non-removable
+  flash verify disk.img /dev/sdb
+
+Before the first byte every check runs: the source is a disk image (a
+partition table; --raw otherwise), whole (a .zst's frames, the table's
+reach), with its own bmap and layout manifest; every device is a whole,
+writable, unmounted, removable disk large enough, each given once.
+Old partition tables are wiped first and the new one is written last, so
+an interrupted or failed flash leaves no table that anything would use.
+
+Exit status:
+  0    written (and verified)
+  1    a write failed (the disk's tables are wiped)
+  2    refused before writing: bad arguments, source or device (nothing written)
+  3    verify found a difference (the disk's tables are wiped)
+  130  stopped by SIGINT, 143 by SIGTERM (the tables are wiped)",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -66,8 +86,10 @@ struct WriteArgs {
     /// format), byte for byte, on purpose.
     #[arg(long)]
     raw: bool,
+    /// Print one JSON report per device on stdout (implies --quiet).
     #[arg(long)]
     json: bool,
+    /// No progress bars or lines (errors are still printed).
     #[arg(long)]
     quiet: bool,
 }
@@ -79,17 +101,24 @@ enum Cmd {
         /// Also show system and busy disks (marked).
         #[arg(long)]
         all: bool,
+        /// Print the list as JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Compare a device with an image by reading both (no writes).
+    /// Compare a device with an image by reading both (no writes); exit 3
+    /// on the first difference, naming its byte.
     Verify {
+        /// Image: raw or zstd-compressed (recognized by content).
         image: PathBuf,
+        /// The whole-disk block device to read.
         device: PathBuf,
-        #[arg(long)]
+        /// Block map: compare only its ranges (default: IMAGE.bmap beside it).
+        #[arg(long, conflicts_with = "no_bmap")]
         bmap: Option<PathBuf>,
+        /// Compare every byte of the image.
         #[arg(long)]
         no_bmap: bool,
+        /// Allow disks that are not marked removable.
         #[arg(long)]
         allow_non_removable: bool,
     },

@@ -20,6 +20,7 @@ pub struct Ext4Args {
     /// With --size auto: extra space, in bytes (K/M/G suffixes) or percent (`10%`).
     #[arg(long, default_value = "0")]
     slack: String,
+    /// Filesystem label (at most 16 bytes).
     #[arg(long, default_value = "")]
     label: String,
     /// Filesystem UUID (default: derived from --seed).

@@ -12,11 +12,13 @@ use forge::output::AtomicOutput;
 pub struct FatArgs {
     /// Directory whose contents become the volume's root.
     src: PathBuf,
+    /// Output image file.
     #[arg(short, long)]
     output: PathBuf,
     /// Volume size, bytes with an optional K/M/G suffix.
     #[arg(long, default_value = "256M")]
     size: String,
+    /// Volume label (at most 11 ASCII characters).
     #[arg(long, default_value = "ESP")]
     label: String,
     /// Logical sector size of the disk it is meant for.

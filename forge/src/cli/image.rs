@@ -23,6 +23,8 @@ pub struct ImageArgs {
     /// Seed for every UUID and GUID (default: the toplevel store path).
     #[arg(long)]
     seed: Option<String>,
+    /// raw-efi: size of the FAT32 EFI system partition (kernels, initrds,
+    /// systemd-boot).
     #[arg(long, default_value = "512M")]
     esp_size: String,
     /// `auto` (the content plus --root-slack) or a size.
@@ -56,6 +58,8 @@ pub struct ImageArgs {
     /// zstd level for outputs ending in .zst.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: i32,
+    /// Logical sector size of the target disk, 512 or 4096 (the partition
+    /// table is laid out for it; sd-aarch64 is always 512).
     #[arg(long, default_value_t = 512, value_parser = super::sector_size)]
     sector_size: u32,
     /// systemd-boot menu timeout in seconds (loader.conf).
