@@ -330,3 +330,41 @@ fn help_describes_every_option_with_examples_and_exit_codes() {
         assert!(image.contains(ext), "forge image --help lists {ext}");
     }
 }
+
+#[test]
+fn gpt_fields_that_would_overflow_are_refused_by_inspect_and_flash_not_wrapped() {
+    use formats::gpt::{Gpt, Partition};
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("huge.img");
+    let mut head = Gpt {
+        sector: 512,
+        disk_sectors: 1 << 15,
+        disk_guid: [1; 16],
+        partitions: vec![Partition {
+            type_guid: [2; 16],
+            guid: [3; 16],
+            first_lba: 2048,
+            last_lba: u64::MAX / 512 + 5,
+            attributes: 0,
+            name: "p".into(),
+        }],
+    }
+    .primary();
+    head.resize(16 << 20, 0);
+    std::fs::write(&img, head).unwrap();
+    let e = fails(forge().arg("inspect").arg(&img));
+    let line = the_error(&e);
+    assert!(
+        line.contains("huge.img: its partition table: partition 1: LBAs 2048..="),
+        "{line}"
+    );
+    let out = Command::new(bin("flash"))
+        .arg(&img)
+        .arg("/dev/null")
+        .arg("--yes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(the_error(&err).contains("not a valid range"), "{err}");
+}

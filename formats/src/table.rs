@@ -167,6 +167,40 @@ mod tests {
         assert!(probe(&[]).unwrap().is_none());
     }
 
+    #[test]
+    fn gpt_fields_that_would_overflow_are_errors_not_wrapped_offsets() {
+        let g = |disk_sectors: u64, last_lba: u64| {
+            let mut head = Gpt {
+                sector: 512,
+                disk_sectors,
+                disk_guid: [1; 16],
+                partitions: vec![gpt::Partition {
+                    type_guid: [2; 16],
+                    guid: [3; 16],
+                    first_lba: 2048,
+                    last_lba,
+                    attributes: 0,
+                    name: "p".into(),
+                }],
+            }
+            .primary();
+            head.resize(1 << 20, 0);
+            probe(&head)
+        };
+        let e = g(1 << 20, u64::MAX / 512 + 5).unwrap_err().to_string();
+        assert!(
+            e.contains("partition 1: LBAs 2048..=") && e.contains("not a valid range"),
+            "{e}"
+        );
+        let e = g(1 << 20, 100).unwrap_err().to_string();
+        assert!(e.contains("not a valid range"), "last before first: {e}");
+        let e = g(u64::MAX, 4095).unwrap_err().to_string();
+        assert!(
+            e.contains("backup GPT header at LBA") && e.contains("past any disk"),
+            "{e}"
+        );
+    }
+
     /// Recompute a GPT's CRCs so mutations reach past the checksums.
     fn fix_crcs(b: &mut [u8], ss: usize) {
         if b.len() < 2 * ss || &b[ss..ss + 8] != b"EFI PART" {
