@@ -35,9 +35,9 @@ test-unit:
 # The QEMU boots (OVMF, U-Boot).
 test-boots: deps fixtures build
 	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests -- --test-threads=2 boots
-# flash on loop devices (root).
+# flash on loop devices (root): writes, faults, kills, refusals.
 test-flash: deps fixtures build
-	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests --test flash -- --test-threads=2
+	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests --test flash --test flash_safety -- --test-threads=2
 
 # The parsers' property tests (tables, bmap, zstd frames, registration,
 # bootspec; every test named *never_panic) for FUZZ_SECS each, on a fresh

@@ -57,7 +57,10 @@ fn flashes_a_gpt_image_onto_a_larger_stale_disk(sector: u32) {
         rep["written"], mapped,
         "exactly the mapped blocks are written"
     );
-    assert!(rep["verified"].as_u64().unwrap() >= mapped);
+    assert_eq!(
+        rep["verified"].as_u64().unwrap(),
+        verified_bytes(mapped, true, sector as u64)
+    );
     judge_device(&lo);
     // Unmapped blocks were not written: the middle of the empty ESP is stale.
     drop(lo);
@@ -442,9 +445,14 @@ fn two_devices_in_one_run_both_written_and_verified() {
     for (i, dev) in [&a.lo.dev, &b.dev].into_iter().enumerate() {
         assert_eq!(r[i]["ok"], true, "{r}");
         assert_eq!(r[i]["device"], dev.as_str());
-        assert!(
-            r[i]["report"]["verified"].as_u64().unwrap()
-                >= r[i]["report"]["written"].as_u64().unwrap()
+        let rep = &r[i]["report"];
+        assert_eq!(
+            rep["verified"].as_u64().unwrap(),
+            verified_bytes(
+                rep["written"].as_u64().unwrap(),
+                rep["gpt_moved"].as_bool().unwrap(),
+                512
+            )
         );
     }
     // Only the larger disk needed its backup GPT moved.
@@ -637,7 +645,8 @@ fn a_short_write_that_the_device_then_completes_gives_a_verified_disk() {
         vec![],
     );
     let o = r[0].as_ref().unwrap_or_else(|e| panic!("{}", e.0));
-    assert!(o.verified >= o.written);
+    assert!(o.gpt_moved);
+    assert_eq!(o.verified, verified_bytes(o.written, true, 512));
     judge_device(&t.lo);
 }
 
@@ -675,6 +684,7 @@ fn a_failing_device_among_several_leaves_the_others_written() {
     let r = flash_faulty(&t, Fault::IoErrorAt(root_byte(&t)), vec![good]);
     assert!(r[0].is_err());
     let o = r[1].as_ref().unwrap_or_else(|e| panic!("{}", e.0));
-    assert!(o.verified >= o.written);
+    assert!(!o.gpt_moved, "the same size as the image");
+    assert_eq!(o.verified, o.written);
     judge_device(&b);
 }

@@ -114,3 +114,10 @@ pub fn no_table_left(p: &Path) -> bool {
         && !gpt_at(n - 512)
         && !gpt_at(n - 4096)
 }
+
+/// What flash reads back: every byte it wrote, plus, when a GPT's backup
+/// moved to the disk's end, that backup (its 16 KiB entry array and its
+/// header sector).
+pub fn verified_bytes(written: u64, gpt_moved: bool, sector: u64) -> u64 {
+    written + if gpt_moved { 16384 + sector } else { 0 }
+}

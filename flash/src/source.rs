@@ -255,10 +255,6 @@ pub struct RangeCheck {
 }
 
 impl RangeCheck {
-    /// Whether there is anything to check.
-    pub fn has_sum(&self) -> bool {
-        self.want.is_some()
-    }
     pub fn update(&mut self, d: &[u8]) {
         if self.want.is_some() {
             self.sum.update(d);
