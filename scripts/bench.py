@@ -200,6 +200,25 @@ def against_base(out, c, top, a, w):
     ]
     print(f"\nforge at {rev} (old) against this tree (new), interleaved", file=sys.stderr)
     rows, bad = [], []
+    # The fixtures too, bytes only (they take a fraction of a second).
+    fx = a.fixtures
+    x86, arm = f"{fx}/x86_64", f"{fx}/aarch64"
+    fixture_cases = [
+        (f"{{f}} image {x86}/result --root {x86}/store --format raw-efi -o {{o}}/fx.img", ["fx.img", "fx.img.bmap"]),
+        (f"{{f}} image {arm}/result --root {arm}/store --format sd-aarch64 --firmware {fw} -o {{o}}/fx-sd.img.zst",
+         ["fx-sd.img.zst", ("fx-sd.img.bmap", "fx-sd.img.zst.bmap")]),
+    ]
+    for tmpl, outputs in fixture_cases:
+        for side, exe in (("old", old), ("new", FORGE)):
+            o = os.path.join(w, side)
+            shutil.rmtree(o, ignore_errors=True)
+            os.makedirs(o)
+            sh(tmpl.format(f=exe, o=o) + " 2>/dev/null")
+        for f in outputs:
+            fo, fn = f if isinstance(f, tuple) else (f, f)
+            if subprocess.run(["cmp", "-s", os.path.join(w, "old", fo), os.path.join(w, "new", fn)]).returncode:
+                bad.append(f"fixture: {fn} differs")
+        print(f"  fixture {outputs[0]}: compared", file=sys.stderr)
     for name, tmpl, outputs in cases:
         runs = {"old": [], "new": []}
         for i in range(a.runs):
