@@ -111,18 +111,8 @@ fn without_a_bmap_every_byte_is_written() {
 #[test]
 fn zst_with_its_bmap_and_a_bmaptool_bmap() {
     let _g = privileged();
-    let sys = system("aarch64");
     let d = tempfile::tempdir().unwrap();
-    let fw = d.path().join("fw");
-    std::fs::create_dir(&fw).unwrap();
-    std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
-    std::fs::write(fw.join("u-boot-rpi4.bin"), b"u-boot").unwrap();
-    let zst = d.path().join("nixos.img.zst");
-    ok(forge_image_of(&sys)
-        .args(["--format", "sd-aarch64", "--firmware"])
-        .arg(&fw)
-        .arg("-o")
-        .arg(&zst));
+    let zst = sd_image(d.path(), "nixos.img.zst");
     let raw = d.path().join("raw.img");
     sh(&format!("zstd -dqc {} > {}", zst.display(), raw.display()));
     let backing = d.path().join("disk");

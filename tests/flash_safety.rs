@@ -156,16 +156,7 @@ fn flash_interrupted_by_sigterm_wipes_the_tables_and_exits_143() {
 fn mbr_image_over_a_gpt_disk_leaves_no_old_backup_gpt() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let fw = d.path().join("fw");
-    std::fs::create_dir(&fw).unwrap();
-    std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
-    std::fs::write(fw.join("u-boot-rpi4.bin"), b"u-boot").unwrap();
-    let sd = d.path().join("sd.img");
-    ok(forge_image_of(&system("aarch64"))
-        .args(["--format", "sd-aarch64", "--firmware"])
-        .arg(&fw)
-        .arg("-o")
-        .arg(&sd));
+    let sd = sd_image(d.path(), "sd.img");
     let s = scene_with(d, sd);
     ok(flash()
         .arg(&s.b)

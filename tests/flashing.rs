@@ -27,6 +27,22 @@ pub fn raw_efi(dir: &Path, sector: u32) -> PathBuf {
     img
 }
 
+/// A forged sd-aarch64 image named `name` in `dir` (stand-in firmware and
+/// U-Boot files beside it).
+pub fn sd_image(dir: &Path, name: &str) -> PathBuf {
+    let fw = dir.join("fw");
+    std::fs::create_dir_all(&fw).unwrap();
+    std::fs::write(fw.join("start4.elf"), b"firmware").unwrap();
+    std::fs::write(fw.join("u-boot-rpi4.bin"), b"u-boot").unwrap();
+    let img = dir.join(name);
+    ok(forge_image_of(&system("aarch64"))
+        .args(["--format", "sd-aarch64", "--firmware"])
+        .arg(&fw)
+        .arg("-o")
+        .arg(&img));
+    img
+}
+
 /// A backing file of `size` bytes, every byte 0xFF (a disk full of old data).
 pub fn stale_file(path: &Path, size: u64) {
     sh(&format!(
