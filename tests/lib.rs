@@ -315,13 +315,19 @@ pub struct Boot {
 /// U-Boot prompt or the timeout.
 pub fn boot(arch: &str, image: &Path, sector: u32, timeout: std::time::Duration) -> Boot {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
+    let disk = dir.path().join("disk");
     ok(Command::new("cp")
         .arg("--sparse=always")
         .arg(image)
         .arg(&disk));
     let log = dir.path().join("serial.log");
-    let drive = format!("if=none,id=d0,format=raw,file={}", disk.display());
+    // QEMU's name for the container, from the image's name.
+    let format = match image.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => "qcow2",
+        Some("vhd") => "vpc",
+        _ => "raw",
+    };
+    let drive = format!("if=none,id=d0,format={format},file={}", disk.display());
     let mut cmd = if arch == "x86_64" {
         let vars = dir.path().join("vars.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();

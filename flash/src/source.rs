@@ -1,5 +1,6 @@
-//! The image to write: raw or zstd (sniffed by magic, not by name), with
-//! its bmap (given, found beside it, or none), streamed range by range.
+//! The image to write: raw, a fixed VHD (its raw part) or zstd (sniffed
+//! by content, not by name), with its bmap (given, found beside it, or
+//! none), streamed range by range.
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -43,6 +44,27 @@ fn bmap_beside(image: &Path) -> Option<PathBuf> {
     c.into_iter().find(|p| p.is_file())
 }
 
+/// A raw file's image size: a fixed VHD is its raw part, without the
+/// footer (written to no device).
+fn raw_size(f: &File, path: &Path) -> Result<u64> {
+    let len = f
+        .metadata()
+        .with_context(|| path.display().to_string())?
+        .len();
+    if len >= formats::vhd::FOOTER {
+        let mut tail = [0u8; 512];
+        f.read_exact_at(&mut tail, len - formats::vhd::FOOTER)
+            .with_context(|| path.display().to_string())?;
+        if let Some(foot) = formats::vhd::parse_footer(&tail) {
+            if foot.ty == Some(formats::vhd::Type::Fixed) && foot.size == len - formats::vhd::FOOTER
+            {
+                return Ok(foot.size);
+            }
+        }
+    }
+    Ok(len)
+}
+
 impl Source {
     pub fn open(path: &Path, choice: BmapChoice) -> Result<Source> {
         let mut f = File::open(path).with_context(|| path.display().to_string())?;
@@ -80,7 +102,7 @@ impl Source {
                 },
             }
         } else {
-            f.metadata()?.len()
+            raw_size(&f, path)?
         };
         if let Some((p, b)) = &bmap {
             if b.image_size != size {

@@ -1,4 +1,5 @@
-//! `forge inspect`: read any disk image (raw, zstd, or a block device)
+//! `forge inspect`: read any disk image (raw, zstd, qcow2, VHD, or a
+//! block device; see `unpack.rs`)
 //! back — partition table, partitions, filesystem types, labels and UUIDs
 //! — and, for our images, the boot entries (systemd-boot on an ESP,
 //! extlinux on an ext4 root). What does not add up (an image shorter than
@@ -47,46 +48,9 @@ fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     Ok(b)
 }
 
-/// The image's bytes: a raw image or block device as it is; a zstd image
-/// decompressed into an unnamed sparse temporary file. And its size.
-fn open_image(path: &Path) -> std::io::Result<(File, u64)> {
-    let mut f = File::open(path)?;
-    let size = f.seek(SeekFrom::End(0))?; // block devices have no length
-    let mut magic = [0u8; 4];
-    f.seek(SeekFrom::Start(0))?;
-    if size < 4 || f.read_exact(&mut magic).is_err() || magic != [0x28, 0xB5, 0x2F, 0xFD] {
-        return Ok((f, size));
-    }
-    f.seek(SeekFrom::Start(0))?;
-    let mut d = zstd::stream::read::Decoder::new(f)?;
-    let mut out = tempfile::tempfile()?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let mut n = 0;
-        while n < buf.len() {
-            match d.read(&mut buf[n..])? {
-                0 => break,
-                k => n += k,
-            }
-        }
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().all(|&b| b == 0) {
-            out.seek(SeekFrom::Current(n as i64))?;
-        } else {
-            std::io::Write::write_all(&mut out, &buf[..n])?;
-        }
-        total += n as u64;
-    }
-    out.set_len(total)?;
-    Ok((out, total))
-}
-
 pub fn inspect(path: &Path) -> Result<Report> {
     let what = || path.display().to_string();
-    let (mut f, size) = open_image(path).with_context(what)?;
+    let (mut f, size) = crate::unpack::open(path).with_context(what)?;
     let first = read_at(&mut f, 0, size.min(crate::layout::ALIGN) as usize).with_context(what)?;
     let found = formats::table::probe(&first)
         .with_context(|| format!("{}: its partition table", path.display()))?;

@@ -8,6 +8,7 @@ pub mod image;
 pub mod inspect;
 pub mod layout;
 pub mod output;
+pub mod unpack;
 
 /// Where a library reports progress; the binaries decide how to show it.
 pub trait Progress {

@@ -136,7 +136,7 @@ impl AtomicOutput {
     ) -> Result<()> {
         let what = || format!("writing {}", self.target.display());
         let raw = crate::container::Kind::Raw
-            .open(&self.file, &self.temp_path(), 0)
+            .open(&self.file, &self.temp_path(), &Default::default())
             .with_context(what)?;
         let mut w = ImageOut::new(raw, Hashes::default()).with_context(what)?;
         w.begin(size, map).with_context(what)?;

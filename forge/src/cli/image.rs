@@ -13,10 +13,15 @@ pub struct ImageArgs {
     /// Image format.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
     format: String,
-    /// Output image: .img or .raw (raw), .img.zst or .raw.zst (zstd);
-    /// its .bmap and IMAGE.layout.json (the layout manifest) go beside it.
+    /// Output image: .img or .raw (raw), .img.zst or .raw.zst (zstd),
+    /// .qcow2, .vhd (raw-efi only). IMAGE.layout.json (the layout
+    /// manifest) goes beside every image, IMAGE.bmap beside raw and zstd ones.
     #[arg(short, long)]
     output: PathBuf,
+    /// .vhd outputs: fixed (the raw bytes and a footer; Azure) or dynamic
+    /// (only the 2 MiB blocks holding data; AWS import-snapshot).
+    #[arg(long, value_parser = ["fixed", "dynamic"])]
+    vhd_type: Option<String>,
     /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
     #[arg(long, default_value = "/")]
     root: PathBuf,
@@ -38,8 +43,8 @@ pub struct ImageArgs {
     /// rw: journaled and writable, for systems that rebuild in place.
     #[arg(long, value_parser = ["ro", "rw"], default_value = "ro")]
     root_mode: String,
-    /// Size of the state partition (`none`: no state partition; sd-aarch64
-    /// only); with --disk-size, its least size.
+    /// Size of the state partition (`none`: no state partition, e.g. a VM
+    /// base whose /var is another disk); with --disk-size, its least size.
     #[arg(long, default_value = "256M")]
     state_size: String,
     /// Size of the whole image (e.g. 8G): the state partition, and its
@@ -103,6 +108,10 @@ pub fn run(a: ImageArgs) -> Result<()> {
             "none" => None,
             s => Some(bytes(s, "--state-size")?),
         },
+        vhd_type: a.vhd_type.as_deref().map(|t| match t {
+            "dynamic" => formats::vhd::Type::Dynamic,
+            _ => formats::vhd::Type::Fixed,
+        }),
         disk_size: a
             .disk_size
             .as_deref()
@@ -117,12 +126,12 @@ pub fn run(a: ImageArgs) -> Result<()> {
         epoch: super::epoch()?,
         hash_partitions: a.json,
     };
-    image::container_for(&opts.output)?;
+    image::container_of(&opts)?;
     check_output_dir(&opts.output)?;
     for p in [
-        &opts.output,
-        &image::bmap_path_for(&opts.output),
-        &image::manifest_path_for(&opts.output),
+        opts.output.clone(),
+        image::bmap_path_for(&opts.output),
+        image::manifest_path_for(&opts.output),
     ] {
         if p.is_dir() {
             anyhow::bail!("{}: is a directory", p.display());

@@ -5,7 +5,9 @@
 //!
 //! A new container is one new file here plus a line in [`Kind::for_output`].
 
+mod qcow2;
 mod raw;
+mod vhd;
 mod zstd;
 
 use std::fs::File;
@@ -37,10 +39,34 @@ pub enum Kind {
     Raw,
     /// `.img.zst`, `.raw.zst`: a zstd stream of the raw image.
     Zstd,
+    /// `.qcow2`: qcow2 version 3.
+    Qcow2,
+    /// `.vhd`: a fixed (default) or dynamic VHD.
+    Vhd(formats::vhd::Type),
 }
 
 /// The accepted output names, for messages and help.
-pub const NAMES: &str = ".img or .raw (raw image), .img.zst or .raw.zst (zstd-compressed)";
+pub const NAMES: &str =
+    ".img or .raw (raw image), .img.zst or .raw.zst (zstd-compressed), .qcow2, .vhd";
+
+/// What a container may need beyond the bytes.
+pub struct Settings {
+    pub zstd_level: i32,
+    /// The image's time (SOURCE_DATE_EPOCH), for formats that stamp one.
+    pub unix_time: u32,
+    /// The image file's own UUID (VHD), derived from the seed.
+    pub uuid: [u8; 16],
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            zstd_level: 3,
+            unix_time: 1,
+            uuid: [0; 16],
+        }
+    }
+}
 
 impl Kind {
     /// The container an output name asks for.
@@ -51,6 +77,10 @@ impl Kind {
             Some(Kind::Zstd)
         } else if has(".img") || has(".raw") {
             Some(Kind::Raw)
+        } else if has(".qcow2") {
+            Some(Kind::Qcow2)
+        } else if has(".vhd") {
+            Some(Kind::Vhd(formats::vhd::Type::Fixed))
         } else {
             None
         }
@@ -60,11 +90,28 @@ impl Kind {
         self == Kind::Zstd
     }
 
+    /// Whether a bmap goes beside the image (it describes raw images).
+    pub fn has_bmap(self) -> bool {
+        matches!(self, Kind::Raw | Kind::Zstd)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Raw => "raw",
+            Kind::Zstd => "zstd",
+            Kind::Qcow2 => "qcow2",
+            Kind::Vhd(formats::vhd::Type::Fixed) => "vhd (fixed)",
+            Kind::Vhd(formats::vhd::Type::Dynamic) => "vhd (dynamic)",
+        }
+    }
+
     /// The container writing into `file` (created empty, at `path`).
-    pub fn open(self, file: &File, path: &Path, zstd_level: i32) -> io::Result<Box<dyn Container>> {
+    pub fn open(self, file: &File, path: &Path, s: &Settings) -> io::Result<Box<dyn Container>> {
         Ok(match self {
             Kind::Raw => Box::new(raw::Raw::open(file, path)?),
-            Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, zstd_level)),
+            Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, s.zstd_level)),
+            Kind::Qcow2 => Box::new(qcow2::Qcow2::open(file, path)?),
+            Kind::Vhd(t) => Box::new(vhd::Vhd::open(t, file, path, s.unix_time, s.uuid)?),
         })
     }
 }

@@ -58,6 +58,30 @@ pub enum RootMode {
     Rw,
 }
 
+/// The container the options ask for: the output's name, `--vhd-type`,
+/// and what the format allows.
+pub fn container_of(o: &Options) -> Result<container::Kind> {
+    let kind = container_for(&o.output)?;
+    let out = o.output.display();
+    match (kind, o.vhd_type) {
+        (container::Kind::Vhd(_), Some(t)) => return Ok(container::Kind::Vhd(t)),
+        (_, Some(_)) => bail!("{out}: --vhd-type applies to .vhd outputs only"),
+        _ => {}
+    }
+    if matches!(kind, container::Kind::Vhd(_)) && o.sector_size != 512 {
+        bail!(
+            "{out}: a VHD has 512-byte sectors; --sector-size {} does not apply",
+            o.sector_size
+        );
+    }
+    if matches!(kind, container::Kind::Qcow2 | container::Kind::Vhd(_))
+        && o.format != Format::RawEfi
+    {
+        bail!("{out}: qcow2 and VHD outputs are for --format raw-efi (VM disks)");
+    }
+    Ok(kind)
+}
+
 /// The container an output name asks for, or an error naming the output.
 pub fn container_for(out: &Path) -> Result<container::Kind> {
     match container::Kind::for_output(out) {
@@ -86,6 +110,8 @@ pub struct Options {
     /// leave (without one, the rest is unallocated). None: as small as
     /// the partitions allow.
     pub disk_size: Option<u64>,
+    /// `.vhd` outputs: fixed (None: the default) or dynamic.
+    pub vhd_type: Option<formats::vhd::Type>,
     pub sector_size: u32,
     pub firmware: Vec<PathBuf>,
     pub config_txt: Option<PathBuf>,
@@ -101,9 +127,13 @@ pub struct Options {
 #[derive(Serialize)]
 pub struct Report {
     pub image: PathBuf,
-    pub bmap: PathBuf,
+    /// Raw and zstd images only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bmap: Option<PathBuf>,
     pub manifest: PathBuf,
     pub format: &'static str,
+    /// `raw`, `zstd`, `qcow2`, `vhd (fixed)` or `vhd (dynamic)`.
+    pub container: &'static str,
     pub compressed: bool,
     pub mapped_bytes: u64,
     pub toplevel: String,
@@ -223,7 +253,7 @@ pub(crate) fn fat_partition<'t>(
 }
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
-    let kind = container_for(&o.output)?;
+    let kind = container_of(o)?;
     let c: Closure = closure::read(
         &o.system,
         &closure::Options {
@@ -266,19 +296,26 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .join(", ")
     ));
 
-    let bmap_path = bmap_path_for(&o.output);
+    let bmap_path = kind.has_bmap().then(|| bmap_path_for(&o.output));
     let manifest_path = manifest_path_for(&o.output);
-    // All three are created (unnamed) before any work is written.
+    // All of them are created (unnamed) before any work is written.
     let mut out = AtomicOutput::create(&o.output)?;
-    let mut bout = AtomicOutput::create(&bmap_path)?;
+    let mut bout = bmap_path.as_deref().map(AtomicOutput::create).transpose()?;
     let mut mout = AtomicOutput::create(&manifest_path)?;
     let tmp = out.temp_path();
+    // The bmap pieces are hashed whatever the container: the blocks
+    // written are checked against the layout's map from them.
     let hashes = out::Hashes {
         bmap: true,
         partitions: o.hash_partitions,
     };
+    let settings = container::Settings {
+        zstd_level: o.zstd_level,
+        unix_time: o.epoch,
+        uuid: formats::seed::uuid(&seed, "image:uuid"),
+    };
     let container = kind
-        .open(out.file(), &tmp, o.zstd_level)
+        .open(out.file(), &tmp, &settings)
         .with_context(|| format!("writing {}", o.output.display()))?;
     let mut w = ImageOut::new(container, hashes)
         .with_context(|| format!("writing {}", o.output.display()))?;
@@ -305,19 +342,28 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
         .sum();
-    bout.file()
-        .write_all(bmap_text.as_bytes())
-        .with_context(|| format!("writing {}", bmap_path.display()))?;
+    let mut sidecars = Vec::new();
+    if let (Some(b), Some(p)) = (bout.as_mut(), &bmap_path) {
+        b.file()
+            .write_all(bmap_text.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    sidecars.extend(bout);
     let manifest = serde_json::to_vec_pretty(&disk).context("rendering the layout manifest")?;
     mout.file()
         .write_all(&manifest)
         .with_context(|| format!("writing {}", manifest_path.display()))?;
-    crate::output::commit_together(out, vec![bout, mout])?;
+    sidecars.push(mout);
+    crate::output::commit_together(out, sidecars)?;
     progress.stage(&format!(
-        "done: {} ({} bytes raw, {mapped_bytes} mapped), {} and {}",
+        "done: {} ({}, {} bytes raw, {mapped_bytes} mapped), {}{}",
         o.output.display(),
+        kind.name(),
         placed.size,
-        bmap_path.display(),
+        bmap_path
+            .as_ref()
+            .map(|p| format!("{} and ", p.display()))
+            .unwrap_or_default(),
         manifest_path.display()
     ));
     Ok(Report {
@@ -325,6 +371,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         bmap: bmap_path,
         manifest: manifest_path,
         format: o.format.name(),
+        container: kind.name(),
         compressed: kind.compressed(),
         mapped_bytes,
         toplevel: c.toplevel.clone(),

@@ -8,15 +8,13 @@ use formats::tree::Tree;
 use super::{fat_partition, root_partition, state_partition, trees, Input};
 use crate::layout::{Layout, PartType, Role, Table, ALIGN};
 
-/// The ESP, the root and (with `--state-size`) an empty state tree.
+/// The ESP, the root and an empty state tree (unused with `--state-size
+/// none`: a base image whose /var lives on another disk).
 pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
     let system = i.c.bootspec.spec.system.as_str();
     let Some(arch) = trees::efi_arch(system) else {
         bail!("{}: system {system:?} cannot boot from a raw-efi image (x86_64-linux and aarch64-linux can)", i.c.toplevel);
     };
-    if i.o.state_size.is_none() {
-        bail!("raw-efi images always have a state partition: give --state-size a size");
-    }
     let sd_boot = trees::find_systemd_boot(i.store, i.c, &arch)?;
     let mut specs = vec![&i.c.bootspec.spec];
     specs.extend(i.c.bootspec.specialisations.values().map(|b| &b.spec));

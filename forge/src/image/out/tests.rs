@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::Read;
 
 fn raw_container(f: &File, path: &Path) -> Box<dyn Container> {
-    Kind::Raw.open(f, path, 0).unwrap()
+    Kind::Raw.open(f, path, &Default::default()).unwrap()
 }
 
 /// Writes that exercise every edge: partial blocks, two writes in one
@@ -136,7 +136,13 @@ fn pieces_and_hashes_match_a_read_back_and_zstd_matches_raw() {
 
     let zst_path = dir.path().join("x.img.zst");
     let zst = File::create(&zst_path).unwrap();
-    let mut w = ImageOut::new(Kind::Zstd.open(&zst, &zst_path, 3).unwrap(), ALL).unwrap();
+    let mut w = ImageOut::new(
+        Kind::Zstd
+            .open(&zst, &zst_path, &Default::default())
+            .unwrap(),
+        ALL,
+    )
+    .unwrap();
     lay(&mut w, len, &host);
     let got_z = w.finish().unwrap();
     assert_eq!(got_z.pieces, got.pieces);
@@ -192,4 +198,67 @@ fn writes_must_ascend_and_stay_inside() {
     w.seek(SeekFrom::Start((1 << 20) - 2)).unwrap();
     let e = w.write_all(b"past").unwrap_err();
     assert!(e.to_string().contains("goes past the image's end"), "{e}");
+}
+
+/// Lay the test image into a container of `kind`; the file's bytes.
+fn lay_into(kind: Kind, dir: &Path, name: &str, len: u64, host: &Path) -> Vec<u8> {
+    let p = dir.join(name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap();
+    let s = crate::container::Settings {
+        zstd_level: 3,
+        unix_time: 1_700_000_000,
+        uuid: [5; 16],
+    };
+    let mut w = ImageOut::new(kind.open(&f, &p, &s).unwrap(), ALL).unwrap();
+    lay(&mut w, len, host);
+    w.finish().unwrap();
+    std::fs::read(&p).unwrap()
+}
+
+#[test]
+fn qcow2_and_vhds_hold_the_raw_image() {
+    use formats::vhd::{self, Type};
+    let len = 32 * CHUNK as u64; // whole MiB, as a VHD needs
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_file(dir.path());
+    let image = lay_into(Kind::Raw, dir.path(), "x.img", len, &host);
+
+    // qcow2, read back by an independent reader (the qcow2-core crate).
+    let q = lay_into(Kind::Qcow2, dir.path(), "x.qcow2", len, &host);
+    let mut r = qcow2::Qcow2Reader::open(&dir.path().join("x.qcow2")).unwrap();
+    assert_eq!(r.virtual_disk_size(), len);
+    let mut back = vec![0u8; len as usize];
+    r.read_exact(&mut back).unwrap();
+    assert!(back == image, "qcow2-core reads back the raw image");
+    // Unwritten clusters take no room.
+    assert!((q.len() as u64) < len, "{} bytes", q.len());
+
+    // Fixed VHD: the raw bytes and a footer.
+    let f = lay_into(Kind::Vhd(Type::Fixed), dir.path(), "x.vhd", len, &host);
+    assert!(f[..len as usize] == image[..]);
+    let foot = vhd::parse_footer(&f[len as usize..]).unwrap();
+    assert_eq!((foot.ty, foot.size), (Some(Type::Fixed), len));
+
+    // Dynamic VHD: read through its block table.
+    let d = lay_into(Kind::Vhd(Type::Dynamic), dir.path(), "d.vhd", len, &host);
+    assert!(d[..512] == d[d.len() - 512..], "footer copy at the start");
+    let be = |o: usize| u32::from_be_bytes(d[o..o + 4].try_into().unwrap());
+    let mut back = vec![0u8; len as usize];
+    for b in 0..vhd::table_entries(len) as usize {
+        let s = be(vhd::TABLE_AT as usize + 4 * b);
+        if s != u32::MAX {
+            let at = s as usize * 512 + vhd::BITMAP as usize;
+            let blk = vhd::BLOCK as usize;
+            back[b * blk..(b + 1) * blk].copy_from_slice(&d[at..at + blk]);
+        }
+    }
+    assert!(back == image, "the dynamic VHD's blocks hold the raw image");
+    // Deterministic.
+    assert!(lay_into(Kind::Qcow2, dir.path(), "y.qcow2", len, &host) == q);
+    assert!(lay_into(Kind::Vhd(Type::Dynamic), dir.path(), "e.vhd", len, &host) == d);
 }

@@ -1,0 +1,137 @@
+//! Any image as its raw bytes, for reading it back: a raw image or block
+//! device as it is, a fixed VHD without its footer, and a zstd, qcow2 or
+//! dynamic VHD image unpacked into an unnamed sparse temporary file.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use formats::{qcow2, vhd};
+
+/// The raw image behind `path`, and its size.
+pub fn open(path: &Path) -> io::Result<(File, u64)> {
+    let mut f = File::open(path)?;
+    let len = f.seek(SeekFrom::End(0))?; // block devices have no length
+    let mut head = [0u8; 512];
+    let n = f.read_at(&mut head, 0)?;
+    let head = &head[..n];
+    if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
+        return zstd(f);
+    }
+    if head.starts_with(b"QFI\xfb") {
+        return qcow(&f);
+    }
+    if let Some(foot) = vhd::parse_footer(head) {
+        return dynamic_vhd(&f, foot);
+    }
+    if len >= vhd::FOOTER {
+        let mut tail = [0u8; 512];
+        f.read_exact_at(&mut tail, len - vhd::FOOTER)?;
+        if let Some(foot) = vhd::parse_footer(&tail) {
+            if foot.ty == Some(vhd::Type::Fixed) && foot.size == len - vhd::FOOTER {
+                return Ok((f, foot.size));
+            }
+        }
+    }
+    Ok((f, len))
+}
+
+/// A sparse temporary file of `size` bytes filled by `fill(write_at)`.
+fn sparse(size: u64, fill: impl FnOnce(&File) -> io::Result<()>) -> io::Result<(File, u64)> {
+    let out = tempfile::tempfile()?;
+    out.set_len(size)?;
+    fill(&out)?;
+    Ok((out, size))
+}
+
+fn zstd(f: File) -> io::Result<(File, u64)> {
+    let mut d = zstd::stream::read::Decoder::new(f)?;
+    let mut out = tempfile::tempfile()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match d.read(&mut buf[n..])? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            out.write_all(&buf[..n])?;
+        }
+        total += n as u64;
+    }
+    out.set_len(total)?;
+    Ok((out, total))
+}
+
+fn read_at(f: &File) -> impl FnMut(u64, usize) -> io::Result<Vec<u8>> + '_ {
+    move |o, n| {
+        let mut b = vec![0u8; n];
+        f.read_exact_at(&mut b, o)?;
+        Ok(b)
+    }
+}
+
+fn qcow(f: &File) -> io::Result<(File, u64)> {
+    let mut r = read_at(f);
+    let q = qcow2::Reader::open(&mut r)?;
+    sparse(q.size, |out| {
+        let mut buf = vec![0u8; qcow2::CLUSTER as usize];
+        for i in 0..q.size.div_ceil(qcow2::CLUSTER) {
+            if let qcow2::Entry::Data(h) = q.entry(i, &mut r)? {
+                let at = i * qcow2::CLUSTER;
+                let n = (q.size - at).min(qcow2::CLUSTER) as usize;
+                f.read_exact_at(&mut buf[..n], h * qcow2::CLUSTER)?;
+                out.write_all_at(&buf[..n], at)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn dynamic_vhd(f: &File, foot: vhd::Footer) -> io::Result<(File, u64)> {
+    let bad = |w: &str| io::Error::new(io::ErrorKind::InvalidData, format!("VHD: {w}"));
+    if foot.ty != Some(vhd::Type::Dynamic) {
+        return Err(bad("a footer copy at the start, but not a dynamic disk"));
+    }
+    let mut h = [0u8; 1024];
+    f.read_exact_at(&mut h, foot.data_offset)?;
+    if &h[..8] != b"cxsparse" {
+        return Err(bad("no dynamic disk header"));
+    }
+    let be64 = |o: usize| u64::from_be_bytes(h[o..o + 8].try_into().expect("8 bytes"));
+    let be32 = |o: usize| u32::from_be_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    let (table_at, entries, block) = (be64(16), be32(28) as u64, be32(32) as u64);
+    if block == 0 || !block.is_power_of_two() || block > 256 << 20 {
+        return Err(bad("block size"));
+    }
+    if entries.checked_mul(block).is_none_or(|n| n < foot.size) {
+        return Err(bad("the block table does not cover the disk"));
+    }
+    let mut table = vec![0u8; (entries * 4) as usize];
+    f.read_exact_at(&mut table, table_at)?;
+    // One bit per sector, in whole sectors.
+    let bitmap = (block / 512).div_ceil(8).next_multiple_of(512);
+    sparse(foot.size, |out| {
+        let mut buf = vec![0u8; block as usize];
+        for (b, e) in table.chunks(4).enumerate() {
+            let s = u32::from_be_bytes(e.try_into().expect("4 bytes"));
+            let at = b as u64 * block;
+            if s == u32::MAX || at >= foot.size {
+                continue;
+            }
+            let n = (foot.size - at).min(block) as usize;
+            f.read_exact_at(&mut buf[..n], s as u64 * 512 + bitmap)?;
+            out.write_all_at(&buf[..n], at)?;
+        }
+        Ok(())
+    })
+}
