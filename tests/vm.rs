@@ -54,6 +54,18 @@ fn qcow2_and_vhds_pass_qemu_img_and_equal_the_raw_image() {
         "qcow2 version 3"
     );
     identical(&raw, &q, "qcow2");
+    // Compressed: clean, the same disk, smaller.
+    let c = forge_vm(d.path(), "c.qcow2", &["--compression", "deflate"]);
+    let chk = ok(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&c));
+    assert!(
+        chk.contains("No errors were found on the image") && chk.contains("compressed clusters"),
+        "{chk}"
+    );
+    assert!(!chk.contains(" 0.00% compressed clusters"), "{chk}");
+    identical(&raw, &c, "qcow2");
+    assert!(std::fs::metadata(&c).unwrap().len() < std::fs::metadata(&q).unwrap().len());
     for (name, ty) in [("f.vhd", "fixed"), ("d.vhd", "dynamic")] {
         let v = forge_vm(d.path(), name, &["--vhd-type", ty]);
         let i = info(&v, "vpc");
@@ -180,6 +192,11 @@ fn bad_vm_output_options_are_refused_and_nothing_is_left() {
     let e = err("x.vhd", &["--sector-size", "4096"]);
     assert!(
         e.contains("a VHD has 512-byte sectors; --sector-size 4096 does not apply"),
+        "{e}"
+    );
+    let e = err("x.vhd", &["--compression", "deflate"]);
+    assert!(
+        e.contains("x.vhd: --compression deflate applies to .qcow2 outputs only"),
         "{e}"
     );
     let e = err("x.vmdk", &[]);

@@ -86,15 +86,38 @@ fn qcow(f: &File) -> io::Result<(File, u64)> {
     sparse(q.size, |out| {
         let mut buf = vec![0u8; qcow2::CLUSTER as usize];
         for i in 0..q.size.div_ceil(qcow2::CLUSTER) {
-            if let qcow2::Entry::Data(h) = q.entry(i, &mut r)? {
-                let at = i * qcow2::CLUSTER;
-                let n = (q.size - at).min(qcow2::CLUSTER) as usize;
-                f.read_exact_at(&mut buf[..n], h * qcow2::CLUSTER)?;
-                out.write_all_at(&buf[..n], at)?;
+            let at = i * qcow2::CLUSTER;
+            let n = (q.size - at).min(qcow2::CLUSTER) as usize;
+            match q.entry(i, &mut r)? {
+                qcow2::Entry::Data(h) => {
+                    f.read_exact_at(&mut buf[..n], h * qcow2::CLUSTER)?;
+                    out.write_all_at(&buf[..n], at)?;
+                }
+                qcow2::Entry::Compressed { offset, len } => {
+                    let mut z = vec![0u8; len as usize];
+                    let got = f.read_at(&mut z, offset)?;
+                    inflate(&z[..got], &mut buf)?;
+                    out.write_all_at(&buf[..n], at)?;
+                }
+                _ => {}
             }
         }
         Ok(())
     })
+}
+
+/// A compressed cluster (raw deflate, QEMU's 4 KiB window) into `out`.
+fn inflate(z: &[u8], out: &mut [u8]) -> io::Result<()> {
+    let mut d = flate2::Decompress::new_with_window_bits(false, qcow2::DEFLATE_WINDOW_BITS);
+    d.decompress(z, out, flate2::FlushDecompress::Finish)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("qcow2: {e}")))?;
+    if d.total_out() != out.len() as u64 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "qcow2: a compressed cluster is short",
+        ));
+    }
+    Ok(())
 }
 
 fn dynamic_vhd(f: &File, foot: vhd::Footer) -> io::Result<(File, u64)> {
@@ -113,8 +136,11 @@ fn dynamic_vhd(f: &File, foot: vhd::Footer) -> io::Result<(File, u64)> {
     if block == 0 || !block.is_power_of_two() || block > 256 << 20 {
         return Err(bad("block size"));
     }
-    if entries.checked_mul(block).is_none_or(|n| n < foot.size) {
-        return Err(bad("the block table does not cover the disk"));
+    if foot.size > vhd::MAX_SIZE {
+        return Err(bad("a size larger than a VHD can describe"));
+    }
+    if entries.checked_mul(block).is_none_or(|n| n < foot.size) || entries > foot.size / block + 1 {
+        return Err(bad("the block table does not match the disk's size"));
     }
     let mut table = vec![0u8; (entries * 4) as usize];
     f.read_exact_at(&mut table, table_at)?;

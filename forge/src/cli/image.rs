@@ -22,6 +22,10 @@ pub struct ImageArgs {
     /// (only the 2 MiB blocks holding data; AWS import-snapshot).
     #[arg(long, value_parser = ["fixed", "dynamic"])]
     vhd_type: Option<String>,
+    /// .qcow2 outputs: `deflate` compresses each cluster (as qemu-img
+    /// convert -c), on every core; a cluster that does not shrink is stored plain.
+    #[arg(long, value_parser = ["deflate"])]
+    compression: Option<String>,
     /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
     #[arg(long, default_value = "/")]
     root: PathBuf,
@@ -108,6 +112,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
             "none" => None,
             s => Some(bytes(s, "--state-size")?),
         },
+        deflate: a.compression.is_some(),
         vhd_type: a.vhd_type.as_deref().map(|t| match t {
             "dynamic" => formats::vhd::Type::Dynamic,
             _ => formats::vhd::Type::Fixed,

@@ -56,6 +56,8 @@ pub struct Settings {
     pub unix_time: u32,
     /// The image file's own UUID (VHD), derived from the seed.
     pub uuid: [u8; 16],
+    /// qcow2: deflate-compressed clusters.
+    pub deflate: bool,
 }
 
 impl Default for Settings {
@@ -64,6 +66,7 @@ impl Default for Settings {
             zstd_level: 3,
             unix_time: 1,
             uuid: [0; 16],
+            deflate: false,
         }
     }
 }
@@ -110,7 +113,7 @@ impl Kind {
         Ok(match self {
             Kind::Raw => Box::new(raw::Raw::open(file, path)?),
             Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, s.zstd_level)),
-            Kind::Qcow2 => Box::new(qcow2::Qcow2::open(file, path)?),
+            Kind::Qcow2 => Box::new(qcow2::Qcow2::open(file, path, s.deflate)?),
             Kind::Vhd(t) => Box::new(vhd::Vhd::open(t, file, path, s.unix_time, s.uuid)?),
         })
     }

@@ -1,13 +1,21 @@
 //! qcow2 (version 3, 64 KiB clusters; `formats::qcow2`). Chunks come in
 //! image order; each guest cluster the filesystems wrote becomes, in one
 //! ascending pass, either a zero cluster (everything written there is
-//! zeros: the journal, zeroed tables) or the next data cluster, written
-//! with O_DIRECT (touched blocks only: the rest of a fresh file reads as
-//! zeros). Clusters nothing wrote stay unallocated. The tables follow the
-//! data and the header goes to cluster 0 last.
+//! zeros: the journal, zeroed tables) or data. Clusters nothing wrote stay
+//! unallocated. The tables follow the data and the header goes to
+//! cluster 0 last.
+//!
+//! Plain: each data cluster is the next host cluster, written with
+//! O_DIRECT (touched blocks only: the rest of a fresh file reads as
+//! zeros). `--compression deflate`: a chunk's clusters are compressed on
+//! every core (raw deflate, 4 KiB window, as QEMU reads it), packed one
+//! after another at any byte offset; a cluster that does not shrink is
+//! stored plain, at the next cluster boundary.
 
+use flate2::{Compress, Compression, FlushCompress};
+use rayon::prelude::*;
 use std::fs::File;
-use std::io;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -16,29 +24,128 @@ use formats::bmap::BLOCK;
 use formats::qcow2::{self, Entry, CLUSTER};
 
 pub(super) struct Qcow2 {
-    /// Data clusters (O_DIRECT where the filesystem allows).
+    /// Plain data clusters (O_DIRECT where the filesystem allows).
     data: File,
-    /// Tables and header (through the page cache).
+    /// Compressed data, in order (through the page cache).
+    packed: Option<BufWriter<File>>,
+    /// Tables and header.
     meta: File,
     size: u64,
     entries: Vec<Entry>,
-    /// The next free host cluster (0 is the header's).
-    next: u64,
+    /// Where the next data goes: a byte offset (cluster 0 is the header's).
+    pos: u64,
 }
 
 impl Qcow2 {
-    pub(super) fn open(file: &File, path: &Path) -> io::Result<Qcow2> {
+    pub(super) fn open(file: &File, path: &Path, compress: bool) -> io::Result<Qcow2> {
         let data = match formats::sys::open_direct_write(path)? {
             Some(f) => f,
             None => file.try_clone()?,
         };
+        let packed = if compress {
+            let mut f = file.try_clone()?;
+            f.seek(SeekFrom::Start(CLUSTER))?;
+            Some(BufWriter::with_capacity(4 << 20, f))
+        } else {
+            None
+        };
         Ok(Qcow2 {
             data,
+            packed,
             meta: file.try_clone()?,
             size: 0,
             entries: Vec::new(),
-            next: 1,
+            pos: CLUSTER,
         })
+    }
+}
+
+/// A cluster as raw deflate with QEMU's 4 KiB window, if that is smaller.
+fn deflate(cluster: &[u8]) -> Option<Vec<u8>> {
+    let mut c =
+        Compress::new_with_window_bits(Compression::default(), false, qcow2::DEFLATE_WINDOW_BITS);
+    let mut out = Vec::with_capacity(cluster.len());
+    match c.compress_vec(cluster, &mut out, FlushCompress::Finish) {
+        Ok(flate2::Status::StreamEnd) if out.len() < cluster.len() => Some(out),
+        _ => None,
+    }
+}
+
+/// What one guest cluster holds.
+enum Held {
+    Nothing,
+    Zeros,
+    /// Touched block runs `(first, past_last)`, relative to the cluster.
+    Data(Vec<(usize, usize)>),
+}
+
+impl Qcow2 {
+    /// Plain: the touched runs at the next host cluster.
+    fn put_plain(&mut self, c: &Chunk, lo: usize, runs: &[(usize, usize)]) -> io::Result<u64> {
+        let host = self.pos / CLUSTER;
+        self.pos += CLUSTER;
+        for r in runs {
+            let at = host * CLUSTER + (r.0 as u64) * BLOCK;
+            let b = &c.bytes()[(lo + r.0) * BLOCK as usize..(lo + r.1) * BLOCK as usize];
+            self.data
+                .write_all_at(b, at)
+                .map_err(|e| io::Error::new(e.kind(), format!("writing at byte {at}: {e}")))?;
+        }
+        Ok(host)
+    }
+
+    /// Compressed: every data cluster of the chunk compressed in
+    /// parallel, then packed in order.
+    fn put_packed(&mut self, c: &Chunk, held: &[(usize, Held)]) -> io::Result<()> {
+        let per = (CLUSTER / BLOCK) as usize;
+        let jobs: Vec<(usize, Vec<u8>)> = held
+            .iter()
+            .filter_map(|(k, h)| match h {
+                Held::Data(runs) => {
+                    let mut buf = vec![0u8; CLUSTER as usize];
+                    for r in runs {
+                        let (a, b) = (r.0 * BLOCK as usize, r.1 * BLOCK as usize);
+                        let from = k * per * BLOCK as usize;
+                        buf[a..b].copy_from_slice(&c.bytes()[from + a..from + b]);
+                    }
+                    Some((*k, buf))
+                }
+                _ => None,
+            })
+            .collect();
+        let done: Vec<(usize, Vec<u8>, Option<Vec<u8>>)> = jobs
+            .into_par_iter()
+            .map(|(k, buf)| {
+                let z = deflate(&buf);
+                (k, buf, z)
+            })
+            .collect();
+        let w = self
+            .packed
+            .as_mut()
+            .ok_or_else(|| io::Error::other("internal: qcow2: not compressing"))?;
+        for (k, buf, z) in done {
+            let guest = ((c.off + k as u64 * CLUSTER) / CLUSTER) as usize;
+            match z {
+                Some(z) => {
+                    w.write_all(&z)?;
+                    self.entries[guest] = Entry::Compressed {
+                        offset: self.pos,
+                        len: z.len() as u64,
+                    };
+                    self.pos += z.len() as u64;
+                }
+                None => {
+                    let pad = self.pos.next_multiple_of(CLUSTER) - self.pos;
+                    w.write_all(&crate::image::out::ZEROS[..pad as usize])?;
+                    self.pos += pad;
+                    w.write_all(&buf)?;
+                    self.entries[guest] = Entry::Data(self.pos / CLUSTER);
+                    self.pos += CLUSTER;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -56,42 +163,50 @@ impl Container for Qcow2 {
     fn chunk(&mut self, c: &Chunk, n: usize) -> io::Result<()> {
         let per = (CLUSTER / BLOCK) as usize;
         let runs: Vec<(usize, usize)> = c.touched_runs().collect();
-        let clusters = n.div_ceil(CLUSTER as usize);
-        for k in 0..clusters {
-            let (lo, hi) = (k * per, (k + 1) * per);
-            // The touched block runs inside this cluster.
-            let inside: Vec<(usize, usize)> = runs
-                .iter()
-                .filter(|r| r.0 < hi && r.1 > lo)
-                .map(|r| (r.0.max(lo), r.1.min(hi)))
-                .collect();
-            if inside.is_empty() {
-                continue;
+        let held: Vec<(usize, Held)> = (0..n.div_ceil(CLUSTER as usize))
+            .map(|k| {
+                let (lo, hi) = (k * per, (k + 1) * per);
+                let inside: Vec<(usize, usize)> = runs
+                    .iter()
+                    .filter(|r| r.0 < hi && r.1 > lo)
+                    .map(|r| (r.0.max(lo) - lo, r.1.min(hi) - lo))
+                    .collect();
+                let bytes = |r: &(usize, usize)| {
+                    &c.bytes()[(lo + r.0) * BLOCK as usize..(lo + r.1) * BLOCK as usize]
+                };
+                let h = if inside.is_empty() {
+                    Held::Nothing
+                } else if inside.iter().all(|r| bytes(r).iter().all(|&b| b == 0)) {
+                    Held::Zeros
+                } else {
+                    Held::Data(inside)
+                };
+                (k, h)
+            })
+            .collect();
+        for (k, h) in &held {
+            if let Held::Zeros = h {
+                self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] = Entry::Zero;
             }
-            let guest = ((c.off + k as u64 * CLUSTER) / CLUSTER) as usize;
-            let bytes = |r: &(usize, usize)| &c.bytes()[r.0 * BLOCK as usize..r.1 * BLOCK as usize];
-            if inside.iter().all(|r| bytes(r).iter().all(|&b| b == 0)) {
-                self.entries[guest] = Entry::Zero;
-                continue;
-            }
-            let host = self.next;
-            self.next += 1;
-            self.entries[guest] = Entry::Data(host);
-            for r in &inside {
-                let at = host * CLUSTER + ((r.0 - lo) as u64) * BLOCK;
-                self.data.write_all_at(bytes(r), at).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("writing cluster {guest} at byte {at}: {e}"),
-                    )
-                })?;
+        }
+        if self.packed.is_some() {
+            return self.put_packed(c, &held);
+        }
+        for (k, h) in &held {
+            if let Held::Data(inside) = h {
+                let host = self.put_plain(c, k * per, inside)?;
+                self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] =
+                    Entry::Data(host);
             }
         }
         Ok(())
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        let t = qcow2::tables(self.size, &self.entries, self.next);
+        if let Some(mut w) = self.packed.take() {
+            w.flush()?;
+        }
+        let t = qcow2::tables(self.size, &self.entries, self.pos);
         self.meta.set_len(t.file_len)?;
         self.meta.write_all_at(&t.bytes, t.first * CLUSTER)?;
         self.meta.write_all_at(&t.header, 0)

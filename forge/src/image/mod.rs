@@ -68,6 +68,9 @@ pub fn container_of(o: &Options) -> Result<container::Kind> {
         (_, Some(_)) => bail!("{out}: --vhd-type applies to .vhd outputs only"),
         _ => {}
     }
+    if o.deflate && kind != container::Kind::Qcow2 {
+        bail!("{out}: --compression deflate applies to .qcow2 outputs only");
+    }
     if matches!(kind, container::Kind::Vhd(_)) && o.sector_size != 512 {
         bail!(
             "{out}: a VHD has 512-byte sectors; --sector-size {} does not apply",
@@ -112,6 +115,8 @@ pub struct Options {
     pub disk_size: Option<u64>,
     /// `.vhd` outputs: fixed (None: the default) or dynamic.
     pub vhd_type: Option<formats::vhd::Type>,
+    /// `.qcow2` outputs: deflate-compressed clusters.
+    pub deflate: bool,
     pub sector_size: u32,
     pub firmware: Vec<PathBuf>,
     pub config_txt: Option<PathBuf>,
@@ -313,6 +318,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         zstd_level: o.zstd_level,
         unix_time: o.epoch,
         uuid: formats::seed::uuid(&seed, "image:uuid"),
+        deflate: o.deflate,
     };
     let container = kind
         .open(out.file(), &tmp, &settings)
