@@ -213,6 +213,7 @@ fn lay_into(kind: Kind, dir: &Path, name: &str, len: u64, host: &Path) -> Vec<u8
         zstd_level: 3,
         unix_time: 1_700_000_000,
         uuid: [5; 16],
+        deflate: false,
     };
     let mut w = ImageOut::new(kind.open(&f, &p, &s).unwrap(), ALL).unwrap();
     lay(&mut w, len, host);
