@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,flash",
+    ap.add_argument("--only", default="closure,ext4,image,sd,vm,flash",
                     help="comma-separated sections to run")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -95,6 +95,8 @@ def main():
         closure_bench(res, c, top, a)
     if "ext4" in only or "image" in only or "sd" in only:
         ext4_and_images(res, c, top, a, w, store, only)
+    if "vm" in only:
+        vm_bench(res, c, top, a, w)
     if "flash" in only:
         flash_bench(res, c, top, a, w)
     report(res, a, out)
@@ -288,6 +290,26 @@ def aarch64_corpus(c, top, a):
     return csd
 
 
+def vm_bench(res, c, top, a, w):
+    """VM disks (issue 13): forge writing qcow2 and VHD directly, against
+    forge's raw image alone and followed by qemu-img convert."""
+    print("VM disk images of the corpus", file=sys.stderr)
+    rm = f"rm -rf {w}/*"
+    img = f"{FORGE} image {top} --root {c} --format raw-efi"
+    res.append(measure("vm: forge raw .img", f"{img} -o {w}/x.img", a.runs, rm))
+    res.append(measure("vm: forge .qcow2", f"{img} -o {w}/x.qcow2", a.runs, rm))
+    res.append(measure("vm: forge raw + qemu-img convert -O qcow2",
+                       f"{img} -o {w}/x.img && qemu-img convert -O qcow2 {w}/x.img {w}/x.qcow2 && sync", a.runs, rm))
+    res.append(measure("vm: forge .vhd (fixed)", f"{img} -o {w}/x.vhd", a.runs, rm))
+    res.append(measure("vm: forge .qcow2 --compression deflate",
+                       f"{img} --compression deflate -o {w}/c.qcow2", a.runs, rm))
+    sh(f"{rm}; {img} -o {w}/x.img 2>/dev/null")
+    res.append(measure("vm: qemu-img convert -c -O qcow2 (of the raw image)",
+                       f"qemu-img convert -c -O qcow2 {w}/x.img {w}/c.qcow2 && sync", a.runs,
+                       f"rm -f {w}/c.qcow2"))
+    sh(rm)
+
+
 def flash_bench(res, c, top, a, w):
     """flash + verify of the corpus's raw-efi image to a loop device, against
     dd (no verify) and bmaptool copy, in the same run."""
@@ -324,6 +346,11 @@ def report(res, a, out):
         ("forge image / pipeline", "forge image --format raw-efi", "mkfs.vfat+mcopy+mkfs.ext4 -d+sgdisk+dd", "≤ 0.5"),
         ("forge image / tar + sync", "forge image --format raw-efi", "tar -cf OUT tree && sync", "≤ 1.2"),
         ("forge sd-aarch64 .zst / sd pipeline", "forge image --format sd-aarch64 -o .img.zst", "mkfs.ext4 -d+mkfs.vfat/mcopy+sfdisk+dd+zstd -T0 -3", "≤ 0.5"),
+        ("forge .qcow2 / raw + qemu-img convert", "vm: forge .qcow2", "vm: forge raw + qemu-img convert -O qcow2", "≤ 0.55"),
+        ("forge .qcow2 / forge raw", "vm: forge .qcow2", "vm: forge raw .img", "≤ 1.1"),
+        ("forge .vhd / forge raw", "vm: forge .vhd (fixed)", "vm: forge raw .img", "≤ 1.05"),
+        ("forge .qcow2 deflate / qemu-img convert -c", "vm: forge .qcow2 --compression deflate",
+         "vm: qemu-img convert -c -O qcow2 (of the raw image)", "≤ 0.5"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
     ]:

@@ -80,18 +80,36 @@ enum Held {
 }
 
 impl Qcow2 {
-    /// Plain: the touched runs at the next host cluster.
-    fn put_plain(&mut self, c: &Chunk, lo: usize, runs: &[(usize, usize)]) -> io::Result<u64> {
-        let host = self.pos / CLUSTER;
-        self.pos += CLUSTER;
-        for r in runs {
-            let at = host * CLUSTER + (r.0 as u64) * BLOCK;
-            let b = &c.bytes()[(lo + r.0) * BLOCK as usize..(lo + r.1) * BLOCK as usize];
+    /// Plain: each data cluster's touched runs at the next host cluster;
+    /// runs that are contiguous both in the chunk and in the file (whole
+    /// clusters one after another) go in one write.
+    fn put_plain(&mut self, c: &Chunk, held: &[(usize, Held)]) -> io::Result<()> {
+        let per = (CLUSTER / BLOCK) as usize;
+        // (file offset, chunk byte range), merged as they come.
+        let mut writes: Vec<(u64, usize, usize)> = Vec::new();
+        for (k, h) in held {
+            let Held::Data(runs) = h else { continue };
+            let host = self.pos / CLUSTER;
+            self.pos += CLUSTER;
+            self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] = Entry::Data(host);
+            for r in runs {
+                let at = host * CLUSTER + (r.0 as u64) * BLOCK;
+                let (a, b) = (
+                    (k * per + r.0) * BLOCK as usize,
+                    (k * per + r.1) * BLOCK as usize,
+                );
+                match writes.last_mut() {
+                    Some(w) if w.0 + (w.2 - w.1) as u64 == at && w.2 == a => w.2 = b,
+                    _ => writes.push((at, a, b)),
+                }
+            }
+        }
+        for (at, a, b) in writes {
             self.data
-                .write_all_at(b, at)
+                .write_all_at(&c.bytes()[a..b], at)
                 .map_err(|e| io::Error::new(e.kind(), format!("writing at byte {at}: {e}")))?;
         }
-        Ok(host)
+        Ok(())
     }
 
     /// Compressed: every data cluster of the chunk compressed in
@@ -192,14 +210,7 @@ impl Container for Qcow2 {
         if self.packed.is_some() {
             return self.put_packed(c, &held);
         }
-        for (k, h) in &held {
-            if let Held::Data(inside) = h {
-                let host = self.put_plain(c, k * per, inside)?;
-                self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] =
-                    Entry::Data(host);
-            }
-        }
-        Ok(())
+        self.put_plain(c, &held)
     }
 
     fn finish(&mut self) -> io::Result<()> {
