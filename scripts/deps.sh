@@ -14,8 +14,9 @@ pkgs=(
   gdisk fdisk                   # sgdisk -v, sfdisk -V
   bmap-tools zstd               # bmaptool, zstd -t
   ovmf qemu-system-x86          # UEFI boots
+  qemu-utils                    # qemu-img: judges qcow2 and VHD (check, info, compare)
   qemu-system-arm u-boot-qemu   # aarch64 boots through U-Boot
-  util-linux                    # losetup, partx, setpriv
+  util-linux                    # losetup, partx, setpriv, blkid, wipefs
   openssh-client                # ssh-keygen judges generated host keys
   hyperfine time                # make bench (time: peak RSS)
 )
@@ -44,6 +45,7 @@ for p in "${missing[@]}"; do
     # The machine may carry qemu-utils from backports, which breaks
     # bookworm's qemu-system-*: take the matching bookworm builds.
     qemu-system-x86|qemu-system-arm) install+=("$p" qemu-utils/bookworm qemu-system-common/bookworm) ;;
+    qemu-utils) install+=(qemu-utils/bookworm) ;;
     *) install+=("$p") ;;
   esac
 done
