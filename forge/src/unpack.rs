@@ -45,7 +45,8 @@ fn sparse(size: u64, fill: impl FnOnce(&File) -> io::Result<()>) -> io::Result<(
     Ok((out, size))
 }
 
-fn zstd(f: File) -> io::Result<(File, u64)> {
+fn zstd(mut f: File) -> io::Result<(File, u64)> {
+    f.seek(SeekFrom::Start(0))?; // open() measured the length at the end
     let mut d = zstd::stream::read::Decoder::new(f)?;
     let mut out = tempfile::tempfile()?;
     let mut buf = vec![0u8; 1 << 20];
