@@ -15,6 +15,7 @@ pkgs=(
   bmap-tools zstd               # bmaptool, zstd -t
   ovmf qemu-system-x86          # UEFI boots
   qemu-utils                    # qemu-img: judges qcow2 and VHD (check, info, compare)
+  libvirt-clients libxml2-utils # virsh (test:///default define), virt-xml-validate
   qemu-system-arm u-boot-qemu   # aarch64 boots through U-Boot
   util-linux                    # losetup, partx, setpriv, blkid, wipefs
   openssh-client                # ssh-keygen judges generated host keys

@@ -320,14 +320,25 @@ pub fn boot(arch: &str, image: &Path, sector: u32, timeout: std::time::Duration)
         .arg("--sparse=always")
         .arg(image)
         .arg(&disk));
-    let log = dir.path().join("serial.log");
     // QEMU's name for the container, from the image's name.
     let format = match image.extension().and_then(|e| e.to_str()) {
         Some("qcow2") => "qcow2",
         Some("vhd") => "vpc",
         _ => "raw",
     };
-    let drive = format!("if=none,id=d0,format={format},file={}", disk.display());
+    boot_disks(arch, &[(disk, format, false)], sector, timeout)
+}
+
+/// Boot `disks` (file, QEMU format, read-only), in place, as virtio disks
+/// vda, vdb, …; the serial log and the marker line.
+pub fn boot_disks(
+    arch: &str,
+    disks: &[(PathBuf, &str, bool)],
+    sector: u32,
+    timeout: std::time::Duration,
+) -> Boot {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
     let mut cmd = if arch == "x86_64" {
         let vars = dir.path().join("vars.fd");
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
@@ -358,13 +369,19 @@ pub fn boot(arch: &str, image: &Path, sector: u32, timeout: std::time::Duration)
         .args(["-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin"]);
         c
     };
-    cmd.arg("-drive")
-        .arg(drive)
-        .arg("-device")
-        .arg(format!(
-            "virtio-blk-pci,drive=d0,logical_block_size={sector},physical_block_size={sector}"
-        ))
-        .args(["-nic", "none", "-display", "none", "-no-reboot", "-serial"])
+    for (i, (file, format, ro)) in disks.iter().enumerate() {
+        cmd.arg("-drive")
+            .arg(format!(
+                "if=none,id=d{i},format={format},file={}{}",
+                file.display(),
+                if *ro { ",readonly=on" } else { "" }
+            ))
+            .arg("-device")
+            .arg(format!(
+                "virtio-blk-pci,drive=d{i},logical_block_size={sector},physical_block_size={sector}"
+            ));
+    }
+    cmd.args(["-nic", "none", "-display", "none", "-no-reboot", "-serial"])
         .arg(format!("file:{}", log.display()))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());

@@ -252,9 +252,10 @@ fn systemd_boot_entries(f: &File, off: u64) -> std::io::Result<Vec<BootEntry>> {
     Ok(out)
 }
 
-struct Region {
-    f: File,
-    off: u64,
+/// A filesystem at byte `off` of an image, for ext4-view.
+pub(crate) struct Region {
+    pub f: File,
+    pub off: u64,
 }
 
 impl ext4_view::Ext4Read for Region {

@@ -9,6 +9,7 @@ pub mod inspect;
 pub mod layout;
 pub mod output;
 pub mod unpack;
+pub mod vm;
 
 /// Where a library reports progress; the binaries decide how to show it.
 pub trait Progress {

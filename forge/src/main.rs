@@ -19,6 +19,8 @@ Examples:
   forge image ./result --format raw-efi -o disk.img
   forge image ./result --format raw-efi --disk-size 8G -o vm.img
   forge image ./result --format sd-aarch64 --firmware ./pi-firmware -o nixos.img.zst
+  forge image ./result --format raw-efi --state-size none -o base.qcow2
+  forge vm --base base.qcow2 --identities machines/ --generate-host-keys -o vms/
   forge inspect nixos.img.zst
   forge closure ./result --json
 
@@ -44,6 +46,9 @@ enum Cmd {
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
     Image(cli::image::ImageArgs),
+    /// Make VMs from one read-only base: a boot overlay, a /var disk, an
+    /// identity disk and a libvirt domain each; --upgrade keeps /var.
+    Vm(cli::vm::VmArgs),
     /// Read a disk image back (raw, .zst or a block device): table,
     /// partitions, filesystems, boot entries; warns when it is shorter than
     /// its table or its layout manifest is another image's.
@@ -91,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Ext4(a) => cli::ext4::run(a),
         Cmd::Fat(a) => cli::fat::run(a),
         Cmd::Image(a) => cli::image::run(a),
+        Cmd::Vm(a) => cli::vm::run(a),
         Cmd::Inspect { image, json } => {
             let r = forge::inspect::inspect(&image)?;
             if json {

@@ -134,11 +134,29 @@ impl AtomicOutput {
         map: Vec<(u64, u64)>,
         write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
     ) -> Result<()> {
+        self.write_image_as(
+            crate::container::Kind::Raw,
+            &Default::default(),
+            size,
+            map,
+            write,
+        )
+    }
+
+    /// The same, in the container `kind`.
+    pub fn write_image_as(
+        &mut self,
+        kind: crate::container::Kind,
+        settings: &crate::container::Settings,
+        size: u64,
+        map: Vec<(u64, u64)>,
+        write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
+    ) -> Result<()> {
         let what = || format!("writing {}", self.target.display());
-        let raw = crate::container::Kind::Raw
-            .open(&self.file, &self.temp_path(), &Default::default())
+        let c = kind
+            .open(&self.file, &self.temp_path(), settings)
             .with_context(what)?;
-        let mut w = ImageOut::new(raw, Hashes::default()).with_context(what)?;
+        let mut w = ImageOut::new(c, Hashes::default()).with_context(what)?;
         w.begin(size, map).with_context(what)?;
         write(&mut w)?;
         w.finish().with_context(what)?;

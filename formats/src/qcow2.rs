@@ -182,6 +182,65 @@ pub fn tables(size: u64, entries: &[Entry], data_end: u64) -> Tables {
     }
 }
 
+/// The header extension naming the backing file's format.
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// Where the backing file's name goes in the header cluster.
+const BACKING_NAME_AT: usize = 1024;
+
+/// A file as its non-zero pieces `(offset, bytes)` and its length.
+pub type Sparse = (Vec<(u64, Vec<u8>)>, u64);
+
+/// An overlay: a qcow2 image of `size` bytes, every cluster unallocated,
+/// reading through to `backing` (a path, relative to the overlay's
+/// directory or absolute) of format `format`. Returns the file's non-zero
+/// pieces `(offset, bytes)` and its length (the rest reads as zeros).
+pub fn overlay(size: u64, backing: &str, format: &str) -> Result<Sparse, String> {
+    if backing.is_empty() || backing.len() > 1023 || format.len() > 16 {
+        return Err(format!(
+            "backing file name of {} bytes (1..1023 fit)",
+            backing.len()
+        ));
+    }
+    let entries = vec![Entry::Unallocated; size.div_ceil(CLUSTER) as usize];
+    let t = tables(size, &entries, CLUSTER);
+    let mut h = t.header;
+    put64(&mut h, 8, BACKING_NAME_AT as u64);
+    put32(&mut h, 16, backing.len() as u32);
+    put32(&mut h, HEADER_LEN as usize, EXT_BACKING_FORMAT);
+    put32(&mut h, HEADER_LEN as usize + 4, format.len() as u32);
+    let at = HEADER_LEN as usize + 8;
+    h[at..at + format.len()].copy_from_slice(format.as_bytes());
+    // Then the end of the extensions (type 0, length 0): zeros.
+    h[BACKING_NAME_AT..BACKING_NAME_AT + backing.len()].copy_from_slice(backing.as_bytes());
+    let mut pieces = vec![(0, h[..BACKING_NAME_AT + backing.len()].to_vec())];
+    pieces.extend(
+        nonzero_blocks(&t.bytes, t.first * CLUSTER)
+            .into_iter()
+            .map(|(at, b)| (at, b.to_vec())),
+    );
+    Ok((pieces, t.file_len))
+}
+
+/// The non-zero 4 KiB blocks of `bytes` (to be placed at `at`), merged
+/// into runs: what must be written for the file to hold `bytes`, the rest
+/// left as holes that read as zeros (tables are mostly zeros).
+pub fn nonzero_blocks(bytes: &[u8], at: u64) -> Vec<(u64, &[u8])> {
+    let mut out: Vec<(u64, usize, usize)> = Vec::new();
+    for (i, b) in bytes.chunks(4096).enumerate() {
+        if b.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let (lo, hi) = (i * 4096, i * 4096 + b.len());
+        match out.last_mut() {
+            Some(r) if r.2 == lo => r.2 = hi,
+            _ => out.push((at + lo as u64, lo, hi)),
+        }
+    }
+    out.into_iter()
+        .map(|(o, lo, hi)| (o, &bytes[lo..hi]))
+        .collect()
+}
+
 /// A flat qcow2 image opened for reading.
 pub struct Reader {
     pub size: u64,

@@ -3,6 +3,7 @@
 pub mod ext4;
 pub mod fat;
 pub mod image;
+pub mod vm;
 
 use anyhow::{bail, Context, Result};
 

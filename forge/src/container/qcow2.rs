@@ -80,9 +80,9 @@ enum Held {
 }
 
 impl Qcow2 {
-    /// Plain: each data cluster's touched runs at the next host cluster;
-    /// runs that are contiguous both in the chunk and in the file (whole
-    /// clusters one after another) go in one write.
+    /// Plain: each data cluster's touched, non-zero blocks at the next host
+    /// cluster; blocks contiguous both in the chunk and in the file go in
+    /// one write.
     fn put_plain(&mut self, c: &Chunk, held: &[(usize, Held)]) -> io::Result<()> {
         let per = (CLUSTER / BLOCK) as usize;
         // (file offset, chunk byte range), merged as they come.
@@ -92,12 +92,15 @@ impl Qcow2 {
             let host = self.pos / CLUSTER;
             self.pos += CLUSTER;
             self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] = Entry::Data(host);
-            for r in runs {
-                let at = host * CLUSTER + (r.0 as u64) * BLOCK;
-                let (a, b) = (
-                    (k * per + r.0) * BLOCK as usize,
-                    (k * per + r.1) * BLOCK as usize,
-                );
+            // Block by block: a block of zeros stays a hole (a fresh file
+            // reads as zeros), taking no room on the host.
+            for blk in runs.iter().flat_map(|r| r.0..r.1) {
+                let at = host * CLUSTER + (blk as u64) * BLOCK;
+                let a = (k * per + blk) * BLOCK as usize;
+                let b = a + BLOCK as usize;
+                if c.bytes()[a..b].iter().all(|&x| x == 0) {
+                    continue;
+                }
                 match writes.last_mut() {
                     Some(w) if w.0 + (w.2 - w.1) as u64 == at && w.2 == a => w.2 = b,
                     _ => writes.push((at, a, b)),
@@ -219,7 +222,13 @@ impl Container for Qcow2 {
         }
         let t = qcow2::tables(self.size, &self.entries, self.pos);
         self.meta.set_len(t.file_len)?;
-        self.meta.write_all_at(&t.bytes, t.first * CLUSTER)?;
-        self.meta.write_all_at(&t.header, 0)
+        // Tables and header are mostly zeros: those blocks stay holes.
+        for (at, b) in qcow2::nonzero_blocks(&t.bytes, t.first * CLUSTER) {
+            self.meta.write_all_at(b, at)?;
+        }
+        for (at, b) in qcow2::nonzero_blocks(&t.header, 0) {
+            self.meta.write_all_at(b, at)?;
+        }
+        Ok(())
     }
 }

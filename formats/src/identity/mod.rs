@@ -56,6 +56,9 @@ pub struct Generate {
     pub hostname: Option<String>,
     pub machine_id: Option<MachineId>,
     pub host_key: bool,
+    /// With `host_key`: a pair generated before (private file, `.pub`
+    /// line), kept instead of making a new one (a VM's upgrade).
+    pub keep_host_key: Option<(Vec<u8>, String)>,
 }
 
 /// A generated host key's public half, for the operator to pin.
@@ -157,12 +160,22 @@ pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityErr
                 }));
             }
         }
-        let (private, public, fingerprint) = ed25519_pair(random()?)?;
-        tree.insert(
-            ROOT,
-            b"ssh_host_ed25519_key",
-            file(private.into_bytes(), 0o600),
-        )?;
+        let (private, public, fingerprint) = match &gen.keep_host_key {
+            Some((private, public)) => (
+                private.clone(),
+                public.trim_end().to_string(),
+                fingerprint_of(public).ok_or_else(|| {
+                    IdentityError::Random(
+                        "the kept host key's public line is not ssh-ed25519".into(),
+                    )
+                })?,
+            ),
+            None => {
+                let (private, public, fingerprint) = ed25519_pair(random()?)?;
+                (private.into_bytes(), public, fingerprint)
+            }
+        };
+        tree.insert(ROOT, b"ssh_host_ed25519_key", file(private, 0o600))?;
         tree.insert(
             ROOT,
             b"ssh_host_ed25519_key.pub",
@@ -307,6 +320,23 @@ fn ed25519_pair(secret: [u8; 32]) -> Result<(String, String, String), IdentityEr
         base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
     );
     Ok((pem, public, fingerprint))
+}
+
+/// `SHA256:…` of an OpenSSH public key line, as `ssh-keygen -l` shows it.
+pub fn fingerprint_of(public: &str) -> Option<String> {
+    use base64::Engine;
+    let mut f = public.split_whitespace();
+    if f.next()? != "ssh-ed25519" {
+        return None;
+    }
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(f.next()?)
+        .ok()?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&blob);
+    Some(format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    ))
 }
 
 #[cfg(test)]

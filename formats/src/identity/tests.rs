@@ -80,6 +80,7 @@ fn generated_items_fill_gaps_and_a_seeded_machine_id_is_stable() {
             purpose: "vm1".into(),
         }),
         host_key: false,
+        keep_host_key: None,
     };
     let a = build(None, &g).unwrap();
     let b = build(None, &g).unwrap();
@@ -127,12 +128,32 @@ fn a_generated_host_key_is_one_ssh_keygen_reads_and_each_is_new() {
     };
     let a = build(None, &g).unwrap();
     let b = build(None, &g).unwrap();
-    let ka = a.host_key.unwrap();
+    let ka = a.host_key.clone().unwrap();
     assert_ne!(
         ka.public,
         b.host_key.unwrap().public,
         "keys come from the OS's randomness"
     );
+    // A kept pair comes back unchanged, with the same fingerprint.
+    let private = match &node(&a.tree, b"ssh_host_ed25519_key").kind {
+        Kind::File {
+            content: Content::Bytes(b),
+            ..
+        } => b.to_vec(),
+        _ => panic!("a generated file"),
+    };
+    let kept = build(
+        None,
+        &Generate {
+            host_key: true,
+            keep_host_key: Some((private.clone(), format!("{}\n", ka.public))),
+            ..Generate::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(kept.host_key.as_ref().unwrap().fingerprint, ka.fingerprint);
+    assert!(matches!(&node(&kept.tree, b"ssh_host_ed25519_key").kind,
+        Kind::File { content: Content::Bytes(b), .. } if b[..] == private[..]));
     let Kind::File {
         content: Content::Bytes(private),
         ..
