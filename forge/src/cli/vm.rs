@@ -8,7 +8,7 @@ use forge::vm::{self, Machine};
 #[derive(clap::Args)]
 pub struct VmArgs {
     /// The VM's name (its files are NAME-boot.qcow2, NAME-var.qcow2,
-    /// NAME-identity.qcow2 and NAME.xml); or use --identities.
+    /// NAME-identity.img and NAME.xml); or use --identities.
     name: Option<String>,
     /// The read-only base: a flat qcow2 image (e.g. `forge image SYSTEM
     /// --format raw-efi --state-size none -o base.qcow2`).

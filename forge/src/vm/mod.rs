@@ -1,10 +1,11 @@
 //! Immutable VM fleets: from one read-only base (a flat qcow2), per VM a
-//! boot overlay backed by the base, a /var disk (ext4 labelled `state`,
-//! created once, never rewritten), a small read-only identity disk (ext4
-//! labelled `identity`, mounted at /var/identity; regenerated on every
-//! upgrade) and a libvirt domain (`domain.rs`). Every disk is qcow2;
-//! filesystems come from our ext4 writer, so zero ranges (the journal)
-//! are zero clusters and a fresh VM's disks take a few hundred KiB.
+//! boot overlay backed by the base, a /var disk (qcow2, ext4 labelled
+//! `state`, created once, never rewritten), a small read-only identity
+//! disk (a sparse raw image, ext4 labelled `identity`, mounted at
+//! /var/identity; regenerated on every upgrade) and a libvirt domain
+//! (`domain.rs`). Filesystems come from our ext4 writer, so zero ranges
+//! (the journal) are zero clusters or holes and a fresh VM's files take
+//! about 230 KiB on the host.
 //!
 //! All outputs of a call are written unnamed and committed together at
 //! the end, so a failure leaves nothing; an upgrade refuses disks that a
@@ -90,7 +91,7 @@ fn paths(out: &Path, name: &str) -> Paths {
     Paths {
         boot: out.join(format!("{name}-boot.qcow2")),
         var: out.join(format!("{name}-var.qcow2")),
-        identity: out.join(format!("{name}-identity.qcow2")),
+        identity: out.join(format!("{name}-identity.img")),
         xml: out.join(format!("{name}.xml")),
     }
 }
@@ -166,11 +167,17 @@ fn old_host_key(disk: &Path) -> Option<(Vec<u8>, String)> {
     Some((private, public))
 }
 
-/// An ext4 filesystem of `tree` into a qcow2 output.
-fn ext4_disk(path: &Path, tree: &Tree, opts: &ext4::Options, s: &Settings) -> Result<AtomicOutput> {
+/// An ext4 filesystem of `tree` into an output in container `kind`.
+fn ext4_disk(
+    path: &Path,
+    kind: Kind,
+    tree: &Tree,
+    opts: &ext4::Options,
+    s: &Settings,
+) -> Result<AtomicOutput> {
     let plan = ext4::plan(tree, opts).with_context(|| format!("planning {}", path.display()))?;
     let mut out = AtomicOutput::create(path)?;
-    out.write_image_as(Kind::Qcow2, s, plan.size_bytes(), plan.mapped(), |w| {
+    out.write_image_as(kind, s, plan.size_bytes(), plan.mapped(), |w| {
         plan.write(w, 0)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
@@ -273,13 +280,25 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             false,
             o.epoch,
         );
-        outputs.push(ext4_disk(&p.identity, &id.tree, &id_opts, &settings)?);
+        outputs.push(ext4_disk(
+            &p.identity,
+            Kind::Raw,
+            &id.tree,
+            &id_opts,
+            &settings,
+        )?);
         // /var: created once.
         let var_kept = p.var.exists();
         if !var_kept {
             let var_opts =
                 ext4::Options::from_seed(&seed, "state", Size::Fixed(o.var_size), true, o.epoch);
-            outputs.push(ext4_disk(&p.var, &Tree::new(0o755), &var_opts, &settings)?);
+            outputs.push(ext4_disk(
+                &p.var,
+                Kind::Qcow2,
+                &Tree::new(0o755),
+                &var_opts,
+                &settings,
+            )?);
         }
         // The boot overlay.
         let (pieces, len) = formats::qcow2::overlay(size, &backing, "qcow2")
@@ -313,7 +332,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
                 },
                 Disk {
                     file: p.identity.clone(),
-                    format: "qcow2",
+                    format: "raw",
                     backing: None,
                     read_only: true,
                     target: "vdc".into(),
