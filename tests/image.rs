@@ -574,13 +574,7 @@ fn the_layout_manifest_is_the_json_report_and_inspect_reads_it_back() {
     assert_eq!(m["version"], 1);
     assert_eq!(m["identity"]["partition"], 3);
     assert_eq!(m["identity"]["path"], "identity");
-    let roles: Vec<&str> = m["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["role"].as_str().unwrap())
-        .collect();
-    assert_eq!(roles, ["esp", "root", "state"]);
+    assert_eq!(roles(&m), ["esp", "root", "state"]);
     let mut r: Value =
         serde_json::from_str(&ok(forge().arg("inspect").arg(&im.img).arg("--json"))).unwrap();
     let mut want = m.clone();

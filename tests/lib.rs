@@ -122,6 +122,16 @@ pub fn fails(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The partitions' roles in a layout manifest (or `--json`), in order.
+pub fn roles(layout: &serde_json::Value) -> Vec<String> {
+    layout["partitions"]
+        .as_array()
+        .expect("a partitions array")
+        .iter()
+        .map(|p| p["role"].as_str().expect("a role").to_string())
+        .collect()
+}
+
 /// The one error line of a failed run's stderr: exactly one line starts
 /// with `error:`, it is the last, and every other line is progress
 /// (`forge: [..]` stages) or a `warning:`.

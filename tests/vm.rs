@@ -155,13 +155,7 @@ fn base_image_without_a_state_partition() {
     let m: Value =
         serde_json::from_slice(&std::fs::read(format!("{}.layout.json", q.display())).unwrap())
             .unwrap();
-    let roles: Vec<&str> = m["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["role"].as_str().unwrap())
-        .collect();
-    assert_eq!(roles, ["esp", "root"]);
+    assert_eq!(roles(&m), ["esp", "root"]);
     assert!(m.get("identity").is_none());
     let chk = ok(Command::new("qemu-img").args(["check"]).arg(&q));
     assert!(chk.contains("No errors"), "{chk}");
