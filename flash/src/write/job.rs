@@ -212,6 +212,9 @@ pub(super) fn device_job(
         if write {
             sink.sync().with_context(|| format!("syncing {name}"))?;
             meter.reached("head");
+            if opts.stop.load(Ordering::Relaxed) {
+                return Err(Interrupted.into());
+            }
         }
         // Then the first MiB, in the sector-aligned pieces that were mapped.
         for (o, l) in merge_sectors(head_mapped.clone(), lbs, head.len() as u64) {
