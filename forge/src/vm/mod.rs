@@ -255,19 +255,26 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             uuid: formats::seed::uuid(&seed, "image:uuid"),
             ..Settings::default()
         };
-        // Identity: the directory, plus what was asked for.
+        // Identity: the directory, plus what was asked for. A host key
+        // generated before stays (also without --generate-host-keys),
+        // unless the directory now brings its own.
+        let own_key = m
+            .identity
+            .as_ref()
+            .is_some_and(|d| d.join("ssh_host_ed25519_key").exists());
+        let kept = if own_key {
+            None
+        } else {
+            old_host_key(&p.identity)
+        };
         let gen = Generate {
             hostname: o.hostname.then(|| m.name.clone()),
             machine_id: Some(MachineId::Seeded {
                 seed: o.seed.clone(),
                 purpose: format!("vm:{}", m.name),
             }),
-            host_key: o.host_keys,
-            keep_host_key: if o.host_keys {
-                old_host_key(&p.identity)
-            } else {
-                None
-            },
+            host_key: o.host_keys || kept.is_some(),
+            keep_host_key: kept,
         };
         let id = identity::build(m.identity.as_deref(), &gen)
             .with_context(|| format!("the identity of VM {}", m.name))?;
