@@ -265,6 +265,86 @@ fn load_and_verify(store: &Path, reg: &[u8], sys: &System) {
 }
 
 #[test]
+fn the_root_holds_a_nix_database_that_nix_uses_as_it_is() {
+    let _g = privileged();
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let im = forge_image(&sys, 512, &["--root-mode", "rw"]);
+    let root = d.path().join("root.img");
+    im.extract(2, &root);
+    let db = |img: &Path| {
+        Command::new("debugfs")
+            .args(["-R", "cat /nix/var/nix/db/db.sqlite"])
+            .arg(img)
+            .output()
+            .unwrap()
+            .stdout
+    };
+    let first = db(&root);
+    assert!(
+        first.starts_with(b"SQLite format 3\0"),
+        "a database in the root"
+    );
+    {
+        // Mounted read-write by the kernel; no `nix-store --load-db`.
+        let m = Mounted::ext4(&root, 0, "rw");
+        let store = format!("local?root={}", m.path().display());
+        let nix = |args: &[&str]| {
+            ok(Command::new("nix-store")
+                .args(["--store", &store])
+                .args(args))
+        };
+        nix(&["--verify", "--check-contents"]);
+        let ours = nix(&["-qR", &sys.toplevel]);
+        let theirs = sys.nix_store(&["-qR", &sys.toplevel]);
+        let sorted = |s: &str| {
+            let mut v: Vec<String> = s.lines().map(String::from).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            sorted(&ours),
+            sorted(&theirs),
+            "the closure, as Nix reads it"
+        );
+        for p in sorted(&theirs) {
+            for q in ["--hash", "--size", "--references"] {
+                assert_eq!(
+                    sorted(&nix(&["-q", q, &p])),
+                    sorted(&sys.nix_store(&["-q", q, &p])),
+                    "{q} {p}"
+                );
+            }
+        }
+    }
+    ok(Command::new("e2fsck").arg("-fn").arg(&root));
+    // Built again: the same database, byte for byte.
+    let again = forge_image(&sys, 512, &["--root-mode", "rw"]);
+    let root2 = d.path().join("root2.img");
+    again.extract(2, &root2);
+    assert!(db(&root2) == first, "deterministic");
+}
+
+#[test]
+fn the_image_does_not_depend_on_how_the_closure_was_found() {
+    // The fixture store has a Nix database (derivers known); its copy has
+    // none (references found by scanning). Same image, byte for byte.
+    let sys = system("x86_64");
+    let with_db = forge_image(&sys, 512, &[]);
+    let copy = store_copy(&sys);
+    let d = tempfile::tempdir().unwrap();
+    let scanned = d.path().join("disk.img");
+    ok(forge()
+        .arg("image")
+        .arg(&sys.toplevel)
+        .arg("--root")
+        .arg(copy.path())
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&scanned));
+    assert_eq!(sha256_file(&scanned), sha256_file(&with_db.img));
+}
+
+#[test]
 fn registration_loads_into_the_root_and_verifies() {
     let _g = privileged();
     let sys = system("x86_64");

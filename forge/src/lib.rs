@@ -7,6 +7,7 @@ pub mod container;
 pub mod image;
 pub mod inspect;
 pub mod layout;
+pub mod nixdb;
 pub mod output;
 pub mod unpack;
 pub mod vm;

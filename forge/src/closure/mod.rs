@@ -292,8 +292,13 @@ fn scan_closure(
 impl Closure {
     /// Text that `nix-store --load-db` accepts (and that forged images
     /// carry as `/nix-path-registration`).
+    /// The registration without derivers, as images carry it.
+    pub fn registration_for_image(&self) -> String {
+        registration::render(&self.paths, false)
+    }
+
     pub fn registration(&self) -> String {
-        registration::render(&self.paths)
+        registration::render(&self.paths, true)
     }
 
     pub fn total_nar_size(&self) -> u64 {

@@ -9,7 +9,11 @@ use std::path::Path;
 use super::{ClosureError, Graph, Node, PathInfo};
 use formats::nar::format_hash;
 
-pub fn render(paths: &[PathInfo]) -> String {
+/// The registration text; with `derivers` false every deriver line is
+/// empty (what an image carries: forge knows derivers only from a Nix
+/// database, and the image's bytes must not depend on how the closure was
+/// found).
+pub fn render(paths: &[PathInfo], derivers: bool) -> String {
     let mut s = String::new();
     for p in paths {
         s.push_str(&p.path);
@@ -18,7 +22,9 @@ pub fn render(paths: &[PathInfo]) -> String {
         s.push('\n');
         s.push_str(&p.nar_size.to_string());
         s.push('\n');
-        s.push_str(p.deriver.as_deref().unwrap_or(""));
+        if derivers {
+            s.push_str(p.deriver.as_deref().unwrap_or(""));
+        }
         s.push('\n');
         s.push_str(&p.references.len().to_string());
         s.push('\n');

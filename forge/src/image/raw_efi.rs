@@ -22,7 +22,7 @@ pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
         trees::check_efi_stub(&i.store.physical(&s.kernel), &s.kernel)?;
     }
     let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, i.o.epoch, i.o.loader_timeout)?;
-    let root = trees::root_tree(i.store, i.c)?;
+    let root = trees::root_tree(i.store, i.c, i.o.epoch)?;
     Ok(vec![esp, root, Tree::new(0o755)])
 }
 

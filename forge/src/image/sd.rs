@@ -176,7 +176,7 @@ pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
     }
     let fw = firmware_tree(i.o, i.store)?;
     check_firmware(i.o, i.store, &fw)?;
-    let mut root = trees::root_tree(i.store, i.c)?;
+    let mut root = trees::root_tree(i.store, i.c, i.o.epoch)?;
     trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout)?;
     Ok(vec![fw, root, Tree::new(0o755)])
 }

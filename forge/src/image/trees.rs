@@ -59,7 +59,7 @@ fn symlink_node(target: &str) -> Node {
 
 /// The root filesystem: the closure in /nix/store, its registration, the
 /// system profile links and the mount points.
-pub fn root_tree(store: &Store, closure: &Closure) -> Result<Tree> {
+pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
     let mut t = Tree::new(0o755);
     let sd = t.mkdir_p(b"/nix/store", 0o755)?;
     let n = &mut t.nodes[sd];
@@ -78,7 +78,20 @@ pub fn root_tree(store: &Store, closure: &Closure) -> Result<Tree> {
     t.insert(
         ROOT,
         b"nix-path-registration",
-        bytes_node(closure.registration(), 0o444),
+        bytes_node(closure.registration_for_image(), 0o444),
+    )?;
+    // A Nix database the closure's Nix opens as it is: the booted system
+    // needs no first-boot `nix-store --load-db`.
+    let db = t.mkdir_p(b"/nix/var/nix/db", 0o755)?;
+    t.insert(
+        db,
+        b"db.sqlite",
+        bytes_node(crate::nixdb::sqlite(&closure.paths, epoch)?, 0o644),
+    )?;
+    t.insert(
+        db,
+        b"schema",
+        bytes_node(crate::nixdb::SCHEMA_VERSION.as_bytes().to_vec(), 0o644),
     )?;
     let profiles = t.mkdir_p(b"/nix/var/nix/profiles", 0o755)?;
     t.insert(profiles, b"system-1-link", symlink_node(&closure.toplevel))?;
