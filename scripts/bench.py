@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,flash",
+    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,info,flash",
                     help="comma-separated sections to run")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -99,6 +99,8 @@ def main():
         vm_bench(res, c, top, a, w)
     if "fleet" in only:
         fleet_bench(res, c, top, a, w)
+    if "info" in only:
+        info_bench(res, c, top, a, w)
     if "flash" in only:
         flash_bench(res, c, top, a, w)
     report(res, a, out)
@@ -335,6 +337,24 @@ def fleet_bench(res, c, top, a, w):
     sh(f"rm -rf {vms}")
 
 
+def info_bench(res, c, top, a, w):
+    """With closure-info (issue 16) Nix's hashes are taken and each file is
+    read once: raw-efi from closure-info against scan mode (which hashes
+    every NAR), and against reading the closure once with tar."""
+    print("raw-efi from closure-info", file=sys.stderr)
+    info = c + "-closure-info"
+    if not os.path.exists(os.path.join(info, "registration")):
+        os.makedirs(info, exist_ok=True)
+        sh(f"{FORGE} closure {top} --root {c} --registration > {info}/registration")
+        shutil.copy(os.path.join(c, "closure-paths"), os.path.join(info, "store-paths"))
+    rm = f"rm -rf {w}/*"
+    img = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/x.img"
+    res.append(measure("info: forge image, closure-info", f"{img} --closure-info {info}", a.runs, rm))
+    res.append(measure("info: forge image, scan mode", img, a.runs, rm))
+    res.append(measure("info: tar of the store, piped to /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null", a.runs))
+    sh(rm)
+
+
 def flash_bench(res, c, top, a, w):
     """flash + verify of the corpus's raw-efi image to a loop device, against
     dd (no verify) and bmaptool copy, in the same run."""
@@ -376,6 +396,8 @@ def report(res, a, out):
         ("forge .vhd / forge raw", "vm: forge .vhd (fixed)", "vm: forge raw .img", "≤ 1.05"),
         ("forge .qcow2 deflate / qemu-img convert -c", "vm: forge .qcow2 --compression deflate",
          "vm: qemu-img convert -c -O qcow2 (of the raw image)", "≤ 0.5"),
+        ("forge image closure-info / scan mode", "info: forge image, closure-info", "info: forge image, scan mode", "≤ 0.7"),
+        ("forge image closure-info / tar once", "info: forge image, closure-info", "info: tar of the store, piped to /dev/null", "≤ 1.2"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
     ]:

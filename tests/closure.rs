@@ -63,8 +63,16 @@ fn copy_store(sys: &System, with_db: bool, hardlink: bool) -> tempfile::TempDir 
 }
 
 fn check_against_nix(arch: &'static str) {
+    // Taking Nix's recorded hashes (the NAR sizes from metadata), and
+    // hashing every NAR ourselves: both as `nix-store --dump` gives them.
+    for extra in [&[][..], &["--verify-nar"][..]] {
+        check_against_nix_with(arch, extra);
+    }
+}
+
+fn check_against_nix_with(arch: &'static str, extra: &[&str]) {
     let sys = system(arch);
-    let c = closure_json(&sys.result, &sys.root, &[]);
+    let c = closure_json(&sys.result, &sys.root, extra);
     assert_eq!(c["source"], "nix-db");
     assert_eq!(c["toplevel"], sys.toplevel.as_str());
     let ours = paths_of(&c);
@@ -97,6 +105,59 @@ fn check_against_nix(arch: &'static str) {
         let nix_refs = lines(&sys.nix_store(&["-q", "--references", path]));
         assert_eq!(refs_of(p), nix_refs, "references of {path}");
     }
+}
+
+#[test]
+fn recorded_hashes_are_taken_sizes_checked_and_verify_nar_hashes() {
+    let sys = system("x86_64");
+    let copy = copy_store(&sys, true, false);
+    let boot: Value = serde_json::from_slice(
+        &std::fs::read(sys.physical(&format!("{}/boot.json", sys.toplevel))).unwrap(),
+    )
+    .unwrap();
+    let initrd = boot["org.nixos.bootspec.v1"]["initrd"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let f = copy.path().join(initrd.trim_start_matches('/'));
+    // One byte changed, the size kept: the recorded hash is taken as it is
+    // (nothing is read), and --verify-nar finds the change.
+    let mut b = std::fs::read(&f).unwrap();
+    b[100] ^= 0xFF;
+    std::fs::write(&f, &b).unwrap();
+    let c = closure_json(&sys.result, copy.path(), &[]);
+    let theirs = closure_json(&sys.result, &sys.root, &[]);
+    assert_eq!(c["paths"], theirs["paths"]);
+    let e = fails(
+        forge()
+            .arg("closure")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(copy.path())
+            .arg("--verify-nar"),
+    );
+    let store_path = initrd.rsplit_once('/').unwrap().0;
+    let e = the_error(&e);
+    assert!(
+        e.contains(store_path) && e.contains("contents hash to"),
+        "{e}"
+    );
+    // A size that changed is found without hashing (a NAR pads contents
+    // to 8 bytes: grow the file by 8).
+    b.extend([0u8; 8]);
+    std::fs::write(&f, &b).unwrap();
+    let e = fails(
+        forge()
+            .arg("closure")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(copy.path()),
+    );
+    let e = the_error(&e);
+    assert!(
+        e.contains(store_path) && e.contains("its NAR is") && e.contains("records"),
+        "{e}"
+    );
 }
 
 #[test]

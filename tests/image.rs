@@ -342,6 +342,30 @@ fn the_image_does_not_depend_on_how_the_closure_was_found() {
         .args(["--format", "raw-efi", "-o"])
         .arg(&scanned));
     assert_eq!(sha256_file(&scanned), sha256_file(&with_db.img));
+    // And from closure-info (registration and store-paths, as nixpkgs'
+    // closureInfo writes them), reading each file once.
+    let info = d.path().join("closure-info");
+    std::fs::create_dir(&info).unwrap();
+    let reg = ok(forge()
+        .arg("closure")
+        .arg(&sys.toplevel)
+        .arg("--root")
+        .arg(&sys.root)
+        .arg("--registration"));
+    std::fs::write(info.join("registration"), &reg).unwrap();
+    let listed = sys.nix_store(&["-qR", &sys.toplevel]);
+    std::fs::write(info.join("store-paths"), listed).unwrap();
+    let from_info = d.path().join("info.img");
+    ok(forge()
+        .arg("image")
+        .arg(&sys.toplevel)
+        .arg("--root")
+        .arg(copy.path())
+        .arg("--closure-info")
+        .arg(&info)
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&from_info));
+    assert_eq!(sha256_file(&from_info), sha256_file(&with_db.img));
 }
 
 #[test]

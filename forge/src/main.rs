@@ -71,6 +71,10 @@ struct ClosureArgs {
     /// nixpkgs closureInfo output (store-paths, registration) to take references from.
     #[arg(long, value_name = "DIR")]
     closure_info: Option<PathBuf>,
+    /// Hash every NAR even where Nix recorded the hash (by default only the
+    /// sizes are checked, from the trees' metadata).
+    #[arg(long)]
+    verify_nar: bool,
     /// Print the closure as JSON.
     #[arg(long)]
     json: bool,
@@ -115,6 +119,7 @@ fn closure(a: ClosureArgs) -> Result<()> {
         &forge::closure::Options {
             root: a.root,
             closure_info: a.closure_info,
+            verify_nar: a.verify_nar,
         },
     )
     .with_context(|| format!("reading the closure of {}", a.system.display()))?;

@@ -28,6 +28,28 @@ pub fn encode(bytes: &[u8]) -> String {
     out
 }
 
+/// The `n` bytes `s` encodes, or None if it is not a valid encoding of
+/// that many bytes.
+pub fn decode(s: &str, n: usize) -> Option<Vec<u8>> {
+    let len = encoded_len(n);
+    if s.len() != len {
+        return None;
+    }
+    let mut out = vec![0u8; n];
+    for (k, c) in s.bytes().enumerate() {
+        let v = ALPHABET.iter().position(|&a| a == c)? as u16;
+        let b = (len - 1 - k) * 5;
+        let (i, j) = (b / 8, b % 8);
+        let w = v << j;
+        out[i] |= w as u8;
+        let carry = (w >> 8) as u8;
+        if carry != 0 {
+            *out.get_mut(i + 1)? |= carry;
+        }
+    }
+    Some(out)
+}
+
 /// Is `c` a character of the alphabet?
 #[inline]
 pub fn is_char(c: u8) -> bool {
@@ -47,6 +69,16 @@ static IS_CHAR: [bool; 256] = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_inverts_encode() {
+        for n in [20usize, 32] {
+            let b: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(decode(&encode(&b), n).unwrap(), b);
+        }
+        assert!(decode("e", 1).is_none());
+        assert!(decode(&"z".repeat(52), 32).is_none(), "bits past the end");
+    }
 
     #[test]
     fn sha256_of_empty_string_matches_nix() {

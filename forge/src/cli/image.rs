@@ -74,6 +74,16 @@ pub struct ImageArgs {
     /// systemd-boot menu timeout in seconds (loader.conf).
     #[arg(long, default_value_t = 0)]
     loader_timeout: u32,
+    /// nixpkgs' closureInfo output (store-paths, registration) to take the
+    /// closure, its NAR hashes and sizes from (else the Nix database under
+    /// --root, or scanning).
+    #[arg(long, value_name = "DIR")]
+    closure_info: Option<PathBuf>,
+    /// Hash every NAR even where Nix recorded the hash (a Nix database or
+    /// closure-info); by default only the sizes are checked and each file
+    /// is read once.
+    #[arg(long)]
+    verify_nar: bool,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -113,6 +123,8 @@ pub fn run(a: ImageArgs) -> Result<()> {
             s => Some(bytes(s, "--state-size")?),
         },
         deflate: a.compression.is_some(),
+        closure_info: a.closure_info,
+        verify_nar: a.verify_nar,
         vhd_type: a.vhd_type.as_deref().map(|t| match t {
             "dynamic" => formats::vhd::Type::Dynamic,
             _ => formats::vhd::Type::Fixed,

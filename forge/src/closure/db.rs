@@ -21,7 +21,7 @@ pub(super) fn closure(db: &Path, toplevel: &str) -> Result<Graph, ClosureError> 
     )
     .map_err(err)?;
     let mut info = conn
-        .prepare("SELECT id, hash, deriver FROM ValidPaths WHERE path = ?1")
+        .prepare("SELECT id, hash, deriver, narSize FROM ValidPaths WHERE path = ?1")
         .map_err(err)?;
     let mut refs = conn
         .prepare(
@@ -35,11 +35,14 @@ pub(super) fn closure(db: &Path, toplevel: &str) -> Result<Graph, ClosureError> 
         if nodes.contains_key(&path) {
             continue;
         }
-        let row: Option<(i64, String, Option<String>)> = info
-            .query_row([&path], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        type Row = (i64, String, Option<String>, Option<i64>);
+        let row: Option<Row> = info
+            .query_row([&path], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()
             .map_err(err)?;
-        let Some((id, hash, deriver)) = row else {
+        let Some((id, hash, deriver, nar_size)) = row else {
             return Err(ClosureError::Db {
                 db: db.to_owned(),
                 problem: format!("{path} is not registered as valid"),
@@ -61,6 +64,7 @@ pub(super) fn closure(db: &Path, toplevel: &str) -> Result<Graph, ClosureError> 
                 references: references.into_iter().collect(),
                 deriver: deriver.filter(|d| !d.is_empty()),
                 recorded_hash: Some(hash),
+                recorded_size: nar_size.and_then(|n| u64::try_from(n).ok()),
             },
         );
     }

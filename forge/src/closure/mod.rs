@@ -9,8 +9,11 @@
 //! 3. scanning every path's NAR stream for the hash parts of the paths
 //!    present in the store, exactly as Nix finds references after a build.
 //!
-//! In every case the NAR hashes are computed here, in one streaming pass per
-//! path, in parallel across paths (in mode 3 that same pass also scans).
+//! In modes 1 and 2 the NAR hashes Nix recorded are taken, and each path's
+//! NAR size is computed from metadata and held to the recorded one (no
+//! file is read; `verify_nar` hashes them all again and holds each to its
+//! record). In mode 3 the hashes are computed here, in one streaming pass
+//! per path that also scans, in parallel across paths.
 
 pub mod bootspec;
 mod db;
@@ -46,6 +49,15 @@ pub enum ClosureError {
     ClosureInfo { file: PathBuf, problem: String },
     #[error("{db}: {problem}")]
     Db { db: PathBuf, problem: String },
+    #[error(
+        "{path}: its NAR is {computed} bytes, but {db} records {recorded} (corrupted store path?)"
+    )]
+    SizeMismatch {
+        path: String,
+        computed: u64,
+        recorded: u64,
+        db: PathBuf,
+    },
     #[error("{path}: contents hash to {computed}, but the Nix database at {db} records {recorded} (corrupted store path?)")]
     HashMismatch {
         path: String,
@@ -95,6 +107,10 @@ pub struct Closure {
 pub struct Options {
     pub root: PathBuf,
     pub closure_info: Option<PathBuf>,
+    /// Hash every NAR even where Nix recorded the hash (a Nix database or
+    /// closure-info): else the recorded hash is taken and only the NAR's
+    /// size is checked, from the tree's metadata, without reading a file.
+    pub verify_nar: bool,
 }
 
 /// An edge list: path → (references, deriver, hash recorded by Nix).
@@ -107,6 +123,7 @@ struct Node {
     references: BTreeSet<String>,
     deriver: Option<String>,
     recorded_hash: Option<String>,
+    recorded_size: Option<u64>,
 }
 
 pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
@@ -122,10 +139,16 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
     let mut warnings = Vec::new();
     let (source, paths) = if let Some(ci) = &opts.closure_info {
         let g = registration::read_closure_info(ci)?;
-        (Source::ClosureInfo, hash_graph(&store, g, None)?)
+        (
+            Source::ClosureInfo,
+            hash_graph(&store, g, &info_dir(opts), opts.verify_nar)?,
+        )
     } else if db_file.exists() {
         let g = db::closure(&db_file, &toplevel)?;
-        (Source::NixDb, hash_graph(&store, g, Some(&db_file))?)
+        (
+            Source::NixDb,
+            hash_graph(&store, g, &db_file, opts.verify_nar)?,
+        )
     } else {
         (
             Source::Scan,
@@ -164,23 +187,58 @@ fn missing_check(store: &Store, g: &Graph) -> Result<(), ClosureError> {
     Ok(())
 }
 
-/// NAR-hash every node of a known graph, in parallel.
-fn hash_graph(store: &Store, g: Graph, db: Option<&Path>) -> Result<Vec<PathInfo>, ClosureError> {
+/// The registration file of `--closure-info`, for messages.
+fn info_dir(opts: &Options) -> PathBuf {
+    opts.closure_info
+        .as_ref()
+        .map(|d| d.join("registration"))
+        .unwrap_or_default()
+}
+
+/// Every node of a graph Nix recorded, in parallel: with `verify`, each
+/// NAR hashed and held to the recorded hash; else the recorded hash
+/// taken and the NAR's size, from metadata alone, held to the recorded
+/// size (so the files are read once, by whoever writes them).
+fn hash_graph(
+    store: &Store,
+    g: Graph,
+    from: &Path,
+    verify: bool,
+) -> Result<Vec<PathInfo>, ClosureError> {
     missing_check(store, &g)?;
     let nodes: Vec<(String, Node)> = g.nodes.into_iter().collect();
     nodes
         .into_par_iter()
         .map_init(Vec::new, |buf, (path, node)| {
-            let (hash, size, _) = nar_digest(store, &path, None, buf)?;
-            if let (Some(rec), Some(db)) = (&node.recorded_hash, db) {
-                if !same_hash(rec, &hash) {
-                    return Err(ClosureError::HashMismatch {
-                        path,
-                        computed: nar::format_hash(&hash),
-                        recorded: rec.clone(),
-                        db: db.to_owned(),
-                    });
+            let recorded = node.recorded_hash.as_deref().and_then(parse_hash);
+            let (hash, size) = match recorded {
+                Some(h) if !verify => {
+                    let physical = store.physical(&path);
+                    let size = nar::size(&physical)?;
+                    (h, size)
                 }
+                _ => {
+                    let (hash, size, _) = nar_digest(store, &path, None, buf)?;
+                    if let Some(rec) = &node.recorded_hash {
+                        if !same_hash(rec, &hash) {
+                            return Err(ClosureError::HashMismatch {
+                                path,
+                                computed: nar::format_hash(&hash),
+                                recorded: rec.clone(),
+                                db: from.to_owned(),
+                            });
+                        }
+                    }
+                    (hash, size)
+                }
+            };
+            if let Some(rec) = node.recorded_size.filter(|&r| r != size) {
+                return Err(ClosureError::SizeMismatch {
+                    path,
+                    computed: size,
+                    recorded: rec,
+                    db: from.to_owned(),
+                });
             }
             Ok(PathInfo {
                 path,
@@ -191,6 +249,19 @@ fn hash_graph(store: &Store, g: Graph, db: Option<&Path>) -> Result<Vec<PathInfo
             })
         })
         .collect()
+}
+
+/// The digest of a recorded `sha256:<base16|base32>` hash.
+fn parse_hash(recorded: &str) -> Option<[u8; 32]> {
+    let body = recorded.strip_prefix("sha256:")?;
+    let bytes = if body.len() == 64 {
+        (0..32)
+            .map(|i| u8::from_str_radix(body.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<Vec<u8>>>()?
+    } else {
+        formats::nixbase32::decode(body, 32)?
+    };
+    bytes.try_into().ok()
 }
 
 /// Does a recorded `sha256:<base16|base32>` hash equal `digest`?

@@ -40,6 +40,7 @@ pub fn render(paths: &[PathInfo], derivers: bool) -> String {
 pub struct Record {
     pub path: String,
     pub hash: String,
+    pub nar_size: Option<u64>,
     pub deriver: Option<String>,
     pub references: Vec<String>,
 }
@@ -65,7 +66,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Record>, ClosureError> {
                 .ok_or_else(|| err(n, &format!("record for {path} ends before its {what}")))
         };
         let hash = field("narHash")?;
-        let _size = field("narSize")?;
+        let nar_size = field("narSize")?.parse().ok();
         let deriver = field("deriver")?;
         let count: usize = field("reference count")?
             .parse()
@@ -78,6 +79,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Record>, ClosureError> {
         out.push(Record {
             path: path.to_string(),
             hash,
+            nar_size,
             deriver: (!deriver.is_empty()).then_some(deriver),
             references,
         });
@@ -111,6 +113,7 @@ pub(super) fn read_closure_info(dir: &Path) -> Result<Graph, ClosureError> {
                 references: r.references.into_iter().collect(),
                 deriver: r.deriver,
                 recorded_hash: Some(r.hash),
+                recorded_size: r.nar_size,
             },
         );
     }

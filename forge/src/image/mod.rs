@@ -117,6 +117,10 @@ pub struct Options {
     pub vhd_type: Option<formats::vhd::Type>,
     /// `.qcow2` outputs: deflate-compressed clusters.
     pub deflate: bool,
+    /// nixpkgs' closureInfo output to take the closure from.
+    pub closure_info: Option<PathBuf>,
+    /// Hash every NAR even where Nix recorded the hash.
+    pub verify_nar: bool,
     pub sector_size: u32,
     pub firmware: Vec<PathBuf>,
     pub config_txt: Option<PathBuf>,
@@ -263,7 +267,8 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         &o.system,
         &closure::Options {
             root: o.store_root.clone(),
-            closure_info: None,
+            closure_info: o.closure_info.clone(),
+            verify_nar: o.verify_nar,
         },
     )
     .with_context(|| format!("reading the closure of {}", o.system.display()))?;

@@ -132,6 +132,45 @@ fn dump_node<W: Write>(path: &Path, f: &mut Framer<W>, buf: &mut [u8]) -> Result
     f.str(b")")
 }
 
+/// The length of the NAR of `path`, from its metadata alone (no file is
+/// read): what `dump` would write.
+pub fn size(path: &Path) -> Result<u64, NarError> {
+    Ok(framed(13) + size_node(path)?)
+}
+
+/// A framed string of `n` bytes: its length, itself, padding to 8.
+fn framed(n: usize) -> u64 {
+    8 + (n as u64).next_multiple_of(8)
+}
+
+fn size_node(path: &Path) -> Result<u64, NarError> {
+    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
+    let ft = md.file_type();
+    let mut t = framed(1) + framed(4); // "(" "type"
+    if ft.is_symlink() {
+        let target = fs::read_link(path).map_err(io_err(path))?;
+        t += framed(7) + framed(6) + framed(target.as_os_str().len());
+    } else if ft.is_file() {
+        t += framed(7); // "regular"
+        if md.permissions().mode() & 0o100 != 0 {
+            t += framed(10) + framed(0);
+        }
+        t += framed(8) + 8 + md.len().next_multiple_of(8);
+    } else if ft.is_dir() {
+        t += framed(9);
+        for name in sorted_entries(path)? {
+            let child = path.join(std::ffi::OsStr::from_bytes(&name));
+            t += framed(5) + framed(1) + framed(4) + framed(name.len()) + framed(4);
+            t += size_node(&child)? + framed(1);
+        }
+    } else {
+        return Err(NarError::FileType {
+            path: path.to_owned(),
+        });
+    }
+    Ok(t + framed(1))
+}
+
 /// The names in a directory, sorted bytewise as NAR requires.
 pub fn sorted_entries(dir: &Path) -> Result<Vec<Vec<u8>>, NarError> {
     let mut names = Vec::new();

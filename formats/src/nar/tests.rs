@@ -84,3 +84,29 @@ fn scanner_finds_hash_split_across_chunks_and_missing_paths() {
         vec![format!("{}-gone-1.0", String::from_utf8_lossy(&unknown))]
     );
 }
+
+#[test]
+fn size_from_metadata_equals_the_dumped_length() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("r");
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("b"), b"x").unwrap();
+    std::fs::set_permissions(root.join("b"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(root.join("sub/empty"), b"").unwrap();
+    std::fs::write(root.join("sub/deeper/nine"), b"123456789").unwrap();
+    std::fs::write(root.join("sub/eight"), b"12345678").unwrap();
+    symlink("../b", root.join("sub/link-with-a-longer-name")).unwrap();
+    for p in [
+        root.clone(),
+        root.join("b"),
+        root.join("sub/link-with-a-longer-name"),
+        root.join("sub/empty"),
+    ] {
+        assert_eq!(
+            size(&p).unwrap(),
+            nar_of(&p).len() as u64,
+            "{}",
+            p.display()
+        );
+    }
+}
