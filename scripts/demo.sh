@@ -16,7 +16,8 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{r['image']}: {r['size']} bytes, {r['mapped_bytes']} mapped, disk {r['disk_id']}")
 for p in r["partitions"]:
-    print(f"  {p['number']} {p['name']:6} {p['filesystem']:5} at {p['offset']:>10} size {p['size']:>10} label {p['label']} uuid {p['fs_uuid']}{' (read-only)' if p['read_only'] else ''}")
+    fs = p["filesystem"] or {}
+    print(f"  {p['number']} {p['name']:6} {fs.get('kind', '-'):5} at {p['offset']:>10} size {p['size']:>10} label {fs.get('label', '-')} uuid {fs.get('uuid', '-')}{' (read-only)' if p['read_only'] else ''}")
 PY
 echo "== booting under QEMU (OVMF → systemd-boot → Linux → fixture stage 1)"
 cp /usr/share/OVMF/OVMF_VARS_4M.fd "$out/vars.fd"

@@ -759,3 +759,18 @@ fn inspect_reads_back_layout_and_entries_as_blkid_sees_them() {
         "{text}"
     );
 }
+
+#[test]
+fn make_demo_forges_and_boots_the_fixture() {
+    // `make demo` is one of the two commands the README promises.
+    let out = tempfile::tempdir().unwrap();
+    let o = ok(Command::new("scripts/demo.sh")
+        .current_dir(workspace())
+        .arg(fixtures())
+        .arg(out.path()));
+    assert!(o.contains("== demo OK: the forged image booted"), "{o}");
+    assert!(
+        o.contains("label nixos") && o.contains("(read-only)"),
+        "{o}"
+    );
+}
