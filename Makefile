@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
+.PHONY: all deps fixtures build install test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
 
 all: build
 
@@ -22,6 +22,25 @@ fixtures: deps $(FIX)/.stamp
 
 build:
 	$(CARGO) build --release --workspace --bins
+
+# forge and flash, their man pages and shell completions (bash, zsh, fish),
+# under $(DESTDIR)$(PREFIX). Installs what `make build` built.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BIN_DIR ?= target/release
+install:
+	@test -x $(BIN_DIR)/forge -a -x $(BIN_DIR)/flash || { echo "install: no binaries in $(BIN_DIR): run make build first" >&2; exit 1; }
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+	  $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+	  $(DESTDIR)$(PREFIX)/share/zsh/site-functions \
+	  $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	for b in forge flash; do \
+	  install -m 0755 $(BIN_DIR)/$$b $(DESTDIR)$(PREFIX)/bin/$$b && \
+	  $(BIN_DIR)/$$b man $(DESTDIR)$(PREFIX)/share/man/man1 && \
+	  $(BIN_DIR)/$$b completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/$$b && \
+	  $(BIN_DIR)/$$b completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_$$b && \
+	  $(BIN_DIR)/$$b completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/$$b.fish || exit 1; \
+	done
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
 # at hashing and writing).

@@ -20,6 +20,7 @@ pkgs=(
   util-linux                    # losetup, partx, setpriv, blkid, wipefs
   openssh-client                # ssh-keygen judges generated host keys
   hyperfine time                # make bench (time: peak RSS)
+  man-db                        # man -l renders the installed man pages
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

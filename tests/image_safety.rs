@@ -368,3 +368,46 @@ fn gpt_fields_that_would_overflow_are_refused_by_inspect_and_flash_not_wrapped()
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(the_error(&err).contains("not a valid range"), "{err}");
 }
+
+#[test]
+fn make_install_puts_binaries_man_pages_and_completions_in_place() {
+    let d = tempfile::tempdir().unwrap();
+    let bin_dir = bin("forge").parent().unwrap().to_path_buf();
+    ok(Command::new("make")
+        .current_dir(workspace())
+        .arg("install")
+        .arg(format!("DESTDIR={}", d.path().display()))
+        .arg("PREFIX=/usr")
+        .arg(format!("BIN_DIR={}", bin_dir.display())));
+    let usr = d.path().join("usr");
+    for f in [
+        "bin/forge",
+        "bin/flash",
+        "share/man/man1/forge.1",
+        "share/man/man1/forge-image.1",
+        "share/man/man1/forge-vm.1",
+        "share/man/man1/flash.1",
+        "share/man/man1/flash-verify.1",
+        "share/bash-completion/completions/forge",
+        "share/zsh/site-functions/_flash",
+        "share/fish/vendor_completions.d/forge.fish",
+    ] {
+        assert!(usr.join(f).is_file(), "{f} installed");
+    }
+    // bash takes the completion; man renders the page.
+    let c = ok(Command::new("bash").arg("-c").arg(format!(
+        "source {}; complete -p forge",
+        usr.join("share/bash-completion/completions/forge")
+            .display()
+    )));
+    assert!(c.contains("-F _forge forge"), "{c}");
+    let page = ok(Command::new("man")
+        .arg("-l")
+        .arg(usr.join("share/man/man1/forge-image.1"))
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100"));
+    assert!(
+        page.contains("forge-image") && page.contains("--disk-size"),
+        "{page}"
+    );
+}

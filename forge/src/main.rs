@@ -2,7 +2,7 @@
 //! errors as a one-line context chain and exits non-zero on failure.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,16 @@ enum Cmd {
     /// Make VMs from one read-only base: a boot overlay, a /var disk, an
     /// identity disk and a libvirt domain each; --upgrade keeps /var.
     Vm(cli::vm::VmArgs),
+    /// Print the shell completion script for SHELL.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per command (forge.1, forge-image.1, …) into DIR.
+    Man {
+        /// The directory to write the pages into.
+        dir: PathBuf,
+    },
     /// Read a disk image back (raw, .zst or a block device): table,
     /// partitions, filesystems, boot entries; warns when it is shorter than
     /// its table or its layout manifest is another image's.
@@ -101,6 +111,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fat(a) => cli::fat::run(a),
         Cmd::Image(a) => cli::image::run(a),
         Cmd::Vm(a) => cli::vm::run(a),
+        Cmd::Completions { shell } => Ok(cli::docs::completions(Cli::command(), shell)?),
+        Cmd::Man { dir } => {
+            cli::docs::man_pages(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            Ok(())
+        }
         Cmd::Inspect { image, json } => {
             let r = forge::inspect::inspect(&image)?;
             if json {

@@ -2,10 +2,13 @@
 //! as a one-line context chain and exits non-zero on failure: 1 a failed
 //! write, 2 a refused target, 3 a failed verify.
 
+// The same completions and man pages as forge's, from one place.
+#[path = "../../../forge/src/cli/docs.rs"]
+mod docs;
 mod progress;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,6 +125,16 @@ enum Cmd {
         #[arg(long)]
         allow_non_removable: bool,
     },
+    /// Print the shell completion script for SHELL.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per command (flash.1, flash-list.1, …) into DIR.
+    Man {
+        /// The directory to write the pages into.
+        dir: PathBuf,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -197,6 +210,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 t.disk.path.display(),
                 image.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Cmd::Completions { shell }) => {
+            docs::completions(Cli::command(), shell)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Cmd::Man { dir }) => {
+            docs::man_pages(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
             Ok(ExitCode::SUCCESS)
         }
         None => write_cmd(cli.write),

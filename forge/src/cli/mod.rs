@@ -1,5 +1,6 @@
 //! Command implementations: argument types and glue to the library.
 
+pub mod docs;
 pub mod ext4;
 pub mod fat;
 pub mod image;
