@@ -151,17 +151,24 @@ pub fn inspect(path: &Path) -> Result<Report> {
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
     let manifest = crate::image::manifest_path_for(path);
     if let Ok(text) = std::fs::read_to_string(&manifest) {
-        let m: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let differs = m["size"].as_u64() != Some(size)
-            || m["disk_id"].as_str() != Some(disk_id.as_str())
-            || m["head_sha256"]
-                .as_str()
-                .is_some_and(|h| Some(h) != head_sha256.as_deref());
-        if differs {
-            warnings.push(format!(
-                "{} describes another image (size, disk id or first MiB differ)",
+        match serde_json::from_str::<serde_json::Value>(&text) {
+            Err(e) => warnings.push(format!(
+                "{}: not a layout manifest: {e}",
                 manifest.display()
-            ));
+            )),
+            Ok(m) => {
+                let differs = m["size"].as_u64() != Some(size)
+                    || m["disk_id"].as_str() != Some(disk_id.as_str())
+                    || m["head_sha256"]
+                        .as_str()
+                        .is_some_and(|h| Some(h) != head_sha256.as_deref());
+                if differs {
+                    warnings.push(format!(
+                        "{} describes another image (size, disk id or first MiB differ)",
+                        manifest.display()
+                    ));
+                }
+            }
         }
     }
     Ok(Report {

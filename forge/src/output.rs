@@ -212,6 +212,19 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
         .with_context(|| format!("locking {}", dir.display()))
 }
 
+/// Commit several outputs of one directory in order, under one hold of
+/// its lock (a concurrent run's commits cannot interleave with them).
+pub fn commit_all(outputs: Vec<AtomicOutput>) -> Result<()> {
+    let Some(first) = outputs.first() else {
+        return Ok(());
+    };
+    let _lock = lock_dir(&first.dir)?;
+    for o in outputs {
+        o.commit_locked()?;
+    }
+    Ok(())
+}
+
 /// Commit an image and its sidecars as one unit (see the module doc):
 /// under the directory's lock, remove the sidecars' old files, rename the
 /// image into place, then each sidecar in order.

@@ -380,9 +380,8 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             domain,
         });
     }
-    for out in outputs {
-        out.commit()?;
-    }
+    // All the VMs' files, under one hold of the directory's lock.
+    crate::output::commit_all(outputs)?;
     Ok(Report {
         base,
         base_size: size,
