@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build install test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
+.PHONY: all deps fixtures build static install test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
 
 all: build
 
@@ -22,6 +22,14 @@ fixtures: deps $(FIX)/.stamp
 
 build:
 	$(CARGO) build --release --workspace --bins
+
+# A static forge, for running inside the Nix sandbox (which holds only
+# store paths) in the tests; its own target directory, so `build` is untouched.
+HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+STATIC_FORGE := target/$(HOST_TRIPLE)/release/forge
+export NIXFORGE_STATIC_FORGE := $(abspath $(STATIC_FORGE))
+static:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p nixforge --bin forge --target $(HOST_TRIPLE)
 
 # forge and flash, their man pages and shell completions (bash, zsh, fish),
 # under $(DESTDIR)$(PREFIX). Installs what `make build` built.
@@ -44,7 +52,7 @@ install:
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
 # at hashing and writing).
-test: deps fixtures build
+test: deps fixtures build static
 	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test --workspace -- --test-threads=2
 
 # Parts of `make test` on their own. test-unit needs no root, no

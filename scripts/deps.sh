@@ -21,6 +21,7 @@ pkgs=(
   openssh-client                # ssh-keygen judges generated host keys
   hyperfine time                # make bench (time: peak RSS)
   man-db                        # man -l renders the installed man pages
+  libc6-dev                     # libc.a: the static forge the Nix sandbox tests run
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

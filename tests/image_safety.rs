@@ -107,6 +107,30 @@ fn bmap_path_that_is_a_directory_leaves_no_image() {
 }
 
 #[test]
+fn missing_output_directories_are_made_and_removed_again_when_the_run_fails() {
+    let d = tempfile::tempdir().unwrap();
+    // Fails after the directories are made: the disk cannot hold the parts.
+    let img = d.path().join("a/b/x.img");
+    let e = fails(raw_efi(&img, "one").args(["--disk-size", "100M"]));
+    assert!(the_error(&e).contains("--disk-size"), "{e}");
+    assert!(
+        dir_entries(d.path()).is_empty(),
+        "{:?}",
+        dir_entries(d.path())
+    );
+    // A run that succeeds keeps them (a Nix builder has no mkdir for $out).
+    ok(&mut raw_efi(&img, "one"));
+    assert_eq!(
+        dir_entries(&d.path().join("a/b")),
+        ["x.img", "x.img.bmap", "x.img.layout.json"]
+    );
+    // Under a file, no directory can be made: one line, nothing left.
+    let under_file = d.path().join("a/b/x.img/y.img");
+    let e = fails(&mut raw_efi(&under_file, "one"));
+    assert!(the_error(&e).contains("x.img"), "{e}");
+}
+
+#[test]
 fn output_naming_a_directory_is_refused_before_building_with_one_cause() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("x.img");

@@ -414,3 +414,26 @@ pub fn boot_disks(
         }
     }
 }
+
+/// A copy of a fixture store: with or without its Nix database; hard links
+/// (cheap) or real copies (safe to chmod).
+pub fn copy_store(sys: &System, with_db: bool, hardlink: bool) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let flag = if hardlink { "-al" } else { "-a" };
+    std::fs::create_dir_all(d.path().join("nix/var/nix")).unwrap();
+    ok(Command::new("cp")
+        .arg(flag)
+        .arg(sys.root.join("nix/store"))
+        .arg(d.path().join("nix/")));
+    if with_db {
+        // The database and schema files only: tests running `nix-store` on
+        // the fixture store at the same time make and remove its -wal and
+        // -shm files.
+        let db = d.path().join("nix/var/nix/db");
+        std::fs::create_dir_all(&db).unwrap();
+        for f in ["db.sqlite", "schema"] {
+            std::fs::copy(sys.root.join("nix/var/nix/db").join(f), db.join(f)).unwrap();
+        }
+    }
+    d
+}

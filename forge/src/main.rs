@@ -78,8 +78,12 @@ struct ClosureArgs {
     /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
     #[arg(long, default_value = "/")]
     root: PathBuf,
-    /// nixpkgs closureInfo output (store-paths, registration) to take references from.
-    #[arg(long, value_name = "DIR")]
+    /// Where to take the closure, its NAR hashes and sizes from (else the
+    /// Nix database under --root, or scanning): nixpkgs' closureInfo
+    /// output (store-paths, registration), or a JSON file of path records,
+    /// such as the .attrs.json of a builder whose derivation has
+    /// __structuredAttrs and exportReferencesGraph.
+    #[arg(long, value_name = "PATH")]
     closure_info: Option<PathBuf>,
     /// Hash every NAR even where Nix recorded the hash (by default only the
     /// sizes are checked, from the trees' metadata).

@@ -64,6 +64,47 @@ fn remove_stale(target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The directories [`make_parents`] created for an output, removed again
+/// (when still empty) unless [`MadeDirs::keep`] is called: a failed run
+/// leaves no directory behind either.
+#[must_use]
+pub struct MadeDirs(Vec<PathBuf>);
+
+impl MadeDirs {
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        // Innermost first; remove_dir fails, harmlessly, on one not empty.
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// Create the missing directories above `target` (as `install -D`; a Nix
+/// builder has no mkdir to make `$out` with).
+pub fn make_parents(target: &Path) -> Result<MadeDirs> {
+    let mut missing = Vec::new();
+    let mut d = dir_of(target);
+    while !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err() {
+        missing.push(d.to_owned());
+        d = match d.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    let mut made = MadeDirs(Vec::new());
+    for m in missing.into_iter().rev() {
+        std::fs::create_dir(&m).with_context(|| format!("output directory {}", m.display()))?;
+        made.0.push(m);
+    }
+    Ok(made)
+}
+
 impl AtomicOutput {
     pub fn create(target: &Path) -> Result<Self> {
         let dir = dir_of(target);

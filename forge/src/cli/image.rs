@@ -13,7 +13,7 @@ pub struct ImageArgs {
     /// Image format.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
     format: String,
-    /// Output image: .img or .raw (raw), .img.zst or .raw.zst (zstd),
+    /// Output image (missing directories above it are created): .img or .raw (raw), .img.zst or .raw.zst (zstd),
     /// .qcow2, .vhd (raw-efi only). IMAGE.layout.json (the layout
     /// manifest) goes beside every image, IMAGE.bmap beside raw and zstd ones.
     #[arg(short, long)]
@@ -74,10 +74,12 @@ pub struct ImageArgs {
     /// systemd-boot menu timeout in seconds (loader.conf).
     #[arg(long, default_value_t = 0)]
     loader_timeout: u32,
-    /// nixpkgs' closureInfo output (store-paths, registration) to take the
-    /// closure, its NAR hashes and sizes from (else the Nix database under
-    /// --root, or scanning).
-    #[arg(long, value_name = "DIR")]
+    /// Where to take the closure, its NAR hashes and sizes from (else the
+    /// Nix database under --root, or scanning): nixpkgs' closureInfo
+    /// output (store-paths, registration), or a JSON file of path records,
+    /// such as the .attrs.json of a builder whose derivation has
+    /// __structuredAttrs and exportReferencesGraph.
+    #[arg(long, value_name = "PATH")]
     closure_info: Option<PathBuf>,
     /// Hash every NAR even where Nix recorded the hash (a Nix database or
     /// closure-info); by default only the sizes are checked and each file
@@ -144,6 +146,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
         hash_partitions: a.json,
     };
     image::container_of(&opts)?;
+    let made = forge::output::make_parents(&opts.output)?;
     check_output_dir(&opts.output)?;
     for p in [
         opts.output.clone(),
@@ -155,6 +158,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
         }
     }
     let report = image::build(&opts, &super::Stages::new())?;
+    made.keep();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     }

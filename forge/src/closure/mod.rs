@@ -118,6 +118,35 @@ struct Graph {
     nodes: BTreeMap<String, Node>,
 }
 
+impl Graph {
+    /// The part of the graph `root` reaches (closure info may list more
+    /// roots than the system; they must not reach the image).
+    fn closure_of(mut self, root: &str, file: &Path) -> Result<Graph, ClosureError> {
+        if !self.nodes.contains_key(root) {
+            return Err(ClosureError::ClosureInfo {
+                file: file.to_owned(),
+                problem: format!("does not list {root} (the closure of another system?)"),
+            });
+        }
+        let mut keep = BTreeMap::new();
+        let mut todo = vec![(String::new(), root.to_string())];
+        while let Some((referrer, p)) = todo.pop() {
+            if keep.contains_key(&p) {
+                continue;
+            }
+            let Some(node) = self.nodes.remove(&p) else {
+                return Err(ClosureError::ClosureInfo {
+                    file: file.to_owned(),
+                    problem: format!("{referrer} refers to {p}, which has no record"),
+                });
+            };
+            todo.extend(node.references.iter().map(|r| (p.clone(), r.clone())));
+            keep.insert(p, node);
+        }
+        Ok(Graph { nodes: keep })
+    }
+}
+
 #[derive(Default)]
 struct Node {
     references: BTreeSet<String>,
@@ -138,7 +167,7 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
 
     let mut warnings = Vec::new();
     let (source, paths) = if let Some(ci) = &opts.closure_info {
-        let g = registration::read_closure_info(ci)?;
+        let g = registration::read_closure_info(ci)?.closure_of(&toplevel, ci)?;
         (
             Source::ClosureInfo,
             hash_graph(&store, g, &info_dir(opts), opts.verify_nar)?,
@@ -210,7 +239,13 @@ fn hash_graph(
     nodes
         .into_par_iter()
         .map_init(Vec::new, |buf, (path, node)| {
-            let recorded = node.recorded_hash.as_deref().and_then(parse_hash);
+            let recorded = match node.recorded_hash.as_deref() {
+                None => None,
+                Some(r) => Some(parse_hash(r).ok_or_else(|| ClosureError::ClosureInfo {
+                    file: from.to_owned(),
+                    problem: format!("{path}: narHash {r:?} is not a SHA-256 hash"),
+                })?),
+            };
             let (hash, size) = match recorded {
                 Some(h) if !verify => {
                     let physical = store.physical(&path);
@@ -219,8 +254,8 @@ fn hash_graph(
                 }
                 _ => {
                     let (hash, size, _) = nar_digest(store, &path, None, buf)?;
-                    if let Some(rec) = &node.recorded_hash {
-                        if !same_hash(rec, &hash) {
+                    if let (Some(rec), Some(digest)) = (&node.recorded_hash, recorded) {
+                        if digest != hash {
                             return Err(ClosureError::HashMismatch {
                                 path,
                                 computed: nar::format_hash(&hash),
@@ -251,24 +286,25 @@ fn hash_graph(
         .collect()
 }
 
-/// The digest of a recorded `sha256:<base16|base32>` hash.
+/// The digest of a recorded NAR hash: base16 or Nix's base32, with
+/// `sha256:` (the Nix database, closureInfo, exportReferencesGraph) or
+/// without (`nix-store --dump-db`), or SRI `sha256-<base64>` (`nix
+/// path-info --json` since Nix 2.19).
 fn parse_hash(recorded: &str) -> Option<[u8; 32]> {
-    let body = recorded.strip_prefix("sha256:")?;
-    let bytes = if body.len() == 64 {
-        (0..32)
-            .map(|i| u8::from_str_radix(body.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect::<Option<Vec<u8>>>()?
+    use base64::Engine;
+    let bytes = if let Some(b64) = recorded.strip_prefix("sha256-") {
+        base64::engine::general_purpose::STANDARD.decode(b64).ok()?
     } else {
-        formats::nixbase32::decode(body, 32)?
+        let body = recorded.strip_prefix("sha256:").unwrap_or(recorded);
+        if body.len() == 64 {
+            (0..32)
+                .map(|i| u8::from_str_radix(body.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?
+        } else {
+            formats::nixbase32::decode(body, 32)?
+        }
     };
     bytes.try_into().ok()
-}
-
-/// Does a recorded `sha256:<base16|base32>` hash equal `digest`?
-fn same_hash(recorded: &str, digest: &[u8; 32]) -> bool {
-    let body = recorded.strip_prefix("sha256:").unwrap_or(recorded);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    body == hex || body == formats::nixbase32::encode(digest)
 }
 
 fn nar_digest(

@@ -87,8 +87,82 @@ pub fn parse(text: &str, file: &Path) -> Result<Vec<Record>, ClosureError> {
     Ok(out)
 }
 
-/// Read nixpkgs' `closureInfo` output directory.
-pub(super) fn read_closure_info(dir: &Path) -> Result<Graph, ClosureError> {
+/// Read what `--closure-info` names: nixpkgs' `closureInfo` output
+/// directory, or a JSON file of path records (see [`read_json`]).
+pub(super) fn read_closure_info(path: &Path) -> Result<Graph, ClosureError> {
+    if path.is_dir() {
+        read_closure_info_dir(path)
+    } else {
+        read_json(path)
+    }
+}
+
+/// Path records as JSON: the `.attrs.json` a builder finds in its build
+/// directory when its derivation has `__structuredAttrs = true` and
+/// `exportReferencesGraph` (what closureInfo itself is made from, so a
+/// builder needs no jq), or a list as `nix path-info --json --recursive`
+/// prints it. Every list of records `{path, narHash, narSize, references}`
+/// at the top level is taken; together they are the closure.
+fn read_json(file: &Path) -> Result<Graph, ClosureError> {
+    use serde_json::Value;
+    let err = |problem: String| ClosureError::ClosureInfo {
+        file: file.to_owned(),
+        problem,
+    };
+    let text = std::fs::read(file).map_err(|e| err(e.to_string()))?;
+    let v: Value = serde_json::from_slice(&text)
+        .map_err(|e| err(format!("neither a closureInfo directory nor JSON: {e}")))?;
+    let is_record = |r: &Value| r.get("path").is_some() && r.get("narHash").is_some();
+    let lists: Vec<&Vec<Value>> = match &v {
+        Value::Array(a) => vec![a],
+        Value::Object(o) => o
+            .values()
+            .filter_map(Value::as_array)
+            .filter(|a| !a.is_empty() && a.iter().all(is_record))
+            .collect(),
+        _ => vec![],
+    };
+    if lists.is_empty() {
+        return Err(err(
+            "holds no list of path records {path, narHash, narSize, references} \
+             (exportReferencesGraph needs __structuredAttrs = true)"
+                .into(),
+        ));
+    }
+    let mut nodes = BTreeMap::new();
+    for (i, r) in lists.into_iter().flatten().enumerate() {
+        let field = |k: &str| {
+            r.get(k)
+                .ok_or_else(|| err(format!("record {i} has no {k}")))
+        };
+        let path = field("path")?
+            .as_str()
+            .filter(|p| super::store::store_path_of(p).as_deref() == Some(*p))
+            .ok_or_else(|| err(format!("record {i}: path is not a store path")))?;
+        let hash = field("narHash")?
+            .as_str()
+            .ok_or_else(|| err(format!("{path}: narHash is not a string")))?;
+        let size = field("narSize")?
+            .as_u64()
+            .ok_or_else(|| err(format!("{path}: narSize is not a number")))?;
+        let references = field("references")?
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_str().map(String::from)).collect())
+            .ok_or_else(|| err(format!("{path}: references is not a list of paths")))?;
+        nodes.insert(
+            path.to_string(),
+            Node {
+                references,
+                deriver: None,
+                recorded_hash: Some(hash.to_string()),
+                recorded_size: Some(size),
+            },
+        );
+    }
+    Ok(Graph { nodes })
+}
+
+fn read_closure_info_dir(dir: &Path) -> Result<Graph, ClosureError> {
     let read = |name: &str| {
         let f = dir.join(name);
         std::fs::read_to_string(&f).map_err(|e| ClosureError::ClosureInfo {

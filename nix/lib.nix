@@ -1,0 +1,43 @@
+# lib.mkImage: a NixOS system (or any toplevel) to a disk image, as an
+# ordinary derivation (see image.nix).
+#
+#   mkImage {
+#     pkgs = nixpkgs.legacyPackages.x86_64-linux;   # the build machine's
+#     nixosConfiguration = self.nixosConfigurations.machine;
+#     format = "raw-efi";                           # or "sd-aarch64"
+#     fileName = "nixos.qcow2";                     # picks the container
+#   }
+{
+  mkImage =
+    {
+      # The build machine's package set (forge is built from it).
+      pkgs,
+      nixosConfiguration ? null,
+      toplevel ? nixosConfiguration.config.system.build.toplevel,
+      format ? "raw-efi",
+      fileName ? (if format == "sd-aarch64" then "nixos.img.zst" else "nixos.img"),
+      name ? "nixos-image",
+      # ro: read-only root, upgraded by a new image; rw: journaled root that
+      # nixos-rebuild and system.autoUpgrade can change in place.
+      rootMode ? "ro",
+      # sd-aarch64: store paths or files for the firmware partition (the
+      # Pi's firmware, U-Boot and a kernel= file config.txt names).
+      firmware ? [ ],
+      extraArgs ? [ ],
+      forge ? pkgs.buildPackages.callPackage ./package.nix { },
+    }:
+    import ./image.nix {
+      inherit forge toplevel format fileName name;
+      system = pkgs.stdenv.buildPlatform.system;
+      extraArgs =
+        [
+          "--root-mode"
+          rootMode
+        ]
+        ++ builtins.concatMap (f: [
+          "--firmware"
+          "${f}"
+        ]) firmware
+        ++ extraArgs;
+    };
+}

@@ -1,0 +1,213 @@
+# nixforge's NixOS module: the machine's own configuration describes the
+# disk forge writes, so the image is the system itself (its fileSystems
+# and boot loader are the host's, not a generator's private copy), and
+#
+#   nixos-rebuild build-image --image-variant forge-raw-efi
+#
+# builds it from the configuration without changing its toplevel.
+#
+# Rebuilding in place (nixos-rebuild switch, system.autoUpgrade) needs a
+# writable root: rootMode = "rw". A read-only root is upgraded by a new
+# image: a reflash, or `forge vm --upgrade`, which keeps /var.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.nixforge;
+  inherit (lib) mkOption mkIf mkMerge mkDefault types;
+  ro = cfg.rootMode == "ro";
+  byLabel = label: "/dev/disk/by-label/${label}";
+  mkImage = (import ./lib.nix).mkImage;
+  # An image variant: only system.build.image and the file's name, so the
+  # variant's toplevel is the system's own.
+  variant =
+    {
+      format,
+      extension,
+      extraArgs ? [ ],
+    }:
+    { config, ... }:
+    {
+      image.extension = extension;
+      system.build.image = mkImage {
+        inherit pkgs format;
+        inherit (cfg) rootMode firmware;
+        forge = cfg.package;
+        toplevel = config.system.build.toplevel;
+        name = config.image.baseName;
+        fileName = config.image.filePath;
+        extraArgs = lib.optionals (!cfg.state) [
+          "--state-size"
+          "none"
+        ] ++ extraArgs ++ cfg.extraArgs;
+      };
+    };
+in
+{
+  options.nixforge = {
+    enable = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Describe the disk forge writes in this system's own configuration, and add forge's image variants.";
+    };
+    layout = mkOption {
+      type = types.enum [
+        "raw-efi"
+        "sd-aarch64"
+      ];
+      default = "raw-efi";
+      description = ''
+        raw-efi: GPT, an ESP with systemd-boot at /boot, root, state at /var
+        (image variants forge-raw-efi, forge-qcow2, forge-vhd).
+        sd-aarch64: MBR, the Pi's FAT firmware partition at /boot/firmware,
+        root with extlinux, state at /var (image variant forge-sd-aarch64).
+      '';
+    };
+    rootMode = mkOption {
+      type = types.enum [
+        "ro"
+        "rw"
+      ];
+      default = "ro";
+      description = ''
+        ro: the root is mounted read-only and the machine is upgraded by a new
+        image (/var is kept). rw: a journaled, writable root that
+        nixos-rebuild switch and system.autoUpgrade change in place.
+      '';
+    };
+    state = mkOption {
+      type = types.bool;
+      default = true;
+      description = "A state partition (label `state`) mounted at /var; false for a VM base whose /var is another disk.";
+    };
+    identity = mkOption {
+      type = types.bool;
+      default = cfg.rootMode == "ro" && cfg.state;
+      defaultText = lib.literalExpression ''config.nixforge.rootMode == "ro" && config.nixforge.state'';
+      description = ''
+        Take the machine's identity from /var/identity (written by
+        `flash --identity` or `forge vm`): machine-id, hostname (when
+        networking.hostName is empty) and the SSH host key. On a read-only
+        root this also moves /etc to an immutable overlay and users to
+        userborn, since activation cannot write /etc there.
+      '';
+    };
+    firmware = mkOption {
+      type = types.listOf types.path;
+      default = [ ];
+      description = "sd-aarch64: files for the firmware partition (the Pi's firmware, U-Boot, a kernel= file that config.txt names).";
+    };
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "--disk-size"
+        "8G"
+      ];
+      description = "More `forge image` options for every image variant.";
+    };
+    package = mkOption {
+      type = types.package;
+      default = pkgs.buildPackages.callPackage ./package.nix { };
+      defaultText = lib.literalExpression "pkgs.buildPackages.callPackage ./package.nix { }";
+      description = "forge, as it runs on the build machine.";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      fileSystems."/" = {
+        device = byLabel "nixos";
+        fsType = "ext4";
+        options = if ro then [ "ro" ] else [ "defaults" ];
+      };
+      boot.loader.grub.enable = false;
+      assertions = [
+        {
+          assertion = cfg.layout != "sd-aarch64" || cfg.firmware != [ ];
+          message = "nixforge.layout = \"sd-aarch64\" needs nixforge.firmware: the Pi's firmware files, U-Boot, and the kernel= file config.txt names.";
+        }
+      ];
+    }
+    (mkIf cfg.state {
+      fileSystems."/var" = {
+        device = byLabel "state";
+        fsType = "ext4";
+        neededForBoot = true;
+      };
+    })
+    (mkIf (cfg.layout == "raw-efi") {
+      fileSystems."/boot" = {
+        device = byLabel "ESP";
+        fsType = "vfat";
+        options = [
+          "fmask=0077"
+          "dmask=0077"
+        ];
+      };
+      boot.loader.systemd-boot.enable = true;
+      # An image is written for any machine: its NVRAM is not ours to change.
+      boot.loader.efi.canTouchEfiVariables = false;
+      image.modules = {
+        forge-raw-efi = variant {
+          format = "raw-efi";
+          extension = "img";
+        };
+        forge-qcow2 = variant {
+          format = "raw-efi";
+          extension = "qcow2";
+        };
+        forge-vhd = variant {
+          format = "raw-efi";
+          extension = "vhd";
+          extraArgs = [
+            "--vhd-type"
+            "dynamic"
+          ];
+        };
+      };
+    })
+    (mkIf (cfg.layout == "sd-aarch64") {
+      fileSystems."/boot/firmware" = {
+        device = byLabel "FIRMWARE";
+        fsType = "vfat";
+        options = [
+          "nofail"
+          "noauto"
+        ];
+      };
+      boot.loader.generic-extlinux-compatible.enable = true;
+      image.modules.forge-sd-aarch64 = variant {
+        format = "sd-aarch64";
+        extension = "img.zst";
+      };
+    })
+    (mkIf cfg.identity {
+      environment.etc."machine-id" = {
+        source = "/var/identity/machine-id";
+        mode = "direct-symlink";
+      };
+      networking.hostName = mkDefault "";
+      environment.etc.hostname = mkIf (config.networking.hostName == "") {
+        source = "/var/identity/hostname";
+        mode = "direct-symlink";
+      };
+      services.openssh.hostKeys = mkDefault [
+        {
+          path = "/var/identity/ssh_host_ed25519_key";
+          type = "ed25519";
+        }
+      ];
+    })
+    (mkIf (cfg.identity && ro) {
+      boot.initrd.systemd.enable = mkDefault true;
+      system.etc.overlay.enable = mkDefault true;
+      system.etc.overlay.mutable = mkDefault false;
+      services.userborn.enable = mkDefault true;
+      users.mutableUsers = mkDefault false;
+    })
+  ]);
+}

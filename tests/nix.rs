@@ -1,0 +1,402 @@
+//! The Nix side, with Debian's nix-bin and no nixpkgs: every .nix file
+//! parses; the NixOS module, evaluated against a stub lib and config, sets
+//! exactly the options it should for each layout; forge run as the builder
+//! of lib.mkImage's derivation, in the Nix sandbox, writes the same bytes
+//! as forge run outside Nix; and closure JSON (exportReferencesGraph's
+//! .attrs.json) as --closure-info, with its bad cases.
+
+use nixforge_tests::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn nix_files() -> Vec<PathBuf> {
+    let ws = workspace();
+    let mut v = vec![ws.join("flake.nix"), ws.join("default.nix")];
+    for d in ["nix", "tests/nix", "fixtures"] {
+        for e in std::fs::read_dir(ws.join(d)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "nix") {
+                v.push(p);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn every_nix_file_parses() {
+    let files = nix_files();
+    for f in [
+        "flake.nix",
+        "default.nix",
+        "nix/module.nix",
+        "nix/package.nix",
+    ] {
+        assert!(
+            files.contains(&workspace().join(f)),
+            "{f} is missing from the checkout"
+        );
+    }
+    for f in &files {
+        ok(Command::new("nix-instantiate").arg("--parse").arg(f));
+    }
+    // And a file that does not parse is caught (the check can fail).
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad.nix");
+    std::fs::write(&bad, "{ a = ; }").unwrap();
+    fails(Command::new("nix-instantiate").arg("--parse").arg(&bad));
+}
+
+/// What nix/module.nix sets, through tests/nix/eval-module.nix.
+fn module_config(settings: &str, host_name: &str) -> Value {
+    let out = ok(Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(workspace().join("tests/nix/eval-module.nix"))
+        .args(["--arg", "settings", settings])
+        .args(["--argstr", "hostName", host_name]));
+    serde_json::from_str(&out).unwrap()
+}
+
+const TOPLEVEL: &str = "/nix/store/00000000000000000000000000000000-nixos-system-stub";
+const FORGE: &str = "/nix/store/11111111111111111111111111111111-nixforge/bin/forge";
+
+/// An image variant as the stub evaluates it: the file's extension and the
+/// derivation that runs forge.
+fn variant(format: &str, ext: &str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "image",
+        TOPLEVEL,
+        "--format",
+        format,
+        "--closure-info",
+        ".attrs.json",
+        "--output",
+    ];
+    // `placeholder "out"`, which Nix replaces with $out in the build.
+    let out =
+        format!("/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9/nixos-image-stub.{ext}");
+    args.push(&out);
+    args.extend(extra);
+    json!({
+        "image": {"extension": ext},
+        "system": {"build": {"image": {
+            "__structuredAttrs": true,
+            "args": args,
+            "builder": FORGE,
+            "exportReferencesGraph": {"closure": [TOPLEVEL]},
+            "name": "nixos-image-stub",
+            "system": "x86_64-linux",
+        }}}
+    })
+}
+
+fn fs(device: &str, fs_type: &str, options: &[&str]) -> Value {
+    json!({"device": format!("/dev/disk/by-label/{device}"), "fsType": fs_type, "options": options})
+}
+
+/// The identity taken from /var/identity, and what a read-only root needs
+/// besides (/etc as an immutable overlay, users from userborn).
+fn identity(v: &mut Value, ro: bool, host_name_from_identity: bool) {
+    let link = |f: &str| json!({"source": format!("/var/identity/{f}"), "mode": "direct-symlink"});
+    v["environment"]["etc"]["machine-id"] = link("machine-id");
+    if host_name_from_identity {
+        v["environment"]["etc"]["hostname"] = link("hostname");
+    }
+    v["networking"]["hostName"] = json!({"default": ""});
+    v["services"]["openssh"]["hostKeys"] = json!({"default": [
+        {"path": "/var/identity/ssh_host_ed25519_key", "type": "ed25519"}
+    ]});
+    if ro {
+        v["boot"]["initrd"]["systemd"]["enable"] = json!({"default": true});
+        v["system"]["etc"]["overlay"] =
+            json!({"enable": {"default": true}, "mutable": {"default": false}});
+        v["services"]["userborn"]["enable"] = json!({"default": true});
+        v["users"]["mutableUsers"] = json!({"default": false});
+    }
+}
+
+fn expected(layout: &str, ro: bool) -> Value {
+    let mode = if ro { "ro" } else { "rw" };
+    let sd_message = "nixforge.layout = \"sd-aarch64\" needs nixforge.firmware: the Pi's firmware files, U-Boot, and the kernel= file config.txt names.";
+    let mut v = json!({
+        "assertions": [{"assertion": layout != "sd-aarch64", "message": sd_message}],
+        "boot": {"loader": {"grub": {"enable": false}}},
+        "fileSystems": {
+            "/": fs("nixos", "ext4", &[if ro { "ro" } else { "defaults" }]),
+            "/var": {"device": "/dev/disk/by-label/state", "fsType": "ext4", "neededForBoot": true},
+        },
+    });
+    if layout == "raw-efi" {
+        v["fileSystems"]["/boot"] = fs("ESP", "vfat", &["fmask=0077", "dmask=0077"]);
+        v["boot"]["loader"]["systemd-boot"] = json!({"enable": true});
+        v["boot"]["loader"]["efi"] = json!({"canTouchEfiVariables": false});
+        v["image"]["modules"] = json!({
+            "forge-raw-efi": variant("raw-efi", "img", &["--root-mode", mode]),
+            "forge-qcow2": variant("raw-efi", "qcow2", &["--root-mode", mode]),
+            "forge-vhd": variant("raw-efi", "vhd", &["--root-mode", mode, "--vhd-type", "dynamic"]),
+        });
+    } else {
+        v["fileSystems"]["/boot/firmware"] = fs("FIRMWARE", "vfat", &["nofail", "noauto"]);
+        v["boot"]["loader"]["generic-extlinux-compatible"] = json!({"enable": true});
+        v["image"]["modules"] = json!({
+            "forge-sd-aarch64": variant("sd-aarch64", "img.zst", &["--root-mode", mode]),
+        });
+    }
+    if ro {
+        identity(&mut v, true, true);
+    }
+    v
+}
+
+#[test]
+fn the_module_sets_exactly_the_options_each_layout_needs() {
+    assert_eq!(module_config("{ }", ""), Value::Null, "disabled: nothing");
+    for layout in ["raw-efi", "sd-aarch64"] {
+        for ro in [true, false] {
+            let settings = format!(
+                "{{ enable = true; layout = \"{layout}\"; rootMode = \"{}\"; }}",
+                if ro { "ro" } else { "rw" }
+            );
+            assert_eq!(
+                module_config(&settings, ""),
+                expected(layout, ro),
+                "{settings}"
+            );
+        }
+    }
+    // Firmware for the Pi: its paths reach forge, the assertion holds.
+    let got = module_config(
+        "{ enable = true; layout = \"sd-aarch64\"; firmware = [ \"/nix/store/22222222222222222222222222222222-raspberrypi-firmware\" ]; }",
+        "",
+    );
+    assert_eq!(got["assertions"][0]["assertion"], json!(true));
+    let args = &got["image"]["modules"]["forge-sd-aarch64"]["system"]["build"]["image"]["args"];
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &args[args.len() - 4..],
+        [
+            "--root-mode",
+            "ro",
+            "--firmware",
+            "/nix/store/22222222222222222222222222222222-raspberrypi-firmware"
+        ]
+    );
+    // A hostname the configuration sets wins over /var/identity's.
+    let mut want = expected("raw-efi", true);
+    want["environment"]["etc"]
+        .as_object_mut()
+        .unwrap()
+        .remove("hostname");
+    assert_eq!(module_config("{ enable = true; }", "pi-7"), want);
+    // A VM base without a state partition: no /var, no identity, and forge
+    // is told so.
+    let got = module_config("{ enable = true; state = false; }", "");
+    assert!(got["fileSystems"].get("/var").is_none());
+    assert!(got.get("environment").is_none() && got.get("users").is_none());
+    let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string()
+            .ends_with(r#""--root-mode","ro","--state-size","none"]"#),
+        "{args}"
+    );
+    // Extra forge options reach every variant, after the module's own.
+    let got = module_config(
+        "{ enable = true; extraArgs = [ \"--disk-size\" \"8G\" ]; }",
+        "",
+    );
+    for v in ["forge-raw-efi", "forge-qcow2", "forge-vhd"] {
+        let args = &got["image"]["modules"][v]["system"]["build"]["image"]["args"];
+        assert!(
+            args.to_string().ends_with(r#""--disk-size","8G"]"#),
+            "{v}: {args}"
+        );
+    }
+}
+
+/// The static forge the sandbox can run (`make static`).
+fn static_forge() -> PathBuf {
+    let p = std::env::var_os("NIXFORGE_STATIC_FORGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/x86_64-unknown-linux-gnu/release/forge"));
+    assert!(
+        p.exists(),
+        "{}: no static forge; run `make static`",
+        p.display()
+    );
+    p
+}
+
+#[test]
+fn forge_as_the_builder_of_a_sandboxed_nix_build_writes_the_bytes_it_writes_outside() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let store = copy_store(&sys, true, false);
+    let forge_dir = d.path().join("forge");
+    std::fs::create_dir_all(forge_dir.join("bin")).unwrap();
+    std::fs::copy(static_forge(), forge_dir.join("bin/forge")).unwrap();
+    let result = d.path().join("result");
+    ok(Command::new("nix-build")
+        .arg("--store")
+        .arg(store.path())
+        .arg(workspace().join("tests/nix/sandbox-image.nix"))
+        .arg("--arg")
+        .arg("forgeDir")
+        .arg(&forge_dir)
+        .args(["--argstr", "toplevel", &sys.toplevel])
+        .args(["--option", "sandbox", "true"])
+        .args(["--option", "build-users-group", ""])
+        .args(["--option", "substituters", ""])
+        .arg("-o")
+        .arg(&result));
+    let built = store.path().join(
+        std::fs::read_link(&result)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches('/'),
+    );
+    let names = ["nixos.img", "nixos.img.bmap", "nixos.img.layout.json"];
+    assert_eq!(dir_entries(&built), names);
+
+    // Outside Nix: the closure from the store's database rather than
+    // .attrs.json, into a directory forge creates.
+    let outside = d.path().join("out/new");
+    ok(forge_image_of(&sys)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .args(["--format", "raw-efi", "-o"])
+        .arg(outside.join("nixos.img")));
+    for n in names {
+        assert_eq!(
+            sha256_file(&built.join(n)),
+            sha256_file(&outside.join(n)),
+            "{n}"
+        );
+    }
+    ok(Command::new("sgdisk")
+        .arg("-v")
+        .arg(built.join("nixos.img")));
+}
+
+/// The fixture's closure as exportReferencesGraph writes it into
+/// .attrs.json, from Nix's own database; `sri` writes every other narHash
+/// as SRI (`sha256-…`, as newer Nix's path-info prints).
+fn attrs_json(sys: &System, sri: bool) -> Value {
+    let mut records = Vec::new();
+    for (i, p) in sys.nix_store(&["-qR", &sys.toplevel]).lines().enumerate() {
+        let q = |what: &str| sys.nix_store(&["-q", what, p]);
+        let mut hash = q("--hash").trim().to_string();
+        if sri && i % 2 == 0 {
+            hash = ok(Command::new("nix")
+                .args(["--extra-experimental-features", "nix-command"])
+                .args(["hash", "to-sri", &hash]))
+            .trim()
+            .to_string();
+        }
+        records.push(json!({
+            "path": p,
+            "narHash": hash,
+            "narSize": q("--size").trim().parse::<u64>().unwrap(),
+            "references": q("--references").lines().collect::<Vec<_>>(),
+        }));
+    }
+    json!({"builder": "/nix/store/x-forge/bin/forge", "closure": records})
+}
+
+fn closure_with(sys: &System, root: &Path, info: &Path, extra: &[&str]) -> Command {
+    let mut c = forge();
+    c.arg("closure")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(root)
+        .arg("--closure-info")
+        .arg(info)
+        .arg("--json")
+        .args(extra);
+    c
+}
+
+#[test]
+fn attrs_json_is_closure_info_and_its_bad_cases_are_named() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let info = d.path().join(".attrs.json");
+    let write = |v: &Value| std::fs::write(&info, serde_json::to_vec(v).unwrap()).unwrap();
+    let db_view: Value = serde_json::from_str(&ok(forge()
+        .arg("closure")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(&sys.root)
+        .arg("--json")))
+    .unwrap();
+    // The database knows derivers; .attrs.json does not (nor do images).
+    let mut db_view = db_view;
+    for p in db_view["paths"].as_array_mut().unwrap() {
+        p.as_object_mut().unwrap().remove("deriver");
+    }
+    write(&attrs_json(&sys, true));
+    for extra in [&[][..], &["--verify-nar"][..]] {
+        let got: Value =
+            serde_json::from_str(&ok(&mut closure_with(&sys, &sys.root, &info, extra))).unwrap();
+        assert_eq!(got["source"], json!("closure-info"));
+        assert_eq!(got["paths"], db_view["paths"], "{extra:?}");
+    }
+
+    // A changed file with --verify-nar: named with its store path.
+    let copy = copy_store(&sys, false, false);
+    let data = ok(Command::new("sh").arg("-c").arg(format!(
+        "ls -d {}/nix/store/*-fixture-data-1.0",
+        copy.path().display()
+    )));
+    let data = data.trim();
+    let f = Path::new(data).join("share/one-byte");
+    std::fs::write(&f, "y").unwrap();
+    let e = fails(&mut closure_with(
+        &sys,
+        copy.path(),
+        &info,
+        &["--verify-nar"],
+    ));
+    let store_path = format!(
+        "/nix/store/{}",
+        Path::new(data).file_name().unwrap().to_str().unwrap()
+    );
+    let e = the_error(&e);
+    assert!(e.contains(&store_path) && e.contains("hash"), "{e}");
+
+    // Another system's closure, a reference with no record, a hash that
+    // is not SHA-256, and a file with no records: one line naming the file.
+    let good = attrs_json(&sys, false);
+    let mut other = good.clone();
+    let recs = other["closure"].as_array_mut().unwrap();
+    recs.retain(|r| r["path"] != json!(sys.toplevel));
+    write(&other);
+    let e = fails(&mut closure_with(&sys, &sys.root, &info, &[]));
+    assert!(
+        the_error(&e).contains("does not list") && e.contains(".attrs.json"),
+        "{e}"
+    );
+
+    let mut missing = good.clone();
+    let recs = missing["closure"].as_array_mut().unwrap();
+    recs.retain(|r| !r["path"].as_str().unwrap().ends_with("-fixture-lib-1.0"));
+    write(&missing);
+    let e = fails(&mut closure_with(&sys, &sys.root, &info, &[]));
+    let e = the_error(&e);
+    assert!(e.contains("-fixture-lib-1.0, which has no record"), "{e}");
+
+    let mut md5 = good.clone();
+    md5["closure"][0]["narHash"] = json!("md5:0123456789abcdef0123456789abcdef");
+    write(&md5);
+    let e = fails(&mut closure_with(&sys, &sys.root, &info, &[]));
+    assert!(the_error(&e).contains("is not a SHA-256 hash"), "{e}");
+
+    write(&json!({"builder": "x", "closure": []}));
+    let e = fails(&mut closure_with(&sys, &sys.root, &info, &[]));
+    assert!(the_error(&e).contains("no list of path records"), "{e}");
+}

@@ -1,0 +1,114 @@
+# Evaluates nix/module.nix without nixpkgs: a stub `lib` whose mkIf,
+# mkMerge and mkDefault leave markers that `resolve` below applies, and a
+# stub `config` holding the module's own option defaults overridden by
+# `settings`. The result is the configuration the module sets, as JSON:
+# mkDefault values appear as { default = …; }, each image variant as the
+# options it sets with its derivation's builder, system and args.
+#
+#   nix-instantiate --eval --strict --json tests/nix/eval-module.nix \
+#     --arg settings '{ enable = true; layout = "raw-efi"; }'
+{
+  settings,
+  hostName ? "",
+}:
+let
+  lib = {
+    mkOption = o: o;
+    types = {
+      bool = "bool";
+      str = "str";
+      path = "path";
+      package = "package";
+      enum = values: { inherit values; };
+      listOf = t: { listOf = t; };
+    };
+    mkIf = condition: content: {
+      _type = "if";
+      inherit condition content;
+    };
+    mkMerge = contents: {
+      _type = "merge";
+      inherit contents;
+    };
+    mkDefault = content: {
+      _type = "default";
+      inherit content;
+    };
+    optionals = c: l: if c then l else [ ];
+    literalExpression = t: t;
+  };
+  pkgs = {
+    stdenv.buildPlatform.system = "x86_64-linux";
+  };
+  toplevel = "/nix/store/00000000000000000000000000000000-nixos-system-stub";
+  module = import ../../nix/module.nix;
+  evaluated = module {
+    inherit lib pkgs config;
+  };
+  defaults = builtins.mapAttrs (_: o: o.default) evaluated.options.nixforge;
+  config = {
+    nixforge = defaults // {
+      package = "/nix/store/11111111111111111111111111111111-nixforge";
+    } // settings;
+    networking.hostName = hostName;
+  };
+
+  merge =
+    a: b:
+    if a == null then
+      b
+    else if b == null then
+      a
+    else if builtins.isAttrs a && builtins.isAttrs b && !(a ? _type) && !(b ? _type) then
+      builtins.zipAttrsWith (
+        n: vs: if builtins.length vs == 1 then builtins.head vs else merge (builtins.elemAt vs 0) (builtins.elemAt vs 1)
+      ) [ a b ]
+    else
+      throw "the module defines one option twice: ${builtins.toJSON a} and ${builtins.toJSON b}";
+  resolve =
+    v:
+    if builtins.isAttrs v && v ? _type then
+      if v._type == "if" then
+        (if v.condition then resolve v.content else null)
+      else if v._type == "merge" then
+        builtins.foldl' merge null (map resolve v.contents)
+      else if v._type == "default" then
+        { default = resolve v.content; }
+      else
+        throw "unknown marker ${v._type}"
+    else if builtins.isAttrs v then
+      let
+        r = builtins.mapAttrs (_: resolve) v;
+      in
+      builtins.removeAttrs r (builtins.filter (n: r.${n} == null) (builtins.attrNames r))
+    else
+      v;
+
+  # An image variant, evaluated as nixpkgs' images.nix would: its own
+  # config with the system's toplevel and image.filePath from the
+  # extension it sets.
+  variant =
+    f:
+    let
+      self = f {
+        config = {
+          system.build.toplevel = toplevel;
+          image.baseName = "nixos-image-stub";
+          image.filePath = "nixos-image-stub.${self.image.extension}";
+        };
+      };
+      drv = self.system.build.image;
+    in
+    self
+    // {
+      system.build.image = {
+        inherit (drv) builder system args name __structuredAttrs;
+        exportReferencesGraph = drv.exportReferencesGraph;
+      };
+    };
+  resolved = resolve evaluated.config;
+in
+if resolved ? image then
+  resolved // { image.modules = builtins.mapAttrs (_: variant) resolved.image.modules; }
+else
+  resolved
