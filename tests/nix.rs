@@ -41,8 +41,21 @@ fn every_nix_file_parses() {
     for f in &files {
         ok(Command::new("nix-instantiate").arg("--parse").arg(f));
     }
-    // And a file that does not parse is caught (the check can fail).
+    // The README's Nix examples too.
     let d = tempfile::tempdir().unwrap();
+    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```nix\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .collect();
+    assert!(!blocks.is_empty(), "README has no Nix example");
+    for (i, b) in blocks.iter().enumerate() {
+        let f = d.path().join(format!("readme-{i}.nix"));
+        std::fs::write(&f, b).unwrap();
+        ok(Command::new("nix-instantiate").arg("--parse").arg(&f));
+    }
+    // And a file that does not parse is caught (the check can fail).
     let bad = d.path().join("bad.nix");
     std::fs::write(&bad, "{ a = ; }").unwrap();
     fails(Command::new("nix-instantiate").arg("--parse").arg(&bad));
