@@ -22,6 +22,9 @@ pkgs=(
   hyperfine time                # make bench (time: peak RSS)
   man-db                        # man -l renders the installed man pages
   libc6-dev                     # libc.a: the static forge the Nix sandbox tests run
+  skopeo umoci podman           # judges of forge oci: inspect/copy, unpack, load
+  docker-registry               # a real registry on 127.0.0.1, started by the tests
+  pigz                          # make bench: the peer of forge oci's gzip
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

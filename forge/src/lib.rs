@@ -8,6 +8,7 @@ pub mod image;
 pub mod inspect;
 pub mod layout;
 pub mod nixdb;
+pub mod oci;
 pub mod output;
 pub mod unpack;
 pub mod vm;

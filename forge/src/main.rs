@@ -46,6 +46,9 @@ enum Cmd {
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
     Image(cli::image::ImageArgs),
+    /// Make an OCI container image of any store path's closure: a layer
+    /// per store path, stable digests; a layout directory or a .tar archive.
+    Oci(cli::oci::OciArgs),
     /// Make VMs from one read-only base: a boot overlay, a /var disk, an
     /// identity disk and a libvirt domain each; --upgrade keeps /var.
     Vm(cli::vm::VmArgs),
@@ -115,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fat(a) => cli::fat::run(a),
         Cmd::Image(a) => cli::image::run(a),
         Cmd::Vm(a) => cli::vm::run(a),
+        Cmd::Oci(a) => cli::oci::run(a),
         Cmd::Completions { shell } => Ok(cli::docs::completions(Cli::command(), shell)?),
         Cmd::Man { dir } => {
             cli::docs::man_pages(Cli::command(), &dir)

@@ -20,6 +20,7 @@ pub mod seed;
 pub mod sink;
 pub mod sys;
 pub mod table;
+pub mod tar;
 pub mod time;
 pub mod tree;
 pub mod vhd;

@@ -4,6 +4,7 @@ pub mod docs;
 pub mod ext4;
 pub mod fat;
 pub mod image;
+pub mod oci;
 pub mod vm;
 
 use anyhow::{bail, Context, Result};

@@ -155,6 +155,18 @@ struct Node {
     recorded_size: Option<u64>,
 }
 
+/// The closure of any store path (a system or not): see [`read`].
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub top: String,
+    pub source: Source,
+    pub warnings: Vec<String>,
+    /// Sorted by path.
+    pub paths: Vec<PathInfo>,
+}
+
+/// The closure of a system: its bootspec, and every path with Nix's hash,
+/// size and references.
 pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
     let store = Store::new(&opts.root);
     let toplevel = store.resolve_toplevel(system)?;
@@ -163,6 +175,28 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
         return Err(StoreError::Io { path: phys, err }.into());
     }
     let boot = bootspec::read(&store, &toplevel)?;
+    let p = read_closure(&store, toplevel, opts)?;
+    Ok(Closure {
+        toplevel: p.top,
+        bootspec: boot,
+        source: p.source,
+        warnings: p.warnings,
+        paths: p.paths,
+    })
+}
+
+/// The closure of any store path, or a link to one.
+pub fn read_paths(path: &Path, opts: &Options) -> Result<Paths, ClosureError> {
+    let store = Store::new(&opts.root);
+    let top = store.resolve_toplevel(path)?;
+    let phys = store.physical(&top);
+    if let Err(err) = std::fs::symlink_metadata(&phys) {
+        return Err(StoreError::Io { path: phys, err }.into());
+    }
+    read_closure(&store, top, opts)
+}
+
+fn read_closure(store: &Store, toplevel: String, opts: &Options) -> Result<Paths, ClosureError> {
     let db_file = store.physical("/nix/var/nix/db/db.sqlite");
 
     let mut warnings = Vec::new();
@@ -170,23 +204,19 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
         let g = registration::read_closure_info(ci)?.closure_of(&toplevel, ci)?;
         (
             Source::ClosureInfo,
-            hash_graph(&store, g, &info_dir(opts), opts.verify_nar)?,
+            hash_graph(store, g, &info_dir(opts), opts.verify_nar)?,
         )
     } else if db_file.exists() {
         let g = db::closure(&db_file, &toplevel)?;
         (
             Source::NixDb,
-            hash_graph(&store, g, &db_file, opts.verify_nar)?,
+            hash_graph(store, g, &db_file, opts.verify_nar)?,
         )
     } else {
-        (
-            Source::Scan,
-            scan_closure(&store, &toplevel, &mut warnings)?,
-        )
+        (Source::Scan, scan_closure(store, &toplevel, &mut warnings)?)
     };
-    Ok(Closure {
-        toplevel,
-        bootspec: boot,
+    Ok(Paths {
+        top: toplevel,
         source,
         warnings,
         paths,

@@ -1,0 +1,420 @@
+//! OCI container images straight from a closure: any store path and what
+//! it needs, a layer per store path (grouped past `max_layers`, see
+//! [`layers`]), a customisation layer forge writes itself ([`custom`]),
+//! deterministic tar and compression ([`blob`]), the JSON documents
+//! ([`spec`]). The output is an OCI image layout directory, or an archive
+//! (`.tar`) holding that layout plus docker's `manifest.json`.
+//!
+//! Everything is written into a staging directory beside the output and
+//! put in place at the end: a directory by one rename (exchanged with an
+//! earlier OCI layout of the same name), an archive as an unnamed file
+//! linked in when complete.
+
+pub mod blob;
+pub mod custom;
+pub mod layers;
+pub mod spec;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::closure::{self, store, PathInfo, Store};
+use crate::output::AtomicOutput;
+use crate::Progress;
+use blob::{Blob, Blobs, Cache, Compression};
+use formats::tree::{Owner, Tree, ROOT};
+use layers::GroupKind;
+use spec::{Platform, RunConfig};
+
+pub struct Options {
+    pub path: PathBuf,
+    pub store_root: PathBuf,
+    pub closure_info: Option<PathBuf>,
+    pub verify_nar: bool,
+    /// A directory (OCI image layout), or NAME.tar (an archive).
+    pub output: PathBuf,
+    /// Every layer counts, the customisation layer too.
+    pub max_layers: usize,
+    pub compression: Compression,
+    pub epoch: u32,
+    pub run: RunConfig,
+    /// The reference name in index.json (and the archive's tag).
+    pub tag: String,
+    /// The repository name in an archive's RepoTags (default: the path's
+    /// name).
+    pub name: Option<String>,
+    /// A Nix system (`aarch64-linux`) or an OCI architecture (`arm64`),
+    /// used when the path has no bootspec saying its system.
+    pub arch: Option<String>,
+    pub users: Vec<custom::User>,
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerReport {
+    pub digest: String,
+    pub size: u64,
+    pub paths: Vec<String>,
+    pub cached: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub output: PathBuf,
+    pub manifest: String,
+    pub config: String,
+    pub architecture: String,
+    pub layers: Vec<LayerReport>,
+    /// Links the customisation layer made (`/bin/sh` → …).
+    pub links: BTreeMap<String, String>,
+}
+
+/// Before any work: an archive's name must not be a directory; a
+/// directory output may replace only an earlier OCI layout.
+pub fn check_output(p: &Path) -> Result<()> {
+    let Ok(md) = std::fs::symlink_metadata(p) else {
+        return Ok(());
+    };
+    if is_archive(p) {
+        if md.is_dir() {
+            bail!("{}: is a directory", p.display());
+        }
+    } else if !(md.is_dir() && p.join("oci-layout").is_file()) {
+        bail!(
+            "{}: exists and is not an OCI image layout; not replacing it",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+fn is_archive(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "tar")
+}
+
+/// The architecture: the bootspec's system, else `--arch`, else the host's.
+fn platform(store: &Store, top: &str, arch: Option<&str>) -> Result<Platform> {
+    let boot_json = store.physical(&format!("{top}/boot.json"));
+    if boot_json.exists() {
+        let b = closure::bootspec::read(store, top)?;
+        return spec::platform(&b.spec.system)
+            .with_context(|| format!("{top}: no OCI architecture for system {}", b.spec.system));
+    }
+    let host = format!("{}-linux", std::env::consts::ARCH);
+    let want = arch.unwrap_or(&host);
+    if let Some(p) = spec::platform(want) {
+        return Ok(p);
+    }
+    // An OCI name as it is (amd64, arm64, …).
+    match [
+        "amd64", "arm64", "386", "arm", "riscv64", "ppc64le", "s390x",
+    ]
+    .contains(&want)
+    {
+        true => Ok(Platform {
+            architecture: want.into(),
+            variant: (want == "arm64").then(|| "v8".into()),
+        }),
+        false => bail!("--arch {want:?}: not a Nix system or OCI architecture"),
+    }
+}
+
+/// A repository name docker accepts, from a store path's name.
+fn repo_name(top: &str) -> String {
+    let base = store::base_name(top);
+    let name = base.split_once('-').map_or(base, |(_, n)| n);
+    let s: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    s.trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string()
+}
+
+pub fn check_tag(t: &str) -> Result<()> {
+    let ok = !t.is_empty()
+        && t.len() <= 128
+        && t.bytes().enumerate().all(|(i, c)| {
+            c.is_ascii_alphanumeric() || c == b'_' || (i > 0 && (c == b'.' || c == b'-'))
+        });
+    if !ok {
+        bail!("--tag {t:?}: a tag is 1-128 of A-Z a-z 0-9 _ . - (not . or - first)");
+    }
+    Ok(())
+}
+
+/// A staging directory beside the output, removed unless kept.
+struct Staging(Option<PathBuf>);
+
+impl Staging {
+    fn new(output: &Path) -> Result<Staging> {
+        let dir = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = output
+            .file_name()
+            .with_context(|| format!("{}: not a file name", output.display()))?
+            .to_string_lossy()
+            .into_owned();
+        // Left by a run that was killed: its process is gone.
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let pid = n
+                    .strip_prefix(&format!(".{name}."))
+                    .and_then(|r| r.strip_suffix(".tmp"))
+                    .and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let path = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Staging(Some(path)))
+    }
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("staging directory")
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// One layer's tree: /nix, /nix/store and the paths.
+fn store_layer(store: &Store, paths: &[&PathInfo]) -> Result<Tree> {
+    let mut t = Tree::new(0o755);
+    let sd = t.mkdir_p(b"/nix/store", 0o755)?;
+    let owner = Owner {
+        force: Some((0, 0)),
+    };
+    for p in paths {
+        let f = Tree::read_host(&store.physical(&p.path), owner)
+            .with_context(|| format!("reading {}", p.path))?;
+        t.graft(sd, store::base_name(&p.path).as_bytes(), f)?;
+    }
+    Ok(t)
+}
+
+pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
+    if o.max_layers < 2 {
+        bail!(
+            "--max-layers {}: at least 2 (a store layer and the customisation layer)",
+            o.max_layers
+        );
+    }
+    check_tag(&o.tag)?;
+    let users = custom::users(&o.users)?;
+    let store = Store::new(&o.store_root);
+    let c = closure::read_paths(
+        &o.path,
+        &closure::Options {
+            root: o.store_root.clone(),
+            closure_info: o.closure_info.clone(),
+            verify_nar: o.verify_nar,
+        },
+    )
+    .with_context(|| format!("reading the closure of {}", o.path.display()))?;
+    let platform = platform(&store, &c.top, o.arch.as_deref())?;
+    progress.stage(&format!(
+        "closure: {} paths, {} bytes",
+        c.paths.len(),
+        c.paths.iter().map(|p| p.nar_size).sum::<u64>()
+    ));
+    let groups = layers::group(&c.paths, &c.top, o.max_layers - 1);
+
+    let staging = Staging::new(&o.output)?;
+    let blobs = Blobs::new(staging.path())?;
+    let cache = o.cache.as_deref().map(Cache::open).transpose()?;
+    let mtime = u64::from(o.epoch);
+    let built: Vec<(Blob, bool)> = groups
+        .par_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let paths: Vec<&PathInfo> = g.paths.iter().map(|&k| &c.paths[k]).collect();
+            let key_of: Vec<(&str, &[u8; 32])> = paths
+                .iter()
+                .map(|p| (p.path.as_str(), &p.nar_hash))
+                .collect();
+            let key = Cache::key(&key_of, mtime, o.compression);
+            if let Some(b) = cache.as_ref().and_then(|c| c.get(&key, &blobs)) {
+                return Ok((b, true));
+            }
+            let tree = store_layer(&store, &paths)?;
+            let b = blobs.layer(&tree, mtime, o.compression, &format!("layer{i}"))?;
+            if let Some(cache) = &cache {
+                cache.put(&key, &b, &blobs);
+            }
+            Ok((b, false))
+        })
+        .collect::<Result<_>>()?;
+    let made = custom::layer(&store, &c, &users, o.epoch)?;
+    let custom_blob = blobs.layer(&made.tree, mtime, o.compression, "custom")?;
+    progress.stage(&format!(
+        "layers: {} ({} from the cache) and the customisation layer",
+        built.len(),
+        built.iter().filter(|b| b.1).count()
+    ));
+
+    let mut report_layers = Vec::new();
+    let mut hist = Vec::new();
+    for (g, (b, cached)) in groups.iter().zip(&built) {
+        let names: Vec<String> = g.paths.iter().map(|&k| c.paths[k].path.clone()).collect();
+        let what = match g.kind {
+            GroupKind::Own => "store path",
+            GroupKind::Merged => "store paths merged",
+            GroupKind::Top => "the top path with what only it needs",
+        };
+        hist.push(spec::Layer {
+            blob: b,
+            comment: format!("{what}: {}", names.join(" ")),
+        });
+        report_layers.push(LayerReport {
+            digest: spec::digest(b),
+            size: b.size,
+            paths: names,
+            cached: *cached,
+        });
+    }
+    hist.push(spec::Layer {
+        blob: &custom_blob,
+        comment: "customisation: users, /tmp, links, the Nix database".into(),
+    });
+    report_layers.push(LayerReport {
+        digest: spec::digest(&custom_blob),
+        size: custom_blob.size,
+        paths: vec![],
+        cached: false,
+    });
+
+    let mut run = o.run.clone();
+    if !run.env.iter().any(|e| e.starts_with("PATH=")) {
+        let mut path: Vec<String> = ["bin", "sw/bin"]
+            .iter()
+            .map(|s| format!("{}/{s}", c.top))
+            .filter(|l| store.physical(l).is_dir())
+            .collect();
+        path.extend(["/bin".into(), "/usr/bin".into()]);
+        run.env.insert(0, format!("PATH={}", path.join(":")));
+    }
+    let created = spec::rfc3339(o.epoch);
+    let config = blobs.bytes(&spec::config(&run, &platform, &created, &hist))?;
+    let name = o.name.clone().unwrap_or_else(|| repo_name(&c.top));
+    let annotations = BTreeMap::from([
+        (
+            "org.opencontainers.image.created".to_string(),
+            created.clone(),
+        ),
+        ("org.opencontainers.image.title".to_string(), name.clone()),
+    ]);
+    let layer_refs: Vec<(&Blob, &str)> = built
+        .iter()
+        .map(|(b, _)| (b, o.compression.media_type()))
+        .chain([(&custom_blob, o.compression.media_type())])
+        .collect();
+    let manifest = blobs.bytes(&spec::manifest(&config, &layer_refs, &annotations))?;
+    let root = staging.path();
+    let write =
+        |n: &str, b: &[u8]| std::fs::write(root.join(n), b).with_context(|| format!("writing {n}"));
+    write("oci-layout", spec::LAYOUT)?;
+    write("index.json", &spec::index(&manifest, &platform, &o.tag))?;
+
+    if is_archive(&o.output) {
+        let layer_blobs: Vec<&Blob> = layer_refs.iter().map(|(b, _)| *b).collect();
+        write(
+            "manifest.json",
+            &spec::docker_manifest(&config, &layer_blobs, &format!("{name}:{}", o.tag)),
+        )?;
+        archive(root, &o.output, mtime)?;
+    } else {
+        put_in_place(staging, &o.output)?;
+    }
+    progress.stage(&format!("done: {}", o.output.display()));
+    Ok(Report {
+        output: o.output.clone(),
+        manifest: spec::digest(&manifest),
+        config: spec::digest(&config),
+        architecture: platform.architecture,
+        layers: report_layers,
+        links: made.links.into_iter().collect(),
+    })
+}
+
+/// The staged layout as one tar, committed whole.
+fn archive(root: &Path, output: &Path, mtime: u64) -> Result<()> {
+    let mut t = Tree::new(0o755);
+    t.add_host_contents(
+        ROOT,
+        root,
+        Owner {
+            force: Some((0, 0)),
+        },
+    )?;
+    let mut out = AtomicOutput::create(output)?;
+    let mut w = formats::tar::TarWriter::new(std::io::BufWriter::new(out.file()), mtime);
+    w.tree(&t)?;
+    w.finish()?;
+    out.commit()
+}
+
+/// The staged directory takes the output's name: by rename, or by
+/// exchange with an earlier OCI layout there (then removed). Anything
+/// else at that name is refused, untouched.
+fn put_in_place(mut staging: Staging, output: &Path) -> Result<()> {
+    let from = staging.0.take().expect("staging directory");
+    let result = (|| {
+        sync_tree(&from)?;
+        match std::fs::symlink_metadata(output) {
+            Err(_) => std::fs::rename(&from, output)
+                .with_context(|| format!("naming {}", output.display())),
+            Ok(md) if md.is_dir() && output.join("oci-layout").is_file() => {
+                nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &from,
+                    nix::fcntl::AT_FDCWD,
+                    output,
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                )
+                .with_context(|| format!("replacing {}", output.display()))?;
+                // `from` now names the earlier layout.
+                std::fs::remove_dir_all(&from)
+                    .with_context(|| format!("removing the earlier {}", from.display()))
+            }
+            Ok(_) => bail!(
+                "{}: exists and is not an OCI image layout; not replacing it",
+                output.display()
+            ),
+        }
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&from);
+    }
+    result
+}
+
+/// Every file and directory under `dir` on disk before it is named.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            std::fs::File::open(&p)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
