@@ -8,5 +8,5 @@
 {
   nixforge = pkgs.callPackage ./nix/package.nix { };
   module = ./nix/module.nix;
-  inherit ((import ./nix/lib.nix)) mkImage;
+  inherit ((import ./nix/lib.nix)) mkImage mkOci;
 }

@@ -33,6 +33,17 @@
           // args
         );
 
+      # lib.mkOci { pkgs; path; extraArgs = [ "--entrypoint" … ]; }:
+      # result/image.tar, an OCI image of any store path's closure.
+      lib.mkOci =
+        args:
+        (import ./nix/lib.nix).mkOci (
+          {
+            forge = self.packages.${args.pkgs.stdenv.buildPlatform.system}.default;
+          }
+          // args
+        );
+
       # nixforge.enable = true: fileSystems, boot loader and identity as
       # forge lays the disk out, and image variants for
       # `nixos-rebuild build-image --image-variant forge-raw-efi`.

@@ -40,4 +40,20 @@
         ]) firmware
         ++ extraArgs;
     };
+
+  # mkOci { pkgs; path = myEnv; extraArgs = [ "--entrypoint" "${myEnv}/bin/app" ]; }:
+  # result/image.tar, for `skopeo copy docker-archive:result/image.tar …`.
+  mkOci =
+    {
+      pkgs,
+      path,
+      fileName ? "image.tar",
+      name ? "oci-image",
+      extraArgs ? [ ],
+      forge ? pkgs.buildPackages.callPackage ./package.nix { },
+    }:
+    import ./oci.nix {
+      inherit forge path fileName name extraArgs;
+      system = pkgs.stdenv.buildPlatform.system;
+    };
 }

@@ -81,18 +81,26 @@ in
     state = mkOption {
       type = types.bool;
       default = true;
-      description = "A state partition (label `state`) mounted at /var; false for a VM base whose /var is another disk.";
+      description = "A state partition (label `state`) in the image, mounted at /var; false for a VM base (forge vm gives each VM its /var disk, also labelled `state`).";
     };
     identity = mkOption {
       type = types.bool;
-      default = cfg.rootMode == "ro" && cfg.state;
-      defaultText = lib.literalExpression ''config.nixforge.rootMode == "ro" && config.nixforge.state'';
+      default = cfg.rootMode == "ro" && (cfg.state || cfg.identityDisk);
+      defaultText = lib.literalExpression ''config.nixforge.rootMode == "ro" && (config.nixforge.state || config.nixforge.identityDisk)'';
       description = ''
         Take the machine's identity from /var/identity (written by
         `flash --identity` or `forge vm`): machine-id, hostname (when
         networking.hostName is empty) and the SSH host key. On a read-only
         root this also moves /etc to an immutable overlay and users to
         userborn, since activation cannot write /etc there.
+      '';
+    };
+    identityDisk = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Mount the identity disk `forge vm` makes (ext4 labelled `identity`)
+        read-only at /var/identity, for VMs made by `forge vm`.
       '';
     };
     firmware = mkOption {
@@ -132,7 +140,8 @@ in
         }
       ];
     }
-    (mkIf cfg.state {
+    # A VM's /var disk (forge vm) is labelled `state` too.
+    (mkIf (cfg.state || cfg.identityDisk) {
       fileSystems."/var" = {
         device = byLabel "state";
         fsType = "ext4";
@@ -201,6 +210,17 @@ in
           type = "ed25519";
         }
       ];
+    })
+    (mkIf cfg.identityDisk {
+      fileSystems."/var/identity" = {
+        device = byLabel "identity";
+        fsType = "ext4";
+        options = [
+          "ro"
+          "nofail"
+        ];
+        neededForBoot = true;
+      };
     })
     (mkIf (cfg.identity && ro) {
       boot.initrd.systemd.enable = mkDefault true;

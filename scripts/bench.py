@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,info,flash",
+    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,info,oci,flash",
                     help="comma-separated sections to run")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -101,6 +101,8 @@ def main():
         fleet_bench(res, c, top, a, w)
     if "info" in only:
         info_bench(res, c, top, a, w)
+    if "oci" in only:
+        oci_bench(res, c, top, a, w)
     if "flash" in only:
         flash_bench(res, c, top, a, w)
     report(res, a, out)
@@ -341,21 +343,72 @@ def fleet_bench(res, c, top, a, w):
     sh(f"rm -rf {vms}")
 
 
-def info_bench(res, c, top, a, w):
-    """With closure-info (issue 16) Nix's hashes are taken and each file is
-    read once: raw-efi from closure-info against scan mode (which hashes
-    every NAR), and against reading the closure once with tar."""
-    print("raw-efi from closure-info", file=sys.stderr)
+def closure_info(c, top):
+    """A closureInfo directory for a corpus (made once, not timed)."""
     info = c + "-closure-info"
     if not os.path.exists(os.path.join(info, "registration")):
         os.makedirs(info, exist_ok=True)
         sh(f"{FORGE} closure {top} --root {c} --registration > {info}/registration")
         shutil.copy(os.path.join(c, "closure-paths"), os.path.join(info, "store-paths"))
+    return info
+
+
+def info_bench(res, c, top, a, w):
+    """With closure-info (issue 16) Nix's hashes are taken and each file is
+    read once: raw-efi from closure-info against scan mode (which hashes
+    every NAR), and against reading the closure once with tar."""
+    print("raw-efi from closure-info", file=sys.stderr)
+    info = closure_info(c, top)
     rm = f"rm -rf {w}/*"
     img = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/x.img"
     res.append(measure("info: forge image, closure-info", f"{img} --closure-info {info}", a.runs, rm))
     res.append(measure("info: forge image, scan mode", img, a.runs, rm))
     res.append(measure("info: tar of the store, piped to /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null", a.runs))
+    sh(rm)
+
+
+def oci_bench(res, c, top, a, w):
+    """forge oci (issue 15): the whole image (gzip -6, the closure from
+    closure-info, no cache) against tar of the same paths through pigz -p 2
+    -6; and a rebuild with the layer cache after one small path changed."""
+    print("OCI image of the corpus", file=sys.stderr)
+    info = closure_info(c, top)
+    out, cache = os.path.join(w, "oci"), os.path.join(w, "oci-cache")
+    rm = f"rm -rf {out} {cache}"
+    oci = f"{FORGE} oci {top} --root {c} --closure-info {info} -o {out}"
+    res.append(measure("oci: forge oci (gzip -6, no cache)", f"{oci} --no-cache", a.runs, rm))
+    listing = os.path.join(w, "oci-paths")
+    open(listing, "w").write("".join(l[1:] + "\n" for l in open(os.path.join(info, "store-paths")).read().split()))
+    res.append(measure("oci: tar of the paths, piped to pigz -p 2 -6", f"tar -cf - -C {c} -T {listing} | pigz -p 2 -6 > /dev/null", a.runs))
+    # One small path changed, in a hard-linked copy of the corpus, with its
+    # own closure info (made untimed).
+    c2 = c + "-oci-changed"
+    if not os.path.exists(c2):
+        sh(f"cp -al {c} {c2}")
+        paths = json.loads(sh(f"{FORGE} closure {top} --root {c} --closure-info {info} --json 2>/dev/null"))["paths"]
+        small = min((p for p in paths if p["path"] != top and p["narSize"] > 4096), key=lambda p: (p["narSize"], p["path"]))
+        target = sh(f"find {c2}{small['path']} -type f | sort | head -1").strip()
+        data = open(target, "rb").read()
+        os.unlink(target)  # break the hard link
+        open(target, "wb").write(data + b"changed\n")
+        print(f"  changed {target}", file=sys.stderr)
+        shutil.rmtree(c2 + "-closure-info", ignore_errors=True)
+    info2 = closure_info(c2, top)
+    oci2 = f"{FORGE} oci {top} --root {c2} --closure-info {info2} -o {out}"
+    primed = os.path.join(w, "..", "oci-cache-primed")
+    if not os.path.exists(primed):
+        sh(f"{oci} --cache {primed} 2>/dev/null; rm -rf {out}")
+    res.append(measure("oci: forge oci rebuild, one small path changed (cache)", f"{oci2} --cache {cache}", a.runs,
+                       f"{rm}; cp -al {primed} {cache}"))
+    res.append(measure("oci: forge oci of the changed corpus (empty cache)", f"{oci2} --cache {cache}", a.runs, rm))
+    # What the rebuild did: only the changed path's layer and the
+    # customisation layer compressed, every other layer from the cache.
+    sh(f"{rm}; cp -al {primed} {cache}")
+    got = json.loads(sh(f"{oci2} --cache {cache} --json 2>/dev/null"))
+    fresh = [l for l in got["layers"] if not l["cached"]]
+    assert len(fresh) == 2, f"rebuild compressed {len(fresh)} layers"
+    print(f"  rebuild: {len(got['layers'])} layers, compressed again: "
+          f"{[len(l['paths']) for l in fresh]} paths, {sum(l['size'] for l in fresh)} bytes", file=sys.stderr)
     sh(rm)
 
 
@@ -402,6 +455,9 @@ def report(res, a, out):
          "vm: qemu-img convert -c -O qcow2 (of the raw image)", "≤ 0.5"),
         ("forge image closure-info / scan mode", "info: forge image, closure-info", "info: forge image, scan mode", "≤ 0.7"),
         ("forge image closure-info / tar once", "info: forge image, closure-info", "info: tar of the store, piped to /dev/null", "≤ 1.2"),
+        ("forge oci / tar piped to pigz -p 2", "oci: forge oci (gzip -6, no cache)", "oci: tar of the paths, piped to pigz -p 2 -6", "≤ 1.0"),
+        ("forge oci rebuild (cache) / full build", "oci: forge oci rebuild, one small path changed (cache)",
+         "oci: forge oci of the changed corpus (empty cache)", "≤ 0.2"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
     ]:

@@ -218,6 +218,27 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
             .ends_with(r#""--root-mode","ro","--state-size","none"]"#),
         "{args}"
     );
+    // A VM made by forge vm: its identity disk at /var/identity.
+    let got = module_config("{ enable = true; identityDisk = true; }", "");
+    let mut want = expected("raw-efi", true);
+    want["fileSystems"]["/var/identity"] = json!({
+        "device": "/dev/disk/by-label/identity", "fsType": "ext4",
+        "options": ["ro", "nofail"], "neededForBoot": true,
+    });
+    assert_eq!(got, want);
+    // The base of a fleet: no state partition in the image, /var and the
+    // identity from the VM's own disks.
+    let got = module_config("{ enable = true; state = false; identityDisk = true; }", "");
+    for (k, v) in want.as_object().unwrap() {
+        if k != "image" {
+            assert_eq!(&got[k], v, "{k}");
+        }
+    }
+    let args = &got["image"]["modules"]["forge-qcow2"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string().ends_with(r#""--state-size","none"]"#),
+        "{args}"
+    );
     // Extra forge options reach every variant, after the module's own.
     let got = module_config(
         "{ enable = true; extraArgs = [ \"--disk-size\" \"8G\" ]; }",
@@ -294,6 +315,57 @@ fn forge_as_the_builder_of_a_sandboxed_nix_build_writes_the_bytes_it_writes_outs
     ok(Command::new("sgdisk")
         .arg("-v")
         .arg(built.join("nixos.img")));
+}
+
+#[test]
+fn forge_oci_in_a_sandboxed_nix_build_writes_the_archive_it_writes_outside() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let store = copy_store(&sys, true, false);
+    let forge_dir = d.path().join("forge");
+    std::fs::create_dir_all(forge_dir.join("bin")).unwrap();
+    std::fs::copy(static_forge(), forge_dir.join("bin/forge")).unwrap();
+    let hello = ok(Command::new("sh").arg("-c").arg(format!(
+        "basename {}/nix/store/*-fixture-hello-1.0",
+        sys.root.display()
+    )));
+    let hello = format!("/nix/store/{}", hello.trim());
+    let entry = format!("{hello}/bin/hello");
+    let result = d.path().join("result");
+    ok(Command::new("nix-build")
+        .arg("--store")
+        .arg(store.path())
+        .arg(workspace().join("tests/nix/sandbox-oci.nix"))
+        .arg("--arg")
+        .arg("forgeDir")
+        .arg(&forge_dir)
+        .args(["--argstr", "path", &hello])
+        .args([
+            "--arg",
+            "extraArgs",
+            &format!("[ \"--entrypoint\" \"{entry}\" ]"),
+        ])
+        .args(["--option", "sandbox", "true"])
+        .args(["--option", "build-users-group", ""])
+        .args(["--option", "substituters", ""])
+        .arg("-o")
+        .arg(&result));
+    let built = store.path().join(
+        std::fs::read_link(&result)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_start_matches('/'),
+    );
+    assert_eq!(dir_entries(&built), ["image.tar"]);
+    let outside = d.path().join("outside/image.tar");
+    ok(forge()
+        .env_remove("SOURCE_DATE_EPOCH")
+        .args(["oci", &hello, "--root"])
+        .arg(&sys.root)
+        .args(["--entrypoint", &entry, "--no-cache", "-o"])
+        .arg(&outside));
+    assert_eq!(sha256_file(&built.join("image.tar")), sha256_file(&outside));
 }
 
 /// The fixture's closure as exportReferencesGraph writes it into

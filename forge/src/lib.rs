@@ -17,4 +17,7 @@ pub mod vm;
 pub trait Progress {
     /// A stage of the work is done.
     fn stage(&self, what: &str);
+    /// A scratch directory the work is filling, to remove if the process
+    /// is interrupted (None: no longer any).
+    fn scratch(&self, _dir: Option<&std::path::Path>) {}
 }

@@ -62,7 +62,45 @@ impl Stages {
     }
 }
 
+/// The scratch directory of the running command, removed on SIGINT or
+/// SIGTERM before exiting 130 or 143 (SIGKILL leaves it, hidden and named
+/// for its process; the next run removes it).
+static SCRATCH: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+fn watch_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let dir = SCRATCH.lock().ok().and_then(|mut d| d.take());
+                if let Some(dir) = dir {
+                    // Workers may still add files: try until it is gone.
+                    for _ in 0..20 {
+                        if std::fs::remove_dir_all(&dir).is_ok() || !dir.exists() {
+                            break;
+                        }
+                    }
+                }
+                std::process::exit(128 + sig);
+            }
+        });
+    });
+}
+
 impl forge::Progress for Stages {
+    fn scratch(&self, dir: Option<&std::path::Path>) {
+        if dir.is_some() {
+            watch_signals();
+        }
+        if let Ok(mut s) = SCRATCH.lock() {
+            *s = dir.map(|d| d.to_path_buf());
+        }
+    }
+
     fn stage(&self, what: &str) {
         eprintln!("forge: [{:6.2}s] {what}", self.0.elapsed().as_secs_f64());
         if self.1.as_deref().is_some_and(|p| what.contains(p)) {

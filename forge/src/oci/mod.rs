@@ -237,6 +237,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let groups = layers::group(&c.paths, &c.top, o.max_layers - 1);
 
     let staging = Staging::new(&o.output)?;
+    progress.scratch(Some(staging.path()));
     let blobs = Blobs::new(staging.path())?;
     let cache = o.cache.as_deref().map(Cache::open).transpose()?;
     let mtime = u64::from(o.epoch);
@@ -332,16 +333,18 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     write("oci-layout", spec::LAYOUT)?;
     write("index.json", &spec::index(&manifest, &platform, &o.tag))?;
 
-    if is_archive(&o.output) {
+    let done = if is_archive(&o.output) {
         let layer_blobs: Vec<&Blob> = layer_refs.iter().map(|(b, _)| *b).collect();
         write(
             "manifest.json",
             &spec::docker_manifest(&config, &layer_blobs, &format!("{name}:{}", o.tag)),
-        )?;
-        archive(root, &o.output, mtime)?;
+        )
+        .and_then(|_| archive(root, &o.output, mtime))
     } else {
-        put_in_place(staging, &o.output)?;
-    }
+        put_in_place(staging, &o.output)
+    };
+    progress.scratch(None);
+    done?;
     progress.stage(&format!("done: {}", o.output.display()));
     Ok(Report {
         output: o.output.clone(),
