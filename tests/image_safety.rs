@@ -107,27 +107,27 @@ fn bmap_path_that_is_a_directory_leaves_no_image() {
 }
 
 #[test]
-fn missing_output_directories_are_made_and_removed_again_when_the_run_fails() {
+fn a_missing_output_directory_is_made_one_level_deep_and_removed_again_when_the_run_fails() {
     let d = tempfile::tempdir().unwrap();
-    // Fails after the directories are made: the disk cannot hold the parts.
-    let img = d.path().join("a/b/x.img");
+    // Fails after the directory is made: the disk cannot hold the parts.
+    let img = d.path().join("out/x.img");
     let e = fails(raw_efi(&img, "one").args(["--disk-size", "100M"]));
     assert!(the_error(&e).contains("--disk-size"), "{e}");
-    assert!(
-        dir_entries(d.path()).is_empty(),
-        "{:?}",
-        dir_entries(d.path())
-    );
-    // A run that succeeds keeps them (a Nix builder has no mkdir for $out).
+    assert!(dir_entries(d.path()).is_empty(), "{:?}", dir_entries(d.path()));
+    // A run that succeeds keeps it (a Nix builder has no mkdir for $out).
     ok(&mut raw_efi(&img, "one"));
     assert_eq!(
-        dir_entries(&d.path().join("a/b")),
+        dir_entries(&d.path().join("out")),
         ["x.img", "x.img.bmap", "x.img.layout.json"]
     );
-    // Under a file, no directory can be made: one line, nothing left.
-    let under_file = d.path().join("a/b/x.img/y.img");
+    // Two levels missing, or a file in the way: one line, nothing made.
+    let deep = d.path().join("a/b/x.img");
+    let e = fails(&mut raw_efi(&deep, "one"));
+    assert!(the_error(&e).contains("a/b"), "{e}");
+    let under_file = d.path().join("out/x.img/y.img");
     let e = fails(&mut raw_efi(&under_file, "one"));
     assert!(the_error(&e).contains("x.img"), "{e}");
+    assert_eq!(dir_entries(d.path()), ["out"]);
 }
 
 #[test]

@@ -15,7 +15,9 @@ pub mod devices;
 pub mod examine;
 pub mod ioctl;
 pub mod memdisk;
+pub mod personal;
 pub mod preflight;
+pub mod probe;
 pub mod source;
 pub mod write;
 

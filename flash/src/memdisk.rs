@@ -20,6 +20,11 @@ pub enum Fault {
     /// Reads return this byte inverted (as if the medium changed it after
     /// the write).
     FlipAt(u64),
+    /// A fake card: byte offsets past `real` land at `offset % real`.
+    Aliases { real: u64 },
+    /// A fake card: writes at or past this byte are dropped (reads there
+    /// give what was there before).
+    DropsFrom(u64),
 }
 
 /// What happened to the disk, in order.
@@ -48,6 +53,8 @@ struct State {
     shorted: bool,
     /// With `record`: (offset, bytes) of every write, in order.
     writes: Vec<(u64, Vec<u8>)>,
+    /// Reads so far.
+    reads: u64,
 }
 
 impl MemDisk {
@@ -60,6 +67,26 @@ impl MemDisk {
             fault: None,
             record: false,
             state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A disk holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>, lbs: u64) -> MemDisk {
+        let d = MemDisk::new(0, lbs, 0);
+        *d.data.lock().unwrap_or_else(|e| e.into_inner()) = bytes;
+        d
+    }
+
+    /// Reads so far.
+    pub fn reads(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).reads
+    }
+
+    /// Where an access at `off` lands on a fake card.
+    fn place(&self, off: u64) -> u64 {
+        match self.fault {
+            Some(Fault::Aliases { real }) => off % real,
+            _ => off,
         }
     }
 
@@ -169,15 +196,21 @@ impl BlockDevice for MemDisk {
         if end > d.len() as u64 {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        d[off as usize..off as usize + n].copy_from_slice(&buf[..n]);
+        if matches!(self.fault, Some(Fault::DropsFrom(b)) if end > b) {
+            return Ok(n);
+        }
+        let at = self.place(off) as usize;
+        d[at..at + n].copy_from_slice(&buf[..n]);
         Ok(n)
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         self.aligned("read", buf.as_ptr(), buf.len(), off)?;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).reads += 1;
         let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
         let n = buf.len().min(d.len().saturating_sub(off as usize));
-        buf[..n].copy_from_slice(&d[off as usize..off as usize + n]);
+        let at = self.place(off) as usize;
+        buf[..n].copy_from_slice(&d[at..at + n]);
         if let Some(Fault::FlipAt(b)) = self.fault {
             if (off..off + n as u64).contains(&b) {
                 buf[(b - off) as usize] ^= 0xFF;

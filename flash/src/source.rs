@@ -187,6 +187,7 @@ impl Source {
             file,
             dec,
             pos: 0,
+            cuts: Vec::new(),
         })
     }
 
@@ -337,9 +338,19 @@ pub struct Reader<'a> {
     dec: Option<Box<dyn Read + Send>>,
     /// Decompressed position, for zstd.
     pos: u64,
+    /// Offsets no piece crosses (ascending).
+    cuts: Vec<u64>,
 }
 
 impl Reader<'_> {
+    /// No piece will cross any of these offsets: a piece is either wholly
+    /// before or wholly after each.
+    pub fn cut_at(&mut self, mut cuts: Vec<u64>) {
+        cuts.sort_unstable();
+        cuts.dedup();
+        self.cuts = cuts;
+    }
+
     /// Read the next at most `buf.len()` bytes of the current range into
     /// `buf`, or `None` after the last range. When checking, a range whose
     /// checksum fails is an error before its last bytes are returned.
@@ -379,7 +390,8 @@ impl Reader<'_> {
                 continue;
             }
             let at = off + self.done;
-            let n = (buf.len() as u64).min(len - self.done) as usize;
+            let cut = self.cuts.iter().find(|&&c| c > at).map_or(u64::MAX, |c| c - at);
+            let n = (buf.len() as u64).min(len - self.done).min(cut) as usize;
             let filled = match self.dec.as_mut() {
                 Some(d) => {
                     d.read_exact(&mut buf[..n])

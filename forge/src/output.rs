@@ -64,7 +64,7 @@ fn remove_stale(target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The directories [`make_parents`] created for an output, removed again
+/// The directory [`make_parents`] created for an output, removed again
 /// (when still empty) unless [`MadeDirs::keep`] is called: a failed run
 /// leaves no directory behind either.
 #[must_use]
@@ -85,22 +85,22 @@ impl Drop for MadeDirs {
     }
 }
 
-/// Create the missing directories above `target` (as `install -D`; a Nix
-/// builder has no mkdir to make `$out` with).
+/// Create the directory `target` goes into when it is missing but its own
+/// parent exists (one level, as `mkdir`: a Nix builder has no mkdir to make
+/// `$out` with, and a mistyped path deeper down is still an error).
 pub fn make_parents(target: &Path) -> Result<MadeDirs> {
-    let mut missing = Vec::new();
-    let mut d = dir_of(target);
-    while !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err() {
-        missing.push(d.to_owned());
-        d = match d.parent() {
-            Some(p) => p,
-            None => break,
-        };
-    }
+    let d = dir_of(target);
     let mut made = MadeDirs(Vec::new());
-    for m in missing.into_iter().rev() {
-        std::fs::create_dir(&m).with_context(|| format!("output directory {}", m.display()))?;
-        made.0.push(m);
+    if std::fs::symlink_metadata(d).is_err() {
+        let up = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if std::fs::metadata(up).is_ok_and(|m| m.is_dir()) {
+            std::fs::create_dir(d)
+                .with_context(|| format!("output directory {}", d.display()))?;
+            made.0.push(d.to_owned());
+        }
     }
     Ok(made)
 }

@@ -15,7 +15,7 @@ pub const LINUX: u8 = 0x83;
 
 /// CHS of an LBA on the conventional 255-head, 63-sector geometry,
 /// saturated at the largest encodable address past 1024 cylinders.
-fn chs(lba: u32) -> [u8; 3] {
+pub fn chs(lba: u32) -> [u8; 3] {
     let (heads, sectors) = (255u32, 63u32);
     let c = lba / (heads * sectors);
     if c > 1023 {

@@ -109,3 +109,50 @@ mod tests {
         );
     }
 }
+
+/// Writes kept in memory as ascending extents (offset, bytes): what a
+/// writer produces for a target that is written elsewhere later (flash
+/// compiles a device's state filesystem this way). Writes must ascend, as
+/// every writer here does; a write that goes back is an error.
+#[derive(Default)]
+pub struct Extents {
+    pos: u64,
+    pub extents: Vec<(u64, Vec<u8>)>,
+}
+
+impl Write for Extents {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if b.is_empty() {
+            return Ok(0);
+        }
+        match self.extents.last_mut() {
+            Some((o, v)) if *o + v.len() as u64 == self.pos => v.extend_from_slice(b),
+            Some((o, v)) if *o + v.len() as u64 > self.pos => {
+                return Err(io::Error::other(format!(
+                    "a write at byte {} goes back before byte {}",
+                    self.pos,
+                    *o + v.len() as u64
+                )))
+            }
+            _ => self.extents.push((self.pos, b.to_vec())),
+        }
+        self.pos += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Extents {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = match to {
+            SeekFrom::Start(p) => p,
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(|| io::Error::other("seek before 0"))?,
+            SeekFrom::End(_) => return Err(io::Error::other("an extent list has no end")),
+        };
+        Ok(self.pos)
+    }
+}
+
+impl Sink for Extents {}

@@ -199,6 +199,22 @@ impl Tree {
         Ok(top)
     }
 
+    /// Put all of `other` into `dir` as `name` (its root becomes that
+    /// directory).
+    pub fn nest(&mut self, dir: NodeId, name: &[u8], other: Tree) -> Result<NodeId, TreeError> {
+        let shift = self.nodes.len();
+        for mut node in other.nodes {
+            if let Kind::Dir { children } = &mut node.kind {
+                for id in children.values_mut() {
+                    *id += shift;
+                }
+            }
+            self.nodes.push(node);
+        }
+        self.link(dir, name, shift)?;
+        Ok(shift)
+    }
+
     /// Merge the *contents* of host directory `src` into `dir`.
     pub fn add_host_contents(
         &mut self,

@@ -6,6 +6,7 @@
 #[path = "../../../forge/src/cli/docs.rs"]
 mod docs;
 mod progress;
+mod provision;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -95,6 +96,8 @@ struct WriteArgs {
     /// No progress bars or lines (errors are still printed).
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    prov: provision::ProvisionArgs,
 }
 
 #[derive(Subcommand)]
@@ -264,12 +267,30 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
         }
         targets.push(t);
     }
+    // Each device's identity and own bytes, planned before anything is
+    // opened for writing; shown with the confirmation.
+    let dirs = provision::assign(&a.prov, &targets)
+        .map_err(|e| unconfirmed(&a.devices, &format!("{e:#}")))?;
+    let personals = provision::plan(&a.prov, &image, src.first_mib(), &targets, &dirs)?;
+    let probing: Vec<bool> = targets.iter().map(|t| provision::probes(&a.prov, t)).collect();
+    let lines: Vec<String> = targets
+        .iter()
+        .zip(&dirs)
+        .zip(&personals)
+        .zip(&probing)
+        .map(|(((t, d), p), &pr)| provision::mapping(t, d.as_deref(), p.as_ref(), pr))
+        .collect();
+    if a.prov.wanted() && a.yes && !a.quiet && !a.json {
+        for l in &lines {
+            eprintln!("{l}");
+        }
+    }
     if !a.yes {
         if !std::io::stdin().is_terminal() {
             return Err(unconfirmed(&a.devices, "no terminal to ask on; pass --yes"));
         }
-        for t in &targets {
-            eprintln!("{}", t.disk.describe());
+        for l in &lines {
+            eprintln!("{l}");
         }
         eprint!("Everything on these disks will be overwritten. Type yes to continue: ");
         std::io::stderr().flush()?;
@@ -285,12 +306,34 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     for t in &targets {
         opened.push(Device::open(t, true).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
+    // The fake-capacity probe, after every other check: a device that
+    // fails it refuses the whole run, and every device is as before.
+    let nonce = {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("the OS's randomness: {e}"))?;
+        u64::from_le_bytes(b)
+    };
+    for ((o, t), &pr) in opened.iter().zip(&targets).zip(&probing) {
+        if let (Ok(dev), true) = (o, pr) {
+            flash::probe::probe(&**dev, nonce).map_err(|e| Refused {
+                device: t.given.display().to_string(),
+                refusal: flash::devices::Refusal {
+                    check: "real capacity",
+                    detail: e.to_string(),
+                },
+            })?;
+        }
+    }
     let mut results: Vec<Option<Result<write::Outcome>>> = Vec::new();
     let mut sinks = Vec::new();
+    let mut personals = personals.into_iter();
+    let mut infos = Vec::new();
     for o in opened {
+        let p = personals.next().expect("one plan per device");
+        infos.push(p.as_ref().map(|p| (p.host_key.clone(), p.state_size, p.identity_files)));
         match o {
             Ok(s) => {
-                sinks.push(s);
+                sinks.push((s, p));
                 results.push(None);
             }
             Err(e) => results.push(Some(Err(e))),
@@ -299,12 +342,24 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let opts = write::Options::verifying(!a.no_verify);
     let signal = on_signals(&opts.stop)?;
     let bars = Bars::stoppable(a.quiet || a.json, opts.stop.clone());
-    let mut outs = write::flash(&src, sinks, &opts, &bars).into_iter();
+    let mut outs = write::flash_personal(&src, sinks, &opts, &bars).into_iter();
     let mut reports = Vec::new();
     let mut worst: Option<anyhow::Error> = None;
-    for (t, r) in targets.iter().zip(results) {
+    for (((t, r), dir), info) in targets.iter().zip(results).zip(&dirs).zip(&infos) {
         match r.or_else(|| outs.next()).expect("one result per device") {
             Ok(o) => {
+                if let Some((key, state_size, files)) = info {
+                    bars.println(&format!(
+                        "flash: {}: {}state partition {state_size} bytes{}",
+                        o.device,
+                        dir.as_ref()
+                            .map(|d| format!("identity {} ({files} files), ", d.display()))
+                            .unwrap_or_default(),
+                        key.as_ref()
+                            .map(|k| format!(", host key {} ({})", k.fingerprint, k.public.trim()))
+                            .unwrap_or_default()
+                    ));
+                }
                 bars.println(&format!(
                     "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s{}",
                     o.device,
@@ -319,7 +374,17 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
                         ""
                     }
                 ));
-                reports.push(serde_json::json!({ "device": o.device, "ok": true, "report": o }))
+                reports.push(serde_json::json!({
+                    "device": o.device,
+                    "ok": true,
+                    "model": t.disk.model,
+                    "serial": t.disk.serial,
+                    "size": t.disk.size,
+                    "identity": dir,
+                    "host_key": info.as_ref().and_then(|i| i.0.clone()),
+                    "state_size": info.as_ref().map(|i| i.1),
+                    "report": o,
+                }))
             }
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -21,6 +21,7 @@ use super::gpt_move::{backup_header, relocate_gpt};
 use super::verify::{verify, Mismatch};
 use super::{Interrupted, Msg, Options, Outcome, Unit, ALIGN, HEAD};
 use crate::device::BlockDevice;
+use crate::personal::Personal;
 use crate::source::Source;
 use crate::Meter;
 use formats::sys::Aligned;
@@ -113,17 +114,38 @@ fn put_around(
     }
 }
 
-/// What one device does with the stream: write (or, verifying only, just
-/// collect the first MiB), then read everything back.
-pub(super) fn device_job(
-    sink: &dyn BlockDevice,
-    rx: Receiver<Msg>,
-    src: &Source,
-    total: u64,
-    opts: &Options,
-    write: bool,
-    meter: &dyn Meter,
-) -> Result<Outcome> {
+/// One device's part of a run.
+pub(super) struct Job<'a> {
+    pub sink: &'a dyn BlockDevice,
+    /// This device's own bytes, written instead of the image's in their range.
+    pub personal: Option<&'a Personal>,
+    pub src: &'a Source,
+    pub total: u64,
+    pub opts: &'a Options,
+    pub write: bool,
+}
+
+impl Job<'_> {
+    /// What one device does with the stream: write (or, verifying only,
+    /// just collect the first MiB), then read everything back.
+    pub(super) fn run(&self, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome> {
+        device_job(self, rx, meter)
+    }
+}
+
+fn replaced(p: Option<&Personal>, off: u64, end: u64) -> bool {
+    p.is_some_and(|p| off >= p.replace.0 && end <= p.replace.1)
+}
+
+fn device_job(job: &Job, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome> {
+    let Job {
+        sink,
+        personal,
+        src,
+        total,
+        opts,
+        write,
+    } = *job;
     let start = Instant::now();
     let name = sink.name().to_string();
     let lbs = sink.sector_size();
@@ -133,7 +155,8 @@ pub(super) fn device_job(
     let mut written = 0u64;
     // The image's own backup GPT header, widened to this disk's sectors.
     let held = backup_header(src.first_mib(), src.size)
-        .map(|(o, l)| (o / lbs * lbs, (o + l).div_ceil(lbs) * lbs - o / lbs * lbs));
+        .map(|(o, l)| (o / lbs * lbs, (o + l).div_ceil(lbs) * lbs - o / lbs * lbs))
+        .filter(|&(o, l)| !replaced(personal, o, o + l));
     let mut stash: Option<Vec<u8>> = None;
     let streamed = (|| -> Result<Arc<Vec<Unit>>> {
         if write {
@@ -153,6 +176,12 @@ pub(super) fn device_job(
                 Err(_) => bail!("the source stopped"),
             };
             let end = c.off + c.len as u64;
+            if replaced(personal, c.off, end) {
+                // This device gets its own bytes here (no chunk crosses
+                // the range's edges).
+                meter.add(c.len as u64);
+                continue;
+            }
             let mut from = 0;
             if c.off < HEAD {
                 // Stash what falls in the first MiB; it is written last.
@@ -185,8 +214,36 @@ pub(super) fn device_job(
         }
     };
     let finished = streamed.and_then(|global| {
-        let mut units: Vec<Unit> = global.to_vec();
-        let gpt = relocate_gpt(&head, src.size, sink.size(), lbs);
+        let mut units: Vec<Unit> = global
+            .iter()
+            .filter(|u| !replaced(personal, u.off, u.off + u.len as u64))
+            .cloned()
+            .collect();
+        if let Some(p) = personal {
+            // The device's own state filesystem, after the image's body.
+            for (o, b) in &p.extents {
+                if write {
+                    put(sink, &mut bounce, b, *o)?;
+                }
+                written += b.len() as u64;
+                units.push(Unit {
+                    off: *o,
+                    len: b.len(),
+                    sum: xxh3_128(b),
+                    bytes: Some(b.clone()),
+                });
+            }
+        }
+        let gpt = match personal.and_then(|p| p.head.as_ref().map(|h| (h, &p.backup))) {
+            Some((h, Some((boff, backup)))) => Some((h.clone(), *boff, backup.clone())),
+            Some((h, None)) => {
+                // An MBR with the state partition's new size.
+                head[..h.len()].copy_from_slice(h);
+                head_mapped.push((0, h.len() as u64));
+                None
+            }
+            None => relocate_gpt(&head, src.size, sink.size(), lbs),
+        };
         // A backup header is usable alone: each is written after the
         // head it backs up.
         let mut headers: Vec<(u64, &[u8])> = Vec::new();

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::device::BlockDevice;
+use crate::personal::Personal;
 use crate::source::{RangeCheck, Source};
 use crate::Progress;
 use formats::sys::{Aligned, Lease, Pool};
@@ -125,7 +126,19 @@ pub fn flash(
     opts: &Options,
     progress: &dyn Progress,
 ) -> Vec<Result<Outcome>> {
-    run(src, devs, opts, true, progress)
+    let targets = devs.into_iter().map(|d| (d, None)).collect();
+    run(src, targets, opts, true, progress)
+}
+
+/// As [`flash`], each device with its own bytes (its identity, a state
+/// partition grown to its end) where it has a [`Personal`].
+pub fn flash_personal(
+    src: &Source,
+    targets: Vec<(Box<dyn BlockDevice>, Option<Personal>)>,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Vec<Result<Outcome>> {
+    run(src, targets, opts, true, progress)
 }
 
 /// Only verify: compare one device with the image (no writes).
@@ -135,7 +148,7 @@ pub fn verify_only(
     progress: &dyn Progress,
 ) -> Result<u64> {
     let opts = Options::verifying(true);
-    run(src, vec![dev], &opts, false, progress)
+    run(src, vec![(dev, None)], &opts, false, progress)
         .pop()
         .expect("one result per device")
         .map(|o| o.verified)
@@ -143,23 +156,38 @@ pub fn verify_only(
 
 fn run(
     src: &Source,
-    devs: Vec<Box<dyn BlockDevice>>,
+    devs: Vec<(Box<dyn BlockDevice>, Option<Personal>)>,
     opts: &Options,
     write: bool,
     progress: &dyn Progress,
 ) -> Vec<Result<Outcome>> {
     let total: u64 = src.ranges().iter().map(|r| r.1).sum();
+    // No chunk crosses a replaced range's edge: a device skips whole chunks.
+    let cuts: Vec<u64> = devs
+        .iter()
+        .filter_map(|d| d.1.as_ref())
+        .flat_map(|p| [p.replace.0, p.replace.1])
+        .collect();
     // `gone` marks a device whose writer failed (the others go on).
     let gone: &Vec<AtomicBool> = &devs.iter().map(|_| AtomicBool::new(false)).collect();
     std::thread::scope(|s| {
         // A writer per device.
         let (wtxs, writers): (Vec<SyncSender<Msg>>, Vec<_>) = devs
             .into_iter()
-            .map(|dev| {
+            .map(|(dev, personal)| {
                 let (tx, rx) = sync_channel::<Msg>(DEPTH);
                 let meter = progress.meter(dev.name());
-                let h =
-                    s.spawn(move || job::device_job(&*dev, rx, src, total, opts, write, &*meter));
+                let h = s.spawn(move || {
+                    let job = job::Job {
+                        sink: &*dev,
+                        personal: personal.as_ref(),
+                        src,
+                        total,
+                        opts,
+                        write,
+                    };
+                    job.run(rx, &*meter)
+                });
                 (tx, h)
             })
             .unzip();
@@ -176,7 +204,7 @@ fn run(
                 (tx, s.spawn(move || hash_chunks(src, rx, &wtxs, gone)))
             })
             .unzip();
-        let read = read_source(src, &htxs, depth, gone, &opts.stop);
+        let read = read_source(src, &htxs, depth, gone, &opts.stop, cuts);
         drop(htxs);
         // A hasher's own error (a range that fails its checksum, a read
         // that fails) explains why the reader could not hand it more, so
@@ -305,8 +333,10 @@ fn read_source(
     hasher_depth: usize,
     gone: &[AtomicBool],
     stop: &AtomicBool,
+    cuts: Vec<u64>,
 ) -> Result<()> {
     let mut reader = src.reader(false)?;
+    reader.cut_at(cuts);
     let mut pool = Pool::new(DEPTH * gone.len() + hasher_depth * hashers.len() + 4);
     let mut seq = 0usize;
     loop {

@@ -13,7 +13,7 @@ pub struct ImageArgs {
     /// Image format.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
     format: String,
-    /// Output image (missing directories above it are created): .img or .raw (raw), .img.zst or .raw.zst (zstd),
+    /// Output image (a missing directory it goes in is made when its parent exists): .img or .raw (raw), .img.zst or .raw.zst (zstd),
     /// .qcow2, .vhd (raw-efi only). IMAGE.layout.json (the layout
     /// manifest) goes beside every image, IMAGE.bmap beside raw and zstd ones.
     #[arg(short, long)]

@@ -1,0 +1,199 @@
+//! Provisioning at the bench: which identity goes to which device, each
+//! device's own bytes (identity, a state partition that fills it), and the
+//! fake-capacity probe. All decided, shown and checked before any write.
+
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+use flash::devices::Refusal;
+use flash::personal::{self, Manifest, Personal, Request};
+use flash::preflight::{Refused, Target};
+
+/// The provisioning options of a write.
+#[derive(clap::Args, Default)]
+pub struct ProvisionArgs {
+    /// An identity directory (its files go to /var/identity on the state
+    /// partition): DIR for the one device, or DEV=DIR per device (DEV a
+    /// path such as /dev/disk/by-id/…, or a serial number); repeatable.
+    #[arg(long, value_name = "[DEV=]DIR")]
+    pub identity: Vec<String>,
+    /// A directory holding one identity directory per device, assigned in
+    /// name order to the devices in the order given.
+    #[arg(long, value_name = "DIR")]
+    pub identities: Option<PathBuf>,
+    /// Give one --identity DIR to several devices on purpose.
+    #[arg(long)]
+    pub same_identity: bool,
+    /// Write NAME as the identity's hostname (one device).
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Generate an ed25519 SSH host key per device (the OS's randomness);
+    /// its public key and fingerprint are reported.
+    #[arg(long)]
+    pub generate_host_keys: bool,
+    /// Grow the state partition to the end of each device: the partition
+    /// table rewritten and the state filesystem compiled for its new size.
+    #[arg(long)]
+    pub fill: bool,
+    /// Probe for fake capacity even on disks not marked removable (it is
+    /// on by default for removable ones).
+    #[arg(long, conflicts_with = "no_probe")]
+    pub probe: bool,
+    /// Do not probe for fake capacity.
+    #[arg(long)]
+    pub no_probe: bool,
+}
+
+impl ProvisionArgs {
+    pub fn wanted(&self) -> bool {
+        !self.identity.is_empty()
+            || self.identities.is_some()
+            || self.hostname.is_some()
+            || self.generate_host_keys
+            || self.fill
+    }
+}
+
+fn refused(device: &Path, check: &'static str, detail: String) -> anyhow::Error {
+    Refused {
+        device: device.display().to_string(),
+        refusal: Refusal { check, detail },
+    }
+    .into()
+}
+
+/// Which device matches DEV: the same disk (a path), or its serial.
+fn matches(t: &Target, dev: &str) -> bool {
+    if !t.disk.serial.is_empty() && t.disk.serial == dev {
+        return true;
+    }
+    let p = Path::new(dev);
+    p == t.given
+        || p == t.disk.path
+        || std::fs::canonicalize(p).is_ok_and(|c| c == t.disk.path)
+}
+
+/// The identity directory of each device (in the devices' order).
+pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBuf>>> {
+    let mut out: Vec<Option<PathBuf>> = vec![None; targets.len()];
+    let mut plain = Vec::new();
+    for spec in &a.identity {
+        match spec.split_once('=') {
+            Some((dev, dir)) => {
+                let Some(i) = targets.iter().position(|t| matches(t, dev)) else {
+                    bail!("--identity {spec}: {dev} is none of the devices given (a path or a serial)");
+                };
+                if out[i].is_some() {
+                    bail!("--identity {spec}: {} already has an identity", targets[i].given.display());
+                }
+                out[i] = Some(PathBuf::from(dir));
+            }
+            None => plain.push(PathBuf::from(spec)),
+        }
+    }
+    let free: Vec<usize> = (0..targets.len()).filter(|&i| out[i].is_none()).collect();
+    if let Some(dir) = &a.identities {
+        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| anyhow::anyhow!("--identities {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        subs.sort();
+        if subs.len() != free.len() {
+            bail!(
+                "--identities {}: {} identities for {} devices; one each (or DEV=DIR for those that get one)",
+                dir.display(),
+                subs.len(),
+                free.len()
+            );
+        }
+        for (i, s) in free.iter().zip(subs) {
+            out[*i] = Some(s);
+        }
+    } else if let [one] = plain.as_slice() {
+        if free.len() > 1 && !a.same_identity {
+            bail!(
+                "--identity {}: one identity for {} devices; give DEV=DIR per device, or --same-identity on purpose",
+                one.display(),
+                free.len()
+            );
+        }
+        for i in free {
+            out[i] = Some(one.clone());
+        }
+    } else if plain.len() > 1 {
+        bail!("--identity given {} times without DEV=; name the device of each (DEV=DIR)", plain.len());
+    }
+    for d in out.iter().flatten() {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => bail!("identity {}: not a directory", d.display()),
+            Err(e) => bail!("identity {}: {e}", d.display()),
+        }
+    }
+    if a.hostname.is_some() && targets.len() > 1 {
+        bail!("--hostname names one machine; for several devices put a hostname file in each identity");
+    }
+    Ok(out)
+}
+
+/// Each device's own bytes, planned for its size (nothing is written).
+pub fn plan(
+    a: &ProvisionArgs,
+    image: &Path,
+    head: &[u8],
+    targets: &[Target],
+    dirs: &[Option<PathBuf>],
+) -> Result<Vec<Option<Personal>>> {
+    if !a.wanted() {
+        return Ok(targets.iter().map(|_| None).collect());
+    }
+    let m: Manifest = personal::manifest(image)?;
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1);
+    targets
+        .iter()
+        .zip(dirs)
+        .map(|(t, dir)| {
+            let with_identity = dir.is_some() || a.hostname.is_some() || a.generate_host_keys;
+            if !with_identity && !a.fill {
+                return Ok(None);
+            }
+            let req = Request {
+                identity: dir.clone(),
+                hostname: a.hostname.clone(),
+                host_key: a.generate_host_keys,
+                fill: a.fill,
+                epoch,
+                generate_machine_id: with_identity,
+            };
+            let lbs = u64::from(t.disk.logical_sector_size);
+            personal::plan(&m, head, t.disk.size, lbs, &req)
+                .map(Some)
+                .map_err(|e| refused(&t.given, "provisioning", format!("{e:#}")))
+        })
+        .collect()
+}
+
+/// Whether a device is probed: removable ones unless --no-probe; others
+/// with --probe.
+pub fn probes(a: &ProvisionArgs, t: &Target) -> bool {
+    !a.no_probe && (a.probe || t.disk.removable)
+}
+
+/// The line shown (and confirmed) per device.
+pub fn mapping(t: &Target, dir: Option<&Path>, p: Option<&Personal>, probe: bool) -> String {
+    let mut s = t.disk.describe();
+    if let Some(d) = dir {
+        s.push_str(&format!("\n    identity: {}", d.display()));
+    }
+    if let Some(p) = p {
+        s.push_str(&format!("\n    state partition: {} bytes", p.state_size));
+    }
+    if probe {
+        s.push_str("\n    probed for fake capacity before writing");
+    }
+    s
+}

@@ -1,0 +1,272 @@
+//! What one device gets besides the image (issue 17): its identity in the
+//! state partition, and with `fill` the state partition grown to the
+//! device's end. Led by the image's layout manifest: the state partition's
+//! place, filesystem label and UUID, and where the identity goes.
+//!
+//! The state filesystem is compiled for the device by the ext4 writer,
+//! identity inside, at the partition's new size (no resize2fs, no
+//! first-boot growing); the partition table is rewritten (GPT entry and
+//! both headers with the backup at the device's end; or the MBR entry).
+//! The writer skips the image's own state partition for this device and
+//! writes this instead, then verifies it against these bytes.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use formats::ext4::{self, Size};
+use formats::identity::{self, Generate, HostKey, MachineId};
+use formats::sink::Extents;
+use formats::tree::{Tree, ROOT};
+
+const MIB: u64 = 1 << 20;
+/// The largest piece written or verified at once (the writer's chunk).
+const PIECE: usize = 4 << 20;
+
+/// The state partition as the manifest describes it.
+#[derive(Clone, Debug)]
+pub struct StatePart {
+    /// Index into the table's entries (0-based).
+    pub index: usize,
+    pub offset: u64,
+    pub size: u64,
+    pub label: String,
+    pub uuid: [u8; 16],
+}
+
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub path: PathBuf,
+    pub gpt: bool,
+    pub sector: u64,
+    pub size: u64,
+    pub state: Option<StatePart>,
+    /// Path of the identity inside the state filesystem.
+    pub identity: Option<String>,
+}
+
+/// Read `IMAGE.layout.json` (forge's layout manifest).
+pub fn manifest(image: &Path) -> Result<Manifest> {
+    let path = crate::examine::manifest_path(image);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{}: no layout manifest ({}); --identity and --fill need forge's",
+            image.display(),
+            path.display()
+        )
+    })?;
+    let bad = |what: &str| anyhow::anyhow!("{}: not a layout manifest: {what}", path.display());
+    let m: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+    let gpt = match m["table"].as_str() {
+        Some("gpt") => true,
+        Some("mbr") => false,
+        _ => return Err(bad("no table")),
+    };
+    let sector = m["sector_size"].as_u64().ok_or_else(|| bad("no sector_size"))?;
+    let size = m["size"].as_u64().ok_or_else(|| bad("no size"))?;
+    let parts = m["partitions"].as_array().ok_or_else(|| bad("no partitions"))?;
+    let state = parts
+        .iter()
+        .find(|p| p["role"] == "state")
+        .map(|p| -> Result<StatePart> {
+            let fs = &p["filesystem"];
+            let uuid = fs["uuid"]
+                .as_str()
+                .and_then(formats::seed::parse_uuid)
+                .ok_or_else(|| bad("the state filesystem has no UUID"))?;
+            Ok(StatePart {
+                index: p["number"]
+                    .as_u64()
+                    .and_then(|n| n.checked_sub(1))
+                    .ok_or_else(|| bad("a partition without a number"))? as usize,
+                offset: p["offset"].as_u64().ok_or_else(|| bad("no offset"))?,
+                size: p["size"].as_u64().ok_or_else(|| bad("no size"))?,
+                label: fs["label"].as_str().unwrap_or("state").to_string(),
+                uuid,
+            })
+        })
+        .transpose()?;
+    let identity = m["identity"]["path"].as_str().map(String::from);
+    Ok(Manifest {
+        path,
+        gpt,
+        sector,
+        size,
+        state,
+        identity,
+    })
+}
+
+/// What a device is asked to get.
+#[derive(Clone, Debug, Default)]
+pub struct Request {
+    pub identity: Option<PathBuf>,
+    pub hostname: Option<String>,
+    pub host_key: bool,
+    pub fill: bool,
+    /// Every timestamp in the state filesystem (SOURCE_DATE_EPOCH).
+    pub epoch: u32,
+    /// A machine-id from the OS's randomness when the identity has none.
+    pub generate_machine_id: bool,
+}
+
+/// One device's own bytes.
+pub struct Personal {
+    /// Image bytes in `[start, end)` are not written to this device.
+    pub replace: (u64, u64),
+    /// Written there instead: ascending (device offset, bytes).
+    pub extents: Vec<(u64, Arc<Vec<u8>>)>,
+    /// The partition table from offset 0, when it changes.
+    pub head: Option<Vec<u8>>,
+    /// A GPT's backup (entries then header) at the device's end.
+    pub backup: Option<(u64, Vec<u8>)>,
+    pub state_size: u64,
+    pub host_key: Option<HostKey>,
+    /// Files in the identity, for the report.
+    pub identity_files: usize,
+}
+
+/// Where the state partition ends on a device of `dev_size` bytes: the
+/// last whole MiB before the backup GPT (or the end, for MBR).
+fn filled_end(m: &Manifest, dev_size: u64, lbs: u64) -> u64 {
+    let usable_end = if m.gpt {
+        // The backup entry array (16 KiB) and header at the end.
+        dev_size / lbs * lbs - (16 << 10).max(lbs) - lbs
+    } else {
+        dev_size
+    };
+    usable_end / MIB * MIB
+}
+
+pub fn plan(
+    m: &Manifest,
+    head: &[u8],
+    dev_size: u64,
+    lbs: u64,
+    req: &Request,
+) -> Result<Personal> {
+    let what = if req.fill { "--fill" } else { "--identity" };
+    let Some(st) = &m.state else {
+        bail!(
+            "{what}: the image has no state partition ({} lists none)",
+            m.path.display()
+        );
+    };
+    let new_size = if req.fill {
+        let end = filled_end(m, dev_size, lbs);
+        if end < st.offset + st.size {
+            bail!("{what}: the device ends before the image's state partition");
+        }
+        end - st.offset
+    } else {
+        st.size
+    };
+    if !m.gpt && new_size / 512 > u64::from(u32::MAX) {
+        bail!("{what}: an MBR partition cannot pass 2 TiB; the state partition would be {new_size} bytes");
+    }
+    // The state tree: as the image's (an empty root), plus the identity.
+    let gen = Generate {
+        hostname: req.hostname.clone(),
+        machine_id: req.generate_machine_id.then_some(MachineId::Random),
+        host_key: req.host_key,
+        keep_host_key: None,
+    };
+    let id = identity::build(req.identity.as_deref(), &gen).with_context(|| match &req.identity {
+        Some(d) => format!("the identity {}", d.display()),
+        None => "the identity".into(),
+    })?;
+    let files = count_files(&id.tree);
+    let mut tree = Tree::new(0o755);
+    let at = m.identity.as_deref().unwrap_or("identity");
+    tree.nest(ROOT, at.as_bytes(), id.tree)?;
+    let opts = ext4::Options {
+        size: Size::Fixed(new_size),
+        label: st.label.clone(),
+        uuid: st.uuid,
+        hash_seed: formats::seed::uuid(&formats::seed::format_uuid(&st.uuid), "ext4:state:hash"),
+        journal: true,
+        epoch: req.epoch,
+    };
+    let fs_plan = ext4::plan(&tree, &opts).context("planning the device's state filesystem")?;
+    let mut out = Extents::default();
+    fs_plan
+        .write(&mut out, 0)
+        .context("writing the device's state filesystem")?;
+    // In pieces of at most 4 MiB, each written, then read back, whole.
+    let extents = out
+        .extents
+        .into_iter()
+        .flat_map(|(o, b)| {
+            b.chunks(PIECE)
+                .enumerate()
+                .map(|(i, c)| (st.offset + o + (i * PIECE) as u64, Arc::new(c.to_vec())))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let (head, backup) = if req.fill {
+        table(m, st, head, dev_size, lbs, new_size)?
+    } else {
+        (None, None)
+    };
+    Ok(Personal {
+        replace: (
+            st.offset,
+            if req.fill { m.size } else { st.offset + st.size },
+        ),
+        extents,
+        head,
+        backup,
+        state_size: new_size,
+        host_key: id.host_key,
+        identity_files: files,
+    })
+}
+
+fn count_files(t: &Tree) -> usize {
+    t.nodes
+        .iter()
+        .filter(|n| matches!(n.kind, formats::tree::Kind::File { .. }))
+        .count()
+}
+
+/// The table with the state partition ending at `new_size`.
+#[allow(clippy::type_complexity)]
+fn table(
+    m: &Manifest,
+    st: &StatePart,
+    head: &[u8],
+    dev_size: u64,
+    lbs: u64,
+    new_size: u64,
+) -> Result<(Option<Vec<u8>>, Option<(u64, Vec<u8>)>)> {
+    if m.gpt {
+        let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
+            o.checked_add(n as u64)
+                .and_then(|end| head.get(o as usize..end as usize))
+                .map(|s| s.to_vec())
+                .ok_or_else(|| std::io::Error::other("outside the first MiB"))
+        };
+        let mut g = formats::gpt::Gpt::parse(&mut read, lbs, m.size)
+            .with_context(|| format!("the image's GPT (sectors of {lbs} bytes)"))?
+            .context("the image has no GPT, but its manifest says gpt")?;
+        let p = g
+            .partitions
+            .iter_mut()
+            .find(|p| p.first_lba * lbs == st.offset)
+            .context("no GPT entry starts where the manifest's state partition does")?;
+        p.last_lba = (st.offset + new_size) / lbs - 1;
+        g.disk_sectors = dev_size / lbs;
+        Ok((Some(g.primary()), Some(g.backup())))
+    } else {
+        let mut mbr = head.get(..512).context("no MBR")?.to_vec();
+        let e = 446 + 16 * st.index;
+        let first = u32::from_le_bytes(mbr[e + 8..e + 12].try_into().expect("4 bytes"));
+        if u64::from(first) * 512 != st.offset {
+            bail!("MBR entry {} does not start where the manifest's state partition does", st.index + 1);
+        }
+        let sectors = (new_size / 512) as u32;
+        mbr[e + 5..e + 8].copy_from_slice(&formats::mbr::chs(first + sectors - 1));
+        mbr[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+        Ok((Some(mbr), None))
+    }
+}
