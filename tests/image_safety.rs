@@ -113,7 +113,11 @@ fn a_missing_output_directory_is_made_one_level_deep_and_removed_again_when_the_
     let img = d.path().join("out/x.img");
     let e = fails(raw_efi(&img, "one").args(["--disk-size", "100M"]));
     assert!(the_error(&e).contains("--disk-size"), "{e}");
-    assert!(dir_entries(d.path()).is_empty(), "{:?}", dir_entries(d.path()));
+    assert!(
+        dir_entries(d.path()).is_empty(),
+        "{:?}",
+        dir_entries(d.path())
+    );
     // A run that succeeds keeps it (a Nix builder has no mkdir for $out).
     ok(&mut raw_efi(&img, "one"));
     assert_eq!(

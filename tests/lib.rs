@@ -291,6 +291,9 @@ impl Loop {
             .arg(file))
         .trim()
         .to_string();
+        // Partition nodes a detached loop device of the same number left
+        // (BLKPG partitions can outlive losetup -d here).
+        let _ = Command::new("partx").args(["-d", &dev]).output();
         Loop { dev }
     }
     /// Partition nodes via BLKPG (this kernel has no partition parsers).

@@ -122,11 +122,15 @@ impl BlockDevice for Device {
     fn announce(&self) {
         // BLKRRPART, and where the kernel has no partition parsers, BLKPG
         // through partx.
+        // through partx: the old nodes first (they may describe the old
+        // table: a grown partition keeps its old size until re-added).
         let _ = ioctl::reread_partitions(&self.file);
-        let _ = std::process::Command::new("partx")
-            .args(["-a", &self.name])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
+        for args in [["-d", &self.name], ["-a", &self.name]] {
+            let _ = std::process::Command::new("partx")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }

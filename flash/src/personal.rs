@@ -62,9 +62,13 @@ pub fn manifest(image: &Path) -> Result<Manifest> {
         Some("mbr") => false,
         _ => return Err(bad("no table")),
     };
-    let sector = m["sector_size"].as_u64().ok_or_else(|| bad("no sector_size"))?;
+    let sector = m["sector_size"]
+        .as_u64()
+        .ok_or_else(|| bad("no sector_size"))?;
     let size = m["size"].as_u64().ok_or_else(|| bad("no size"))?;
-    let parts = m["partitions"].as_array().ok_or_else(|| bad("no partitions"))?;
+    let parts = m["partitions"]
+        .as_array()
+        .ok_or_else(|| bad("no partitions"))?;
     let state = parts
         .iter()
         .find(|p| p["role"] == "state")
@@ -78,7 +82,8 @@ pub fn manifest(image: &Path) -> Result<Manifest> {
                 index: p["number"]
                     .as_u64()
                     .and_then(|n| n.checked_sub(1))
-                    .ok_or_else(|| bad("a partition without a number"))? as usize,
+                    .ok_or_else(|| bad("a partition without a number"))?
+                    as usize,
                 offset: p["offset"].as_u64().ok_or_else(|| bad("no offset"))?,
                 size: p["size"].as_u64().ok_or_else(|| bad("no size"))?,
                 label: fs["label"].as_str().unwrap_or("state").to_string(),
@@ -138,13 +143,7 @@ fn filled_end(m: &Manifest, dev_size: u64, lbs: u64) -> u64 {
     usable_end / MIB * MIB
 }
 
-pub fn plan(
-    m: &Manifest,
-    head: &[u8],
-    dev_size: u64,
-    lbs: u64,
-    req: &Request,
-) -> Result<Personal> {
+pub fn plan(m: &Manifest, head: &[u8], dev_size: u64, lbs: u64, req: &Request) -> Result<Personal> {
     let what = if req.fill { "--fill" } else { "--identity" };
     let Some(st) = &m.state else {
         bail!(
@@ -171,10 +170,11 @@ pub fn plan(
         host_key: req.host_key,
         keep_host_key: None,
     };
-    let id = identity::build(req.identity.as_deref(), &gen).with_context(|| match &req.identity {
-        Some(d) => format!("the identity {}", d.display()),
-        None => "the identity".into(),
-    })?;
+    let id =
+        identity::build(req.identity.as_deref(), &gen).with_context(|| match &req.identity {
+            Some(d) => format!("the identity {}", d.display()),
+            None => "the identity".into(),
+        })?;
     let files = count_files(&id.tree);
     let mut tree = Tree::new(0o755);
     let at = m.identity.as_deref().unwrap_or("identity");
@@ -211,7 +211,11 @@ pub fn plan(
     Ok(Personal {
         replace: (
             st.offset,
-            if req.fill { m.size } else { st.offset + st.size },
+            if req.fill {
+                m.size
+            } else {
+                st.offset + st.size
+            },
         ),
         extents,
         head,
@@ -262,7 +266,10 @@ fn table(
         let e = 446 + 16 * st.index;
         let first = u32::from_le_bytes(mbr[e + 8..e + 12].try_into().expect("4 bytes"));
         if u64::from(first) * 512 != st.offset {
-            bail!("MBR entry {} does not start where the manifest's state partition does", st.index + 1);
+            bail!(
+                "MBR entry {} does not start where the manifest's state partition does",
+                st.index + 1
+            );
         }
         let sectors = (new_size / 512) as u32;
         mbr[e + 5..e + 8].copy_from_slice(&formats::mbr::chs(first + sectors - 1));

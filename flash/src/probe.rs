@@ -37,12 +37,20 @@ pub enum ProbeError {
     )]
     Lost { dev: String, at: u64, size: u64 },
     #[error("{dev}: probing at byte {at}: {err}")]
-    Io { dev: String, at: u64, err: io::Error },
+    Io {
+        dev: String,
+        at: u64,
+        err: io::Error,
+    },
     #[error(
         "{dev}: restoring the probed block at byte {at} failed ({err}); the device's contents \
          there are lost"
     )]
-    Restore { dev: String, at: u64, err: io::Error },
+    Restore {
+        dev: String,
+        at: u64,
+        err: io::Error,
+    },
 }
 
 /// The sampled block offsets for a device of `size` bytes: every multiple
@@ -224,14 +232,20 @@ mod tests {
     fn a_disk_that_drops_upper_writes_is_caught() {
         let d = MemDisk::new(64 << 20, 4096, 0).with_fault(Fault::DropsFrom(40 << 20));
         let e = probe(&d, 9).unwrap_err();
-        assert!(matches!(e, ProbeError::Lost { at, .. } if at >= 40 << 20), "{e}");
+        assert!(
+            matches!(e, ProbeError::Lost { at, .. } if at >= 40 << 20),
+            "{e}"
+        );
     }
 
     #[test]
     fn offsets_span_the_disk_aligned() {
         for size in [1u64 << 30, 31_914_983_424, (64 << 20) + 4096 * 3] {
             let o = offsets(size, 4096);
-            assert!(o.len() as u64 >= SAMPLES && o.len() as u64 <= 2 * SAMPLES + 1, "{size}");
+            assert!(
+                o.len() as u64 >= SAMPLES && o.len() as u64 <= 2 * SAMPLES + 1,
+                "{size}"
+            );
             assert_eq!(o[0], 0);
             assert_eq!(*o.last().unwrap(), size / 4096 * 4096 - 4096);
             assert!(o.iter().all(|x| x % 4096 == 0));

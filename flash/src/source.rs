@@ -390,7 +390,11 @@ impl Reader<'_> {
                 continue;
             }
             let at = off + self.done;
-            let cut = self.cuts.iter().find(|&&c| c > at).map_or(u64::MAX, |c| c - at);
+            let cut = self
+                .cuts
+                .iter()
+                .find(|&&c| c > at)
+                .map_or(u64::MAX, |c| c - at);
             let n = (buf.len() as u64).min(len - self.done).min(cut) as usize;
             let filled = match self.dec.as_mut() {
                 Some(d) => {

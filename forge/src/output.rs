@@ -97,8 +97,7 @@ pub fn make_parents(target: &Path) -> Result<MadeDirs> {
             _ => Path::new("."),
         };
         if std::fs::metadata(up).is_ok_and(|m| m.is_dir()) {
-            std::fs::create_dir(d)
-                .with_context(|| format!("output directory {}", d.display()))?;
+            std::fs::create_dir(d).with_context(|| format!("output directory {}", d.display()))?;
             made.0.push(d.to_owned());
         }
     }

@@ -148,7 +148,10 @@ impl Seek for Extents {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         self.pos = match to {
             SeekFrom::Start(p) => p,
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(|| io::Error::other("seek before 0"))?,
+            SeekFrom::Current(d) => self
+                .pos
+                .checked_add_signed(d)
+                .ok_or_else(|| io::Error::other("seek before 0"))?,
             SeekFrom::End(_) => return Err(io::Error::other("an extent list has no end")),
         };
         Ok(self.pos)

@@ -269,10 +269,25 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     }
     // Each device's identity and own bytes, planned before anything is
     // opened for writing; shown with the confirmation.
-    let dirs = provision::assign(&a.prov, &targets)
-        .map_err(|e| unconfirmed(&a.devices, &format!("{e:#}")))?;
+    let dirs = provision::assign(&a.prov, &targets).map_err(|e| {
+        anyhow::Error::from(Refused {
+            device: a
+                .devices
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            refusal: flash::devices::Refusal {
+                check: "identities",
+                detail: format!("{e:#}"),
+            },
+        })
+    })?;
     let personals = provision::plan(&a.prov, &image, src.first_mib(), &targets, &dirs)?;
-    let probing: Vec<bool> = targets.iter().map(|t| provision::probes(&a.prov, t)).collect();
+    let probing: Vec<bool> = targets
+        .iter()
+        .map(|t| provision::probes(&a.prov, t))
+        .collect();
     let lines: Vec<String> = targets
         .iter()
         .zip(&dirs)
@@ -330,7 +345,10 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let mut infos = Vec::new();
     for o in opened {
         let p = personals.next().expect("one plan per device");
-        infos.push(p.as_ref().map(|p| (p.host_key.clone(), p.state_size, p.identity_files)));
+        infos.push(
+            p.as_ref()
+                .map(|p| (p.host_key.clone(), p.state_size, p.identity_files)),
+        );
         match o {
             Ok(s) => {
                 sinks.push((s, p));

@@ -68,9 +68,7 @@ fn matches(t: &Target, dev: &str) -> bool {
         return true;
     }
     let p = Path::new(dev);
-    p == t.given
-        || p == t.disk.path
-        || std::fs::canonicalize(p).is_ok_and(|c| c == t.disk.path)
+    p == t.given || p == t.disk.path || std::fs::canonicalize(p).is_ok_and(|c| c == t.disk.path)
 }
 
 /// The identity directory of each device (in the devices' order).
@@ -84,7 +82,10 @@ pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBu
                     bail!("--identity {spec}: {dev} is none of the devices given (a path or a serial)");
                 };
                 if out[i].is_some() {
-                    bail!("--identity {spec}: {} already has an identity", targets[i].given.display());
+                    bail!(
+                        "--identity {spec}: {} already has an identity",
+                        targets[i].given.display()
+                    );
                 }
                 out[i] = Some(PathBuf::from(dir));
             }
@@ -122,7 +123,10 @@ pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBu
             out[i] = Some(one.clone());
         }
     } else if plain.len() > 1 {
-        bail!("--identity given {} times without DEV=; name the device of each (DEV=DIR)", plain.len());
+        bail!(
+            "--identity given {} times without DEV=; name the device of each (DEV=DIR)",
+            plain.len()
+        );
     }
     for d in out.iter().flatten() {
         match std::fs::metadata(d) {

@@ -1,0 +1,341 @@
+//! Provisioning at the bench (issue 17): per-device identities, a state
+//! partition grown to each device's end, the fake-capacity probe; judged
+//! by sgdisk, sfdisk, e2fsck, debugfs, ssh-keygen and QEMU, on loop
+//! devices (and a FUSE-backed file for the fake card).
+
+use nixforge_tests::flashing::*;
+use nixforge_tests::*;
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An identity directory: a hostname, a Wi-Fi file (0600) and a script
+/// (0755) in a sub-directory.
+fn identity(root: &Path, name: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(d.join("bin")).unwrap();
+    std::fs::write(d.join("hostname"), format!("{name}\n")).unwrap();
+    let wifi = d.join("wpa_supplicant.conf");
+    std::fs::write(
+        &wifi,
+        format!("network={{ssid=\"bench\" psk=\"{name}-secret\"}}\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wifi, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = d.join("bin/first-boot");
+    std::fs::write(&s, "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// A sparse backing file of `size` bytes on a loop device.
+fn device(dir: &Path, name: &str, size: u64) -> (PathBuf, Loop) {
+    let f = dir.join(name);
+    std::fs::File::create(&f).unwrap().set_len(size).unwrap();
+    let lo = Loop::attach(&f, &[]);
+    (f, lo)
+}
+
+fn debugfs(part: &str, req: &str) -> String {
+    ok(Command::new("debugfs").args(["-R", req, part]))
+}
+
+/// Partition `n`'s (start, size) in bytes, as sfdisk reads the table.
+fn partition(dev: &str, n: usize) -> (u64, u64) {
+    let j: Value = serde_json::from_str(&ok(Command::new("sfdisk").args(["--json", dev]))).unwrap();
+    let p = &j["partitiontable"]["partitions"][n - 1];
+    let ss = j["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+    (
+        p["start"].as_u64().unwrap() * ss,
+        p["size"].as_u64().unwrap() * ss,
+    )
+}
+
+/// The bytes of the device's partitions other than state equal the
+/// image's (where the image maps them: its bmap ranges).
+fn others_match_the_image(dev: &str, img: &Path, state_start: u64) {
+    let bmap = std::fs::read_to_string(format!("{}.bmap", img.display())).unwrap();
+    let mut n = 0;
+    for line in bmap.lines().filter(|l| l.contains("<Range")) {
+        let r = line
+            .split('>')
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap()
+            .trim();
+        let (a, b) = r.split_once('-').unwrap_or((r, r));
+        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+        let (off, len) = (a * 4096, (b - a + 1) * 4096);
+        if off >= 1 << 20 && off + len <= state_start {
+            let cmp = Command::new("cmp")
+                .arg(format!("--ignore-initial={off}:{off}"))
+                .arg(format!("--bytes={len}"))
+                .arg(img)
+                .arg(dev)
+                .status()
+                .unwrap();
+            assert!(
+                cmp.success(),
+                "{dev} differs from {} in {off}+{len}",
+                img.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no range compared");
+}
+
+fn flash_json(args: &[&str]) -> Vec<Value> {
+    let out = ok(flash()
+        .args(args)
+        .args(["--yes", "--allow-non-removable", "--json"]));
+    serde_json::from_str::<Vec<Value>>(&out).unwrap()
+}
+
+/// The checks both layouts share: the state partition ends at the device's
+/// last whole MiB before any backup table, its ext4 spans it, and
+/// /var/identity holds exactly the identity's files with their modes.
+fn judge_state(lo: &Loop, n: usize, table_end: u64, dev_size: u64, name: &str) {
+    let (start, size) = partition(&lo.dev, n);
+    assert_eq!(start + size, table_end / (1 << 20) * (1 << 20), "{name}");
+    assert!(
+        dev_size - (start + size) < (2 << 20),
+        "{name}: fills the device"
+    );
+    let parts = lo.partitions();
+    let state = &parts[n - 1];
+    ok(Command::new("e2fsck").arg("-fn").arg(state));
+    let sb = ok(Command::new("dumpe2fs").arg("-h").arg(state));
+    let blocks: u64 = sb
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        blocks * 4096,
+        size,
+        "{name}: the filesystem spans the partition"
+    );
+    let ls = debugfs(state, "ls -p /identity");
+    let mut names: Vec<&str> = ls
+        .lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "bin",
+            "hostname",
+            "machine-id",
+            "ssh_host_ed25519_key",
+            "ssh_host_ed25519_key.pub",
+            "wpa_supplicant.conf"
+        ],
+        "{name}: {ls}"
+    );
+    assert_eq!(
+        debugfs(state, "cat /identity/hostname"),
+        format!("{name}\n")
+    );
+    let mode = |p: &str| {
+        let s = debugfs(state, &format!("stat {p}"));
+        s.split("Mode:")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(mode("/identity/wpa_supplicant.conf"), "0600");
+    assert_eq!(mode("/identity/bin/first-boot"), "0755");
+    assert_eq!(mode("/identity/ssh_host_ed25519_key"), "0600");
+    assert!(debugfs(state, "cat /identity/wpa_supplicant.conf").contains(&format!("{name}-secret")));
+}
+
+#[test]
+fn two_gpt_devices_of_different_sizes_each_get_their_identity_and_a_state_partition_to_their_end() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let ids = d.path().join("ids");
+    let (a, b) = (identity(&ids, "bench-a"), identity(&ids, "bench-b"));
+    let (_fa, la) = device(d.path(), "a", 1200 << 20);
+    let (_fb, lb) = device(d.path(), "b", 2 << 30);
+    let reports = flash_json(&[
+        img.to_str().unwrap(),
+        &la.dev,
+        &lb.dev,
+        "--identities",
+        ids.to_str().unwrap(),
+        "--fill",
+        "--probe",
+        "--generate-host-keys",
+    ]);
+    for (r, (lo, dir, name, size)) in reports.iter().zip([
+        (&la, &a, "bench-a", 1200u64 << 20),
+        (&lb, &b, "bench-b", 2 << 30),
+    ]) {
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["identity"], dir.to_str().unwrap());
+        assert_eq!(r["size"], size);
+        let v = ok(Command::new("sgdisk").arg("-v").arg(&lo.dev));
+        assert!(v.contains("No problems found"), "{v}");
+        // The backup GPT at the device's end: the last usable LBA is near it.
+        let p = ok(Command::new("sgdisk").arg("-p").arg(&lo.dev));
+        assert!(
+            p.contains(&format!("last usable sector is {}", size / 512 - 34)),
+            "{p}"
+        );
+        judge_state(lo, 3, size - 33 * 512, size, name);
+        // The host key the report names is the one on the device.
+        let parts = lo.partitions();
+        let pubkey = debugfs(&parts[2], "cat /identity/ssh_host_ed25519_key.pub");
+        let kf = d.path().join(format!("{name}.pub"));
+        std::fs::write(&kf, &pubkey).unwrap();
+        let fp = ok(Command::new("ssh-keygen").arg("-lf").arg(&kf));
+        assert!(
+            fp.contains(r["host_key"]["fingerprint"].as_str().unwrap()),
+            "{fp}"
+        );
+        let (state_start, _) = partition(&lo.dev, 3);
+        others_match_the_image(&lo.dev, &img, state_start);
+        ok(Command::new("fsck.fat").arg("-n").arg(&parts[0]));
+        ok(Command::new("e2fsck").arg("-fn").arg(&parts[1]));
+    }
+    // Each device's machine-id is its own.
+    let mid = |lo: &Loop| debugfs(&lo.partitions()[2], "cat /identity/machine-id");
+    assert_ne!(mid(&la), mid(&lb));
+}
+
+#[test]
+fn an_sd_image_gets_its_identity_and_its_mbr_state_partition_fills_the_card() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = sd_image(d.path(), "sd.img");
+    let id = identity(d.path(), "pi-7");
+    let (_f, lo) = device(d.path(), "card", 1 << 30);
+    let reports = flash_json(&[
+        img.to_str().unwrap(),
+        &lo.dev,
+        "--identity",
+        id.to_str().unwrap(),
+        "--fill",
+        "--probe",
+        "--generate-host-keys",
+    ]);
+    assert_eq!(reports[0]["ok"], true, "{:?}", reports);
+    ok(Command::new("sfdisk").arg("-V").arg(&lo.dev));
+    judge_state(&lo, 3, 1 << 30, 1 << 30, "pi-7");
+    let (state_start, _) = partition(&lo.dev, 3);
+    others_match_the_image(&lo.dev, &img, state_start);
+}
+
+#[test]
+fn a_flashed_device_boots_and_stage_one_reads_the_hostname_from_var_identity() {
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let id = identity(d.path(), "booted-from-card");
+    let bytes = d.path().join("card.img");
+    {
+        let _g = privileged();
+        let (f, lo) = device(d.path(), "card", 1536 << 20);
+        flash_json(&[
+            img.to_str().unwrap(),
+            &lo.dev,
+            "--identity",
+            id.to_str().unwrap(),
+            "--fill",
+        ]);
+        drop(lo);
+        std::fs::rename(f, &bytes).unwrap();
+    }
+    let b = boot("x86_64", &bytes, 512, std::time::Duration::from_secs(240));
+    let m = b.marker.unwrap_or_else(|| panic!("no marker:\n{}", b.log));
+    assert!(m.contains("hostname=booted-from-card"), "{m}");
+}
+
+/// Bytes of a device, hashed.
+fn hash_dev(dev: &str) -> String {
+    sha256_file(Path::new(dev))
+}
+
+#[test]
+fn bad_provisioning_input_is_one_line_and_writes_nothing() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    // Just large enough for the image, with old data at both ends.
+    let size = (std::fs::metadata(&img).unwrap().len() + (8 << 20)) / (1 << 20) * (1 << 20);
+    let (_fa, la) = device(d.path(), "a", size);
+    let (_fb, lb) = device(d.path(), "b", size);
+    sh(&format!(
+        "dd if=/dev/urandom of={0} bs=1M count=4 status=none && \
+         dd if=/dev/urandom of={0} bs=1M count=4 seek={1} status=none",
+        la.dev,
+        size / (1 << 20) - 4
+    ));
+    let before = (hash_dev(&la.dev), hash_dev(&lb.dev));
+    let outside = d.path().join("secret");
+    std::fs::write(&outside, "not yours").unwrap();
+    let escaping = identity(d.path(), "escaping");
+    std::os::unix::fs::symlink(&outside, escaping.join("stolen")).unwrap();
+    let three = d.path().join("three");
+    for n in ["x", "y", "z"] {
+        identity(&three, n);
+    }
+    let one = identity(d.path(), "one");
+    let no_state = d.path().join("no-state.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--state-size", "none", "-o"])
+        .arg(&no_state));
+    let i = img.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![i, &la.dev, "--identity", "/nonexistent/identity"],
+            "/nonexistent/identity",
+        ),
+        (
+            vec![i, &la.dev, "--identity", escaping.to_str().unwrap()],
+            "leading outside the identity directory",
+        ),
+        (
+            vec![i, &la.dev, &lb.dev, "--identities", three.to_str().unwrap()],
+            "3 identities for 2 devices",
+        ),
+        (
+            vec![i, &la.dev, &lb.dev, "--identity", one.to_str().unwrap()],
+            "--same-identity",
+        ),
+        (
+            vec![no_state.to_str().unwrap(), &la.dev, "--fill"],
+            "no state partition",
+        ),
+        (
+            vec![i, &la.dev, "--identity", "/dev/loop-none=/tmp"],
+            "none of the devices given",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = flash()
+            .args(&args)
+            .args(["--yes", "--allow-non-removable"])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+        assert!(the_error(&e).contains(want), "{args:?}: {e}");
+        assert_eq!(
+            (hash_dev(&la.dev), hash_dev(&lb.dev)),
+            before,
+            "{args:?}: zero bytes written"
+        );
+    }
+}
