@@ -339,3 +339,80 @@ fn bad_provisioning_input_is_one_line_and_writes_nothing() {
         );
     }
 }
+
+/// A fake card mounted through FUSE (tests/tools/fakecard.py), on a loop
+/// device; unmounted on drop.
+struct FakeCard {
+    mnt: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for FakeCard {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_fake_card_whose_upper_half_is_its_lower_half_is_refused_and_left_as_it_was() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let backing = d.path().join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    // Old contents the probe must put back.
+    sh(&format!(
+        "dd if=/dev/urandom of={0} bs=1M count=2 conv=notrunc status=none && \
+         dd if=/dev/urandom of={0} bs=1M count=2 seek=300 conv=notrunc status=none",
+        backing.display()
+    ));
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let child = Command::new("/usr/bin/python3")
+        .arg(workspace().join("tests/tools/fakecard.py"))
+        .arg(&mnt)
+        .arg(&backing)
+        .arg((1u64 << 30).to_string())
+        .spawn()
+        .expect("python3 with fusepy (scripts/deps.sh installs python3-fusepy)");
+    let card = FakeCard {
+        mnt: mnt.clone(),
+        child,
+    };
+    for _ in 0..100 {
+        if card.mnt.join("card").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = sha256_file(&backing);
+    {
+        let lo = Loop::attach(&mnt.join("card"), &[]);
+        let out = flash()
+            .arg(&img)
+            .arg(&lo.dev)
+            .args(["--probe", "--yes", "--allow-non-removable"])
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{e}");
+        let line = the_error(&e);
+        assert!(
+            line.contains("real capacity")
+                && line.contains("fake capacity")
+                && line.contains("was found at byte"),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        sha256_file(&backing),
+        before,
+        "the card's bytes are as before"
+    );
+    drop(card);
+}

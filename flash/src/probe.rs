@@ -22,8 +22,8 @@ pub const SAMPLES: u64 = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(
-        "{dev}: fake capacity: what was written at byte {written} was found at byte {found} \
-         (the device holds less than the {size} bytes it claims); nothing was written to it"
+        "fake capacity: what was written at byte {written} was found at byte {found} \
+         (the device holds less than the {size} bytes it claims; {dev} is as it was)"
     )]
     Aliased {
         dev: String,
@@ -32,8 +32,8 @@ pub enum ProbeError {
         size: u64,
     },
     #[error(
-        "{dev}: fake capacity: a write at byte {at} did not stay (the device holds less than \
-         the {size} bytes it claims); nothing was written to it"
+        "fake capacity: a write at byte {at} did not stay (the device holds less than the \
+         {size} bytes it claims; {dev} is as it was)"
     )]
     Lost { dev: String, at: u64, size: u64 },
     #[error("{dev}: probing at byte {at}: {err}")]
