@@ -395,12 +395,40 @@ pub fn boot_disks(
             ));
     }
     cmd.args(["-nic", "none", "-display", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", log.display()));
+    watch(cmd, &log, timeout)
+}
+
+/// A Raspberry Pi 3 B as QEMU's raspi3b emulates it: Debian's Pi build of
+/// U-Boot as the kernel (the firmware's part), the board's DTB, `card` on
+/// the SD controller (its size a power of two). The PL011 UART (U-Boot's
+/// and the kernel's console) is the log.
+pub fn boot_raspi3b(card: &Path, uboot: &Path, dtb: &Path, timeout: std::time::Duration) -> Boot {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let mut cmd = Command::new("qemu-system-aarch64");
+    cmd.args(["-M", "raspi3b", "-kernel"])
+        .arg(uboot)
+        .arg("-dtb")
+        .arg(dtb)
+        .arg("-drive")
+        .arg(format!("if=sd,format=raw,file={}", card.display()))
+        .args(["-display", "none", "-no-reboot", "-serial"])
         .arg(format!("file:{}", log.display()))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
+        .args(["-serial", "null"]);
+    watch(cmd, &log, timeout)
+}
+
+/// Run QEMU until the fixture's marker line, a panic, a firmware shell or
+/// U-Boot prompt, its exit or the timeout.
+fn watch(mut cmd: Command, log: &Path, timeout: std::time::Duration) -> Boot {
+    let err = log.with_extension("stderr");
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap());
     let mut child = cmd.spawn().expect("starting qemu");
     let start = std::time::Instant::now();
-    let text = || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let text = || String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(300));
         let t = text();
@@ -413,7 +441,13 @@ pub fn boot_disks(
         if marker.is_some() || stuck || exited || start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            return Boot { marker, log: t };
+            let qemu = std::fs::read_to_string(&err).unwrap_or_default();
+            let log = if qemu.is_empty() {
+                t
+            } else {
+                format!("{t}\nqemu: {qemu}")
+            };
+            return Boot { marker, log };
         }
     }
 }

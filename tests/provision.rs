@@ -416,3 +416,47 @@ fn a_fake_card_whose_upper_half_is_its_lower_half_is_refused_and_left_as_it_was(
     );
     drop(card);
 }
+
+#[test]
+fn a_pi_card_flashed_with_an_identity_boots_on_qemus_raspi3b_and_reads_it() {
+    let sys = system("aarch64");
+    let d = tempfile::tempdir().unwrap();
+    // Debian's Pi U-Boot as the firmware partition's kernel= file.
+    let uboot = fixtures().join("aarch64/u-boot-rpi.bin");
+    let fw = d.path().join("fw");
+    std::fs::create_dir(&fw).unwrap();
+    std::fs::copy(&uboot, fw.join("u-boot-rpi3.bin")).unwrap();
+    let img = d.path().join("sd.img");
+    ok(forge_image_of(&sys)
+        .args(["--format", "sd-aarch64", "--firmware"])
+        .arg(&fw)
+        .arg("-o")
+        .arg(&img));
+    let id = identity(d.path(), "pi-on-the-bench");
+    // A 1 GiB card (QEMU's SD wants a power of two), read back as a file.
+    let card = d.path().join("card.img");
+    {
+        let _g = privileged();
+        let (f, lo) = device(d.path(), "card", 1 << 30);
+        let r = flash_json(&[
+            img.to_str().unwrap(),
+            &lo.dev,
+            "--identity",
+            id.to_str().unwrap(),
+            "--fill",
+        ]);
+        assert_eq!(r[0]["ok"], true, "{r:?}");
+        drop(lo);
+        std::fs::rename(f, &card).unwrap();
+    }
+    let dtbs = std::fs::read_link(sys.physical(&format!("{}/dtbs", sys.toplevel))).unwrap();
+    let dtb = sys
+        .physical(dtbs.to_str().unwrap())
+        .join("broadcom/bcm2837-rpi-3-b.dtb");
+    let b = boot_raspi3b(&card, &uboot, &dtb, std::time::Duration::from_secs(300));
+    let m = b.marker.unwrap_or_else(|| panic!("no marker:\n{}", b.log));
+    assert!(m.starts_with("NIXFORGE-BOOT-OK"), "{m}");
+    assert!(m.contains("table=mbr") && m.contains("var=rw"), "{m}");
+    assert!(m.contains("hostname=pi-on-the-bench"), "{m}");
+    assert!(b.log.contains("mmcblk0"), "root and /var from the SD card");
+}
