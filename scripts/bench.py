@@ -62,7 +62,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,info,oci,flash",
+    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,info,oci,flash,provision",
                     help="comma-separated sections to run")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -105,6 +105,8 @@ def main():
         oci_bench(res, c, top, a, w)
     if "flash" in only:
         flash_bench(res, c, top, a, w)
+    if "provision" in only:
+        provision_bench(res, c, top, a, w)
     report(res, a, out)
     if a.base:
         against_base(out, c, top, a, w)
@@ -433,6 +435,30 @@ def flash_bench(res, c, top, a, w):
             os.unlink(f)
 
 
+def provision_bench(res, c, top, a, w):
+    """flash --fill with an identity (issue 17) against a plain flash of the
+    same image (the corpus's raw-efi), onto a sparse 32 GiB loop device."""
+    print("flash --fill --identity onto a sparse 32 GiB loop device", file=sys.stderr)
+    img = os.path.join(w, "prov.img")
+    sh(f"{FORGE} image {top} --root {c} --format raw-efi -o {img} 2>/dev/null")
+    ident = os.path.join(w, "prov-identity")
+    os.makedirs(ident, exist_ok=True)
+    open(os.path.join(ident, "hostname"), "w").write("bench\n")
+    backing = os.path.join(w, "prov-target")
+    sh(f"rm -f {backing}; truncate -s 32G {backing}")
+    dev = sh(f"losetup -f --show {backing}").strip()
+    flash = f"{REPO}/target/release/flash {img} {dev} --yes --allow-non-removable --quiet"
+    try:
+        res.append(measure("provision: flash (write + verify), 32 GiB device", flash, a.runs))
+        res.append(measure("provision: flash --fill --identity --generate-host-keys, 32 GiB device",
+                           f"{flash} --fill --identity {ident} --generate-host-keys", a.runs))
+    finally:
+        sh(f"partx -d {dev} || true; losetup -d {dev}")
+        os.unlink(backing)
+        for f in (img, img + ".bmap", img + ".layout.json"):
+            os.unlink(f)
+
+
 def report(res, a, out):
     by = {r["name"]: r for r in res}
     ratio = lambda a_, b_: by[a_]["median_s"] / by[b_]["median_s"]
@@ -458,6 +484,8 @@ def report(res, a, out):
         ("forge oci / tar piped to pigz -p 2", "oci: forge oci (gzip -6, no cache)", "oci: tar of the paths, piped to pigz -p 2 -6", "≤ 1.0"),
         ("forge oci rebuild (cache) / full build", "oci: forge oci rebuild, one small path changed (cache)",
          "oci: forge oci of the changed corpus (empty cache)", "≤ 0.2"),
+        ("flash --fill --identity / plain flash (32 GiB)", "provision: flash --fill --identity --generate-host-keys, 32 GiB device",
+         "provision: flash (write + verify), 32 GiB device", "≤ 1.1"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
     ]:

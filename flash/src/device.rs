@@ -24,6 +24,20 @@ pub trait BlockDevice: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Drop cached blocks so that reads reach the medium (BLKFLSBUF).
     fn drop_cache(&self) -> io::Result<()>;
+    /// Zeros over `len` bytes at `off` (both sector-aligned): by default
+    /// written from a zero buffer.
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        let zeros = formats::sys::Aligned::new(len.min(4 << 20) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            match self.write_at(zeros.get(n), off + done)? {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                k => done += k as u64,
+            }
+        }
+        Ok(())
+    }
     /// Make the kernel see the new partition table.
     fn announce(&self) {}
 }
@@ -118,6 +132,23 @@ impl BlockDevice for Device {
     }
     fn drop_cache(&self) -> io::Result<()> {
         ioctl::flush_buffers(&self.file)
+    }
+    /// BLKZEROOUT where the device does it (a loop device over a sparse
+    /// file, an SSD), else zeros written.
+    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
+        if ioctl::zero_out(&self.file, off, len).is_ok() {
+            return Ok(());
+        }
+        let zeros = formats::sys::Aligned::new(len.min(4 << 20) as usize);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            match self.write_at(zeros.get(n), off + done)? {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                k => done += k as u64,
+            }
+        }
+        Ok(())
     }
     fn announce(&self) {
         // BLKRRPART, and where the kernel has no partition parsers, BLKPG

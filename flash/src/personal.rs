@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use formats::ext4::{self, Size};
 use formats::identity::{self, Generate, HostKey, MachineId};
-use formats::sink::Extents;
+use formats::sink::{Extents, Piece};
 use formats::tree::{Tree, ROOT};
 
 const MIB: u64 = 1 << 20;
@@ -115,12 +115,32 @@ pub struct Request {
     pub generate_machine_id: bool,
 }
 
+/// A piece of a device's own bytes: data, or zeros (written as zeros, or
+/// by BLKZEROOUT where the device offers it).
+#[derive(Clone, Debug)]
+pub enum Bytes {
+    Data(Arc<Vec<u8>>),
+    Zeros(usize),
+}
+
+impl Bytes {
+    pub fn len(&self) -> usize {
+        match self {
+            Bytes::Data(b) => b.len(),
+            Bytes::Zeros(n) => *n,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One device's own bytes.
 pub struct Personal {
     /// Image bytes in `[start, end)` are not written to this device.
     pub replace: (u64, u64),
     /// Written there instead: ascending (device offset, bytes).
-    pub extents: Vec<(u64, Arc<Vec<u8>>)>,
+    pub extents: Vec<(u64, Bytes)>,
     /// The partition table from offset 0, when it changes.
     pub head: Option<Vec<u8>>,
     /// A GPT's backup (entries then header) at the device's end.
@@ -193,16 +213,25 @@ pub fn plan(m: &Manifest, head: &[u8], dev_size: u64, lbs: u64, req: &Request) -
         .write(&mut out, 0)
         .context("writing the device's state filesystem")?;
     // In pieces of at most 4 MiB, each written, then read back, whole.
-    let extents = out
-        .extents
-        .into_iter()
-        .flat_map(|(o, b)| {
-            b.chunks(PIECE)
-                .enumerate()
-                .map(|(i, c)| (st.offset + o + (i * PIECE) as u64, Arc::new(c.to_vec())))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let mut extents = Vec::new();
+    for (o, p) in out.into_extents() {
+        let at = st.offset + o;
+        match p {
+            Piece::Data(b) => {
+                for (i, c) in b.chunks(PIECE).enumerate() {
+                    extents.push((at + (i * PIECE) as u64, Bytes::Data(Arc::new(c.to_vec()))));
+                }
+            }
+            Piece::Zeros(n) => {
+                let mut k = 0;
+                while k < n {
+                    let len = (n - k).min(PIECE as u64) as usize;
+                    extents.push((at + k, Bytes::Zeros(len)));
+                    k += len as u64;
+                }
+            }
+        }
+    }
     let (head, backup) = if req.fill {
         table(m, st, head, dev_size, lbs, new_size)?
     } else {

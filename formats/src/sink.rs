@@ -110,14 +110,58 @@ mod tests {
     }
 }
 
-/// Writes kept in memory as ascending extents (offset, bytes): what a
+/// What an extent holds: bytes, or only zeros (kept as a length).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Piece {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+impl Piece {
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Data(v) => v.len() as u64,
+            Piece::Zeros(n) => *n,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Writes kept in memory as ascending extents (offset, piece): what a
 /// writer produces for a target that is written elsewhere later (flash
-/// compiles a device's state filesystem this way). Writes must ascend, as
-/// every writer here does; a write that goes back is an error.
+/// compiles a device's state filesystem this way). Runs of zeros of at
+/// least [`Extents::ZERO_RUN`] bytes are kept as lengths (a journal is
+/// mostly zeros). Writes must ascend, as every writer here does; a write
+/// that goes back is an error.
 #[derive(Default)]
 pub struct Extents {
     pos: u64,
-    pub extents: Vec<(u64, Vec<u8>)>,
+    extents: Vec<(u64, Piece)>,
+}
+
+impl Extents {
+    pub const ZERO_RUN: u64 = 64 << 10;
+
+    /// The extents: data, and zero runs of at least [`Extents::ZERO_RUN`].
+    pub fn into_extents(self) -> Vec<(u64, Piece)> {
+        let mut out: Vec<(u64, Piece)> = Vec::new();
+        for (o, p) in self.extents {
+            // A short zero run is data again, joined to its neighbours.
+            let p = match p {
+                Piece::Zeros(n) if n < Self::ZERO_RUN => Piece::Data(vec![0; n as usize]),
+                p => p,
+            };
+            match (out.last_mut(), p) {
+                (Some((lo, Piece::Data(v))), Piece::Data(b)) if *lo + v.len() as u64 == o => {
+                    v.extend_from_slice(&b)
+                }
+                (_, p) => out.push((o, p)),
+            }
+        }
+        out
+    }
 }
 
 impl Write for Extents {
@@ -125,16 +169,21 @@ impl Write for Extents {
         if b.is_empty() {
             return Ok(0);
         }
+        let zeros = b.iter().all(|&x| x == 0);
         match self.extents.last_mut() {
-            Some((o, v)) if *o + v.len() as u64 == self.pos => v.extend_from_slice(b),
-            Some((o, v)) if *o + v.len() as u64 > self.pos => {
+            Some((o, p)) if *o + p.len() > self.pos => {
                 return Err(io::Error::other(format!(
                     "a write at byte {} goes back before byte {}",
                     self.pos,
-                    *o + v.len() as u64
+                    *o + p.len()
                 )))
             }
-            _ => self.extents.push((self.pos, b.to_vec())),
+            Some((o, Piece::Zeros(n))) if zeros && *o + *n == self.pos => *n += b.len() as u64,
+            Some((o, Piece::Data(v))) if !zeros && *o + v.len() as u64 == self.pos => {
+                v.extend_from_slice(b)
+            }
+            _ if zeros => self.extents.push((self.pos, Piece::Zeros(b.len() as u64))),
+            _ => self.extents.push((self.pos, Piece::Data(b.to_vec()))),
         }
         self.pos += b.len() as u64;
         Ok(b.len())
@@ -159,3 +208,29 @@ impl Seek for Extents {
 }
 
 impl Sink for Extents {}
+
+#[cfg(test)]
+mod extent_tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_are_lengths_short_ones_data_and_going_back_is_an_error() {
+        let mut e = Extents::default();
+        e.write_all(&[1; 4096]).unwrap();
+        e.write_all(&[0; 4096]).unwrap(); // short: data again
+        e.write_all(&[2; 4096]).unwrap();
+        e.seek(SeekFrom::Start(1 << 20)).unwrap();
+        for _ in 0..64 {
+            e.write_all(&[0; 4096]).unwrap();
+        }
+        e.write_all(&[3; 512]).unwrap();
+        assert!(e.seek(SeekFrom::Start(0)).is_ok());
+        assert!(e.write_all(&[9]).is_err(), "a write that goes back");
+        let x = e.into_extents();
+        assert_eq!(x.len(), 3);
+        assert_eq!(x[0].0, 0);
+        assert_eq!(x[0].1.len(), 3 * 4096);
+        assert_eq!(x[1], (1 << 20, Piece::Zeros(64 * 4096)));
+        assert_eq!(x[2], ((1 << 20) + 64 * 4096, Piece::Data(vec![3; 512])));
+    }
+}

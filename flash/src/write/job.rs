@@ -21,7 +21,7 @@ use super::gpt_move::{backup_header, relocate_gpt};
 use super::verify::{verify, Mismatch};
 use super::{Interrupted, Msg, Options, Outcome, Unit, ALIGN, HEAD};
 use crate::device::BlockDevice;
-use crate::personal::Personal;
+use crate::personal::{Bytes, Personal};
 use crate::source::Source;
 use crate::Meter;
 use formats::sys::Aligned;
@@ -221,16 +221,39 @@ fn device_job(job: &Job, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome
             .collect();
         if let Some(p) = personal {
             // The device's own state filesystem, after the image's body.
+            let mut zeros: Vec<(usize, Arc<Vec<u8>>, u128)> = Vec::new();
             for (o, b) in &p.extents {
-                if write {
-                    put(sink, &mut bounce, b, *o)?;
-                }
+                let (bytes, sum) = match b {
+                    Bytes::Data(d) => {
+                        if write {
+                            put(sink, &mut bounce, d, *o)?;
+                        }
+                        (d.clone(), xxh3_128(d))
+                    }
+                    Bytes::Zeros(n) => {
+                        if write {
+                            sink.write_zeroes(*o, *n as u64)
+                                .with_context(|| format!("zeroing {name} at byte {o}"))?;
+                        }
+                        // One buffer and hash per length, shared.
+                        let z = match zeros.iter().find(|z| z.0 == *n) {
+                            Some(z) => z.clone(),
+                            None => {
+                                let v = Arc::new(vec![0u8; *n]);
+                                let h = xxh3_128(&v);
+                                zeros.push((*n, v, h));
+                                zeros.last().expect("just pushed").clone()
+                            }
+                        };
+                        (z.1, z.2)
+                    }
+                };
                 written += b.len() as u64;
                 units.push(Unit {
                     off: *o,
                     len: b.len(),
-                    sum: xxh3_128(b),
-                    bytes: Some(b.clone()),
+                    sum,
+                    bytes: Some(bytes),
                 });
             }
         }
