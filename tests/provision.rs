@@ -222,11 +222,12 @@ fn an_sd_image_gets_its_identity_and_its_mbr_state_partition_fills_the_card() {
     let img = sd_image(d.path(), "sd.img");
     let id = identity(d.path(), "pi-7");
     let (_f, lo) = device(d.path(), "card", 1 << 30);
+    // The identity named for its device (DEV=DIR).
     let reports = flash_json(&[
         img.to_str().unwrap(),
         &lo.dev,
         "--identity",
-        id.to_str().unwrap(),
+        &format!("{}={}", lo.dev, id.display()),
         "--fill",
         "--probe",
         "--generate-host-keys",
