@@ -1,13 +1,6 @@
-# `forge image` as a Nix build, written with builtins only: the same
-# derivation with or without nixpkgs. lib.mkImage and the module's image
-# variants call it; the tests build it here with Debian's nix-bin, whose
-# store has no nixpkgs, in the sandbox.
-#
-# forge is the builder itself, with no shell around it: with
-# __structuredAttrs, exportReferencesGraph hands it the closure with the NAR
-# hashes and sizes Nix recorded, in .attrs.json in its build directory (what
-# nixpkgs' closureInfo is made from), so no file is read twice and no jq is
-# needed. No KVM, no VM, no root, no requiredSystemFeatures.
+# `forge image` as a Nix build (see build.nix): lib.mkImage and the
+# module's image variants call it; the tests build it here with Debian's
+# nix-bin, whose store has no nixpkgs, in the sandbox.
 {
   # A package or store path holding bin/forge that runs on `system`.
   forge,
@@ -25,9 +18,9 @@
   # More `forge image` options; store paths in them become inputs.
   extraArgs ? [ ],
 }:
-derivation {
-  inherit name system;
-  builder = "${forge}/bin/forge";
+import ./build.nix {
+  inherit forge system name;
+  path = toplevel;
   args = [
     "image"
     "${toplevel}"
@@ -38,9 +31,4 @@ derivation {
     "--output"
     "${builtins.placeholder "out"}/${fileName}"
   ] ++ extraArgs;
-  __structuredAttrs = true;
-  exportReferencesGraph.closure = [ toplevel ];
-  # Writing the image is cheaper than downloading it.
-  preferLocalBuild = true;
-  allowSubstitutes = false;
 }

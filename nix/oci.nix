@@ -1,7 +1,5 @@
-# `forge oci` as a Nix build, written with builtins only (as image.nix):
-# forge is the builder, the closure comes from exportReferencesGraph, and
-# $out holds the image as an archive (skopeo's docker-archive:, podman
-# load) or an OCI layout directory.
+# `forge oci` as a Nix build (see build.nix): $out holds the image as an
+# archive (skopeo's docker-archive:, podman load) or an OCI layout directory.
 {
   # A package or store path holding bin/forge that runs on `system`.
   forge,
@@ -15,9 +13,8 @@
   # More `forge oci` options: --entrypoint, --env, --port, --add-user, …
   extraArgs ? [ ],
 }:
-derivation {
-  inherit name system;
-  builder = "${forge}/bin/forge";
+import ./build.nix {
+  inherit forge system name path;
   args = [
     "oci"
     "${path}"
@@ -26,8 +23,4 @@ derivation {
     "--output"
     "${builtins.placeholder "out"}/${fileName}"
   ] ++ extraArgs;
-  __structuredAttrs = true;
-  exportReferencesGraph.closure = [ path ];
-  preferLocalBuild = true;
-  allowSubstitutes = false;
 }

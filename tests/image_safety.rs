@@ -3,7 +3,6 @@
 //! another image's, and leave nothing behind on any signal.
 
 use nixforge_tests::*;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -66,24 +65,7 @@ fn killed_or_interrupted_forge_image_leaves_no_temporary_file() {
     for signal in ["KILL", "INT", "TERM"] {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("x.img");
-        let mut child = raw_efi(&img, "one")
-            .env("NIXFORGE_FORGE_PAUSE", "wrote the ESP")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = Vec::new();
-        for line in err.lines().map_while(Result::ok) {
-            let paused = line.contains("forge: paused");
-            seen.push(line);
-            if paused {
-                break;
-            }
-        }
-        assert!(
-            seen.last().is_some_and(|l| l.contains("paused")),
-            "{seen:?}"
-        );
+        let mut child = spawn_paused(&mut raw_efi(&img, "one"), "wrote the ESP");
         ok(Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(child.id().to_string()));

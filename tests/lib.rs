@@ -474,3 +474,27 @@ pub fn copy_store(sys: &System, with_db: bool, hardlink: bool) -> tempfile::Temp
     }
     d
 }
+
+/// Start a forge command held at its first stage line containing `at`
+/// (`NIXFORGE_FORGE_PAUSE`), once it says it paused: to interrupt it at a
+/// known moment.
+pub fn spawn_paused(cmd: &mut Command, at: &str) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .env("NIXFORGE_FORGE_PAUSE", at)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in err.lines().map_while(Result::ok) {
+        let paused = line.contains("forge: paused");
+        seen.push(line);
+        if paused {
+            return child;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("never paused at {at:?}: {seen:?}");
+}

@@ -266,24 +266,30 @@ fn static_forge() -> PathBuf {
     p
 }
 
-#[test]
-fn forge_as_the_builder_of_a_sandboxed_nix_build_writes_the_bytes_it_writes_outside() {
-    let sys = system("x86_64");
+/// Build `tests/nix/FILE` with nix-build in a copy of the fixture store,
+/// in the sandbox, with the static forge imported as `forgeDir`; `args`
+/// adds the file's other arguments. The copy (kept alive by the returned
+/// directory) and the output's physical path.
+fn sandbox_build(
+    sys: &System,
+    file: &str,
+    args: &dyn Fn(&mut Command),
+) -> (tempfile::TempDir, tempfile::TempDir, PathBuf) {
     let d = tempfile::tempdir().unwrap();
-    let store = copy_store(&sys, true, false);
+    let store = copy_store(sys, true, false);
     let forge_dir = d.path().join("forge");
     std::fs::create_dir_all(forge_dir.join("bin")).unwrap();
     std::fs::copy(static_forge(), forge_dir.join("bin/forge")).unwrap();
     let result = d.path().join("result");
-    ok(Command::new("nix-build")
-        .arg("--store")
+    let mut c = Command::new("nix-build");
+    c.arg("--store")
         .arg(store.path())
-        .arg(workspace().join("tests/nix/sandbox-image.nix"))
+        .arg(workspace().join("tests/nix").join(file))
         .arg("--arg")
         .arg("forgeDir")
-        .arg(&forge_dir)
-        .args(["--argstr", "toplevel", &sys.toplevel])
-        .args(["--option", "sandbox", "true"])
+        .arg(&forge_dir);
+    args(&mut c);
+    ok(c.args(["--option", "sandbox", "true"])
         .args(["--option", "build-users-group", ""])
         .args(["--option", "substituters", ""])
         .arg("-o")
@@ -295,12 +301,21 @@ fn forge_as_the_builder_of_a_sandboxed_nix_build_writes_the_bytes_it_writes_outs
             .unwrap()
             .trim_start_matches('/'),
     );
+    (d, store, built)
+}
+
+#[test]
+fn forge_as_the_builder_of_a_sandboxed_nix_build_writes_the_bytes_it_writes_outside() {
+    let sys = system("x86_64");
+    let (d, _store, built) = sandbox_build(&sys, "sandbox-image.nix", &|c| {
+        c.args(["--argstr", "toplevel", &sys.toplevel]);
+    });
     let names = ["nixos.img", "nixos.img.bmap", "nixos.img.layout.json"];
     assert_eq!(dir_entries(&built), names);
 
     // Outside Nix: the closure from the store's database rather than
     // .attrs.json, into a directory forge creates.
-    let outside = d.path().join("out/new");
+    let outside = d.path().join("outside");
     ok(forge_image_of(&sys)
         .env_remove("SOURCE_DATE_EPOCH")
         .args(["--format", "raw-efi", "-o"])
@@ -320,43 +335,19 @@ fn forge_as_the_builder_of_a_sandboxed_nix_build_writes_the_bytes_it_writes_outs
 #[test]
 fn forge_oci_in_a_sandboxed_nix_build_writes_the_archive_it_writes_outside() {
     let sys = system("x86_64");
-    let d = tempfile::tempdir().unwrap();
-    let store = copy_store(&sys, true, false);
-    let forge_dir = d.path().join("forge");
-    std::fs::create_dir_all(forge_dir.join("bin")).unwrap();
-    std::fs::copy(static_forge(), forge_dir.join("bin/forge")).unwrap();
     let hello = ok(Command::new("sh").arg("-c").arg(format!(
         "basename {}/nix/store/*-fixture-hello-1.0",
         sys.root.display()
     )));
     let hello = format!("/nix/store/{}", hello.trim());
     let entry = format!("{hello}/bin/hello");
-    let result = d.path().join("result");
-    ok(Command::new("nix-build")
-        .arg("--store")
-        .arg(store.path())
-        .arg(workspace().join("tests/nix/sandbox-oci.nix"))
-        .arg("--arg")
-        .arg("forgeDir")
-        .arg(&forge_dir)
-        .args(["--argstr", "path", &hello])
-        .args([
+    let (d, _store, built) = sandbox_build(&sys, "sandbox-oci.nix", &|c| {
+        c.args(["--argstr", "path", &hello]).args([
             "--arg",
             "extraArgs",
             &format!("[ \"--entrypoint\" \"{entry}\" ]"),
-        ])
-        .args(["--option", "sandbox", "true"])
-        .args(["--option", "build-users-group", ""])
-        .args(["--option", "substituters", ""])
-        .arg("-o")
-        .arg(&result));
-    let built = store.path().join(
-        std::fs::read_link(&result)
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .trim_start_matches('/'),
-    );
+        ]);
+    });
     assert_eq!(dir_entries(&built), ["image.tar"]);
     let outside = d.path().join("outside/image.tar");
     ok(forge()

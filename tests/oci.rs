@@ -492,31 +492,12 @@ fn a_config_file_sets_what_options_do_and_options_win_zstd_on_request() {
 
 #[test]
 fn interrupted_forge_oci_leaves_no_output_and_a_kill_only_its_scratch_which_the_next_run_removes() {
-    use std::io::{BufRead, BufReader};
     let sys = system("x86_64");
     let hello = hello(&sys);
     for (signal, out_name) in [("INT", "img"), ("TERM", "app.tar"), ("KILL", "img")] {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join(out_name);
-        let mut child = oci(&sys.root, &hello, &out)
-            .arg("--no-cache")
-            .env("NIXFORGE_FORGE_PAUSE", "layers:")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = Vec::new();
-        for line in err.lines().map_while(Result::ok) {
-            let paused = line.contains("forge: paused");
-            seen.push(line);
-            if paused {
-                break;
-            }
-        }
-        assert!(
-            seen.last().is_some_and(|l| l.contains("paused")),
-            "{seen:?}"
-        );
+        let mut child = spawn_paused(oci(&sys.root, &hello, &out).arg("--no-cache"), "layers:");
         // Every layer is written by now, in the scratch directory.
         assert_eq!(dir_entries(d.path()).len(), 1, "{signal}");
         ok(Command::new("kill")

@@ -27,19 +27,24 @@ pub trait BlockDevice: Send + Sync {
     /// Zeros over `len` bytes at `off` (both sector-aligned): by default
     /// written from a zero buffer.
     fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
-        let zeros = formats::sys::Aligned::new(len.min(4 << 20) as usize);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            match self.write_at(zeros.get(n), off + done)? {
-                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                k => done += k as u64,
-            }
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
     /// Make the kernel see the new partition table.
     fn announce(&self) {}
+}
+
+/// Zeros over `len` bytes at `off`, written from an aligned zero buffer.
+fn write_zeros<D: BlockDevice + ?Sized>(dev: &D, off: u64, len: u64) -> io::Result<()> {
+    let zeros = formats::sys::Aligned::new(len.min(4 << 20) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        match dev.write_at(zeros.get(n), off + done)? {
+            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            k => done += k as u64,
+        }
+    }
+    Ok(())
 }
 
 /// A whole-disk block device, opened O_DIRECT and locked.
@@ -139,16 +144,7 @@ impl BlockDevice for Device {
         if ioctl::zero_out(&self.file, off, len).is_ok() {
             return Ok(());
         }
-        let zeros = formats::sys::Aligned::new(len.min(4 << 20) as usize);
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            match self.write_at(zeros.get(n), off + done)? {
-                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                k => done += k as u64,
-            }
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
     fn announce(&self) {
         // BLKRRPART, and where the kernel has no partition parsers, BLKPG

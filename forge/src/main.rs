@@ -78,20 +78,8 @@ enum Cmd {
 struct ClosureArgs {
     /// Toplevel store path of the system, or a link to one (e.g. ./result).
     system: PathBuf,
-    /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
-    #[arg(long, default_value = "/")]
-    root: PathBuf,
-    /// Where to take the closure, its NAR hashes and sizes from (else the
-    /// Nix database under --root, or scanning): nixpkgs' closureInfo
-    /// output (store-paths, registration), or a JSON file of path records,
-    /// such as the .attrs.json of a builder whose derivation has
-    /// __structuredAttrs and exportReferencesGraph.
-    #[arg(long, value_name = "PATH")]
-    closure_info: Option<PathBuf>,
-    /// Hash every NAR even where Nix recorded the hash (by default only the
-    /// sizes are checked, from the trees' metadata).
-    #[arg(long)]
-    verify_nar: bool,
+    #[command(flatten)]
+    src: cli::ClosureSource,
     /// Print the closure as JSON.
     #[arg(long)]
     json: bool,
@@ -141,9 +129,9 @@ fn closure(a: ClosureArgs) -> Result<()> {
     let c = forge::closure::read(
         &a.system,
         &forge::closure::Options {
-            root: a.root,
-            closure_info: a.closure_info,
-            verify_nar: a.verify_nar,
+            root: a.src.root,
+            closure_info: a.src.closure_info,
+            verify_nar: a.src.verify_nar,
         },
     )
     .with_context(|| format!("reading the closure of {}", a.system.display()))?;

@@ -26,9 +26,6 @@ pub struct ImageArgs {
     /// convert -c), on every core; a cluster that does not shrink is stored plain.
     #[arg(long, value_parser = ["deflate"])]
     compression: Option<String>,
-    /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
-    #[arg(long, default_value = "/")]
-    root: PathBuf,
     /// Seed for every UUID and GUID (default: the toplevel store path).
     #[arg(long)]
     seed: Option<String>,
@@ -74,18 +71,8 @@ pub struct ImageArgs {
     /// systemd-boot menu timeout in seconds (loader.conf).
     #[arg(long, default_value_t = 0)]
     loader_timeout: u32,
-    /// Where to take the closure, its NAR hashes and sizes from (else the
-    /// Nix database under --root, or scanning): nixpkgs' closureInfo
-    /// output (store-paths, registration), or a JSON file of path records,
-    /// such as the .attrs.json of a builder whose derivation has
-    /// __structuredAttrs and exportReferencesGraph.
-    #[arg(long, value_name = "PATH")]
-    closure_info: Option<PathBuf>,
-    /// Hash every NAR even where Nix recorded the hash (a Nix database or
-    /// closure-info); by default only the sizes are checked and each file
-    /// is read once.
-    #[arg(long)]
-    verify_nar: bool,
+    #[command(flatten)]
+    src: super::ClosureSource,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -113,7 +100,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
     };
     let opts = image::Options {
         system: a.system,
-        store_root: a.root,
+        store_root: a.src.root,
         format,
         output: a.output,
         seed: a.seed,
@@ -125,8 +112,8 @@ pub fn run(a: ImageArgs) -> Result<()> {
             s => Some(bytes(s, "--state-size")?),
         },
         deflate: a.compression.is_some(),
-        closure_info: a.closure_info,
-        verify_nar: a.verify_nar,
+        closure_info: a.src.closure_info,
+        verify_nar: a.src.verify_nar,
         vhd_type: a.vhd_type.as_deref().map(|t| match t {
             "dynamic" => formats::vhd::Type::Dynamic,
             _ => formats::vhd::Type::Fixed,

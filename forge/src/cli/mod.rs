@@ -9,6 +9,26 @@ pub mod vm;
 
 use anyhow::{bail, Context, Result};
 
+/// Where a command takes the closure from (image, oci, closure).
+#[derive(clap::Args)]
+pub struct ClosureSource {
+    /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
+    #[arg(long, default_value = "/")]
+    pub root: std::path::PathBuf,
+    /// Where to take the closure, its NAR hashes and sizes from (else the
+    /// Nix database under --root, or scanning): nixpkgs' closureInfo
+    /// output (store-paths, registration), or a JSON file of path records,
+    /// such as the .attrs.json of a builder whose derivation has
+    /// __structuredAttrs and exportReferencesGraph.
+    #[arg(long, value_name = "PATH")]
+    pub closure_info: Option<std::path::PathBuf>,
+    /// Hash every NAR even where Nix recorded the hash (a Nix database or
+    /// closure-info); by default only the sizes are checked and each file
+    /// is read once.
+    #[arg(long)]
+    pub verify_nar: bool,
+}
+
 /// `123`, `4K`, `512M`, `2G`, `1T` (powers of 1024).
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let s = s.trim();

@@ -23,16 +23,8 @@ pub struct OciArgs {
     /// the same name is replaced whole.
     #[arg(short, long)]
     output: PathBuf,
-    /// Physical root of the store: logical /nix/store/… lives at DIR/nix/store/….
-    #[arg(long, default_value = "/")]
-    root: PathBuf,
-    /// Where to take the closure from, as for `forge image` (closureInfo
-    /// directory or JSON path records); else the Nix database or scanning.
-    #[arg(long, value_name = "PATH")]
-    closure_info: Option<PathBuf>,
-    /// Hash every NAR even where Nix recorded the hash.
-    #[arg(long)]
-    verify_nar: bool,
+    #[command(flatten)]
+    src: super::ClosureSource,
     /// At most this many layers, the customisation layer included
     /// (overlayfs fails past about 125 lower layers).
     /// [default: 100]
@@ -225,9 +217,9 @@ pub fn run(a: OciArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let opts = oci::Options {
         path: a.path,
-        store_root: a.root,
-        closure_info: a.closure_info,
-        verify_nar: a.verify_nar,
+        store_root: a.src.root,
+        closure_info: a.src.closure_info,
+        verify_nar: a.src.verify_nar,
         output: a.output,
         max_layers: a.max_layers.or(f.max_layers).unwrap_or(100),
         compression: compression(a.compression.or(f.compression).as_deref().unwrap_or("gzip"))?,

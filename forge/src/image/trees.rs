@@ -46,7 +46,7 @@ pub fn bytes_node(b: impl Into<Vec<u8>>, perm: u16) -> Node {
     }
 }
 
-fn symlink_node(target: &str) -> Node {
+pub fn symlink_node(target: &str) -> Node {
     Node {
         kind: Kind::Symlink {
             target: target.as_bytes().to_vec(),

@@ -5,10 +5,10 @@
 //! inside the container.
 
 use anyhow::{bail, Result};
-use std::sync::Arc;
 
 use crate::closure::{Paths, Store};
-use formats::tree::{dir_node, Content, Kind, Node, Tree, ROOT};
+use crate::image::trees::{bytes_node as file, symlink_node as link};
+use formats::tree::{dir_node, Tree, ROOT};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
@@ -73,30 +73,6 @@ pub fn users(added: &[User]) -> Result<Vec<User>> {
         all.push(u.clone());
     }
     Ok(all)
-}
-
-fn file(b: impl Into<Vec<u8>>, perm: u16) -> Node {
-    let b: Vec<u8> = b.into();
-    Node {
-        kind: Kind::File {
-            size: b.len() as u64,
-            content: Content::Bytes(Arc::from(b)),
-        },
-        perm,
-        uid: 0,
-        gid: 0,
-    }
-}
-
-fn link(target: &str) -> Node {
-    Node {
-        kind: Kind::Symlink {
-            target: target.as_bytes().to_vec(),
-        },
-        perm: 0o777,
-        uid: 0,
-        gid: 0,
-    }
 }
 
 /// The first path of the closure (the top first, then in order) holding
