@@ -8,7 +8,10 @@ forge=target/release/forge
 mkdir -p "$out"
 sys=$fix/x86_64
 echo "== forge closure (the system the image will hold)"
-$forge closure "$sys/result" --root "$sys/store" | head -8
+# Into a file first: `| head` would close the pipe early, and with pipefail
+# the writer's broken pipe would fail the demo.
+$forge closure "$sys/result" --root "$sys/store" > "$out/closure.txt"
+head -8 "$out/closure.txt"
 echo "== forge image --format raw-efi"
 $forge image "$sys/result" --root "$sys/store" --format raw-efi -o "$out/disk.img" --json > "$out/layout.json"
 python3 - "$out/layout.json" <<'PY'
