@@ -3,8 +3,10 @@
 //! would record.
 //!
 //! Where the references come from, in order of preference:
-//! 1. `--closure-info DIR` (nixpkgs' `closureInfo`: `store-paths` and
-//!    `registration`);
+//! 1. `--closure-info PATH`: nixpkgs' `closureInfo` directory
+//!    (`store-paths` and `registration`), or JSON path records (a Nix
+//!    builder's `.attrs.json` from `exportReferencesGraph`), cut to what
+//!    the top path reaches;
 //! 2. the store's own Nix database (`ROOT/nix/var/nix/db/db.sqlite`);
 //! 3. scanning every path's NAR stream for the hash parts of the paths
 //!    present in the store, exactly as Nix finds references after a build.
