@@ -343,3 +343,73 @@ fn power_cut_after_any_write_leaves_no_table_or_the_whole_image() {
         }
     }
 }
+
+#[test]
+fn a_device_gets_its_own_state_filesystem_grown_to_its_end_and_the_table_to_match() {
+    use crate::personal::{self, Request};
+    for ss in [512u64, 4096] {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _img, _) = image(dir.path(), ss, true);
+        let size = std::fs::metadata(&path).unwrap().len();
+        // The image's partition as its layout manifest's state partition.
+        let manifest = serde_json::json!({
+            "version": 1, "table": "gpt", "sector_size": ss, "size": size,
+            "disk_id": "07070707-0707-0707-0707-070707070707",
+            "partitions": [{
+                "number": 1, "role": "state", "offset": 1 << 20, "size": 7 << 20,
+                "filesystem": {"kind": "ext4", "label": "state",
+                               "uuid": "0a0b0c0d-0e0f-4011-8213-141516171819"}
+            }],
+            "identity": {"partition": 1, "path": "identity"}
+        });
+        std::fs::write(dir.path().join("x.img.layout.json"), manifest.to_string()).unwrap();
+        let id = dir.path().join("id");
+        std::fs::create_dir(&id).unwrap();
+        std::fs::write(id.join("hostname"), "mem\n").unwrap();
+        let m = personal::manifest(&path).unwrap();
+        let src = Source::open(&path, BmapChoice::Auto).unwrap();
+        let dev_size = 16 << 20;
+        let req = Request {
+            identity: Some(id),
+            fill: true,
+            epoch: 1,
+            generate_machine_id: true,
+            ..Request::default()
+        };
+        let p = personal::plan(&m, src.first_mib(), dev_size, ss, &req).unwrap();
+        assert_eq!(
+            p.state_size,
+            (14 << 20),
+            "{ss}: to the last whole MiB before the backup GPT"
+        );
+        let disk = std::sync::Arc::new(MemDisk::new(dev_size, ss, 0xAA));
+        let dev: Box<dyn BlockDevice> = Box::new(Shared(disk.clone()));
+        let r = flash_personal(
+            &src,
+            vec![(dev, Some(p))],
+            &Options::verifying(true),
+            &crate::Silent,
+        )
+        .pop()
+        .unwrap();
+        let o = r.unwrap_or_else(|e| panic!("{ss}: {e:#}"));
+        assert!(o.verified > 0);
+        assert!(disk.refused().is_empty(), "{ss}: {:?}", disk.refused());
+        let got = disk.bytes();
+        let mut read = |off: u64, n: usize| -> std::io::Result<Vec<u8>> {
+            Ok(got[off as usize..off as usize + n].to_vec())
+        };
+        let g = Gpt::parse(&mut read, ss, dev_size).unwrap().unwrap();
+        assert_eq!(g.partitions[0].last_lba, (15 << 20) / ss - 1, "{ss}");
+        assert_eq!(g.disk_sectors, dev_size / ss);
+        // The backup header at the disk's end.
+        let last = &got[(dev_size - ss) as usize..];
+        assert_eq!(&last[..8], b"EFI PART", "{ss}");
+        // An ext4 of the new size where the image's partition was.
+        let sb = &got[(1 << 20) + 1024..(1 << 20) + 2048];
+        assert_eq!(&sb[56..58], &[0x53, 0xEF], "{ss}: ext4 magic");
+        let blocks = u32::from_le_bytes(sb[4..8].try_into().unwrap());
+        assert_eq!(u64::from(blocks) * 4096, 14 << 20, "{ss}");
+        assert_eq!(&sb[120..125], b"state");
+    }
+}
