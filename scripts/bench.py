@@ -43,6 +43,31 @@ def measure(name, cmd, runs, setup=None):
     return r
 
 
+def measure_pair(a, b, runs):
+    """Two (name, cmd) alternated ABBA after one warm-up run of each, so
+    neither always runs first after the other (page cache, writeback):
+    medians and peak RSS of each."""
+    for _, cmd in (a, b):
+        subprocess.run(["bash", "-c", cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got = {a[0]: ([], []), b[0]: ([], [])}
+    for i in range(runs):
+        for name, cmd in ((a, b) if i % 2 == 0 else (b, a)):
+            f = tempfile.NamedTemporaryFile(delete=False)
+            subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, "bash", "-c", cmd],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            e, m = open(f.name).read().split()[-2:]
+            os.unlink(f.name)
+            got[name][0].append(float(e))
+            got[name][1].append(int(m))
+    out = []
+    for name, cmd in (a, b):
+        times, rss = got[name]
+        r = {"name": name, "cmd": cmd, "median_s": statistics.median(times), "runs": times, "peak_rss_kib": max(rss)}
+        print(f"  {name}: {r['median_s']:.2f} s (runs {times}), peak RSS {max(rss) // 1024} MiB", file=sys.stderr)
+        out.append(r)
+    return out
+
+
 def corpus(out, mib, fixtures):
     # Past 2 GiB this machine's packages under the script's default 24 MiB
     # cap run out: allow larger packages there.
@@ -449,9 +474,11 @@ def provision_bench(res, c, top, a, w):
     dev = sh(f"losetup -f --show {backing}").strip()
     flash = f"{REPO}/target/release/flash {img} {dev} --yes --allow-non-removable --quiet"
     try:
-        res.append(measure("provision: flash (write + verify), 32 GiB device", flash, a.runs))
-        res.append(measure("provision: flash --fill --identity --generate-host-keys, 32 GiB device",
-                           f"{flash} --fill --identity {ident} --generate-host-keys", a.runs))
+        res.extend(measure_pair(
+            ("provision: flash (write + verify), 32 GiB device", flash),
+            ("provision: flash --fill --identity --generate-host-keys, 32 GiB device",
+             f"{flash} --fill --identity {ident} --generate-host-keys"),
+            max(a.runs, 6)))
     finally:
         sh(f"partx -d {dev} || true; losetup -d {dev}")
         os.unlink(backing)

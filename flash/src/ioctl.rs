@@ -11,7 +11,6 @@ nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
 nix::ioctl_read_bad!(blkroget, 0x125e, libc::c_int);
 nix::ioctl_none!(blkflsbuf, 0x12, 97);
 nix::ioctl_none!(blkrrpart, 0x12, 95);
-nix::ioctl_write_ptr_bad!(blkzeroout, nix::request_code_none!(0x12, 127), [u64; 2]);
 
 /// Size in bytes.
 pub fn size(f: &File) -> io::Result<u64> {
@@ -47,15 +46,5 @@ pub fn flush_buffers(f: &File) -> io::Result<()> {
 pub fn reread_partitions(f: &File) -> io::Result<()> {
     // SAFETY: BLKRRPART takes no argument.
     unsafe { blkrrpart(f.as_raw_fd()) }?;
-    Ok(())
-}
-
-/// Zeros over `len` bytes at `off` done by the device (BLKZEROOUT: write
-/// zeroes, or discard where it reads back zeros); the page cache of that
-/// range is dropped by the kernel.
-pub fn zero_out(f: &File, off: u64, len: u64) -> io::Result<()> {
-    let range = [off, len];
-    // SAFETY: BLKZEROOUT reads two u64 (start, length) through the pointer.
-    unsafe { blkzeroout(f.as_raw_fd(), &range) }?;
     Ok(())
 }

@@ -115,8 +115,8 @@ pub struct Request {
     pub generate_machine_id: bool,
 }
 
-/// A piece of a device's own bytes: data, or zeros (written as zeros, or
-/// by BLKZEROOUT where the device offers it).
+/// A piece of a device's own bytes: data, or zeros (kept as a length,
+/// written from one zero buffer).
 #[derive(Clone, Debug)]
 pub enum Bytes {
     Data(Arc<Vec<u8>>),
