@@ -82,17 +82,7 @@ pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
     )?;
     // A Nix database the closure's Nix opens as it is: the booted system
     // needs no first-boot `nix-store --load-db`.
-    let db = t.mkdir_p(b"/nix/var/nix/db", 0o755)?;
-    t.insert(
-        db,
-        b"db.sqlite",
-        bytes_node(crate::nixdb::sqlite(&closure.paths, epoch)?, 0o644),
-    )?;
-    t.insert(
-        db,
-        b"schema",
-        bytes_node(crate::nixdb::SCHEMA_VERSION.as_bytes().to_vec(), 0o644),
-    )?;
+    crate::nixdb::add_to(&mut t, &closure.paths, epoch)?;
     let profiles = t.mkdir_p(b"/nix/var/nix/profiles", 0o755)?;
     t.insert(profiles, b"system-1-link", symlink_node(&closure.toplevel))?;
     t.insert(profiles, b"system", symlink_node("system-1-link"))?;

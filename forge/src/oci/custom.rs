@@ -160,17 +160,7 @@ pub fn layer(store: &Store, c: &Paths, users: &[User], epoch: u32) -> Result<Mad
     let var = t.mkdir_p(b"/var", 0o755)?;
     t.insert(var, b"empty", dir_node(0o555, 0, 0))?;
     t.mkdir_p(b"/nix/store", 0o755)?;
-    let db = t.mkdir_p(b"/nix/var/nix/db", 0o755)?;
-    t.insert(
-        db,
-        b"db.sqlite",
-        file(crate::nixdb::sqlite(&c.paths, epoch)?, 0o644),
-    )?;
-    t.insert(
-        db,
-        b"schema",
-        file(crate::nixdb::SCHEMA_VERSION.as_bytes().to_vec(), 0o644),
-    )?;
+    crate::nixdb::add_to(&mut t, &c.paths, epoch)?;
     Ok(Made { tree: t, links })
 }
 
