@@ -126,9 +126,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Inspect { image, json } => {
             let r = forge::inspect::inspect(&image)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::out!("{}", serde_json::to_string_pretty(&r)?)?;
             } else {
-                print!("{}", forge::inspect::render(&r));
+                std::io::stdout()
+                    .lock()
+                    .write_all(forge::inspect::render(&r).as_bytes())?;
             }
             Ok(())
         }

@@ -79,7 +79,7 @@ pub fn run(a: Ext4Args) -> Result<()> {
         }
     );
     if a.dry_run {
-        println!("{summary}");
+        crate::out!("{summary}")?;
         return Ok(());
     }
     let mut out = AtomicOutput::create(&a.output)?;

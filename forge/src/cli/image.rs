@@ -147,7 +147,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
     let report = image::build(&opts, &super::Stages::new())?;
     made.keep();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::out!("{}", serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
 }

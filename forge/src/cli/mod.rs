@@ -29,6 +29,16 @@ pub struct ClosureSource {
     pub verify_nar: bool,
 }
 
+/// Standard output, as a fallible write: a reader that went away
+/// (`forge … | head`) is an error main() ends quietly on, not a panic.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($t)*)
+    }};
+}
+
 /// `123`, `4K`, `512M`, `2G`, `1T` (powers of 1024).
 pub fn parse_bytes(s: &str) -> Result<u64> {
     let s = s.trim();

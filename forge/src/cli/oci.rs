@@ -240,9 +240,9 @@ pub fn run(a: OciArgs) -> Result<()> {
     let report = oci::build(&opts, &super::Stages::new())?;
     made.keep();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::out!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!("{} {}", report.manifest, report.output.display());
+        crate::out!("{} {}", report.manifest, report.output.display())?;
     }
     Ok(())
 }

@@ -109,10 +109,10 @@ pub fn run(a: VmArgs) -> Result<()> {
     };
     let r = vm::build(&opts, &super::Stages::new())?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        crate::out!("{}", serde_json::to_string_pretty(&r)?)?;
     } else {
         for m in &r.machines {
-            println!(
+            crate::out!(
                 "{}: {} {} {} {}{}",
                 m.name,
                 m.boot.display(),
@@ -123,7 +123,7 @@ pub fn run(a: VmArgs) -> Result<()> {
                     .as_ref()
                     .map(|k| format!(" (host key {})", k.fingerprint))
                     .unwrap_or_default()
-            );
+            )?;
         }
     }
     Ok(())
