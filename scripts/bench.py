@@ -25,22 +25,32 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
 
 
+def timed_run(cmd):
+    """(wall seconds, peak RSS KiB) of one run of `cmd`."""
+    f = tempfile.NamedTemporaryFile(delete=False)
+    subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, "bash", "-c", cmd],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    e, m = open(f.name).read().split()[-2:]
+    os.unlink(f.name)
+    return float(e), int(m)
+
+
+def result(name, cmd, times, rss):
+    r = {"name": name, "cmd": cmd, "median_s": statistics.median(times), "runs": times, "peak_rss_kib": max(rss)}
+    print(f"  {name}: {r['median_s']:.2f} s (runs {times}), peak RSS {max(rss) // 1024} MiB", file=sys.stderr)
+    return r
+
+
 def measure(name, cmd, runs, setup=None):
     """Median wall seconds and max peak RSS (KiB) of `cmd` over `runs` runs."""
     times, rss = [], []
     for _ in range(runs):
         if setup:
             sh(setup)
-        f = tempfile.NamedTemporaryFile(delete=False)
-        subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, "bash", "-c", cmd],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        e, m = open(f.name).read().split()[-2:]
-        os.unlink(f.name)
-        times.append(float(e))
-        rss.append(int(m))
-    r = {"name": name, "cmd": cmd, "median_s": statistics.median(times), "runs": times, "peak_rss_kib": max(rss)}
-    print(f"  {name}: {r['median_s']:.2f} s (runs {times}), peak RSS {max(rss) // 1024} MiB", file=sys.stderr)
-    return r
+        t, m = timed_run(cmd)
+        times.append(t)
+        rss.append(m)
+    return result(name, cmd, times, rss)
 
 
 def measure_pair(a, b, runs):
@@ -48,24 +58,14 @@ def measure_pair(a, b, runs):
     neither always runs first after the other (page cache, writeback):
     medians and peak RSS of each."""
     for _, cmd in (a, b):
-        subprocess.run(["bash", "-c", cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        timed_run(cmd)
     got = {a[0]: ([], []), b[0]: ([], [])}
     for i in range(runs):
         for name, cmd in ((a, b) if i % 2 == 0 else (b, a)):
-            f = tempfile.NamedTemporaryFile(delete=False)
-            subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, "bash", "-c", cmd],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            e, m = open(f.name).read().split()[-2:]
-            os.unlink(f.name)
-            got[name][0].append(float(e))
-            got[name][1].append(int(m))
-    out = []
-    for name, cmd in (a, b):
-        times, rss = got[name]
-        r = {"name": name, "cmd": cmd, "median_s": statistics.median(times), "runs": times, "peak_rss_kib": max(rss)}
-        print(f"  {name}: {r['median_s']:.2f} s (runs {times}), peak RSS {max(rss) // 1024} MiB", file=sys.stderr)
-        out.append(r)
-    return out
+            t, m = timed_run(cmd)
+            got[name][0].append(t)
+            got[name][1].append(m)
+    return [result(name, cmd, *got[name]) for name, cmd in (a, b)]
 
 
 def corpus(out, mib, fixtures):

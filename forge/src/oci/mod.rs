@@ -392,9 +392,11 @@ fn put_in_place(mut staging: Staging, output: &Path) -> Result<()> {
                     nix::fcntl::RenameFlags::RENAME_EXCHANGE,
                 )
                 .with_context(|| format!("replacing {}", output.display()))?;
-                // `from` now names the earlier layout.
-                std::fs::remove_dir_all(&from)
-                    .with_context(|| format!("removing the earlier {}", from.display()))
+                // `from` now names the earlier layout; the new one is in
+                // place, so a failure to remove the old (hidden, named for
+                // this process) is left to the next run's cleanup.
+                let _ = std::fs::remove_dir_all(&from);
+                Ok(())
             }
             Ok(_) => bail!(
                 "{}: exists and is not an OCI image layout; not replacing it",
@@ -410,14 +412,18 @@ fn put_in_place(mut staging: Staging, output: &Path) -> Result<()> {
 
 /// Every file and directory under `dir` on disk before it is named.
 fn sync_tree(dir: &Path) -> Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
+    let ctx = |p: &Path| format!("syncing {}", p.display());
+    for e in std::fs::read_dir(dir).with_context(|| ctx(dir))? {
+        let p = e.with_context(|| ctx(dir))?.path();
         if p.is_dir() {
             sync_tree(&p)?;
         } else {
-            std::fs::File::open(&p)?.sync_all()?;
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| ctx(&p))?;
         }
     }
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| ctx(dir))
 }
