@@ -263,6 +263,132 @@ fn a_flashed_device_boots_and_stage_one_reads_the_hostname_from_var_identity() {
     assert!(m.contains("hostname=booted-from-card"), "{m}");
 }
 
+/// The journal superblock's first transaction number, as dumpe2fs reads it.
+fn journal_sequence(part: &str) -> u32 {
+    let h = ok(Command::new("dumpe2fs").arg("-h").arg(part));
+    let v = h
+        .lines()
+        .find_map(|l| l.strip_prefix("Journal sequence:"))
+        .unwrap_or_else(|| panic!("no journal sequence:\n{h}"));
+    u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).unwrap()
+}
+
+/// debugfs's journal writer: one transaction per (block, contents).
+fn journal_write(dir: &Path, part: &str, txs: &[(u64, &[u8])]) {
+    let mut cmds = String::from("jo\n");
+    for (i, (block, bytes)) in txs.iter().enumerate() {
+        let f = dir.join(format!("tx{i}"));
+        std::fs::write(&f, bytes).unwrap();
+        cmds += &format!("jw -b {block} {}\n", f.display());
+    }
+    cmds += "jc\n";
+    let f = dir.join("cmds");
+    std::fs::write(&f, cmds).unwrap();
+    let out = ok(Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&f)
+        .arg(part));
+    assert!(!out.contains("rror"), "{out}");
+}
+
+/// A device's state filesystem keeps the card's old bytes in its journal
+/// (only the journal's superblock is written). Here those old bytes are
+/// the worst case: the journal of this same image and identity flashed
+/// before, holding a transaction that would zero the identity directory.
+/// A crash of the new filesystem right after its first commit must not
+/// replay it, which the kernel's recovery decides by sequence number.
+#[test]
+fn a_stale_journal_left_by_an_earlier_flash_is_never_replayed() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let id = identity(d.path(), "again");
+    std::fs::write(id.join("machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    let (_f, lo) = device(d.path(), "card", 1200 << 20);
+    let args = [
+        img.to_str().unwrap(),
+        &lo.dev,
+        "--identity",
+        id.to_str().unwrap(),
+        "--fill",
+    ];
+    flash_json(&args);
+    let state = lo.partitions()[2].clone();
+    let old = journal_sequence(&state);
+    let dir: u64 = debugfs(&state, "blocks /identity").trim().parse().unwrap();
+    let block = |part: &str| -> Vec<u8> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(part).unwrap();
+        f.seek(SeekFrom::Start(dir * 4096)).unwrap();
+        let mut b = vec![0u8; 4096];
+        f.read_exact(&mut b).unwrap();
+        b
+    };
+    // The old life: a harmless transaction, then a harmful one.
+    let good = block(&state);
+    journal_write(d.path(), &state, &[(dir, &good), (dir, &[0u8; 4096])]);
+    let log = debugfs(&state, "logdump");
+    assert!(
+        log.contains(&format!(
+            "Found expected sequence {}, type 1 (descriptor block) at block 4",
+            old.wrapping_add(1)
+        )),
+        "{log}"
+    );
+    // Control: replayed, that journal does wreck this filesystem.
+    ok(Command::new("debugfs").args(["-w", "-R", "jr"]).arg(&state));
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!fsck.status.success(), "the stale journal is harmless?");
+
+    // Flashed again, same image, same identity: only the sequence differs.
+    flash_json(&args);
+    let state = lo.partitions()[2].clone();
+    let new = journal_sequence(&state);
+    assert!(
+        new != old && new != old.wrapping_add(1),
+        "{new:#x} vs {old:#x}"
+    );
+    ok(Command::new("e2fsck").arg("-fn").arg(&state));
+    assert_eq!(block(&state), good);
+    // A crash after the first commit: recovery must stop where it ends.
+    journal_write(d.path(), &state, &[(dir, &good)]);
+    let log = debugfs(&state, "logdump");
+    assert!(
+        log.contains(&format!(
+            "Found expected sequence {new}, type 2 (commit block) at block 3"
+        )),
+        "{log}"
+    );
+    let stale = format!(
+        "Found sequence {} (not {}) at block 4: end of journal.",
+        old.wrapping_add(1),
+        new.wrapping_add(1)
+    );
+    assert!(log.contains(&stale), "{log}");
+    // The kernel replays it on mount; the identity is whole.
+    let mnt = d.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    ok(Command::new("mount")
+        .args(["-t", "ext4"])
+        .arg(&state)
+        .arg(&mnt));
+    let host = std::fs::read_to_string(mnt.join("identity/hostname"));
+    let names = std::fs::read_dir(mnt.join("identity")).map(|r| r.count());
+    ok(Command::new("umount").arg(&mnt));
+    assert_eq!(host.unwrap(), "again\n");
+    assert_eq!(
+        names.unwrap(),
+        4,
+        "hostname, machine-id, wpa_supplicant.conf, bin"
+    );
+    ok(Command::new("e2fsck").arg("-fn").arg(&state));
+}
+
 /// Bytes of a device, hashed.
 fn hash_dev(dev: &str) -> String {
     sha256_file(Path::new(dev))

@@ -10,7 +10,7 @@
 //! sparse_super, large_file, huge_file, dir_nlink, extra_isize (256-byte
 //! inodes), filetype, dir_index (htree for every multi-block directory),
 //! metadata_csum, 64bit when the block count needs it, and for the
-//! read-write profile a clean jbd2 journal.
+//! read-write profile a clean jbd2 journal ([`Journal`]).
 
 mod csum;
 mod dir;
@@ -76,8 +76,8 @@ pub struct Options {
     pub label: String,
     pub uuid: [u8; 16],
     pub hash_seed: [u8; 16],
-    /// A jbd2 journal (the read-write "state" profile).
-    pub journal: bool,
+    /// A jbd2 journal (the read-write "state" profile), and how.
+    pub journal: Journal,
     /// Every timestamp (SOURCE_DATE_EPOCH).
     pub epoch: u32,
 }
@@ -91,9 +91,39 @@ impl Options {
             label: label.to_string(),
             uuid: crate::seed::uuid(seed, &format!("{purpose}:uuid")),
             hash_seed: crate::seed::uuid(seed, &format!("{purpose}:hash")),
-            journal,
+            journal: if journal {
+                Journal::Zeroed
+            } else {
+                Journal::None
+            },
             epoch,
         }
+    }
+}
+
+/// The jbd2 journal of a read-write filesystem. It is always clean
+/// (`s_start` = 0, nothing to replay); the variants differ in what its
+/// other blocks hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Journal {
+    /// No journal (the read-only profile).
+    None,
+    /// Every block written: the superblock, whose log starts at
+    /// transaction 1, then zeros. Deterministic; what images carry.
+    Zeroed,
+    /// Only the superblock is written (mke2fs's `lazy_journal_init`); the
+    /// other blocks keep whatever the target held, and are not mapped.
+    /// The log starts at `sequence`, which the caller draws from the OS's
+    /// randomness, as e2fsck does when it resets a journal: recovery only
+    /// follows blocks carrying the next expected sequence number, so a
+    /// stale transaction left on the device (even by this same image
+    /// flashed before) can never continue the new log.
+    Lazy { sequence: u32 },
+}
+
+impl Journal {
+    pub fn present(self) -> bool {
+        self != Journal::None
     }
 }
 
@@ -422,7 +452,7 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, Ext4Error> {
     if opts.label.len() > 16 {
         return Err(Ext4Error::Label(opts.label.clone()));
     }
-    let c = census(tree, opts.journal);
+    let c = census(tree, opts.journal.present());
     let needed_inodes = c.order.len() as u64;
     let hash_seed = words(&opts.hash_seed);
     // Directory shapes depend only on names: compute once.
@@ -588,7 +618,7 @@ fn try_layout<'t>(
     blocks: u64,
     inodes: u64,
 ) -> Result<Plan<'t>, Short> {
-    let g = geometry(blocks, inodes, opts.journal);
+    let g = geometry(blocks, inodes, opts.journal.present());
     if (g.inodes() as usize) < c.order.len() {
         // Only when a trimmed last group held needed inodes.
         return Err(Short(64));

@@ -236,3 +236,51 @@ fn a_journaled_filesystem_maps_what_its_plan_says() {
     );
     assert_eq!(img.len(), 64 << 20);
 }
+
+#[test]
+fn a_lazy_journal_writes_only_its_superblock_and_starts_at_its_sequence() {
+    let mut t = Tree::new(0o755);
+    t.insert(ROOT, b"f", file(&[7u8; 10_000])).unwrap();
+    let mut o = Options::from_seed("test", "state", Size::Fixed(64 << 20), true, 1);
+    let zeroed = plan(&t, &o).unwrap();
+    o.journal = Journal::Lazy {
+        sequence: 0x1234_5678,
+    };
+    let lazy = plan(&t, &o).unwrap();
+    let journal = lazy.inodes[JOURNAL_INO as usize - 1].extents.clone();
+    assert_eq!(
+        journal.len(),
+        1,
+        "one extent for a 64 MiB filesystem's journal"
+    );
+    let (start, len) = (journal[0].physical * BS64, journal[0].len as u64 * BS64);
+    // The lazy map is the zeroed one less the journal after its superblock.
+    let less = |m: Vec<(u64, u64)>| -> u64 { m.iter().map(|r| r.1).sum() };
+    assert_eq!(less(zeroed.mapped()) - less(lazy.mapped()), len - BS64);
+    assert!(lazy
+        .mapped()
+        .iter()
+        .any(|&(o, n)| o <= start && start + BS64 <= o + n));
+    // Written over old bytes: the journal's body keeps them.
+    let mut c = Cursor::new(vec![0xA5u8; lazy.size_bytes() as usize]);
+    let w = lazy.write(&mut c, 0).unwrap();
+    assert_eq!(crate::ranges::merge(w.mapped), lazy.mapped());
+    let img = c.into_inner();
+    let jsb = &img[start as usize..][..BS];
+    assert_eq!(&jsb[..4], &0xC03B_3998u32.to_be_bytes());
+    assert_eq!(
+        &jsb[0x18..0x1C],
+        &0x1234_5678u32.to_be_bytes(),
+        "s_sequence"
+    );
+    assert_eq!(&jsb[0x1C..0x20], &[0; 4], "s_start: clean");
+    let body = &img[(start + BS64) as usize..(start + len) as usize];
+    assert!(body.iter().all(|&b| b == 0xA5), "the body is not written");
+    // The zeroed journal, over the same old bytes, starts at 1 with zeros.
+    let mut c = Cursor::new(vec![0xA5u8; zeroed.size_bytes() as usize]);
+    zeroed.write(&mut c, 0).unwrap();
+    let img = c.into_inner();
+    assert_eq!(&img[start as usize + 0x18..][..4], &1u32.to_be_bytes());
+    let body = &img[(start + BS64) as usize..(start + len) as usize];
+    assert!(body.iter().all(|&b| b == 0));
+}

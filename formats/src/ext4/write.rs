@@ -85,7 +85,8 @@ impl Plan<'_> {
     /// The byte ranges (relative to the filesystem's start) that `write`
     /// writes, known before writing: superblocks with their descriptors,
     /// bitmaps, the used part of each inode table, extent tree blocks and
-    /// every extent (the journal's zeros included). Sorted and merged.
+    /// every extent (a zeroed journal's zeros included; of a lazy one, its
+    /// superblock). Sorted and merged.
     pub fn mapped(&self) -> Vec<(u64, u64)> {
         let g = &self.geometry;
         let mut blocks: Vec<(u64, u64)> = Vec::new();
@@ -103,8 +104,14 @@ impl Plan<'_> {
                 blocks.push((gm.inode_table, used.div_ceil(super::INODES_PER_BLOCK)));
             }
         }
+        let lazy = matches!(self.opts.journal, super::Journal::Lazy { .. });
         for ip in &self.inodes {
             blocks.extend(ip.tree_blocks.iter().map(|&b| (b, 1)));
+            if lazy && matches!(ip.what, What::Journal) {
+                let first = ip.extents.iter().find(|e| e.logical == 0);
+                blocks.extend(first.map(|e| (e.physical, 1)));
+                continue;
+            }
             blocks.extend(ip.extents.iter().map(|e| (e.physical, e.len as u64)));
         }
         crate::ranges::merge(blocks.into_iter().map(|(b, n)| (b * BS64, n * BS64)))
@@ -362,9 +369,14 @@ impl Plan<'_> {
         o: &mut Out<W>,
         extents: &[Extent],
     ) -> Result<(), Ext4Error> {
-        // jbd2 superblock v2 (big-endian), clean: s_start = 0. The rest is
-        // zeroed explicitly so stale device data can never look like a
-        // transaction.
+        // jbd2 superblock v2 (big-endian), clean: s_start = 0. A zeroed
+        // journal's other blocks are zeros, written explicitly so stale
+        // device data can never look like a transaction; a lazy one's are
+        // left alone, its random first sequence number guarding instead.
+        let (sequence, zeroed) = match self.opts.journal {
+            super::Journal::Lazy { sequence } => (sequence, false),
+            _ => (1, true),
+        };
         let mut jsb = vec![0u8; BS];
         let be = |b: &mut [u8], o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_be_bytes());
         be(&mut jsb, 0x0, 0xC03B_3998);
@@ -372,7 +384,7 @@ impl Plan<'_> {
         be(&mut jsb, 0xC, BS as u32);
         be(&mut jsb, 0x10, self.geometry.journal_blocks as u32);
         be(&mut jsb, 0x14, 1);
-        be(&mut jsb, 0x18, 1);
+        be(&mut jsb, 0x18, sequence);
         jsb[0x30..0x40].copy_from_slice(&self.opts.uuid);
         be(&mut jsb, 0x40, 1);
         let zeros = vec![0u8; 256 * BS];
@@ -383,7 +395,7 @@ impl Plan<'_> {
                 o.at(b, &jsb)?;
                 b += 1;
             }
-            while b < end {
+            while zeroed && b < end {
                 let n = (end - b).min(256);
                 o.at(b, &zeros[..n as usize * BS])?;
                 b += n;
