@@ -190,12 +190,18 @@ fn the_archive_is_read_by_skopeo_as_docker_archive_and_by_podman_load() {
     };
     let loaded = ok(&mut podman(&["load", "-i", tar.to_str().unwrap()]));
     assert!(loaded.contains("Loaded image"), "{loaded}");
-    let images = ok(&mut podman(&["images", "--format", "{{.Digest}}"]));
+    let images = ok(&mut podman(&[
+        "images",
+        "--format",
+        "{{.Digest}} {{.Repository}}:{{.Tag}}",
+    ]));
     assert!(
         images.contains(report["manifest"].as_str().unwrap()),
         "{images} vs {}",
         report["manifest"]
     );
+    // Named as given (the index's ref.name), not localhost/v1:latest.
+    assert!(images.contains(" localhost/hello:v1"), "{images}");
 }
 
 /// A store of `n` paths in a deep graph (path i refers to i+1..i+3; the
@@ -398,6 +404,7 @@ fn bad_input_is_one_line_and_leaves_nothing() {
         ),
         (vec!["--max-layers", "1"], "--max-layers 1"),
         (vec!["--tag=-x"], "--tag \"-x\""),
+        (vec!["--name", "Hello World"], "--name \"Hello World\""),
     ];
     for (args, want) in cases {
         let e = fails(oci(&sys.root, &hello, &out).args(&args).arg("--no-cache"));

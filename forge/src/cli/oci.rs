@@ -62,10 +62,13 @@ pub struct OciArgs {
     /// (with a group and a home directory); repeatable.
     #[arg(long, value_name = "NAME:UID[:GID]")]
     add_user: Vec<String>,
-    /// The reference name in index.json and the archive's tag. [default: latest]
+    /// The image's tag: a layout's reference name in index.json, and in an
+    /// archive NAME:TAG. [default: latest]
     #[arg(long)]
     tag: Option<String>,
-    /// The repository name in an archive's RepoTags (default: the path's name).
+    /// The repository name of an archive (index.json's reference name and
+    /// RepoTags: NAME:TAG), e.g. registry.example/team/app (default: the
+    /// path's name).
     #[arg(long)]
     name: Option<String>,
     /// When the path has no bootspec: its Nix system or OCI architecture

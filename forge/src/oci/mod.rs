@@ -41,10 +41,11 @@ pub struct Options {
     pub compression: Compression,
     pub epoch: u32,
     pub run: RunConfig,
-    /// The reference name in index.json (and the archive's tag).
+    /// The tag: a layout's reference name in index.json; an archive's
+    /// is NAME:TAG.
     pub tag: String,
-    /// The repository name in an archive's RepoTags (default: the path's
-    /// name).
+    /// The repository name of an archive (index.json and RepoTags; default:
+    /// the path's name).
     pub name: Option<String>,
     /// A Nix system (`aarch64-linux`) or an OCI architecture (`arm64`),
     /// used when the path has no bootspec saying its system.
@@ -122,19 +123,81 @@ fn platform(store: &Store, top: &str, arch: Option<&str>) -> Result<Platform> {
     }
 }
 
-/// A repository name docker accepts, from a store path's name.
+/// A repository name docker accepts ([`check_name`]), from a store
+/// path's name: lower-cased, other characters and separator runs that
+/// the grammar does not allow made one `-`.
 fn repo_name(top: &str) -> String {
     let base = store::base_name(top);
-    let name = base.split_once('-').map_or(base, |(_, n)| n);
-    let s: String = name
-        .chars()
-        .map(|c| match c.to_ascii_lowercase() {
-            c @ ('a'..='z' | '0'..='9' | '.' | '_' | '-') => c,
-            _ => '-',
-        })
-        .collect();
-    s.trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string()
+    let name = base
+        .split_once('-')
+        .map_or(base, |(_, n)| n)
+        .to_ascii_lowercase();
+    let mut out = String::new();
+    let mut sep = String::new();
+    for c in name.chars() {
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            if !out.is_empty() && !sep.is_empty() {
+                let allowed =
+                    [".", "_", "__"].contains(&sep.as_str()) || sep.chars().all(|c| c == '-');
+                out.push_str(if allowed { &sep } else { "-" });
+            }
+            sep.clear();
+            out.push(c);
+        } else {
+            sep.push(c);
+        }
+    }
+    if out.is_empty() {
+        "image".into()
+    } else {
+        out
+    }
+}
+
+/// A repository name as docker's reference grammar has it: components of
+/// lower-case letters and digits joined by `.`, `_`, `__` or dashes,
+/// separated by `/`, the first optionally a registry host (`host[:port]`).
+pub fn check_name(n: &str) -> Result<()> {
+    let component = |c: &str| {
+        let b = c.as_bytes();
+        let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+        let (mut i, mut ok) = (0, !b.is_empty() && alnum(b[0]) && alnum(b[b.len() - 1]));
+        while ok && i < b.len() {
+            let run = b[i..].iter().take_while(|&&x| !alnum(x)).count();
+            let sep = &c[i..i + run];
+            ok = run == 0
+                || sep == "."
+                || sep == "_"
+                || sep == "__"
+                || sep.bytes().all(|x| x == b'-');
+            i += run.max(1);
+        }
+        ok
+    };
+    let host = |h: &str| {
+        let (name, port) = h.split_once(':').unwrap_or((h, "1"));
+        !name.is_empty()
+            && name.split('.').all(|l| {
+                !l.is_empty()
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+                    && l.bytes().all(|x| x.is_ascii_alphanumeric() || x == b'-')
+            })
+            && !port.is_empty()
+            && port.bytes().all(|x| x.is_ascii_digit())
+    };
+    let parts: Vec<&str> = n.split('/').collect();
+    let first_is_host = parts.len() > 1
+        && (parts[0].contains(['.', ':']) || parts[0] == "localhost")
+        && host(parts[0]);
+    let rest = &parts[usize::from(first_is_host)..];
+    if n.len() > 255 || !rest.iter().all(|c| component(c)) {
+        bail!(
+            "--name {n:?}: a repository name is lower-case letters and digits joined by . _ __ or -, \
+             in /-separated parts, optionally after a registry host"
+        );
+    }
+    Ok(())
 }
 
 pub fn check_tag(t: &str) -> Result<()> {
@@ -217,6 +280,9 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         );
     }
     check_tag(&o.tag)?;
+    if let Some(n) = &o.name {
+        check_name(n)?;
+    }
     let users = custom::users(&o.users)?;
     let store = Store::new(&o.store_root);
     let c = closure::read_paths(
@@ -331,13 +397,19 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let write =
         |n: &str, b: &[u8]| std::fs::write(root.join(n), b).with_context(|| format!("writing {n}"));
     write("oci-layout", spec::LAYOUT)?;
-    write("index.json", &spec::index(&manifest, &platform, &o.tag))?;
+    // A layout names its image by the tag (`oci:DIR:TAG`, umoci); an
+    // archive by NAME:TAG, as `podman save` does, which is the name
+    // `podman load` gives it (a bare tag would load as localhost/TAG).
+    let reference = format!("{name}:{}", o.tag);
+    let archived = is_archive(&o.output);
+    let ref_name = if archived { &reference } else { &o.tag };
+    write("index.json", &spec::index(&manifest, &platform, ref_name))?;
 
-    let done = if is_archive(&o.output) {
+    let done = if archived {
         let layer_blobs: Vec<&Blob> = layer_refs.iter().map(|(b, _)| *b).collect();
         write(
             "manifest.json",
-            &spec::docker_manifest(&config, &layer_blobs, &format!("{name}:{}", o.tag)),
+            &spec::docker_manifest(&config, &layer_blobs, &reference),
         )
         .and_then(|_| archive(root, &o.output, mtime))
     } else {
@@ -426,4 +498,47 @@ fn sync_tree(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .with_context(|| ctx(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_names_follow_dockers_grammar() {
+        for ok in [
+            "hello",
+            "a/b",
+            "a.b_c__d---e",
+            "registry.example:5000/team/app",
+            "localhost/app",
+            "x0",
+        ] {
+            check_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "", "Hello", "a b", "-a", "a-", "a..b", "a._b", "a___b", "a//b", "/a", "a/", "host:x/a",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+        // Defaults from store path names always pass.
+        for (path, want) in [
+            (
+                "/nix/store/00000000000000000000000000000000-hello-2.12",
+                "hello-2.12",
+            ),
+            (
+                "/nix/store/00000000000000000000000000000000-Foo+Bar..x",
+                "foo-bar-x",
+            ),
+            (
+                "/nix/store/00000000000000000000000000000000-python3.11-a_b",
+                "python3.11-a_b",
+            ),
+            ("/nix/store/00000000000000000000000000000000-+++", "image"),
+        ] {
+            assert_eq!(repo_name(path), want);
+            check_name(&repo_name(path)).unwrap();
+        }
+    }
 }
