@@ -237,6 +237,12 @@ fn an_sd_image_gets_its_identity_and_its_mbr_state_partition_fills_the_card() {
     judge_state(&lo, 3, 1 << 30, 1 << 30, "pi-7");
     let (state_start, _) = partition(&lo.dev, 3);
     others_match_the_image(&lo.dev, &img, state_start);
+    // flash verify agrees, leaving out the card's own state partition
+    // (its MBR entry checked as --fill writes it).
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _) = verify(&img, &lo.dev, &[]);
+    assert_eq!(code, 3);
 }
 
 #[test]
@@ -387,6 +393,101 @@ fn a_stale_journal_left_by_an_earlier_flash_is_never_replayed() {
         "hostname, machine-id, wpa_supplicant.conf, bin"
     );
     ok(Command::new("e2fsck").arg("-fn").arg(&state));
+}
+
+/// `flash verify` of a device, its exit code and output.
+fn verify(img: &Path, dev: &str, extra: &[&str]) -> (i32, String) {
+    let out = flash()
+        .arg("verify")
+        .arg(img)
+        .arg(dev)
+        .arg("--allow-non-removable")
+        .args(extra)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// One byte of a device replaced (synced), returning the old one.
+fn poke(dev: &str, off: u64, byte: u8) -> u8 {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .unwrap();
+    let mut old = [0u8];
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.read_exact(&mut old).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    f.write_all(&[byte]).unwrap();
+    f.sync_all().unwrap();
+    old[0]
+}
+
+/// A provisioned (or booted) device differs from its image in the state
+/// partition by design: `flash verify --except-state` compares the rest,
+/// and the table against what --fill writes for the partition's size.
+#[test]
+fn verify_except_state_compares_all_but_the_devices_own_state_partition() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let id = identity(d.path(), "checked");
+    let (_f, lo) = device(d.path(), "card", 1200 << 20);
+    let i = img.to_str().unwrap();
+    // The identity alone: the image's table, its state partition replaced.
+    flash_json(&[i, &lo.dev, "--identity", id.to_str().unwrap()]);
+    let (code, out) = verify(&img, &lo.dev, &[]);
+    assert_eq!(code, 3, "the state partition differs: {out}");
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("except its state partition"), "{out}");
+    // Grown to the end: the table is checked as --fill writes it.
+    flash_json(&[i, &lo.dev, "--identity", id.to_str().unwrap(), "--fill"]);
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_eq!(code, 0, "{out}");
+    let (state, size) = partition(&lo.dev, 3);
+    assert!(
+        out.contains(&format!("({size} bytes, the device's own)")),
+        "{out}"
+    );
+    // A byte of the root filesystem (its superblock) is still compared...
+    let (root, _) = partition(&lo.dev, 2);
+    let at = root + 1024 + 120;
+    let old = poke(&lo.dev, at, 0x5A ^ 0xFF);
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains(&format!("byte {at} ")), "{out}");
+    poke(&lo.dev, at, old);
+    // A byte of the state partition is the device's own.
+    poke(&lo.dev, state + (8 << 20), 0x77);
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_eq!(code, 0, "{out}");
+    // The table is still compared: the state partition's entry renamed
+    // (a valid GPT, CRCs right) differs from what --fill writes...
+    ok(Command::new("sgdisk")
+        .args(["-c", "3:renamed"])
+        .arg(&lo.dev));
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("the first difference"), "{out}");
+    // ...and an entry array that fails its CRC is named as such.
+    poke(&lo.dev, 1024 + 2 * 128 + 56, b'X');
+    let (code, out) = verify(&img, &lo.dev, &["--except-state"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("entry array CRC mismatch"), "{out}");
+    // An image without a state partition cannot say which one to leave out.
+    let no_state = d.path().join("no-state.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--state-size", "none", "-o"])
+        .arg(&no_state));
+    let (code, out) = verify(&no_state, &lo.dev, &["--except-state"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("has no state partition"), "{out}");
+    assert_eq!(out.trim().lines().count(), 1, "{out}");
 }
 
 /// Bytes of a device, hashed.

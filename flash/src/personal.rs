@@ -57,7 +57,7 @@ pub fn manifest(image: &Path) -> Result<Manifest> {
     let path = crate::examine::manifest_path(image);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
-            "{}: no layout manifest ({}); --identity and --fill need forge's",
+            "{}: no layout manifest ({}); --identity, --fill and --except-state need forge's",
             image.display(),
             path.display()
         )
@@ -278,6 +278,82 @@ fn count_files(t: &Tree) -> usize {
         .count()
 }
 
+/// Reads within a first MiB held in memory.
+fn reader(head: &[u8]) -> impl FnMut(u64, usize) -> std::io::Result<Vec<u8>> + '_ {
+    |o: u64, n: usize| {
+        o.checked_add(n as u64)
+            .and_then(|end| head.get(o as usize..end as usize))
+            .map(|s| s.to_vec())
+            .ok_or_else(|| std::io::Error::other("outside the first MiB"))
+    }
+}
+
+/// A device's state partition as its own table (`dev_head`, its first
+/// MiB) has it now, for comparing everything else with the image (`flash
+/// verify --except-state`): that partition is the device's own, written
+/// by provisioning or by the running system, and is not compared. The
+/// table must be the image's, or, where the partition was grown, exactly
+/// what `--fill` writes for its present size.
+pub fn as_found(
+    m: &Manifest,
+    head: &[u8],
+    dev_head: &[u8],
+    dev_size: u64,
+    lbs: u64,
+) -> Result<Personal> {
+    let Some(st) = &m.state else {
+        bail!(
+            "the image has no state partition ({} lists none)",
+            m.path.display()
+        );
+    };
+    let size = if m.gpt {
+        let g = formats::gpt::Gpt::parse(&mut reader(dev_head), lbs, dev_size)
+            .with_context(|| format!("the device's GPT (sectors of {lbs} bytes)"))?
+            .context("the device has no GPT, but the image has")?;
+        let p = g
+            .partitions
+            .iter()
+            .find(|p| p.first_lba * lbs == st.offset)
+            .context("no partition of the device starts where the image's state partition does")?;
+        (p.last_lba + 1) * lbs - st.offset
+    } else {
+        let e = dev_head
+            .get(446 + 16 * st.index..462 + 16 * st.index)
+            .context("no MBR")?;
+        let word =
+            |o: usize| u64::from(u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes")));
+        if word(8) * 512 != st.offset {
+            bail!(
+                "the device's MBR entry {} does not start where the image's state partition does",
+                st.index + 1
+            );
+        }
+        word(12) * 512
+    };
+    if size < st.size {
+        bail!(
+            "the device's state partition ({size} bytes) is smaller than the image's ({} bytes)",
+            st.size
+        );
+    }
+    let grown = size != st.size;
+    let (head, backup) = if grown {
+        table(m, st, head, dev_size, lbs, size)?
+    } else {
+        (None, None)
+    };
+    Ok(Personal {
+        replace: (st.offset, if grown { m.size } else { st.offset + st.size }),
+        extents: Vec::new(),
+        head,
+        backup,
+        state_size: size,
+        host_key: None,
+        identity_files: 0,
+    })
+}
+
 /// The table with the state partition ending at `new_size`.
 #[allow(clippy::type_complexity)]
 fn table(
@@ -289,13 +365,7 @@ fn table(
     new_size: u64,
 ) -> Result<(Option<Vec<u8>>, Option<(u64, Vec<u8>)>)> {
     if m.gpt {
-        let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
-            o.checked_add(n as u64)
-                .and_then(|end| head.get(o as usize..end as usize))
-                .map(|s| s.to_vec())
-                .ok_or_else(|| std::io::Error::other("outside the first MiB"))
-        };
-        let mut g = formats::gpt::Gpt::parse(&mut read, lbs, m.size)
+        let mut g = formats::gpt::Gpt::parse(&mut reader(head), lbs, m.size)
             .with_context(|| format!("the image's GPT (sectors of {lbs} bytes)"))?
             .context("the image has no GPT, but its manifest says gpt")?;
         let p = g

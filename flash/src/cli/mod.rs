@@ -127,6 +127,12 @@ enum Cmd {
         /// Allow disks that are not marked removable.
         #[arg(long)]
         allow_non_removable: bool,
+        /// Leave out the state partition, which is the device's own once
+        /// provisioned (--identity, --fill) or booted; the partition
+        /// table is then checked against what --fill writes for the
+        /// partition's present size. Needs the image's layout manifest.
+        #[arg(long)]
+        except_state: bool,
     },
     /// Print the shell completion script for SHELL.
     Completions {
@@ -203,13 +209,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bmap,
             no_bmap,
             allow_non_removable,
+            except_state,
         }) => {
             let src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
             let t = preflight::check(&device, src.size, None, allow_non_removable)?;
             let dev = Box::new(Device::open(&t, false)?);
-            let n = write::verify_only(&src, dev, &Bars::new(false))?;
+            let own = if except_state {
+                let m = flash::personal::manifest(&image)?;
+                let dev_head = write::read_head(&*dev)?;
+                let p = flash::personal::as_found(
+                    &m,
+                    src.first_mib(),
+                    &dev_head,
+                    dev.size(),
+                    dev.sector_size(),
+                )
+                .with_context(|| format!("{}: --except-state", t.disk.path.display()))?;
+                Some(p)
+            } else {
+                None
+            };
+            let state = own.as_ref().map(|p| p.state_size);
+            let n = write::verify_only(&src, dev, own, &Bars::new(false))?;
+            let except = match state {
+                Some(s) => format!(" except its state partition ({s} bytes, the device's own)"),
+                None => String::new(),
+            };
             println!(
-                "{}: matches {} ({n} bytes compared)",
+                "{}: matches {}{except} ({n} bytes compared)",
                 t.disk.path.display(),
                 image.display()
             );

@@ -26,7 +26,7 @@ use crate::personal::Personal;
 use crate::source::{RangeCheck, Source};
 use crate::Progress;
 use formats::sys::{Aligned, Lease, Pool};
-pub use verify::Mismatch;
+pub use verify::{read_head, Mismatch};
 
 /// What stays unwritten until everything else is on the device: the
 /// partition table and boot sectors live here.
@@ -141,14 +141,17 @@ pub fn flash_personal(
     run(src, targets, opts, true, progress)
 }
 
-/// Only verify: compare one device with the image (no writes).
+/// Only verify: compare one device with the image (no writes); with a
+/// [`Personal`] (see [`crate::personal::as_found`]), its replaced range
+/// is not compared and its table stands for the image's.
 pub fn verify_only(
     src: &Source,
     dev: Box<dyn BlockDevice>,
+    personal: Option<Personal>,
     progress: &dyn Progress,
 ) -> Result<u64> {
     let opts = Options::verifying(true);
-    run(src, vec![(dev, None)], &opts, false, progress)
+    run(src, vec![(dev, personal)], &opts, false, progress)
         .pop()
         .expect("one result per device")
         .map(|o| o.verified)

@@ -66,6 +66,14 @@ pub(super) fn verify(
     Ok(total)
 }
 
+/// A device's first MiB (or all of a smaller one), read past the cache.
+pub fn read_head(sink: &dyn BlockDevice) -> Result<Vec<u8>> {
+    let n = super::HEAD.min(sink.size() / sink.sector_size() * sink.sector_size()) as usize;
+    let mut buf = Aligned::new(n.max(1));
+    read_exact(sink, buf.slice(n), 0)?;
+    Ok(buf.get(n).to_vec())
+}
+
 fn read_exact(sink: &dyn BlockDevice, b: &mut [u8], off: u64) -> Result<()> {
     let mut done = 0;
     while done < b.len() {
