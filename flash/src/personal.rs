@@ -314,9 +314,12 @@ pub fn as_found(
         let p = g
             .partitions
             .iter()
-            .find(|p| p.first_lba * lbs == st.offset)
+            .find(|p| p.first_lba.checked_mul(lbs) == Some(st.offset))
             .context("no partition of the device starts where the image's state partition does")?;
-        (p.last_lba + 1) * lbs - st.offset
+        (p.last_lba + 1)
+            .checked_mul(lbs)
+            .and_then(|end| end.checked_sub(st.offset))
+            .context("the device's state partition entry ends before it starts")?
     } else {
         let e = dev_head
             .get(446 + 16 * st.index..462 + 16 * st.index)
