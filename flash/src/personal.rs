@@ -316,8 +316,9 @@ pub fn as_found(
             .iter()
             .find(|p| p.first_lba.checked_mul(lbs) == Some(st.offset))
             .context("no partition of the device starts where the image's state partition does")?;
-        (p.last_lba + 1)
-            .checked_mul(lbs)
+        p.last_lba
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(lbs))
             .and_then(|end| end.checked_sub(st.offset))
             .context("the device's state partition entry ends before it starts")?
     } else {
