@@ -198,6 +198,11 @@ fn two_gpt_devices_of_different_sizes_each_get_their_identity_and_a_state_partit
         // The host key the report names is the one on the device.
         let parts = lo.partitions();
         let pubkey = debugfs(&parts[2], "cat /identity/ssh_host_ed25519_key.pub");
+        // Its comment names the machine (the identity's hostname file).
+        assert!(
+            pubkey.trim_end().ends_with(&format!(" root@{name}")),
+            "{pubkey}"
+        );
         let kf = d.path().join(format!("{name}.pub"));
         std::fs::write(&kf, &pubkey).unwrap();
         let fp = ok(Command::new("ssh-keygen").arg("-lf").arg(&kf));

@@ -118,11 +118,7 @@ pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityErr
         name,
     };
     if let Some(h) = &gen.hostname {
-        let ok = !h.is_empty()
-            && h.len() <= 253
-            && h.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        if !ok {
+        if !valid_hostname(h) {
             return Err(IdentityError::Hostname(h.clone()));
         }
         if has(&tree, b"hostname") {
@@ -171,7 +167,16 @@ pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityErr
                 })?,
             ),
             None => {
-                let (private, public, fingerprint) = ed25519_pair(random()?)?;
+                // The key's comment names the machine when its hostname
+                // is known (given, or the identity's hostname file).
+                let named = gen.hostname.clone().or_else(|| {
+                    let f = src?.join("hostname");
+                    let h = fs::read_to_string(f).ok()?;
+                    let h = h.lines().next()?.trim().to_string();
+                    valid_hostname(&h).then_some(h)
+                });
+                let comment = format!("root@{}", named.as_deref().unwrap_or("nixforge"));
+                let (private, public, fingerprint) = ed25519_pair(random()?, &comment)?;
                 (private.into_bytes(), public, fingerprint)
             }
         };
@@ -187,6 +192,14 @@ pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityErr
         });
     }
     Ok(Identity { tree, host_key })
+}
+
+/// Letters, digits, `-` and `.`, at most 253.
+fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn random<const N: usize>() -> Result<[u8; N], IdentityError> {
@@ -273,7 +286,10 @@ fn add_dir(tree: &mut Tree, node: NodeId, dir: &Path, top: &Path) -> Result<(), 
 /// An ed25519 key pair from a 32-byte secret: the OpenSSH private key
 /// file (openssh-key-v1, unencrypted), the public line and its SHA-256
 /// fingerprint.
-fn ed25519_pair(secret: [u8; 32]) -> Result<(String, String, String), IdentityError> {
+fn ed25519_pair(
+    secret: [u8; 32],
+    comment: &str,
+) -> Result<(String, String, String), IdentityError> {
     let key = ed25519_dalek::SigningKey::from_bytes(&secret);
     let pk = key.verifying_key().to_bytes();
     let put = |v: &mut Vec<u8>, b: &[u8]| {
@@ -292,7 +308,7 @@ fn ed25519_pair(secret: [u8; 32]) -> Result<(String, String, String), IdentityEr
     let mut sk = secret.to_vec();
     sk.extend_from_slice(&pk);
     put(&mut private, &sk);
-    put(&mut private, b"root@nixforge");
+    put(&mut private, comment.as_bytes());
     let mut pad = 1u8;
     while private.len() % 8 != 0 {
         private.push(pad);
@@ -313,7 +329,7 @@ fn ed25519_pair(secret: [u8; 32]) -> Result<(String, String, String), IdentityEr
         pem.push('\n');
     }
     pem.push_str("-----END OPENSSH PRIVATE KEY-----\n");
-    let public = format!("ssh-ed25519 {} root@nixforge", b64.encode(&blob));
+    let public = format!("ssh-ed25519 {} {comment}", b64.encode(&blob));
     let digest = <sha2::Sha256 as sha2::Digest>::digest(&blob);
     let fingerprint = format!(
         "SHA256:{}",
