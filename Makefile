@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build static install test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
+.PHONY: all deps fixtures build test-bins static install test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
 
 all: build
 
@@ -21,6 +21,17 @@ $(FIX)/.stamp: fixtures/make-systems.sh fixtures/system.nix fixtures/stage1-init
 fixtures: deps $(FIX)/.stamp
 
 build:
+	$(CARGO) build --release --workspace --bins
+
+# The binaries the end-to-end tests drive: release builds with the
+# `test-hooks` feature (the NIXFORGE_*_PAUSE points tests interrupt at),
+# copied aside; target/release keeps the plain binaries `make build`,
+# `make install` and Nix ship (cargo keeps both builds cached).
+TEST_BIN := target/test-hooks
+test-bins: build
+	$(CARGO) build --release --workspace --bins --features nixforge/test-hooks,nixforge-flash/test-hooks
+	mkdir -p $(TEST_BIN)
+	cp -f target/release/forge target/release/flash $(TEST_BIN)/
 	$(CARGO) build --release --workspace --bins
 
 # A static forge, for running inside the Nix sandbox (which holds only
@@ -52,19 +63,19 @@ install:
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
 # at hashing and writing).
-test: deps fixtures build static
-	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test --workspace -- --test-threads=2
+test: deps fixtures test-bins static
+	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) NIXFORGE_RELEASE_DIR=$(abspath target/release) $(CARGO) test --workspace -- --test-threads=2
 
 # Parts of `make test` on their own. test-unit needs no root, no
 # fixtures and no loop devices (the flash core runs on an in-memory disk).
 test-unit:
 	$(CARGO) test --workspace --lib
 # The QEMU boots (OVMF, U-Boot).
-test-boots: deps fixtures build
-	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests -- --test-threads=2 boots
+test-boots: deps fixtures test-bins
+	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests -- --test-threads=2 boots
 # flash on loop devices (root): writes, faults, kills, refusals.
-test-flash: deps fixtures build
-	NIXFORGE_BIN_DIR=$(abspath target/release) $(CARGO) test -p nixforge-tests --test flash --test flash_safety -- --test-threads=2
+test-flash: deps fixtures test-bins
+	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests --test flash --test flash_safety -- --test-threads=2
 
 # The parsers' property tests (tables, bmap, zstd frames, registration,
 # bootspec; every test named *never_panic) for FUZZ_SECS each, on a fresh

@@ -14,6 +14,7 @@ pub mod device;
 pub mod devices;
 pub mod examine;
 pub mod ioctl;
+#[cfg(test)]
 pub mod memdisk;
 pub mod personal;
 pub mod preflight;

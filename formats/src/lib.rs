@@ -8,6 +8,7 @@
 pub mod bmap;
 pub mod ext4;
 pub mod fat;
+#[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 pub mod gpt;
 pub mod identity;
@@ -18,6 +19,7 @@ pub mod qcow2;
 pub mod ranges;
 pub mod seed;
 pub mod sink;
+pub mod sniff;
 pub mod sys;
 pub mod table;
 pub mod tar;

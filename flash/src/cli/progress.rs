@@ -24,6 +24,18 @@ pub struct Bars {
     stop: Arc<AtomicBool>,
 }
 
+/// Built with the `test-hooks` feature only (`make test`, never `make
+/// build` or the Nix package): `NIXFORGE_FLASH_PAUSE=POINT`.
+#[cfg(feature = "test-hooks")]
+fn pause_point() -> Option<String> {
+    std::env::var("NIXFORGE_FLASH_PAUSE").ok()
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn pause_point() -> Option<String> {
+    None
+}
+
 impl Bars {
     pub fn new(quiet: bool) -> Bars {
         Bars::stoppable(quiet, Arc::default())
@@ -39,7 +51,7 @@ impl Bars {
         };
         Bars {
             mode,
-            pause: std::env::var("NIXFORGE_FLASH_PAUSE").ok(),
+            pause: pause_point(),
             stop,
         }
     }

@@ -58,6 +58,12 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
     }
 }
 
+/// A size argument for clap's `value_parser` (a bad one exits 2 with
+/// clap's message).
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    parse_bytes(s).map_err(|e| format!("{e:#}"))
+}
+
 /// Every timestamp in an image: SOURCE_DATE_EPOCH, or 1 (as in the Nix store).
 pub fn epoch() -> Result<u32> {
     match std::env::var("SOURCE_DATE_EPOCH") {
@@ -79,16 +85,19 @@ pub fn sector_size(s: &str) -> Result<u32, String> {
 }
 
 /// Stage lines on stderr, one per stage, with the time since the start.
-/// Tests only: `NIXFORGE_FORGE_PAUSE=TEXT` holds the run at the first
-/// stage whose line contains TEXT (to interrupt it at a known moment).
+/// Built with the `test-hooks` feature only (`make test`, never `make
+/// build` or the Nix package): `NIXFORGE_FORGE_PAUSE=TEXT` holds the run
+/// at the first stage whose line contains TEXT (to interrupt it at a
+/// known moment).
 pub struct Stages(std::time::Instant, Option<String>);
 
 impl Stages {
     pub fn new() -> Stages {
-        Stages(
-            std::time::Instant::now(),
-            std::env::var("NIXFORGE_FORGE_PAUSE").ok(),
-        )
+        #[cfg(feature = "test-hooks")]
+        let pause = std::env::var("NIXFORGE_FORGE_PAUSE").ok();
+        #[cfg(not(feature = "test-hooks"))]
+        let pause = None;
+        Stages(std::time::Instant::now(), pause)
     }
 }
 
