@@ -244,7 +244,11 @@ fn bmap_of_another_image_of_the_same_size_is_refused_before_writing() {
     source_refused(
         &t,
         &[os(&t.img), "--bmap".as_ref(), os(&bmap)],
-        &["other.img.bmap does not describe it", "bytes 0.."],
+        &[
+            "disk.img: bytes 0..",
+            "do not match the checksum in",
+            "other.img.bmap",
+        ],
     );
 }
 

@@ -99,6 +99,7 @@ impl Device {
             && (size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model)
         {
             return Err(Refused {
+                verb: crate::preflight::WRITE,
                 device: name,
                 refusal: crate::devices::Refusal {
                     check: "identity",

@@ -79,19 +79,25 @@ fn read_trim(p: impl AsRef<Path>) -> String {
         .unwrap_or_default()
 }
 
-/// Mount points per "major:minor" from mountinfo.
-fn mounts() -> Vec<(String, String)> {
-    read_trim("/proc/self/mountinfo")
+/// The checks whose refusal does not stop a device from being read
+/// (`flash verify` of a booted card): a read-only device, partitions
+/// mounted read-only.
+pub const HARMLESS_TO_READ: [&str; 2] = ["writable", "not mounted read-only"];
+
+/// (major:minor, mount point, read-only) of every mount, from mountinfo.
+fn mounts(root: &Path) -> Vec<(String, String, bool)> {
+    read_trim(root.join("proc/self/mountinfo"))
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            Some((f.get(2)?.to_string(), f.get(4)?.to_string()))
+            let ro = f.get(5)?.split(',').any(|o| o == "ro");
+            Some((f.get(2)?.to_string(), f.get(4)?.to_string(), ro))
         })
         .collect()
 }
 
-fn swaps() -> BTreeSet<String> {
-    read_trim("/proc/swaps")
+fn swaps(root: &Path) -> BTreeSet<String> {
+    read_trim(root.join("proc/swaps"))
         .lines()
         .skip(1)
         .filter_map(|l| l.split_whitespace().next())
@@ -129,8 +135,8 @@ fn transport(sys: &Path) -> String {
 
 /// (loop device, backing file) for every attached loop device: a disk or
 /// partition backing a loop device is in use even though nothing mounts it.
-fn loop_backings() -> Vec<(String, String)> {
-    let Ok(rd) = fs::read_dir("/sys/block") else {
+fn loop_backings(root: &Path) -> Vec<(String, String)> {
+    let Ok(rd) = fs::read_dir(root.join("sys/block")) else {
         return Vec::new();
     };
     rd.filter_map(|e| e.ok())
@@ -144,20 +150,35 @@ fn loop_backings() -> Vec<(String, String)> {
 
 /// Every whole disk in /sys/block, with refusal reasons filled in.
 pub fn list() -> std::io::Result<Vec<Disk>> {
-    let mounts = mounts();
-    let swaps = swaps();
-    let backings = loop_backings();
+    list_under(Path::new("/"))
+}
+
+/// Whether a disk is a card or stick the user plugs in: marked removable,
+/// or an SD card (`device/type` SD) in a built-in reader, which the
+/// kernel marks not removable; an eMMC (type MMC) is soldered in.
+fn removable(sys: &Path) -> bool {
+    read_trim(sys.join("removable")) == "1" || read_trim(sys.join("device/type")) == "SD"
+}
+
+/// The same with /sys and /proc under `root` (a fake tree in tests).
+pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
+    let mounts = mounts(root);
+    let swaps = swaps(root);
+    let backings = loop_backings(root);
+    let block = root.join("sys/block");
     let mut disks = Vec::new();
-    let mut names: Vec<_> = fs::read_dir("/sys/block")?
+    let mut names: Vec<_> = fs::read_dir(&block)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
     for name in names {
-        let sys = Path::new("/sys/block").join(&name);
+        let sys = block.join(&name);
         let size = read_trim(sys.join("size")).parse::<u64>().unwrap_or(0) * 512;
-        if name.starts_with("loop") && size == 0 {
-            continue; // unattached loop device
+        // An unattached loop device, an empty reader, RAM (zram, ram):
+        // nothing to write an image to.
+        if size == 0 || name.starts_with("zram") || name.starts_with("ram") {
+            continue;
         }
         let mut parts = Vec::new();
         let mut devnums = vec![read_trim(sys.join("dev"))];
@@ -175,11 +196,16 @@ pub fn list() -> std::io::Result<Vec<Disk>> {
         parts.sort();
         let mut refusals = Vec::new();
         let mut system = false;
-        for (dev, mnt) in &mounts {
+        for (dev, mnt, ro) in &mounts {
             if devnums.contains(dev) {
                 if ["/", "/boot", "/nix", "/usr"].contains(&mnt.as_str()) {
                     refusals.push(refusal("system disk", format!("{mnt} is on it")));
                     system = true;
+                } else if *ro {
+                    refusals.push(refusal(
+                        "not mounted read-only",
+                        format!("mounted read-only at {mnt}"),
+                    ));
                 } else {
                     refusals.push(refusal("not mounted", format!("mounted at {mnt}")));
                 }
@@ -206,7 +232,7 @@ pub fn list() -> std::io::Result<Vec<Disk>> {
         if read_only {
             refusals.push(refusal("writable", "the device is read-only"));
         }
-        let removable = read_trim(sys.join("removable")) == "1";
+        let removable = removable(&sys);
         if !removable {
             refusals.push(refusal(
                 "removable",
@@ -237,4 +263,59 @@ fn dir_empty(p: &Path) -> bool {
     fs::read_dir(p)
         .map(|mut r| r.next().is_none())
         .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(root: &Path, name: &str, dev: &str, sectors: u64, files: &[(&str, &str)]) {
+        let d = root.join("sys/block").join(name);
+        fs::create_dir_all(d.join("device")).unwrap();
+        fs::create_dir_all(d.join("queue")).unwrap();
+        for (f, v) in [
+            ("size", sectors.to_string().as_str()),
+            ("dev", dev),
+            ("removable", "0"),
+            ("ro", "0"),
+            ("queue/logical_block_size", "512"),
+        ]
+        .iter()
+        .chain(files)
+        {
+            fs::write(d.join(f), format!("{v}\n")).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_sd_card_in_a_built_in_reader_is_removable_and_an_emmc_is_not() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        disk(r, "mmcblk0", "179:0", 1 << 21, &[("device/type", "SD")]);
+        disk(r, "mmcblk1", "179:8", 1 << 21, &[("device/type", "MMC")]);
+        disk(r, "sda", "8:0", 1 << 22, &[]);
+        disk(r, "sdb", "8:16", 1 << 22, &[("removable", "1")]);
+        disk(r, "zram0", "252:0", 0, &[]);
+        disk(r, "loop3", "7:3", 0, &[]);
+        fs::create_dir_all(r.join("proc/self")).unwrap();
+        fs::write(
+            r.join("proc/self/mountinfo"),
+            "22 1 8:0 / / rw - ext4 /dev/sda rw\n30 22 8:16 / /media/usb ro - vfat /dev/sdb ro\n",
+        )
+        .unwrap();
+        let disks = list_under(r).unwrap();
+        let names: Vec<String> = disks.iter().map(|d| d.path.display().to_string()).collect();
+        assert_eq!(
+            names,
+            ["/dev/mmcblk0", "/dev/mmcblk1", "/dev/sda", "/dev/sdb"]
+        );
+        let checks =
+            |i: usize| -> Vec<&str> { disks[i].refusals.iter().map(|r| r.check).collect() };
+        assert!(disks[0].removable);
+        assert_eq!(checks(0), Vec::<&str>::new(), "an SD card is a target");
+        assert_eq!(checks(1), ["removable"], "an eMMC is soldered in");
+        assert_eq!(checks(2), ["system disk", "removable"]);
+        assert!(disks[2].system);
+        assert_eq!(checks(3), ["not mounted read-only"]);
+    }
 }

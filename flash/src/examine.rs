@@ -1,9 +1,10 @@
 //! Everything about the source that can be checked before a byte is
 //! written: it is a disk image (a partition table, not some other format),
 //! whole (a .zst's frames end where the file does; the image reaches as
-//! far as its own table says), and its sidecars are its own (the bmap's
-//! first range matches; the layout manifest names the same size and disk
-//! id). A refusal here leaves every device untouched.
+//! far as its own table says), and its sidecars are its own (every range
+//! of the bmap matches its checksum; the layout manifest names the same
+//! size, disk id and first MiB). A refusal here leaves every device
+//! untouched.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -27,26 +28,21 @@ pub struct Examined {
     pub sector: Option<u32>,
 }
 
-/// Formats that are not raw disk images, by their magic numbers.
-fn foreign(b: &[u8]) -> Option<&'static str> {
-    let at = |o: usize, m: &[u8]| b.get(o..o + m.len()) == Some(m);
-    if at(0, b"QFI\xfb") {
-        Some("a qcow2 image: convert it first (qemu-img convert -O raw)")
-    } else if at(0, b"conectix") {
-        Some("a dynamic VHD image: convert it first (qemu-img convert -O raw)")
-    } else if at(0, b"vhdxfile") {
-        Some("a VHDX image: convert it first (qemu-img convert -O raw)")
-    } else if at(257, b"ustar") {
-        Some("a tar archive (an OCI image or other tarball), not a disk image")
-    } else if at(0, &[0x1f, 0x8b]) {
-        Some("gzip-compressed: decompress it first (flash reads raw and .zst images)")
-    } else if at(0, &[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        Some("xz-compressed: decompress it first (flash reads raw and .zst images)")
-    } else if at(0, b"BZh") {
-        Some("bzip2-compressed: decompress it first (flash reads raw and .zst images)")
-    } else {
-        None
-    }
+/// Formats that are not raw disk images flash writes (raw and zstd are).
+fn foreign(b: &[u8]) -> Option<String> {
+    use formats::sniff::Format;
+    let f = formats::sniff::sniff(b)?;
+    Some(match f {
+        Format::Zstd => return None,
+        Format::Qcow2 | Format::DynamicVhd | Format::Vhdx => {
+            format!("{}: convert it first (qemu-img convert -O raw)", f.name())
+        }
+        Format::Tar => "a tar archive (an OCI image or other tarball), not a disk image".into(),
+        Format::Gzip | Format::Xz | Format::Bzip2 => format!(
+            "{}: decompress it first (flash reads raw and .zst images)",
+            f.name()
+        ),
+    })
 }
 
 /// Run every check; `raw` allows a source without a partition table
@@ -70,7 +66,7 @@ pub fn examine(src: &Source, raw: bool) -> Result<Examined, Unfit> {
     }
     if !raw {
         if let Some(what) = foreign(head) {
-            return Err(unfit(what.into()));
+            return Err(unfit(what));
         }
     }
     let found =
@@ -96,34 +92,46 @@ pub fn examine(src: &Source, raw: bool) -> Result<Examined, Unfit> {
             src.size, found.reach, found.what
         )));
     }
-    first_range_matches(src).map_err(unfit)?;
+    ranges_match(src).map_err(unfit)?;
     manifest_matches(src, head, ss as u64).map_err(unfit)?;
     Ok(Examined { sector: Some(ss) })
 }
 
-/// A bmap of another image of the same size is caught by its first
-/// range's checksum, read before anything is written.
-fn first_range_matches(src: &Source) -> Result<(), String> {
-    let Some((bmap, _)) = &src.bmap else {
+/// Every range the bmap maps is checked against its checksum before
+/// anything is written, so a bmap (and layout manifest) left beside a
+/// rebuilt image is refused here, with every device untouched, however
+/// little of the image changed and wherever (a firmware file past the
+/// first MiB). Raw sources are checked range by range on every core; a
+/// .zst is decompressed once, in order.
+fn ranges_match(src: &Source) -> Result<(), String> {
+    if src.bmap.is_none() {
         return Ok(());
-    };
-    let Some((off, len, Some(_))) = src.ranges().first().cloned() else {
-        return Ok(());
-    };
-    let mut r = src.reader(true).map_err(|e| format!("{e:#}"))?;
-    let mut buf = vec![0u8; 4 << 20];
-    while let Some(p) = r.next_into(&mut buf).map_err(|_| {
-        format!(
-            "{} does not describe it: bytes {off}..{} differ from its first range's checksum",
-            bmap.display(),
-            off + len
-        )
-    })? {
-        if p.last {
-            break;
-        }
     }
-    Ok(())
+    let text = |e: anyhow::Error| format!("{e:#}");
+    if src.zstd {
+        let mut r = src.reader(true).map_err(text)?;
+        let mut buf = vec![0u8; 4 << 20];
+        while r.next_into(&mut buf).map_err(text)?.is_some() {}
+        return Ok(());
+    }
+    use rayon::prelude::*;
+    let reader = src.piece_reader().map_err(text)?;
+    src.ranges()
+        .par_iter()
+        .enumerate()
+        .filter(|(_, (_, _, want))| want.is_some())
+        .try_for_each(|(i, &(off, len, _))| {
+            let mut check = src.range_check(i);
+            let mut buf = vec![0u8; len.min(4 << 20) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(buf.len() as u64) as usize;
+                reader.read(&mut buf[..n], off + done).map_err(text)?;
+                check.update(&buf[..n]);
+                done += n as u64;
+            }
+            check.finish().map_err(text)
+        })
 }
 
 /// `IMAGE.layout.json`, forge's layout manifest, beside the image.

@@ -12,15 +12,27 @@ pub struct Target {
     pub disk: Disk,
 }
 
+/// What a refused device was to be used for, as the message says it.
+pub const WRITE: &str = "write to";
+pub const VERIFY: &str = "verify";
+
 #[derive(Debug, thiserror::Error)]
-#[error("refusing to write to {device}: {refusal}")]
+#[error("refusing to {verb} {device}: {refusal}")]
 pub struct Refused {
+    /// [`WRITE`] or [`VERIFY`].
+    pub verb: &'static str,
     pub device: String,
     pub refusal: Refusal,
 }
 
-fn refuse(dev: &Path, check: &'static str, detail: impl Into<String>) -> anyhow::Error {
+fn refused(
+    verb: &'static str,
+    dev: &Path,
+    check: &'static str,
+    detail: impl Into<String>,
+) -> anyhow::Error {
     Refused {
+        verb,
         device: dev.display().to_string(),
         refusal: Refusal {
             check,
@@ -30,12 +42,32 @@ fn refuse(dev: &Path, check: &'static str, detail: impl Into<String>) -> anyhow:
     .into()
 }
 
+/// Every check before writing an image of `image_size` bytes (for
+/// `image_sector`-byte sectors) to `given`.
 pub fn check(
     given: &Path,
     image_size: u64,
     image_sector: Option<u32>,
     allow_non_removable: bool,
 ) -> Result<Target> {
+    check_for(given, image_size, image_sector, allow_non_removable, WRITE)
+}
+
+/// The checks before reading `given` to compare it with an image (`flash
+/// verify`): a device that is read-only, or whose partitions are mounted
+/// read-only (a booted card), may be read.
+pub fn check_to_read(given: &Path, image_size: u64, allow_non_removable: bool) -> Result<Target> {
+    check_for(given, image_size, None, allow_non_removable, VERIFY)
+}
+
+fn check_for(
+    given: &Path,
+    image_size: u64,
+    image_sector: Option<u32>,
+    allow_non_removable: bool,
+    verb: &'static str,
+) -> Result<Target> {
+    let refuse = |dev: &Path, check, detail: String| refused(verb, dev, check, detail);
     let md = match std::fs::symlink_metadata(given) {
         Ok(m) => m,
         Err(e) => return Err(refuse(given, "exists", e.to_string())),
@@ -59,7 +91,7 @@ pub fn check(
         } else {
             "not a block device"
         };
-        return Err(refuse(shown, "block device", what));
+        return Err(refuse(shown, "block device", what.into()));
     }
     let (major, minor) = (libc::major(md.rdev()), libc::minor(md.rdev()));
     let sys = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}"))
@@ -92,6 +124,9 @@ pub fn check(
         .ok_or_else(|| refuse(shown, "whole disk", format!("{name} is not in /sys/block")))?;
     for r in &disk.refusals {
         if r.check == "removable" && allow_non_removable {
+            continue;
+        }
+        if verb == VERIFY && devices::HARMLESS_TO_READ.contains(&r.check) {
             continue;
         }
         return Err(refuse(shown, r.check, r.detail.clone()));

@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 
 use formats::bmap::{self, Bmap};
 
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
-
 pub struct Source {
     pub path: PathBuf,
     pub zstd: bool,
@@ -68,11 +66,11 @@ fn raw_size(f: &File, path: &Path) -> Result<u64> {
 impl Source {
     pub fn open(path: &Path, choice: BmapChoice) -> Result<Source> {
         let mut f = File::open(path).with_context(|| path.display().to_string())?;
-        let mut magic = [0u8; 4];
+        let mut magic = [0u8; 512];
         let n = f
             .read(&mut magic)
             .with_context(|| path.display().to_string())?;
-        let zstd = n == 4 && magic == ZSTD_MAGIC;
+        let zstd = formats::sniff::sniff(&magic[..n]) == Some(formats::sniff::Format::Zstd);
         let bmap_path = match choice {
             BmapChoice::Auto => bmap_beside(path),
             BmapChoice::File(p) => Some(p),
@@ -87,11 +85,15 @@ impl Source {
             None => None,
         };
         let size = if zstd {
-            let mut head = vec![0u8; 18];
-            let n = f.read_at(&mut head, 0)?;
-            match zstd::zstd_safe::get_frame_content_size(&head[..n]) {
-                Ok(Some(s)) => s,
-                _ => match &bmap {
+            // Every frame's declared size (pzstd writes many, after a
+            // skippable one), from the frame headers alone.
+            let len = f.metadata()?.len();
+            let declared = formats::zstd_frames::walk(&mut f, len)
+                .ok()
+                .and_then(|w| w.content_size);
+            match declared {
+                Some(s) => s,
+                None => match &bmap {
                     Some((_, b)) => b.image_size,
                     None => {
                         // No size in the frame header: count by decompressing.
@@ -206,6 +208,11 @@ impl Source {
         let (off, len, want) = self.spans[i].clone();
         RangeCheck {
             path: self.path.clone(),
+            bmap: self
+                .bmap
+                .as_ref()
+                .map(|(p, _)| p.clone())
+                .unwrap_or_default(),
             off,
             len,
             sum: RangeSum::for_sum(want.as_ref()),
@@ -271,6 +278,7 @@ impl RangeSum {
 /// Checks one range's bytes, fed in order, against its bmap checksum.
 pub struct RangeCheck {
     path: PathBuf,
+    bmap: PathBuf,
     off: u64,
     len: u64,
     sum: RangeSum,
@@ -287,10 +295,11 @@ impl RangeCheck {
         if let Some(want) = &self.want {
             if !self.sum.hex().eq_ignore_ascii_case(want) {
                 bail!(
-                    "{}: bytes {}..{} do not match the bmap's checksum (source corrupted, or the wrong bmap)",
+                    "{}: bytes {}..{} do not match the checksum in {} (the image corrupted, or the bmap left from another build or of another image)",
                     self.path.display(),
                     self.off,
-                    self.off + self.len
+                    self.off + self.len,
+                    self.bmap.display()
                 );
             }
         }

@@ -105,18 +105,33 @@ pub fn make_parents(target: &Path) -> Result<MadeDirs> {
 }
 
 impl AtomicOutput {
+    /// Created 0666 less the umask, as any other output file.
     pub fn create(target: &Path) -> Result<Self> {
+        Self::create_mode(target, 0o666)
+    }
+
+    /// For an output holding a secret (a private host key): 0600 whatever
+    /// the umask, from its creation on (never readable by others, not
+    /// even while it is written).
+    pub fn create_private(target: &Path) -> Result<Self> {
+        let out = Self::create_mode(target, 0o600)?;
+        out.file
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .with_context(|| format!("making {} private", target.display()))?;
+        Ok(out)
+    }
+
+    fn create_mode(target: &Path, mode: u32) -> Result<Self> {
         let dir = dir_of(target);
         temp_prefix(target)?;
         if target.is_dir() {
             bail!("{}: is a directory", target.display());
         }
         remove_stale(target)?;
-        // Created 0666 less the umask, as any other output file.
         let unnamed = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .mode(0o666)
+            .mode(mode)
             .custom_flags(libc::O_TMPFILE)
             .open(dir);
         let (file, named) = match unnamed {
@@ -130,7 +145,7 @@ impl AtomicOutput {
                 let t = tempfile::Builder::new()
                     .prefix(&format!("{}{}.", temp_prefix(target)?, std::process::id()))
                     .suffix(".tmp")
-                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
                     .tempfile_in(dir)
                     .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
                 let (f, p) = t.into_parts();
@@ -243,6 +258,26 @@ impl AtomicOutput {
     }
 }
 
+/// A whole run's hold on a directory (`forge vm` on a fleet): no other
+/// run commits into it, or starts working on it, until this is dropped.
+/// `waiting` is called once when another run holds it.
+pub struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+pub fn lock_for_run(dir: &Path, waiting: impl FnOnce()) -> Result<DirLock> {
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(DirLock(l)),
+        Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+            waiting();
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                .map(DirLock)
+                .map_err(|(_, e)| e)
+                .with_context(|| format!("locking {}", dir.display()))
+        }
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", dir.display())),
+    }
+}
+
 /// An exclusive lock on `dir`, held while the value lives: commits into
 /// one directory happen one at a time.
 fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
@@ -252,13 +287,9 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {
         .with_context(|| format!("locking {}", dir.display()))
 }
 
-/// Commit several outputs of one directory in order, under one hold of
-/// its lock (a concurrent run's commits cannot interleave with them).
-pub fn commit_all(outputs: Vec<AtomicOutput>) -> Result<()> {
-    let Some(first) = outputs.first() else {
-        return Ok(());
-    };
-    let _lock = lock_dir(&first.dir)?;
+/// Commit several outputs of one directory in order, under the run's
+/// hold of its lock (a concurrent run's commits cannot interleave).
+pub fn commit_all(outputs: Vec<AtomicOutput>, _held: &DirLock) -> Result<()> {
     for o in outputs {
         o.commit_locked()?;
     }

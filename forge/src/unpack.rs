@@ -1,6 +1,8 @@
 //! Any image as its raw bytes, for reading it back: a raw image or block
 //! device as it is, a fixed VHD without its footer, and a zstd, qcow2 or
 //! dynamic VHD image unpacked into an unnamed sparse temporary file.
+//! Other containers and compressors (`formats::sniff`) are named, never
+//! read as a raw image.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -16,11 +18,17 @@ pub fn open(path: &Path) -> io::Result<(File, u64)> {
     let mut head = [0u8; 512];
     let n = f.read_at(&mut head, 0)?;
     let head = &head[..n];
-    if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
-        return zstd(f);
-    }
-    if head.starts_with(b"QFI\xfb") {
-        return qcow(&f);
+    use formats::sniff::Format;
+    match formats::sniff::sniff(head) {
+        Some(Format::Zstd) => return zstd(f),
+        Some(Format::Qcow2) => return qcow(&f),
+        Some(Format::DynamicVhd) | None => {}
+        Some(other) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}, not a disk image forge reads (raw, .zst, .qcow2, .vhd): decompress or convert it first", other.name()),
+            ))
+        }
     }
     if let Some(foot) = vhd::parse_footer(head) {
         return dynamic_vhd(&f, foot);
@@ -87,24 +95,46 @@ fn qcow(f: &File) -> io::Result<(File, u64)> {
     sparse(q.size, |out| {
         let mut buf = vec![0u8; qcow2::CLUSTER as usize];
         for i in 0..q.size.div_ceil(qcow2::CLUSTER) {
-            let at = i * qcow2::CLUSTER;
-            let n = (q.size - at).min(qcow2::CLUSTER) as usize;
-            match q.entry(i, &mut r)? {
-                qcow2::Entry::Data(h) => {
-                    f.read_exact_at(&mut buf[..n], h * qcow2::CLUSTER)?;
-                    out.write_all_at(&buf[..n], at)?;
-                }
-                qcow2::Entry::Compressed { offset, len } => {
-                    let mut z = vec![0u8; len as usize];
-                    let got = f.read_at(&mut z, offset)?;
-                    inflate(&z[..got], &mut buf)?;
-                    out.write_all_at(&buf[..n], at)?;
-                }
-                _ => {}
+            if let Some(n) = qcow_cluster(f, &q, i, &mut buf)? {
+                out.write_all_at(&buf[..n], i * qcow2::CLUSTER)?;
             }
         }
         Ok(())
     })
+}
+
+/// Guest cluster `i` of a flat qcow2 image into `buf`: how many of its
+/// bytes are in the image, or None when it holds only zeros.
+fn qcow_cluster(f: &File, q: &qcow2::Reader, i: u64, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let at = i * qcow2::CLUSTER;
+    let n = (q.size - at).min(qcow2::CLUSTER) as usize;
+    match q.entry(i, &mut read_at(f))? {
+        qcow2::Entry::Data(h) => f.read_exact_at(&mut buf[..n], h * qcow2::CLUSTER)?,
+        qcow2::Entry::Compressed { offset, len } => {
+            let mut z = vec![0u8; len as usize];
+            let got = f.read_at(&mut z, offset)?;
+            inflate(&z[..got], buf)?;
+        }
+        _ => return Ok(None),
+    }
+    Ok(Some(n))
+}
+
+/// The first `len` guest bytes of a flat qcow2 image (fewer when the
+/// image is smaller), and its virtual size; nothing else is read.
+pub fn qcow_head(f: &File, len: u64) -> io::Result<(Vec<u8>, u64)> {
+    let q = qcow2::Reader::open(&mut read_at(f))?;
+    let len = len.min(q.size);
+    let mut head = vec![0u8; len as usize];
+    let mut buf = vec![0u8; qcow2::CLUSTER as usize];
+    for i in 0..len.div_ceil(qcow2::CLUSTER) {
+        if let Some(n) = qcow_cluster(f, &q, i, &mut buf)? {
+            let at = (i * qcow2::CLUSTER) as usize;
+            let n = n.min(head.len() - at);
+            head[at..at + n].copy_from_slice(&buf[..n]);
+        }
+    }
+    Ok((head, q.size))
 }
 
 /// A compressed cluster (raw deflate, QEMU's 4 KiB window) into `out`.

@@ -191,6 +191,7 @@ fn unconfirmed(devices: &[PathBuf], detail: &str) -> anyhow::Error {
         .collect::<Vec<_>>()
         .join(", ");
     Refused {
+        verb: flash::preflight::WRITE,
         device,
         refusal: flash::devices::Refusal {
             check: "confirmed",
@@ -212,7 +213,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             except_state,
         }) => {
             let src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
-            let t = preflight::check(&device, src.size, None, allow_non_removable)?;
+            let t = preflight::check_to_read(&device, src.size, allow_non_removable)?;
             let dev = Box::new(Device::open(&t, false)?);
             let own = if except_state {
                 let m = flash::personal::manifest(&image)?;
@@ -230,7 +231,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None
             };
             let state = own.as_ref().map(|p| p.state_size);
-            let n = write::verify_only(&src, dev, own, &Bars::new(false))?;
+            let n = write::verify_only(&src, dev, own, &Bars::new(false)).map_err(|mut e| {
+                // A provisioned or booted card differs in its state
+                // partition (and, --fill'ed, its table) by design.
+                let has_state = flash::personal::manifest(&image).is_ok_and(|m| m.state.is_some());
+                if let (Some(m), false, true) =
+                    (e.downcast_mut::<Mismatch>(), except_state, has_state)
+                {
+                    m.wiped = " (a card flashed with --identity or --fill, or booted, differs in its state partition: compare the rest with --except-state)";
+                }
+                e
+            })?;
             let except = match state {
                 Some(s) => format!(" except its state partition ({s} bytes, the device's own)"),
                 None => String::new(),
@@ -280,6 +291,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
         let t = preflight::check(d, src.size, sector, a.allow_non_removable)?;
         if let Some(same) = targets.iter().find(|o| o.disk.devnum == t.disk.devnum) {
             return Err(Refused {
+                verb: flash::preflight::WRITE,
                 device: d.display().to_string(),
                 refusal: flash::devices::Refusal {
                     check: "distinct",
@@ -296,8 +308,9 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     }
     // Each device's identity and own bytes, planned before anything is
     // opened for writing; shown with the confirmation.
-    let dirs = provision::assign(&a.prov, &targets).map_err(|e| {
+    let (dirs, notes) = provision::assign(&a.prov, &targets).map_err(|e| {
         anyhow::Error::from(Refused {
+            verb: flash::preflight::WRITE,
             device: a
                 .devices
                 .iter()
@@ -320,8 +333,13 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
         .zip(&dirs)
         .zip(&personals)
         .zip(&probing)
-        .map(|(((t, d), p), &pr)| provision::mapping(t, d.as_deref(), p.as_ref(), pr))
+        .map(|(((t, d), p), &pr)| provision::mapping(&a.prov, t, d.as_deref(), p.as_ref(), pr))
         .collect();
+    if !a.quiet {
+        for n in &notes {
+            eprintln!("flash: {n}");
+        }
+    }
     if a.prov.wanted() && a.yes && !a.quiet && !a.json {
         for l in &lines {
             eprintln!("{l}");
@@ -358,6 +376,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     for ((o, t), &pr) in opened.iter().zip(&targets).zip(&probing) {
         if let (Ok(dev), true) = (o, pr) {
             flash::probe::probe(&**dev, nonce).map_err(|e| Refused {
+                verb: flash::preflight::WRITE,
                 device: t.given.display().to_string(),
                 refusal: flash::devices::Refusal {
                     check: "real capacity",

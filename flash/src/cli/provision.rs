@@ -14,11 +14,13 @@ use flash::preflight::{Refused, Target};
 pub struct ProvisionArgs {
     /// An identity directory (its files go to /var/identity on the state
     /// partition): DIR for the one device, or DEV=DIR per device (DEV a
-    /// path such as /dev/disk/by-id/…, or a serial number); repeatable.
+    /// path such as /dev/disk/by-id/…, or a serial number; DEV=none for a
+    /// device that gets none while others do); repeatable.
     #[arg(long, value_name = "[DEV=]DIR")]
     pub identity: Vec<String>,
     /// A directory holding one identity directory per device, assigned in
-    /// name order to the devices in the order given.
+    /// name order to the devices in the order given (hidden entries such
+    /// as .git are skipped, and said so).
     #[arg(long, value_name = "DIR")]
     pub identities: Option<PathBuf>,
     /// Give one --identity DIR to several devices on purpose.
@@ -56,6 +58,7 @@ impl ProvisionArgs {
 
 fn refused(device: &Path, check: &'static str, detail: String) -> anyhow::Error {
     Refused {
+        verb: flash::preflight::WRITE,
         device: device.display().to_string(),
         refusal: Refusal { check, detail },
     }
@@ -71,9 +74,15 @@ fn matches(t: &Target, dev: &str) -> bool {
     p == t.given || p == t.disk.path || std::fs::canonicalize(p).is_ok_and(|c| c == t.disk.path)
 }
 
-/// The identity directory of each device (in the devices' order).
-pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBuf>>> {
+/// The identity directory of each device (in the devices' order), and
+/// notes for the mapping (hidden entries of --identities skipped).
+pub fn assign(
+    a: &ProvisionArgs,
+    targets: &[Target],
+) -> Result<(Vec<Option<PathBuf>>, Vec<String>)> {
     let mut out: Vec<Option<PathBuf>> = vec![None; targets.len()];
+    let mut none = vec![false; targets.len()];
+    let mut notes = Vec::new();
     let mut plain = Vec::new();
     for spec in &a.identity {
         match spec.split_once('=') {
@@ -81,28 +90,43 @@ pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBu
                 let Some(i) = targets.iter().position(|t| matches(t, dev)) else {
                     bail!("--identity {spec}: {dev} is none of the devices given (a path or a serial)");
                 };
-                if out[i].is_some() {
+                if out[i].is_some() || none[i] {
                     bail!(
                         "--identity {spec}: {} already has an identity",
                         targets[i].given.display()
                     );
                 }
-                out[i] = Some(PathBuf::from(dir));
+                if dir == "none" {
+                    none[i] = true;
+                } else {
+                    out[i] = Some(PathBuf::from(dir));
+                }
             }
             None => plain.push(PathBuf::from(spec)),
         }
     }
-    let free: Vec<usize> = (0..targets.len()).filter(|&i| out[i].is_none()).collect();
+    let free: Vec<usize> = (0..targets.len())
+        .filter(|&i| out[i].is_none() && !none[i])
+        .collect();
     if let Some(dir) = &a.identities {
-        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| anyhow::anyhow!("--identities {}: {e}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        subs.sort();
+        let (subs, hidden) = identity_dirs(dir)?;
+        if !hidden.is_empty() {
+            notes.push(format!(
+                "--identities {}: skipped hidden {}",
+                dir.display(),
+                hidden.join(", ")
+            ));
+        }
         if subs.len() != free.len() {
+            let extra = subs
+                .get(free.len()..)
+                .map(|x| {
+                    let names: Vec<String> = x.iter().map(|p| name_of(p)).collect();
+                    format!(" (left over: {})", names.join(", "))
+                })
+                .unwrap_or_default();
             bail!(
-                "--identities {}: {} identities for {} devices; one each (or DEV=DIR for those that get one)",
+                "--identities {}: {} identities for {} devices{extra}; one each (or DEV=DIR for those that get one)",
                 dir.display(),
                 subs.len(),
                 free.len()
@@ -119,7 +143,7 @@ pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBu
                 free.len()
             );
         }
-        for i in free {
+        for &i in &free {
             out[i] = Some(one.clone());
         }
     } else if plain.len() > 1 {
@@ -127,18 +151,80 @@ pub fn assign(a: &ProvisionArgs, targets: &[Target]) -> Result<Vec<Option<PathBu
             "--identity given {} times without DEV=; name the device of each (DEV=DIR)",
             plain.len()
         );
+    } else if out.iter().any(Option::is_some) {
+        if let Some(&i) = free.first() {
+            bail!(
+                "{} has no identity while others do: give --identity {}=DIR, or {}=none on purpose",
+                targets[i].given.display(),
+                targets[i].given.display(),
+                targets[i].given.display()
+            );
+        }
     }
-    for d in out.iter().flatten() {
+    distinct(&out, targets, a.same_identity)?;
+    if a.hostname.is_some() && targets.len() > 1 {
+        bail!("--hostname names one machine; for several devices put a hostname file in each identity");
+    }
+    Ok((out, notes))
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The identity directories in `dir`, in name order, and the hidden
+/// entries (`.git`…) left out.
+fn identity_dirs(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let mut subs = Vec::new();
+    let mut hidden = Vec::new();
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("--identities {}: {e}", dir.display()))?;
+    for e in entries {
+        let e = e.map_err(|e| anyhow::anyhow!("--identities {}: {e}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !e.path().is_dir() {
+            continue;
+        }
+        if name.starts_with('.') {
+            hidden.push(name);
+        } else {
+            subs.push(e.path());
+        }
+    }
+    subs.sort();
+    hidden.sort();
+    Ok((subs, hidden))
+}
+
+/// Every identity is a directory, and no directory reaches two devices
+/// (by another path or a symlink) unless --same-identity says so.
+fn distinct(out: &[Option<PathBuf>], targets: &[Target], same: bool) -> Result<()> {
+    let mut seen: Vec<(PathBuf, usize)> = Vec::new();
+    for (i, d) in out.iter().enumerate() {
+        let Some(d) = d else { continue };
         match std::fs::metadata(d) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => bail!("identity {}: not a directory", d.display()),
             Err(e) => bail!("identity {}: {e}", d.display()),
         }
+        let real = std::fs::canonicalize(d)
+            .map_err(|e| anyhow::anyhow!("identity {}: {e}", d.display()))?;
+        if let Some((_, j)) = seen.iter().find(|(r, _)| *r == real) {
+            if !same {
+                bail!(
+                    "identity {} reaches both {} and {} (both are {}): each device needs its own, or pass --same-identity on purpose",
+                    d.display(),
+                    targets[*j].given.display(),
+                    targets[i].given.display(),
+                    real.display()
+                );
+            }
+        }
+        seen.push((real, i));
     }
-    if a.hostname.is_some() && targets.len() > 1 {
-        bail!("--hostname names one machine; for several devices put a hostname file in each identity");
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// Each device's own bytes, planned for its size (nothing is written).
@@ -188,10 +274,20 @@ pub fn probes(a: &ProvisionArgs, t: &Target) -> bool {
 }
 
 /// The line shown (and confirmed) per device.
-pub fn mapping(t: &Target, dir: Option<&Path>, p: Option<&Personal>, probe: bool) -> String {
+pub fn mapping(
+    a: &ProvisionArgs,
+    t: &Target,
+    dir: Option<&Path>,
+    p: Option<&Personal>,
+    probe: bool,
+) -> String {
     let mut s = t.disk.describe();
-    if let Some(d) = dir {
-        s.push_str(&format!("\n    identity: {}", d.display()));
+    match dir {
+        Some(d) => s.push_str(&format!("\n    identity: {}", d.display())),
+        None if !a.identity.is_empty() || a.identities.is_some() => {
+            s.push_str("\n    identity: none")
+        }
+        None => {}
     }
     if let Some(p) = p {
         s.push_str(&format!("\n    state partition: {} bytes", p.state_size));

@@ -86,9 +86,12 @@ fn zero_ends(sink: &dyn BlockDevice) -> Result<()> {
         .with_context(|| format!("syncing {}", sink.name()))
 }
 
-/// Best effort, after a failure: nothing bootable and no table is left.
+/// Best effort, after a failure: nothing bootable and no table is left,
+/// and the kernel drops the old partitions' nodes (no `flash list` or
+/// automounter still sees them).
 pub(super) fn wipe(sink: &dyn BlockDevice) {
     let _ = zero_ends(sink);
+    sink.announce();
 }
 
 /// Write `bytes` (whole sectors) at `at`, except the sectors of `held`,

@@ -21,6 +21,7 @@ pub struct Mismatch {
     pub offset: u64,
     pub got: String,
     pub want: String,
+    /// What else to say: that the tables were wiped, or a hint.
     pub wiped: &'static str,
 }
 

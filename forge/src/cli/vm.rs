@@ -23,14 +23,15 @@ pub struct VmArgs {
     /// One sub-directory per VM, named after it: several VMs in one call.
     #[arg(long, value_name = "DIR")]
     identities: Option<PathBuf>,
-    /// Size of each new /var disk (an existing one is never touched).
-    #[arg(long, default_value = "1G")]
-    var_size: String,
-    /// Memory of the libvirt domain.
-    #[arg(long, default_value = "1G")]
-    memory: String,
-    /// vCPUs of the libvirt domain.
-    #[arg(long, default_value_t = 2)]
+    /// Size of each new /var disk (an existing one is never touched), 16M
+    /// to 16T.
+    #[arg(long, default_value = "1G", value_parser = var_size)]
+    var_size: u64,
+    /// Memory of the libvirt domain (at least 1M; whole MiB).
+    #[arg(long, default_value = "1G", value_parser = memory)]
+    memory: u64,
+    /// vCPUs of the libvirt domain (1 to 4096).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=4096))]
     vcpus: u32,
     /// A libvirt network to attach (e.g. `default`); none by default.
     #[arg(long, value_name = "NAME")]
@@ -42,8 +43,9 @@ pub struct VmArgs {
     /// --upgrade (its fingerprint is reported).
     #[arg(long)]
     generate_host_keys: bool,
-    /// Move existing VMs onto --base: new boot overlay and identity disk; the
-    /// /var disk is kept. Refused while QEMU holds the VM's disks.
+    /// Move existing VMs onto --base: a new boot overlay; the /var disk is
+    /// kept, and so are the identity disk's files unless --identity or
+    /// --identities gives new ones. Refused while QEMU holds the VM's disks.
     #[arg(long)]
     upgrade: bool,
     /// Replace existing boot overlays, identity disks and domains (never a
@@ -64,8 +66,59 @@ pub struct VmArgs {
     json: bool,
 }
 
+fn var_size(s: &str) -> Result<u64, String> {
+    let n = super::size_arg(s)?;
+    if !(16 << 20..=16 << 40).contains(&n) {
+        return Err(format!("{s:?}: a /var disk is 16M to 16T"));
+    }
+    Ok(n)
+}
+
+fn memory(s: &str) -> Result<u64, String> {
+    let n = super::size_arg(s)?;
+    if n < 1 << 20 || n % (1 << 20) != 0 {
+        return Err(format!("{s:?}: whole MiB, at least 1M"));
+    }
+    Ok(n >> 20)
+}
+
+/// The VMs of `--identities DIR`: one per directory in it, by name; a
+/// hidden one (`.git`…) is no machine, and is said to be skipped.
+fn machines_in(d: &std::path::Path, stages: &super::Stages) -> Result<Vec<Machine>> {
+    let mut v = Vec::new();
+    let mut hidden = Vec::new();
+    for e in std::fs::read_dir(d).with_context(|| format!("--identities {}", d.display()))? {
+        let e = e.with_context(|| format!("--identities {}", d.display()))?;
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            hidden.push(name);
+        } else {
+            v.push(Machine {
+                name,
+                identity: Some(e.path()),
+            });
+        }
+    }
+    if !hidden.is_empty() {
+        hidden.sort();
+        forge::Progress::stage(
+            stages,
+            &format!(
+                "--identities {}: skipped hidden {}",
+                d.display(),
+                hidden.join(", ")
+            ),
+        );
+    }
+    v.sort_by(|x, y| x.name.cmp(&y.name));
+    Ok(v)
+}
+
 pub fn run(a: VmArgs) -> Result<()> {
-    let bytes = |s: &str, what: &str| super::parse_bytes(s).with_context(|| format!("{what} {s}"));
+    let stages = super::Stages::new();
     let machines = match (&a.name, &a.identities) {
         (Some(_), Some(d)) => bail!("give a NAME or --identities {}, not both", d.display()),
         (None, None) => bail!("give the VM's NAME, or --identities DIR (one directory per VM)"),
@@ -73,29 +126,14 @@ pub fn run(a: VmArgs) -> Result<()> {
             name: n.clone(),
             identity: a.identity.clone(),
         }],
-        (None, Some(d)) => {
-            let mut v = Vec::new();
-            for e in
-                std::fs::read_dir(d).with_context(|| format!("--identities {}", d.display()))?
-            {
-                let e = e.with_context(|| format!("--identities {}", d.display()))?;
-                if e.file_type()?.is_dir() {
-                    v.push(Machine {
-                        name: e.file_name().to_string_lossy().into_owned(),
-                        identity: Some(e.path()),
-                    });
-                }
-            }
-            v.sort_by(|x, y| x.name.cmp(&y.name));
-            v
-        }
+        (None, Some(d)) => machines_in(d, &stages)?,
     };
     let opts = vm::Options {
         base: a.base,
         out: a.output,
         machines,
-        var_size: bytes(&a.var_size, "--var-size")?,
-        memory_mib: bytes(&a.memory, "--memory")? >> 20,
+        var_size: a.var_size,
+        memory_mib: a.memory,
         vcpus: a.vcpus,
         network: a.network,
         hostname: a.hostname,
@@ -107,7 +145,7 @@ pub fn run(a: VmArgs) -> Result<()> {
         loader: a.loader,
         nvram: a.nvram,
     };
-    let r = vm::build(&opts, &super::Stages::new())?;
+    let r = vm::build(&opts, &stages)?;
     if a.json {
         crate::out!("{}", serde_json::to_string_pretty(&r)?)?;
     } else {

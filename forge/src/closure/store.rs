@@ -36,6 +36,44 @@ impl Store {
         self.root.join(logical.trim_start_matches('/'))
     }
 
+    /// Where the logical path `logical` leads, as a physical path: every
+    /// symlink on the way followed inside this store's root (an absolute
+    /// target is a logical path), so the answer is the same whether the
+    /// store lies at `/` or under `--root`. None when it leads nowhere.
+    pub fn follow(&self, logical: &str) -> Option<PathBuf> {
+        let mut todo: Vec<String> = logical.split('/').rev().map(String::from).collect();
+        let mut at = PathBuf::from("/");
+        let mut hops = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_str() {
+                "" | "." => continue,
+                ".." => {
+                    at.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            let next = at.join(&c);
+            let phys = self.physical(next.to_str()?);
+            let md = std::fs::symlink_metadata(&phys).ok()?;
+            if !md.file_type().is_symlink() {
+                at = next;
+                continue;
+            }
+            hops += 1;
+            if hops > 40 {
+                return None;
+            }
+            let target = std::fs::read_link(&phys).ok()?;
+            if target.is_absolute() {
+                at = PathBuf::from("/");
+            }
+            let t = target.to_str()?.to_string();
+            todo.extend(t.split('/').rev().map(String::from));
+        }
+        Some(self.physical(at.to_str()?))
+    }
+
     pub fn store_dir_physical(&self) -> PathBuf {
         self.physical(STORE_DIR)
     }
@@ -137,6 +175,25 @@ pub fn base_name(path: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_are_followed_inside_the_root_not_through_the_hosts_nix() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path());
+        let s = d.path().join("nix/store");
+        std::fs::create_dir_all(s.join("b-path/bin")).unwrap();
+        std::fs::create_dir_all(s.join("a-sys")).unwrap();
+        std::os::unix::fs::symlink("/nix/store/b-path", s.join("a-sys/sw")).unwrap();
+        std::os::unix::fs::symlink("../a-sys/sw/bin", s.join("a-sys/rel")).unwrap();
+        std::os::unix::fs::symlink("loop", s.join("a-sys/loop")).unwrap();
+        let bin = s.join("b-path/bin");
+        assert_eq!(store.follow("/nix/store/a-sys/sw/bin"), Some(bin.clone()));
+        assert_eq!(store.follow("/nix/store/a-sys/rel"), Some(bin));
+        assert_eq!(store.follow("/nix/store/a-sys/missing"), None);
+        assert_eq!(store.follow("/nix/store/a-sys/loop"), None);
+        // The host's own /nix is never reached: the plain join misses.
+        assert!(!store.physical("/nix/store/a-sys/sw/bin").is_dir());
+    }
 
     #[test]
     fn store_path_parsing() {

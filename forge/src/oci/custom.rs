@@ -38,6 +38,10 @@ pub fn parse_user(s: &str) -> Result<User> {
     if f.next().is_some() {
         return Err(bad());
     }
+    // (uid_t)-1 means "no change" to chown and setuid: never an id.
+    if uid == u32::MAX || gid == u32::MAX {
+        bail!("--add-user {s:?}: 4294967295 is not a valid user or group id");
+    }
     Ok(User {
         name: name.into(),
         uid,
@@ -95,6 +99,34 @@ pub struct Made {
     pub links: Vec<(String, String)>,
 }
 
+/// `/etc/passwd` and `/etc/group` of `users`. A gid names one group: the
+/// first user with it (root, nobody, then the added ones in order) names
+/// it, and later ones join it.
+fn accounts(users: &[User], shell: &str) -> (String, String) {
+    let mut passwd = String::new();
+    let mut group = String::new();
+    for (i, u) in users.iter().enumerate() {
+        let home = match u.uid {
+            0 => "/root".to_string(),
+            NOBODY => "/var/empty".to_string(),
+            _ => format!("/home/{}", u.name),
+        };
+        let sh = if u.uid == NOBODY {
+            "/sbin/nologin"
+        } else {
+            shell
+        };
+        passwd.push_str(&format!(
+            "{}:x:{}:{}:{}:{home}:{sh}\n",
+            u.name, u.uid, u.gid, u.name
+        ));
+        if !users[..i].iter().any(|o| o.gid == u.gid) {
+            group.push_str(&format!("{}:x:{}:\n", u.name, u.gid));
+        }
+    }
+    (passwd, group)
+}
+
 pub fn layer(store: &Store, c: &Paths, users: &[User], epoch: u32) -> Result<Made> {
     let mut t = Tree::new(0o755);
     let mut links = Vec::new();
@@ -119,26 +151,8 @@ pub fn layer(store: &Store, c: &Paths, users: &[User], epoch: u32) -> Result<Mad
     } else {
         "/sbin/nologin"
     };
-    let mut passwd = String::new();
-    let mut group = String::new();
+    let (passwd, group) = accounts(users, shell);
     for u in users {
-        let home = match u.uid {
-            0 => "/root".to_string(),
-            NOBODY => "/var/empty".to_string(),
-            _ => format!("/home/{}", u.name),
-        };
-        let sh = if u.uid == NOBODY {
-            "/sbin/nologin"
-        } else {
-            shell
-        };
-        passwd.push_str(&format!(
-            "{}:x:{}:{}:{}:{home}:{sh}\n",
-            u.name, u.uid, u.gid, u.name
-        ));
-        if !users.iter().any(|o| o.gid == u.gid && o.uid < u.uid) {
-            group.push_str(&format!("{}:x:{}:\n", u.name, u.gid));
-        }
         if u.uid != 0 && u.uid != NOBODY {
             let h = t.mkdir_p(b"/home", 0o755)?;
             t.insert(h, u.name.as_bytes(), dir_node(0o700, u.uid, u.gid))?;
@@ -169,6 +183,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_added_user_joins_an_existing_group_of_its_gid() {
+        let all = users(&[
+            parse_user("app:1000:65534").unwrap(),
+            parse_user("ops:1001:0").unwrap(),
+            parse_user("web:1002").unwrap(),
+        ])
+        .unwrap();
+        let (passwd, group) = accounts(&all, "/bin/sh");
+        assert_eq!(group, "root:x:0:\nnobody:x:65534:\nweb:x:1002:\n");
+        assert!(
+            passwd.contains("app:x:1000:65534:app:/home/app:/bin/sh\n"),
+            "{passwd}"
+        );
+    }
+
+    #[test]
     fn users_parse_and_clashes_are_named() {
         assert_eq!(
             parse_user("app:1000").unwrap(),
@@ -179,7 +209,17 @@ mod tests {
             }
         );
         assert_eq!(parse_user("app:1000:100").unwrap().gid, 100);
-        for bad in ["", "app", "app:x", "App:1", "1a:1", "a:1:2:3", "a:-1"] {
+        for bad in [
+            "",
+            "app",
+            "app:x",
+            "App:1",
+            "1a:1",
+            "a:1:2:3",
+            "a:-1",
+            "a:4294967295",
+            "a:1:4294967295",
+        ] {
             assert!(parse_user(bad).is_err(), "{bad}");
         }
         let e = users(&[parse_user("toor:0").unwrap()])

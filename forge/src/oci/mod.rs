@@ -372,7 +372,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         let mut path: Vec<String> = ["bin", "sw/bin"]
             .iter()
             .map(|s| format!("{}/{s}", c.top))
-            .filter(|l| store.physical(l).is_dir())
+            .filter(|l| store.follow(l).is_some_and(|p| p.is_dir()))
             .collect();
         path.extend(["/bin".into(), "/usr/bin".into()]);
         run.env.insert(0, format!("PATH={}", path.join(":")));

@@ -2,16 +2,21 @@
 //! boot overlay backed by the base, a /var disk (qcow2, ext4 labelled
 //! `state`, created once, never rewritten), a small read-only identity
 //! disk (a sparse raw image, ext4 labelled `identity`, mounted at
-//! /var/identity; regenerated on every upgrade) and a libvirt domain
+//! /var/identity; 0600 when it holds a private key; rewritten on every
+//! upgrade, its files kept unless a new identity is given) and a libvirt domain
 //! (`domain.rs`). Filesystems come from our ext4 writer, so zero ranges
 //! (the journal) are zero clusters or holes and a fresh VM's files take
 //! about 230 KiB on the host.
 //!
 //! All outputs of a call are written unnamed and committed together at
-//! the end, so a failure leaves nothing; an upgrade refuses disks that a
-//! running QEMU holds (its image locks).
+//! the end, so a failure leaves nothing; the fleet directory is locked
+//! for the whole run; an upgrade refuses disks that a running QEMU holds
+//! (its image locks). A base with a state partition of its own is
+//! refused: the guest would mount it as /var, and its writes would land
+//! in the boot overlay that an upgrade replaces.
 
 pub mod domain;
+mod identity;
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -24,7 +29,7 @@ use crate::output::AtomicOutput;
 use crate::Progress;
 use domain::{Disk, Domain};
 use formats::ext4::{self, Size, Slack};
-use formats::identity::{self, Generate, HostKey, MachineId};
+use formats::identity::HostKey;
 use formats::tree::Tree;
 
 pub struct Machine {
@@ -110,17 +115,39 @@ fn check_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The base's virtual size: a flat qcow2 image.
+/// The base's virtual size: a flat qcow2 image, whose table holds no
+/// state partition of its own (the guest would mount that as /var, and
+/// its writes would go into the boot overlay an upgrade replaces).
 fn base_size(base: &Path) -> Result<u64> {
     let f = File::open(base).with_context(|| format!("--base {}", base.display()))?;
-    let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
-        let mut b = vec![0u8; n];
-        f.read_exact_at(&mut b, o)?;
-        Ok(b)
-    };
-    let r = formats::qcow2::Reader::open(&mut read)
+    let (head, size) = crate::unpack::qcow_head(&f, 1 << 20)
         .map_err(|e| anyhow::anyhow!("--base {}: not a flat qcow2 image ({e})", base.display()))?;
-    Ok(r.size)
+    for ss in [512u64, 4096] {
+        let mut read = |o: u64, n: usize| -> std::io::Result<Vec<u8>> {
+            o.checked_add(n as u64)
+                .and_then(|e| head.get(o as usize..usize::try_from(e).ok()?))
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| std::io::Error::other("past the first MiB"))
+        };
+        let Ok(Some(gpt)) = formats::gpt::Gpt::parse(&mut read, ss, size) else {
+            continue;
+        };
+        let var = formats::seed::parse_uuid(formats::gpt::types::VAR).expect("a GUID");
+        if let Some((i, p)) = gpt
+            .partitions
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.type_guid == var)
+        {
+            bail!(
+                "--base {}: partition {} ({:?}) is a state partition; a VM's /var is its own disk, so its base must have none (forge image --state-size none)",
+                base.display(),
+                i + 1,
+                p.name
+            );
+        }
+    }
+    Ok(size)
 }
 
 /// `to` relative to the directory `from` (both absolute).
@@ -158,25 +185,22 @@ fn locked(path: &Path) -> Result<bool> {
     Ok(l.l_type != libc::F_UNLCK as i16)
 }
 
-/// The host key pair inside an existing identity disk, if any.
-fn old_host_key(disk: &Path) -> Option<(Vec<u8>, String)> {
-    let (f, _) = crate::unpack::open(disk).ok()?;
-    let fs = ext4_view::Ext4::load(Box::new(crate::inspect::Region { f, off: 0 })).ok()?;
-    let private = fs.read("/ssh_host_ed25519_key").ok()?;
-    let public = String::from_utf8(fs.read("/ssh_host_ed25519_key.pub").ok()?).ok()?;
-    Some((private, public))
-}
-
 /// An ext4 filesystem of `tree` into an output in container `kind`.
+/// A disk holding a secret (a private host key) is made 0600.
 fn ext4_disk(
     path: &Path,
     kind: Kind,
     tree: &Tree,
     opts: &ext4::Options,
     s: &Settings,
+    private: bool,
 ) -> Result<AtomicOutput> {
     let plan = ext4::plan(tree, opts).with_context(|| format!("planning {}", path.display()))?;
-    let mut out = AtomicOutput::create(path)?;
+    let mut out = if private {
+        AtomicOutput::create_private(path)?
+    } else {
+        AtomicOutput::create(path)?
+    };
     out.write_image_as(kind, s, plan.size_bytes(), plan.mapped(), |w| {
         plan.write(w, 0)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -185,36 +209,10 @@ fn ext4_disk(
     Ok(out)
 }
 
-fn text_of(tree: &Tree, name: &[u8]) -> Option<String> {
-    use formats::tree::{Content, Kind as K, ROOT};
-    let K::Dir { children } = &tree.nodes[ROOT].kind else {
-        return None;
-    };
-    match &tree.nodes[*children.get(name)?].kind {
-        K::File {
-            content: Content::Bytes(b),
-            ..
-        } => Some(String::from_utf8_lossy(b).trim().to_string()),
-        K::File {
-            content: Content::Host { path, .. },
-            ..
-        } => std::fs::read_to_string(path)
-            .ok()
-            .map(|s| s.trim().to_string()),
-        _ => None,
-    }
-}
-
-/// Make (or upgrade) every machine; all outputs appear together or none.
-pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
-    let base =
-        std::fs::canonicalize(&o.base).with_context(|| format!("--base {}", o.base.display()))?;
-    let size = base_size(&base)?;
-    let out_dir =
-        std::fs::canonicalize(&o.out).with_context(|| format!("-o {}", o.out.display()))?;
-    if !out_dir.is_dir() {
-        bail!("-o {}: not a directory", o.out.display());
-    }
+/// Every machine's name and files checked before anything is made: a
+/// valid name, named once; files there only with --upgrade or --force,
+/// and with --upgrade, there; none held by a running QEMU.
+fn check_machines(o: &Options, out_dir: &Path) -> Result<()> {
     if o.machines.is_empty() {
         bail!("no VM named: give NAME, or --identities DIR with one directory per VM");
     }
@@ -224,14 +222,23 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         if !seen.insert(&m.name) {
             bail!("VM {} is named twice", m.name);
         }
-        let p = paths(&out_dir, &m.name);
+        let p = paths(out_dir, &m.name);
         let exists = [&p.boot, &p.identity, &p.xml, &p.var]
             .into_iter()
             .find(|f| f.exists());
-        if let Some(f) = exists {
-            if !o.upgrade && !o.force {
-                bail!("{}: exists; pass --upgrade to move VM {} onto a new base (its /var kept), or --force", f.display(), m.name);
-            }
+        match exists {
+            Some(f) if !o.upgrade && !o.force => bail!(
+                "{}: exists; pass --upgrade to move VM {} onto a new base (its /var kept), or --force",
+                f.display(),
+                m.name
+            ),
+            None if o.upgrade => bail!(
+                "VM {}: nothing to upgrade (no {} in {}); leave out --upgrade to make it",
+                m.name,
+                p.boot.file_name().unwrap_or_default().to_string_lossy(),
+                out_dir.display()
+            ),
+            _ => {}
         }
         for f in [&p.boot, &p.var, &p.identity] {
             if locked(f)? {
@@ -243,41 +250,85 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             }
         }
     }
+    Ok(())
+}
+
+/// Make (or upgrade) every machine; all outputs appear together or none.
+/// The fleet directory is held for the whole run: a second run into it
+/// waits, then sees what this one made.
+pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
+    let base =
+        std::fs::canonicalize(&o.base).with_context(|| format!("--base {}", o.base.display()))?;
+    let size = base_size(&base)?;
+    let out_dir =
+        std::fs::canonicalize(&o.out).with_context(|| format!("-o {}", o.out.display()))?;
+    if !out_dir.is_dir() {
+        bail!("-o {}: not a directory", o.out.display());
+    }
+    let held = crate::output::lock_for_run(&out_dir, || {
+        progress.stage(&format!(
+            "waiting for another forge run in {}",
+            out_dir.display()
+        ))
+    })?;
+    check_machines(o, &out_dir)?;
     let backing = relative(&out_dir, &base);
-    let backing = backing.to_string_lossy().into_owned();
+    let fleet = Fleet {
+        o,
+        base: &base,
+        size,
+        backing: backing.to_string_lossy().into_owned(),
+        out_dir: &out_dir,
+    };
     let mut outputs: Vec<AtomicOutput> = Vec::new();
     let mut reports = Vec::new();
     for m in &o.machines {
-        let p = paths(&out_dir, &m.name);
+        let r = fleet.machine(m, &mut outputs)?;
+        progress.stage(&format!(
+            "VM {}: {}{}",
+            m.name,
+            if r.var_kept {
+                "upgraded, /var kept"
+            } else {
+                "made"
+            },
+            r.host_key
+                .as_ref()
+                .map(|k| format!(", host key {}", k.fingerprint))
+                .unwrap_or_default()
+        ));
+        reports.push(r);
+    }
+    crate::output::commit_all(outputs, &held)?;
+    Ok(Report {
+        base,
+        base_size: size,
+        machines: reports,
+    })
+}
+
+/// What every machine of one run shares.
+struct Fleet<'a> {
+    o: &'a Options,
+    base: &'a Path,
+    size: u64,
+    /// The base, relative to the fleet directory.
+    backing: String,
+    out_dir: &'a Path,
+}
+
+impl Fleet<'_> {
+    /// One machine's files, made unnamed into `outputs`.
+    fn machine(&self, m: &Machine, outputs: &mut Vec<AtomicOutput>) -> Result<MachineReport> {
+        let o = self.o;
+        let p = paths(self.out_dir, &m.name);
         let seed = format!("{}:vm:{}", o.seed, m.name);
         let settings = Settings {
             unix_time: o.epoch,
             uuid: formats::seed::uuid(&seed, "image:uuid"),
             ..Settings::default()
         };
-        // Identity: the directory, plus what was asked for. A host key
-        // generated before stays (also without --generate-host-keys),
-        // unless the directory now brings its own.
-        let own_key = m
-            .identity
-            .as_ref()
-            .is_some_and(|d| d.join("ssh_host_ed25519_key").exists());
-        let kept = if own_key {
-            None
-        } else {
-            old_host_key(&p.identity)
-        };
-        let gen = Generate {
-            hostname: o.hostname.then(|| m.name.clone()),
-            machine_id: Some(MachineId::Seeded {
-                seed: o.seed.clone(),
-                purpose: format!("vm:{}", m.name),
-            }),
-            host_key: o.host_keys || kept.is_some(),
-            keep_host_key: kept,
-        };
-        let id = identity::build(m.identity.as_deref(), &gen)
-            .with_context(|| format!("the identity of VM {}", m.name))?;
+        let id = identity::of(o, m, &p.identity)?;
         let id_opts = ext4::Options::from_seed(
             &seed,
             "identity",
@@ -287,90 +338,40 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             false,
             o.epoch,
         );
+        let secret = formats::identity::holds_private_key(&id.tree);
         outputs.push(ext4_disk(
             &p.identity,
             Kind::Raw,
             &id.tree,
             &id_opts,
             &settings,
+            secret,
         )?);
         // /var: created once.
         let var_kept = p.var.exists();
         if !var_kept {
             let var_opts =
                 ext4::Options::from_seed(&seed, "state", Size::Fixed(o.var_size), true, o.epoch);
+            let empty = Tree::new(0o755);
             outputs.push(ext4_disk(
                 &p.var,
                 Kind::Qcow2,
-                &Tree::new(0o755),
+                &empty,
                 &var_opts,
                 &settings,
+                false,
             )?);
         }
-        // The boot overlay.
-        let (pieces, len) = formats::qcow2::overlay(size, &backing, "qcow2")
-            .map_err(|e| anyhow::anyhow!("--base {}: {e}", base.display()))?;
-        let mut boot = AtomicOutput::create(&p.boot)?;
-        boot.file().set_len(len)?;
-        for (at, b) in pieces {
-            boot.file()
-                .write_all_at(&b, at)
-                .with_context(|| format!("writing {}", p.boot.display()))?;
-        }
-        outputs.push(boot);
-        let domain = Domain {
-            name: m.name.clone(),
-            memory_mib: o.memory_mib,
-            vcpus: o.vcpus,
-            disks: vec![
-                Disk {
-                    file: p.boot.clone(),
-                    format: "qcow2",
-                    backing: Some((base.clone(), "qcow2")),
-                    read_only: false,
-                    target: "vda".into(),
-                },
-                Disk {
-                    file: p.var.clone(),
-                    format: "qcow2",
-                    backing: None,
-                    read_only: false,
-                    target: "vdb".into(),
-                },
-                Disk {
-                    file: p.identity.clone(),
-                    format: "raw",
-                    backing: None,
-                    read_only: true,
-                    target: "vdc".into(),
-                },
-            ],
-            network: o.network.clone(),
-            loader: o.loader.clone(),
-            nvram: o.nvram.clone(),
-            secure_boot: false,
-        };
+        outputs.push(self.overlay(&p.boot)?);
+        let domain = self.domain(m, &p);
         let mut xml = AtomicOutput::create(&p.xml)?;
         xml.file()
             .write_all(domain.xml().as_bytes())
             .with_context(|| format!("writing {}", p.xml.display()))?;
         outputs.push(xml);
-        progress.stage(&format!(
-            "VM {}: {}{}",
-            m.name,
-            if var_kept {
-                "upgraded, /var kept"
-            } else {
-                "made"
-            },
-            id.host_key
-                .as_ref()
-                .map(|k| format!(", host key {}", k.fingerprint))
-                .unwrap_or_default()
-        ));
-        reports.push(MachineReport {
+        Ok(MachineReport {
             name: m.name.clone(),
-            machine_id: text_of(&id.tree, b"machine-id"),
+            machine_id: formats::identity::text_of(&id.tree, b"machine-id"),
             host_key: id.host_key,
             boot: p.boot,
             var: p.var,
@@ -378,13 +379,47 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             xml: p.xml,
             var_kept,
             domain,
-        });
+        })
     }
-    // All the VMs' files, under one hold of the directory's lock.
-    crate::output::commit_all(outputs)?;
-    Ok(Report {
-        base,
-        base_size: size,
-        machines: reports,
-    })
+
+    /// A boot overlay backed by the base.
+    fn overlay(&self, path: &Path) -> Result<AtomicOutput> {
+        let (pieces, len) = formats::qcow2::overlay(self.size, &self.backing, "qcow2")
+            .map_err(|e| anyhow::anyhow!("--base {}: {e}", self.base.display()))?;
+        let mut boot = AtomicOutput::create(path)?;
+        boot.file().set_len(len)?;
+        for (at, b) in pieces {
+            boot.file()
+                .write_all_at(&b, at)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(boot)
+    }
+
+    fn domain(&self, m: &Machine, p: &Paths) -> Domain {
+        let disk = |file: &Path, format, read_only, target: &str| Disk {
+            file: file.to_owned(),
+            format,
+            backing: None,
+            read_only,
+            target: target.into(),
+        };
+        Domain {
+            name: m.name.clone(),
+            memory_mib: self.o.memory_mib,
+            vcpus: self.o.vcpus,
+            disks: vec![
+                Disk {
+                    backing: Some((self.base.to_owned(), "qcow2")),
+                    ..disk(&p.boot, "qcow2", false, "vda")
+                },
+                disk(&p.var, "qcow2", false, "vdb"),
+                disk(&p.identity, "raw", true, "vdc"),
+            ],
+            network: self.o.network.clone(),
+            loader: self.o.loader.clone(),
+            nvram: self.o.nvram.clone(),
+            secure_boot: false,
+        }
+    }
 }

@@ -10,9 +10,12 @@
 //!   refused, naming the path;
 //! - every owner is root; modes are kept, except private keys (`*_key`,
 //!   `*.key`), which are forced to 0600 (a git checkout gives 0644);
-//! - generated on request: `hostname`, `machine-id` (when the source has
-//!   none), and an ed25519 SSH host key pair (`ssh_host_ed25519_key`,
-//!   `.pub`) made from the OS's randomness, never from a public seed.
+//! - generated on request, unless the source has its own: `hostname`,
+//!   `machine-id`, and an ed25519 SSH host key pair
+//!   (`ssh_host_ed25519_key`, `.pub`) made from the OS's randomness,
+//!   never from a public seed;
+//! - a `hostname` or `machine-id` the source brings is checked as a
+//!   generated one would be (one valid host name; 32 lowercase hex).
 
 use base64::Engine;
 use std::fs;
@@ -29,10 +32,8 @@ pub enum IdentityError {
     Escapes { path: PathBuf, target: PathBuf },
     #[error("{path}: not a regular file or directory ({what}); an identity holds files only")]
     NotAFile { path: PathBuf, what: &'static str },
-    #[error(
-        "{path}: the identity directory already has {name}, which was also asked to be generated"
-    )]
-    Clash { path: PathBuf, name: &'static str },
+    #[error("{path}: {why}")]
+    BadFile { path: PathBuf, why: String },
     #[error("hostname {0:?}: not a valid host name (letters, digits, '-', '.'; at most 253)")]
     Hostname(String),
     #[error("the OS's randomness: {0}")]
@@ -94,6 +95,15 @@ fn file(bytes: Vec<u8>, perm: u16) -> Node {
     }
 }
 
+/// Whether an identity tree holds a private key anywhere (its disk or
+/// file must then be readable by its owner alone).
+pub fn holds_private_key(tree: &Tree) -> bool {
+    tree.nodes.iter().any(|n| match &n.kind {
+        Kind::Dir { children } => children.keys().any(|k| is_private_key(k)),
+        _ => false,
+    })
+}
+
 /// Whether a file name is a private key's.
 pub fn is_private_key(name: &[u8]) -> bool {
     name.ends_with(b"_key") || name.ends_with(b".key")
@@ -112,23 +122,26 @@ pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityErr
         }
         add_dir(&mut tree, ROOT, src, &top)?;
     }
-    let has = |t: &Tree, name: &[u8]| matches!(&t.nodes[ROOT].kind, Kind::Dir { children } if children.contains_key(name));
-    let clash = |name: &'static str| IdentityError::Clash {
-        path: src.map(Path::to_path_buf).unwrap_or_default(),
-        name,
-    };
+    complete(tree, src.unwrap_or(Path::new("identity")), gen)
+}
+
+/// An identity tree (from a directory, or an earlier identity disk named
+/// `origin`) checked and completed: what it has is kept, what `gen` asks
+/// for and it lacks is generated. Its `hostname` and `machine-id` are
+/// checked as a generated one would be.
+pub fn complete(mut tree: Tree, origin: &Path, gen: &Generate) -> Result<Identity, IdentityError> {
+    check_files(&tree, origin)?;
     if let Some(h) = &gen.hostname {
         if !valid_hostname(h) {
             return Err(IdentityError::Hostname(h.clone()));
         }
-        if has(&tree, b"hostname") {
-            return Err(clash("hostname"));
+        if !has(&tree, b"hostname") {
+            tree.insert(
+                ROOT,
+                b"hostname",
+                file(format!("{h}\n").into_bytes(), 0o644),
+            )?;
         }
-        tree.insert(
-            ROOT,
-            b"hostname",
-            file(format!("{h}\n").into_bytes(), 0o644),
-        )?;
     }
     if let (Some(m), false) = (&gen.machine_id, has(&tree, b"machine-id")) {
         let id: [u8; 16] = match m {
@@ -145,53 +158,105 @@ pub fn build(src: Option<&Path>, gen: &Generate) -> Result<Identity, IdentityErr
             file(format!("{hex}\n").into_bytes(), 0o444),
         )?;
     }
-    let mut host_key = None;
-    if gen.host_key {
-        for name in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
-            if has(&tree, name.as_bytes()) {
-                return Err(clash(if name.ends_with(".pub") {
-                    "ssh_host_ed25519_key.pub"
-                } else {
-                    "ssh_host_ed25519_key"
-                }));
-            }
-        }
-        let (private, public, fingerprint) = match &gen.keep_host_key {
-            Some((private, public)) => (
-                private.clone(),
-                public.trim_end().to_string(),
-                fingerprint_of(public).ok_or_else(|| {
-                    IdentityError::Random(
-                        "the kept host key's public line is not ssh-ed25519".into(),
-                    )
-                })?,
-            ),
-            None => {
-                // The key's comment names the machine when its hostname
-                // is known (given, or the identity's hostname file).
-                let named = gen.hostname.clone().or_else(|| {
-                    let f = src?.join("hostname");
-                    let h = fs::read_to_string(f).ok()?;
-                    let h = h.lines().next()?.trim().to_string();
-                    valid_hostname(&h).then_some(h)
-                });
-                let comment = format!("root@{}", named.as_deref().unwrap_or("nixforge"));
-                let (private, public, fingerprint) = ed25519_pair(random()?, &comment)?;
-                (private.into_bytes(), public, fingerprint)
-            }
-        };
-        tree.insert(ROOT, b"ssh_host_ed25519_key", file(private, 0o600))?;
-        tree.insert(
-            ROOT,
-            b"ssh_host_ed25519_key.pub",
-            file(format!("{public}\n").into_bytes(), 0o644),
-        )?;
-        host_key = Some(HostKey {
-            public,
-            fingerprint,
-        });
-    }
+    let host_key = if !gen.host_key {
+        None
+    } else if has(&tree, b"ssh_host_ed25519_key") {
+        // The identity's own key stays; its fingerprint is still reported.
+        text_of(&tree, b"ssh_host_ed25519_key.pub").and_then(|public| {
+            let fingerprint = fingerprint_of(&public)?;
+            Some(HostKey {
+                public,
+                fingerprint,
+            })
+        })
+    } else {
+        let comment = format!(
+            "root@{}",
+            text_of(&tree, b"hostname").as_deref().unwrap_or("nixforge")
+        );
+        Some(add_host_key(&mut tree, gen, &comment)?)
+    };
     Ok(Identity { tree, host_key })
+}
+
+fn has(t: &Tree, name: &[u8]) -> bool {
+    matches!(&t.nodes[ROOT].kind, Kind::Dir { children } if children.contains_key(name))
+}
+
+/// The text of a top-level file of an identity tree, trimmed.
+pub fn text_of(tree: &Tree, name: &[u8]) -> Option<String> {
+    let Kind::Dir { children } = &tree.nodes[ROOT].kind else {
+        return None;
+    };
+    match &tree.nodes[*children.get(name)?].kind {
+        Kind::File {
+            content: Content::Bytes(b),
+            ..
+        } => Some(String::from_utf8_lossy(b).trim().to_string()),
+        Kind::File {
+            content: Content::Host { path, .. },
+            ..
+        } => fs::read_to_string(path).ok().map(|s| s.trim().to_string()),
+        _ => None,
+    }
+}
+
+/// A `hostname` and a `machine-id` the identity brings must be what the
+/// system takes: one valid host name; 32 lowercase hex digits.
+fn check_files(tree: &Tree, origin: &Path) -> Result<(), IdentityError> {
+    let bad = |name: &str, why: String| IdentityError::BadFile {
+        path: origin.join(name),
+        why,
+    };
+    if has(tree, b"hostname") {
+        let h = text_of(tree, b"hostname").unwrap_or_default();
+        if !valid_hostname(&h) || h.contains('\n') {
+            return Err(bad(
+                "hostname",
+                format!("{h:?} is not a valid host name (letters, digits, '-', '.'; at most 253)"),
+            ));
+        }
+    }
+    if has(tree, b"machine-id") {
+        let m = text_of(tree, b"machine-id").unwrap_or_default();
+        let hex = m.len() == 32
+            && m.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex || m.bytes().all(|b| b == b'0') {
+            return Err(bad(
+                "machine-id",
+                format!("{m:?} is not a machine ID (32 lowercase hex digits, not all zero)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A new (or kept, `gen.keep_host_key`) ed25519 host key pair into `tree`.
+fn add_host_key(tree: &mut Tree, gen: &Generate, comment: &str) -> Result<HostKey, IdentityError> {
+    let (private, public, fingerprint) = match &gen.keep_host_key {
+        Some((private, public)) => (
+            private.clone(),
+            public.trim_end().to_string(),
+            fingerprint_of(public).ok_or_else(|| {
+                IdentityError::Random("the kept host key's public line is not ssh-ed25519".into())
+            })?,
+        ),
+        None => {
+            let (private, public, fingerprint) = ed25519_pair(random()?, comment)?;
+            (private.into_bytes(), public, fingerprint)
+        }
+    };
+    tree.insert(ROOT, b"ssh_host_ed25519_key", file(private, 0o600))?;
+    tree.insert(
+        ROOT,
+        b"ssh_host_ed25519_key.pub",
+        file(format!("{public}\n").into_bytes(), 0o644),
+    )?;
+    Ok(HostKey {
+        public,
+        fingerprint,
+    })
 }
 
 /// Letters, digits, `-` and `.`, at most 253.

@@ -1,0 +1,682 @@
+//! Issue 24's defects, found by trying every workflow as its users would:
+//! one regression test per defect, named for the behaviour it keeps.
+//! Judged by debugfs, stat, umoci, skopeo, sgdisk and loop devices.
+
+use nixforge_tests::flashing::*;
+use nixforge_tests::*;
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+// ---- forge vm ----
+
+/// A raw-efi qcow2 forged with `seed`; without a state partition unless
+/// `state`.
+fn base(dir: &Path, name: &str, seed: &str, state: bool) -> PathBuf {
+    let out = dir.join(name);
+    let mut c = forge_image_of(&system("x86_64"));
+    c.args(["--format", "raw-efi", "--seed", seed]);
+    if !state {
+        c.args(["--state-size", "none"]);
+    }
+    ok(c.arg("-o").arg(&out));
+    out
+}
+
+fn vm(args: &[&str], base: &Path, out: &Path) -> Command {
+    let mut c = forge();
+    c.arg("vm")
+        .args(args)
+        .arg("--base")
+        .arg(base)
+        .arg("-o")
+        .arg(out);
+    c
+}
+
+fn files(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    for (f, t) in files {
+        std::fs::write(p.join(f), t).unwrap();
+    }
+    p
+}
+
+/// `debugfs -R REQ IMAGE` (an identity disk is a bare ext4 image).
+fn debugfs(image: &Path, req: &str) -> String {
+    ok(Command::new("debugfs").args(["-R", req]).arg(image))
+}
+
+fn fleet() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("vms");
+    std::fs::create_dir(&out).unwrap();
+    (d, out)
+}
+
+#[test]
+fn a_base_with_its_own_state_partition_is_refused_and_nothing_is_made() {
+    let (d, out) = fleet();
+    let b = base(d.path(), "base.qcow2", "one", true);
+    let err = fails(&mut vm(&["web1"], &b, &out));
+    let line = the_error(&err);
+    assert!(
+        line.contains("base.qcow2")
+            && line.contains("partition 3")
+            && line.contains("--state-size none"),
+        "{line}"
+    );
+    assert!(dir_entries(&out).is_empty(), "{:?}", dir_entries(&out));
+}
+
+#[test]
+fn an_upgrade_without_an_identity_keeps_every_identity_file() {
+    let (d, out) = fleet();
+    let b1 = base(d.path(), "b1.qcow2", "one", false);
+    let b2 = base(d.path(), "b2.qcow2", "two", false);
+    let id = files(
+        d.path(),
+        "web1",
+        &[
+            ("authorized_keys", "ssh-ed25519 AAAA op\n"),
+            ("hosts", "10.0.0.2 db\n"),
+            ("resolv.conf", "nameserver 10.0.0.1\n"),
+        ],
+    );
+    let made: Value = serde_json::from_str(&ok(vm(
+        &[
+            "web1",
+            "--identity",
+            id.to_str().unwrap(),
+            "--generate-host-keys",
+            "--json",
+        ],
+        &b1,
+        &out,
+    )
+    .env("SOURCE_DATE_EPOCH", "1")))
+    .unwrap();
+    let disk = out.join("web1-identity.img");
+    let before = debugfs(&disk, "ls -l /");
+    let up: Value =
+        serde_json::from_str(&ok(&mut vm(&["web1", "--upgrade", "--json"], &b2, &out))).unwrap();
+    let after = debugfs(&disk, "ls -l /");
+    for f in [
+        "authorized_keys",
+        "hosts",
+        "resolv.conf",
+        "machine-id",
+        "ssh_host_ed25519_key",
+    ] {
+        assert!(after.contains(f), "{f} lost on upgrade:\n{after}");
+    }
+    assert_eq!(before, after, "same files, modes and sizes");
+    assert_eq!(debugfs(&disk, "cat /hosts"), "10.0.0.2 db\n");
+    let m0 = &made["machines"][0];
+    let m1 = &up["machines"][0];
+    assert_eq!(m1["machine_id"], m0["machine_id"]);
+    assert_eq!(m1["host_key"]["fingerprint"], m0["host_key"]["fingerprint"]);
+    assert_eq!(m1["var_kept"], true);
+}
+
+#[test]
+fn an_identity_disk_holding_a_host_key_is_private_whatever_the_umask() {
+    let (d, out) = fleet();
+    let b = base(d.path(), "base.qcow2", "one", false);
+    let cmd = |name: &str, keys: bool| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(r#"umask 000; exec "$@""#)
+            .arg("sh")
+            .arg(bin("forge"))
+            .args(["vm", name, "--base"])
+            .arg(&b)
+            .arg("-o")
+            .arg(&out);
+        if keys {
+            c.arg("--generate-host-keys");
+        }
+        c
+    };
+    ok(&mut cmd("keyed", true));
+    ok(&mut cmd("plain", false));
+    let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("keyed-identity.img"), 0o600);
+    // The control: the same umask gives other outputs its mode.
+    assert_eq!(mode("plain-identity.img"), 0o666);
+    assert_eq!(mode("keyed.xml"), 0o666);
+}
+
+#[test]
+fn two_runs_into_one_fleet_directory_never_both_succeed() {
+    let (d, out) = fleet();
+    let b = base(d.path(), "base.qcow2", "one", false);
+    let spawn = || {
+        vm(&["web1", "--generate-host-keys", "--json"], &b, &out)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, c) = (spawn(), spawn());
+    let outs = [a.wait_with_output().unwrap(), c.wait_with_output().unwrap()];
+    let won: Vec<_> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(won.len(), 1, "exactly one run makes web1");
+    let lost = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(
+        String::from_utf8_lossy(&lost.stderr).contains("web1-"),
+        "{}",
+        String::from_utf8_lossy(&lost.stderr)
+    );
+    let r: Value = serde_json::from_slice(&won[0].stdout).unwrap();
+    let printed = r["machines"][0]["host_key"]["public"].as_str().unwrap();
+    let on_disk = debugfs(
+        &out.join("web1-identity.img"),
+        "cat /ssh_host_ed25519_key.pub",
+    );
+    assert_eq!(
+        on_disk.trim(),
+        printed.trim(),
+        "the key printed is the key on disk"
+    );
+}
+
+#[test]
+fn hidden_directories_are_not_machines() {
+    let (d, out) = fleet();
+    let b = base(d.path(), "base.qcow2", "one", false);
+    let ids = d.path().join("ids");
+    files(&ids, "web1", &[("hosts", "x\n")]);
+    files(&ids, ".git", &[("config", "secrets\n")]);
+    let err = String::from_utf8_lossy(
+        &vm(&["--identities", ids.to_str().unwrap()], &b, &out)
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .into_owned();
+    assert!(err.contains("skipped hidden .git"), "{err}");
+    assert_eq!(
+        dir_entries(&out),
+        [
+            "web1-boot.qcow2",
+            "web1-identity.img",
+            "web1-var.qcow2",
+            "web1.xml"
+        ]
+    );
+}
+
+#[test]
+fn nothing_to_upgrade_zero_vcpus_or_memory_and_a_bad_identity_are_refused() {
+    let (d, out) = fleet();
+    let b = base(d.path(), "base.qcow2", "one", false);
+    let line = fails(&mut vm(&["typo", "--upgrade"], &b, &out));
+    assert!(
+        the_error(&line).contains("VM typo: nothing to upgrade"),
+        "{line}"
+    );
+    for args in [
+        ["x", "--vcpus", "0"],
+        ["x", "--memory", "0"],
+        ["x", "--var-size", "100T"],
+    ] {
+        let o = vm(&args, &b, &out).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(args[1]),
+            "{args:?}"
+        );
+    }
+    for (f, bad) in [
+        ("hostname", "pi 01/evil\n"),
+        ("machine-id", "not-a-machine-id\n"),
+    ] {
+        let id = files(d.path(), &format!("bad-{f}"), &[(f, bad)]);
+        let err = fails(&mut vm(
+            &["x", "--identity", id.to_str().unwrap()],
+            &b,
+            &out,
+        ));
+        assert!(the_error(&err).contains(&format!("bad-{f}/{f}")), "{err}");
+    }
+    assert!(dir_entries(&out).is_empty());
+}
+
+#[test]
+fn a_generated_hostname_gives_way_to_the_identitys_own() {
+    let (d, out) = fleet();
+    let b = base(d.path(), "base.qcow2", "one", false);
+    let id = files(d.path(), "web1", &[("hostname", "db-primary\n")]);
+    ok(&mut vm(
+        &["web1", "--identity", id.to_str().unwrap(), "--hostname"],
+        &b,
+        &out,
+    ));
+    assert_eq!(
+        debugfs(&out.join("web1-identity.img"), "cat /hostname"),
+        "db-primary\n"
+    );
+}
+
+// ---- forge oci ----
+
+fn unpacked_rootfs(dir: &Path, args: &[&str], path: &str) -> (Value, PathBuf) {
+    let sys = system("x86_64");
+    let img = dir.join("img");
+    ok(forge()
+        .arg("oci")
+        .arg(path)
+        .arg("--root")
+        .arg(&sys.root)
+        .args(args)
+        .arg("-o")
+        .arg(&img));
+    let config: Value = serde_json::from_str(&ok(Command::new("skopeo")
+        .args(["inspect", "--config"])
+        .arg(format!("oci:{}", img.display()))))
+    .unwrap();
+    let bundle = dir.join("bundle");
+    ok(Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:latest", img.display()))
+        .arg(&bundle));
+    (config, bundle.join("rootfs"))
+}
+
+#[test]
+fn an_added_user_joins_the_group_its_gid_names_and_path_finds_sw_under_root() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let (config, rootfs) =
+        unpacked_rootfs(d.path(), &["--add-user", "app:1000:65534"], &sys.toplevel);
+    let group = std::fs::read_to_string(rootfs.join("etc/group")).unwrap();
+    assert_eq!(group, "root:x:0:\nnobody:x:65534:\n");
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("app:x:1000:65534:"), "{passwd}");
+    // The toplevel's `sw` is an absolute link into the store: followed
+    // inside --root, so PATH is what it is with the store at /.
+    let env = config["config"]["Env"][0].as_str().unwrap().to_string();
+    assert!(sys.physical(&format!("{}/sw", sys.toplevel)).is_symlink());
+    assert!(env.contains(&format!("{}/sw/bin", sys.toplevel)), "{env}");
+    let bad = fails(
+        forge()
+            .arg("oci")
+            .arg(&sys.toplevel)
+            .arg("--root")
+            .arg(&sys.root)
+            .args(["--add-user", "a:4294967295", "-o"])
+            .arg(d.path().join("bad")),
+    );
+    assert!(the_error(&bad).contains("4294967295"), "{bad}");
+}
+
+// ---- flash ----
+
+/// Two sparse loop devices of 1 GiB.
+fn two_devices(dir: &Path) -> [(PathBuf, Loop); 2] {
+    ["a", "b"].map(|n| {
+        let f = dir.join(n);
+        std::fs::File::create(&f).unwrap().set_len(1 << 30).unwrap();
+        let lo = Loop::attach(&f, &[]);
+        (f, lo)
+    })
+}
+
+fn flash_two(img: &Path, devs: &[(PathBuf, Loop); 2], args: &[&str]) -> std::process::Output {
+    flash()
+        .arg(img)
+        .arg(&devs[0].1.dev)
+        .arg(&devs[1].1.dev)
+        .args(args)
+        .args(["--yes", "--allow-non-removable", "--no-probe"])
+        .output()
+        .unwrap()
+}
+
+/// Refused with exit 2, the error line holding each of `want`, and both
+/// devices still all zeros.
+fn refused_untouched(o: &std::process::Output, devs: &[(PathBuf, Loop); 2], want: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let line = the_error(&err);
+    for w in want {
+        assert!(line.contains(w), "want {w:?} in {line}");
+    }
+    for (f, _) in devs {
+        let n = sh(&format!("tr -d '\\000' < {} | wc -c", f.display()));
+        assert_eq!(n.trim(), "0", "{} was written", f.display());
+    }
+}
+
+#[test]
+fn one_identity_directory_never_reaches_two_devices_unasked() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let devs = two_devices(d.path());
+    let one = files(d.path(), "one", &[("hostname", "one\n")]);
+    let (a, b) = (&devs[0].1.dev, &devs[1].1.dev);
+    let o = flash_two(
+        &img,
+        &devs,
+        &[
+            "--identity",
+            &format!("{a}={}", one.display()),
+            "--identity",
+            &format!("{b}={}", one.display()),
+        ],
+    );
+    refused_untouched(&o, &devs, &["reaches both", "--same-identity"]);
+    let ids = d.path().join("ids");
+    files(&ids, "p1", &[("hostname", "p1\n")]);
+    std::os::unix::fs::symlink(ids.join("p1"), ids.join("p2")).unwrap();
+    let o = flash_two(&img, &devs, &["--identities", ids.to_str().unwrap()]);
+    refused_untouched(&o, &devs, &["reaches both"]);
+}
+
+#[test]
+fn hidden_entries_of_identities_are_skipped_and_left_over_ones_named() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let devs = two_devices(d.path());
+    let ids = d.path().join("ids");
+    for n in ["p1", "p2", "p3"] {
+        files(&ids, n, &[("hostname", &format!("{n}\n"))]);
+    }
+    files(&ids, ".git", &[("config", "x\n")]);
+    let o = flash_two(&img, &devs, &["--identities", ids.to_str().unwrap()]);
+    refused_untouched(&o, &devs, &["3 identities for 2 devices", "left over: p3"]);
+    std::fs::remove_dir_all(ids.join("p3")).unwrap();
+    let o = flash_two(
+        &img,
+        &devs,
+        &["--identities", ids.to_str().unwrap(), "--json"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("skipped hidden .git"), "{err}");
+    let r: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let got: Vec<&str> = r.iter().map(|x| x["identity"].as_str().unwrap()).collect();
+    assert!(
+        got[0].ends_with("/p1") && got[1].ends_with("/p2"),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn a_device_without_an_identity_among_others_is_refused_unless_none_is_said() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let devs = two_devices(d.path());
+    let one = files(d.path(), "one", &[("hostname", "one\n")]);
+    let (a, b) = (&devs[0].1.dev, &devs[1].1.dev);
+    let first = format!("{a}={}", one.display());
+    let o = flash_two(&img, &devs, &["--identity", &first]);
+    refused_untouched(&o, &devs, &[b, "has no identity", "=none"]);
+    let o = flash_two(
+        &img,
+        &devs,
+        &["--identity", &first, "--identity", &format!("{b}=none")],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("identity: none"), "{err}");
+}
+
+#[test]
+fn identity_files_are_validated_like_generated_ones_and_generation_skips_what_they_have() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let devs = two_devices(d.path());
+    let (a, b) = (&devs[0].1.dev, &devs[1].1.dev);
+    for (f, bad) in [
+        ("hostname", "pi 01/evil\n"),
+        ("machine-id", "not-a-machine-id\n"),
+    ] {
+        let id = files(d.path(), &format!("bad-{f}"), &[(f, bad)]);
+        let good = files(d.path(), "good", &[]);
+        let o = flash_two(
+            &img,
+            &devs,
+            &[
+                "--identity",
+                &format!("{a}={}", id.display()),
+                "--identity",
+                &format!("{b}={}", good.display()),
+            ],
+        );
+        refused_untouched(&o, &devs, &[&format!("bad-{f}/{f}")]);
+    }
+    // One identity brings its own key: --generate-host-keys makes one for
+    // the other only (the help's "unless the identity has one").
+    let keyed = files(d.path(), "keyed", &[("hostname", "keyed\n")]);
+    ok(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "own", "-f"])
+        .arg(keyed.join("ssh_host_ed25519_key")));
+    let bare = files(d.path(), "bare", &[("hostname", "bare\n")]);
+    let o = flash_two(
+        &img,
+        &devs,
+        &[
+            "--identity",
+            &format!("{a}={}", keyed.display()),
+            "--identity",
+            &format!("{b}={}", bare.display()),
+            "--generate-host-keys",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let own = std::fs::read_to_string(keyed.join("ssh_host_ed25519_key.pub")).unwrap();
+    assert_eq!(
+        r[0]["host_key"]["public"].as_str().unwrap().trim(),
+        own.trim()
+    );
+    assert!(r[1]["host_key"]["public"]
+        .as_str()
+        .unwrap()
+        .ends_with("root@bare"));
+}
+
+#[test]
+fn a_stale_bmap_and_manifest_beside_a_rebuilt_image_are_refused_before_writing() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let sys = system("x86_64");
+    let build = |name: &str, timeout: &str| {
+        let img = d.path().join(name);
+        ok(forge_image_of(&sys)
+            .args(["--format", "raw-efi", "--loader-timeout", timeout, "-o"])
+            .arg(&img));
+        img
+    };
+    let old = build("old.img", "0");
+    let img = build("disk.img", "5");
+    // Only loader.conf in the ESP differs: same size and first MiB.
+    assert_eq!(len(&old), len(&img));
+    let head = |p: &Path| sh(&format!("head -c 1048576 {} | sha256sum", p.display()));
+    assert_eq!(head(&old), head(&img));
+    assert_ne!(sha256_file(&old), sha256_file(&img));
+    for s in [".bmap", ".layout.json"] {
+        std::fs::copy(
+            format!("{}{s}", old.display()),
+            format!("{}{s}", img.display()),
+        )
+        .unwrap();
+    }
+    let devs = two_devices(d.path());
+    let o = flash_two(&img, &devs, &[]);
+    refused_untouched(
+        &o,
+        &devs,
+        &[
+            "disk.img: bytes",
+            "do not match the checksum in",
+            "disk.img.bmap",
+        ],
+    );
+}
+
+#[test]
+fn a_pzstd_image_flashes_and_other_compressors_are_named_never_written_raw() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let z = d.path().join("disk.img.zst");
+    ok(Command::new("pzstd")
+        .args(["-q", "-p", "2", "-o"])
+        .arg(&z)
+        .arg(&img));
+    assert_eq!(
+        &std::fs::read(&z).unwrap()[1..4],
+        &[0x2A, 0x4D, 0x18],
+        "a skippable frame first"
+    );
+    std::fs::copy(
+        format!("{}.bmap", img.display()),
+        format!("{}.bmap", z.display()),
+    )
+    .unwrap();
+    let f = d.path().join("card");
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(len(&img))
+        .unwrap();
+    let lo = Loop::attach(&f, &[]);
+    ok(flash()
+        .arg(&z)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable"]));
+    ok(Command::new("cmp")
+        .arg("-n")
+        .arg(len(&img).to_string())
+        .arg(&img)
+        .arg(&lo.dev));
+    let j: Value = serde_json::from_str(&ok(forge().arg("inspect").arg(&z).arg("--json"))).unwrap();
+    assert_eq!(j["partitions"].as_array().unwrap().len(), 3, "{j}");
+    let xz = d.path().join("disk.img.xz");
+    sh(&format!("xz -T2 -c {} > {}", img.display(), xz.display()));
+    let o = flash()
+        .arg(&xz)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable", "--no-bmap"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("xz-compressed") && !err.contains("--raw"),
+        "{err}"
+    );
+    let err = fails(forge().arg("inspect").arg(&xz));
+    assert!(the_error(&err).contains("xz-compressed"), "{err}");
+}
+
+#[test]
+fn flash_verify_reads_a_card_mounted_read_only_and_points_at_except_state() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let f = d.path().join("card");
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(len(&img) + (256 << 20))
+        .unwrap();
+    let lo = Loop::attach(&f, &[]);
+    ok(flash()
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable", "--fill"]));
+    let parts = lo.partitions();
+    let verify = |extra: &[&str]| {
+        flash()
+            .arg("verify")
+            .arg(&img)
+            .arg(&lo.dev)
+            .arg("--allow-non-removable")
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = verify(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("--except-state"), "{err}");
+    {
+        let m = tempfile::tempdir().unwrap();
+        ok(Command::new("mount")
+            .args(["-o", "ro"])
+            .arg(&parts[1])
+            .arg(m.path()));
+        let o = verify(&["--except-state"]);
+        let _ = Command::new("umount").arg(m.path()).status();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let m = tempfile::tempdir().unwrap();
+    ok(Command::new("mount").arg(&parts[2]).arg(m.path()));
+    let o = verify(&["--except-state"]);
+    let _ = Command::new("umount").arg(m.path()).status();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("refusing to verify") && !err.contains("write"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
+    use std::io::{BufRead, BufReader};
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let f = d.path().join("card");
+    std::fs::File::create(&f)
+        .unwrap()
+        .set_len(len(&img))
+        .unwrap();
+    let lo = Loop::attach(&f, &[]);
+    let args = ["--yes", "--allow-non-removable"];
+    ok(flash().arg(&img).arg(&lo.dev).args(args));
+    let p1 = format!("{}p1", lo.dev);
+    assert!(Path::new(&p1).exists(), "a flashed card has its nodes");
+    let mut child = flash()
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(args)
+        .env("NIXFORGE_FLASH_PAUSE", "body")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for l in err.by_ref().map_while(Result::ok) {
+        let at = l.contains("paused at body");
+        seen.push(l);
+        if at {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("paused at body")),
+        "{seen:?}"
+    );
+    ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    // Its last words are read (a closed pipe would fail its stderr).
+    seen.extend(err.map_while(Result::ok));
+    let st = child.wait().unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("stopped by SIGINT")),
+        "{seen:?}"
+    );
+    assert_eq!(st.code(), Some(130));
+    assert!(no_table_left(&f));
+    assert!(!Path::new(&p1).exists(), "{p1} outlived the wiped table");
+}
