@@ -261,6 +261,49 @@ fn a_generated_hostname_gives_way_to_the_identitys_own() {
     );
 }
 
+#[test]
+fn huge_disks_take_table_memory_by_content_and_absurd_sizes_are_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let sys = system("x86_64");
+    // 1 TiB: its qcow2 tables follow what is written (572 MB peak when
+    // they spanned the virtual size; about 180 MB now, mostly the
+    // state filesystem's bitmaps).
+    let big = d.path().join("big.qcow2");
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "peak %M"])
+        .arg(bin("forge"))
+        .args(["image"])
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(&sys.root)
+        .args(["--format", "raw-efi", "--disk-size", "1T", "-o"])
+        .arg(&big)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let kb: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(kb < 400_000, "peak {kb} KiB for a 1 TiB qcow2");
+    let chk = ok(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&big));
+    assert!(chk.contains("No errors were found"), "{chk}");
+    let huge = d.path().join("huge.qcow2");
+    let err = fails(
+        forge_image_of(&sys)
+            .args(["--format", "raw-efi", "--disk-size", "100T", "-o"])
+            .arg(&huge),
+    );
+    assert!(the_error(&err).contains("at most 16 TiB"), "{err}");
+    assert!(!huge.exists());
+}
+
 // ---- forge oci ----
 
 fn unpacked_rootfs(dir: &Path, args: &[&str], path: &str) -> (Value, PathBuf) {

@@ -75,21 +75,25 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
+/// A guest's L2 entries by guest cluster index; a cluster not in it is
+/// unallocated. Sparse, so the tables' memory follows what the image
+/// holds, not its virtual size.
+pub type Entries = std::collections::BTreeMap<u64, Entry>;
+
 /// The tables for an image of `size` bytes whose guest clusters are
-/// `entries` (one per cluster, `ceil(size / CLUSTER)` of them) and whose
-/// data occupies the file from cluster 1 up to byte `data_end`.
-pub fn tables(size: u64, entries: &[Entry], data_end: u64) -> Tables {
+/// `entries` and whose data occupies the file from cluster 1 up to byte
+/// `data_end`.
+pub fn tables(size: u64, entries: &Entries, data_end: u64) -> Tables {
     let first_free = data_end.div_ceil(CLUSTER).max(1);
     let guest = size.div_ceil(CLUSTER);
-    debug_assert_eq!(entries.len() as u64, guest);
+    debug_assert!(entries.keys().next_back().is_none_or(|&k| k < guest));
     let l1_entries = guest.div_ceil(L2_ENTRIES);
-    let l2_used: Vec<u64> = (0..l1_entries)
-        .filter(|&t| {
-            let lo = (t * L2_ENTRIES) as usize;
-            let hi = (((t + 1) * L2_ENTRIES) as usize).min(entries.len());
-            entries[lo..hi].iter().any(|e| *e != Entry::Unallocated)
-        })
+    let mut l2_used: Vec<u64> = entries
+        .iter()
+        .filter(|(_, e)| **e != Entry::Unallocated)
+        .map(|(&k, _)| k / L2_ENTRIES)
         .collect();
+    l2_used.dedup();
     let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER).max(1);
     // Refcount blocks cover every cluster, themselves included: the
     // smallest count that covers the total it makes.
@@ -116,17 +120,17 @@ pub fn tables(size: u64, entries: &[Entry], data_end: u64) -> Tables {
         l1[t as usize] = (host * CLUSTER) | COPIED;
         let base = at(host);
         let lo = t * L2_ENTRIES;
-        for k in 0..L2_ENTRIES {
-            let v = match entries.get((lo + k) as usize) {
-                Some(Entry::Data(h)) => (h * CLUSTER) | COPIED,
-                Some(Entry::Zero) => ZERO,
-                Some(&Entry::Compressed { offset, len }) => {
+        for (&g, e) in entries.range(lo..lo + L2_ENTRIES) {
+            let v = match *e {
+                Entry::Data(h) => (h * CLUSTER) | COPIED,
+                Entry::Zero => ZERO,
+                Entry::Compressed { offset, len } => {
                     let (_, more) = Entry::sectors(offset, len);
                     COMPRESSED | (more << CSIZE_SHIFT) | offset
                 }
-                _ => 0,
+                Entry::Unallocated => 0,
             };
-            put64(&mut bytes, base + (k * 8) as usize, v);
+            put64(&mut bytes, base + ((g - lo) * 8) as usize, v);
         }
     }
     for (i, v) in l1.iter().enumerate() {
@@ -146,7 +150,7 @@ pub fn tables(size: u64, entries: &[Entry], data_end: u64) -> Tables {
     for r in &mut refs[first as usize..] {
         *r = 1;
     }
-    for e in entries {
+    for e in entries.values() {
         match *e {
             Entry::Data(h) => refs[h as usize] += 1,
             Entry::Compressed { offset, len } => {
@@ -201,8 +205,7 @@ pub fn overlay(size: u64, backing: &str, format: &str) -> Result<Sparse, String>
             backing.len()
         ));
     }
-    let entries = vec![Entry::Unallocated; size.div_ceil(CLUSTER) as usize];
-    let t = tables(size, &entries, CLUSTER);
+    let t = tables(size, &Entries::new(), CLUSTER);
     let mut h = t.header;
     put64(&mut h, 8, BACKING_NAME_AT as u64);
     put32(&mut h, 16, backing.len() as u32);
@@ -328,7 +331,8 @@ mod tests {
     use super::*;
 
     fn image(entries: &[Entry], data_end: u64, size: u64) -> Vec<u8> {
-        let t = tables(size, entries, data_end);
+        let sparse: Entries = (0..).zip(entries.iter().copied()).collect();
+        let t = tables(size, &sparse, data_end);
         let mut f = vec![0u8; t.file_len as usize];
         f[..t.header.len()].copy_from_slice(&t.header);
         let at = (t.first * CLUSTER) as usize;

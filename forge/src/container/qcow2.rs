@@ -31,7 +31,7 @@ pub(super) struct Qcow2 {
     /// Tables and header.
     meta: File,
     size: u64,
-    entries: Vec<Entry>,
+    entries: qcow2::Entries,
     /// Where the next data goes: a byte offset (cluster 0 is the header's).
     pos: u64,
 }
@@ -54,7 +54,7 @@ impl Qcow2 {
             packed,
             meta: file.try_clone()?,
             size: 0,
-            entries: Vec::new(),
+            entries: qcow2::Entries::new(),
             pos: CLUSTER,
         })
     }
@@ -91,7 +91,8 @@ impl Qcow2 {
             let Held::Data(runs) = h else { continue };
             let host = self.pos / CLUSTER;
             self.pos += CLUSTER;
-            self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] = Entry::Data(host);
+            self.entries
+                .insert((c.off + *k as u64 * CLUSTER) / CLUSTER, Entry::Data(host));
             // Block by block: a block of zeros stays a hole (a fresh file
             // reads as zeros), taking no room on the host.
             for blk in runs.iter().flat_map(|r| r.0..r.1) {
@@ -146,14 +147,17 @@ impl Qcow2 {
             .as_mut()
             .ok_or_else(|| io::Error::other("internal: qcow2: not compressing"))?;
         for (k, buf, z) in done {
-            let guest = ((c.off + k as u64 * CLUSTER) / CLUSTER) as usize;
+            let guest = (c.off + k as u64 * CLUSTER) / CLUSTER;
             match z {
                 Some(z) => {
                     w.write_all(&z)?;
-                    self.entries[guest] = Entry::Compressed {
-                        offset: self.pos,
-                        len: z.len() as u64,
-                    };
+                    self.entries.insert(
+                        guest,
+                        Entry::Compressed {
+                            offset: self.pos,
+                            len: z.len() as u64,
+                        },
+                    );
                     self.pos += z.len() as u64;
                 }
                 None => {
@@ -161,7 +165,7 @@ impl Qcow2 {
                     w.write_all(&crate::image::out::ZEROS[..pad as usize])?;
                     self.pos += pad;
                     w.write_all(&buf)?;
-                    self.entries[guest] = Entry::Data(self.pos / CLUSTER);
+                    self.entries.insert(guest, Entry::Data(self.pos / CLUSTER));
                     self.pos += CLUSTER;
                 }
             }
@@ -177,7 +181,7 @@ impl Container for Qcow2 {
 
     fn begin(&mut self, size: u64, _map: &[(u64, u64)]) -> io::Result<()> {
         self.size = size;
-        self.entries = vec![Entry::Unallocated; size.div_ceil(CLUSTER) as usize];
+        self.entries.clear();
         Ok(())
     }
 
@@ -207,7 +211,8 @@ impl Container for Qcow2 {
             .collect();
         for (k, h) in &held {
             if let Held::Zeros = h {
-                self.entries[((c.off + *k as u64 * CLUSTER) / CLUSTER) as usize] = Entry::Zero;
+                self.entries
+                    .insert((c.off + *k as u64 * CLUSTER) / CLUSTER, Entry::Zero);
             }
         }
         if self.packed.is_some() {

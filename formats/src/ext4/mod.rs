@@ -127,13 +127,19 @@ impl Journal {
     }
 }
 
+/// The largest filesystem forge writes: 16 TiB (2^32 blocks). Every
+/// group's bitmaps are planned and written, so time and memory grow with
+/// the size (16 TiB: about 9 s and 2.3 GB, 650 MB of metadata); the
+/// format itself would go to 2^48 blocks.
+pub const MAX_BLOCKS: u64 = 1 << 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
     #[error("a {size}-byte filesystem is too small for this content: {needed} bytes are needed")]
     TooSmall { size: u64, needed: u64 },
     #[error("the content needs {needed} inodes, but a {size}-byte filesystem holds at most {max}")]
     TooManyInodes { needed: u64, max: u64, size: u64 },
-    #[error("{size}-byte filesystem is too large (at most 2^48 blocks)")]
+    #[error("a {size}-byte filesystem is larger than forge writes (at most 16 TiB: every group's bitmaps are written, so time and memory grow with the size); make it smaller and grow it on the machine (resize2fs)")]
     TooLarge { size: u64 },
     #[error("label {0:?} is longer than 16 bytes")]
     Label(String),
@@ -498,7 +504,7 @@ fn choose<'t>(
                 }
                 Err(Short(more)) => blocks = (blocks + more).max(blocks + 1),
             }
-            if blocks > 1 << 48 {
+            if blocks > MAX_BLOCKS {
                 return Err(Ext4Error::TooLarge {
                     size: blocks * BS64,
                 });
@@ -509,7 +515,7 @@ fn choose<'t>(
         Size::Auto { slack } => auto(slack),
         Size::Fixed(bytes) => {
             let blocks = bytes / BS64;
-            if blocks > 1 << 48 {
+            if blocks > MAX_BLOCKS {
                 return Err(Ext4Error::TooLarge { size: bytes });
             }
             let ratio_inodes = (bytes / 16384).max(needed_inodes);
