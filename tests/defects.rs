@@ -304,6 +304,36 @@ fn huge_disks_take_table_memory_by_content_and_absurd_sizes_are_one_line() {
     assert!(!huge.exists());
 }
 
+#[test]
+fn a_verify_nar_mismatch_prints_both_hashes_in_nixs_own_form() {
+    let sys = system("x86_64");
+    let copy = copy_store(&sys, true, false);
+    let kernel = std::fs::read_link(sys.physical(&format!("{}/kernel", sys.toplevel))).unwrap();
+    let f = copy.path().join(kernel.to_str().unwrap().trim_start_matches('/'));
+    let mut b = std::fs::read(&f).unwrap();
+    b[100] ^= 0xFF;
+    std::fs::write(&f, &b).unwrap();
+    let e = fails(
+        forge()
+            .arg("closure")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(copy.path())
+            .arg("--verify-nar"),
+    );
+    let line = the_error(&e);
+    // The Nix database records base16; both are shown as Nix prints them.
+    let hashes: Vec<&str> = line
+        .split_whitespace()
+        .filter(|w| w.starts_with("sha256:"))
+        .map(|w| w.trim_end_matches(','))
+        .collect();
+    assert_eq!(hashes.len(), 2, "{line}");
+    for h in hashes {
+        assert_eq!(h.len(), "sha256:".len() + 52, "{line}");
+    }
+}
+
 // ---- forge oci ----
 
 fn unpacked_rootfs(dir: &Path, args: &[&str], path: &str) -> (Value, PathBuf) {

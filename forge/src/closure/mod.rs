@@ -60,7 +60,7 @@ pub enum ClosureError {
         recorded: u64,
         db: PathBuf,
     },
-    #[error("{path}: contents hash to {computed}, but the Nix database at {db} records {recorded} (corrupted store path?)")]
+    #[error("{path}: contents hash to {computed}, but {db} records {recorded} (corrupted store path?)")]
     HashMismatch {
         path: String,
         computed: String,
@@ -286,15 +286,14 @@ fn hash_graph(
                 }
                 _ => {
                     let (hash, size, _) = nar_digest(store, &path, None, buf)?;
-                    if let (Some(rec), Some(digest)) = (&node.recorded_hash, recorded) {
-                        if digest != hash {
-                            return Err(ClosureError::HashMismatch {
-                                path,
-                                computed: nar::format_hash(&hash),
-                                recorded: rec.clone(),
-                                db: from.to_owned(),
-                            });
-                        }
+                    if let Some(digest) = recorded.filter(|d| *d != hash) {
+                        // Both in Nix's own form, whatever form was recorded.
+                        return Err(ClosureError::HashMismatch {
+                            path,
+                            computed: nar::format_hash(&hash),
+                            recorded: nar::format_hash(&digest),
+                            db: from.to_owned(),
+                        });
                     }
                     (hash, size)
                 }
