@@ -309,7 +309,9 @@ fn a_verify_nar_mismatch_prints_both_hashes_in_nixs_own_form() {
     let sys = system("x86_64");
     let copy = copy_store(&sys, true, false);
     let kernel = std::fs::read_link(sys.physical(&format!("{}/kernel", sys.toplevel))).unwrap();
-    let f = copy.path().join(kernel.to_str().unwrap().trim_start_matches('/'));
+    let f = copy
+        .path()
+        .join(kernel.to_str().unwrap().trim_start_matches('/'));
     let mut b = std::fs::read(&f).unwrap();
     b[100] ^= 0xFF;
     std::fs::write(&f, &b).unwrap();
@@ -752,4 +754,44 @@ fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
     assert_eq!(st.code(), Some(130));
     assert!(no_table_left(&f));
     assert!(!Path::new(&p1).exists(), "{p1} outlived the wiped table");
+}
+
+#[test]
+fn the_report_names_the_machine_id_and_the_probe_and_a_json_refusal_is_json() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let devs = two_devices(d.path());
+    let id = files(d.path(), "one", &[("hostname", "one\n")]);
+    let o = flash()
+        .arg(&img)
+        .arg(&devs[0].1.dev)
+        .args(["--identity", id.to_str().unwrap(), "--probe", "--json"])
+        .args(["--yes", "--allow-non-removable"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let m = r[0]["machine_id"].as_str().unwrap();
+    assert!(
+        m.len() == 32 && m.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{m}"
+    );
+    assert_eq!(r[0]["probe"], "passed");
+    let part = format!("{}p3", devs[0].1.dev);
+    let _ = Command::new("partx").args(["-a", &devs[0].1.dev]).output();
+    let on_card = ok(Command::new("debugfs").args(["-R", "cat /identity/machine-id", &part]));
+    assert_eq!(on_card.trim(), m);
+    // Refused: still one JSON object on stdout.
+    let o = flash()
+        .arg(&img)
+        .arg(d.path().join("nonexistent"))
+        .args(["--json", "--yes"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["refused"], true);
+    assert!(v["error"].as_str().unwrap().contains("nonexistent"), "{v}");
 }

@@ -154,6 +154,8 @@ pub struct Personal {
     pub backup: Option<(u64, Vec<u8>)>,
     pub state_size: u64,
     pub host_key: Option<HostKey>,
+    /// The identity's machine-id (its own, or the one generated).
+    pub machine_id: Option<String>,
     /// Files in the identity, for the report.
     pub identity_files: usize,
 }
@@ -203,6 +205,7 @@ pub fn plan(m: &Manifest, head: &[u8], dev_size: u64, lbs: u64, req: &Request) -
             None => "the identity".into(),
         })?;
     let files = count_files(&id.tree);
+    let machine_id = identity::text_of(&id.tree, b"machine-id");
     let mut tree = Tree::new(0o755);
     let at = m.identity.as_deref().unwrap_or("identity");
     tree.nest(ROOT, at.as_bytes(), id.tree)?;
@@ -259,6 +262,7 @@ pub fn plan(m: &Manifest, head: &[u8], dev_size: u64, lbs: u64, req: &Request) -
         head,
         backup,
         state_size: new_size,
+        machine_id,
         host_key: id.host_key,
         identity_files: files,
     })
@@ -354,6 +358,7 @@ pub fn as_found(
         backup,
         state_size: size,
         host_key: None,
+        machine_id: None,
         identity_files: 0,
     })
 }

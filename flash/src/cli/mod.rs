@@ -147,11 +147,22 @@ enum Cmd {
 }
 
 pub fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let json = cli.cmd.is_none() && cli.write.json;
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            exit_code(&e)
+            let code = exit_code(&e);
+            if json {
+                // A reader of --json gets an answer on stdout either way.
+                let refused = code == ExitCode::from(2);
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "refused": refused, "error": format!("{e:#}") })
+                );
+            }
+            code
         }
     }
 }
@@ -391,10 +402,12 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let mut infos = Vec::new();
     for o in opened {
         let p = personals.next().expect("one plan per device");
-        infos.push(
-            p.as_ref()
-                .map(|p| (p.host_key.clone(), p.state_size, p.identity_files)),
-        );
+        infos.push(p.as_ref().map(|p| Provisioned {
+            host_key: p.host_key.clone(),
+            machine_id: p.machine_id.clone(),
+            state_size: p.state_size,
+            files: p.identity_files,
+        }));
         match o {
             Ok(s) => {
                 sinks.push((s, p));
@@ -409,47 +422,15 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let mut outs = write::flash_personal(&src, sinks, &opts, &bars).into_iter();
     let mut reports = Vec::new();
     let mut worst: Option<anyhow::Error> = None;
-    for (((t, r), dir), info) in targets.iter().zip(results).zip(&dirs).zip(&infos) {
+    for (i, (t, r)) in targets.iter().zip(results).enumerate() {
+        let device = Reported {
+            target: t,
+            identity: dirs[i].as_deref(),
+            provisioned: infos[i].as_ref(),
+            probed: probing[i],
+        };
         match r.or_else(|| outs.next()).expect("one result per device") {
-            Ok(o) => {
-                if let Some((key, state_size, files)) = info {
-                    bars.println(&format!(
-                        "flash: {}: {}state partition {state_size} bytes{}",
-                        o.device,
-                        dir.as_ref()
-                            .map(|d| format!("identity {} ({files} files), ", d.display()))
-                            .unwrap_or_default(),
-                        key.as_ref()
-                            .map(|k| format!(", host key {} ({})", k.fingerprint, k.public.trim()))
-                            .unwrap_or_default()
-                    ));
-                }
-                bars.println(&format!(
-                    "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s{}",
-                    o.device,
-                    o.written,
-                    o.skipped,
-                    o.verified,
-                    o.seconds,
-                    o.mb_per_s,
-                    if o.gpt_moved {
-                        ", backup GPT moved to the end of the disk"
-                    } else {
-                        ""
-                    }
-                ));
-                reports.push(serde_json::json!({
-                    "device": o.device,
-                    "ok": true,
-                    "model": t.disk.model,
-                    "serial": t.disk.serial,
-                    "size": t.disk.size,
-                    "identity": dir,
-                    "host_key": info.as_ref().and_then(|i| i.0.clone()),
-                    "state_size": info.as_ref().map(|i| i.1),
-                    "report": o,
-                }))
-            }
+            Ok(o) => reports.push(device.done(&o, &bars)),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 reports.push(serde_json::json!({ "device": t.disk.path, "ok": false, "error": format!("{e:#}") }));
@@ -473,6 +454,74 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
         Some(e) => exit_code(&e),
         None => ExitCode::SUCCESS,
     })
+}
+
+/// What a device's provisioning made, for its report.
+struct Provisioned {
+    host_key: Option<formats::identity::HostKey>,
+    machine_id: Option<String>,
+    state_size: u64,
+    files: usize,
+}
+
+/// One device's report: its lines, and its JSON object.
+struct Reported<'a> {
+    target: &'a preflight::Target,
+    identity: Option<&'a std::path::Path>,
+    provisioned: Option<&'a Provisioned>,
+    probed: bool,
+}
+
+impl Reported<'_> {
+    fn done(&self, o: &write::Outcome, bars: &Bars) -> serde_json::Value {
+        let probe = if self.probed { "passed" } else { "not probed" };
+        if let Some(p) = self.provisioned {
+            bars.println(&format!(
+                "flash: {}: {}state partition {} bytes{}{}",
+                o.device,
+                self.identity
+                    .map(|d| format!("identity {} ({} files), ", d.display(), p.files))
+                    .unwrap_or_default(),
+                p.state_size,
+                p.machine_id
+                    .as_ref()
+                    .map(|m| format!(", machine-id {m}"))
+                    .unwrap_or_default(),
+                p.host_key
+                    .as_ref()
+                    .map(|k| format!(", host key {} ({})", k.fingerprint, k.public.trim()))
+                    .unwrap_or_default()
+            ));
+        }
+        bars.println(&format!(
+            "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s, fake-capacity probe {probe}{}",
+            o.device,
+            o.written,
+            o.skipped,
+            o.verified,
+            o.seconds,
+            o.mb_per_s,
+            if o.gpt_moved {
+                ", backup GPT moved to the end of the disk"
+            } else {
+                ""
+            }
+        ));
+        let t = self.target;
+        serde_json::json!({
+            "device": o.device,
+            "ok": true,
+            "model": t.disk.model,
+            "serial": t.disk.serial,
+            "size": t.disk.size,
+            "identity": self.identity,
+            "machine_id": self.provisioned.and_then(|p| p.machine_id.clone()),
+            "host_key": self.provisioned.and_then(|p| p.host_key.clone()),
+            "state_size": self.provisioned.map(|p| p.state_size),
+            "probe": probe,
+            "report": o,
+        })
+    }
 }
 
 /// From here on SIGINT and SIGTERM set `stop` (every writer stops and

@@ -60,7 +60,9 @@ pub enum ClosureError {
         recorded: u64,
         db: PathBuf,
     },
-    #[error("{path}: contents hash to {computed}, but {db} records {recorded} (corrupted store path?)")]
+    #[error(
+        "{path}: contents hash to {computed}, but {db} records {recorded} (corrupted store path?)"
+    )]
     HashMismatch {
         path: String,
         computed: String,
