@@ -388,6 +388,79 @@ fn an_added_user_joins_the_group_its_gid_names_and_path_finds_sw_under_root() {
     assert!(the_error(&bad).contains("4294967295"), "{bad}");
 }
 
+#[test]
+fn smaller_mistakes_get_their_own_words_before_anything_is_written() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    // A VHD's size rule, before any partition is written.
+    let vhd = d.path().join("x.vhd");
+    let err = fails(
+        forge_image_of(&sys)
+            .args(["--format", "raw-efi", "--disk-size", "1000500K", "-o"])
+            .arg(&vhd),
+    );
+    let line = the_error(&err);
+    assert!(
+        line.contains("whole number of MiB") && !line.contains("writing"),
+        "{line}"
+    );
+    assert!(!err.contains("wrote the"), "{err}");
+    // A missing output directory is named, not a temporary file in it.
+    for args in [
+        &["ext4", "."][..],
+        &["oci", sys.toplevel.as_str(), "--root"][..],
+    ] {
+        let mut c = forge();
+        c.args(args);
+        if args[0] == "oci" {
+            c.arg(&sys.root);
+        }
+        let err = fails(c.arg("-o").arg(d.path().join("no/such/out.tar")));
+        let line = the_error(&err);
+        assert!(
+            line.contains("output directory")
+                && line.contains("no/such")
+                && !line.contains(".out.tar."),
+            "{line}"
+        );
+    }
+    // An unusable cache points at --no-cache.
+    let err = fails(
+        forge()
+            .args(["oci", &sys.toplevel, "--root"])
+            .arg(&sys.root)
+            .env("HOME", "/proc")
+            .arg("-o")
+            .arg(d.path().join("c")),
+    );
+    assert!(the_error(&err).contains("--no-cache"), "{err}");
+    // An entrypoint or user the image lacks is warned about.
+    let out = forge()
+        .args(["oci", &sys.toplevel, "--root"])
+        .arg(&sys.root)
+        .args([
+            "--entrypoint",
+            "/bin/nothere",
+            "--user",
+            "ghost",
+            "--no-cache",
+            "-o",
+        ])
+        .arg(d.path().join("w"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: the entrypoint /bin/nothere is not in the image"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: --user ghost: no account ghost"),
+        "{err}"
+    );
+}
+
 // ---- flash ----
 
 /// Two sparse loop devices of 1 GiB.

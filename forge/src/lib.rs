@@ -17,6 +17,8 @@ pub mod vm;
 pub trait Progress {
     /// A stage of the work is done.
     fn stage(&self, what: &str);
+    /// Something the user should know that does not stop the work.
+    fn warn(&self, _what: &str) {}
     /// A scratch directory the work is filling, to remove if the process
     /// is interrupted (None: no longer any).
     fn scratch(&self, _dir: Option<&std::path::Path>) {}

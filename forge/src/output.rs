@@ -42,9 +42,10 @@ fn temp_prefix(target: &Path) -> Result<String> {
     Ok(format!(".{}.", name.to_string_lossy()))
 }
 
-/// Remove `.NAME.PID.XXXXXX.tmp` files of `target` whose process is gone
-/// (left by a run killed where O_TMPFILE was not available).
-fn remove_stale(target: &Path) -> Result<()> {
+/// Remove `.NAME.PID[.XXXXXX].tmp` files and directories of `target`
+/// whose process is gone (left by a killed run: a named temporary where
+/// O_TMPFILE was not available, a staging directory of `forge oci`).
+pub fn remove_stale(target: &Path) -> Result<()> {
     let prefix = temp_prefix(target)?;
     let Ok(entries) = std::fs::read_dir(dir_of(target)) else {
         return Ok(());
@@ -58,8 +59,23 @@ fn remove_stale(target: &Path) -> Result<()> {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_file(e.path());
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
         }
+    }
+    Ok(())
+}
+
+/// The directory `target` goes into must be there: named when it is not
+/// (rather than the temporary file that could not be made in it).
+pub fn check_dir(target: &Path) -> Result<()> {
+    let d = dir_of(target);
+    if !d.is_dir() {
+        bail!("output directory {}: no such directory", d.display());
     }
     Ok(())
 }
@@ -124,6 +140,7 @@ impl AtomicOutput {
     fn create_mode(target: &Path, mode: u32) -> Result<Self> {
         let dir = dir_of(target);
         temp_prefix(target)?;
+        check_dir(target)?;
         if target.is_dir() {
             bail!("{}: is a directory", target.display());
         }
@@ -278,6 +295,27 @@ pub fn lock_for_run(dir: &Path, waiting: impl FnOnce()) -> Result<DirLock> {
     }
 }
 
+/// Whether a process (QEMU) holds an image lock on `path`: QEMU takes
+/// open-file-description locks on bytes 100..300 of every image it uses.
+pub fn locked(path: &Path) -> Result<bool> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| path.display().to_string()),
+    };
+    let mut l = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 100,
+        l_len: 200,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut l))
+        .with_context(|| format!("checking the locks of {}", path.display()))?;
+    Ok(l.l_type != libc::F_UNLCK as i16)
+}
+
+/// An ext4 filesystem of `tree` into an output in container `kind`.
 /// An exclusive lock on `dir`, held while the value lives: commits into
 /// one directory happen one at a time.
 fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>> {

@@ -140,6 +140,10 @@ impl forge::Progress for Stages {
         }
     }
 
+    fn warn(&self, what: &str) {
+        eprintln!("warning: {what}");
+    }
+
     fn stage(&self, what: &str) {
         eprintln!("forge: [{:6.2}s] {what}", self.0.elapsed().as_secs_f64());
         if self.1.as_deref().is_some_and(|p| what.contains(p)) {

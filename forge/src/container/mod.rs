@@ -89,6 +89,15 @@ impl Kind {
         }
     }
 
+    /// Whether an image of `size` bytes fits this container, asked once the
+    /// layout is placed, before anything is written.
+    pub fn check_size(self, size: u64) -> Result<(), String> {
+        match self {
+            Kind::Vhd(_) => formats::vhd::check_size(size).map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
     pub fn compressed(self) -> bool {
         self == Kind::Zstd
     }

@@ -295,6 +295,14 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .with_context(what)?;
     }
     let placed = layout.place().with_context(what)?;
+    kind.check_size(placed.size)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", o.output.display()))?;
+    if crate::output::locked(&o.output)? {
+        bail!(
+            "{}: in use by a running VM (a process holds its image lock); stop it first",
+            o.output.display()
+        );
+    }
     progress.stage(&format!(
         "planned: {}",
         layout

@@ -165,8 +165,12 @@ pub struct Cache {
 
 impl Cache {
     pub fn open(root: &Path) -> Result<Cache> {
-        std::fs::create_dir_all(root.join("layers"))
-            .with_context(|| format!("layer cache {}", root.display()))?;
+        std::fs::create_dir_all(root.join("layers")).with_context(|| {
+            format!(
+                "layer cache {} (pass --no-cache, or --cache DIR elsewhere)",
+                root.display()
+            )
+        })?;
         Ok(Cache {
             root: root.to_owned(),
             blobs: Blobs::new(root)?,

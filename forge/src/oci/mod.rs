@@ -212,6 +212,40 @@ pub fn check_tag(t: &str) -> Result<()> {
     Ok(())
 }
 
+/// What the container would fail on when it starts, warned rather than
+/// refused (a volume may bring it): an absolute entrypoint (or command)
+/// that is neither in the closure nor one of the customisation layer's
+/// links, a `--user` name no account has.
+fn run_warnings(
+    store: &Store,
+    links: &[(String, String)],
+    users: &[custom::User],
+    run: &spec::RunConfig,
+) -> Vec<String> {
+    let mut w = Vec::new();
+    let first = run
+        .entrypoint
+        .as_ref()
+        .or(run.cmd.as_ref())
+        .and_then(|v| v.first());
+    if let Some(p) = first.filter(|p| p.starts_with('/')) {
+        let linked = links.iter().any(|(at, _)| at == p);
+        let in_store = p.starts_with("/nix/store/") && store.follow(p).is_some();
+        if !linked && !in_store {
+            w.push(format!("the entrypoint {p} is not in the image"));
+        }
+    }
+    if let Some(u) = &run.user {
+        let name = u.split(':').next().unwrap_or_default();
+        if name.parse::<u32>().is_err() && !users.iter().any(|x| x.name == name) {
+            w.push(format!(
+                "--user {u}: no account {name} in the image (root, nobody and --add-user's)"
+            ));
+        }
+    }
+    w
+}
+
 /// A staging directory beside the output, removed unless kept.
 struct Staging(Option<PathBuf>);
 
@@ -226,19 +260,9 @@ impl Staging {
             .with_context(|| format!("{}: not a file name", output.display()))?
             .to_string_lossy()
             .into_owned();
+        crate::output::check_dir(output)?;
         // Left by a run that was killed: its process is gone.
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                let pid = n
-                    .strip_prefix(&format!(".{name}."))
-                    .and_then(|r| r.strip_suffix(".tmp"))
-                    .and_then(|p| p.parse::<u32>().ok());
-                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        crate::output::remove_stale(output)?;
         let path = dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -376,6 +400,9 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .collect();
         path.extend(["/bin".into(), "/usr/bin".into()]);
         run.env.insert(0, format!("PATH={}", path.join(":")));
+    }
+    for w in run_warnings(&store, &made.links, &users, &run) {
+        progress.warn(&w);
     }
     let created = spec::rfc3339(o.epoch);
     let config = blobs.bytes(&spec::config(&run, &platform, &created, &hist))?;

@@ -165,27 +165,6 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
     r
 }
 
-/// Whether a process (QEMU) holds an image lock on `path`: QEMU takes
-/// open-file-description locks on bytes 100..300 of every image it uses.
-fn locked(path: &Path) -> Result<bool> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e).with_context(|| path.display().to_string()),
-    };
-    let mut l = libc::flock {
-        l_type: libc::F_WRLCK as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: 100,
-        l_len: 200,
-        l_pid: 0,
-    };
-    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut l))
-        .with_context(|| format!("checking the locks of {}", path.display()))?;
-    Ok(l.l_type != libc::F_UNLCK as i16)
-}
-
-/// An ext4 filesystem of `tree` into an output in container `kind`.
 /// A disk holding a secret (a private host key) is made 0600.
 fn ext4_disk(
     path: &Path,
@@ -241,7 +220,7 @@ fn check_machines(o: &Options, out_dir: &Path) -> Result<()> {
             _ => {}
         }
         for f in [&p.boot, &p.var, &p.identity] {
-            if locked(f)? {
+            if crate::output::locked(f)? {
                 bail!(
                     "{}: in use by a running VM (a process holds its image lock); stop VM {} first",
                     f.display(),
