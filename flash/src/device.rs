@@ -106,6 +106,7 @@ impl Device {
                     detail: format!(
                         "the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})"
                     ),
+                    readable: false,
                 },
             }
             .into());

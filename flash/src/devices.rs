@@ -8,10 +8,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// One failed preflight check: its name and what was found.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Refusal {
     pub check: &'static str,
     pub detail: String,
+    /// It stops writing only: the device may still be read (`flash
+    /// verify` of a booted card: partitions mounted read-only, a
+    /// read-only device).
+    #[serde(skip)]
+    pub readable: bool,
 }
 
 impl std::fmt::Display for Refusal {
@@ -24,6 +29,15 @@ fn refusal(check: &'static str, detail: impl Into<String>) -> Refusal {
     Refusal {
         check,
         detail: detail.into(),
+        readable: false,
+    }
+}
+
+/// A refusal of writing only (see [`Refusal::readable`]).
+fn refusal_to_write(check: &'static str, detail: impl Into<String>) -> Refusal {
+    Refusal {
+        readable: true,
+        ..refusal(check, detail)
     }
 }
 
@@ -78,11 +92,6 @@ fn read_trim(p: impl AsRef<Path>) -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
 }
-
-/// The checks whose refusal does not stop a device from being read
-/// (`flash verify` of a booted card): a read-only device, partitions
-/// mounted read-only.
-pub const HARMLESS_TO_READ: [&str; 2] = ["writable", "not mounted read-only"];
 
 /// (major:minor, mount point, read-only) of every mount, from mountinfo.
 fn mounts(root: &Path) -> Vec<(String, String, bool)> {
@@ -202,8 +211,8 @@ pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
                     refusals.push(refusal("system disk", format!("{mnt} is on it")));
                     system = true;
                 } else if *ro {
-                    refusals.push(refusal(
-                        "not mounted read-only",
+                    refusals.push(refusal_to_write(
+                        "not mounted",
                         format!("mounted read-only at {mnt}"),
                     ));
                 } else {
@@ -230,7 +239,7 @@ pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
         }
         let read_only = read_trim(sys.join("ro")) == "1";
         if read_only {
-            refusals.push(refusal("writable", "the device is read-only"));
+            refusals.push(refusal_to_write("writable", "the device is read-only"));
         }
         let removable = removable(&sys);
         if !removable {
@@ -316,6 +325,11 @@ mod tests {
         assert_eq!(checks(1), ["removable"], "an eMMC is soldered in");
         assert_eq!(checks(2), ["system disk", "removable"]);
         assert!(disks[2].system);
-        assert_eq!(checks(3), ["not mounted read-only"]);
+        assert_eq!(checks(3), ["not mounted"]);
+        assert!(
+            disks[3].refusals[0].readable,
+            "read-only: verify may read it"
+        );
+        assert!(!disks[2].refusals[0].readable);
     }
 }

@@ -37,6 +37,7 @@ fn refused(
         refusal: Refusal {
             check,
             detail: detail.into(),
+            readable: false,
         },
     }
     .into()
@@ -126,7 +127,7 @@ fn check_for(
         if r.check == "removable" && allow_non_removable {
             continue;
         }
-        if verb == VERIFY && devices::HARMLESS_TO_READ.contains(&r.check) {
+        if verb == VERIFY && r.readable {
             continue;
         }
         return Err(refuse(shown, r.check, r.detail.clone()));

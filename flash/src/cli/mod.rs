@@ -207,6 +207,7 @@ fn unconfirmed(devices: &[PathBuf], detail: &str) -> anyhow::Error {
         refusal: flash::devices::Refusal {
             check: "confirmed",
             detail: detail.into(),
+            readable: false,
         },
     }
     .into()
@@ -311,6 +312,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
                         same.given.display(),
                         t.disk.devnum
                     ),
+                    readable: false,
                 },
             }
             .into());
@@ -331,6 +333,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
             refusal: flash::devices::Refusal {
                 check: "identities",
                 detail: format!("{e:#}"),
+                readable: false,
             },
         })
     })?;
@@ -392,6 +395,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
                 refusal: flash::devices::Refusal {
                     check: "real capacity",
                     detail: e.to_string(),
+                    readable: false,
                 },
             })?;
         }

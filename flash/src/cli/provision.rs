@@ -60,7 +60,11 @@ fn refused(device: &Path, check: &'static str, detail: String) -> anyhow::Error 
     Refused {
         verb: flash::preflight::WRITE,
         device: device.display().to_string(),
-        refusal: Refusal { check, detail },
+        refusal: Refusal {
+            check,
+            detail,
+            readable: false,
+        },
     }
     .into()
 }
