@@ -461,6 +461,41 @@ fn smaller_mistakes_get_their_own_words_before_anything_is_written() {
     );
 }
 
+/// Every field of `want` is in `got` with the same value.
+fn contains(got: &Value, want: &Value, at: &str) {
+    match (got, want) {
+        (Value::Object(g), Value::Object(w)) => {
+            for (k, v) in w {
+                let there = g.get(k).unwrap_or_else(|| panic!("{at}.{k} missing"));
+                contains(there, v, &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(g), Value::Array(w)) => {
+            assert_eq!(g.len(), w.len(), "{at}");
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                contains(g, w, &format!("{at}[{i}]"));
+            }
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}
+
+#[test]
+fn inspect_reads_back_every_field_of_the_layout_manifest() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = raw_efi(d.path(), 512);
+    let sd = sd_image(d.path(), "nixos.img.zst");
+    for img in [raw, sd] {
+        let manifest: Value = serde_json::from_slice(
+            &std::fs::read(format!("{}.layout.json", img.display())).unwrap(),
+        )
+        .unwrap();
+        let got: Value =
+            serde_json::from_str(&ok(forge().arg("inspect").arg(&img).arg("--json"))).unwrap();
+        contains(&got, &manifest, &img.display().to_string());
+    }
+}
+
 // ---- flash ----
 
 /// Two sparse loop devices of 1 GiB.

@@ -151,17 +151,15 @@ pub fn inspect(path: &Path) -> Result<Report> {
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
     let manifest = crate::image::manifest_path_for(path);
     if let Ok(text) = std::fs::read_to_string(&manifest) {
-        match serde_json::from_str::<serde_json::Value>(&text) {
+        match serde_json::from_str::<Disk>(&text) {
             Err(e) => warnings.push(format!(
                 "{}: not a layout manifest: {e}",
                 manifest.display()
             )),
             Ok(m) => {
-                let differs = m["size"].as_u64() != Some(size)
-                    || m["disk_id"].as_str() != Some(disk_id.as_str())
-                    || m["head_sha256"]
-                        .as_str()
-                        .is_some_and(|h| Some(h) != head_sha256.as_deref());
+                let differs = m.size != size
+                    || !m.disk_id.eq_ignore_ascii_case(&disk_id)
+                    || m.head_sha256.is_some_and(|h| Some(h) != head_sha256);
                 if differs {
                     warnings.push(format!(
                         "{} describes another image (size, disk id or first MiB differ)",
@@ -171,6 +169,14 @@ pub fn inspect(path: &Path) -> Result<Report> {
             }
         }
     }
+    // Where a machine's identity goes, as forge's layouts put it: the
+    // state filesystem's `identity/`.
+    let identity = parts.iter().find(|p| p.role == Some(Role::State)).map(|p| {
+        crate::layout::report::IdentityAt {
+            partition: p.number,
+            path: crate::layout::report::IDENTITY_PATH.into(),
+        }
+    });
     Ok(Report {
         image: path.display().to_string(),
         warnings,
@@ -181,7 +187,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             disk_id,
             size,
             partitions: parts,
-            identity: None,
+            identity,
             head_sha256,
         },
     })
@@ -195,21 +201,34 @@ fn filesystem(f: &mut File, off: u64) -> std::io::Result<Option<Fs>> {
         let label = String::from_utf8_lossy(&s[0x78..0x88])
             .trim_end_matches('\0')
             .to_string();
+        // s_blocks_count (its high half only with the 64bit feature) in
+        // blocks of 1024 << s_log_block_size.
+        let le32 = |o: usize| u32::from_le_bytes(s[o..o + 4].try_into().expect("4 bytes")) as u64;
+        let hi = if le32(0x60) & 0x80 != 0 {
+            le32(0x150)
+        } else {
+            0
+        };
+        let block = 1024u64.checked_shl(le32(0x18) as u32).unwrap_or(0);
+        let size = (hi << 32 | le32(0x04)).checked_mul(block);
         return Ok(Some(Fs {
             kind: "ext4".into(),
             label,
             uuid: seed::format_uuid(&uuid),
-            size: None,
+            size,
         }));
     }
     if &sb[82..87] == b"FAT32" && sb[510..512] == [0x55, 0xAA] {
         let label = String::from_utf8_lossy(&sb[71..82]).trim_end().to_string();
         let id = u32::from_le_bytes([sb[67], sb[68], sb[69], sb[70]]);
+        // BPB_TotSec32 sectors of BPB_BytsPerSec.
+        let sectors = u32::from_le_bytes([sb[32], sb[33], sb[34], sb[35]]) as u64;
+        let bytes = u16::from_le_bytes([sb[11], sb[12]]) as u64;
         return Ok(Some(Fs {
             kind: "vfat".into(),
             label,
             uuid: formats::fat::format_volume_id(id),
-            size: None,
+            size: Some(sectors * bytes),
         }));
     }
     Ok(None)

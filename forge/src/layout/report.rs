@@ -72,6 +72,10 @@ pub struct Part {
     pub boot_entries: Vec<BootEntry>,
 }
 
+/// Where our layouts put a machine's identity in the state filesystem
+/// (`/var/identity` on the running system).
+pub const IDENTITY_PATH: &str = "identity";
+
 /// Where a machine's identity goes: a directory of the state
 /// filesystem, visible at `/var/<path>` on the running system.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,7 +178,7 @@ impl Placed<'_, '_> {
             .find(|p| p.role == Some(Role::State))
             .map(|p| IdentityAt {
                 partition: p.number,
-                path: "identity".into(),
+                path: IDENTITY_PATH.into(),
             });
         Disk {
             version: MANIFEST_VERSION,
