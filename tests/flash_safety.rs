@@ -349,3 +349,65 @@ fn a_layout_manifest_of_another_image_is_refused() {
         &["disk.img.layout.json describes another image", "disk id"],
     );
 }
+
+/// Exit 2 for every refusal before the first write, each leaving the
+/// device as it was: a --sha256 mismatch, a bmap that is not one, --fill
+/// without a layout manifest, a device another process holds, flash run
+/// without root.
+#[test]
+fn every_refusal_before_the_first_write_exits_2_and_writes_nothing() {
+    let _g = privileged();
+    let t = disk(&[], 0);
+    let run = |cmd: &mut Command, want: &str| {
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{want}: {err}");
+        assert!(the_error(&err).contains(want), "want {want:?} in {err}");
+        t.untouched();
+    };
+    let base = || {
+        let mut c = flash();
+        c.arg(&t.img)
+            .arg(&t.lo.dev)
+            .args(["--yes", "--allow-non-removable"]);
+        c
+    };
+    run(base().args(["--sha256", &"0".repeat(64)]), "SHA-256 is");
+    let junk = t.img.with_file_name("junk.bmap");
+    std::fs::write(&junk, "<bmap>not really</bmap>\n").unwrap();
+    run(base().arg("--bmap").arg(&junk), "junk.bmap");
+    let bare = t.img.with_file_name("bare.img");
+    std::fs::copy(&t.img, &bare).unwrap();
+    run(
+        flash().arg(&bare).arg(&t.lo.dev).args([
+            "--yes",
+            "--allow-non-removable",
+            "--no-bmap",
+            "--fill",
+        ]),
+        "no layout manifest",
+    );
+    // Another process holds the disk (as udisks or a second flash would).
+    let mut holder = Command::new("flock")
+        .args(["-x", &t.lo.dev, "sleep", "30"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    run(&mut base(), &t.lo.dev);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Not root: the image readable by anyone, the device not.
+    std::fs::set_permissions(
+        t.img.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("flash"))
+        .arg(&t.img)
+        .arg(&t.lo.dev)
+        .args(["--yes", "--allow-non-removable"])
+        .stdin(Stdio::null());
+    run(&mut c, &t.lo.dev);
+}

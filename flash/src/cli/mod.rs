@@ -1,6 +1,7 @@
 //! The command line: parses arguments, calls the library, prints errors
 //! as a one-line context chain and exits non-zero on failure: 1 a failed
-//! write, 2 a refused target, 3 a failed verify.
+//! write, 2 refused before the first write (nothing written), 3 a failed
+//! verify, 4 a probe that could not restore what it sampled.
 
 // The same completions and man pages as forge's, from one place.
 #[path = "../../../forge/src/cli/docs.rs"]
@@ -47,8 +48,13 @@ an interrupted or failed flash leaves no table that anything would use.
 Exit status:
   0    written (and verified)
   1    a write failed (the disk's tables are wiped)
-  2    refused before writing: bad arguments, source or device (nothing written)
-  3    verify found a difference (the disk's tables are wiped)
+  2    refused before writing: bad arguments, source, sidecars, --sha256,
+       identities or device, a device that could not be opened (nothing
+       written)
+  3    verify found a difference (the disk's tables are wiped; flash verify:
+       the device differs)
+  4    the fake-capacity probe could not put a card's sampled blocks back:
+       the card may hold changed bytes there (nothing of the image written)
   130  stopped by SIGINT, 143 by SIGTERM (the tables are wiped)",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
@@ -176,8 +182,14 @@ fn sha256_hex(s: &str) -> Result<String, String> {
     }
 }
 
+/// The documented exit codes (`--help`, README).
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    if e.downcast_ref::<Refused>().is_some() || e.downcast_ref::<Unfit>().is_some() {
+    if e.downcast_ref::<flash::probe::ProbeError>().is_some() {
+        ExitCode::from(4)
+    } else if e.downcast_ref::<Refused>().is_some()
+        || e.downcast_ref::<Unfit>().is_some()
+        || e.downcast_ref::<NothingWritten>().is_some()
+    {
         ExitCode::from(2)
     } else if e.downcast_ref::<Mismatch>().is_some() {
         ExitCode::from(3)
@@ -278,8 +290,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Nothing was written: an error before the first write (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct NothingWritten(anyhow::Error);
+
+/// Everything decided before the first write.
+struct Ready {
+    src: Source,
+    targets: Vec<preflight::Target>,
+    dirs: Vec<Option<PathBuf>>,
+    personals: Vec<Option<flash::personal::Personal>>,
+    probing: Vec<bool>,
+    /// Each device opened for writing, or why it could not be.
+    opened: Vec<Result<Box<dyn BlockDevice>>>,
+}
+
 fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
-    let image = a.image.expect("clap requires IMAGE");
+    // A probe that could not put a card's blocks back keeps its own
+    // error (exit 4): the card may hold changed bytes.
+    let ready = prepare(&a).map_err(|e| {
+        if e.is::<flash::probe::ProbeError>() {
+            e
+        } else {
+            NothingWritten(e).into()
+        }
+    })?;
+    write_ready(&a, ready)
+}
+
+/// Every check, the identities, the confirmation, the devices opened and
+/// probed: all before any byte of the image is written.
+fn prepare(a: &WriteArgs) -> Result<Ready> {
+    let image = a.image.clone().expect("clap requires IMAGE");
     let src = Source::open(&image, bmap_choice(a.bmap.clone(), a.no_bmap))?;
     let sector = examine(&src, a.raw)?.sector;
     if let Some(want) = &a.sha256 {
@@ -378,7 +421,11 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     // one that cannot be opened fails alone.
     let mut opened: Vec<Result<Box<dyn BlockDevice>>> = Vec::new();
     for t in &targets {
-        opened.push(Device::open(t, true).map(|d| Box::new(d) as Box<dyn BlockDevice>));
+        opened.push(
+            Device::open(t, true)
+                .map(|d| Box::new(d) as Box<dyn BlockDevice>)
+                .map_err(|e| NothingWritten(e).into()),
+        );
     }
     // The fake-capacity probe, after every other check: a device that
     // fails it refuses the whole run, and every device is as before.
@@ -389,17 +436,41 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     };
     for ((o, t), &pr) in opened.iter().zip(&targets).zip(&probing) {
         if let (Ok(dev), true) = (o, pr) {
-            flash::probe::probe(&**dev, nonce).map_err(|e| Refused {
-                verb: flash::preflight::WRITE,
-                device: t.given.display().to_string(),
-                refusal: flash::devices::Refusal {
-                    check: "real capacity",
-                    detail: e.to_string(),
-                    readable: false,
-                },
+            flash::probe::probe(&**dev, nonce).map_err(|e| match e {
+                flash::probe::ProbeError::Restore { .. } => anyhow::Error::from(e),
+                e => Refused {
+                    verb: flash::preflight::WRITE,
+                    device: t.given.display().to_string(),
+                    refusal: flash::devices::Refusal {
+                        check: "real capacity",
+                        detail: e.to_string(),
+                        readable: false,
+                    },
+                }
+                .into(),
             })?;
         }
     }
+    Ok(Ready {
+        src,
+        targets,
+        dirs,
+        personals,
+        probing,
+        opened,
+    })
+}
+
+/// Write every opened device and report.
+fn write_ready(a: &WriteArgs, r: Ready) -> Result<ExitCode> {
+    let Ready {
+        src,
+        targets,
+        dirs,
+        personals,
+        probing,
+        opened,
+    } = r;
     let mut results: Vec<Option<Result<write::Outcome>>> = Vec::new();
     let mut sinks = Vec::new();
     let mut personals = personals.into_iter();
