@@ -596,6 +596,54 @@ impl Drop for FakeCard {
     }
 }
 
+/// tests/tools/fakecard.py serving `card` of `size` bytes from `backing`,
+/// mounted under `dir`, once its file is there.
+fn fake_card(dir: &Path, backing: &Path, size: u64, extra: &[&str]) -> FakeCard {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let child = Command::new("/usr/bin/python3")
+        .arg(workspace().join("tests/tools/fakecard.py"))
+        .arg(&mnt)
+        .arg(backing)
+        .arg(size.to_string())
+        .args(extra)
+        .spawn()
+        .expect("python3 with fusepy (scripts/deps.sh installs python3-fusepy)");
+    let card = FakeCard { mnt, child };
+    for _ in 0..100 {
+        if card.mnt.join("card").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    card
+}
+
+#[test]
+fn a_card_that_dies_mid_probe_exits_4_saying_its_samples_are_lost() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let backing = d.path().join("backing");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let card = fake_card(d.path(), &backing, 1 << 30, &["dies-after-sync"]);
+    let lo = Loop::attach(&card.mnt.join("card"), &[]);
+    let out = flash()
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--probe", "--yes", "--allow-non-removable"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{e}");
+    assert!(the_error(&e).contains("restoring the probed block"), "{e}");
+    drop(lo);
+    drop(card);
+}
+
 #[test]
 fn a_fake_card_whose_upper_half_is_its_lower_half_is_refused_and_left_as_it_was() {
     let _g = privileged();
@@ -612,25 +660,8 @@ fn a_fake_card_whose_upper_half_is_its_lower_half_is_refused_and_left_as_it_was(
          dd if=/dev/urandom of={0} bs=1M count=2 seek=300 conv=notrunc status=none",
         backing.display()
     ));
-    let mnt = d.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let child = Command::new("/usr/bin/python3")
-        .arg(workspace().join("tests/tools/fakecard.py"))
-        .arg(&mnt)
-        .arg(&backing)
-        .arg((1u64 << 30).to_string())
-        .spawn()
-        .expect("python3 with fusepy (scripts/deps.sh installs python3-fusepy)");
-    let card = FakeCard {
-        mnt: mnt.clone(),
-        child,
-    };
-    for _ in 0..100 {
-        if card.mnt.join("card").exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let card = fake_card(d.path(), &backing, 1 << 30, &[]);
+    let mnt = card.mnt.clone();
     let before = sha256_file(&backing);
     {
         let lo = Loop::attach(&mnt.join("card"), &[]);

@@ -5,6 +5,10 @@ lands on its lower half, as on cards that lie about their capacity. Files
 are opened direct_io, so the page cache cannot hide the aliasing.
 
     fakecard.py MOUNTPOINT BACKING SIZE      (runs in the foreground)
+
+With a fourth argument `dies-after-sync`, the card stores all SIZE bytes
+but fails every write (EIO) after its first fsync: a card that dies in the
+middle of flash's capacity probe, so the probe cannot put its samples back.
 """
 import errno
 import os
@@ -15,9 +19,11 @@ from fusepy import FUSE, FuseOSError, Operations
 
 
 class FakeCard(Operations):
-    def __init__(self, backing, size):
+    def __init__(self, backing, size, dies_after_sync=False):
         self.size = size
-        self.real = size // 2
+        self.real = size if dies_after_sync else size // 2
+        self.dies_after_sync = dies_after_sync
+        self.dead = False
         self.fd = os.open(backing, os.O_RDWR)
 
     def getattr(self, path, fh=None):
@@ -49,6 +55,8 @@ class FakeCard(Operations):
         return b"".join(os.pread(self.fd, n, at) for at, n in self._pieces(offset, size))
 
     def write(self, path, data, offset, fh):
+        if self.dead:
+            raise FuseOSError(errno.EIO)
         done = 0
         for at, n in self._pieces(offset, len(data)):
             os.pwrite(self.fd, data[done:done + n], at)
@@ -63,9 +71,11 @@ class FakeCard(Operations):
 
     def fsync(self, path, datasync, fh):
         os.fsync(self.fd)
+        self.dead = self.dies_after_sync
         return 0
 
 
 if __name__ == "__main__":
     mnt, backing, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    FUSE(FakeCard(backing, size), mnt, foreground=True, direct_io=True, nothreads=True)
+    dies = sys.argv[4:] == ["dies-after-sync"]
+    FUSE(FakeCard(backing, size, dies), mnt, foreground=True, direct_io=True, nothreads=True)
