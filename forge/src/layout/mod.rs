@@ -208,6 +208,22 @@ impl<'t> Layout<'t> {
         Ok(())
     }
 
+    /// What partition `i`'s GUID is derived from: its role and its index
+    /// among the partitions of that role (`gpt:nixos` for the first root,
+    /// `gpt:nixos:1` for a second one, as an A/B slot), never its name,
+    /// which two slots may share.
+    fn guid_purpose(&self, i: usize) -> String {
+        let role = self.partitions[i].role;
+        let k = self.partitions[..i]
+            .iter()
+            .filter(|p| p.role == role)
+            .count();
+        match k {
+            0 => role.guid_word().to_string(),
+            k => format!("{}:{k}", role.guid_word()),
+        }
+    }
+
     /// Decide every offset: partitions aligned, in order; a GPT keeps
     /// 1 MiB at the end for its backup. Pure.
     pub fn place(&self) -> Result<Placed<'_, 't>> {
@@ -267,13 +283,13 @@ impl<'t> Layout<'t> {
         let ss = self.sector_size as u64;
         let guid = |what: &str| seed::uuid(&self.seed, &format!("gpt:{what}"));
         let mut partitions = Vec::new();
-        for (p, &(off, len)) in self.partitions.iter().zip(at) {
+        for (i, (p, &(off, len))) in self.partitions.iter().zip(at).enumerate() {
             let PartType::Gpt(ty) = p.ty else {
                 bail!("internal: the {} partition has no GPT type", p.name);
             };
             partitions.push(gpt::Partition {
                 type_guid: seed::parse_uuid(ty).context("internal: a GPT type GUID")?,
-                guid: guid(p.name),
+                guid: guid(&self.guid_purpose(i)),
                 first_lba: off / ss,
                 last_lba: (off + len) / ss - 1,
                 attributes: if p.read_only { gpt::ATTR_READ_ONLY } else { 0 },
@@ -366,3 +382,6 @@ impl Placed<'_, '_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

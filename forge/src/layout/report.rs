@@ -25,6 +25,20 @@ pub enum Role {
     State,
 }
 
+impl Role {
+    /// The word a partition's GUID is derived from (with the seed): the
+    /// GPT name the first partition of the role has always had, so the
+    /// GUIDs of images made before roles had indexes stay as they were.
+    pub fn guid_word(self) -> &'static str {
+        match self {
+            Role::Esp => "ESP",
+            Role::Firmware => "firmware",
+            Role::Root => "nixos",
+            Role::State => "state",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fs {
     /// `vfat` or `ext4`.
