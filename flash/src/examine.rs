@@ -7,7 +7,6 @@
 //! untouched.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
 
 use crate::source::Source;
 use formats::zstd_frames;
@@ -93,7 +92,7 @@ pub fn examine(src: &Source, raw: bool) -> Result<Examined, Unfit> {
         )));
     }
     ranges_match(src).map_err(unfit)?;
-    manifest_matches(src, head, ss as u64).map_err(unfit)?;
+    manifest_matches(src, head).map_err(unfit)?;
     Ok(Examined { sector: Some(ss) })
 }
 
@@ -134,54 +133,17 @@ fn ranges_match(src: &Source) -> Result<(), String> {
         })
 }
 
-/// `IMAGE.layout.json`, forge's layout manifest, beside the image.
-pub fn manifest_path(image: &Path) -> PathBuf {
-    let mut s = image.as_os_str().to_owned();
-    s.push(".layout.json");
-    PathBuf::from(s)
-}
-
-/// The manifest beside the image, if any, names the same size and disk id.
-fn manifest_matches(src: &Source, head: &[u8], ss: u64) -> Result<(), String> {
-    let path = manifest_path(&src.path);
-    let Ok(text) = std::fs::read_to_string(&path) else {
+/// The manifest beside the image, if any, is its own (size, disk id,
+/// first MiB); one that is there but cannot be read is refused, never
+/// skipped.
+fn manifest_matches(src: &Source, head: &[u8]) -> Result<(), String> {
+    let Some(m) = formats::manifest::read_beside(&src.path).map_err(|e| e.to_string())? else {
         return Ok(());
     };
-    let m: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: not a layout manifest: {e}", path.display()))?;
-    let other = |what: String| {
+    m.matches(src.size, head).map_err(|what| {
         format!(
             "{} describes another image ({what}); remove it or rebuild the image",
-            path.display()
+            formats::manifest::path_for(&src.path).display()
         )
-    };
-    if let Some(size) = m["size"].as_u64() {
-        if size != src.size {
-            return Err(other(format!("{size} bytes, this one is {}", src.size)));
-        }
-    }
-    let id = if head.get(ss as usize..ss as usize + 8) == Some(b"EFI PART".as_slice()) {
-        let mut g = [0u8; 16];
-        g.copy_from_slice(&head[ss as usize + 56..ss as usize + 72]);
-        formats::seed::format_uuid(&formats::gpt::from_disk(&g))
-    } else {
-        format!(
-            "{:08x}",
-            u32::from_le_bytes([head[440], head[441], head[442], head[443]])
-        )
-    };
-    if let Some(want) = m["disk_id"].as_str() {
-        if !want.eq_ignore_ascii_case(&id) {
-            return Err(other(format!("disk id {want}, this one is {id}")));
-        }
-    }
-    if let Some(want) = m["head_sha256"].as_str() {
-        let got = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(head));
-        if want != got {
-            return Err(other(format!(
-                "first MiB sha256 {want}, this one's is {got}"
-            )));
-        }
-    }
-    Ok(())
+    })
 }

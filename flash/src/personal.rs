@@ -52,10 +52,11 @@ pub struct Manifest {
     pub identity: Option<String>,
 }
 
-/// Read `IMAGE.layout.json` (forge's layout manifest).
+/// Read `IMAGE.layout.json` (forge's layout manifest): what provisioning
+/// needs of it.
 pub fn manifest(image: &Path) -> Result<Manifest> {
-    let path = crate::examine::manifest_path(image);
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let path = formats::manifest::path_for(image);
+    let m = formats::manifest::read_beside(image)?.with_context(|| {
         format!(
             "{}: no layout manifest ({}); --identity, --fill and --except-state need forge's",
             image.display(),
@@ -63,49 +64,38 @@ pub fn manifest(image: &Path) -> Result<Manifest> {
         )
     })?;
     let bad = |what: &str| anyhow::anyhow!("{}: not a layout manifest: {what}", path.display());
-    let m: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
-    let gpt = match m["table"].as_str() {
-        Some("gpt") => true,
-        Some("mbr") => false,
+    let gpt = match m.table.as_str() {
+        "gpt" => true,
+        "mbr" => false,
         _ => return Err(bad("no table")),
     };
-    let sector = m["sector_size"]
-        .as_u64()
-        .ok_or_else(|| bad("no sector_size"))?;
-    let size = m["size"].as_u64().ok_or_else(|| bad("no size"))?;
-    let parts = m["partitions"]
-        .as_array()
-        .ok_or_else(|| bad("no partitions"))?;
-    let state = parts
-        .iter()
-        .find(|p| p["role"] == "state")
+    let state = m
+        .part(formats::manifest::Role::State)
         .map(|p| -> Result<StatePart> {
-            let fs = &p["filesystem"];
-            let uuid = fs["uuid"]
-                .as_str()
-                .and_then(formats::seed::parse_uuid)
-                .ok_or_else(|| bad("the state filesystem has no UUID"))?;
+            let fs = p
+                .filesystem
+                .as_ref()
+                .ok_or_else(|| bad("the state partition has no filesystem"))?;
             Ok(StatePart {
-                index: p["number"]
-                    .as_u64()
-                    .and_then(|n| n.checked_sub(1))
-                    .ok_or_else(|| bad("a partition without a number"))?
-                    as usize,
-                offset: p["offset"].as_u64().ok_or_else(|| bad("no offset"))?,
-                size: p["size"].as_u64().ok_or_else(|| bad("no size"))?,
-                label: fs["label"].as_str().unwrap_or("state").to_string(),
-                uuid,
+                index: p
+                    .number
+                    .checked_sub(1)
+                    .ok_or_else(|| bad("a partition numbered 0"))? as usize,
+                offset: p.offset,
+                size: p.size,
+                label: fs.label.clone(),
+                uuid: formats::seed::parse_uuid(&fs.uuid)
+                    .ok_or_else(|| bad("the state filesystem has no UUID"))?,
             })
         })
         .transpose()?;
-    let identity = m["identity"]["path"].as_str().map(String::from);
     Ok(Manifest {
         path,
         gpt,
-        sector,
-        size,
+        sector: m.sector_size,
+        size: m.size,
         state,
-        identity,
+        identity: m.identity.map(|i| i.path),
     })
 }
 

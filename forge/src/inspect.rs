@@ -149,25 +149,17 @@ pub fn inspect(path: &Path) -> Result<Report> {
         p.role = role(p);
     }
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
-    let manifest = crate::image::manifest_path_for(path);
-    if let Ok(text) = std::fs::read_to_string(&manifest) {
-        match serde_json::from_str::<Disk>(&text) {
-            Err(e) => warnings.push(format!(
-                "{}: not a layout manifest: {e}",
-                manifest.display()
-            )),
-            Ok(m) => {
-                let differs = m.size != size
-                    || !m.disk_id.eq_ignore_ascii_case(&disk_id)
-                    || m.head_sha256.is_some_and(|h| Some(h) != head_sha256);
-                if differs {
-                    warnings.push(format!(
-                        "{} describes another image (size, disk id or first MiB differ)",
-                        manifest.display()
-                    ));
-                }
+    match formats::manifest::read_beside(path) {
+        Err(e) => warnings.push(e.to_string()),
+        Ok(Some(m)) => {
+            if let Err(what) = m.matches(size, &first) {
+                warnings.push(format!(
+                    "{} describes another image ({what})",
+                    formats::manifest::path_for(path).display()
+                ));
             }
         }
+        Ok(None) => {}
     }
     // Where a machine's identity goes, as forge's layouts put it: the
     // state filesystem's `identity/`.

@@ -12,6 +12,7 @@ pub mod fat;
 pub mod fuzz;
 pub mod gpt;
 pub mod identity;
+pub mod manifest;
 pub mod mbr;
 pub mod nar;
 pub mod nixbase32;

@@ -357,6 +357,9 @@ fn a_device_gets_its_own_state_filesystem_grown_to_its_end_and_the_table_to_matc
             "disk_id": "07070707-0707-0707-0707-070707070707",
             "partitions": [{
                 "number": 1, "role": "state", "offset": 1 << 20, "size": 7 << 20,
+                "type_id": gpt::types::VAR, "type_name": "var", "name": "state",
+                "guid": "01010101-0101-0101-0101-010101010101",
+                "read_only": false, "bootable": false,
                 "filesystem": {"kind": "ext4", "label": "state",
                                "uuid": "0a0b0c0d-0e0f-4011-8213-141516171819"}
             }],

@@ -410,7 +410,7 @@ pub fn bmap_path_for(out: &Path) -> PathBuf {
 /// `disk.img` → `disk.img.layout.json`; `nixos.img.zst` →
 /// `nixos.img.zst.layout.json`.
 pub fn manifest_path_for(out: &Path) -> PathBuf {
-    crate::output::with_suffix(out, ".layout.json")
+    formats::manifest::path_for(out)
 }
 
 /// The bmap lists what was written; the layout says what must be mapped.
