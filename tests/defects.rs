@@ -500,12 +500,7 @@ fn inspect_reads_back_every_field_of_the_layout_manifest() {
 
 /// Two sparse loop devices of 1 GiB.
 fn two_devices(dir: &Path) -> [(PathBuf, Loop); 2] {
-    ["a", "b"].map(|n| {
-        let f = dir.join(n);
-        std::fs::File::create(&f).unwrap().set_len(1 << 30).unwrap();
-        let lo = Loop::attach(&f, &[]);
-        (f, lo)
-    })
+    ["a", "b"].map(|n| sparse_device(dir, n, 1 << 30))
 }
 
 fn flash_two(img: &Path, devs: &[(PathBuf, Loop); 2], args: &[&str]) -> std::process::Output {
@@ -727,12 +722,7 @@ fn a_pzstd_image_flashes_and_other_compressors_are_named_never_written_raw() {
         format!("{}.bmap", z.display()),
     )
     .unwrap();
-    let f = d.path().join("card");
-    std::fs::File::create(&f)
-        .unwrap()
-        .set_len(len(&img))
-        .unwrap();
-    let lo = Loop::attach(&f, &[]);
+    let (_f, lo) = sparse_device(d.path(), "card", len(&img));
     ok(flash()
         .arg(&z)
         .arg(&lo.dev)
@@ -767,12 +757,7 @@ fn flash_verify_reads_a_card_mounted_read_only_and_points_at_except_state() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
     let img = raw_efi(d.path(), 512);
-    let f = d.path().join("card");
-    std::fs::File::create(&f)
-        .unwrap()
-        .set_len(len(&img) + (256 << 20))
-        .unwrap();
-    let lo = Loop::attach(&f, &[]);
+    let (_f, lo) = sparse_device(d.path(), "card", len(&img) + (256 << 20));
     ok(flash()
         .arg(&img)
         .arg(&lo.dev)
@@ -820,12 +805,7 @@ fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
     let img = raw_efi(d.path(), 512);
-    let f = d.path().join("card");
-    std::fs::File::create(&f)
-        .unwrap()
-        .set_len(len(&img))
-        .unwrap();
-    let lo = Loop::attach(&f, &[]);
+    let (f, lo) = sparse_device(d.path(), "card", len(&img));
     let args = ["--yes", "--allow-non-removable"];
     ok(flash().arg(&img).arg(&lo.dev).args(args));
     let p1 = format!("{}p1", lo.dev);

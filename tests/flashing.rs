@@ -51,6 +51,14 @@ pub fn stale_file(path: &Path, size: u64) {
     ));
 }
 
+/// A sparse backing file `name` of `size` bytes in `dir`, on a loop device.
+pub fn sparse_device(dir: &Path, name: &str, size: u64) -> (PathBuf, Loop) {
+    let f = dir.join(name);
+    std::fs::File::create(&f).unwrap().set_len(size).unwrap();
+    let lo = Loop::attach(&f, &[]);
+    (f, lo)
+}
+
 pub fn len(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }

@@ -29,14 +29,6 @@ fn identity(root: &Path, name: &str) -> PathBuf {
     d
 }
 
-/// A sparse backing file of `size` bytes on a loop device.
-fn device(dir: &Path, name: &str, size: u64) -> (PathBuf, Loop) {
-    let f = dir.join(name);
-    std::fs::File::create(&f).unwrap().set_len(size).unwrap();
-    let lo = Loop::attach(&f, &[]);
-    (f, lo)
-}
-
 fn debugfs(part: &str, req: &str) -> String {
     ok(Command::new("debugfs").args(["-R", req, part]))
 }
@@ -167,8 +159,8 @@ fn two_gpt_devices_of_different_sizes_each_get_their_identity_and_a_state_partit
     let img = raw_efi(d.path(), 512);
     let ids = d.path().join("ids");
     let (a, b) = (identity(&ids, "bench-a"), identity(&ids, "bench-b"));
-    let (_fa, la) = device(d.path(), "a", 1200 << 20);
-    let (_fb, lb) = device(d.path(), "b", 2 << 30);
+    let (_fa, la) = sparse_device(d.path(), "a", 1200 << 20);
+    let (_fb, lb) = sparse_device(d.path(), "b", 2 << 30);
     let reports = flash_json(&[
         img.to_str().unwrap(),
         &la.dev,
@@ -226,7 +218,7 @@ fn an_sd_image_gets_its_identity_and_its_mbr_state_partition_fills_the_card() {
     let d = tempfile::tempdir().unwrap();
     let img = sd_image(d.path(), "sd.img");
     let id = identity(d.path(), "pi-7");
-    let (_f, lo) = device(d.path(), "card", 1 << 30);
+    let (_f, lo) = sparse_device(d.path(), "card", 1 << 30);
     // The identity named for its device (DEV=DIR).
     let reports = flash_json(&[
         img.to_str().unwrap(),
@@ -258,7 +250,7 @@ fn a_flashed_device_boots_and_stage_one_reads_the_hostname_from_var_identity() {
     let bytes = d.path().join("card.img");
     {
         let _g = privileged();
-        let (f, lo) = device(d.path(), "card", 1536 << 20);
+        let (f, lo) = sparse_device(d.path(), "card", 1536 << 20);
         flash_json(&[
             img.to_str().unwrap(),
             &lo.dev,
@@ -324,7 +316,7 @@ fn a_stale_journal_left_by_an_earlier_flash_is_never_replayed() {
     let img = raw_efi(d.path(), 512);
     let id = identity(d.path(), "again");
     std::fs::write(id.join("machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
-    let (_f, lo) = device(d.path(), "card", 1200 << 20);
+    let (_f, lo) = sparse_device(d.path(), "card", 1200 << 20);
     let args = [
         img.to_str().unwrap(),
         &lo.dev,
@@ -449,7 +441,7 @@ fn verify_except_state_compares_all_but_the_devices_own_state_partition() {
     let d = tempfile::tempdir().unwrap();
     let img = raw_efi(d.path(), 512);
     let id = identity(d.path(), "checked");
-    let (_f, lo) = device(d.path(), "card", 1200 << 20);
+    let (_f, lo) = sparse_device(d.path(), "card", 1200 << 20);
     let i = img.to_str().unwrap();
     // The identity alone: the image's table, its state partition replaced.
     flash_json(&[i, &lo.dev, "--identity", id.to_str().unwrap()]);
@@ -515,8 +507,8 @@ fn bad_provisioning_input_is_one_line_and_writes_nothing() {
     let img = raw_efi(d.path(), 512);
     // Just large enough for the image, with old data at both ends.
     let size = (std::fs::metadata(&img).unwrap().len() + (8 << 20)) / (1 << 20) * (1 << 20);
-    let (_fa, la) = device(d.path(), "a", size);
-    let (_fb, lb) = device(d.path(), "b", size);
+    let (_fa, la) = sparse_device(d.path(), "a", size);
+    let (_fb, lb) = sparse_device(d.path(), "b", size);
     sh(&format!(
         "dd if=/dev/urandom of={0} bs=1M count=4 status=none && \
          dd if=/dev/urandom of={0} bs=1M count=4 seek={1} status=none",
@@ -709,7 +701,7 @@ fn a_pi_card_flashed_with_an_identity_boots_on_qemus_raspi3b_and_reads_it() {
     let card = d.path().join("card.img");
     {
         let _g = privileged();
-        let (f, lo) = device(d.path(), "card", 1 << 30);
+        let (f, lo) = sparse_device(d.path(), "card", 1 << 30);
         let r = flash_json(&[
             img.to_str().unwrap(),
             &lo.dev,
