@@ -336,6 +336,37 @@ fn a_verify_nar_mismatch_prints_both_hashes_in_nixs_own_form() {
     }
 }
 
+#[test]
+fn a_dynamic_vhd_stores_no_block_of_only_zeros() {
+    let d = tempfile::tempdir().unwrap();
+    let sys = system("x86_64");
+    let raw = d.path().join("disk.img");
+    ok(forge_image_of(&sys)
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&raw));
+    let vhd = d.path().join("disk.vhd");
+    ok(forge_image_of(&sys)
+        .args(["--format", "raw-efi", "--vhd-type", "dynamic", "-o"])
+        .arg(&vhd));
+    let cmp = ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(&raw)
+        .arg(&vhd));
+    assert!(cmp.contains("identical"), "{cmp}");
+    // The peer: qemu-img convert stores only blocks holding data.
+    let q = d.path().join("q.vhd");
+    ok(Command::new("qemu-img")
+        .args(["convert", "-O", "vpc", "-o", "subformat=dynamic"])
+        .arg(&raw)
+        .arg(&q));
+    assert!(
+        len(&vhd) <= len(&q),
+        "{} bytes, qemu-img's {}",
+        len(&vhd),
+        len(&q)
+    );
+}
+
 // ---- forge oci ----
 
 fn unpacked_rootfs(dir: &Path, args: &[&str], path: &str) -> (Value, PathBuf) {

@@ -1,9 +1,10 @@
 //! VHD (`formats::vhd`). Fixed: the raw image (written as `raw.rs` writes
-//! it) and the footer. Dynamic: the header and the block table are laid
-//! out from the block map before the first chunk (a block is stored when
-//! the map touches it), then each chunk's touched blocks go to their
-//! block's place, the rest of a fresh file reading as zeros; the footer
-//! last.
+//! it) and the footer. Dynamic: chunks come in image order; a 2 MiB block
+//! is stored, after the ones before it, when the first non-zero byte of
+//! it arrives, so blocks holding only zeros (a journal, empty groups)
+//! take no room, as `qemu-img convert` leaves them; the block table
+//! (its size known from the disk's) is written last, then the footer.
+//! Image order makes the file's layout independent of the thread count.
 
 use std::fs::File;
 use std::io;
@@ -25,6 +26,7 @@ pub(super) struct Vhd {
     uuid: [u8; 16],
     /// Dynamic: where each stored block's bitmap starts in the file.
     blocks: Vec<Option<u64>>,
+    /// Dynamic: where the next stored block goes.
     end: u64,
 }
 
@@ -51,6 +53,15 @@ impl Vhd {
         })
     }
 
+    /// Block `blk` stored at the end (its sectors all marked present).
+    fn store(&mut self, blk: u64) -> io::Result<u64> {
+        let at = self.end;
+        self.file.write_all_at(&[0xFFu8; BITMAP as usize], at)?;
+        self.blocks[blk as usize] = Some(at);
+        self.end += BITMAP + BLOCK;
+        Ok(at)
+    }
+
     fn footer(&self) -> [u8; 512] {
         vhd::footer(self.ty, self.size, self.unix_time, self.uuid)
     }
@@ -62,7 +73,7 @@ fn invalid(e: vhd::VhdError) -> io::Error {
 
 impl Container for Vhd {
     fn ordered(&self) -> bool {
-        false
+        self.ty == Type::Dynamic
     }
 
     fn begin(&mut self, size: u64, map: &[(u64, u64)]) -> io::Result<()> {
@@ -71,41 +82,10 @@ impl Container for Vhd {
         if let Some(raw) = self.raw.as_mut() {
             return raw.begin(size, map);
         }
-        let n = vhd::table_entries(size) as usize;
-        let mut stored = vec![false; n];
-        for &(off, len) in map {
-            if len > 0 {
-                for b in off / BLOCK..=(off + len - 1) / BLOCK {
-                    stored[b as usize] = true;
-                }
-            }
-        }
-        let mut at = TABLE_AT + vhd::table_len(size);
-        self.blocks = stored
-            .iter()
-            .map(|&s| {
-                s.then(|| {
-                    let here = at;
-                    at += BITMAP + BLOCK;
-                    here
-                })
-            })
-            .collect();
-        self.end = at;
-        let sectors: Vec<Option<u32>> = self
-            .blocks
-            .iter()
-            .map(|b| b.map(|o| (o / 512) as u32))
-            .collect();
-        self.file.set_len(self.end + FOOTER)?;
+        self.blocks = vec![None; vhd::table_entries(size) as usize];
+        self.end = TABLE_AT + vhd::table_len(size);
         self.file.write_all_at(&self.footer(), 0)?;
         self.file.write_all_at(&vhd::dynamic_header(size), FOOTER)?;
-        self.file
-            .write_all_at(&vhd::table(size, &sectors), TABLE_AT)?;
-        let bitmap = [0xFFu8; BITMAP as usize];
-        for o in self.blocks.iter().flatten() {
-            self.file.write_all_at(&bitmap, *o)?;
-        }
         Ok(())
     }
 
@@ -119,15 +99,23 @@ impl Container for Vhd {
             while at < end {
                 let blk = at / BLOCK;
                 let upto = ((blk + 1) * BLOCK).min(end);
-                let Some(Some(base)) = self.blocks.get(blk as usize) else {
-                    return Err(io::Error::other(format!(
-                        "internal: VHD: byte {at} was written but its block is not in the map"
-                    )));
+                let bytes = &c.bytes()[(at - c.off) as usize..(upto - c.off) as usize];
+                let base = match self.blocks.get(blk as usize) {
+                    Some(Some(base)) => *base,
+                    // Zeros in a block not stored: they read as zeros.
+                    Some(None) if bytes.iter().all(|&x| x == 0) => {
+                        at = upto;
+                        continue;
+                    }
+                    Some(None) => self.store(blk)?,
+                    None => {
+                        return Err(io::Error::other(format!(
+                            "internal: VHD: byte {at} is past the disk's end"
+                        )))
+                    }
                 };
-                let lo = (at - c.off) as usize;
-                let hi = (upto - c.off) as usize;
-                let dest = base + BITMAP + (at - blk * BLOCK);
-                self.file.write_all_at(&c.bytes()[lo..hi], dest)?;
+                self.file
+                    .write_all_at(bytes, base + BITMAP + (at - blk * BLOCK))?;
                 at = upto;
             }
         }
@@ -140,7 +128,16 @@ impl Container for Vhd {
                 raw.finish()?;
                 self.size
             }
-            None => self.end,
+            None => {
+                let sectors: Vec<Option<u32>> = self
+                    .blocks
+                    .iter()
+                    .map(|b| b.map(|o| (o / 512) as u32))
+                    .collect();
+                self.file
+                    .write_all_at(&vhd::table(self.size, &sectors), TABLE_AT)?;
+                self.end
+            }
         };
         self.file.write_all_at(&self.footer(), end)?;
         self.file.set_len(end + FOOTER)
