@@ -21,7 +21,8 @@
       # nixos-rebuild and system.autoUpgrade can change in place.
       rootMode ? "ro",
       # sd-aarch64: store paths or files for the firmware partition (the
-      # Pi's firmware, U-Boot and a kernel= file config.txt names).
+      # Pi's firmware, U-Boot and a kernel= file config.txt names); a
+      # "NAME=FILE" string puts FILE there as NAME.
       firmware ? [ ],
       extraArgs ? [ ],
       forge ? pkgs.buildPackages.callPackage ./package.nix { },

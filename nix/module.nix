@@ -104,9 +104,9 @@ in
       '';
     };
     firmware = mkOption {
-      type = types.listOf types.path;
+      type = types.listOf (types.either types.path types.str);
       default = [ ];
-      description = "sd-aarch64: files for the firmware partition (the Pi's firmware, U-Boot, a kernel= file that config.txt names).";
+      description = "sd-aarch64: files for the firmware partition (the Pi's firmware, U-Boot, a kernel= file that config.txt names); \"NAME=FILE\" puts FILE there as NAME (e.g. \"u-boot-rpi3.bin=\${pkgs.ubootRaspberryPi3_64bit}/u-boot.bin\").";
     };
     extraArgs = mkOption {
       type = types.listOf types.str;

@@ -367,6 +367,47 @@ fn a_dynamic_vhd_stores_no_block_of_only_zeros() {
     );
 }
 
+#[test]
+fn firmware_can_name_its_file_on_the_card() {
+    let d = tempfile::tempdir().unwrap();
+    let sys = system("aarch64");
+    let uboot = d.path().join("u-boot.bin");
+    std::fs::write(&uboot, b"u-boot").unwrap();
+    let img = d.path().join("sd.img");
+    let mut c = forge_image_of(&sys);
+    c.args(["--format", "sd-aarch64", "--firmware"]);
+    ok(c.arg(format!("u-boot-rpi3.bin={}", uboot.display()))
+        .arg("-o")
+        .arg(&img));
+    let j: Value =
+        serde_json::from_str(&ok(forge().arg("inspect").arg(&img).arg("--json"))).unwrap();
+    let off = j["partitions"][0]["offset"].as_u64().unwrap();
+    let dir = ok(Command::new("mdir")
+        .args(["-b", "-i"])
+        .arg(format!("{}@@{off}", img.display())));
+    assert!(
+        dir.contains("u-boot-rpi3.bin") && !dir.contains("u-boot.bin\n"),
+        "{dir}"
+    );
+    // Without the name, config.txt's kernel= file is missing: said so.
+    let err = fails(
+        forge_image_of(&sys)
+            .args(["--format", "sd-aarch64", "--firmware"])
+            .arg(&uboot)
+            .arg("-o")
+            .arg(d.path().join("bad.img")),
+    );
+    assert!(the_error(&err).contains("NAME=FILE"), "{err}");
+    let err = fails(
+        forge_image_of(&sys)
+            .args(["--format", "sd-aarch64", "--firmware"])
+            .arg(format!("u-boot-rpi3.bin={}", d.path().display()))
+            .arg("-o")
+            .arg(d.path().join("bad.img")),
+    );
+    assert!(the_error(&err).contains("not a file"), "{err}");
+}
+
 // ---- forge oci ----
 
 fn unpacked_rootfs(dir: &Path, args: &[&str], path: &str) -> (Value, PathBuf) {

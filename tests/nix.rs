@@ -180,7 +180,7 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
     }
     // Firmware for the Pi: its paths reach forge, the assertion holds.
     let got = module_config(
-        "{ enable = true; layout = \"sd-aarch64\"; firmware = [ \"/nix/store/22222222222222222222222222222222-raspberrypi-firmware\" ]; }",
+        "{ enable = true; layout = \"sd-aarch64\"; firmware = [ \"/nix/store/22222222222222222222222222222222-raspberrypi-firmware\" \"u-boot-rpi3.bin=/nix/store/33333333333333333333333333333333-uboot/u-boot.bin\" ]; }",
         "",
     );
     assert_eq!(got["assertions"][0]["assertion"], json!(true));
@@ -192,12 +192,14 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert_eq!(
-        &args[args.len() - 4..],
+        &args[args.len() - 6..],
         [
             "--root-mode",
             "ro",
             "--firmware",
-            "/nix/store/22222222222222222222222222222222-raspberrypi-firmware"
+            "/nix/store/22222222222222222222222222222222-raspberrypi-firmware",
+            "--firmware",
+            "u-boot-rpi3.bin=/nix/store/33333333333333333333333333333333-uboot/u-boot.bin"
         ]
     );
     // A hostname the configuration sets wins over /var/identity's.

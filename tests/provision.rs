@@ -685,15 +685,14 @@ fn a_fake_card_whose_upper_half_is_its_lower_half_is_refused_and_left_as_it_was(
 fn a_pi_card_flashed_with_an_identity_boots_on_qemus_raspi3b_and_reads_it() {
     let sys = system("aarch64");
     let d = tempfile::tempdir().unwrap();
-    // Debian's Pi U-Boot as the firmware partition's kernel= file.
+    // Debian's Pi U-Boot as the firmware partition's kernel= file, put
+    // there under the name config.txt starts, as the README's flake does
+    // with nixpkgs' ubootRaspberryPi3_64bit (which holds u-boot.bin).
     let uboot = fixtures().join("aarch64/u-boot-rpi.bin");
-    let fw = d.path().join("fw");
-    std::fs::create_dir(&fw).unwrap();
-    std::fs::copy(&uboot, fw.join("u-boot-rpi3.bin")).unwrap();
     let img = d.path().join("sd.img");
     ok(forge_image_of(&sys)
         .args(["--format", "sd-aarch64", "--firmware"])
-        .arg(&fw)
+        .arg(format!("u-boot-rpi3.bin={}", uboot.display()))
         .arg("-o")
         .arg(&img));
     let id = identity(d.path(), "pi-on-the-bench");

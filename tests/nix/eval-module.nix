@@ -21,6 +21,7 @@ let
       package = "package";
       enum = values: { inherit values; };
       listOf = t: { listOf = t; };
+      either = a: b: { either = [ a b ]; };
     };
     mkIf = condition: content: {
       _type = "if";

@@ -52,9 +52,11 @@ pub struct ImageArgs {
     /// filesystem, fill what the others leave (default: as small as they allow).
     #[arg(long, value_name = "SIZE")]
     disk_size: Option<String>,
-    /// sd-aarch64: files for the firmware partition (a store path or directory, or a file); repeatable.
-    #[arg(long, value_name = "PATH")]
-    firmware: Vec<PathBuf>,
+    /// sd-aarch64: files for the firmware partition: a store path or
+    /// directory (its files), a file, or NAME=FILE (the file named NAME on
+    /// the card, e.g. u-boot-rpi3.bin=…/u-boot.bin); repeatable.
+    #[arg(long, value_name = "[NAME=]PATH")]
+    firmware: Vec<forge::image::Firmware>,
     /// sd-aarch64: the Pi's config.txt (default: one that starts U-Boot in 64-bit mode, UART on).
     #[arg(long, value_name = "FILE")]
     config_txt: Option<PathBuf>,

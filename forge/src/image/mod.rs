@@ -97,6 +97,38 @@ pub fn container_for(out: &Path) -> Result<container::Kind> {
     }
 }
 
+/// A `--firmware` item: a directory or file, or `NAME=FILE`, the file
+/// under another name on the card (nixpkgs' U-Boot packages hold
+/// `u-boot.bin`; the Pi's config.txt starts `u-boot-rpi3.bin`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Firmware {
+    pub name: Option<String>,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for Firmware {
+    type Err = String;
+    /// `NAME=FILE` when what precedes the first `=` is a file name (no
+    /// `/`); anything else is a path as it is.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, path)) if !name.contains('/') => {
+                if name.is_empty() || name == "." || name == ".." || path.is_empty() {
+                    return Err(format!("{s:?}: expected NAME=FILE or a path"));
+                }
+                Ok(Firmware {
+                    name: Some(name.into()),
+                    path: path.into(),
+                })
+            }
+            _ => Ok(Firmware {
+                name: None,
+                path: s.into(),
+            }),
+        }
+    }
+}
+
 pub struct Options {
     pub system: PathBuf,
     pub store_root: PathBuf,
@@ -122,7 +154,7 @@ pub struct Options {
     /// Hash every NAR even where Nix recorded the hash.
     pub verify_nar: bool,
     pub sector_size: u32,
-    pub firmware: Vec<PathBuf>,
+    pub firmware: Vec<Firmware>,
     pub config_txt: Option<PathBuf>,
     pub firmware_size: u64,
     pub zstd_level: i32,
@@ -432,4 +464,27 @@ fn same_ranges(written: &[(u64, u64, String)], mapped: &[(u64, u64)]) -> Result<
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Firmware;
+
+    #[test]
+    fn firmware_is_a_path_or_name_equals_file() {
+        let f = |s: &str| s.parse::<Firmware>();
+        assert_eq!(
+            f("u-boot-rpi3.bin=/nix/store/x-uboot/u-boot.bin").unwrap(),
+            Firmware {
+                name: Some("u-boot-rpi3.bin".into()),
+                path: "/nix/store/x-uboot/u-boot.bin".into()
+            }
+        );
+        // An `=` after a `/` is part of a path.
+        assert_eq!(f("/a/b=c").unwrap().name, None);
+        assert_eq!(f("fw").unwrap().path, std::path::PathBuf::from("fw"));
+        for bad in ["=x", "name=", "..=x"] {
+            assert!(f(bad).is_err(), "{bad}");
+        }
+    }
 }

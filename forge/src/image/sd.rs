@@ -53,10 +53,17 @@ fn physical(store: &Store, p: &Path) -> PathBuf {
 fn firmware_tree(o: &Options, store: &Store) -> Result<Tree> {
     let mut t = Tree::new(0o755);
     let owner = Owner::default();
-    for p in &o.firmware {
+    for f in &o.firmware {
+        let p = &f.path;
         let phys = physical(store, p);
         let md = std::fs::metadata(&phys).with_context(|| format!("--firmware {}", p.display()))?;
-        if md.is_dir() {
+        if let Some(name) = &f.name {
+            if !md.is_file() {
+                bail!("--firmware {name}={}: not a file", p.display());
+            }
+            t.add_host(ROOT, name.as_bytes(), &phys, owner)
+                .with_context(|| format!("--firmware {name}={}", p.display()))?;
+        } else if md.is_dir() {
             t.add_host_contents(ROOT, &phys, owner)
                 .with_context(|| format!("--firmware {}", p.display()))?;
         } else {
@@ -113,8 +120,14 @@ fn config_text(o: &Options, store: &Store) -> Result<String> {
     if let Some(c) = &o.config_txt {
         return from(c);
     }
-    for p in &o.firmware {
-        let phys = physical(store, p);
+    for f in &o.firmware {
+        let phys = physical(store, &f.path);
+        if f.name.as_deref() == Some("config.txt") {
+            return from(&phys);
+        }
+        if f.name.is_some() {
+            continue;
+        }
         if phys.is_dir() && phys.join("config.txt").is_file() {
             return from(&phys.join("config.txt"));
         }
@@ -137,7 +150,7 @@ fn check_firmware(o: &Options, store: &Store, fw: &Tree) -> Result<()> {
     };
     if !named.is_empty() && !named.iter().any(|k| children.contains_key(k.as_bytes())) {
         bail!(
-            "config.txt starts {} (kernel=), but none of them is among the --firmware files",
+            "config.txt starts {} (kernel=), but none of them is among the --firmware files (NAME=FILE puts a file on the card under NAME)",
             named.join(", ")
         );
     }
