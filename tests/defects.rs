@@ -872,6 +872,51 @@ fn flash_verify_reads_a_card_mounted_read_only_and_points_at_except_state() {
 }
 
 #[test]
+fn flash_list_says_when_partition_nodes_outlive_a_killed_flash() {
+    use std::io::{BufRead, BufReader};
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = raw_efi(d.path(), 512);
+    let (_f, lo) = sparse_device(d.path(), "card", len(&img));
+    ok(flash()
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable"]));
+    let line = |list: &str| -> String {
+        list.lines()
+            .find(|l| l.starts_with(&format!("{} ", lo.dev)))
+            .unwrap_or_else(|| panic!("{} not listed:\n{list}", lo.dev))
+            .to_string()
+    };
+    let before = line(&ok(flash().args(["list", "--all"])));
+    assert!(
+        before.contains("p1") && !before.contains("stale"),
+        "{before}"
+    );
+    let mut child = flash()
+        .arg(&img)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable"])
+        .env("NIXFORGE_FLASH_PAUSE", "body")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    for l in err.lines().map_while(Result::ok) {
+        if l.contains("paused at body") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let after = line(&ok(flash().args(["list", "--all"])));
+    assert!(
+        after.contains("p1") && after.contains("stale: the disk holds no partition table"),
+        "{after}"
+    );
+}
+
+#[test]
 fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
     use std::io::{BufRead, BufReader};
     let _g = privileged();

@@ -52,6 +52,9 @@ pub struct Disk {
     pub read_only: bool,
     pub logical_sector_size: u32,
     pub partitions: Vec<String>,
+    /// The kernel still lists partitions, but the disk holds no partition
+    /// table (a flash killed after wiping it): the nodes are stale.
+    pub stale_partitions: bool,
     /// "major:minor" of the disk.
     pub devnum: String,
     /// Why this disk may not be written (empty: it may).
@@ -80,6 +83,11 @@ impl Disk {
             self.logical_sector_size,
             if self.partitions.is_empty() {
                 "none".into()
+            } else if self.stale_partitions {
+                format!(
+                    "{} (stale: the disk holds no partition table)",
+                    self.partitions.join(",")
+                )
             } else {
                 self.partitions.join(",")
             },
@@ -248,7 +256,9 @@ pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
                 "not a removable disk (pass --allow-non-removable if you mean it)",
             ));
         }
+        let stale_partitions = !parts.is_empty() && no_table(&root.join("dev").join(&name));
         disks.push(Disk {
+            stale_partitions,
             devnum: devnums[0].clone(),
             path: PathBuf::from("/dev").join(&name),
             size,
@@ -266,6 +276,23 @@ pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
         });
     }
     Ok(disks)
+}
+
+/// Whether the disk at `dev` can be read and holds no partition table
+/// (no MBR signature, no GPT header at either sector size); false when it
+/// cannot be read (not root, no medium).
+fn no_table(dev: &Path) -> bool {
+    use std::io::Read;
+    let mut head = vec![0u8; 8192];
+    let Ok(mut f) = fs::File::open(dev) else {
+        return false;
+    };
+    if f.read_exact(&mut head).is_err() {
+        return false;
+    }
+    head[510..512] != [0x55, 0xAA]
+        && &head[512..520] != b"EFI PART"
+        && &head[4096..4104] != b"EFI PART"
 }
 
 fn dir_empty(p: &Path) -> bool {
