@@ -351,9 +351,9 @@ fn a_layout_manifest_of_another_image_is_refused() {
 }
 
 /// Exit 2 for every refusal before the first write, each leaving the
-/// device as it was: a --sha256 mismatch, a bmap that is not one, --fill
-/// without a layout manifest, a device another process holds, flash run
-/// without root.
+/// device as it was: a --sha256 mismatch, a malformed SOURCE_DATE_EPOCH,
+/// a bmap that is not one, --fill without a layout manifest, a device
+/// another process holds, flash run without root.
 #[test]
 fn every_refusal_before_the_first_write_exits_2_and_writes_nothing() {
     let _g = privileged();
@@ -373,6 +373,10 @@ fn every_refusal_before_the_first_write_exits_2_and_writes_nothing() {
         c
     };
     run(base().args(["--sha256", &"0".repeat(64)]), "SHA-256 is");
+    run(
+        base().arg("--fill").env("SOURCE_DATE_EPOCH", "yesterday"),
+        "SOURCE_DATE_EPOCH=\"yesterday\" is not a number",
+    );
     let junk = t.img.with_file_name("junk.bmap");
     std::fs::write(&junk, "<bmap>not really</bmap>\n").unwrap();
     run(base().arg("--bmap").arg(&junk), "junk.bmap");

@@ -18,8 +18,35 @@ pub fn civil(unix: i64) -> (i64, u32, u32, u32) {
     (y, m, d, secs)
 }
 
+/// Every timestamp an image or a device's own filesystem holds:
+/// `SOURCE_DATE_EPOCH` (the reproducible-builds convention), or 1 as in
+/// the Nix store when it is not set. A value that is not a number of
+/// seconds (fitting 32 bits) is an error, never silently 1.
+pub fn source_date_epoch() -> Result<u32, String> {
+    epoch_from(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())
+}
+
+fn epoch_from(v: Option<&str>) -> Result<u32, String> {
+    match v {
+        None => Ok(1),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn source_date_epoch_is_a_number_or_unset() {
+        assert_eq!(super::epoch_from(None), Ok(1));
+        assert_eq!(super::epoch_from(Some(" 1700000000\n")), Ok(1_700_000_000));
+        for bad in ["", "yesterday", "-1", "99999999999"] {
+            assert!(super::epoch_from(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn known_dates() {
         assert_eq!(super::civil(0), (1970, 1, 1, 0));

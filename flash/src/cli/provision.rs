@@ -243,10 +243,7 @@ pub fn plan(
         return Ok(targets.iter().map(|_| None).collect());
     }
     let m: Manifest = personal::manifest(image)?;
-    let epoch = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(1);
+    let epoch = formats::time::source_date_epoch().map_err(anyhow::Error::msg)?;
     targets
         .iter()
         .zip(dirs)

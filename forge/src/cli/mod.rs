@@ -66,13 +66,7 @@ pub fn size_arg(s: &str) -> Result<u64, String> {
 
 /// Every timestamp in an image: SOURCE_DATE_EPOCH, or 1 (as in the Nix store).
 pub fn epoch() -> Result<u32> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
-        Err(_) => Ok(1),
-    }
+    formats::time::source_date_epoch().map_err(anyhow::Error::msg)
 }
 
 /// `--sector-size`: 512 or 4096.
