@@ -77,7 +77,7 @@ test-boots: deps fixtures test-bins
 test-flash: deps fixtures test-bins
 	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests --test flash --test flash_safety -- --test-threads=2
 
-# The parsers' property tests (tables, bmap, zstd frames, registration,
+# The parsers' property tests (tables, a device's own table, bmap, zstd frames, registration,
 # bootspec; every test named *never_panic) for FUZZ_SECS each, on a fresh
 # seed (printed). `make test` runs them briefly with a fixed seed.
 FUZZ_SECS ?= 120

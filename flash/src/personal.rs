@@ -391,3 +391,68 @@ fn table(
         Ok((Some(mbr), None))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use formats::gpt::{self, Gpt};
+
+    /// A device's own table, however mangled (a card flashed, booted and
+    /// repartitioned, or failing), gives a result or an error, never a
+    /// panic or a wrapped number: its GPT header and entries, an MBR's
+    /// entries, the device's size and sector size all vary.
+    #[test]
+    fn as_found_never_panics() {
+        let heads: Vec<(u64, Vec<u8>)> = [512u64, 4096]
+            .iter()
+            .map(|&ss| {
+                let g = Gpt {
+                    sector: ss,
+                    disk_sectors: (64 << 20) / ss,
+                    disk_guid: [7; 16],
+                    partitions: vec![gpt::Partition {
+                        type_guid: formats::seed::parse_uuid(gpt::types::VAR).unwrap(),
+                        guid: [9; 16],
+                        first_lba: (1 << 20) / ss,
+                        last_lba: (8 << 20) / ss - 1,
+                        attributes: 0,
+                        name: "state".into(),
+                    }],
+                };
+                (ss, g.primary())
+            })
+            .collect();
+        let manifest = |gpt: bool, sector: u64| Manifest {
+            path: "x.img.layout.json".into(),
+            gpt,
+            sector,
+            size: 9 << 20,
+            state: Some(StatePart {
+                index: 0,
+                offset: 1 << 20,
+                size: 7 << 20,
+                label: "state".into(),
+                uuid: [3; 16],
+            }),
+            identity: Some("identity".into()),
+        };
+        formats::fuzz::run("personal::as_found", 2000, |r| {
+            let (ss, base) = &heads[r.below(2)];
+            let mut dev = base.clone();
+            // The header and the first entries, where the numbers are.
+            for _ in 0..r.below(8) {
+                let i = *ss as usize + r.below(*ss as usize + 256);
+                if i < dev.len() {
+                    dev[i] = r.word() as u8;
+                }
+            }
+            r.mutate(&mut dev, 2);
+            let dev_size = [r.word(), 64 << 20, r.word() % (1 << 40), 0][r.below(4)];
+            let lbs = [*ss, 512, 4096, r.word() % 8192][r.below(4)];
+            let gpt = r.below(2) == 0;
+            let _ = as_found(&manifest(gpt, *ss), base, &dev, dev_size, lbs);
+            let n = r.below(2048);
+            let _ = as_found(&manifest(gpt, *ss), &r.bytes(n), &r.bytes(n), dev_size, lbs);
+        });
+    }
+}
