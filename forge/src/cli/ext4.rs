@@ -15,11 +15,11 @@ pub struct Ext4Args {
     #[arg(short, long)]
     output: PathBuf,
     /// Filesystem size: `auto`, or bytes with an optional K/M/G/T suffix.
-    #[arg(long, default_value = "auto")]
-    size: String,
+    #[arg(long, default_value = "auto", value_parser = |s: &str| super::word_or_size(s, "auto"))]
+    size: super::WordOrSize,
     /// With --size auto: extra space, in bytes (K/M/G suffixes) or percent (`10%`).
-    #[arg(long, default_value = "0")]
-    slack: String,
+    #[arg(long, default_value = "0", value_parser = |s: &str| parse_slack(s).map_err(|e| format!("{e:#}")))]
+    slack: Slack,
     /// Filesystem label (at most 16 bytes).
     #[arg(long, default_value = "")]
     label: String,
@@ -41,11 +41,9 @@ pub struct Ext4Args {
 }
 
 pub fn run(a: Ext4Args) -> Result<()> {
-    let size = match a.size.as_str() {
-        "auto" => Size::Auto {
-            slack: parse_slack(&a.slack)?,
-        },
-        s => Size::Fixed(super::parse_bytes(s).with_context(|| format!("--size {s}"))?),
+    let size = match a.size {
+        super::WordOrSize::Word => Size::Auto { slack: a.slack },
+        super::WordOrSize::Bytes(n) => Size::Fixed(n),
     };
     let owner = Owner {
         force: a.owner.as_deref().map(parse_owner).transpose()?,

@@ -16,8 +16,8 @@ pub struct FatArgs {
     #[arg(short, long)]
     output: PathBuf,
     /// Volume size, bytes with an optional K/M/G suffix.
-    #[arg(long, default_value = "256M")]
-    size: String,
+    #[arg(long, default_value = "256M", value_parser = super::size_arg)]
+    size: u64,
     /// Volume label (at most 11 ASCII characters).
     #[arg(long, default_value = "ESP")]
     label: String,
@@ -36,9 +36,8 @@ pub fn run(a: FatArgs) -> Result<()> {
     }
     let mut tree = Tree::new(0o755);
     tree.add_host_contents(ROOT, &a.src, Owner::default())?;
-    let size = super::parse_bytes(&a.size).with_context(|| format!("--size {}", a.size))?;
     let opts = fat::Options {
-        size,
+        size: a.size,
         sector_size: a.sector_size,
         label: a.label.clone(),
         volume_id: fat::volume_id(&a.seed, &a.label),

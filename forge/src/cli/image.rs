@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 
+use super::WordOrSize;
 use forge::image::{self, Format, RootMode};
 use formats::ext4::{Size, Slack};
 
@@ -11,8 +12,11 @@ pub struct ImageArgs {
     /// Toplevel store path of the system, or a link to one (e.g. ./result).
     system: PathBuf,
     /// Image format.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Format::NAMES))]
-    format: String,
+    #[arg(long, value_parser = clap::builder::TypedValueParser::map(
+        clap::builder::PossibleValuesParser::new(Format::NAMES),
+        |s: String| Format::from_name(&s).expect("one of Format::NAMES"),
+    ))]
+    format: Format,
     /// Output image (a missing directory it goes in is made when its parent exists): .img or .raw (raw), .img.zst or .raw.zst (zstd),
     /// .qcow2, .vhd (raw-efi only). IMAGE.layout.json (the layout
     /// manifest) goes beside every image, IMAGE.bmap beside raw and zstd ones.
@@ -20,38 +24,38 @@ pub struct ImageArgs {
     output: PathBuf,
     /// .vhd outputs: fixed (the raw bytes and a footer; Azure) or dynamic
     /// (only the 2 MiB blocks holding data; AWS import-snapshot).
-    #[arg(long, value_parser = ["fixed", "dynamic"])]
-    vhd_type: Option<String>,
+    #[arg(long, value_enum)]
+    vhd_type: Option<VhdType>,
     /// .qcow2 outputs: `deflate` compresses each cluster (as qemu-img
     /// convert -c), on every core; a cluster that does not shrink is stored plain.
-    #[arg(long, value_parser = ["deflate"])]
-    compression: Option<String>,
+    #[arg(long, value_enum)]
+    compression: Option<Compression>,
     /// Seed for every UUID and GUID (default: the toplevel store path).
     #[arg(long)]
     seed: Option<String>,
     /// raw-efi: size of the FAT32 EFI system partition (kernels, initrds,
     /// systemd-boot).
-    #[arg(long, default_value = "512M")]
-    esp_size: String,
+    #[arg(long, default_value = "512M", value_parser = super::size_arg)]
+    esp_size: u64,
     /// `auto` (the content plus --root-slack) or a size.
-    #[arg(long, default_value = "auto")]
-    root_size: String,
+    #[arg(long, default_value = "auto", value_parser = |s: &str| super::word_or_size(s, "auto"))]
+    root_size: WordOrSize,
     /// Extra space with --root-size auto: bytes, percent, or `25%,256M` for
     /// the larger of both (default: none for ro; 25%, at least 256M, for rw).
-    #[arg(long)]
-    root_slack: Option<String>,
+    #[arg(long, value_parser = slack_arg)]
+    root_slack: Option<Slack>,
     /// ro: read-only root without a journal (GPT read-only attribute set);
     /// rw: journaled and writable, for systems that rebuild in place.
-    #[arg(long, value_parser = ["ro", "rw"], default_value = "ro")]
-    root_mode: String,
+    #[arg(long, value_enum, default_value = "ro")]
+    root_mode: RootModeArg,
     /// Size of the state partition (`none`: no state partition, e.g. a VM
     /// base whose /var is another disk); with --disk-size, its least size.
-    #[arg(long, default_value = "256M")]
-    state_size: String,
+    #[arg(long, default_value = "256M", value_parser = |s: &str| super::word_or_size(s, "none"))]
+    state_size: WordOrSize,
     /// Size of the whole image (e.g. 8G): the state partition, and its
     /// filesystem, fill what the others leave (default: as small as they allow).
-    #[arg(long, value_name = "SIZE")]
-    disk_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = super::size_arg)]
+    disk_size: Option<u64>,
     /// sd-aarch64: files for the firmware partition: a store path or
     /// directory (its files), a file, or NAME=FILE (the file named NAME on
     /// the card, e.g. u-boot-rpi3.bin=…/u-boot.bin); repeatable.
@@ -61,8 +65,8 @@ pub struct ImageArgs {
     #[arg(long, value_name = "FILE")]
     config_txt: Option<PathBuf>,
     /// sd-aarch64: size of the FAT32 firmware partition.
-    #[arg(long, default_value = "128M")]
-    firmware_size: String,
+    #[arg(long, default_value = "128M", value_parser = super::size_arg)]
+    firmware_size: u64,
     /// zstd level for outputs ending in .zst.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: i32,
@@ -80,15 +84,34 @@ pub struct ImageArgs {
     json: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum VhdType {
+    Fixed,
+    Dynamic,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Compression {
+    Deflate,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RootModeArg {
+    Ro,
+    Rw,
+}
+
+fn slack_arg(s: &str) -> Result<Slack, String> {
+    super::ext4::parse_slack(s).map_err(|e| format!("{e:#}"))
+}
+
 pub fn run(a: ImageArgs) -> Result<()> {
-    let bytes = |s: &str, what: &str| super::parse_bytes(s).with_context(|| format!("{what} {s}"));
-    let root_mode = match a.root_mode.as_str() {
-        "rw" => RootMode::Rw,
-        _ => RootMode::Ro,
+    let root_mode = match a.root_mode {
+        RootModeArg::Rw => RootMode::Rw,
+        RootModeArg::Ro => RootMode::Ro,
     };
-    let format = Format::from_name(&a.format).context("--format")?;
-    let slack = match (&a.root_slack, root_mode) {
-        (Some(s), _) => super::ext4::parse_slack(s)?,
+    let slack = match (a.root_slack, root_mode) {
+        (Some(s), _) => s,
         (None, RootMode::Ro) => Slack::default(),
         // Room to rebuild in place; Nix alone reserves 8 MiB for its database.
         (None, RootMode::Rw) => Slack {
@@ -96,39 +119,35 @@ pub fn run(a: ImageArgs) -> Result<()> {
             percent: 25,
         },
     };
-    let root_size = match a.root_size.as_str() {
-        "auto" => Size::Auto { slack },
-        s => Size::Fixed(bytes(s, "--root-size")?),
+    let root_size = match a.root_size {
+        WordOrSize::Word => Size::Auto { slack },
+        WordOrSize::Bytes(n) => Size::Fixed(n),
     };
     let opts = image::Options {
         system: a.system,
         store_root: a.src.root,
-        format,
+        format: a.format,
         output: a.output,
         seed: a.seed,
-        esp_size: bytes(&a.esp_size, "--esp-size")?,
+        esp_size: a.esp_size,
         root_size,
         root_mode,
-        state_size: match a.state_size.as_str() {
-            "none" => None,
-            s => Some(bytes(s, "--state-size")?),
+        state_size: match a.state_size {
+            WordOrSize::Word => None,
+            WordOrSize::Bytes(n) => Some(n),
         },
         deflate: a.compression.is_some(),
         closure_info: a.src.closure_info,
         verify_nar: a.src.verify_nar,
-        vhd_type: a.vhd_type.as_deref().map(|t| match t {
-            "dynamic" => formats::vhd::Type::Dynamic,
-            _ => formats::vhd::Type::Fixed,
+        vhd_type: a.vhd_type.map(|t| match t {
+            VhdType::Dynamic => formats::vhd::Type::Dynamic,
+            VhdType::Fixed => formats::vhd::Type::Fixed,
         }),
-        disk_size: a
-            .disk_size
-            .as_deref()
-            .map(|s| bytes(s, "--disk-size"))
-            .transpose()?,
+        disk_size: a.disk_size,
         sector_size: a.sector_size,
         firmware: a.firmware,
         config_txt: a.config_txt,
-        firmware_size: bytes(&a.firmware_size, "--firmware-size")?,
+        firmware_size: a.firmware_size,
         zstd_level: a.zstd_level,
         loader_timeout: a.loader_timeout,
         epoch: super::epoch()?,

@@ -64,6 +64,23 @@ pub fn size_arg(s: &str) -> Result<u64, String> {
     parse_bytes(s).map_err(|e| format!("{e:#}"))
 }
 
+/// A size, or a word (`auto`, `none`) in its place.
+#[derive(Clone, Copy, Debug)]
+pub enum WordOrSize {
+    Word,
+    Bytes(u64),
+}
+
+/// `word` or a size, for clap's `value_parser`.
+pub fn word_or_size(s: &str, word: &str) -> Result<WordOrSize, String> {
+    if s == word {
+        return Ok(WordOrSize::Word);
+    }
+    size_arg(s)
+        .map(WordOrSize::Bytes)
+        .map_err(|e| format!("{e} (or {word})"))
+}
+
 /// Every timestamp in an image: SOURCE_DATE_EPOCH, or 1 (as in the Nix store).
 pub fn epoch() -> Result<u32> {
     formats::time::source_date_epoch().map_err(anyhow::Error::msg)
