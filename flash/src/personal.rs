@@ -316,18 +316,19 @@ pub fn as_found(
             .and_then(|end| end.checked_sub(st.offset))
             .context("the device's state partition entry ends before it starts")?
     } else {
-        let e = dev_head
-            .get(446 + 16 * st.index..462 + 16 * st.index)
-            .context("no MBR")?;
-        let word =
-            |o: usize| u64::from(u32::from_le_bytes(e[o..o + 4].try_into().expect("4 bytes")));
-        if word(8) * 512 != st.offset {
+        let e = formats::mbr::parse(dev_head)
+            .context("the device has no MBR, but the image has")?
+            .entries
+            .get(st.index)
+            .cloned()
+            .context("the manifest's state partition is not one of an MBR's four")?;
+        if u64::from(e.first_lba) * 512 != st.offset {
             bail!(
                 "the device's MBR entry {} does not start where the image's state partition does",
                 st.index + 1
             );
         }
-        word(12) * 512
+        u64::from(e.sectors) * 512
     };
     if size < st.size {
         bail!(
@@ -370,24 +371,25 @@ fn table(
         let p = g
             .partitions
             .iter_mut()
-            .find(|p| p.first_lba * lbs == st.offset)
+            .find(|p| p.first_lba.checked_mul(lbs) == Some(st.offset))
             .context("no GPT entry starts where the manifest's state partition does")?;
         p.last_lba = (st.offset + new_size) / lbs - 1;
         g.disk_sectors = dev_size / lbs;
         Ok((Some(g.primary()), Some(g.backup())))
     } else {
         let mut mbr = head.get(..512).context("no MBR")?.to_vec();
-        let e = 446 + 16 * st.index;
-        let first = u32::from_le_bytes(mbr[e + 8..e + 12].try_into().expect("4 bytes"));
-        if u64::from(first) * 512 != st.offset {
+        let e = formats::mbr::parse(&mbr)
+            .and_then(|m| m.entries.get(st.index).cloned())
+            .context("the manifest's state partition is not one of the image's MBR entries")?;
+        if u64::from(e.first_lba) * 512 != st.offset {
             bail!(
                 "MBR entry {} does not start where the manifest's state partition does",
                 st.index + 1
             );
         }
-        let sectors = (new_size / 512) as u32;
-        mbr[e + 5..e + 8].copy_from_slice(&formats::mbr::chs(first + sectors - 1));
-        mbr[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+        let sectors = u32::try_from(new_size / 512).context("an MBR partition past 2 TiB")?;
+        formats::mbr::set_sectors(&mut mbr, st.index, sectors)
+            .context("the state partition's MBR entry cannot be resized")?;
         Ok((Some(mbr), None))
     }
 }

@@ -98,33 +98,25 @@ pub fn inspect(path: &Path) -> Result<Report> {
     }
     if table == "none" && size >= 512 {
         let m = read_at(&mut f, 0, 512).with_context(what)?;
-        if m[510..512] == [0x55, 0xAA] {
+        if let Some(m) = formats::mbr::parse(&m) {
             table = "mbr";
-            disk_id = format!(
-                "{:08x}",
-                u32::from_le_bytes([m[440], m[441], m[442], m[443]])
-            );
-            for i in 0..4 {
-                let e = &m[446 + 16 * i..462 + 16 * i];
-                let (start, count) = (
-                    u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as u64,
-                    u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as u64,
-                );
-                if e[4] == 0 || count == 0 {
+            disk_id = format!("{:08x}", m.signature);
+            for (i, e) in m.entries.iter().enumerate() {
+                if e.kind == 0 || e.sectors == 0 {
                     continue;
                 }
-                let t = format!("{:02x}", e[4]);
+                let t = format!("{:02x}", e.kind);
                 parts.push(Part {
                     number: i as u32 + 1,
                     role: None,
-                    offset: start * 512,
-                    size: count * 512,
+                    offset: u64::from(e.first_lba) * 512,
+                    size: u64::from(e.sectors) * 512,
                     type_name: type_name(&t).into(),
                     type_id: t,
                     guid: format!("{disk_id}-{:02x}", i + 1),
                     name: String::new(),
                     read_only: false,
-                    bootable: e[0] == 0x80,
+                    bootable: e.bootable,
                     filesystem: None,
                     sha256: None,
                     boot_entries: Vec::new(),

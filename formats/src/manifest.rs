@@ -185,8 +185,8 @@ pub fn disk_id_of(head: &[u8], sector: u64) -> Option<String> {
         let g: [u8; 16] = head.get(ss + 56..ss + 72)?.try_into().ok()?;
         return Some(crate::seed::format_uuid(&gpt::from_disk(&g)));
     }
-    let s: [u8; 4] = head.get(440..444)?.try_into().ok()?;
-    Some(format!("{:08x}", u32::from_le_bytes(s)))
+    let m = crate::mbr::parse(head)?;
+    Some(format!("{:08x}", m.signature))
 }
 
 impl Disk {
@@ -225,6 +225,7 @@ mod tests {
     fn a_manifest_matches_its_own_head_only_and_an_unreadable_one_is_an_error() {
         let mut head = vec![0u8; 4096];
         head[440..444].copy_from_slice(&0x1234_abcdu32.to_le_bytes());
+        head[510..512].copy_from_slice(&[0x55, 0xAA]);
         let disk = Disk {
             version: MANIFEST_VERSION,
             table: "mbr".into(),

@@ -92,8 +92,10 @@ fn gpt(head: &[u8], ss: u64) -> Result<Found, TableError> {
 }
 
 fn mbr(head: &[u8]) -> Result<Option<Found>, TableError> {
-    if head.len() < 512 || head[510..512] != [0x55, 0xAA] || head[446..510].iter().all(|&b| b == 0)
-    {
+    let Some(m) = crate::mbr::parse(head) else {
+        return Ok(None);
+    };
+    if head[446..510].iter().all(|&b| b == 0) {
         return Ok(None);
     }
     let mut found = Found {
@@ -101,15 +103,12 @@ fn mbr(head: &[u8]) -> Result<Option<Found>, TableError> {
         reach: 512,
         what: "the MBR".into(),
     };
-    for i in 0..4 {
-        let e = &head[446 + 16 * i..462 + 16 * i];
+    for (i, e) in m.entries.iter().enumerate() {
         // An empty entry, or a GPT's protective one, says nothing.
-        if e[4] == 0 || e[4] == 0xEE {
+        if e.kind == 0 || e.kind == 0xEE {
             continue;
         }
-        let start = u32::from_le_bytes([e[8], e[9], e[10], e[11]]) as u64;
-        let count = u32::from_le_bytes([e[12], e[13], e[14], e[15]]) as u64;
-        let reach = (start + count) * 512;
+        let reach = (u64::from(e.first_lba) + u64::from(e.sectors)) * 512;
         if reach > found.reach {
             found.reach = reach;
             found.what = format!("partition {}", i + 1);
