@@ -5,6 +5,10 @@ use nix::unistd::{lseek, Whence};
 use std::fs::File;
 use std::io;
 
+/// Zeros to hand out for the parts of an image nobody wrote (forge's
+/// assembler and its containers).
+pub static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+
 /// Offset of the next data at or after `pos`, or None past the last data.
 pub fn seek_data(f: &File, pos: u64) -> io::Result<Option<u64>> {
     match lseek(f, pos as i64, Whence::SeekData) {

@@ -162,7 +162,7 @@ impl Qcow2 {
                 }
                 None => {
                     let pad = self.pos.next_multiple_of(CLUSTER) - self.pos;
-                    w.write_all(&crate::image::out::ZEROS[..pad as usize])?;
+                    w.write_all(&formats::sys::ZEROS[..pad as usize])?;
                     self.pos += pad;
                     w.write_all(&buf)?;
                     self.entries.insert(guest, Entry::Data(self.pos / CLUSTER));

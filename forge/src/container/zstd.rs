@@ -39,8 +39,8 @@ impl Zstd {
     /// Zeros up to byte `to`.
     fn zeros_to(&mut self, to: u64) -> io::Result<()> {
         while self.pos < to {
-            let n = (to - self.pos).min(crate::image::out::ZEROS.len() as u64) as usize;
-            self.enc()?.write_all(&crate::image::out::ZEROS[..n])?;
+            let n = (to - self.pos).min(formats::sys::ZEROS.len() as u64) as usize;
+            self.enc()?.write_all(&formats::sys::ZEROS[..n])?;
             self.pos += n as u64;
         }
         Ok(())

@@ -8,9 +8,8 @@
 pub mod report;
 
 use anyhow::{bail, Context, Result};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::SeekFrom;
 
-use crate::image::out::ImageOut;
 use formats::{ext4, fat, gpt, mbr, ranges, seed};
 pub use report::{BootEntry, Disk, Fs, IdentityAt, Part, Role, MANIFEST_VERSION};
 
@@ -97,10 +96,10 @@ impl Filesystem<'_> {
         }
     }
     /// Write at `off` of `out`; what it wrote must be what it planned.
-    fn write(&self, out: &mut ImageOut, off: u64) -> Result<()> {
+    fn write(&self, out: &mut dyn Target, off: u64) -> Result<()> {
         let w = match self {
-            Filesystem::Fat { plan, .. } => plan.write(out, off).map(|w| w.mapped)?,
-            Filesystem::Ext4 { plan, .. } => plan.write(out, off).map(|w| w.mapped)?,
+            Filesystem::Fat { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
+            Filesystem::Ext4 { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
         };
         if ranges::merge(w) != self.mapped() {
             bail!(
@@ -110,6 +109,16 @@ impl Filesystem<'_> {
         }
         Ok(())
     }
+}
+
+/// What a placed layout is written into (the image assembler,
+/// `image::out::ImageOut`): told the size and block map first, told
+/// which ranges to hash (the partitions), then given the bytes in
+/// ascending order through its `Sink`.
+pub trait Target {
+    fn begin(&mut self, size: u64, map: Vec<(u64, u64)>) -> std::io::Result<()>;
+    fn watch(&mut self, off: u64, len: u64) -> std::io::Result<()>;
+    fn sink(&mut self) -> &mut dyn formats::sink::Sink;
 }
 
 /// A partition as the layout declares it.
@@ -360,12 +369,13 @@ impl Placed<'_, '_> {
 
     /// Write the whole image in ascending order: the table, each
     /// filesystem, the backup table last. `stage` hears of each step.
-    pub(crate) fn write(&self, out: &mut ImageOut, stage: &mut dyn FnMut(&str)) -> Result<()> {
+    pub(crate) fn write(&self, out: &mut dyn Target, stage: &mut dyn FnMut(&str)) -> Result<()> {
         out.begin(self.size, self.mapped())
             .context("sizing the image")?;
-        let write_at = |out: &mut ImageOut, off: u64, b: &[u8]| -> std::io::Result<()> {
-            out.seek(SeekFrom::Start(off))?;
-            out.write_all(b)
+        let write_at = |out: &mut dyn Target, off: u64, b: &[u8]| -> std::io::Result<()> {
+            let s = out.sink();
+            s.seek(SeekFrom::Start(off))?;
+            s.write_all(b)
         };
         write_at(out, 0, &self.table.head).context("writing the partition table")?;
         for &(off, len) in &self.at {

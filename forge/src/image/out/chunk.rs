@@ -10,8 +10,7 @@ use formats::sys::{Aligned, Lease};
 pub(crate) const CHUNK: usize = 4 << 20;
 pub(crate) const BLOCKS: usize = CHUNK / BLOCK as usize;
 
-/// Zeros to hand out for the parts of an image nobody wrote.
-pub(crate) static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+pub(crate) use formats::sys::ZEROS;
 
 /// Bytes of a chunk that come from a host file.
 pub(super) struct Fill {

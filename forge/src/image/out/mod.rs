@@ -37,7 +37,6 @@ use std::thread::JoinHandle;
 
 use crate::container::Container;
 pub use chunk::Chunk;
-pub(crate) use chunk::ZEROS;
 use chunk::{InOrder, Leased, Shared, BLOCKS, CHUNK};
 use formats::bmap::BLOCK;
 use formats::sink::Sink;
@@ -389,6 +388,18 @@ fn drive(mut c: Box<dyn Container>, rx: Receiver<ToDisk>) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+impl crate::layout::Target for ImageOut {
+    fn begin(&mut self, size: u64, map: Vec<(u64, u64)>) -> io::Result<()> {
+        ImageOut::begin(self, size, map)
+    }
+    fn watch(&mut self, off: u64, len: u64) -> io::Result<()> {
+        ImageOut::watch(self, off, len)
+    }
+    fn sink(&mut self) -> &mut dyn Sink {
+        self
+    }
 }
 
 impl Write for ImageOut {
