@@ -12,7 +12,8 @@ and writes OUT/results.json.
 With --base REV it also builds forge at git revision REV (once, cached in
 OUT/base-REV) and runs old and new alternately on the same corpus, run by
 run, so that drift in the machine hits both alike; the outputs must be
-byte-identical, and a median or peak RSS more than 5 % worse is flagged.
+byte-identical, and a median more than 5 % worse, or a peak RSS more than
+5 % and more than 4 MiB worse, is flagged.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
 
@@ -33,6 +34,12 @@ def timed_run(cmd):
     e, m = open(f.name).read().split()[-2:]
     os.unlink(f.name)
     return float(e), int(m)
+
+
+def worse(new, old, floor):
+    """Whether `new` is a regression of `old`: over 5 % more, and more
+    than `floor` (same unit) more."""
+    return new > old * 1.05 and new - old > floor
 
 
 def result(name, cmd, times, rss):
@@ -280,9 +287,13 @@ def against_base(out, c, top, a, w):
         med = {s: statistics.median(r["median_s"] for r in runs[s]) for s in runs}
         rss = {s: max(r["peak_rss_kib"] for r in runs[s]) for s in runs}
         rows.append((name, med, rss, runs))
-        for what, x, y in (("median", med["new"], med["old"]), ("peak RSS", rss["new"], rss["old"])):
-            if x > y * 1.05:
-                bad.append(f"{name}: {what} {x / y:.3f}x the base")
+        if worse(med["new"], med["old"], 0):
+            bad.append(f"{name}: median {med['new'] / med['old']:.3f}x the base")
+        # Memory: worse only past 5 % and past 4 MiB too (a few MiB of
+        # page-size noise on a small peak is not a regression).
+        if worse(rss["new"], rss["old"], 4096):
+            bad.append(f"{name}: peak RSS {rss['new'] / rss['old']:.3f}x the base "
+                       f"({(rss['new'] - rss['old']) // 1024} MiB more)")
     shutil.rmtree(os.path.join(w, "old"), ignore_errors=True)
     shutil.rmtree(os.path.join(w, "new"), ignore_errors=True)
     print(f"\n| {a.mib} MiB corpus, {a.runs} runs each, alternated | {rev} median | this tree median | ratio | peak RSS old / new |")
