@@ -326,21 +326,66 @@ fn prepare(a: &WriteArgs) -> Result<Ready> {
     let src = Source::open(&image, bmap_choice(a.bmap.clone(), a.no_bmap))?;
     let sector = examine(&src, a.raw)?.sector;
     if let Some(want) = &a.sha256 {
-        let mut h = <sha2::Sha256 as sha2::Digest>::new();
-        let full = Source::open(&image, BmapChoice::None)?;
-        full.stream(4 << 20, &mut |_, d| {
-            sha2::Digest::update(&mut h, d);
-            Ok(())
-        })?;
-        let got = format!("{:x}", sha2::Digest::finalize(h));
-        if !got.eq_ignore_ascii_case(want) {
-            bail!(
-                "{}: SHA-256 is {got}, not the expected {want}",
-                image.display()
-            );
+        check_sha256(&image, want)?;
+    }
+    let targets = preflight_all(a, &src, sector)?;
+    // Each device's identity and own bytes, planned before anything is
+    // opened for writing; shown with the confirmation.
+    let (dirs, notes) = provision::assign(&a.prov, &targets)
+        .map_err(|e| refused_all(a, "identities", format!("{e:#}")))?;
+    let personals = provision::plan(&a.prov, &image, src.first_mib(), &targets, &dirs)?;
+    let probing: Vec<bool> = targets
+        .iter()
+        .map(|t| provision::probes(&a.prov, t))
+        .collect();
+    let lines: Vec<String> = targets
+        .iter()
+        .zip(&dirs)
+        .zip(&personals)
+        .zip(&probing)
+        .map(|(((t, d), p), &pr)| provision::mapping(&a.prov, t, d.as_deref(), p.as_ref(), pr))
+        .collect();
+    if !a.quiet {
+        for n in &notes {
+            eprintln!("flash: {n}");
         }
     }
-    // Every check on every device before anything is written anywhere.
+    confirm(a, &lines)?;
+    let opened = open_and_probe(&targets, &probing)?;
+    Ok(Ready {
+        src,
+        targets,
+        dirs,
+        personals,
+        probing,
+        opened,
+    })
+}
+
+/// The whole image's SHA-256 is the one given.
+fn check_sha256(image: &std::path::Path, want: &str) -> Result<()> {
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    let full = Source::open(image, BmapChoice::None)?;
+    full.stream(4 << 20, &mut |_, d| {
+        sha2::Digest::update(&mut h, d);
+        Ok(())
+    })?;
+    let got = format!("{:x}", sha2::Digest::finalize(h));
+    if !got.eq_ignore_ascii_case(want) {
+        bail!(
+            "{}: SHA-256 is {got}, not the expected {want}",
+            image.display()
+        );
+    }
+    Ok(())
+}
+
+/// Every check on every device, and no disk given twice.
+fn preflight_all(
+    a: &WriteArgs,
+    src: &Source,
+    sector: Option<u32>,
+) -> Result<Vec<preflight::Target>> {
     let mut targets: Vec<preflight::Target> = Vec::new();
     for d in &a.devices {
         let t = preflight::check(d, src.size, sector, a.allow_non_removable)?;
@@ -362,79 +407,76 @@ fn prepare(a: &WriteArgs) -> Result<Ready> {
         }
         targets.push(t);
     }
-    // Each device's identity and own bytes, planned before anything is
-    // opened for writing; shown with the confirmation.
-    let (dirs, notes) = provision::assign(&a.prov, &targets).map_err(|e| {
-        anyhow::Error::from(Refused {
-            verb: flash::preflight::WRITE,
-            device: a
-                .devices
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-            refusal: flash::devices::Refusal {
-                check: "identities",
-                detail: format!("{e:#}"),
-                readable: false,
-            },
-        })
-    })?;
-    let personals = provision::plan(&a.prov, &image, src.first_mib(), &targets, &dirs)?;
-    let probing: Vec<bool> = targets
-        .iter()
-        .map(|t| provision::probes(&a.prov, t))
-        .collect();
-    let lines: Vec<String> = targets
-        .iter()
-        .zip(&dirs)
-        .zip(&personals)
-        .zip(&probing)
-        .map(|(((t, d), p), &pr)| provision::mapping(&a.prov, t, d.as_deref(), p.as_ref(), pr))
-        .collect();
-    if !a.quiet {
-        for n in &notes {
-            eprintln!("flash: {n}");
-        }
+    Ok(targets)
+}
+
+/// A refusal of every device given, by the check `check`.
+fn refused_all(a: &WriteArgs, check: &'static str, detail: String) -> anyhow::Error {
+    Refused {
+        verb: flash::preflight::WRITE,
+        device: a
+            .devices
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        refusal: flash::devices::Refusal {
+            check,
+            detail,
+            readable: false,
+        },
     }
+    .into()
+}
+
+/// The mapping shown, and "yes" typed, unless --yes.
+fn confirm(a: &WriteArgs, lines: &[String]) -> Result<()> {
     if a.prov.wanted() && a.yes && !a.quiet && !a.json {
-        for l in &lines {
+        for l in lines {
             eprintln!("{l}");
         }
     }
-    if !a.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(unconfirmed(&a.devices, "no terminal to ask on; pass --yes"));
-        }
-        for l in &lines {
-            eprintln!("{l}");
-        }
-        eprint!("Everything on these disks will be overwritten. Type yes to continue: ");
-        std::io::stderr().flush()?;
-        let mut answer = String::new();
-        std::io::stdin().lock().read_line(&mut answer)?;
-        if answer.trim() != "yes" {
-            return Err(unconfirmed(&a.devices, "not confirmed"));
-        }
+    if a.yes {
+        return Ok(());
     }
-    // Every device opened (and its identity re-checked) before any write;
-    // one that cannot be opened fails alone.
-    let mut opened: Vec<Result<Box<dyn BlockDevice>>> = Vec::new();
-    for t in &targets {
-        opened.push(
+    if !std::io::stdin().is_terminal() {
+        return Err(unconfirmed(&a.devices, "no terminal to ask on; pass --yes"));
+    }
+    for l in lines {
+        eprintln!("{l}");
+    }
+    eprint!("Everything on these disks will be overwritten. Type yes to continue: ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        return Err(unconfirmed(&a.devices, "not confirmed"));
+    }
+    Ok(())
+}
+
+/// Every device opened (its identity re-checked) before any write, one
+/// that cannot be opened failing alone; then the fake-capacity probe,
+/// after every other check: a device that fails it refuses the whole run,
+/// and every device is as before.
+fn open_and_probe(
+    targets: &[preflight::Target],
+    probing: &[bool],
+) -> Result<Vec<Result<Box<dyn BlockDevice>>>> {
+    let opened: Vec<Result<Box<dyn BlockDevice>>> = targets
+        .iter()
+        .map(|t| {
             Device::open(t, true)
                 .map(|d| Box::new(d) as Box<dyn BlockDevice>)
-                .map_err(|e| NothingWritten(e).into()),
-        );
-    }
-    // The fake-capacity probe, after every other check: a device that
-    // fails it refuses the whole run, and every device is as before.
+                .map_err(|e| NothingWritten(e).into())
+        })
+        .collect();
     let nonce = {
         let mut b = [0u8; 8];
         getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("the OS's randomness: {e}"))?;
         u64::from_le_bytes(b)
     };
-    for ((o, t), &pr) in opened.iter().zip(&targets).zip(&probing) {
+    for ((o, t), &pr) in opened.iter().zip(targets).zip(probing) {
         if let (Ok(dev), true) = (o, pr) {
             flash::probe::probe(&**dev, nonce).map_err(|e| match e {
                 flash::probe::ProbeError::Restore { .. } => anyhow::Error::from(e),
@@ -451,14 +493,7 @@ fn prepare(a: &WriteArgs) -> Result<Ready> {
             })?;
         }
     }
-    Ok(Ready {
-        src,
-        targets,
-        dirs,
-        personals,
-        probing,
-        opened,
-    })
+    Ok(opened)
 }
 
 /// Write every opened device and report.
