@@ -179,16 +179,18 @@ fn removable(sys: &Path) -> bool {
 
 /// The same with /sys and /proc under `root` (a fake tree in tests).
 pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
-    let mounts = mounts(root);
-    let swaps = swaps(root);
-    let backings = loop_backings(root);
+    let host = Host {
+        mounts: mounts(root),
+        swaps: swaps(root),
+        backings: loop_backings(root),
+    };
     let block = root.join("sys/block");
-    let mut disks = Vec::new();
     let mut names: Vec<_> = fs::read_dir(&block)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
+    let mut disks = Vec::new();
     for name in names {
         let sys = block.join(&name);
         let size = read_trim(sys.join("size")).parse::<u64>().unwrap_or(0) * 512;
@@ -197,85 +199,116 @@ pub fn list_under(root: &Path) -> std::io::Result<Vec<Disk>> {
         if size == 0 || name.starts_with("zram") || name.starts_with("ram") {
             continue;
         }
-        let mut parts = Vec::new();
-        let mut devnums = vec![read_trim(sys.join("dev"))];
-        let mut holders = !dir_empty(&sys.join("holders"));
-        if let Ok(rd) = fs::read_dir(&sys) {
-            for e in rd.filter_map(|e| e.ok()) {
-                let p = e.path();
-                if p.join("partition").exists() {
-                    parts.push(e.file_name().to_string_lossy().into_owned());
-                    devnums.push(read_trim(p.join("dev")));
-                    holders |= !dir_empty(&p.join("holders"));
-                }
-            }
-        }
-        parts.sort();
-        let mut refusals = Vec::new();
-        let mut system = false;
-        for (dev, mnt, ro) in &mounts {
-            if devnums.contains(dev) {
-                if ["/", "/boot", "/nix", "/usr"].contains(&mnt.as_str()) {
-                    refusals.push(refusal("system disk", format!("{mnt} is on it")));
-                    system = true;
-                } else if *ro {
-                    refusals.push(refusal_to_write(
-                        "not mounted",
-                        format!("mounted read-only at {mnt}"),
-                    ));
-                } else {
-                    refusals.push(refusal("not mounted", format!("mounted at {mnt}")));
-                }
-            }
-        }
-        if holders {
-            refusals.push(refusal("no holders", "in use by another device (holders)"));
-            system = true;
-        }
-        let ours: Vec<String> = std::iter::once(&name)
-            .chain(&parts)
-            .map(|n| format!("/dev/{n}"))
-            .collect();
-        for (lo, backing) in &backings {
-            if ours.contains(backing) {
-                refusals.push(refusal("no holders", format!("{backing} backs /dev/{lo}")));
-            }
-        }
-        if swaps.contains(&name) || parts.iter().any(|p| swaps.contains(p)) {
-            refusals.push(refusal("not swap", "in use as swap"));
-            system = true;
-        }
-        let read_only = read_trim(sys.join("ro")) == "1";
-        if read_only {
-            refusals.push(refusal_to_write("writable", "the device is read-only"));
-        }
-        let removable = removable(&sys);
-        if !removable {
-            refusals.push(refusal(
-                "removable",
-                "not a removable disk (pass --allow-non-removable if you mean it)",
-            ));
-        }
-        let stale_partitions = !parts.is_empty() && no_table(&root.join("dev").join(&name));
-        disks.push(Disk {
-            stale_partitions,
-            devnum: devnums[0].clone(),
-            path: PathBuf::from("/dev").join(&name),
-            size,
-            model: read_trim(sys.join("device/model")),
-            serial: read_trim(sys.join("device/serial")),
-            transport: transport(&sys),
-            removable,
-            read_only,
-            logical_sector_size: read_trim(sys.join("queue/logical_block_size"))
-                .parse()
-                .unwrap_or(512),
-            partitions: parts,
-            refusals,
-            system,
-        });
+        disks.push(disk(root, &host, &name, size));
     }
     Ok(disks)
+}
+
+/// What the host says of every disk: mounts, swaps, loop backings.
+struct Host {
+    mounts: Vec<(String, String, bool)>,
+    swaps: BTreeSet<String>,
+    backings: Vec<(String, String)>,
+}
+
+/// A disk's partitions, its and their device numbers, and whether any
+/// has holders.
+fn partitions(sys: &Path) -> (Vec<String>, Vec<String>, bool) {
+    let mut parts = Vec::new();
+    let mut devnums = vec![read_trim(sys.join("dev"))];
+    let mut holders = !dir_empty(&sys.join("holders"));
+    if let Ok(rd) = fs::read_dir(sys) {
+        for e in rd.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if p.join("partition").exists() {
+                parts.push(e.file_name().to_string_lossy().into_owned());
+                devnums.push(read_trim(p.join("dev")));
+                holders |= !dir_empty(&p.join("holders"));
+            }
+        }
+    }
+    parts.sort();
+    (parts, devnums, holders)
+}
+
+/// Why a disk in use is refused, and whether it is the system's.
+fn in_use(
+    host: &Host,
+    name: &str,
+    parts: &[String],
+    devnums: &[String],
+    holders: bool,
+) -> (Vec<Refusal>, bool) {
+    let mut refusals = Vec::new();
+    let mut system = false;
+    for (dev, mnt, ro) in &host.mounts {
+        if devnums.contains(dev) {
+            if ["/", "/boot", "/nix", "/usr"].contains(&mnt.as_str()) {
+                refusals.push(refusal("system disk", format!("{mnt} is on it")));
+                system = true;
+            } else if *ro {
+                refusals.push(refusal_to_write(
+                    "not mounted",
+                    format!("mounted read-only at {mnt}"),
+                ));
+            } else {
+                refusals.push(refusal("not mounted", format!("mounted at {mnt}")));
+            }
+        }
+    }
+    if holders {
+        refusals.push(refusal("no holders", "in use by another device (holders)"));
+        system = true;
+    }
+    let ours: Vec<String> = std::iter::once(name)
+        .chain(parts.iter().map(String::as_str))
+        .map(|n| format!("/dev/{n}"))
+        .collect();
+    for (lo, backing) in &host.backings {
+        if ours.contains(backing) {
+            refusals.push(refusal("no holders", format!("{backing} backs /dev/{lo}")));
+        }
+    }
+    if host.swaps.contains(name) || parts.iter().any(|p| host.swaps.contains(p)) {
+        refusals.push(refusal("not swap", "in use as swap"));
+        system = true;
+    }
+    (refusals, system)
+}
+
+/// One whole disk of `size` bytes, with every refusal filled in.
+fn disk(root: &Path, host: &Host, name: &str, size: u64) -> Disk {
+    let sys = root.join("sys/block").join(name);
+    let (parts, devnums, holders) = partitions(&sys);
+    let (mut refusals, system) = in_use(host, name, &parts, &devnums, holders);
+    let read_only = read_trim(sys.join("ro")) == "1";
+    if read_only {
+        refusals.push(refusal_to_write("writable", "the device is read-only"));
+    }
+    let removable = removable(&sys);
+    if !removable {
+        refusals.push(refusal(
+            "removable",
+            "not a removable disk (pass --allow-non-removable if you mean it)",
+        ));
+    }
+    Disk {
+        stale_partitions: !parts.is_empty() && no_table(&root.join("dev").join(name)),
+        devnum: devnums[0].clone(),
+        path: PathBuf::from("/dev").join(name),
+        size,
+        model: read_trim(sys.join("device/model")),
+        serial: read_trim(sys.join("device/serial")),
+        transport: transport(&sys),
+        removable,
+        read_only,
+        logical_sector_size: read_trim(sys.join("queue/logical_block_size"))
+            .parse()
+            .unwrap_or(512),
+        partitions: parts,
+        refusals,
+        system,
+    }
 }
 
 /// Whether the disk at `dev` can be read and holds no partition table

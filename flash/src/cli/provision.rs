@@ -84,31 +84,8 @@ pub fn assign(
     a: &ProvisionArgs,
     targets: &[Target],
 ) -> Result<(Vec<Option<PathBuf>>, Vec<String>)> {
-    let mut out: Vec<Option<PathBuf>> = vec![None; targets.len()];
-    let mut none = vec![false; targets.len()];
+    let (mut out, none, plain) = named(a, targets)?;
     let mut notes = Vec::new();
-    let mut plain = Vec::new();
-    for spec in &a.identity {
-        match spec.split_once('=') {
-            Some((dev, dir)) => {
-                let Some(i) = targets.iter().position(|t| matches(t, dev)) else {
-                    bail!("--identity {spec}: {dev} is none of the devices given (a path or a serial)");
-                };
-                if out[i].is_some() || none[i] {
-                    bail!(
-                        "--identity {spec}: {} already has an identity",
-                        targets[i].given.display()
-                    );
-                }
-                if dir == "none" {
-                    none[i] = true;
-                } else {
-                    out[i] = Some(PathBuf::from(dir));
-                }
-            }
-            None => plain.push(PathBuf::from(spec)),
-        }
-    }
     let free: Vec<usize> = (0..targets.len())
         .filter(|&i| out[i].is_none() && !none[i])
         .collect();
@@ -139,7 +116,61 @@ pub fn assign(
         for (i, s) in free.iter().zip(subs) {
             out[*i] = Some(s);
         }
-    } else if let [one] = plain.as_slice() {
+    } else {
+        unnamed(a, targets, &mut out, &free, &plain)?;
+    }
+    distinct(&out, targets, a.same_identity)?;
+    if a.hostname.is_some() && targets.len() > 1 {
+        bail!("--hostname names one machine; for several devices put a hostname file in each identity");
+    }
+    Ok((out, notes))
+}
+
+/// The identities given as DEV=DIR (or DEV=none), by device; and the
+/// ones given without DEV=.
+#[allow(clippy::type_complexity)]
+fn named(
+    a: &ProvisionArgs,
+    targets: &[Target],
+) -> Result<(Vec<Option<PathBuf>>, Vec<bool>, Vec<PathBuf>)> {
+    let mut out: Vec<Option<PathBuf>> = vec![None; targets.len()];
+    let mut none = vec![false; targets.len()];
+    let mut plain = Vec::new();
+    for spec in &a.identity {
+        match spec.split_once('=') {
+            Some((dev, dir)) => {
+                let Some(i) = targets.iter().position(|t| matches(t, dev)) else {
+                    bail!("--identity {spec}: {dev} is none of the devices given (a path or a serial)");
+                };
+                if out[i].is_some() || none[i] {
+                    bail!(
+                        "--identity {spec}: {} already has an identity",
+                        targets[i].given.display()
+                    );
+                }
+                if dir == "none" {
+                    none[i] = true;
+                } else {
+                    out[i] = Some(PathBuf::from(dir));
+                }
+            }
+            None => plain.push(PathBuf::from(spec)),
+        }
+    }
+    Ok((out, none, plain))
+}
+
+/// `--identity DIR` without DEV=: one directory for the devices left
+/// (several only with --same-identity); none while others have one is
+/// refused unless said with DEV=none.
+fn unnamed(
+    a: &ProvisionArgs,
+    targets: &[Target],
+    out: &mut [Option<PathBuf>],
+    free: &[usize],
+    plain: &[PathBuf],
+) -> Result<()> {
+    if let [one] = plain {
         if free.len() > 1 && !a.same_identity {
             bail!(
                 "--identity {}: one identity for {} devices; give DEV=DIR per device, or --same-identity on purpose",
@@ -147,7 +178,7 @@ pub fn assign(
                 free.len()
             );
         }
-        for &i in &free {
+        for &i in free {
             out[i] = Some(one.clone());
         }
     } else if plain.len() > 1 {
@@ -157,19 +188,11 @@ pub fn assign(
         );
     } else if out.iter().any(Option::is_some) {
         if let Some(&i) = free.first() {
-            bail!(
-                "{} has no identity while others do: give --identity {}=DIR, or {}=none on purpose",
-                targets[i].given.display(),
-                targets[i].given.display(),
-                targets[i].given.display()
-            );
+            let dev = targets[i].given.display();
+            bail!("{dev} has no identity while others do: give --identity {dev}=DIR, or {dev}=none on purpose");
         }
     }
-    distinct(&out, targets, a.same_identity)?;
-    if a.hostname.is_some() && targets.len() > 1 {
-        bail!("--hostname names one machine; for several devices put a hostname file in each identity");
-    }
-    Ok((out, notes))
+    Ok(())
 }
 
 fn name_of(p: &Path) -> String {
