@@ -64,66 +64,17 @@ pub fn inspect(path: &Path) -> Result<Report> {
             found.reach, found.what
         ));
     }
-    let mut table = "none";
-    let mut sector = 512;
-    let mut disk_id = String::new();
-    let mut parts = Vec::new();
-    if let formats::table::Kind::Gpt(ss) = found.kind {
-        let ss = ss as u64;
-        let mut r = |o: u64, n: usize| read_at(&mut f, o, n);
-        if let Some(g) = gpt::Gpt::parse(&mut r, ss, size).with_context(what)? {
-            table = "gpt";
-            sector = ss;
-            disk_id = seed::format_uuid(&g.disk_guid);
-            for (i, p) in g.partitions.iter().enumerate() {
-                let t = seed::format_uuid(&p.type_guid);
-                // probe() checked that every range is valid and fits u64.
-                parts.push(Part {
-                    number: i as u32 + 1,
-                    role: None,
-                    offset: p.first_lba * ss,
-                    size: (p.last_lba + 1 - p.first_lba) * ss,
-                    type_name: type_name(&t).into(),
-                    type_id: t,
-                    guid: seed::format_uuid(&p.guid),
-                    name: p.name.clone(),
-                    read_only: p.attributes & gpt::ATTR_READ_ONLY != 0,
-                    bootable: false,
-                    filesystem: None,
-                    sha256: None,
-                    boot_entries: Vec::new(),
-                });
-            }
-        }
-    }
-    if table == "none" && size >= 512 {
-        let m = read_at(&mut f, 0, 512).with_context(what)?;
-        if let Some(m) = formats::mbr::parse(&m) {
-            table = "mbr";
-            disk_id = format!("{:08x}", m.signature);
-            for (i, e) in m.entries.iter().enumerate() {
-                if e.kind == 0 || e.sectors == 0 {
-                    continue;
-                }
-                let t = format!("{:02x}", e.kind);
-                parts.push(Part {
-                    number: i as u32 + 1,
-                    role: None,
-                    offset: u64::from(e.first_lba) * 512,
-                    size: u64::from(e.sectors) * 512,
-                    type_name: type_name(&t).into(),
-                    type_id: t,
-                    guid: format!("{disk_id}-{:02x}", i + 1),
-                    name: String::new(),
-                    read_only: false,
-                    bootable: e.bootable,
-                    filesystem: None,
-                    sha256: None,
-                    boot_entries: Vec::new(),
-                });
-            }
-        }
-    }
+    let gpt = match found.kind {
+        formats::table::Kind::Gpt(ss) => gpt_table(&mut f, ss as u64, size).with_context(what)?,
+        formats::table::Kind::Mbr => None,
+    };
+    let mbr = match (&gpt, size >= 512) {
+        (None, true) => mbr_table(&read_at(&mut f, 0, 512).with_context(what)?),
+        _ => None,
+    };
+    let (table, sector, disk_id, mut parts) =
+        gpt.or(mbr)
+            .unwrap_or(("none", 512, String::new(), Vec::new()));
     for p in &mut parts {
         p.filesystem = filesystem(&mut f, p.offset).ok().flatten();
         p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
@@ -175,6 +126,71 @@ pub fn inspect(path: &Path) -> Result<Report> {
             head_sha256,
         },
     })
+}
+
+/// (table, sector size, disk id, partitions) as a table reads them.
+type Table = (&'static str, u64, String, Vec<Part>);
+
+/// A partition as a table entry describes it (the rest is read later).
+fn part(number: usize, (offset, size): (u64, u64), type_id: String, guid: String) -> Part {
+    Part {
+        number: number as u32 + 1,
+        role: None,
+        offset,
+        size,
+        type_name: type_name(&type_id).into(),
+        type_id,
+        guid,
+        name: String::new(),
+        read_only: false,
+        bootable: false,
+        filesystem: None,
+        sha256: None,
+        boot_entries: Vec::new(),
+    }
+}
+
+fn gpt_table(f: &mut File, ss: u64, size: u64) -> Result<Option<Table>> {
+    let mut r = |o: u64, n: usize| read_at(f, o, n);
+    let Some(g) = gpt::Gpt::parse(&mut r, ss, size)? else {
+        return Ok(None);
+    };
+    let parts = g
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            // probe() checked that every range is valid and fits u64.
+            let at = (p.first_lba * ss, (p.last_lba + 1 - p.first_lba) * ss);
+            let t = seed::format_uuid(&p.type_guid);
+            Part {
+                name: p.name.clone(),
+                read_only: p.attributes & gpt::ATTR_READ_ONLY != 0,
+                ..part(i, at, t, seed::format_uuid(&p.guid))
+            }
+        })
+        .collect();
+    Ok(Some(("gpt", ss, seed::format_uuid(&g.disk_guid), parts)))
+}
+
+fn mbr_table(sector: &[u8]) -> Option<Table> {
+    let m = formats::mbr::parse(sector)?;
+    let disk_id = format!("{:08x}", m.signature);
+    let parts = m
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.kind != 0 && e.sectors != 0)
+        .map(|(i, e)| {
+            let at = (u64::from(e.first_lba) * 512, u64::from(e.sectors) * 512);
+            let guid = format!("{disk_id}-{:02x}", i + 1);
+            Part {
+                bootable: e.bootable,
+                ..part(i, at, format!("{:02x}", e.kind), guid)
+            }
+        })
+        .collect();
+    Some(("mbr", 512, disk_id, parts))
 }
 
 fn filesystem(f: &mut File, off: u64) -> std::io::Result<Option<Fs>> {
