@@ -61,13 +61,9 @@ pub fn check_to_read(given: &Path, image_size: u64, allow_non_removable: bool) -
     check_for(given, image_size, None, allow_non_removable, VERIFY)
 }
 
-fn check_for(
-    given: &Path,
-    image_size: u64,
-    image_sector: Option<u32>,
-    allow_non_removable: bool,
-    verb: &'static str,
-) -> Result<Target> {
+/// `given` resolved (its path, how to show it) and its metadata: it
+/// exists and is a block device.
+fn block_device(given: &Path, verb: &'static str) -> Result<(PathBuf, String, std::fs::Metadata)> {
     let refuse = |dev: &Path, check, detail: String| refused(verb, dev, check, detail);
     let md = match std::fs::symlink_metadata(given) {
         Ok(m) => m,
@@ -80,7 +76,6 @@ fn check_for(
     } else {
         path.display().to_string()
     };
-    let shown = Path::new(&shown);
     let md = if md.file_type().is_symlink() {
         std::fs::metadata(&path).context("stat")?
     } else {
@@ -92,8 +87,21 @@ fn check_for(
         } else {
             "not a block device"
         };
-        return Err(refuse(shown, "block device", what.into()));
+        return Err(refuse(Path::new(&shown), "block device", what.into()));
     }
+    Ok((path, shown, md))
+}
+
+fn check_for(
+    given: &Path,
+    image_size: u64,
+    image_sector: Option<u32>,
+    allow_non_removable: bool,
+    verb: &'static str,
+) -> Result<Target> {
+    let refuse = |dev: &Path, check, detail: String| refused(verb, dev, check, detail);
+    let (path, shown, md) = block_device(given, verb)?;
+    let shown = Path::new(&shown);
     let (major, minor) = (libc::major(md.rdev()), libc::minor(md.rdev()));
     let sys = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}"))
         .with_context(|| format!("sysfs entry of {}", path.display()))?;
