@@ -871,62 +871,29 @@ fn flash_verify_reads_a_card_mounted_read_only_and_points_at_except_state() {
     );
 }
 
-#[test]
-fn flash_list_says_when_partition_nodes_outlive_a_killed_flash() {
-    use std::io::{BufRead, BufReader};
-    let _g = privileged();
-    let d = tempfile::tempdir().unwrap();
-    let img = raw_efi(d.path(), 512);
-    let (_f, lo) = sparse_device(d.path(), "card", len(&img));
-    ok(flash()
-        .arg(&img)
-        .arg(&lo.dev)
-        .args(["--yes", "--allow-non-removable"]));
-    let line = |list: &str| -> String {
-        list.lines()
-            .find(|l| l.starts_with(&format!("{} ", lo.dev)))
-            .unwrap_or_else(|| panic!("{} not listed:\n{list}", lo.dev))
-            .to_string()
-    };
-    let before = line(&ok(flash().args(["list", "--all"])));
-    assert!(
-        before.contains("p1") && !before.contains("stale"),
-        "{before}"
-    );
-    let mut child = flash()
-        .arg(&img)
-        .arg(&lo.dev)
-        .args(["--yes", "--allow-non-removable"])
-        .env("NIXFORGE_FLASH_PAUSE", "body")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    for l in err.lines().map_while(Result::ok) {
-        if l.contains("paused at body") {
-            break;
-        }
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let after = line(&ok(flash().args(["list", "--all"])));
-    assert!(
-        after.contains("p1") && after.contains("stale: the disk holds no partition table"),
-        "{after}"
-    );
+/// A flashed card (its backing file and loop device) and a second flash
+/// of it held with its tables wiped (`NIXFORGE_FLASH_PAUSE=body`): the
+/// child, the stderr lines it has said, and the rest of its stderr.
+struct Held {
+    f: PathBuf,
+    lo: Loop,
+    child: std::process::Child,
+    seen: Vec<String>,
+    rest: std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+    _d: tempfile::TempDir,
 }
 
-#[test]
-fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
+fn flashed_then_held_at_body() -> Held {
     use std::io::{BufRead, BufReader};
-    let _g = privileged();
     let d = tempfile::tempdir().unwrap();
     let img = raw_efi(d.path(), 512);
     let (f, lo) = sparse_device(d.path(), "card", len(&img));
     let args = ["--yes", "--allow-non-removable"];
     ok(flash().arg(&img).arg(&lo.dev).args(args));
-    let p1 = format!("{}p1", lo.dev);
-    assert!(Path::new(&p1).exists(), "a flashed card has its nodes");
+    assert!(
+        Path::new(&format!("{}p1", lo.dev)).exists(),
+        "a flashed card has its nodes"
+    );
     let mut child = flash()
         .arg(&img)
         .arg(&lo.dev)
@@ -935,9 +902,9 @@ fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut rest = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
-    for l in err.by_ref().map_while(Result::ok) {
+    for l in rest.by_ref().map_while(Result::ok) {
         let at = l.contains("paused at body");
         seen.push(l);
         if at {
@@ -948,16 +915,53 @@ fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
         seen.iter().any(|l| l.contains("paused at body")),
         "{seen:?}"
     );
-    ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
-    // Its last words are read (a closed pipe would fail its stderr).
-    seen.extend(err.map_while(Result::ok));
-    let st = child.wait().unwrap();
+    Held {
+        f,
+        lo,
+        child,
+        seen,
+        rest,
+        _d: d,
+    }
+}
+
+#[test]
+fn flash_list_says_when_partition_nodes_outlive_a_killed_flash() {
+    let _g = privileged();
+    let mut h = flashed_then_held_at_body();
+    let lo = &h.lo;
+    let line = |list: &str| -> String {
+        list.lines()
+            .find(|l| l.starts_with(&format!("{} ", lo.dev)))
+            .unwrap_or_else(|| panic!("{} not listed:\n{list}", lo.dev))
+            .to_string()
+    };
+    // Killed while held: the table is wiped, the kernel's nodes stay.
+    h.child.kill().unwrap();
+    h.child.wait().unwrap();
+    let after = line(&ok(flash().args(["list", "--all"])));
     assert!(
-        seen.iter().any(|l| l.contains("stopped by SIGINT")),
-        "{seen:?}"
+        after.contains("p1") && after.contains("stale: the disk holds no partition table"),
+        "{after}"
+    );
+}
+
+#[test]
+fn an_interrupted_flash_leaves_no_partition_nodes_behind() {
+    let _g = privileged();
+    let mut h = flashed_then_held_at_body();
+    let p1 = format!("{}p1", h.lo.dev);
+    ok(Command::new("kill").args(["-INT", &h.child.id().to_string()]));
+    // Its last words are read (a closed pipe would fail its stderr).
+    h.seen.extend(h.rest.by_ref().map_while(Result::ok));
+    let st = h.child.wait().unwrap();
+    assert!(
+        h.seen.iter().any(|l| l.contains("stopped by SIGINT")),
+        "{:?}",
+        h.seen
     );
     assert_eq!(st.code(), Some(130));
-    assert!(no_table_left(&f));
+    assert!(no_table_left(&h.f));
     assert!(!Path::new(&p1).exists(), "{p1} outlived the wiped table");
 }
 
