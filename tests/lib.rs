@@ -98,6 +98,16 @@ impl System {
     }
 }
 
+/// A directory `name` in `dir` holding `files` (name, text): an identity.
+pub fn dir_with(dir: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    for (f, t) in files {
+        std::fs::write(p.join(f), t).unwrap();
+    }
+    p
+}
+
 /// Run, require success, return stdout.
 pub fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
