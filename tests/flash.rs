@@ -451,6 +451,7 @@ fn two_devices_in_one_run_both_written_and_verified() {
 // ---- faults a loop device cannot produce: an injecting sink ----
 
 use flash::device::{BlockDevice, Device};
+use flash::preflight::{Host, Need};
 use flash::write;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -523,9 +524,19 @@ impl BlockDevice for Faulty {
 }
 
 /// Flash `t.img` through a faulty sink over `t.lo` (and any more sinks).
+/// What the fixture image asks of a loop device (not removable).
+fn need(size: u64) -> Need {
+    Need {
+        size,
+        sector: Some(512),
+        allow_non_removable: true,
+    }
+}
+
 fn flash_faulty(t: &Disk, fault: Fault, more: Vec<Box<dyn BlockDevice>>) -> Vec<Res> {
     let src = flash::source::Source::open(&t.img, flash::source::BmapChoice::Auto).unwrap();
-    let target = flash::preflight::check(Path::new(&t.lo.dev), src.size, Some(512), true).unwrap();
+    let target =
+        flash::preflight::check(&Host::default(), Path::new(&t.lo.dev), need(src.size)).unwrap();
     let faulty = Faulty {
         inner: Device::open(&target, true).unwrap(),
         path: t.lo.dev.clone(),
@@ -665,7 +676,7 @@ fn a_failing_device_among_several_leaves_the_others_written() {
     stale_file(&backing_b, len(&t.img));
     let b = Loop::attach(&backing_b, &[]);
     let src = flash::source::Source::open(&t.img, flash::source::BmapChoice::None).unwrap();
-    let tb = flash::preflight::check(Path::new(&b.dev), src.size, Some(512), true).unwrap();
+    let tb = flash::preflight::check(&Host::default(), Path::new(&b.dev), need(src.size)).unwrap();
     let good: Box<dyn BlockDevice> = Box::new(Device::open(&tb, true).unwrap());
     let r = flash_faulty(&t, Fault::IoErrorAt(root_byte(&t)), vec![good]);
     assert!(r[0].is_err());

@@ -10,7 +10,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::ioctl;
-use crate::preflight::{Refused, Target};
+use crate::preflight::Target;
+use crate::refusal::{Check, Refused};
 
 /// Where an image goes: a block device, or in tests a device with faults.
 pub trait BlockDevice: Send + Sync {
@@ -98,18 +99,10 @@ impl Device {
         if write
             && (size != t.disk.size || lbs != t.disk.logical_sector_size || model != t.disk.model)
         {
-            return Err(Refused {
-                verb: crate::preflight::WRITE,
-                device: name,
-                refusal: crate::devices::Refusal {
-                    check: "identity",
-                    detail: format!(
-                        "the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})"
-                    ),
-                    readable: false,
-                },
-            }
-            .into());
+            let detail = format!(
+                "the device changed since the checks (now {size} bytes, {lbs}-byte sectors, model {model:?})"
+            );
+            return Err(Refused::write(name, Check::Identity, detail).into());
         }
         Ok(Device {
             name,

@@ -7,41 +7,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// One failed preflight check: its name and what was found.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Refusal {
-    pub check: &'static str,
-    pub detail: String,
-    /// It stops writing only: the device may still be read (`flash
-    /// verify` of a booted card: partitions mounted read-only, a
-    /// read-only device).
-    #[serde(skip)]
-    pub readable: bool,
-}
+use crate::refusal::{Check, Refusal};
 
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.check, self.detail)
-    }
-}
-
-fn refusal(check: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal {
-        check,
-        detail: detail.into(),
-        readable: false,
-    }
-}
-
-/// A refusal of writing only (see [`Refusal::readable`]).
-fn refusal_to_write(check: &'static str, detail: impl Into<String>) -> Refusal {
-    Refusal {
-        readable: true,
-        ..refusal(check, detail)
-    }
-}
-
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Disk {
     pub path: PathBuf,
     pub size: u64,
@@ -244,20 +212,23 @@ fn in_use(
     for (dev, mnt, ro) in &host.mounts {
         if devnums.contains(dev) {
             if ["/", "/boot", "/nix", "/usr"].contains(&mnt.as_str()) {
-                refusals.push(refusal("system disk", format!("{mnt} is on it")));
+                refusals.push(Refusal::new(Check::SystemDisk, format!("{mnt} is on it")));
                 system = true;
             } else if *ro {
-                refusals.push(refusal_to_write(
-                    "not mounted",
+                refusals.push(Refusal::to_write(
+                    Check::NotMounted,
                     format!("mounted read-only at {mnt}"),
                 ));
             } else {
-                refusals.push(refusal("not mounted", format!("mounted at {mnt}")));
+                refusals.push(Refusal::new(Check::NotMounted, format!("mounted at {mnt}")));
             }
         }
     }
     if holders {
-        refusals.push(refusal("no holders", "in use by another device (holders)"));
+        refusals.push(Refusal::new(
+            Check::NoHolders,
+            "in use by another device (holders)",
+        ));
         system = true;
     }
     let ours: Vec<String> = std::iter::once(name)
@@ -266,11 +237,14 @@ fn in_use(
         .collect();
     for (lo, backing) in &host.backings {
         if ours.contains(backing) {
-            refusals.push(refusal("no holders", format!("{backing} backs /dev/{lo}")));
+            refusals.push(Refusal::new(
+                Check::NoHolders,
+                format!("{backing} backs /dev/{lo}"),
+            ));
         }
     }
     if host.swaps.contains(name) || parts.iter().any(|p| host.swaps.contains(p)) {
-        refusals.push(refusal("not swap", "in use as swap"));
+        refusals.push(Refusal::new(Check::NotSwap, "in use as swap"));
         system = true;
     }
     (refusals, system)
@@ -283,12 +257,15 @@ fn disk(root: &Path, host: &Host, name: &str, size: u64) -> Disk {
     let (mut refusals, system) = in_use(host, name, &parts, &devnums, holders);
     let read_only = read_trim(sys.join("ro")) == "1";
     if read_only {
-        refusals.push(refusal_to_write("writable", "the device is read-only"));
+        refusals.push(Refusal::to_write(
+            Check::Writable,
+            "the device is read-only",
+        ));
     }
     let removable = removable(&sys);
     if !removable {
-        refusals.push(refusal(
-            "removable",
+        refusals.push(Refusal::new(
+            Check::Removable,
             "not a removable disk (pass --allow-non-removable if you mean it)",
         ));
     }
@@ -379,7 +356,7 @@ mod tests {
             ["/dev/mmcblk0", "/dev/mmcblk1", "/dev/sda", "/dev/sdb"]
         );
         let checks =
-            |i: usize| -> Vec<&str> { disks[i].refusals.iter().map(|r| r.check).collect() };
+            |i: usize| -> Vec<&str> { disks[i].refusals.iter().map(|r| r.check.name()).collect() };
         assert!(disks[0].removable);
         assert_eq!(checks(0), Vec::<&str>::new(), "an SD card is a target");
         assert_eq!(checks(1), ["removable"], "an eMMC is soldered in");

@@ -1,9 +1,13 @@
 //! flash: writing images to block devices safely.
 //!
-//! `devices` finds disks and why each would be refused; `source` streams an
-//! image (raw or zstd) by its bmap; `examine` checks the source (a whole
-//! disk image, its own sidecars) and `preflight` each device, before any
-//! write;
+//! `session` is a run in its safe order (every check and plan, then the
+//! devices opened and probed, then the writes); the binary only parses
+//! arguments, asks and prints.
+//! `devices` finds disks and why each would be refused (`refusal` names
+//! every check); `source` streams an image (raw or zstd) by its bmap;
+//! `examine` checks the source (a whole disk image, its own sidecars) and
+//! `preflight` each device, before any write; `provision` assigns each
+//! device its identity and plans its own bytes (`personal`);
 //! `device` opens a checked disk (the [`device::BlockDevice`] seam, which
 //! `memdisk` also implements for tests); `write` writes to every device
 //! from one read (first MiB last) and verifies by reading back; `ioctl`
@@ -19,6 +23,9 @@ pub mod memdisk;
 pub mod personal;
 pub mod preflight;
 pub mod probe;
+pub mod provision;
+pub mod refusal;
+pub mod session;
 pub mod source;
 pub mod write;
 

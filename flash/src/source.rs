@@ -26,7 +26,9 @@ pub struct Source {
 /// How much of the image's start [`Source::first_mib`] keeps.
 pub const FIRST: usize = 1 << 20;
 
+#[derive(Debug, Clone, Default)]
 pub enum BmapChoice {
+    #[default]
     Auto,
     File(PathBuf),
     None,

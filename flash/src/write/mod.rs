@@ -379,4 +379,4 @@ fn read_source(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 /// a byte pattern from 1 MiB on, whose last range ends mid-sector (the
 /// size is not a multiple of 4 KiB for 512-byte sectors), and the backup
 /// table. With `bmap`, a .bmap beside it maps only the written ranges.
-fn image(dir: &Path, ss: u64, bmap: bool) -> (PathBuf, Vec<u8>, Vec<(u64, u64)>) {
+pub(crate) fn image(dir: &Path, ss: u64, bmap: bool) -> (PathBuf, Vec<u8>, Vec<(u64, u64)>) {
     let size = (9 << 20) + 3 * ss;
     let g = Gpt {
         sector: ss,
