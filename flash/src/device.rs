@@ -36,16 +36,63 @@ pub trait BlockDevice: Send + Sync {
     fn announce(&self) {}
 }
 
+/// How a transfer of many bytes stopped short.
+#[derive(Debug)]
+pub enum Short {
+    /// The device moved `done` bytes, then none.
+    Stuck { done: usize },
+    /// A short transfer of `n` bytes at `done`, not whole sectors.
+    Unaligned { done: usize, n: usize },
+    /// An error at `done` bytes in.
+    Failed { done: usize, err: io::Error },
+}
+
+/// The one loop every read or write of many bytes on a device goes
+/// through: `op(done)` moves bytes from `done` on and says how many; an
+/// interrupted call (EINTR) is retried; a short transfer goes on from
+/// where it stopped, and must be whole `unit`s (sectors; 1 for any).
+pub fn transfer(
+    len: usize,
+    unit: usize,
+    mut op: impl FnMut(usize) -> io::Result<usize>,
+) -> Result<(), Short> {
+    let mut done = 0;
+    while done < len {
+        match op(done) {
+            Ok(0) => return Err(Short::Stuck { done }),
+            Ok(n) if n % unit != 0 => return Err(Short::Unaligned { done, n }),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(Short::Failed { done, err }),
+        }
+    }
+    Ok(())
+}
+
+impl Short {
+    /// As an I/O error; a device that stopped moving bytes is `stuck`
+    /// (`UnexpectedEof` for reads, `WriteZero` for writes).
+    pub fn into_io(self, stuck: io::ErrorKind) -> io::Error {
+        match self {
+            Short::Stuck { .. } => io::Error::from(stuck),
+            Short::Unaligned { n, .. } => {
+                io::Error::other(format!("a short transfer of {n} bytes, not whole sectors"))
+            }
+            Short::Failed { err, .. } => err,
+        }
+    }
+}
+
 /// Zeros over `len` bytes at `off`, written from an aligned zero buffer.
 fn write_zeros<D: BlockDevice + ?Sized>(dev: &D, off: u64, len: u64) -> io::Result<()> {
     let zeros = formats::sys::Aligned::new(len.min(4 << 20) as usize);
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
-        match dev.write_at(zeros.get(n), off + done)? {
-            0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            k => done += k as u64,
-        }
+        let at = off + done;
+        transfer(n, 1, |d| dev.write_at(zeros.get(n - d), at + d as u64))
+            .map_err(|e| e.into_io(io::ErrorKind::WriteZero))?;
+        done += n as u64;
     }
     Ok(())
 }
@@ -148,5 +195,39 @@ impl BlockDevice for Device {
                 .stderr(std::process::Stdio::null())
                 .status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transfer_retries_interruptions_goes_on_after_short_ones_and_stops_when_stuck() {
+        let mut calls = vec![
+            Err(io::Error::from(io::ErrorKind::Interrupted)),
+            Ok(512),
+            Ok(1024),
+        ]
+        .into_iter();
+        let mut at = Vec::new();
+        transfer(1536, 512, |d| {
+            at.push(d);
+            calls.next().unwrap()
+        })
+        .unwrap();
+        assert_eq!(at, [0, 0, 512]);
+        let stuck = transfer(1024, 512, |d| Ok(if d == 0 { 512 } else { 0 }));
+        assert!(matches!(stuck, Err(Short::Stuck { done: 512 })));
+        let odd = transfer(1024, 512, |_| Ok(100));
+        assert!(matches!(odd, Err(Short::Unaligned { done: 0, n: 100 })));
+        let failed = transfer(8, 1, |d| {
+            if d < 4 {
+                Ok(4)
+            } else {
+                Err(io::Error::other("EIO"))
+            }
+        });
+        assert!(matches!(failed, Err(Short::Failed { done: 4, .. })));
     }
 }

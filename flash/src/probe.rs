@@ -12,7 +12,7 @@
 
 use std::io;
 
-use crate::device::BlockDevice;
+use crate::device::{transfer, BlockDevice};
 use formats::sys::Aligned;
 
 /// At least this many blocks are sampled across the capacity (at most
@@ -93,29 +93,13 @@ fn pattern(buf: &mut [u8], nonce: u64, off: u64) {
 }
 
 fn read_exact(dev: &dyn BlockDevice, buf: &mut [u8], at: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match dev.read_at(&mut buf[done..], at + done as u64) {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    transfer(buf.len(), 1, |d| dev.read_at(&mut buf[d..], at + d as u64))
+        .map_err(|e| e.into_io(io::ErrorKind::UnexpectedEof))
 }
 
 fn write_exact(dev: &dyn BlockDevice, buf: &[u8], at: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match dev.write_at(&buf[done..], at + done as u64) {
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    transfer(buf.len(), 1, |d| dev.write_at(&buf[d..], at + d as u64))
+        .map_err(|e| e.into_io(io::ErrorKind::WriteZero))
 }
 
 /// Probe `dev`; its bytes are as before when this returns, whatever the

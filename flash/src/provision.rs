@@ -327,7 +327,7 @@ mod tests {
     }
 
     fn err(p: &Provisioning, n: usize) -> String {
-        format!("{:#}", assign(p, &targets(n)).err().expect("refused"))
+        format!("{:#}", assign(p, &targets(n)).expect_err("refused"))
     }
 
     #[test]

@@ -9,8 +9,7 @@
 //!
 //! On any failure or interruption both ends are zeroed again.
 
-use anyhow::{bail, Context, Result};
-use std::io;
+use anyhow::{anyhow, bail, Context, Result};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -20,7 +19,7 @@ use xxhash_rust::xxh3::xxh3_128;
 use super::gpt_move::{backup_header, relocate_gpt};
 use super::verify::{verify, Mismatch};
 use super::{Interrupted, Msg, Options, Outcome, Unit, ALIGN, HEAD};
-use crate::device::BlockDevice;
+use crate::device::{transfer, BlockDevice, Short};
 use crate::personal::{Bytes, Personal};
 use crate::source::Source;
 use crate::Meter;
@@ -51,23 +50,22 @@ fn put(sink: &dyn BlockDevice, bounce: &mut Aligned, data: &[u8], off: u64) -> R
 fn write_exact(sink: &dyn BlockDevice, b: &[u8], off: u64) -> Result<()> {
     let lbs = sink.sector_size() as usize;
     let name = sink.name();
-    let mut done = 0;
-    while done < b.len() {
-        let pos = off + done as u64;
-        match sink.write_at(&b[done..], pos) {
-            Ok(0) => bail!(
-                "writing {name} at byte {pos}: short write: the device took {done} of {} bytes and then nothing",
+    transfer(b.len(), lbs, |done| sink.write_at(&b[done..], off + done as u64)).map_err(|e| {
+        match e {
+            Short::Stuck { done } => anyhow!(
+                "writing {name} at byte {}: short write: the device took {done} of {} bytes and then nothing",
+                off + done as u64,
                 b.len()
             ),
-            Ok(n) if n % lbs != 0 => bail!(
-                "writing {name} at byte {pos}: short write of {n} bytes, not whole {lbs}-byte sectors"
+            Short::Unaligned { done, n } => anyhow!(
+                "writing {name} at byte {}: short write of {n} bytes, not whole {lbs}-byte sectors",
+                off + done as u64
             ),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e).with_context(|| format!("writing {name} at byte {pos}")),
+            Short::Failed { done, err } => {
+                anyhow::Error::from(err).context(format!("writing {name} at byte {}", off + done as u64))
+            }
         }
-    }
-    Ok(())
+    })
 }
 
 /// Zeros over where tables live: first the disk's last 4 KiB (the backup

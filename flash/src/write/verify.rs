@@ -1,13 +1,12 @@
 //! Reading a device back past the page cache and comparing it with what
 //! was written; on a mismatch, the first differing byte.
 
-use anyhow::{bail, Context, Result};
-use std::io;
+use anyhow::{anyhow, Context, Result};
 use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::{Interrupted, Unit, CHUNK};
-use crate::device::BlockDevice;
+use crate::device::{transfer, BlockDevice, Short};
 use crate::source::Source;
 use crate::Meter;
 use formats::sys::Aligned;
@@ -76,24 +75,19 @@ pub fn read_head(sink: &dyn BlockDevice) -> Result<Vec<u8>> {
 }
 
 fn read_exact(sink: &dyn BlockDevice, b: &mut [u8], off: u64) -> Result<()> {
-    let mut done = 0;
-    while done < b.len() {
-        match sink.read_at(&mut b[done..], off + done as u64) {
-            Ok(0) => bail!(
-                "reading {} back at byte {}: the device ended",
-                sink.name(),
-                off + done as u64
-            ),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!("reading {} back at byte {}", sink.name(), off + done as u64)
-                })
-            }
+    let len = b.len();
+    transfer(len, 1, |done| {
+        sink.read_at(&mut b[done..], off + done as u64)
+    })
+    .map_err(|e| {
+        let at =
+            |done: usize| format!("reading {} back at byte {}", sink.name(), off + done as u64);
+        match e {
+            Short::Stuck { done } => anyhow!("{}: the device ended", at(done)),
+            Short::Unaligned { done, .. } => anyhow!("{}: a short read", at(done)),
+            Short::Failed { done, err } => anyhow::Error::from(err).context(at(done)),
         }
-    }
-    Ok(())
+    })
 }
 
 /// The first byte of a mismatching unit that differs from the image.
