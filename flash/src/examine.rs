@@ -8,17 +8,9 @@
 
 use std::fs::File;
 
+pub use crate::refusal::Unfit;
 use crate::source::Source;
 use formats::zstd_frames;
-
-/// The source cannot be written as it is (exit code 2, like a refused
-/// device).
-#[derive(Debug, thiserror::Error)]
-#[error("refusing {image}: {detail}")]
-pub struct Unfit {
-    pub image: String,
-    pub detail: String,
-}
 
 /// What the checks learnt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -155,6 +155,15 @@ impl Refused {
     }
 }
 
+/// The source cannot be written as it is (exit code 2, like a refused
+/// device): not a disk image, not whole, sidecars not its own.
+#[derive(Debug, thiserror::Error)]
+#[error("refusing {image}: {detail}")]
+pub struct Unfit {
+    pub image: String,
+    pub detail: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

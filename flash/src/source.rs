@@ -110,7 +110,7 @@ impl Source {
         };
         if let Some((p, b)) = &bmap {
             if b.image_size != size {
-                return Err(crate::examine::Unfit {
+                return Err(crate::refusal::Unfit {
                     image: path.display().to_string(),
                     detail: format!(
                         "it is {size} bytes, but its bmap {} describes a {}-byte image",

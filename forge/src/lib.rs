@@ -2,6 +2,7 @@
 //! container. The command line lives in the `forge` binary (`main.rs`,
 //! `cli/`); nothing here parses arguments or prints.
 
+pub mod assemble;
 pub mod closure;
 pub mod container;
 pub mod image;

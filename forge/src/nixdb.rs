@@ -10,6 +10,7 @@ use rusqlite::Connection;
 use std::collections::BTreeMap;
 
 use crate::closure::PathInfo;
+use formats::tree::Node;
 
 /// Nix's local store schema version the database follows.
 pub const SCHEMA_VERSION: &str = "10";
@@ -106,13 +107,12 @@ pub fn sqlite(paths: &[PathInfo], epoch: u32) -> Result<Vec<u8>> {
 /// (`db.sqlite` and `schema`): the root filesystem of an image and an OCI
 /// image's customisation layer carry the same.
 pub fn add_to(t: &mut formats::tree::Tree, paths: &[PathInfo], epoch: u32) -> Result<()> {
-    use crate::image::trees::bytes_node;
     let db = t.mkdir_p(b"/nix/var/nix/db", 0o755)?;
-    t.insert(db, b"db.sqlite", bytes_node(sqlite(paths, epoch)?, 0o644))?;
+    t.insert(db, b"db.sqlite", Node::bytes(sqlite(paths, epoch)?, 0o644))?;
     t.insert(
         db,
         b"schema",
-        bytes_node(SCHEMA_VERSION.as_bytes().to_vec(), 0o644),
+        Node::bytes(SCHEMA_VERSION.as_bytes().to_vec(), 0o644),
     )?;
     Ok(())
 }

@@ -17,8 +17,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::image::out::{Hashes, ImageOut};
-
 pub struct AtomicOutput {
     file: File,
     /// None: an unnamed (O_TMPFILE) file; else its temporary name.
@@ -195,44 +193,6 @@ impl AtomicOutput {
 
     pub fn target(&self) -> &Path {
         &self.target
-    }
-
-    /// Fill the file with one filesystem of `size` bytes that writes
-    /// `map`, the way `forge image` writes images: in ascending order,
-    /// sparse, O_DIRECT.
-    pub fn write_image(
-        &mut self,
-        size: u64,
-        map: Vec<(u64, u64)>,
-        write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
-    ) -> Result<()> {
-        self.write_image_as(
-            crate::container::Kind::Raw,
-            &Default::default(),
-            size,
-            map,
-            write,
-        )
-    }
-
-    /// The same, in the container `kind`.
-    pub fn write_image_as(
-        &mut self,
-        kind: crate::container::Kind,
-        settings: &crate::container::Settings,
-        size: u64,
-        map: Vec<(u64, u64)>,
-        write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
-    ) -> Result<()> {
-        let what = || format!("writing {}", self.target.display());
-        let c = kind
-            .open(&self.file, &self.temp_path(), settings)
-            .with_context(what)?;
-        let mut w = ImageOut::new(c, Hashes::default()).with_context(what)?;
-        w.begin(size, map).with_context(what)?;
-        write(&mut w)?;
-        w.finish().with_context(what)?;
-        Ok(())
     }
 
     /// Flush to disk and give the file its name (replacing what had it).

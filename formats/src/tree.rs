@@ -50,6 +50,34 @@ pub struct Node {
     pub gid: u32,
 }
 
+impl Node {
+    /// A root-owned file holding `b`.
+    pub fn bytes(b: impl Into<Vec<u8>>, perm: u16) -> Node {
+        let b: Vec<u8> = b.into();
+        Node {
+            kind: Kind::File {
+                size: b.len() as u64,
+                content: Content::Bytes(std::sync::Arc::from(b)),
+            },
+            perm,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    /// A root-owned symlink to `target`.
+    pub fn symlink(target: &str) -> Node {
+        Node {
+            kind: Kind::Symlink {
+                target: target.as_bytes().to_vec(),
+            },
+            perm: 0o777,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
     #[error("{path}: {err}")]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use formats::ext4::{self, Owner, Size, Slack, Tree};
 
+use forge::container::{self, Kind};
 use forge::output::AtomicOutput;
 
 #[derive(clap::Args)]
@@ -81,11 +82,18 @@ pub fn run(a: Ext4Args) -> Result<()> {
         return Ok(());
     }
     let mut out = AtomicOutput::create(&a.output)?;
-    out.write_image(plan.size_bytes(), plan.mapped(), |w| {
-        plan.write(w, 0)
-            .with_context(|| format!("writing {}", a.output.display()))?;
-        Ok(())
-    })?;
+    container::write_image(
+        &mut out,
+        Kind::Raw,
+        &Default::default(),
+        plan.size_bytes(),
+        plan.mapped(),
+        |w| {
+            plan.write(w, 0)
+                .with_context(|| format!("writing {}", a.output.display()))?;
+            Ok(())
+        },
+    )?;
     out.commit()?;
     eprintln!("{summary}");
     Ok(())

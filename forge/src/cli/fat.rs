@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use formats::fat;
 use formats::tree::{Owner, Tree, ROOT};
 
+use forge::container::{self, Kind};
 use forge::output::AtomicOutput;
 
 #[derive(clap::Args)]
@@ -46,10 +47,17 @@ pub fn run(a: FatArgs) -> Result<()> {
     };
     let plan = fat::plan(&tree, &opts)?;
     let mut out = AtomicOutput::create(&a.output)?;
-    out.write_image(plan.size_bytes(), plan.mapped(), |w| {
-        plan.write(w, 0)
-            .with_context(|| format!("writing {}", a.output.display()))?;
-        Ok(())
-    })?;
+    container::write_image(
+        &mut out,
+        Kind::Raw,
+        &Default::default(),
+        plan.size_bytes(),
+        plan.mapped(),
+        |w| {
+            plan.write(w, 0)
+                .with_context(|| format!("writing {}", a.output.display()))?;
+            Ok(())
+        },
+    )?;
     out.commit()
 }

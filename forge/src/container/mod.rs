@@ -14,22 +14,33 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-pub use crate::image::out::Chunk;
+use anyhow::{Context, Result};
 
-/// The image's bytes leave through one of these, on the image output's
-/// disk thread.
-pub trait Container: Send {
-    /// Whether chunks must arrive in image order (a stream); otherwise
-    /// they come as they are ready.
-    fn ordered(&self) -> bool;
-    /// Before any chunk: the image's size and every byte range that will
-    /// be written (sorted, merged); all else is zeros.
-    fn begin(&mut self, size: u64, map: &[(u64, u64)]) -> io::Result<()>;
-    /// The chunk's first `n` bytes are the image's, at `chunk.off`;
-    /// blocks it does not mark touched are zeros.
-    fn chunk(&mut self, chunk: &Chunk, n: usize) -> io::Result<()>;
-    /// Everything has been given.
-    fn finish(&mut self) -> io::Result<()>;
+pub use crate::assemble::{Chunk, Container};
+use crate::assemble::{Hashes, ImageOut};
+use crate::output::AtomicOutput;
+
+/// Fill `out` with one image of `size` bytes, in the container `kind`,
+/// that `write` writes (in ascending order, touching only `map`): the
+/// way `forge image` writes images, for a bare filesystem (`forge ext4`,
+/// `forge fat`) or a VM's state disk.
+pub fn write_image(
+    out: &mut AtomicOutput,
+    kind: Kind,
+    settings: &Settings,
+    size: u64,
+    map: Vec<(u64, u64)>,
+    write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
+) -> Result<()> {
+    let target = out.target().display().to_string();
+    let what = || format!("writing {target}");
+    let temp = out.temp_path();
+    let c = kind.open(out.file(), &temp, settings).with_context(what)?;
+    let mut w = ImageOut::new(c, Hashes::default()).with_context(what)?;
+    w.begin(size, map).with_context(what)?;
+    write(&mut w)?;
+    w.finish().with_context(what)?;
+    Ok(())
 }
 
 /// The containers, chosen by the output's name.

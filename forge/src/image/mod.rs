@@ -4,7 +4,6 @@
 //! The bmap lists exactly the blocks written, and those must be the
 //! blocks the layout planned.
 
-pub(crate) mod out;
 mod raw_efi;
 mod sd;
 pub mod trees;
@@ -18,12 +17,12 @@ use formats::bmap;
 use formats::ext4;
 use formats::tree::Tree;
 
+use crate::assemble::{self, ImageOut};
 use crate::closure::{self, Closure, Store};
 use crate::container;
 use crate::layout::{Disk, Filesystem, Layout, PartType, Partition, Role, SizePolicy};
 use crate::output::AtomicOutput;
 use crate::Progress;
-use out::ImageOut;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -355,7 +354,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let tmp = out.temp_path();
     // The bmap pieces are hashed whatever the container: the blocks
     // written are checked against the layout's map from them.
-    let hashes = out::Hashes {
+    let hashes = assemble::Hashes {
         bmap: true,
         partitions: o.hash_partitions,
     };

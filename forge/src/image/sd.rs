@@ -88,7 +88,7 @@ fn firmware_tree(o: &Options, store: &Store) -> Result<Tree> {
             t.insert(
                 ROOT,
                 b"config.txt",
-                trees::bytes_node(DEFAULT_CONFIG_TXT, 0o644),
+                formats::tree::Node::bytes(DEFAULT_CONFIG_TXT, 0o644),
             )?;
         }
         None => {}

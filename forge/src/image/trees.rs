@@ -5,9 +5,8 @@
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use formats::tree::{Content, Fragment, Kind, Node, NodeId, Owner, Tree, ROOT};
+use formats::tree::{Fragment, Kind, Node, NodeId, Owner, Tree, ROOT};
 
 use crate::closure::{self, store, BootSpec, Closure, Store};
 
@@ -33,30 +32,6 @@ const MOUNT_POINTS: &[(&str, u16)] = &[
 /// nixpkgs' ids.gids.nixbld: NixOS keeps /nix/store root:nixbld 1775.
 const NIXBLD_GID: u32 = 30000;
 
-pub fn bytes_node(b: impl Into<Vec<u8>>, perm: u16) -> Node {
-    let b: Vec<u8> = b.into();
-    Node {
-        kind: Kind::File {
-            size: b.len() as u64,
-            content: Content::Bytes(Arc::from(b)),
-        },
-        perm,
-        uid: 0,
-        gid: 0,
-    }
-}
-
-pub fn symlink_node(target: &str) -> Node {
-    Node {
-        kind: Kind::Symlink {
-            target: target.as_bytes().to_vec(),
-        },
-        perm: 0o777,
-        uid: 0,
-        gid: 0,
-    }
-}
-
 /// The root filesystem: the closure in /nix/store, its registration, the
 /// system profile links and the mount points.
 pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
@@ -78,14 +53,14 @@ pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
     t.insert(
         ROOT,
         b"nix-path-registration",
-        bytes_node(closure.registration_for_image(), 0o444),
+        Node::bytes(closure.registration_for_image(), 0o444),
     )?;
     // A Nix database the closure's Nix opens as it is: the booted system
     // needs no first-boot `nix-store --load-db`.
     crate::nixdb::add_to(&mut t, &closure.paths, epoch)?;
     let profiles = t.mkdir_p(b"/nix/var/nix/profiles", 0o755)?;
-    t.insert(profiles, b"system-1-link", symlink_node(&closure.toplevel))?;
-    t.insert(profiles, b"system", symlink_node("system-1-link"))?;
+    t.insert(profiles, b"system-1-link", Node::symlink(&closure.toplevel))?;
+    t.insert(profiles, b"system", Node::symlink("system-1-link"))?;
     for (dir, perm) in MOUNT_POINTS {
         t.mkdir_p(dir.as_bytes(), *perm)?;
         if let Some(id) = lookup(&t, dir.as_bytes()) {
@@ -94,7 +69,7 @@ pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
     }
     // As nixpkgs' make-disk-image: the marker stage 1 looks for.
     let etc = t.mkdir_p(b"/etc", 0o755)?;
-    t.insert(etc, b"NIXOS", bytes_node(Vec::new(), 0o644))?;
+    t.insert(etc, b"NIXOS", Node::bytes(Vec::new(), 0o644))?;
     Ok(t)
 }
 
@@ -269,11 +244,11 @@ pub fn esp_tree(
     let conf = format!(
         "timeout {timeout}\ndefault nixos-generation-1.conf\neditor 0\nconsole-mode keep\n"
     );
-    t.insert(loader, b"loader.conf", bytes_node(conf, 0o644))?;
+    t.insert(loader, b"loader.conf", Node::bytes(conf, 0o644))?;
     // bootctl install writes this marker (boot loader spec "type1" entries).
-    t.insert(loader, b"entries.srel", bytes_node("type1\n", 0o644))?;
+    t.insert(loader, b"entries.srel", Node::bytes("type1\n", 0o644))?;
     for e in boot_entries(closure, epoch) {
-        t.insert(entries_dir, e.file.as_bytes(), bytes_node(e.text, 0o644))?;
+        t.insert(entries_dir, e.file.as_bytes(), Node::bytes(e.text, 0o644))?;
     }
     Ok(t)
 }
@@ -367,7 +342,7 @@ pub fn extlinux(
             &format!("NixOS - Configuration 1 ({name})"),
         )?);
     }
-    t.insert(extl, b"extlinux.conf", bytes_node(conf, 0o644))?;
+    t.insert(extl, b"extlinux.conf", Node::bytes(conf, 0o644))?;
     Ok(())
 }
 

@@ -112,7 +112,7 @@ impl Filesystem<'_> {
 }
 
 /// What a placed layout is written into (the image assembler,
-/// `image::out::ImageOut`): told the size and block map first, told
+/// `assemble::ImageOut`): told the size and block map first, told
 /// which ranges to hash (the partitions), then given the bytes in
 /// ascending order through its `Sink`.
 pub trait Target {

@@ -7,8 +7,7 @@
 use anyhow::{bail, Result};
 
 use crate::closure::{Paths, Store};
-use crate::image::trees::{bytes_node as file, symlink_node as link};
-use formats::tree::{dir_node, Tree, ROOT};
+use formats::tree::{dir_node, Node, Tree, ROOT};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
@@ -142,7 +141,7 @@ pub fn layer(store: &Store, c: &Paths, users: &[User], epoch: u32) -> Result<Mad
         if let Some(target) = provided(store, c, sub) {
             let (dir, name) = at.rsplit_once('/').expect("absolute");
             let d = t.mkdir_p(dir.as_bytes(), 0o755)?;
-            t.insert(d, name.as_bytes(), link(&target))?;
+            t.insert(d, name.as_bytes(), Node::symlink(&target))?;
             links.push((at.to_string(), target));
         }
     }
@@ -159,15 +158,15 @@ pub fn layer(store: &Store, c: &Paths, users: &[User], epoch: u32) -> Result<Mad
         }
     }
     let etc = t.mkdir_p(b"/etc", 0o755)?;
-    t.insert(etc, b"passwd", file(passwd, 0o644))?;
-    t.insert(etc, b"group", file(group, 0o644))?;
+    t.insert(etc, b"passwd", Node::bytes(passwd, 0o644))?;
+    t.insert(etc, b"group", Node::bytes(group, 0o644))?;
     let nix = t.mkdir_p(b"/etc/nix", 0o755)?;
     // Single-user Nix as root: no nixbld group, no sandbox (a container
     // rarely may make namespaces).
     t.insert(
         nix,
         b"nix.conf",
-        file("build-users-group =\nsandbox = false\n", 0o644),
+        Node::bytes("build-users-group =\nsandbox = false\n", 0o644),
     )?;
     t.insert(ROOT, b"root", dir_node(0o700, 0, 0))?;
     t.insert(ROOT, b"tmp", dir_node(0o1777, 0, 0))?;

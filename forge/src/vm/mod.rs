@@ -180,7 +180,7 @@ fn ext4_disk(
     } else {
         AtomicOutput::create(path)?
     };
-    out.write_image_as(kind, s, plan.size_bytes(), plan.mapped(), |w| {
+    crate::container::write_image(&mut out, kind, s, plan.size_bytes(), plan.mapped(), |w| {
         plan.write(w, 0)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(())

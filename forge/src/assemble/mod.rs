@@ -35,7 +35,6 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::container::Container;
 pub use chunk::Chunk;
 use chunk::{InOrder, Leased, Shared, BLOCKS, CHUNK};
 use formats::bmap::BLOCK;
@@ -51,6 +50,22 @@ const POOL: usize = 32;
 /// Without bmap hashing, or behind a streaming container (zstd is slower
 /// than hashing), a few chunks ahead suffice.
 const POOL_SMALL: usize = 8;
+
+/// The image's bytes leave through one of these (`crate::container`
+/// has them all), on the image output's disk thread.
+pub trait Container: Send {
+    /// Whether chunks must arrive in image order (a stream); otherwise
+    /// they come as they are ready.
+    fn ordered(&self) -> bool;
+    /// Before any chunk: the image's size and every byte range that will
+    /// be written (sorted, merged); all else is zeros.
+    fn begin(&mut self, size: u64, map: &[(u64, u64)]) -> io::Result<()>;
+    /// The chunk's first `n` bytes are the image's, at `chunk.off`;
+    /// blocks it does not mark touched are zeros.
+    fn chunk(&mut self, chunk: &Chunk, n: usize) -> io::Result<()>;
+    /// Everything has been given.
+    fn finish(&mut self) -> io::Result<()>;
+}
 
 /// What the image's bytes are hashed for (nothing, for a bare filesystem).
 #[derive(Clone, Copy, Debug, Default)]
