@@ -130,7 +130,40 @@ impl Job<'_> {
     /// What one device does with the stream: write (or, verifying only,
     /// just collect the first MiB), then read everything back.
     pub(super) fn run(&self, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome> {
-        device_job(self, rx, meter)
+        let start = Instant::now();
+        let mut d = Writer::new(self, meter);
+        let streamed = d.stream(rx);
+        let finished = streamed.and_then(|global| {
+            let mut units: Vec<Unit> = global
+                .iter()
+                .filter(|u| !replaced(self.personal, u.off, u.off + u.len as u64))
+                .cloned()
+                .collect();
+            d.own_bytes(&mut units)?;
+            let gpt_moved = d.tables_last(&mut units)?;
+            Ok((units, gpt_moved))
+        });
+        let (units, gpt_moved) = finished.map_err(|e| d.failed(e))?;
+        let mut verified = 0;
+        if self.opts.verify {
+            verified = verify(self.sink, self.src, units, meter, &self.opts.stop)
+                .map_err(|e| d.unverified(e))?;
+        }
+        if self.write {
+            self.sink.announce();
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        meter.finish("done");
+        let (write, written, size) = (self.write, d.written, self.src.size);
+        Ok(Outcome {
+            device: d.name,
+            written: if write { written } else { 0 },
+            skipped: if write { size - written.min(size) } else { 0 },
+            verified,
+            seconds,
+            mb_per_s: written as f64 / seconds.max(1e-3) / 1e6,
+            gpt_moved: write && gpt_moved,
+        })
     }
 }
 
@@ -138,38 +171,64 @@ fn replaced(p: Option<&Personal>, off: u64, end: u64) -> bool {
     p.is_some_and(|p| off >= p.replace.0 && end <= p.replace.1)
 }
 
-fn device_job(job: &Job, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome> {
-    let Job {
-        sink,
-        personal,
-        src,
-        total,
-        opts,
-        write,
-    } = *job;
-    let start = Instant::now();
-    let name = sink.name().to_string();
-    let lbs = sink.sector_size();
-    let mut head = vec![0u8; HEAD.min(src.size) as usize];
-    let mut head_mapped: Vec<(u64, u64)> = Vec::new();
-    let mut bounce = Aligned::new(HEAD as usize);
-    let mut written = 0u64;
-    // The image's own backup GPT header, widened to this disk's sectors.
-    let held = backup_header(src.first_mib(), src.size)
-        .map(|(o, l)| (o / lbs * lbs, (o + l).div_ceil(lbs) * lbs - o / lbs * lbs))
-        .filter(|&(o, l)| !replaced(personal, o, o + l));
-    let mut stash: Option<Vec<u8>> = None;
-    let streamed = (|| -> Result<Arc<Vec<Unit>>> {
-        if write {
-            zero_ends(sink).with_context(|| format!("clearing the old tables on {name}"))?;
+/// One device's writer as it goes: the first MiB collected (written
+/// last), the image's backup GPT header held back, bytes written.
+struct Writer<'j> {
+    job: &'j Job<'j>,
+    meter: &'j dyn Meter,
+    name: String,
+    lbs: u64,
+    head: Vec<u8>,
+    head_mapped: Vec<(u64, u64)>,
+    bounce: Aligned,
+    written: u64,
+    /// The image's own backup GPT header, widened to this disk's sectors.
+    held: Option<(u64, u64)>,
+    /// Its bytes, when the stream brought them.
+    stash: Option<Vec<u8>>,
+}
+
+impl<'j> Writer<'j> {
+    fn new(job: &'j Job<'j>, meter: &'j dyn Meter) -> Self {
+        let (sink, src) = (job.sink, job.src);
+        let lbs = sink.sector_size();
+        let held = backup_header(src.first_mib(), src.size)
+            .map(|(o, l)| (o / lbs * lbs, (o + l).div_ceil(lbs) * lbs - o / lbs * lbs))
+            .filter(|&(o, l)| !replaced(job.personal, o, o + l));
+        Writer {
+            job,
+            meter,
+            name: sink.name().to_string(),
+            lbs,
+            head: vec![0u8; HEAD.min(src.size) as usize],
+            head_mapped: Vec::new(),
+            bounce: Aligned::new(HEAD as usize),
+            written: 0,
+            held,
+            stash: None,
+        }
+    }
+
+    fn stopped(&self) -> Result<()> {
+        if self.job.opts.stop.load(Ordering::Relaxed) {
+            return Err(Interrupted.into());
+        }
+        Ok(())
+    }
+
+    /// The old tables zeroed, then the image's chunks as they come (the
+    /// first MiB kept for last); the units to verify when it ends.
+    fn stream(&mut self, rx: Receiver<Msg>) -> Result<Arc<Vec<Unit>>> {
+        let (job, meter) = (self.job, self.meter);
+        if job.write {
+            zero_ends(job.sink)
+                .with_context(|| format!("clearing the old tables on {}", self.name))?;
             meter.reached("cleared");
         }
-        meter.phase(if write { "writing" } else { "reading" }, total);
+        meter.phase(if job.write { "writing" } else { "reading" }, job.total);
         let mut body = false;
         loop {
-            if opts.stop.load(Ordering::Relaxed) {
-                return Err(Interrupted.into());
-            }
+            self.stopped()?;
             let c = match rx.recv() {
                 Ok(Msg::Chunk(c)) => c,
                 Ok(Msg::Finish(units)) => return Ok(units),
@@ -177,7 +236,7 @@ fn device_job(job: &Job, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome
                 Err(_) => bail!("the source stopped"),
             };
             let end = c.off + c.len as u64;
-            if replaced(personal, c.off, end) {
+            if replaced(job.personal, c.off, end) {
                 // This device gets its own bytes here (no chunk crosses
                 // the range's edges).
                 meter.add(c.len as u64);
@@ -187,123 +246,139 @@ fn device_job(job: &Job, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome
             if c.off < HEAD {
                 // Stash what falls in the first MiB; it is written last.
                 let cut = (HEAD.min(end) - c.off) as usize;
-                head[c.off as usize..c.off as usize + cut].copy_from_slice(c.buf.get(cut));
-                head_mapped.push((c.off, cut as u64));
+                self.head[c.off as usize..c.off as usize + cut].copy_from_slice(c.buf.get(cut));
+                self.head_mapped.push((c.off, cut as u64));
                 from = cut;
             }
-            if write && from < c.len {
+            if job.write && from < c.len {
                 let at = c.off + from as u64;
-                put_around(sink, &mut bounce, c.padded(from, lbs), at, held, &mut stash)?;
+                let bytes = c.padded(from, self.lbs);
+                put_around(
+                    job.sink,
+                    &mut self.bounce,
+                    bytes,
+                    at,
+                    self.held,
+                    &mut self.stash,
+                )?;
                 if !body {
                     body = true;
                     meter.reached("body");
                 }
             }
-            written += c.len as u64;
+            self.written += c.len as u64;
             meter.add(c.len as u64);
         }
-    })();
-    drop(rx);
-    let fail = |e: anyhow::Error, wiped: bool| -> anyhow::Error {
-        meter.finish("failed");
-        if wiped {
-            e.context(format!(
-                "{name}: nothing bootable was left (partition tables wiped)"
-            ))
-        } else {
-            e
-        }
-    };
-    let finished = streamed.and_then(|global| {
-        let mut units: Vec<Unit> = global
-            .iter()
-            .filter(|u| !replaced(personal, u.off, u.off + u.len as u64))
-            .cloned()
-            .collect();
-        if let Some(p) = personal {
-            // The device's own state filesystem, after the image's body.
-            let mut zeros: Vec<(usize, Arc<Vec<u8>>, u128)> = Vec::new();
-            for (o, b) in &p.extents {
-                let (bytes, sum) = match b {
-                    Bytes::Data(d) => {
-                        if write {
-                            put(sink, &mut bounce, d, *o)?;
-                        }
-                        (d.clone(), xxh3_128(d))
+    }
+
+    /// The device's own state filesystem, after the image's body.
+    fn own_bytes(&mut self, units: &mut Vec<Unit>) -> Result<()> {
+        let Some(p) = self.job.personal else {
+            return Ok(());
+        };
+        let (sink, write) = (self.job.sink, self.job.write);
+        let mut zeros: Vec<(usize, Arc<Vec<u8>>, u128)> = Vec::new();
+        for (o, b) in &p.extents {
+            let (bytes, sum) = match b {
+                Bytes::Data(d) => {
+                    if write {
+                        put(sink, &mut self.bounce, d, *o)?;
                     }
-                    Bytes::Zeros(n) => {
-                        if write {
-                            sink.write_zeroes(*o, *n as u64)
-                                .with_context(|| format!("zeroing {name} at byte {o}"))?;
-                        }
-                        // One buffer and hash per length, shared.
-                        let z = match zeros.iter().find(|z| z.0 == *n) {
-                            Some(z) => z.clone(),
-                            None => {
-                                let v = Arc::new(vec![0u8; *n]);
-                                let h = xxh3_128(&v);
-                                zeros.push((*n, v, h));
-                                zeros.last().expect("just pushed").clone()
-                            }
-                        };
-                        (z.1, z.2)
+                    (d.clone(), xxh3_128(d))
+                }
+                Bytes::Zeros(n) => {
+                    if write {
+                        sink.write_zeroes(*o, *n as u64)
+                            .with_context(|| format!("zeroing {} at byte {o}", self.name))?;
                     }
-                };
-                written += b.len() as u64;
-                units.push(Unit {
-                    off: *o,
-                    len: b.len(),
-                    sum,
-                    bytes: Some(bytes),
-                });
-            }
+                    // One buffer and hash per length, shared.
+                    let z = match zeros.iter().find(|z| z.0 == *n) {
+                        Some(z) => z.clone(),
+                        None => {
+                            let v = Arc::new(vec![0u8; *n]);
+                            let h = xxh3_128(&v);
+                            zeros.push((*n, v, h));
+                            zeros.last().expect("just pushed").clone()
+                        }
+                    };
+                    (z.1, z.2)
+                }
+            };
+            self.written += b.len() as u64;
+            units.push(Unit {
+                off: *o,
+                len: b.len(),
+                sum,
+                bytes: Some(bytes),
+            });
         }
-        let gpt = match personal.and_then(|p| p.head.as_ref().map(|h| (h, &p.backup))) {
+        Ok(())
+    }
+
+    /// The tables, last: a moved backup GPT's entries, then the first
+    /// MiB, then the backup headers (each usable alone: written after
+    /// the head it backs up). Whether the backup GPT moved.
+    fn tables_last(&mut self, units: &mut Vec<Unit>) -> Result<bool> {
+        let (job, lbs) = (self.job, self.lbs);
+        let gpt = match job
+            .personal
+            .and_then(|p| p.head.as_ref().map(|h| (h, &p.backup)))
+        {
             Some((h, Some((boff, backup)))) => Some((h.clone(), *boff, backup.clone())),
             Some((h, None)) => {
                 // An MBR with the state partition's new size.
-                head[..h.len()].copy_from_slice(h);
-                head_mapped.push((0, h.len() as u64));
+                self.head[..h.len()].copy_from_slice(h);
+                self.head_mapped.push((0, h.len() as u64));
                 None
             }
-            None => relocate_gpt(&head, src.size, sink.size(), lbs),
+            None => relocate_gpt(&self.head, job.src.size, job.sink.size(), lbs),
         };
-        // A backup header is usable alone: each is written after the
-        // head it backs up.
-        let mut headers: Vec<(u64, &[u8])> = Vec::new();
-        if let (Some((ho, _)), Some(b)) = (held, &stash) {
+        let mut headers: Vec<(u64, Vec<u8>)> = Vec::new();
+        if let (Some((ho, _)), Some(b)) = (self.held, self.stash.take()) {
             headers.push((ho, b));
         }
         if let Some((primary, boff, backup)) = &gpt {
             // A GPT image on a larger disk: the backup table moves to the end.
             let entries = backup.len() - lbs as usize;
-            if write {
-                put(sink, &mut bounce, &backup[..entries], *boff)?;
+            if job.write {
+                put(job.sink, &mut self.bounce, &backup[..entries], *boff)?;
             }
-            headers.push((*boff + entries as u64, &backup[entries..]));
+            headers.push((*boff + entries as u64, backup[entries..].to_vec()));
             units.push(Unit {
                 off: *boff,
                 len: backup.len(),
                 sum: xxh3_128(backup),
                 bytes: Some(Arc::new(backup.clone())),
             });
-            head[..primary.len()].copy_from_slice(primary);
-            head_mapped.push((0, primary.len() as u64));
+            self.head[..primary.len()].copy_from_slice(primary);
+            self.head_mapped.push((0, primary.len() as u64));
         }
-        if write {
-            sink.sync().with_context(|| format!("syncing {name}"))?;
-            meter.reached("head");
-            if opts.stop.load(Ordering::Relaxed) {
-                return Err(Interrupted.into());
+        if job.write {
+            self.sync()?;
+            self.meter.reached("head");
+            self.stopped()?;
+        }
+        self.head_pieces(units)?;
+        if job.write {
+            self.sync()?;
+            for (o, b) in headers {
+                put(job.sink, &mut self.bounce, &b, o)?;
             }
+            self.sync()?;
         }
-        // Then the first MiB, in the sector-aligned pieces that were mapped.
-        for (o, l) in merge_sectors(head_mapped.clone(), lbs, head.len() as u64) {
-            let piece = head[o as usize..(o + l) as usize].to_vec();
-            if write {
+        Ok(gpt.is_some())
+    }
+
+    /// The first MiB, in the sector-aligned pieces that were mapped.
+    fn head_pieces(&mut self, units: &mut Vec<Unit>) -> Result<()> {
+        let lbs = self.lbs;
+        let mapped = merge_sectors(self.head_mapped.clone(), lbs, self.head.len() as u64);
+        for (o, l) in mapped {
+            let piece = self.head[o as usize..(o + l) as usize].to_vec();
+            if self.job.write {
                 let mut padded = piece.clone();
                 padded.resize(l.div_ceil(lbs) as usize * lbs as usize, 0);
-                put(sink, &mut bounce, &padded, o)?;
+                put(self.job.sink, &mut self.bounce, &padded, o)?;
             }
             units.push(Unit {
                 off: o,
@@ -312,60 +387,46 @@ fn device_job(job: &Job, rx: Receiver<Msg>, meter: &dyn Meter) -> Result<Outcome
                 bytes: Some(Arc::new(piece)),
             });
         }
-        if write {
-            sink.sync().with_context(|| format!("syncing {name}"))?;
-            for (o, b) in headers {
-                put(sink, &mut bounce, b, o)?;
-            }
-            sink.sync().with_context(|| format!("syncing {name}"))?;
-        }
-        Ok((units, gpt.is_some()))
-    });
-    let (units, gpt_moved) = match finished {
-        Ok(r) => r,
-        Err(e) => {
-            if write {
-                wipe(sink);
-            }
-            return Err(fail(e, write));
-        }
-    };
-    let mut verified = 0;
-    if opts.verify {
-        if let Err(e) = verify(sink, src, units, meter, &opts.stop).map(|n| verified = n) {
-            if write {
-                wipe(sink);
-            }
-            return Err(match e.downcast::<Mismatch>() {
-                Ok(mut m) => {
-                    if write {
-                        m.wiped = "; nothing bootable was left (partition tables wiped)";
-                    }
-                    meter.finish("failed");
-                    m.into()
-                }
-                Err(e) => fail(e, write),
-            });
-        }
+        Ok(())
     }
-    if write {
-        sink.announce();
+
+    fn sync(&self) -> Result<()> {
+        self.job
+            .sink
+            .sync()
+            .with_context(|| format!("syncing {}", self.name))
     }
-    let seconds = start.elapsed().as_secs_f64();
-    meter.finish("done");
-    Ok(Outcome {
-        device: name,
-        written: if write { written } else { 0 },
-        skipped: if write {
-            src.size - written.min(src.size)
+
+    /// A failure before the read-back: the disk's ends wiped if written.
+    fn failed(&self, e: anyhow::Error) -> anyhow::Error {
+        if self.job.write {
+            wipe(self.job.sink);
+        }
+        self.meter.finish("failed");
+        if self.job.write {
+            e.context(format!(
+                "{}: nothing bootable was left (partition tables wiped)",
+                self.name
+            ))
         } else {
-            0
-        },
-        verified,
-        seconds,
-        mb_per_s: written as f64 / seconds.max(1e-3) / 1e6,
-        gpt_moved: write && gpt_moved,
-    })
+            e
+        }
+    }
+
+    /// The read-back failed or found a difference: wiped likewise.
+    fn unverified(&self, e: anyhow::Error) -> anyhow::Error {
+        match e.downcast::<Mismatch>() {
+            Ok(mut m) => {
+                if self.job.write {
+                    wipe(self.job.sink);
+                    m.wiped = "; nothing bootable was left (partition tables wiped)";
+                }
+                self.meter.finish("failed");
+                m.into()
+            }
+            Err(e) => self.failed(e),
+        }
+    }
 }
 
 /// Byte ranges widened to whole sectors, merged, clipped to `limit`.
