@@ -209,20 +209,7 @@ fn run(
             .unzip();
         let read = read_source(src, &htxs, depth, gone, &opts.stop, cuts);
         drop(htxs);
-        // A hasher's own error (a range that fails its checksum, a read
-        // that fails) explains why the reader could not hand it more, so
-        // it comes first.
-        let hashed: Result<Vec<Unit>> = hashers.into_iter().try_fold(Vec::new(), |mut all, h| {
-            all.extend(
-                h.join()
-                    .map_err(|_| anyhow!("a hashing thread panicked"))??,
-            );
-            Ok(all)
-        });
-        let end: Result<Arc<Vec<Unit>>, Arc<String>> = match (hashed, read) {
-            (Ok(units), Ok(())) => Ok(Arc::new(units)),
-            (Err(e), _) | (_, Err(e)) => Err(Arc::new(format!("{e:#}"))),
-        };
+        let end = units_or_error(hashers, read);
         for tx in wtxs {
             let _ = tx.send(match &end {
                 Ok(u) => Msg::Finish(u.clone()),
@@ -237,6 +224,27 @@ fn run(
             })
             .collect()
     })
+}
+
+/// What the writers are told at the end: every unit to verify, or why
+/// the stream stopped. A hasher's own error (a range that fails its
+/// checksum, a read that fails) explains why the reader could not hand
+/// it more, so it comes first.
+fn units_or_error(
+    hashers: Vec<std::thread::ScopedJoinHandle<'_, Result<Vec<Unit>>>>,
+    read: Result<()>,
+) -> Result<Arc<Vec<Unit>>, Arc<String>> {
+    let hashed: Result<Vec<Unit>> = hashers.into_iter().try_fold(Vec::new(), |mut all, h| {
+        all.extend(
+            h.join()
+                .map_err(|_| anyhow!("a hashing thread panicked"))??,
+        );
+        Ok(all)
+    });
+    match (hashed, read) {
+        (Ok(units), Ok(())) => Ok(Arc::new(units)),
+        (Err(e), _) | (_, Err(e)) => Err(Arc::new(format!("{e:#}"))),
+    }
 }
 
 /// Chunks a hasher may have queued. A checked range goes to one hasher
