@@ -210,30 +210,7 @@ pub fn plan(m: &Manifest, head: &[u8], dev_size: u64, lbs: u64, req: &Request) -
         epoch: req.epoch,
     };
     let fs_plan = ext4::plan(&tree, &opts).context("planning the device's state filesystem")?;
-    let mut out = Extents::default();
-    fs_plan
-        .write(&mut out, 0)
-        .context("writing the device's state filesystem")?;
-    // In pieces of at most 4 MiB, each written, then read back, whole.
-    let mut extents = Vec::new();
-    for (o, p) in out.into_extents() {
-        let at = st.offset + o;
-        match p {
-            Piece::Data(b) => {
-                for (i, c) in b.chunks(PIECE).enumerate() {
-                    extents.push((at + (i * PIECE) as u64, Bytes::Data(Arc::new(c.to_vec()))));
-                }
-            }
-            Piece::Zeros(n) => {
-                let mut k = 0;
-                while k < n {
-                    let len = (n - k).min(PIECE as u64) as usize;
-                    extents.push((at + k, Bytes::Zeros(len)));
-                    k += len as u64;
-                }
-            }
-        }
-    }
+    let extents = extents_at(&fs_plan, st.offset)?;
     let (head, backup) = if req.fill {
         table(m, st, head, dev_size, lbs, new_size)?
     } else {
@@ -256,6 +233,35 @@ pub fn plan(m: &Manifest, head: &[u8], dev_size: u64, lbs: u64, req: &Request) -
         host_key: id.host_key,
         identity_files: files,
     })
+}
+
+/// The state filesystem's bytes at `offset` on the device, in pieces of
+/// at most 4 MiB, each written, then read back, whole.
+fn extents_at(fs_plan: &ext4::Plan, offset: u64) -> Result<Vec<(u64, Bytes)>> {
+    let mut out = Extents::default();
+    fs_plan
+        .write(&mut out, 0)
+        .context("writing the device's state filesystem")?;
+    let mut extents = Vec::new();
+    for (o, p) in out.into_extents() {
+        let at = offset + o;
+        match p {
+            Piece::Data(b) => {
+                for (i, c) in b.chunks(PIECE).enumerate() {
+                    extents.push((at + (i * PIECE) as u64, Bytes::Data(Arc::new(c.to_vec()))));
+                }
+            }
+            Piece::Zeros(n) => {
+                let mut k = 0;
+                while k < n {
+                    let len = (n - k).min(PIECE as u64) as usize;
+                    extents.push((at + k, Bytes::Zeros(len)));
+                    k += len as u64;
+                }
+            }
+        }
+    }
+    Ok(extents)
 }
 
 /// A journal's first transaction number, unlike anything a card held.
