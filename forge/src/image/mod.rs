@@ -294,20 +294,7 @@ pub(crate) fn fat_partition<'t>(
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let kind = container_of(o)?;
-    let c: Closure = closure::read(
-        &o.system,
-        &closure::Options {
-            root: o.store_root.clone(),
-            closure_info: o.closure_info.clone(),
-            verify_nar: o.verify_nar,
-        },
-    )
-    .with_context(|| format!("reading the closure of {}", o.system.display()))?;
-    progress.stage(&format!(
-        "closure: {} paths, {} bytes",
-        c.paths.len(),
-        c.total_nar_size()
-    ));
+    let c = read_closure(o, progress)?;
     let store = Store::new(&o.store_root);
     let seed = o.seed.clone().unwrap_or_else(|| c.toplevel.clone());
     let input = Input {
@@ -344,49 +331,68 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    let w = write_outputs(o, kind, &seed, &placed, progress)?;
+    Ok(Report {
+        image: o.output.clone(),
+        bmap: w.bmap,
+        manifest: w.manifest,
+        format: o.format.name(),
+        container: kind.name(),
+        compressed: kind.compressed(),
+        mapped_bytes: w.mapped_bytes,
+        toplevel: c.toplevel.clone(),
+        closure_paths: c.paths.len(),
+        disk: w.disk,
+    })
+}
 
+/// The closure of `o.system`, however it is found.
+fn read_closure(o: &Options, progress: &dyn Progress) -> Result<Closure> {
+    let c: Closure = closure::read(
+        &o.system,
+        &closure::Options {
+            root: o.store_root.clone(),
+            closure_info: o.closure_info.clone(),
+            verify_nar: o.verify_nar,
+        },
+    )
+    .with_context(|| format!("reading the closure of {}", o.system.display()))?;
+    progress.stage(&format!(
+        "closure: {} paths, {} bytes",
+        c.paths.len(),
+        c.total_nar_size()
+    ));
+    Ok(c)
+}
+
+/// What was written: the sidecars' names and the disk's description.
+struct Outputs {
+    bmap: Option<PathBuf>,
+    manifest: PathBuf,
+    mapped_bytes: u64,
+    disk: Disk,
+}
+
+/// The image in its container, its bmap and layout manifest, all made
+/// (unnamed) before any work is written and committed together.
+fn write_outputs(
+    o: &Options,
+    kind: container::Kind,
+    seed: &str,
+    placed: &crate::layout::Placed,
+    progress: &dyn Progress,
+) -> Result<Outputs> {
     let bmap_path = kind.has_bmap().then(|| bmap_path_for(&o.output));
     let manifest_path = manifest_path_for(&o.output);
-    // All of them are created (unnamed) before any work is written.
     let mut out = AtomicOutput::create(&o.output)?;
     let mut bout = bmap_path.as_deref().map(AtomicOutput::create).transpose()?;
     let mut mout = AtomicOutput::create(&manifest_path)?;
-    let tmp = out.temp_path();
-    // The bmap pieces are hashed whatever the container: the blocks
-    // written are checked against the layout's map from them.
-    let hashes = assemble::Hashes {
-        bmap: true,
-        partitions: o.hash_partitions,
-    };
-    let settings = container::Settings {
-        zstd_level: o.zstd_level,
-        unix_time: o.epoch,
-        uuid: formats::seed::uuid(&seed, "image:uuid"),
-        deflate: o.deflate,
-    };
-    let container = kind
-        .open(out.file(), &tmp, &settings)
-        .with_context(|| format!("writing {}", o.output.display()))?;
-    let mut w = ImageOut::new(container, hashes)
-        .with_context(|| format!("writing {}", o.output.display()))?;
-    placed
-        .write(&mut w, &mut |s| progress.stage(s))
-        .with_context(what)?;
-    let tapped = w
-        .finish()
-        .with_context(|| format!("writing {}", o.output.display()))?;
-    if kind.compressed() {
-        progress.stage(&format!("compressed (zstd level {})", o.zstd_level));
-    }
+    let tapped = write_image(o, kind, seed, placed, &mut out, progress)?;
     let mapped = placed.mapped();
     same_ranges(&tapped.pieces, &mapped)?;
-    let bmap_text = bmap::render(placed.size, &tapped.pieces);
     let disk = placed.report(&|off, len| {
-        tapped
-            .watched
-            .iter()
-            .find(|h| (h.0, h.1) == (off, len))
-            .map(|h| h.2.clone())
+        let h = tapped.watched.iter().find(|h| (h.0, h.1) == (off, len));
+        h.map(|h| h.2.clone())
     });
     let mapped_bytes: u64 = bmap::blocks(&mapped)
         .iter()
@@ -394,6 +400,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         .sum();
     let mut sidecars = Vec::new();
     if let (Some(b), Some(p)) = (bout.as_mut(), &bmap_path) {
+        let bmap_text = bmap::render(placed.size, &tapped.pieces);
         b.file()
             .write_all(bmap_text.as_bytes())
             .with_context(|| format!("writing {}", p.display()))?;
@@ -416,18 +423,49 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .unwrap_or_default(),
         manifest_path.display()
     ));
-    Ok(Report {
-        image: o.output.clone(),
+    Ok(Outputs {
         bmap: bmap_path,
         manifest: manifest_path,
-        format: o.format.name(),
-        container: kind.name(),
-        compressed: kind.compressed(),
         mapped_bytes,
-        toplevel: c.toplevel.clone(),
-        closure_paths: c.paths.len(),
         disk,
     })
+}
+
+/// The placed layout written through the assembler into `out`'s
+/// container; the bmap pieces hashed whatever the container (the blocks
+/// written are checked against the layout's map from them).
+fn write_image(
+    o: &Options,
+    kind: container::Kind,
+    seed: &str,
+    placed: &crate::layout::Placed,
+    out: &mut AtomicOutput,
+    progress: &dyn Progress,
+) -> Result<assemble::Finished> {
+    let writing = || format!("writing {}", o.output.display());
+    let hashes = assemble::Hashes {
+        bmap: true,
+        partitions: o.hash_partitions,
+    };
+    let settings = container::Settings {
+        zstd_level: o.zstd_level,
+        unix_time: o.epoch,
+        uuid: formats::seed::uuid(seed, "image:uuid"),
+        deflate: o.deflate,
+    };
+    let tmp = out.temp_path();
+    let container = kind
+        .open(out.file(), &tmp, &settings)
+        .with_context(writing)?;
+    let mut w = ImageOut::new(container, hashes).with_context(writing)?;
+    placed
+        .write(&mut w, &mut |s| progress.stage(s))
+        .with_context(|| format!("building {}", o.output.display()))?;
+    let tapped = w.finish().with_context(writing)?;
+    if kind.compressed() {
+        progress.stage(&format!("compressed (zstd level {})", o.zstd_level));
+    }
+    Ok(tapped)
 }
 
 /// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.bmap`.
