@@ -297,17 +297,7 @@ fn store_layer(store: &Store, paths: &[&PathInfo]) -> Result<Tree> {
 }
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
-    if o.max_layers < 2 {
-        bail!(
-            "--max-layers {}: at least 2 (a store layer and the customisation layer)",
-            o.max_layers
-        );
-    }
-    check_tag(&o.tag)?;
-    if let Some(n) = &o.name {
-        check_name(n)?;
-    }
-    let users = custom::users(&o.users)?;
+    let users = checked_users(o)?;
     let store = Store::new(&o.store_root);
     let c = closure::read_paths(
         &o.path,
@@ -329,78 +319,16 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let staging = Staging::new(&o.output)?;
     progress.scratch(Some(staging.path()));
     let blobs = Blobs::new(staging.path())?;
-    let cache = o.cache.as_deref().map(Cache::open).transpose()?;
-    let mtime = u64::from(o.epoch);
-    let built: Vec<(Blob, bool)> = groups
-        .par_iter()
-        .enumerate()
-        .map(|(i, g)| {
-            let paths: Vec<&PathInfo> = g.paths.iter().map(|&k| &c.paths[k]).collect();
-            let key_of: Vec<(&str, &[u8; 32])> = paths
-                .iter()
-                .map(|p| (p.path.as_str(), &p.nar_hash))
-                .collect();
-            let key = Cache::key(&key_of, mtime, o.compression);
-            if let Some(b) = cache.as_ref().and_then(|c| c.get(&key, &blobs)) {
-                return Ok((b, true));
-            }
-            let tree = store_layer(&store, &paths)?;
-            let b = blobs.layer(&tree, mtime, o.compression, &format!("layer{i}"))?;
-            if let Some(cache) = &cache {
-                cache.put(&key, &b, &blobs);
-            }
-            Ok((b, false))
-        })
-        .collect::<Result<_>>()?;
+    let built = store_layers(o, &store, &c, &groups, &blobs)?;
     let made = custom::layer(&store, &c, &users, o.epoch)?;
-    let custom_blob = blobs.layer(&made.tree, mtime, o.compression, "custom")?;
+    let custom_blob = blobs.layer(&made.tree, u64::from(o.epoch), o.compression, "custom")?;
     progress.stage(&format!(
         "layers: {} ({} from the cache) and the customisation layer",
         built.len(),
         built.iter().filter(|b| b.1).count()
     ));
-
-    let mut report_layers = Vec::new();
-    let mut hist = Vec::new();
-    for (g, (b, cached)) in groups.iter().zip(&built) {
-        let names: Vec<String> = g.paths.iter().map(|&k| c.paths[k].path.clone()).collect();
-        let what = match g.kind {
-            GroupKind::Own => "store path",
-            GroupKind::Merged => "store paths merged",
-            GroupKind::Top => "the top path with what only it needs",
-        };
-        hist.push(spec::Layer {
-            blob: b,
-            comment: format!("{what}: {}", names.join(" ")),
-        });
-        report_layers.push(LayerReport {
-            digest: spec::digest(b),
-            size: b.size,
-            paths: names,
-            cached: *cached,
-        });
-    }
-    hist.push(spec::Layer {
-        blob: &custom_blob,
-        comment: "customisation: users, /tmp, links, the Nix database".into(),
-    });
-    report_layers.push(LayerReport {
-        digest: spec::digest(&custom_blob),
-        size: custom_blob.size,
-        paths: vec![],
-        cached: false,
-    });
-
-    let mut run = o.run.clone();
-    if !run.env.iter().any(|e| e.starts_with("PATH=")) {
-        let mut path: Vec<String> = ["bin", "sw/bin"]
-            .iter()
-            .map(|s| format!("{}/{s}", c.top))
-            .filter(|l| store.follow(l).is_some_and(|p| p.is_dir()))
-            .collect();
-        path.extend(["/bin".into(), "/usr/bin".into()]);
-        run.env.insert(0, format!("PATH={}", path.join(":")));
-    }
+    let (hist, report_layers) = history(&c, &groups, &built, &custom_blob);
+    let run = run_config(o, &store, &c.top);
     for w in run_warnings(&store, &made.links, &users, &run) {
         progress.warn(&w);
     }
@@ -420,28 +348,15 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         .chain([(&custom_blob, o.compression.media_type())])
         .collect();
     let manifest = blobs.bytes(&spec::manifest(&config, &layer_refs, &annotations))?;
-    let root = staging.path();
-    let write =
-        |n: &str, b: &[u8]| std::fs::write(root.join(n), b).with_context(|| format!("writing {n}"));
-    write("oci-layout", spec::LAYOUT)?;
-    // A layout names its image by the tag (`oci:DIR:TAG`, umoci); an
-    // archive by NAME:TAG, as `podman save` does, which is the name
-    // `podman load` gives it (a bare tag would load as localhost/TAG).
-    let reference = format!("{name}:{}", o.tag);
-    let archived = is_archive(&o.output);
-    let ref_name = if archived { &reference } else { &o.tag };
-    write("index.json", &spec::index(&manifest, &platform, ref_name))?;
-
-    let done = if archived {
-        let layer_blobs: Vec<&Blob> = layer_refs.iter().map(|(b, _)| *b).collect();
-        write(
-            "manifest.json",
-            &spec::docker_manifest(&config, &layer_blobs, &reference),
-        )
-        .and_then(|_| archive(root, &o.output, mtime))
-    } else {
-        put_in_place(staging, &o.output)
+    let layer_blobs: Vec<&Blob> = layer_refs.iter().map(|(b, _)| *b).collect();
+    let written = Written {
+        config: &config,
+        manifest: &manifest,
+        layers: &layer_blobs,
+        platform: &platform,
+        reference: format!("{name}:{}", o.tag),
     };
+    let done = written.commit(o, staging);
     progress.scratch(None);
     done?;
     progress.stage(&format!("done: {}", o.output.display()));
@@ -453,6 +368,150 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         layers: report_layers,
         links: made.links.into_iter().collect(),
     })
+}
+
+/// The options that can be refused before anything is read; the users
+/// the image has.
+fn checked_users(o: &Options) -> Result<Vec<custom::User>> {
+    if o.max_layers < 2 {
+        bail!(
+            "--max-layers {}: at least 2 (a store layer and the customisation layer)",
+            o.max_layers
+        );
+    }
+    check_tag(&o.tag)?;
+    if let Some(n) = &o.name {
+        check_name(n)?;
+    }
+    custom::users(&o.users)
+}
+
+/// A layer per group of store paths, made on every core (or taken from
+/// the cache: whether each was).
+fn store_layers(
+    o: &Options,
+    store: &Store,
+    c: &closure::Paths,
+    groups: &[layers::Group],
+    blobs: &Blobs,
+) -> Result<Vec<(Blob, bool)>> {
+    let cache = o.cache.as_deref().map(Cache::open).transpose()?;
+    let mtime = u64::from(o.epoch);
+    groups
+        .par_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let paths: Vec<&PathInfo> = g.paths.iter().map(|&k| &c.paths[k]).collect();
+            let key_of: Vec<(&str, &[u8; 32])> = paths
+                .iter()
+                .map(|p| (p.path.as_str(), &p.nar_hash))
+                .collect();
+            let key = Cache::key(&key_of, mtime, o.compression);
+            if let Some(b) = cache.as_ref().and_then(|c| c.get(&key, blobs)) {
+                return Ok((b, true));
+            }
+            let tree = store_layer(store, &paths)?;
+            let b = blobs.layer(&tree, mtime, o.compression, &format!("layer{i}"))?;
+            if let Some(cache) = &cache {
+                cache.put(&key, &b, blobs);
+            }
+            Ok((b, false))
+        })
+        .collect()
+}
+
+/// The config's history (a line per layer) and the report's layers.
+fn history<'b>(
+    c: &closure::Paths,
+    groups: &[layers::Group],
+    built: &'b [(Blob, bool)],
+    custom_blob: &'b Blob,
+) -> (Vec<spec::Layer<'b>>, Vec<LayerReport>) {
+    let mut report_layers = Vec::new();
+    let mut hist = Vec::new();
+    for (g, (b, cached)) in groups.iter().zip(built) {
+        let names: Vec<String> = g.paths.iter().map(|&k| c.paths[k].path.clone()).collect();
+        let what = match g.kind {
+            GroupKind::Own => "store path",
+            GroupKind::Merged => "store paths merged",
+            GroupKind::Top => "the top path with what only it needs",
+        };
+        hist.push(spec::Layer {
+            blob: b,
+            comment: format!("{what}: {}", names.join(" ")),
+        });
+        report_layers.push(LayerReport {
+            digest: spec::digest(b),
+            size: b.size,
+            paths: names,
+            cached: *cached,
+        });
+    }
+    hist.push(spec::Layer {
+        blob: custom_blob,
+        comment: "customisation: users, /tmp, links, the Nix database".into(),
+    });
+    report_layers.push(LayerReport {
+        digest: spec::digest(custom_blob),
+        size: custom_blob.size,
+        paths: vec![],
+        cached: false,
+    });
+    (hist, report_layers)
+}
+
+/// The run configuration, with a PATH of the top path's bin directories
+/// unless one is given.
+fn run_config(o: &Options, store: &Store, top: &str) -> RunConfig {
+    let mut run = o.run.clone();
+    if !run.env.iter().any(|e| e.starts_with("PATH=")) {
+        let mut path: Vec<String> = ["bin", "sw/bin"]
+            .iter()
+            .map(|s| format!("{top}/{s}"))
+            .filter(|l| store.follow(l).is_some_and(|p| p.is_dir()))
+            .collect();
+        path.extend(["/bin".into(), "/usr/bin".into()]);
+        run.env.insert(0, format!("PATH={}", path.join(":")));
+    }
+    run
+}
+
+/// The image's documents, to be written beside its blobs.
+struct Written<'a> {
+    config: &'a Blob,
+    manifest: &'a Blob,
+    layers: &'a [&'a Blob],
+    platform: &'a Platform,
+    /// NAME:TAG.
+    reference: String,
+}
+
+impl Written<'_> {
+    /// `oci-layout` and `index.json` staged, then the layout put in
+    /// place, or archived (with a `manifest.json`) into one tar.
+    fn commit(&self, o: &Options, staging: Staging) -> Result<()> {
+        let root = staging.path();
+        let write = |n: &str, b: &[u8]| {
+            std::fs::write(root.join(n), b).with_context(|| format!("writing {n}"))
+        };
+        write("oci-layout", spec::LAYOUT)?;
+        // A layout names its image by the tag (`oci:DIR:TAG`, umoci); an
+        // archive by NAME:TAG, as `podman save` does, which is the name
+        // `podman load` gives it (a bare tag would load as localhost/TAG).
+        let archived = is_archive(&o.output);
+        let ref_name = if archived { &self.reference } else { &o.tag };
+        write(
+            "index.json",
+            &spec::index(self.manifest, self.platform, ref_name),
+        )?;
+        if archived {
+            let m = spec::docker_manifest(self.config, self.layers, &self.reference);
+            write("manifest.json", &m)?;
+            archive(root, &o.output, u64::from(o.epoch))
+        } else {
+            put_in_place(staging, &o.output)
+        }
+    }
 }
 
 /// The staged layout as one tar, committed whole.
