@@ -85,75 +85,13 @@ pub fn walk<R: Read + Seek>(r: &mut R, len: u64) -> Result<Frames, FrameError> {
         if magic != MAGIC {
             return Err(FrameError::NotZstd(frame));
         }
-        // Frame header: descriptor, window, dictionary id, content size.
-        let mut d = [0u8; 1];
-        if fill(r, &mut d)? < 1 {
-            return Err(truncated(frame, 5));
-        }
-        let fhd = d[0];
-        if fhd & 0x08 != 0 {
-            return Err(FrameError::Bad {
-                at: pos,
-                problem: "reserved bit set in the frame header",
-            });
-        }
-        let single = fhd & 0x20 != 0;
-        let checksum = fhd & 0x04 != 0;
-        let dict = [0u64, 1, 2, 4][(fhd & 3) as usize];
-        let fcs = match fhd >> 6 {
-            0 if single => 1,
-            0 => 0,
-            1 => 2,
-            2 => 4,
-            _ => 8,
-        };
-        let rest = u64::from(!single) + dict + fcs;
-        let mut h = [0u8; 13];
-        let want = rest as usize;
-        if fill(r, &mut h[..want])? < want {
-            return Err(truncated(frame, 5 + rest));
-        }
-        let f = &h[(rest - fcs) as usize..want];
-        let size = match fcs {
-            0 => None,
-            1 => Some(f[0] as u64),
-            2 => Some(u16::from_le_bytes([f[0], f[1]]) as u64 + 256),
-            4 => Some(u32::from_le_bytes(f.try_into().expect("4 bytes")) as u64),
-            _ => Some(u64::from_le_bytes(f.try_into().expect("8 bytes"))),
-        };
-        out.content_size = match (out.content_size, size) {
+        let h = header(r, frame, pos, len)?;
+        out.content_size = match (out.content_size, h.size) {
             (Some(a), Some(b)) => a.checked_add(b),
             _ => None,
         };
-        pos += 1 + rest;
-        // Blocks, until the last.
-        loop {
-            let mut b = [0u8; 3];
-            if fill(r, &mut b)? < 3 {
-                return Err(truncated(frame, pos + 3 - frame));
-            }
-            let bh = u32::from_le_bytes([b[0], b[1], b[2], 0]);
-            let last = bh & 1 != 0;
-            let body = match (bh >> 1) & 3 {
-                0 | 2 => (bh >> 3) as u64,
-                1 => 1,
-                _ => {
-                    return Err(FrameError::Bad {
-                        at: pos,
-                        problem: "reserved block type",
-                    })
-                }
-            };
-            pos += 3 + body;
-            if pos > len {
-                return Err(truncated(frame, pos - frame));
-            }
-            r.seek(SeekFrom::Start(pos))?;
-            if last {
-                break;
-            }
-        }
-        if checksum {
+        pos = blocks(r, frame, pos + h.len, len)?;
+        if h.checksum {
             pos += 4;
             if pos > len {
                 return Err(truncated(frame, pos - frame));
@@ -166,6 +104,109 @@ pub fn walk<R: Read + Seek>(r: &mut R, len: u64) -> Result<Frames, FrameError> {
         return Err(FrameError::Empty);
     }
     Ok(out)
+}
+
+/// What a frame's header says.
+struct Header {
+    /// Its length in bytes.
+    len: u64,
+    /// The content size, when it is given.
+    size: Option<u64>,
+    /// A checksum follows the last block.
+    checksum: bool,
+}
+
+/// The header of the frame at `frame` (of a file of `len` bytes), read
+/// from `pos`, just past its magic number: descriptor, window,
+/// dictionary id, content size.
+fn header(r: &mut impl Read, frame: u64, pos: u64, len: u64) -> Result<Header, FrameError> {
+    let truncated = |needs: u64| FrameError::Truncated {
+        frame,
+        end: len,
+        needs,
+    };
+    let mut d = [0u8; 1];
+    if fill(r, &mut d)? < 1 {
+        return Err(truncated(5));
+    }
+    let fhd = d[0];
+    if fhd & 0x08 != 0 {
+        return Err(FrameError::Bad {
+            at: pos,
+            problem: "reserved bit set in the frame header",
+        });
+    }
+    let single = fhd & 0x20 != 0;
+    let dict = [0u64, 1, 2, 4][(fhd & 3) as usize];
+    let fcs = match fhd >> 6 {
+        0 if single => 1,
+        0 => 0,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let rest = u64::from(!single) + dict + fcs;
+    let mut h = [0u8; 13];
+    let want = rest as usize;
+    if fill(r, &mut h[..want])? < want {
+        return Err(truncated(5 + rest));
+    }
+    let f = &h[(rest - fcs) as usize..want];
+    let size = match fcs {
+        0 => None,
+        1 => Some(f[0] as u64),
+        2 => Some(u16::from_le_bytes([f[0], f[1]]) as u64 + 256),
+        4 => Some(u32::from_le_bytes(f.try_into().expect("4 bytes")) as u64),
+        _ => Some(u64::from_le_bytes(f.try_into().expect("8 bytes"))),
+    };
+    Ok(Header {
+        len: 1 + rest,
+        size,
+        checksum: fhd & 0x04 != 0,
+    })
+}
+
+/// The frame's blocks from `pos` until the last; where they end.
+fn blocks<R: Read + Seek>(
+    r: &mut R,
+    frame: u64,
+    mut pos: u64,
+    len: u64,
+) -> Result<u64, FrameError> {
+    loop {
+        let mut b = [0u8; 3];
+        if fill(r, &mut b)? < 3 {
+            return Err(FrameError::Truncated {
+                frame,
+                end: len,
+                needs: pos + 3 - frame,
+            });
+        }
+        let bh = u32::from_le_bytes([b[0], b[1], b[2], 0]);
+        let last = bh & 1 != 0;
+        let body = match (bh >> 1) & 3 {
+            0 | 2 => (bh >> 3) as u64,
+            1 => 1,
+            _ => {
+                return Err(FrameError::Bad {
+                    at: pos,
+                    problem: "reserved block type",
+                })
+            }
+        };
+        pos += 3 + body;
+        if pos > len {
+            return Err(FrameError::Truncated {
+                frame,
+                end: len,
+                needs: pos - frame,
+            });
+        }
+        r.seek(SeekFrom::Start(pos))?;
+        if last {
+            return Ok(pos);
+        }
+    }
 }
 
 #[cfg(test)]
