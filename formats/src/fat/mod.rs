@@ -174,51 +174,7 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, FatError> {
         let Kind::Dir { children } = &tree.nodes[id].kind else {
             unreachable!("queued directories only")
         };
-        let mut taken = HashSet::new();
-        let mut folded: std::collections::HashMap<String, &str> = Default::default();
-        let mut entries = Vec::new();
-        for (name, &cid) in children {
-            let path = || tree.path_of(cid);
-            let name = std::str::from_utf8(name).map_err(|_| FatError::BadName { path: path() })?;
-            if !names::valid_long(name) {
-                return Err(FatError::BadName { path: path() });
-            }
-            if let Some(first) = folded.insert(name.to_uppercase(), name) {
-                return Err(FatError::CaseClash {
-                    path: tree.path_of(id),
-                    first: first.into(),
-                    second: name.into(),
-                });
-            }
-            match &tree.nodes[cid].kind {
-                Kind::Dir { .. } | Kind::File { .. } => {}
-                Kind::Symlink { .. } => {
-                    return Err(FatError::Unsupported {
-                        path: path(),
-                        what: "symbolic links",
-                    })
-                }
-                _ => {
-                    return Err(FatError::Unsupported {
-                        path: path(),
-                        what: "device nodes, fifos or sockets",
-                    })
-                }
-            }
-            let (short, case, lfn) = match names::plain_short(name) {
-                Some((s, case)) if taken.insert(s) => (s, case, Vec::new()),
-                _ => {
-                    let s = names::alias(name, &mut taken);
-                    (s, 0, names::lfn_entries(name, &s))
-                }
-            };
-            entries.push(Entry {
-                lfn,
-                short,
-                case,
-                node: cid,
-            });
-        }
+        let entries = entries_of(tree, id, children)?;
         let slots: u64 = entries.iter().map(|e| 1 + e.lfn.len() as u64).sum::<u64>()
             + if id == ROOT { 1 } else { 2 };
         let clusters = (slots * 32).div_ceil(cb).max(1) as u32;
@@ -269,6 +225,62 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, FatError> {
         alloc,
         used_clusters: used,
     })
+}
+
+/// The directory `id`'s entries, in name order: each name checked (valid,
+/// no two that differ only in case, nothing FAT cannot hold), with its
+/// short name (an alias and long-name entries where it needs them).
+fn entries_of(
+    tree: &Tree,
+    id: NodeId,
+    children: &std::collections::BTreeMap<Vec<u8>, NodeId>,
+) -> Result<Vec<Entry>, FatError> {
+    let mut taken = HashSet::new();
+    let mut folded: std::collections::HashMap<String, &str> = Default::default();
+    let mut entries = Vec::new();
+    for (name, &cid) in children {
+        let path = || tree.path_of(cid);
+        let name = std::str::from_utf8(name).map_err(|_| FatError::BadName { path: path() })?;
+        if !names::valid_long(name) {
+            return Err(FatError::BadName { path: path() });
+        }
+        if let Some(first) = folded.insert(name.to_uppercase(), name) {
+            return Err(FatError::CaseClash {
+                path: tree.path_of(id),
+                first: first.into(),
+                second: name.into(),
+            });
+        }
+        match &tree.nodes[cid].kind {
+            Kind::Dir { .. } | Kind::File { .. } => {}
+            Kind::Symlink { .. } => {
+                return Err(FatError::Unsupported {
+                    path: path(),
+                    what: "symbolic links",
+                })
+            }
+            _ => {
+                return Err(FatError::Unsupported {
+                    path: path(),
+                    what: "device nodes, fifos or sockets",
+                })
+            }
+        }
+        let (short, case, lfn) = match names::plain_short(name) {
+            Some((s, case)) if taken.insert(s) => (s, case, Vec::new()),
+            _ => {
+                let s = names::alias(name, &mut taken);
+                (s, 0, names::lfn_entries(name, &s))
+            }
+        };
+        entries.push(Entry {
+            lfn,
+            short,
+            case,
+            node: cid,
+        });
+    }
+    Ok(entries)
 }
 
 /// DOS date and time of a Unix time (clamped to 1980…2107).
