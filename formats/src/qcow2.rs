@@ -143,6 +143,24 @@ pub fn tables(size: u64, entries: &Entries, data_end: u64) -> Tables {
             (rb_at + i) * CLUSTER,
         );
     }
+    let refs = refcounts(entries, first, total);
+    for (c, r) in refs.iter().enumerate() {
+        let o = at(rb_at) + c * 2;
+        bytes[o..o + 2].copy_from_slice(&r.to_be_bytes());
+    }
+    let header = header(size, l1_entries, l1_at, rt_at, rt_clusters);
+    // No header extensions: the end marker (type 0, length 0) is zeros.
+    Tables {
+        first,
+        bytes,
+        header,
+        file_len: total * CLUSTER,
+    }
+}
+
+/// Each cluster's reference count (of a file of `total` clusters whose
+/// tables start at cluster `first`).
+fn refcounts(entries: &Entries, first: u64, total: u64) -> Vec<u16> {
     // Every table cluster and the header are used once; a data cluster
     // once, or once per compressed cluster whose sectors touch it.
     let mut refs = vec![0u16; total as usize];
@@ -162,10 +180,12 @@ pub fn tables(size: u64, entries: &Entries, data_end: u64) -> Tables {
             _ => {}
         }
     }
-    for (c, r) in refs.iter().enumerate() {
-        let o = at(rb_at) + c * 2;
-        bytes[o..o + 2].copy_from_slice(&r.to_be_bytes());
-    }
+    refs
+}
+
+/// The header cluster (version 3, 16-bit refcounts) with the tables'
+/// places.
+fn header(size: u64, l1_entries: u64, l1_at: u64, rt_at: u64, rt_clusters: u64) -> Vec<u8> {
     let mut header = vec![0u8; CLUSTER as usize];
     header[..4].copy_from_slice(MAGIC);
     put32(&mut header, 4, 3);
@@ -177,13 +197,7 @@ pub fn tables(size: u64, entries: &Entries, data_end: u64) -> Tables {
     put32(&mut header, 56, rt_clusters as u32);
     put32(&mut header, 96, 4); // refcount_order: 16-bit refcounts
     put32(&mut header, 100, HEADER_LEN);
-    // No header extensions: the end marker (type 0, length 0) is zeros.
-    Tables {
-        first,
-        bytes,
-        header,
-        file_len: total * CLUSTER,
-    }
+    header
 }
 
 /// The header extension naming the backing file's format.

@@ -144,32 +144,7 @@ impl Plan<'_> {
             fs_seed,
         );
 
-        let mut items: Vec<(u64, Item)> = Vec::new();
-        for grp in 0..g.groups {
-            if super::has_super(grp) {
-                let mut head = vec![0u8; BS];
-                let sb = self.superblock(grp, &free_blocks, &free_inodes, fs_seed);
-                let at = if grp == 0 { 1024 } else { 0 };
-                head[at..at + 1024].copy_from_slice(&sb);
-                head.extend_from_slice(&gdt);
-                items.push((g.group_start(grp), Item::Bytes(head)));
-            }
-        }
-        for (grp, gm) in self.groups.iter().enumerate() {
-            items.push((gm.block_bitmap, Item::Bytes(bitmaps[grp].0.clone())));
-            items.push((gm.inode_bitmap, Item::Bytes(bitmaps[grp].1.clone())));
-            let first = grp as u64 * g.inodes_per_group;
-            let used = (self.inodes.len() as u64)
-                .saturating_sub(first)
-                .min(g.inodes_per_group);
-            if used > 0 {
-                let bytes = used.div_ceil(super::INODES_PER_BLOCK) * BS64;
-                let lo = (first as usize) * inode::INODE_SIZE;
-                let mut chunk = itable[lo..(lo + bytes as usize).min(itable.len())].to_vec();
-                chunk.resize(bytes as usize, 0);
-                items.push((gm.inode_table, Item::Bytes(chunk)));
-            }
-        }
+        let mut items = self.metadata(&gdt, &bitmaps, &free_blocks, &free_inodes, &itable, fs_seed);
         drop(itable);
         for (b, data) in tree_blocks {
             items.push((b, Item::Bytes(data)));
@@ -208,45 +183,61 @@ impl Plan<'_> {
         })
     }
 
+    /// The metadata blocks, each where it goes: the superblock and its
+    /// copies with the descriptors, every group's bitmaps and its part
+    /// of the inode table.
+    fn metadata(
+        &self,
+        gdt: &[u8],
+        bitmaps: &[(Vec<u8>, Vec<u8>)],
+        free_blocks: &[u64],
+        free_inodes: &[u64],
+        itable: &[u8],
+        fs_seed: u32,
+    ) -> Vec<(u64, Item)> {
+        let g = &self.geometry;
+        let mut items: Vec<(u64, Item)> = Vec::new();
+        for grp in 0..g.groups {
+            if super::has_super(grp) {
+                let mut head = vec![0u8; BS];
+                let sb = self.superblock(grp, free_blocks, free_inodes, fs_seed);
+                let at = if grp == 0 { 1024 } else { 0 };
+                head[at..at + 1024].copy_from_slice(&sb);
+                head.extend_from_slice(gdt);
+                items.push((g.group_start(grp), Item::Bytes(head)));
+            }
+        }
+        for (grp, gm) in self.groups.iter().enumerate() {
+            items.push((gm.block_bitmap, Item::Bytes(bitmaps[grp].0.clone())));
+            items.push((gm.inode_bitmap, Item::Bytes(bitmaps[grp].1.clone())));
+            let first = grp as u64 * g.inodes_per_group;
+            let used = (self.inodes.len() as u64)
+                .saturating_sub(first)
+                .min(g.inodes_per_group);
+            if used > 0 {
+                let bytes = used.div_ceil(super::INODES_PER_BLOCK) * BS64;
+                let lo = (first as usize) * inode::INODE_SIZE;
+                let mut chunk = itable[lo..(lo + bytes as usize).min(itable.len())].to_vec();
+                chunk.resize(bytes as usize, 0);
+                items.push((gm.inode_table, Item::Bytes(chunk)));
+            }
+        }
+        items
+    }
+
     fn encode_inode(
         &self,
         ip: &super::InodePlan,
         fs_seed: u32,
         tree_blocks: &mut Vec<(u64, Vec<u8>)>,
     ) -> [u8; inode::INODE_SIZE] {
-        let seed = csum::inode_seed(fs_seed, ip.ino, 0);
-        let time = self.opts.epoch;
         let data_blocks: u64 = ip.extents.iter().map(|e| e.len as u64).sum();
-        let sectors = (data_blocks + ip.tree_blocks.len() as u64) * (BS64 / 512);
-        let ext_root = |tree_blocks: &mut Vec<(u64, Vec<u8>)>| {
-            let t = inode::build_tree(&ip.extents, &ip.tree_blocks, seed);
-            tree_blocks.extend(t.blocks);
-            t.root
-        };
-        let dir_inode = |perm: u16, uid, gid, tree_blocks: &mut Vec<(u64, Vec<u8>)>| {
-            let shape = ip.dir.expect("directory has a shape");
-            let flags = inode::FL_EXTENTS
-                | if shape.htree_levels > 0 {
-                    inode::FL_INDEX
-                } else {
-                    0
-                };
-            Inode {
-                mode: inode::S_IFDIR | perm,
-                uid,
-                gid,
-                size: shape.blocks as u64 * BS64,
-                time,
-                // dir_nlink: past 65000 subdirectories the count is 1.
-                links: if ip.links >= 65000 {
-                    1
-                } else {
-                    ip.links as u16
-                },
-                sectors,
-                flags,
-                block: ext_root(tree_blocks),
-            }
+        let mut of = InodeOf {
+            ip,
+            seed: csum::inode_seed(fs_seed, ip.ino, 0),
+            time: self.opts.epoch,
+            sectors: (data_blocks + ip.tree_blocks.len() as u64) * (BS64 / 512),
+            tree_blocks,
         };
         let i = match &ip.what {
             What::Journal => Inode {
@@ -254,62 +245,20 @@ impl Plan<'_> {
                 uid: 0,
                 gid: 0,
                 size: self.geometry.journal_blocks * BS64,
-                time,
+                time: of.time,
                 links: 1,
-                sectors,
+                sectors: of.sectors,
                 flags: inode::FL_EXTENTS,
-                block: ext_root(tree_blocks),
+                block: of.ext_root(),
             },
-            What::LostFound if ip.ino >= FIRST_INO => dir_inode(0o700, 0, 0, tree_blocks),
+            What::LostFound if ip.ino >= FIRST_INO => of.dir(0o700, 0, 0),
             What::LostFound => {
                 // Unused reserved inode: zero, but with a valid checksum.
                 let mut b = [0u8; inode::INODE_SIZE];
                 inode::set_checksum(&mut b, ip.ino, fs_seed);
                 return b;
             }
-            What::Node(id) => {
-                let n = &self.tree.nodes[*id];
-                let links = ip.links as u16;
-                let base = |mode: u16, size: u64, flags: u32, block: [u8; 60]| Inode {
-                    mode: mode | n.perm,
-                    uid: n.uid,
-                    gid: n.gid,
-                    size,
-                    time,
-                    links,
-                    sectors,
-                    flags,
-                    block,
-                };
-                match &n.kind {
-                    Kind::Dir { .. } => dir_inode(n.perm, n.uid, n.gid, tree_blocks),
-                    Kind::File { size, .. } => base(
-                        inode::S_IFREG,
-                        *size,
-                        inode::FL_EXTENTS,
-                        ext_root(tree_blocks),
-                    ),
-                    Kind::Symlink { target } if target.len() < 60 => {
-                        let mut b = [0u8; 60];
-                        b[..target.len()].copy_from_slice(target);
-                        base(inode::S_IFLNK, target.len() as u64, 0, b)
-                    }
-                    Kind::Symlink { target } => base(
-                        inode::S_IFLNK,
-                        target.len() as u64,
-                        inode::FL_EXTENTS,
-                        ext_root(tree_blocks),
-                    ),
-                    Kind::CharDev { major, minor } => {
-                        base(inode::S_IFCHR, 0, 0, inode::device_block(*major, *minor))
-                    }
-                    Kind::BlockDev { major, minor } => {
-                        base(inode::S_IFBLK, 0, 0, inode::device_block(*major, *minor))
-                    }
-                    Kind::Fifo => base(inode::S_IFIFO, 0, 0, [0; 60]),
-                    Kind::Socket => base(inode::S_IFSOCK, 0, 0, [0; 60]),
-                }
-            }
+            What::Node(id) => of.node(&self.tree.nodes[*id]),
         };
         inode::encode(&i, ip.ino, fs_seed)
     }
@@ -587,4 +536,88 @@ enum Item {
     Bytes(Vec<u8>),
     /// (inode index, extent index)
     Extent(usize, usize),
+}
+
+/// One inode being encoded: its plan, and where the blocks of its extent
+/// tree go.
+struct InodeOf<'a> {
+    ip: &'a super::InodePlan,
+    seed: u32,
+    time: u32,
+    sectors: u64,
+    tree_blocks: &'a mut Vec<(u64, Vec<u8>)>,
+}
+
+impl InodeOf<'_> {
+    /// The extent tree's root (in the inode); its other blocks noted.
+    fn ext_root(&mut self) -> [u8; 60] {
+        let t = inode::build_tree(&self.ip.extents, &self.ip.tree_blocks, self.seed);
+        self.tree_blocks.extend(t.blocks);
+        t.root
+    }
+
+    fn dir(&mut self, perm: u16, uid: u32, gid: u32) -> Inode {
+        let shape = self.ip.dir.expect("directory has a shape");
+        let flags = inode::FL_EXTENTS
+            | if shape.htree_levels > 0 {
+                inode::FL_INDEX
+            } else {
+                0
+            };
+        Inode {
+            mode: inode::S_IFDIR | perm,
+            uid,
+            gid,
+            size: shape.blocks as u64 * BS64,
+            time: self.time,
+            // dir_nlink: past 65000 subdirectories the count is 1.
+            links: if self.ip.links >= 65000 {
+                1
+            } else {
+                self.ip.links as u16
+            },
+            sectors: self.sectors,
+            flags,
+            block: self.ext_root(),
+        }
+    }
+
+    /// The inode of a tree node.
+    fn node(&mut self, n: &crate::tree::Node) -> Inode {
+        let (time, links, sectors) = (self.time, self.ip.links as u16, self.sectors);
+        let base = |mode: u16, size: u64, flags: u32, block: [u8; 60]| Inode {
+            mode: mode | n.perm,
+            uid: n.uid,
+            gid: n.gid,
+            size,
+            time,
+            links,
+            sectors,
+            flags,
+            block,
+        };
+        match &n.kind {
+            Kind::Dir { .. } => self.dir(n.perm, n.uid, n.gid),
+            Kind::File { size, .. } => {
+                base(inode::S_IFREG, *size, inode::FL_EXTENTS, self.ext_root())
+            }
+            Kind::Symlink { target } if target.len() < 60 => {
+                let mut b = [0u8; 60];
+                b[..target.len()].copy_from_slice(target);
+                base(inode::S_IFLNK, target.len() as u64, 0, b)
+            }
+            Kind::Symlink { target } => {
+                let len = target.len() as u64;
+                base(inode::S_IFLNK, len, inode::FL_EXTENTS, self.ext_root())
+            }
+            Kind::CharDev { major, minor } => {
+                base(inode::S_IFCHR, 0, 0, inode::device_block(*major, *minor))
+            }
+            Kind::BlockDev { major, minor } => {
+                base(inode::S_IFBLK, 0, 0, inode::device_block(*major, *minor))
+            }
+            Kind::Fifo => base(inode::S_IFIFO, 0, 0, [0; 60]),
+            Kind::Socket => base(inode::S_IFSOCK, 0, 0, [0; 60]),
+        }
+    }
 }
