@@ -616,6 +616,68 @@ impl Plan<'_> {
     }
 }
 
+/// The runs of logical blocks `(first, count)` an inode's data takes:
+/// the journal's, a file's (a sparse host file's data segments), a long
+/// symlink's, a directory's.
+fn segments_of(tree: &Tree, what: &What, g: &Geometry, dir: Option<&Shape>) -> Vec<(u64, u64)> {
+    let mut segments: Vec<(u64, u64)> = Vec::new();
+    match what {
+        What::Journal => segments.push((0, g.journal_blocks)),
+        What::Node(id) => match &tree.nodes[*id].kind {
+            Kind::File { size, content } => match content {
+                Content::Host { segments: s, .. } => {
+                    segments.extend(s.iter().map(|&(o, l)| (o / BS64, l.div_ceil(BS64))))
+                }
+                Content::Bytes(_) if *size > 0 => segments.push((0, size.div_ceil(BS64))),
+                Content::Bytes(_) => {}
+            },
+            Kind::Symlink { target } if target.len() >= 60 => segments.push((0, 1)),
+            _ => {}
+        },
+        _ => {}
+    }
+    if let Some(shape) = dir {
+        segments.push((0, shape.blocks as u64));
+    }
+    segments
+}
+
+/// Blocks allocated for `segments`, as extents of at most
+/// `MAX_EXTENT` blocks, physically and logically adjacent ones merged.
+fn extents_in(a: &mut Alloc, segments: Vec<(u64, u64)>) -> Vec<Extent> {
+    let mut extents = Vec::new();
+    for (logical, count) in segments {
+        let mut l = logical;
+        for (start, len) in a.runs(count) {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(inode::MAX_EXTENT as u64);
+                extents.push(Extent {
+                    logical: l as u32,
+                    physical: start + off,
+                    len: n as u32,
+                });
+                l += n;
+                off += n;
+            }
+        }
+    }
+    let mut merged: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        match merged.last_mut() {
+            Some(m)
+                if m.logical + m.len == e.logical
+                    && m.physical + m.len as u64 == e.physical
+                    && m.len + e.len <= inode::MAX_EXTENT =>
+            {
+                m.len += e.len
+            }
+            _ => merged.push(e),
+        }
+    }
+    merged
+}
+
 fn try_layout<'t>(
     tree: &'t Tree,
     opts: &Options,
@@ -645,59 +707,14 @@ fn try_layout<'t>(
     let mut inodes_out = Vec::with_capacity(c.order.len());
     for (i, (what, parent)) in c.order.iter().enumerate() {
         let ino = i as u32 + 1;
-        let mut segments: Vec<(u64, u64)> = Vec::new(); // (logical block, count)
-        let mut dir = None;
-        match what {
-            What::Journal => segments.push((0, g.journal_blocks)),
-            What::LostFound if ino >= FIRST_INO => dir = dirs[i].as_ref().map(|d| d.0),
-            What::Node(id) => match &tree.nodes[*id].kind {
-                Kind::Dir { .. } => dir = dirs[i].as_ref().map(|d| d.0),
-                Kind::File { size, content } => match content {
-                    Content::Host { segments: s, .. } => {
-                        segments.extend(s.iter().map(|&(o, l)| (o / BS64, l.div_ceil(BS64))))
-                    }
-                    Content::Bytes(_) if *size > 0 => segments.push((0, size.div_ceil(BS64))),
-                    Content::Bytes(_) => {}
-                },
-                Kind::Symlink { target } if target.len() >= 60 => segments.push((0, 1)),
-                _ => {}
-            },
-            _ => {}
-        }
-        if let Some(shape) = &dir {
-            segments.push((0, shape.blocks as u64));
-        }
-        let mut extents = Vec::new();
-        for (logical, count) in segments {
-            let mut l = logical;
-            for (start, len) in a.runs(count) {
-                let mut off = 0;
-                while off < len {
-                    let n = (len - off).min(inode::MAX_EXTENT as u64);
-                    extents.push(Extent {
-                        logical: l as u32,
-                        physical: start + off,
-                        len: n as u32,
-                    });
-                    l += n;
-                    off += n;
-                }
+        let dir = match what {
+            What::LostFound if ino >= FIRST_INO => dirs[i].as_ref().map(|d| d.0),
+            What::Node(id) if matches!(tree.nodes[*id].kind, Kind::Dir { .. }) => {
+                dirs[i].as_ref().map(|d| d.0)
             }
-        }
-        // Merge physically and logically adjacent extents.
-        let mut merged: Vec<Extent> = Vec::with_capacity(extents.len());
-        for e in extents {
-            match merged.last_mut() {
-                Some(m)
-                    if m.logical + m.len == e.logical
-                        && m.physical + m.len as u64 == e.physical
-                        && m.len + e.len <= inode::MAX_EXTENT =>
-                {
-                    m.len += e.len
-                }
-                _ => merged.push(e),
-            }
-        }
+            _ => None,
+        };
+        let merged = extents_in(&mut a, segments_of(tree, what, &g, dir.as_ref()));
         let tree_blocks = a
             .runs(inode::tree_blocks_needed(merged.len()) as u64)
             .into_iter()
