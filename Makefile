@@ -7,7 +7,7 @@ CARGO    ?= cargo
 FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
 
-.PHONY: all deps fixtures build test-bins static install test test-unit test-boots test-flash fuzz demo bench bench-scaling lint clean
+.PHONY: all deps fixtures build test-bins static install test test-unit test-boots test-flash fuzz demo bench bench-base bench-scaling lint clean
 
 all: build
 
@@ -88,13 +88,19 @@ demo: deps fixtures build
 	scripts/demo.sh $(FIX) $(BUILD)/demo
 
 # The peer tools, and forge at BENCH_BASE alternated run by run with this
-# tree: same bytes, no median or peak RSS more than 5 % worse. BENCH_BASE is
-# the last commit whose outputs this tree must match byte for byte: ae06e63
-# (before the layout refactor) until c8de200 put a Nix database into the
-# root filesystem on purpose; move it when the bytes change on purpose.
-BENCH_BASE ?= c8de200
+# tree: same bytes (every container, its bmap and layout manifest, on the
+# fixtures and the corpus), no median or peak RSS more than 5 % worse.
+# BENCH_BASE is the last commit whose outputs this tree must match byte
+# for byte: a4478d6 (before the seams refactor; the dynamic VHD's bytes
+# changed on purpose since, see BYTES_CHANGED in scripts/bench.py); move
+# it when the bytes change on purpose. `make bench-base` runs only that
+# comparison.
+BENCH_BASE ?= a4478d6
 bench: deps fixtures build
 	scripts/bench.py $(BUILD)/bench --base $(BENCH_BASE)
+
+bench-base: deps fixtures build
+	scripts/bench.py $(BUILD)/bench --base $(BENCH_BASE) --only base
 
 # forge ext4 on 0.5, 1, 2 and 4 GiB corpora: does time grow linearly?
 bench-scaling: deps fixtures build
