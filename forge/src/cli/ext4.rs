@@ -5,8 +5,7 @@ use std::path::PathBuf;
 
 use formats::ext4::{self, Owner, Size, Slack, Tree};
 
-use forge::container::{self, Kind};
-use forge::output::AtomicOutput;
+use forge::container;
 
 #[derive(clap::Args)]
 pub struct Ext4Args {
@@ -81,20 +80,10 @@ pub fn run(a: Ext4Args) -> Result<()> {
         crate::out!("{summary}")?;
         return Ok(());
     }
-    let mut out = AtomicOutput::create(&a.output)?;
-    container::write_image(
-        &mut out,
-        Kind::Raw,
-        &Default::default(),
-        plan.size_bytes(),
-        plan.mapped(),
-        |w| {
-            plan.write(w, 0)
-                .with_context(|| format!("writing {}", a.output.display()))?;
-            Ok(())
-        },
-    )?;
-    out.commit()?;
+    let what = || format!("writing {}", a.output.display());
+    container::write_file(&a.output, plan.size_bytes(), plan.mapped(), |w| {
+        plan.write(w, 0).with_context(what).map(drop)
+    })?;
     eprintln!("{summary}");
     Ok(())
 }

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use formats::fat;
 use formats::tree::{Owner, Tree, ROOT};
 
-use forge::container::{self, Kind};
-use forge::output::AtomicOutput;
+use forge::container;
 
 #[derive(clap::Args)]
 pub struct FatArgs {
@@ -46,18 +45,8 @@ pub fn run(a: FatArgs) -> Result<()> {
         hidden_sectors: 0,
     };
     let plan = fat::plan(&tree, &opts)?;
-    let mut out = AtomicOutput::create(&a.output)?;
-    container::write_image(
-        &mut out,
-        Kind::Raw,
-        &Default::default(),
-        plan.size_bytes(),
-        plan.mapped(),
-        |w| {
-            plan.write(w, 0)
-                .with_context(|| format!("writing {}", a.output.display()))?;
-            Ok(())
-        },
-    )?;
-    out.commit()
+    let what = || format!("writing {}", a.output.display());
+    container::write_file(&a.output, plan.size_bytes(), plan.mapped(), |w| {
+        plan.write(w, 0).with_context(what).map(drop)
+    })
 }

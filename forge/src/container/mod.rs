@@ -43,6 +43,19 @@ pub fn write_image(
     Ok(())
 }
 
+/// A bare filesystem of `size` bytes (`forge ext4`, `forge fat`) as a
+/// raw file at `path`, appearing whole or not at all.
+pub fn write_file(
+    path: &Path,
+    size: u64,
+    map: Vec<(u64, u64)>,
+    write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
+) -> Result<()> {
+    let mut out = AtomicOutput::create(path)?;
+    write_image(&mut out, Kind::Raw, &Settings::default(), size, map, write)?;
+    out.commit()
+}
+
 /// The containers, chosen by the output's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
