@@ -190,20 +190,17 @@ pub(crate) struct Input<'a> {
     pub seed: &'a str,
 }
 
-/// A format: its trees first (owned), then the layout that plans them.
-/// `trees` order is the format's own; `layout` borrows them.
-fn trees(i: &Input) -> Result<Vec<Tree>> {
-    match i.o.format {
-        Format::RawEfi => raw_efi::trees_of(i),
-        Format::SdAarch64 => sd::trees_of(i),
-    }
+/// A disk format: a struct owning a tree per partition, by name, made
+/// first; then the layout that plans them (borrowing them).
+pub(crate) trait DiskFormat {
+    fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>>;
 }
 
-fn plan<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
-    match i.o.format {
-        Format::RawEfi => raw_efi::layout(i, trees),
-        Format::SdAarch64 => sd::layout(i, trees),
-    }
+fn trees(i: &Input) -> Result<Box<dyn DiskFormat>> {
+    Ok(match i.o.format {
+        Format::RawEfi => Box::new(raw_efi::trees_of(i)?),
+        Format::SdAarch64 => Box::new(sd::trees_of(i)?),
+    })
 }
 
 /// The root partition: the closure's ext4, read-only unless `--root-mode rw`.
@@ -304,8 +301,8 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         seed: &seed,
     };
     let what = || format!("building {}", o.output.display());
-    let trees = trees(&input).with_context(what)?;
-    let mut layout = plan(&input, &trees).with_context(what)?;
+    let format = trees(&input).with_context(what)?;
+    let mut layout = format.layout(&input).with_context(what)?;
     if let Some(disk) = o.disk_size {
         layout
             .fill(disk)

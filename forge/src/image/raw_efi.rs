@@ -5,12 +5,20 @@ use anyhow::{bail, Result};
 use formats::gpt::types;
 use formats::tree::Tree;
 
-use super::{fat_partition, root_partition, state_partition, trees, Input};
+use super::{fat_partition, root_partition, state_partition, trees, DiskFormat, Input};
 use crate::layout::{Layout, PartType, Role, Table, ALIGN};
 
-/// The ESP, the root and an empty state tree (unused with `--state-size
-/// none`: a base image whose /var lives on another disk).
-pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
+/// A raw-efi image's trees, one per partition.
+pub(super) struct RawEfi {
+    esp: Tree,
+    root: Tree,
+    /// Empty; unused with `--state-size none` (a base image whose /var
+    /// lives on another disk).
+    state: Tree,
+}
+
+/// The ESP, the root and an empty state tree.
+pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
     let system = i.c.bootspec.spec.system.as_str();
     let Some(arch) = trees::efi_arch(system) else {
         bail!("{}: system {system:?} cannot boot from a raw-efi image (x86_64-linux and aarch64-linux can)", i.c.toplevel);
@@ -23,37 +31,41 @@ pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
     }
     let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, i.o.epoch, i.o.loader_timeout)?;
     let root = trees::root_tree(i.store, i.c, i.o.epoch)?;
-    Ok(vec![esp, root, Tree::new(0o755)])
+    Ok(RawEfi {
+        esp,
+        root,
+        state: Tree::new(0o755),
+    })
 }
 
-pub(super) fn layout<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
-    let [esp, root, state] = trees else {
-        bail!("internal: raw-efi has three trees");
-    };
-    let root_type = match i.c.bootspec.spec.system.as_str() {
-        "x86_64-linux" => types::ROOT_X86_64,
-        _ => types::ROOT_AARCH64,
-    };
-    let esp_part = (Role::Esp, "ESP", "ESP");
-    let mut partitions = vec![
-        fat_partition(
-            i,
-            esp,
-            esp_part,
-            (ALIGN, i.o.esp_size),
-            PartType::Gpt(types::ESP),
-            "ESP (--esp-size)",
-        )?,
-        root_partition(i, root, "nixos", PartType::Gpt(root_type), false)?,
-    ];
-    if let Some(size) = i.o.state_size {
-        partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);
+impl DiskFormat for RawEfi {
+    fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
+        let RawEfi { esp, root, state } = self;
+        let root_type = match i.c.bootspec.spec.system.as_str() {
+            "x86_64-linux" => types::ROOT_X86_64,
+            _ => types::ROOT_AARCH64,
+        };
+        let esp_part = (Role::Esp, "ESP", "ESP");
+        let mut partitions = vec![
+            fat_partition(
+                i,
+                esp,
+                esp_part,
+                (ALIGN, i.o.esp_size),
+                PartType::Gpt(types::ESP),
+                "ESP (--esp-size)",
+            )?,
+            root_partition(i, root, "nixos", PartType::Gpt(root_type), false)?,
+        ];
+        if let Some(size) = i.o.state_size {
+            partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);
+        }
+        Ok(Layout {
+            table: Table::Gpt,
+            sector_size: i.o.sector_size,
+            seed: i.seed.to_string(),
+            partitions,
+            disk_size: None,
+        })
     }
-    Ok(Layout {
-        table: Table::Gpt,
-        sector_size: i.o.sector_size,
-        seed: i.seed.to_string(),
-        partitions,
-        disk_size: None,
-    })
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use formats::mbr;
 use formats::tree::{Kind, Owner, Tree, ROOT};
 
-use super::{fat_partition, root_partition, state_partition, trees, Input, Options};
+use super::{fat_partition, root_partition, state_partition, trees, DiskFormat, Input, Options};
 use crate::closure::Store;
 use crate::layout::{Layout, PartType, Role, Table};
 
@@ -168,8 +168,16 @@ fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
     Ok(())
 }
 
+/// An sd-aarch64 image's trees, one per partition.
+pub(super) struct SdAarch64 {
+    firmware: Tree,
+    /// The closure, with extlinux.
+    root: Tree,
+    state: Tree,
+}
+
 /// The firmware files, the root (with extlinux) and an empty state tree.
-pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
+pub(super) fn trees_of(i: &Input) -> Result<SdAarch64> {
     let system = i.c.bootspec.spec.system.as_str();
     if system != "aarch64-linux" {
         let fits = if system == "x86_64-linux" {
@@ -191,29 +199,37 @@ pub(super) fn trees_of(i: &Input) -> Result<Vec<Tree>> {
     check_firmware(i.o, i.store, &fw)?;
     let mut root = trees::root_tree(i.store, i.c, i.o.epoch)?;
     trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout)?;
-    Ok(vec![fw, root, Tree::new(0o755)])
+    Ok(SdAarch64 {
+        firmware: fw,
+        root,
+        state: Tree::new(0o755),
+    })
 }
 
-pub(super) fn layout<'t>(i: &Input, trees: &'t [Tree]) -> Result<Layout<'t>> {
-    let [fw, root, state] = trees else {
-        bail!("internal: sd-aarch64 has three trees");
-    };
-    let fw_part = (Role::Firmware, "firmware", "FIRMWARE");
-    let fw_at = (FIRMWARE_OFFSET, i.o.firmware_size);
-    let what = "firmware partition (--firmware-size)";
-    let mut partitions = vec![
-        fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?,
-        // U-Boot's distro boot scans only partitions marked bootable.
-        root_partition(i, root, "NIXOS_SD", PartType::Mbr(mbr::LINUX), true)?,
-    ];
-    if let Some(size) = i.o.state_size {
-        partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);
+impl DiskFormat for SdAarch64 {
+    fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
+        let SdAarch64 {
+            firmware: fw,
+            root,
+            state,
+        } = self;
+        let fw_part = (Role::Firmware, "firmware", "FIRMWARE");
+        let fw_at = (FIRMWARE_OFFSET, i.o.firmware_size);
+        let what = "firmware partition (--firmware-size)";
+        let mut partitions = vec![
+            fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?,
+            // U-Boot's distro boot scans only partitions marked bootable.
+            root_partition(i, root, "NIXOS_SD", PartType::Mbr(mbr::LINUX), true)?,
+        ];
+        if let Some(size) = i.o.state_size {
+            partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);
+        }
+        Ok(Layout {
+            table: Table::Mbr,
+            sector_size: 512,
+            seed: i.seed.to_string(),
+            partitions,
+            disk_size: None,
+        })
     }
-    Ok(Layout {
-        table: Table::Mbr,
-        sector_size: 512,
-        seed: i.seed.to_string(),
-        partitions,
-        disk_size: None,
-    })
 }
