@@ -34,6 +34,7 @@ fn role(p: &Part) -> Option<Role> {
         ("esp", _) => Some(Role::Esp),
         ("root-x86-64" | "root-arm64", _) => Some(Role::Root),
         ("var", _) => Some(Role::State),
+        ("root-x86-64-verity" | "root-arm64-verity", _) => Some(Role::RootVerity),
         ("fat32-lba", Some("FIRMWARE")) => Some(Role::Firmware),
         ("linux", Some("state")) => Some(Role::State),
         ("linux", _) if p.bootable => Some(Role::Root),
@@ -123,6 +124,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             size,
             partitions: parts,
             identity,
+            verity: None,
             head_sha256,
         },
     })

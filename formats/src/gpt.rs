@@ -12,6 +12,9 @@ pub mod types {
     pub const ESP: &str = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b";
     pub const ROOT_X86_64: &str = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709";
     pub const ROOT_AARCH64: &str = "b921b045-1df0-41c3-af44-4c6f280d3fae";
+    /// Discoverable Partitions: the root's dm-verity hash partition.
+    pub const ROOT_VERITY_X86_64: &str = "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5";
+    pub const ROOT_VERITY_AARCH64: &str = "df3300ce-d69f-4c92-978c-9bfb0f38d820";
     pub const VAR: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd1d";
 }
 

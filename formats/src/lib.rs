@@ -26,5 +26,6 @@ pub mod table;
 pub mod tar;
 pub mod time;
 pub mod tree;
+pub mod verity;
 pub mod vhd;
 pub mod zstd_frames;

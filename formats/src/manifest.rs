@@ -16,7 +16,7 @@ pub const MANIFEST_VERSION: u32 = 1;
 
 /// What a partition is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// EFI system partition (systemd-boot).
     Esp,
@@ -26,6 +26,8 @@ pub enum Role {
     Root,
     /// Mutable state, mounted at /var.
     State,
+    /// The root's dm-verity hash tree (`--verity`).
+    RootVerity,
 }
 
 impl Role {
@@ -38,6 +40,7 @@ impl Role {
             Role::Firmware => "firmware",
             Role::Root => "nixos",
             Role::State => "state",
+            Role::RootVerity => "root-verity",
         }
     }
 }
@@ -121,6 +124,24 @@ pub struct Disk {
     /// image): pairs the manifest and the bmap with their image.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub head_sha256: Option<String>,
+    /// The root's dm-verity parameters (`--verity`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub verity: Option<Verity>,
+}
+
+/// What `veritysetup` needs besides the two partitions: the root hash
+/// (also the partitions' GUIDs: its first and last 128 bits) and how the
+/// tree was made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verity {
+    /// Hex, 64 digits: `veritysetup verify ROOT VERITY ROOTHASH`.
+    pub root_hash: String,
+    /// Hex, 64 digits.
+    pub salt: String,
+    pub data_blocks: u64,
+    /// The hash algorithm and block size: `sha256`, 4096.
+    pub hash: String,
+    pub block_size: u32,
 }
 
 /// SHA-256 (hex) of an image's first MiB, given its bytes.
@@ -136,6 +157,8 @@ pub fn type_name(t: &str) -> &'static str {
         gpt::types::ROOT_X86_64 => "root-x86-64",
         gpt::types::ROOT_AARCH64 => "root-arm64",
         gpt::types::VAR => "var",
+        gpt::types::ROOT_VERITY_X86_64 => "root-x86-64-verity",
+        gpt::types::ROOT_VERITY_AARCH64 => "root-arm64-verity",
         "0fc63daf-8483-4772-8e79-3d69d8477de4" => "linux-generic",
         "0c" => "fat32-lba",
         "83" => "linux",
@@ -235,6 +258,7 @@ mod tests {
             partitions: vec![],
             identity: None,
             head_sha256: Some(head_sha256(&head)),
+            verity: None,
         };
         assert_eq!(disk.matches(1 << 20, &head), Ok(()));
         assert!(disk.matches(2 << 20, &head).unwrap_err().contains("bytes"));

@@ -79,6 +79,12 @@ pub struct ImageArgs {
     loader_timeout: u32,
     #[command(flatten)]
     src: super::ClosureSource,
+    /// raw-efi: a dm-verity hash partition for the read-only root (its
+    /// root hash on the kernel command line, `roothash=`, and in the
+    /// layout manifest; the root and hash partitions' GUIDs are its first
+    /// and last 128 bits).
+    #[arg(long)]
+    verity: bool,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -152,8 +158,9 @@ pub fn run(a: ImageArgs) -> Result<()> {
         loader_timeout: a.loader_timeout,
         epoch: super::epoch()?,
         hash_partitions: a.json,
+        verity: a.verity,
     };
-    image::container_of(&opts)?;
+    image::checked(&opts)?;
     let made = forge::output::make_parents(&opts.output)?;
     check_output_dir(&opts.output)?;
     for p in [

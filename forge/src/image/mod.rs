@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use formats::bmap;
 use formats::ext4;
 use formats::tree::Tree;
+use formats::verity;
+use std::sync::Arc;
 
 use crate::assemble::{self, ImageOut};
 use crate::closure::{self, Closure, Store};
@@ -80,6 +82,21 @@ pub fn container_of(o: &Options) -> Result<container::Kind> {
         && o.format != Format::RawEfi
     {
         bail!("{out}: qcow2 and VHD outputs are for --format raw-efi (VM disks)");
+    }
+    Ok(kind)
+}
+
+/// Every check of the options that needs nothing read: the container
+/// ([`container_of`]), and what goes with `--verity`.
+pub fn checked(o: &Options) -> Result<container::Kind> {
+    let kind = container_of(o)?;
+    if o.verity && o.root_mode == RootMode::Rw {
+        bail!("--verity needs a read-only root (dm-verity maps it read-only); --root-mode rw cannot be verified");
+    }
+    if o.verity && o.format != Format::RawEfi {
+        // The kernel command line (extlinux.conf) lives in the root there:
+        // it cannot name the hash of the filesystem that holds it.
+        bail!("--verity is for --format raw-efi: an sd-aarch64 card's kernel command line is in its root filesystem, which cannot hold its own root hash");
     }
     Ok(kind)
 }
@@ -160,6 +177,9 @@ pub struct Options {
     pub loader_timeout: u32,
     pub epoch: u32,
     pub hash_partitions: bool,
+    /// A dm-verity hash partition after the root, its root hash on the
+    /// kernel command line.
+    pub verity: bool,
 }
 
 /// What `forge image --json` prints: the outputs, and the disk as laid
@@ -203,31 +223,96 @@ fn trees(i: &Input) -> Result<Box<dyn DiskFormat>> {
     })
 }
 
-/// The root partition: the closure's ext4, read-only unless `--root-mode rw`.
+/// The root filesystem's plan, and its UUID: the closure's ext4,
+/// read-only unless `--root-mode rw`.
+fn root_plan<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<(ext4::Plan<'t>, [u8; 16])> {
+    let rw = i.o.root_mode == RootMode::Rw;
+    let opts = ext4::Options::from_seed(i.seed, label, i.o.root_size, rw, i.o.epoch);
+    let plan = ext4::plan(tree, &opts).context("planning the root filesystem (--root-size)")?;
+    Ok((plan, opts.uuid))
+}
+
+/// The root partition: the closure's ext4, read-only unless `--root-mode
+/// rw`; with verity, its GUID is the root hash's first 128 bits.
 pub(crate) fn root_partition<'t>(
     i: &Input,
     tree: &'t Tree,
     label: &str,
     ty: PartType,
     bootable: bool,
+    verity: Option<&verity::Tree>,
 ) -> Result<Partition<'t>> {
-    let rw = i.o.root_mode == RootMode::Rw;
-    let opts = ext4::Options::from_seed(i.seed, label, i.o.root_size, rw, i.o.epoch);
-    let plan = ext4::plan(tree, &opts).context("planning the root filesystem (--root-size)")?;
+    let (plan, uuid) = root_plan(i, tree, label)?;
     Ok(Partition {
         role: Role::Root,
         ty,
         name: "nixos",
         label: label.into(),
-        read_only: !rw && matches!(ty, PartType::Gpt(_)),
+        read_only: i.o.root_mode != RootMode::Rw && matches!(ty, PartType::Gpt(_)),
         bootable,
         start: None,
         size: SizePolicy::Content,
-        fs: Filesystem::Ext4 {
-            plan,
-            uuid: opts.uuid,
-        },
+        fs: Filesystem::Ext4 { plan, uuid },
+        guid: verity.map(|t| t.root_hash[..16].try_into().expect("16 bytes")),
     })
+}
+
+/// The salt and superblock UUID of the root's hash tree, from the seed.
+fn verity_params(seed: &str) -> verity::Params {
+    let salt = formats::seed::derive(seed, "verity:salt");
+    verity::Params {
+        salt,
+        uuid: formats::seed::uuid(seed, "verity:uuid"),
+    }
+}
+
+/// The dm-verity hash tree of the root filesystem `root_partition`
+/// makes of `tree`: planned and written once into a hasher, before
+/// anything of the image is written (the root hash goes on the kernel
+/// command line, in the ESP that comes first). `--verity` only.
+pub(crate) fn verity_of(i: &Input, tree: &Tree, label: &str) -> Result<Option<Arc<verity::Tree>>> {
+    if !i.o.verity {
+        return Ok(None);
+    }
+    let (plan, _) = root_plan(i, tree, label)?;
+    let mut h = verity::Hasher::new(verity_params(i.seed));
+    plan.write(&mut h, 0)
+        .context("hashing the root filesystem (--verity)")?;
+    let t = h
+        .finish(plan.size_bytes())
+        .context("the root's hash tree (--verity)")?;
+    Ok(Some(Arc::new(t)))
+}
+
+/// The root's hash partition (after the root): its GUID is the root
+/// hash's last 128 bits, as the Discoverable Partitions spec says.
+pub(crate) fn verity_partition<'t>(
+    i: &Input,
+    t: &Arc<verity::Tree>,
+    ty: PartType,
+) -> Partition<'t> {
+    Partition {
+        role: Role::RootVerity,
+        ty,
+        name: "nixos-verity",
+        label: "verity".into(),
+        read_only: matches!(ty, PartType::Gpt(_)),
+        bootable: false,
+        start: None,
+        size: SizePolicy::Content,
+        fs: Filesystem::Verity {
+            tree: t.clone(),
+            params: verity_params(i.seed),
+        },
+        guid: Some(t.root_hash[16..].try_into().expect("16 bytes")),
+    }
+}
+
+/// The kernel parameters `--verity` adds: the root hash, which systemd's
+/// veritysetup generator (and the fixture's stage 1) opens the root by.
+pub(crate) fn verity_params_line(t: Option<&verity::Tree>) -> Vec<String> {
+    t.map(|t| vec![format!("roothash={}", t.root_hex())])
+        .unwrap_or_default()
 }
 
 /// The state partition (/var): a journaled ext4 of `--state-size`.
@@ -253,6 +338,7 @@ pub(crate) fn state_partition<'t>(
             plan,
             uuid: opts.uuid,
         },
+        guid: None,
     })
 }
 
@@ -286,11 +372,12 @@ pub(crate) fn fat_partition<'t>(
         start: Some(start),
         size: SizePolicy::Fixed(size),
         fs: Filesystem::Fat { plan, volume_id },
+        guid: None,
     })
 }
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
-    let kind = container_of(o)?;
+    let kind = checked(o)?;
     let c = read_closure(o, progress)?;
     let store = Store::new(&o.store_root);
     let seed = o.seed.clone().unwrap_or_else(|| c.toplevel.clone());

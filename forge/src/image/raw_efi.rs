@@ -5,7 +5,17 @@ use anyhow::{bail, Result};
 use formats::gpt::types;
 use formats::tree::Tree;
 
-use super::{fat_partition, root_partition, state_partition, trees, DiskFormat, Input};
+use std::sync::Arc;
+
+use formats::verity;
+
+use super::{
+    fat_partition, root_partition, state_partition, trees, verity_of, verity_params_line,
+    verity_partition, DiskFormat, Input,
+};
+
+/// The root filesystem's label.
+const ROOT_LABEL: &str = "nixos";
 use crate::layout::{Layout, PartType, Role, Table, ALIGN};
 
 /// A raw-efi image's trees, one per partition.
@@ -15,6 +25,8 @@ pub(super) struct RawEfi {
     /// Empty; unused with `--state-size none` (a base image whose /var
     /// lives on another disk).
     state: Tree,
+    /// The root's hash tree (`--verity`).
+    verity: Option<Arc<verity::Tree>>,
 }
 
 /// The ESP, the root and an empty state tree.
@@ -29,21 +41,31 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
     for s in &specs {
         trees::check_efi_stub(&i.store.physical(&s.kernel), &s.kernel)?;
     }
-    let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, i.o.epoch, i.o.loader_timeout)?;
+    // The root first: with --verity its hash goes into the ESP's entries.
     let root = trees::root_tree(i.store, i.c, i.o.epoch)?;
+    let verity = verity_of(i, &root, ROOT_LABEL)?;
+    let extra = verity_params_line(verity.as_deref());
+    let (epoch, timeout) = (i.o.epoch, i.o.loader_timeout);
+    let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, epoch, timeout, &extra)?;
     Ok(RawEfi {
         esp,
         root,
         state: Tree::new(0o755),
+        verity,
     })
 }
 
 impl DiskFormat for RawEfi {
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
-        let RawEfi { esp, root, state } = self;
-        let root_type = match i.c.bootspec.spec.system.as_str() {
-            "x86_64-linux" => types::ROOT_X86_64,
-            _ => types::ROOT_AARCH64,
+        let RawEfi {
+            esp,
+            root,
+            state,
+            verity,
+        } = self;
+        let (root_type, verity_type) = match i.c.bootspec.spec.system.as_str() {
+            "x86_64-linux" => (types::ROOT_X86_64, types::ROOT_VERITY_X86_64),
+            _ => (types::ROOT_AARCH64, types::ROOT_VERITY_AARCH64),
         };
         let esp_part = (Role::Esp, "ESP", "ESP");
         let mut partitions = vec![
@@ -55,8 +77,18 @@ impl DiskFormat for RawEfi {
                 PartType::Gpt(types::ESP),
                 "ESP (--esp-size)",
             )?,
-            root_partition(i, root, "nixos", PartType::Gpt(root_type), false)?,
+            root_partition(
+                i,
+                root,
+                ROOT_LABEL,
+                PartType::Gpt(root_type),
+                false,
+                verity.as_deref(),
+            )?,
         ];
+        if let Some(t) = verity {
+            partitions.push(verity_partition(i, t, PartType::Gpt(verity_type)));
+        }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);
         }

@@ -198,7 +198,7 @@ pub(super) fn trees_of(i: &Input) -> Result<SdAarch64> {
     let fw = firmware_tree(i.o, i.store)?;
     check_firmware(i.o, i.store, &fw)?;
     let mut root = trees::root_tree(i.store, i.c, i.o.epoch)?;
-    trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout)?;
+    trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout, &[])?;
     Ok(SdAarch64 {
         firmware: fw,
         root,
@@ -219,7 +219,7 @@ impl DiskFormat for SdAarch64 {
         let mut partitions = vec![
             fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?,
             // U-Boot's distro boot scans only partitions marked bootable.
-            root_partition(i, root, "NIXOS_SD", PartType::Mbr(mbr::LINUX), true)?,
+            root_partition(i, root, "NIXOS_SD", PartType::Mbr(mbr::LINUX), true, None)?,
         ];
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);

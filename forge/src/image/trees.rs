@@ -170,7 +170,8 @@ pub struct Entry {
 }
 
 /// The entries for generation 1 and its specialisations, as NixOS writes them.
-pub fn boot_entries(closure: &Closure, epoch: u32) -> Vec<Entry> {
+/// `extra`: kernel parameters added to every entry (`roothash=`).
+pub fn boot_entries(closure: &Closure, epoch: u32, extra: &[String]) -> Vec<Entry> {
     let boot = &closure.bootspec;
     let sort_key = boot.sort_key.clone().unwrap_or_else(|| "nixos".into());
     let entry = |spec: &BootSpec, special: Option<&str>| {
@@ -184,10 +185,16 @@ pub fn boot_entries(closure: &Closure, epoch: u32) -> Vec<Entry> {
         if let Some(i) = &spec.initrd {
             text.push_str(&format!("initrd /EFI/nixos/{}\n", efi_name(i)));
         }
+        let params: Vec<&str> = spec
+            .kernel_params
+            .iter()
+            .chain(extra)
+            .map(String::as_str)
+            .collect();
         text.push_str(&format!(
             "options init={} {}\n",
             spec.init,
-            spec.kernel_params.join(" ")
+            params.join(" ")
         ));
         if let Some(dt) = &spec.devicetree {
             text.push_str(&format!("devicetree /EFI/nixos/{}\n", efi_name(dt)));
@@ -214,6 +221,7 @@ pub fn esp_tree(
     arch: &EfiArch,
     epoch: u32,
     timeout: u32,
+    extra: &[String],
 ) -> Result<Tree> {
     let mut t = Tree::new(0o755);
     let owner = Owner::default();
@@ -247,7 +255,7 @@ pub fn esp_tree(
     t.insert(loader, b"loader.conf", Node::bytes(conf, 0o644))?;
     // bootctl install writes this marker (boot loader spec "type1" entries).
     t.insert(loader, b"entries.srel", Node::bytes("type1\n", 0o644))?;
-    for e in boot_entries(closure, epoch) {
+    for e in boot_entries(closure, epoch, extra) {
         t.insert(entries_dir, e.file.as_bytes(), Node::bytes(e.text, 0o644))?;
     }
     Ok(t)
@@ -276,6 +284,7 @@ pub fn extlinux(
     closure: &Closure,
     epoch: u32,
     timeout: u32,
+    extra: &[String],
 ) -> Result<()> {
     let nixos = t.mkdir_p(b"/boot/nixos", 0o755)?;
     let extl = t.mkdir_p(b"/boot/extlinux", 0o755)?;
@@ -308,10 +317,16 @@ pub fn extlinux(
         if let Some(i) = &spec.initrd {
             e.push_str(&format!("  INITRD {}\n", copy(t, i)?));
         }
+        let params: Vec<&str> = spec
+            .kernel_params
+            .iter()
+            .chain(extra)
+            .map(String::as_str)
+            .collect();
         e.push_str(&format!(
             "  APPEND init={} {}\n",
             spec.init,
-            spec.kernel_params.join(" ")
+            params.join(" ")
         ));
         let dtbs = store.physical(&format!("{}/dtbs", spec.toplevel));
         if let Ok(target) = std::fs::read_link(&dtbs) {

@@ -10,7 +10,7 @@ pub mod report;
 use anyhow::{bail, Context, Result};
 use std::io::SeekFrom;
 
-use formats::{ext4, fat, gpt, mbr, ranges, seed};
+use formats::{ext4, fat, gpt, mbr, ranges, seed, verity};
 pub use report::{BootEntry, Disk, Fs, IdentityAt, Part, Role, MANIFEST_VERSION};
 
 /// Partitions start on 1 MiB boundaries.
@@ -57,6 +57,11 @@ pub enum Filesystem<'t> {
         plan: ext4::Plan<'t>,
         uuid: [u8; 16],
     },
+    /// A dm-verity hash device (superblock and tree), whole in memory.
+    Verity {
+        tree: std::sync::Arc<verity::Tree>,
+        params: verity::Params,
+    },
 }
 
 impl Filesystem<'_> {
@@ -64,6 +69,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.size_bytes(),
             Filesystem::Ext4 { plan, .. } => plan.size_bytes(),
+            Filesystem::Verity { tree, .. } => tree.bytes.len() as u64,
         }
     }
     /// What it will write, relative to its start.
@@ -71,19 +77,36 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.mapped(),
             Filesystem::Ext4 { plan, .. } => plan.mapped(),
+            Filesystem::Verity { tree, .. } => vec![(0, tree.bytes.len() as u64)],
         }
     }
     pub fn kind(&self) -> &'static str {
         match self {
             Filesystem::Fat { .. } => "vfat",
             Filesystem::Ext4 { .. } => "ext4",
+            Filesystem::Verity { .. } => "verity",
         }
     }
     pub fn uuid(&self) -> String {
         match self {
             Filesystem::Fat { volume_id, .. } => fat::format_volume_id(*volume_id),
             Filesystem::Ext4 { uuid, .. } => seed::format_uuid(uuid),
+            Filesystem::Verity { params, .. } => seed::format_uuid(&params.uuid),
         }
+    }
+    /// The dm-verity parameters, for a hash partition.
+    pub fn verity(&self) -> Option<formats::manifest::Verity> {
+        let Filesystem::Verity { tree, params } = self else {
+            return None;
+        };
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        Some(formats::manifest::Verity {
+            root_hash: tree.root_hex(),
+            salt: hex(&params.salt),
+            data_blocks: tree.data_blocks,
+            hash: "sha256".into(),
+            block_size: verity::BLOCK as u32,
+        })
     }
     /// The same filesystem planned at exactly `bytes`.
     fn resized(&self, bytes: u64) -> Result<Self> {
@@ -92,7 +115,7 @@ impl Filesystem<'_> {
                 plan: plan.resized(bytes)?,
                 uuid: *uuid,
             }),
-            Filesystem::Fat { .. } => bail!("only an ext4 partition can fill the disk"),
+            _ => bail!("only an ext4 partition can fill the disk"),
         }
     }
     /// Write at `off` of `out`; what it wrote must be what it planned.
@@ -100,6 +123,12 @@ impl Filesystem<'_> {
         let w = match self {
             Filesystem::Fat { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
             Filesystem::Ext4 { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
+            Filesystem::Verity { tree, .. } => {
+                let sink = out.sink();
+                sink.seek(SeekFrom::Start(off))?;
+                sink.write_all(&tree.bytes)?;
+                self.mapped()
+            }
         };
         if ranges::merge(w) != self.mapped() {
             bail!(
@@ -138,6 +167,9 @@ pub struct Partition<'t> {
     pub start: Option<u64>,
     pub size: SizePolicy,
     pub fs: Filesystem<'t>,
+    /// Its GPT partition GUID, when something else decides it (verity:
+    /// the root hash); else it derives from the seed, role and index.
+    pub guid: Option<[u8; 16]>,
 }
 
 pub struct Layout<'t> {
@@ -298,7 +330,7 @@ impl<'t> Layout<'t> {
             };
             partitions.push(gpt::Partition {
                 type_guid: seed::parse_uuid(ty).context("internal: a GPT type GUID")?,
-                guid: guid(&self.guid_purpose(i)),
+                guid: p.guid.unwrap_or_else(|| guid(&self.guid_purpose(i))),
                 first_lba: off / ss,
                 last_lba: (off + len) / ss - 1,
                 attributes: if p.read_only { gpt::ATTR_READ_ONLY } else { 0 },

@@ -72,6 +72,7 @@ impl Placed<'_, '_> {
             partitions,
             identity,
             head_sha256: self.first_mib().map(|b| head_sha256(&b)),
+            verity: self.layout.partitions.iter().find_map(|p| p.fs.verity()),
         }
     }
 }

@@ -24,6 +24,7 @@ fn part<'t>(role: Role, name: &'static str, size: SizePolicy, fs: Filesystem<'t>
         start: None,
         size,
         fs,
+        guid: None,
     }
 }
 
