@@ -188,6 +188,24 @@ dd if=state.img of=disk.img bs=4M seek=$((1048576+{esp}+{root})) oflag=seek_byte
 rm esp.img root.img state.img; sync"""
     res.append(measure("mkfs.vfat+mcopy+mkfs.ext4 -d+sgdisk+dd", pipeline, a.runs, rm))
     res.append(measure("forge image --format raw-efi", f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/disk.img", a.runs, rm))
+    # The same with a dm-verity hash partition (issue 25): the usual tools
+    # add veritysetup format and a partition; forge hashes the root first.
+    verity_pipeline = pipeline.replace(
+        "truncate -s " + str(state) + " state.img",
+        "veritysetup format root.img verity.img >/dev/null\n"
+        "vsz=$(( ($(stat -c %s verity.img) + 1048575) / 1048576 * 1048576 ))\n"
+        "truncate -s " + str(state) + " state.img").replace(
+        f"truncate -s {(1 << 20) + esp + root + state + (1 << 20)} disk.img",
+        f"truncate -s $(({(1 << 20) + esp + root + state + (1 << 20)} + vsz)) disk.img").replace(
+        f"-n 3:0:+{state >> 10}K -t 3:8310",
+        f"-n 3:0:+$((vsz / 1024))K -t 3:2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5 -n 4:0:+{state >> 10}K -t 4:8310").replace(
+        f"dd if=state.img of=disk.img bs=4M seek=$((1048576+{esp}+{root}))",
+        f"dd if=verity.img of=disk.img bs=4M seek=$((1048576+{esp}+{root})) oflag=seek_bytes conv=notrunc,sparse status=none\n"
+        f"dd if=state.img of=disk.img bs=4M seek=$((1048576+{esp}+{root}+vsz))").replace(
+        "rm esp.img root.img state.img", "rm esp.img root.img verity.img state.img")
+    res.append(measure("mkfs.vfat+mcopy+mkfs.ext4 -d+veritysetup format+sgdisk+dd", verity_pipeline, a.runs, rm))
+    res.append(measure("forge image --format raw-efi --verity",
+                       f"{FORGE} image {top} --root {c} --format raw-efi --verity -o {w}/disk.img", a.runs, rm))
     sh(rm)
 
     print("sd-aarch64 image of the corpus, compressed", file=sys.stderr)

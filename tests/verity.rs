@@ -32,7 +32,10 @@ fn forge_verity(extra: &[&str]) -> Verity {
 impl Verity {
     fn part(&self, role: &str) -> &Value {
         let parts = self.layout["partitions"].as_array().unwrap();
-        parts.iter().find(|p| p["role"] == role).unwrap_or_else(|| panic!("no {role} partition"))
+        parts
+            .iter()
+            .find(|p| p["role"] == role)
+            .unwrap_or_else(|| panic!("no {role} partition"))
     }
     /// The partition of `role` copied out to its own file.
     fn extract(&self, role: &str) -> PathBuf {
@@ -48,12 +51,19 @@ impl Verity {
         to
     }
     fn verity(&self, key: &str) -> String {
-        self.layout["verity"][key].to_string().trim_matches('"').to_string()
+        self.layout["verity"][key]
+            .to_string()
+            .trim_matches('"')
+            .to_string()
     }
 }
 
 fn veritysetup(args: &[&str], files: &[&Path]) -> std::process::Output {
-    Command::new("veritysetup").args(args).args(files).output().unwrap()
+    Command::new("veritysetup")
+        .args(args)
+        .args(files)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -65,7 +75,11 @@ fn the_hash_partition_verifies_equals_veritysetup_format_and_catches_a_flipped_b
     let root_hash = v.verity("root_hash");
     assert_eq!(root_hash.len(), 64);
     let out = veritysetup(&["verify"], &[&root, &hash, Path::new(&root_hash)]);
-    assert!(out.status.success(), "veritysetup verify: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "veritysetup verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // dump shows the parameters the manifest gives.
     let dump = String::from_utf8_lossy(&veritysetup(&["dump"], &[&hash]).stdout).into_owned();
     let field = |k: &str| {
@@ -92,11 +106,21 @@ fn the_hash_partition_verifies_equals_veritysetup_format_and_catches_a_flipped_b
         ],
         &[&root, &reference],
     );
-    assert!(out.status.success(), "veritysetup format: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&root_hash), "format's root hash");
+    assert!(
+        out.status.success(),
+        "veritysetup format: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&root_hash),
+        "format's root hash"
+    );
     let ours = std::fs::read(&hash).unwrap();
     let theirs = std::fs::read(&reference).unwrap();
-    assert!(ours[..theirs.len()] == theirs[..], "the hash tree differs from veritysetup format's");
+    assert!(
+        ours[..theirs.len()] == theirs[..],
+        "the hash tree differs from veritysetup format's"
+    );
     assert!(ours[theirs.len()..].iter().all(|&b| b == 0));
     // One flipped byte of the root is caught.
     let mut bytes = std::fs::read(&root).unwrap();
@@ -104,30 +128,58 @@ fn the_hash_partition_verifies_equals_veritysetup_format_and_catches_a_flipped_b
     bytes[at] ^= 0x40;
     std::fs::write(&root, &bytes).unwrap();
     let out = veritysetup(&["verify"], &[&root, &hash, Path::new(&root_hash)]);
-    assert!(!out.status.success(), "a flipped byte at {at} passed veritysetup verify");
+    assert!(
+        !out.status.success(),
+        "a flipped byte at {at} passed veritysetup verify"
+    );
 }
 
 #[test]
 fn guids_are_the_root_hash_halves_and_the_hash_is_on_the_kernel_command_line() {
     let v = forge_verity(&[]);
     let h = v.verity("root_hash");
-    let uuid = |hex: &str| format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
+    let uuid = |hex: &str| {
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
+    };
     // As the table holds them (sfdisk reads the GPT itself).
-    let table: Value = serde_json::from_str(&ok(Command::new("sfdisk").arg("--json").arg(&v.img))).unwrap();
+    let table: Value =
+        serde_json::from_str(&ok(Command::new("sfdisk").arg("--json").arg(&v.img))).unwrap();
     let parts = table["partitiontable"]["partitions"].as_array().unwrap();
-    assert_eq!(parts[1]["uuid"].as_str().unwrap().to_lowercase(), uuid(&h[..32]));
-    assert_eq!(parts[2]["uuid"].as_str().unwrap().to_lowercase(), uuid(&h[32..]));
+    assert_eq!(
+        parts[1]["uuid"].as_str().unwrap().to_lowercase(),
+        uuid(&h[..32])
+    );
+    assert_eq!(
+        parts[2]["uuid"].as_str().unwrap().to_lowercase(),
+        uuid(&h[32..])
+    );
     assert_eq!(
         parts[2]["type"].as_str().unwrap().to_lowercase(),
         "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5"
     );
     let esp = format!("{}@@{}", v.img.display(), v.part("esp")["offset"]);
-    let entry = ok(Command::new("mtype").args(["-i", &esp, "::/loader/entries/nixos-generation-1.conf"]));
+    let entry =
+        ok(Command::new("mtype").args(["-i", &esp, "::/loader/entries/nixos-generation-1.conf"]));
     let options = entry.lines().find(|l| l.starts_with("options ")).unwrap();
     assert!(options.ends_with(&format!(" roothash={h}")), "{options}");
     // The manifest beside the image says the same as --json.
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(v.img.with_extension("img.layout.json")).unwrap()).unwrap();
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(v.img.with_extension("img.layout.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(manifest["verity"], v.layout["verity"]);
+    // forge inspect reads it back from the image alone.
+    let seen: Value =
+        serde_json::from_str(&ok(forge().arg("inspect").arg(&v.img).arg("--json"))).unwrap();
+    assert_eq!(seen["verity"], v.layout["verity"], "{seen}");
+    assert_eq!(roles(&seen), ["esp", "root", "root-verity", "state"]);
 }
 
 #[test]
@@ -137,7 +189,11 @@ fn the_same_inputs_give_the_same_bytes() {
     assert_eq!(sha256_file(&a.img), sha256_file(&b.img));
     assert_eq!(a.layout["verity"], b.layout["verity"]);
     let c = forge_verity(&["--seed", "another"]);
-    assert_ne!(a.verity("salt"), c.verity("salt"), "the salt derives from the seed");
+    assert_ne!(
+        a.verity("salt"),
+        c.verity("salt"),
+        "the salt derives from the seed"
+    );
     assert_ne!(a.verity("root_hash"), c.verity("root_hash"));
 }
 
@@ -151,7 +207,10 @@ fn verity_with_a_writable_root_or_on_an_sd_card_is_refused_writing_nothing() {
             .args(["--format", "raw-efi", "--verity", "--root-mode", "rw", "-o"])
             .arg(&img),
     );
-    assert!(the_error(&err).contains("--verity needs a read-only root"), "{err}");
+    assert!(
+        the_error(&err).contains("--verity needs a read-only root"),
+        "{err}"
+    );
     let arm = system("aarch64");
     let sd = dir.path().join("sd.img");
     let err = fails(
@@ -159,6 +218,9 @@ fn verity_with_a_writable_root_or_on_an_sd_card_is_refused_writing_nothing() {
             .args(["--format", "sd-aarch64", "--verity", "-o"])
             .arg(&sd),
     );
-    assert!(the_error(&err).contains("--verity is for --format raw-efi"), "{err}");
+    assert!(
+        the_error(&err).contains("--verity is for --format raw-efi"),
+        "{err}"
+    );
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
 }

@@ -42,6 +42,12 @@ fn role(p: &Part) -> Option<Role> {
     }
 }
 
+/// A dm-verity hash device at the start of `p` (a root-verity partition).
+fn verity_at(f: &mut File, p: &Part) -> Option<formats::verity::Found> {
+    let head = read_at(f, p.offset, 2 * formats::verity::BLOCK).ok()?;
+    formats::verity::read(&head)
+}
+
 fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     let mut b = vec![0u8; n];
     f.seek(SeekFrom::Start(off))?;
@@ -76,8 +82,20 @@ pub fn inspect(path: &Path) -> Result<Report> {
     let (table, sector, disk_id, mut parts) =
         gpt.or(mbr)
             .unwrap_or(("none", 512, String::new(), Vec::new()));
+    let mut verity = None;
     for p in &mut parts {
         p.filesystem = filesystem(&mut f, p.offset).ok().flatten();
+        if p.filesystem.is_none() {
+            if let Some(found) = verity_at(&mut f, p) {
+                p.filesystem = Some(Fs {
+                    kind: "verity".into(),
+                    label: "verity".into(),
+                    uuid: formats::seed::format_uuid(&found.params.uuid),
+                    size: Some(formats::verity::hash_size(found.data_blocks)),
+                });
+                verity = Some(found);
+            }
+        }
         p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
             Some("vfat") => systemd_boot_entries(&f, p.offset).unwrap_or_default(),
             Some("ext4") => extlinux_entries(&f, p.offset).unwrap_or_default(),
@@ -124,7 +142,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             size,
             partitions: parts,
             identity,
-            verity: None,
+            verity: verity.map(|v| v.manifest()),
             head_sha256,
         },
     })

@@ -65,7 +65,7 @@ pub struct Tree {
 
 impl Tree {
     pub fn root_hex(&self) -> String {
-        self.root_hash.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.root_hash)
     }
 }
 
@@ -192,6 +192,67 @@ fn superblock(p: &Params, data_blocks: u64) -> Vec<u8> {
     b
 }
 
+/// What a hash device's first two blocks say: its parameters, the data
+/// size, and the root hash (the digest of the top level's one block).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub params: Params,
+    pub data_blocks: u64,
+    pub root_hash: [u8; DIGEST],
+}
+
+/// Read a hash device's superblock and top level (its first 8 KiB) as
+/// forge and `veritysetup format` write them (format 1, SHA-256, 4096-byte
+/// blocks, a 32-byte salt); None for anything else, or a device of one
+/// data block (whose root hash is the data's).
+pub fn read(head: &[u8]) -> Option<Found> {
+    let sb = head.get(..BLOCK)?;
+    let u32_at = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes"));
+    let plain = &sb[..8] == b"verity\0\0"
+        && u32_at(8) == 1
+        && u32_at(12) == 1
+        && sb[32..64].split(|&b| b == 0).next() == Some(b"sha256".as_slice())
+        && u32_at(64) == BLOCK as u32
+        && u32_at(68) == BLOCK as u32
+        && u16::from_le_bytes([sb[80], sb[81]]) == SALT as u16;
+    let data_blocks = u64::from_le_bytes(sb[72..80].try_into().expect("8 bytes"));
+    if !plain || data_blocks < 2 {
+        return None;
+    }
+    let params = Params {
+        salt: sb[88..88 + SALT].try_into().expect("32 bytes"),
+        uuid: sb[16..32].try_into().expect("16 bytes"),
+    };
+    let top = head.get(BLOCK..2 * BLOCK)?;
+    let root_hash = Sha256::new_with_prefix(params.salt)
+        .chain_update(top)
+        .finalize()
+        .into();
+    Some(Found {
+        params,
+        data_blocks,
+        root_hash,
+    })
+}
+
+impl Found {
+    /// As the layout manifest says it.
+    pub fn manifest(&self) -> crate::manifest::Verity {
+        crate::manifest::Verity {
+            root_hash: hex(&self.root_hash),
+            salt: hex(&self.params.salt),
+            data_blocks: self.data_blocks,
+            hash: "sha256".into(),
+            block_size: BLOCK as u32,
+        }
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 impl Write for Hasher {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         let given = self.given();
@@ -294,6 +355,21 @@ mod tests {
             assert_eq!(t.bytes, bytes, "{blocks} blocks");
             assert_eq!(t.bytes.len() as u64, hash_size(blocks as u64));
         }
+    }
+
+    #[test]
+    fn a_hash_device_reads_back_its_parameters_and_root_hash() {
+        let mut h = Hasher::new(params());
+        h.write_all(&[3; 3 * BLOCK]).unwrap();
+        let t = h.finish(3 * BLOCK as u64).unwrap();
+        let found = read(&t.bytes).unwrap();
+        assert_eq!(found.params, params());
+        assert_eq!(found.data_blocks, 3);
+        assert_eq!(found.root_hash, t.root_hash);
+        let mut other = t.bytes.clone();
+        other[12] = 0; // hash type 0 (Chrome OS): not ours
+        assert_eq!(read(&other), None);
+        assert_eq!(read(&t.bytes[..100]), None);
     }
 
     #[test]

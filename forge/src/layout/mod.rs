@@ -99,14 +99,12 @@ impl Filesystem<'_> {
         let Filesystem::Verity { tree, params } = self else {
             return None;
         };
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        Some(formats::manifest::Verity {
-            root_hash: tree.root_hex(),
-            salt: hex(&params.salt),
+        let found = verity::Found {
+            params: *params,
             data_blocks: tree.data_blocks,
-            hash: "sha256".into(),
-            block_size: verity::BLOCK as u32,
-        })
+            root_hash: tree.root_hash,
+        };
+        Some(found.manifest())
     }
     /// The same filesystem planned at exactly `bytes`.
     fn resized(&self, bytes: u64) -> Result<Self> {
