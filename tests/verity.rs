@@ -224,3 +224,50 @@ fn verity_with_a_writable_root_or_on_an_sd_card_is_refused_writing_nothing() {
     );
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
 }
+
+/// A --verity image boots under OVMF with its root opened through the
+/// kernel's dm-verity (the fixture's stage 1 runs dmsetup with the root
+/// hash from the command line); with one byte of a file changed, reading
+/// that file fails (EIO) while the rest boots.
+#[test]
+fn boots_through_dm_verity_and_a_changed_file_reads_as_an_error() {
+    let v = forge_verity(&[]);
+    let b = boot("x86_64", &v.img, 512, std::time::Duration::from_secs(240));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found verity=on read=ok"),
+        "serial log:\n{}",
+        b.log
+    );
+    // The registration file's first data block, found by debugfs in the
+    // root partition; one byte of it flipped in the image.
+    let root = v.extract("root");
+    let out = ok(Command::new("debugfs")
+        .arg("-R")
+        .arg("bmap /nix-path-registration 0")
+        .arg(&root));
+    let block: u64 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("debugfs bmap: {out:?}"));
+    let at = v.part("root")["offset"].as_u64().unwrap() + block * 4096 + 7;
+    let mut img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&v.img)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    use std::io::{Read, Seek, SeekFrom, Write};
+    img.seek(SeekFrom::Start(at)).unwrap();
+    img.read_exact(&mut byte).unwrap();
+    img.seek(SeekFrom::Start(at)).unwrap();
+    img.write_all(&[byte[0] ^ 0x20]).unwrap();
+    drop(img);
+    let b = boot("x86_64", &v.img, 512, std::time::Duration::from_secs(240));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found verity=on read=eio"),
+        "serial log:\n{}",
+        b.log
+    );
+}
