@@ -183,11 +183,32 @@ fn guids_are_the_root_hash_halves_and_the_hash_is_on_the_kernel_command_line() {
 }
 
 #[test]
-fn the_same_inputs_give_the_same_bytes() {
+fn the_same_inputs_give_the_same_bytes_whatever_the_mtimes_and_in_a_vm_container() {
     let a = forge_verity(&[]);
     let b = forge_verity(&[]);
     assert_eq!(sha256_file(&a.img), sha256_file(&b.img));
     assert_eq!(a.layout["verity"], b.layout["verity"]);
+    // A copy of the store with every mtime moved: the same bytes.
+    let sys = system("x86_64");
+    let copy = copy_store(&sys, true, false);
+    sh(&format!(
+        "find {} -exec touch -h -d @123456789 {{}} +",
+        copy.path().display()
+    ));
+    let moved = a.dir.path().join("moved.img");
+    ok(forge()
+        .arg("image")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(copy.path())
+        .args(["--format", "raw-efi", "--verity", "-o"])
+        .arg(&moved));
+    assert_eq!(
+        sha256_file(&a.img),
+        sha256_file(&moved),
+        "mtimes changed the bytes"
+    );
+    // The seed decides the salt, and so the hash.
     let c = forge_verity(&["--seed", "another"]);
     assert_ne!(
         a.verity("salt"),
@@ -195,6 +216,16 @@ fn the_same_inputs_give_the_same_bytes() {
         "the salt derives from the seed"
     );
     assert_ne!(a.verity("root_hash"), c.verity("root_hash"));
+    // A VM disk with verity holds the same guest bytes.
+    let q = a.dir.path().join("vm.qcow2");
+    ok(forge_image_of(&sys)
+        .args(["--format", "raw-efi", "--verity", "-o"])
+        .arg(&q));
+    ok(Command::new("qemu-img").arg("check").arg(&q));
+    ok(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&a.img)
+        .arg(&q));
 }
 
 #[test]

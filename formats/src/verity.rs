@@ -69,18 +69,60 @@ impl Tree {
     }
 }
 
-/// Hashes data blocks as a writer writes them.
+/// Hashes data blocks as a writer writes them: full batches go to a
+/// thread that hashes them on every core while the writer reads on.
 pub struct Hasher {
     params: Params,
     /// SHA-256 with the salt already in.
     salted: Sha256,
-    /// Level 0 so far.
-    digests: Vec<[u8; DIGEST]>,
-    /// Bytes not yet hashed (fewer than a batch).
+    /// Blocks handed to the hashing thread.
+    sent: u64,
+    /// Bytes not yet sent (fewer than a batch).
     pending: Vec<u8>,
     /// The write position, at or past the end of what was given.
     pos: u64,
     zero_digest: [u8; DIGEST],
+    worker: Worker,
+}
+
+/// What the hashing thread is given, in order.
+enum Batch {
+    /// Whole blocks.
+    Data(Vec<u8>),
+    /// This many zero blocks.
+    Zeros(u64),
+}
+
+/// The hashing thread: level 0 in order, and spent buffers back.
+struct Worker {
+    tx: std::sync::mpsc::SyncSender<Batch>,
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
+    done: std::thread::JoinHandle<Vec<[u8; DIGEST]>>,
+}
+
+impl Worker {
+    fn start(salted: Sha256, zero: [u8; DIGEST]) -> Worker {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
+        let (back, spent) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let done = std::thread::spawn(move || {
+            let mut digests: Vec<[u8; DIGEST]> = Vec::new();
+            for batch in rx {
+                match batch {
+                    Batch::Data(b) => {
+                        let new: Vec<[u8; DIGEST]> = b
+                            .par_chunks(BLOCK)
+                            .map(|c| salted.clone().chain_update(c).finalize().into())
+                            .collect();
+                        digests.extend(new);
+                        let _ = back.try_send(b);
+                    }
+                    Batch::Zeros(n) => digests.extend(std::iter::repeat_n(zero, n as usize)),
+                }
+            }
+            digests
+        });
+        Worker { tx, spent, done }
+    }
 }
 
 impl Hasher {
@@ -89,8 +131,9 @@ impl Hasher {
         let zero_digest = salted.clone().chain_update([0u8; BLOCK]).finalize().into();
         Hasher {
             params,
+            worker: Worker::start(salted.clone(), zero_digest),
             salted,
-            digests: Vec::new(),
+            sent: 0,
             pending: Vec::with_capacity(BATCH),
             pos: 0,
             zero_digest,
@@ -99,19 +142,43 @@ impl Hasher {
 
     /// Where what was given ends.
     fn given(&self) -> u64 {
-        (self.digests.len() * BLOCK + self.pending.len()) as u64
+        self.sent * BLOCK as u64 + self.pending.len() as u64
     }
 
-    /// Hash every whole block pending (on every core).
+    fn send(&mut self, b: Batch) {
+        // The thread ends only when the sender goes: it is there.
+        self.worker.tx.send(b).expect("the verity hashing thread");
+    }
+
+    /// Send every whole block pending; keep the rest.
     fn hash_pending(&mut self) {
         let whole = self.pending.len() / BLOCK * BLOCK;
-        let salted = &self.salted;
-        let new: Vec<[u8; DIGEST]> = self.pending[..whole]
-            .par_chunks(BLOCK)
-            .map(|b| salted.clone().chain_update(b).finalize().into())
-            .collect();
-        self.digests.extend(new);
-        self.pending.drain(..whole);
+        if whole == 0 {
+            return;
+        }
+        let mut next = self.worker.spent.try_recv().unwrap_or_default();
+        next.clear();
+        next.extend_from_slice(&self.pending[whole..]);
+        let mut full = std::mem::replace(&mut self.pending, next);
+        full.truncate(whole);
+        self.sent += (whole / BLOCK) as u64;
+        self.send(Batch::Data(full));
+    }
+
+    /// Writes go on at the write position: a gap before it is zeros; a
+    /// position before what was given is an error.
+    fn catch_up(&mut self) -> io::Result<()> {
+        let given = self.given();
+        if self.pos < given {
+            return Err(io::Error::other(format!(
+                "verity: a write at byte {} goes back before byte {given}",
+                self.pos
+            )));
+        }
+        if self.pos > given {
+            self.zeros_to(self.pos);
+        }
+        Ok(())
     }
 
     /// Zeros from where the data given ends up to `to`: whole zero
@@ -127,8 +194,10 @@ impl Hasher {
         if at.is_multiple_of(bs) {
             self.hash_pending();
             let whole = (to - at) / bs;
-            let z = self.zero_digest;
-            self.digests.extend(std::iter::repeat_n(z, whole as usize));
+            if whole > 0 {
+                self.sent += whole;
+                self.send(Batch::Zeros(whole));
+            }
             at += whole * bs;
         }
         self.pending
@@ -146,7 +215,9 @@ impl Hasher {
         self.zeros_to(size);
         self.hash_pending();
         let data_blocks = size / BLOCK as u64;
-        let mut below = std::mem::take(&mut self.digests);
+        let Hasher { worker, .. } = self;
+        drop(worker.tx);
+        let mut below = worker.done.join().expect("the verity hashing thread");
         let mut stored: Vec<Vec<u8>> = Vec::new();
         for _ in levels(data_blocks) {
             let level: Vec<u8> = below
@@ -255,16 +326,7 @@ pub fn hex(b: &[u8]) -> String {
 
 impl Write for Hasher {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        let given = self.given();
-        if self.pos < given {
-            return Err(io::Error::other(format!(
-                "verity: a write at byte {} goes back before byte {given}",
-                self.pos
-            )));
-        }
-        if self.pos > given {
-            self.zeros_to(self.pos);
-        }
+        self.catch_up()?;
         self.pending.extend_from_slice(b);
         self.pos += b.len() as u64;
         if self.pending.len() >= BATCH {
@@ -355,6 +417,35 @@ mod tests {
             assert_eq!(t.bytes, bytes, "{blocks} blocks");
             assert_eq!(t.bytes.len() as u64, hash_size(blocks as u64));
         }
+    }
+
+    #[test]
+    fn host_file_bytes_hash_as_written_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        let data: Vec<u8> = (0..3 * BLOCK + 100).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&f, &data).unwrap();
+        let mut by_host = Hasher::new(params());
+        by_host.seek(SeekFrom::Start(BLOCK as u64)).unwrap();
+        by_host
+            .put_host(
+                &f,
+                0,
+                data.len() as u64,
+                4 * BLOCK as u64,
+                data.len() as u64,
+            )
+            .unwrap();
+        let mut by_write = Hasher::new(params());
+        by_write.seek(SeekFrom::Start(BLOCK as u64)).unwrap();
+        by_write.write_all(&data).unwrap();
+        let size = 6 * BLOCK as u64;
+        let (a, b) = (
+            by_host.finish(size).unwrap(),
+            by_write.finish(size).unwrap(),
+        );
+        assert_eq!(a.root_hash, b.root_hash);
+        assert_eq!(a.bytes, b.bytes);
     }
 
     #[test]
