@@ -193,16 +193,21 @@ impl Write for Extents {
     }
 }
 
+/// Where a seek moves a sink that has no end (it is being written):
+/// `what` names it in the errors.
+pub fn seek_in(pos: u64, to: SeekFrom, what: &str) -> io::Result<u64> {
+    match to {
+        SeekFrom::Start(p) => Ok(p),
+        SeekFrom::Current(d) => pos
+            .checked_add_signed(d)
+            .ok_or_else(|| io::Error::other(format!("{what}: seek before 0"))),
+        SeekFrom::End(_) => Err(io::Error::other(format!("{what}: no end to seek from"))),
+    }
+}
+
 impl Seek for Extents {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        self.pos = match to {
-            SeekFrom::Start(p) => p,
-            SeekFrom::Current(d) => self
-                .pos
-                .checked_add_signed(d)
-                .ok_or_else(|| io::Error::other("seek before 0"))?,
-            SeekFrom::End(_) => return Err(io::Error::other("an extent list has no end")),
-        };
+        self.pos = seek_in(self.pos, to, "an extent list")?;
         Ok(self.pos)
     }
 }

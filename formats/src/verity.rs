@@ -342,14 +342,7 @@ impl Write for Hasher {
 
 impl Seek for Hasher {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        self.pos = match to {
-            SeekFrom::Start(p) => p,
-            SeekFrom::Current(d) => self
-                .pos
-                .checked_add_signed(d)
-                .ok_or_else(|| io::Error::other("verity: seek before 0"))?,
-            SeekFrom::End(_) => return Err(io::Error::other("verity: the data has no end yet")),
-        };
+        self.pos = crate::sink::seek_in(self.pos, to, "verity")?;
         Ok(self.pos)
     }
 }

@@ -169,6 +169,18 @@ pub struct Entry {
     pub text: String,
 }
 
+/// A boot entry's kernel command line: `init=`, the bootspec's
+/// parameters, then `extra` (`roothash=`).
+fn command_line(spec: &BootSpec, extra: &[String]) -> String {
+    let params: Vec<&str> = spec
+        .kernel_params
+        .iter()
+        .chain(extra)
+        .map(String::as_str)
+        .collect();
+    format!("init={} {}", spec.init, params.join(" "))
+}
+
 /// The entries for generation 1 and its specialisations, as NixOS writes them.
 /// `extra`: kernel parameters added to every entry (`roothash=`).
 pub fn boot_entries(closure: &Closure, epoch: u32, extra: &[String]) -> Vec<Entry> {
