@@ -197,17 +197,7 @@ pub fn boot_entries(closure: &Closure, epoch: u32, extra: &[String]) -> Vec<Entr
         if let Some(i) = &spec.initrd {
             text.push_str(&format!("initrd /EFI/nixos/{}\n", efi_name(i)));
         }
-        let params: Vec<&str> = spec
-            .kernel_params
-            .iter()
-            .chain(extra)
-            .map(String::as_str)
-            .collect();
-        text.push_str(&format!(
-            "options init={} {}\n",
-            spec.init,
-            params.join(" ")
-        ));
+        text.push_str(&format!("options {}\n", command_line(spec, extra)));
         if let Some(dt) = &spec.devicetree {
             text.push_str(&format!("devicetree /EFI/nixos/{}\n", efi_name(dt)));
         }
@@ -329,17 +319,7 @@ pub fn extlinux(
         if let Some(i) = &spec.initrd {
             e.push_str(&format!("  INITRD {}\n", copy(t, i)?));
         }
-        let params: Vec<&str> = spec
-            .kernel_params
-            .iter()
-            .chain(extra)
-            .map(String::as_str)
-            .collect();
-        e.push_str(&format!(
-            "  APPEND init={} {}\n",
-            spec.init,
-            params.join(" ")
-        ));
+        e.push_str(&format!("  APPEND {}\n", command_line(spec, extra)));
         let dtbs = store.physical(&format!("{}/dtbs", spec.toplevel));
         if let Ok(target) = std::fs::read_link(&dtbs) {
             e.push_str(&format!(
