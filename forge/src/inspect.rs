@@ -42,6 +42,41 @@ fn role(p: &Part) -> Option<Role> {
     }
 }
 
+/// What each partition holds (its filesystem, boot entries, role; an MBR
+/// partition's name from its label), and the root's hash device if one
+/// is there.
+fn read_parts(f: &mut File, parts: &mut [Part], table: &str) -> Option<formats::verity::Found> {
+    let mut verity = None;
+    for p in parts.iter_mut() {
+        p.filesystem = filesystem(f, p.offset).ok().flatten();
+        if p.filesystem.is_none() {
+            if let Some(found) = verity_at(f, p) {
+                p.filesystem = Some(Fs {
+                    kind: "verity".into(),
+                    label: "verity".into(),
+                    uuid: formats::seed::format_uuid(&found.params.uuid),
+                    size: Some(formats::verity::hash_size(found.data_blocks)),
+                });
+                verity = Some(found);
+            }
+        }
+        p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
+            Some("vfat") => systemd_boot_entries(f, p.offset).unwrap_or_default(),
+            Some("ext4") => extlinux_entries(f, p.offset).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if table == "mbr" {
+            p.name = p
+                .filesystem
+                .as_ref()
+                .map(|f| f.label.clone())
+                .unwrap_or_default();
+        }
+        p.role = role(p);
+    }
+    verity
+}
+
 /// A dm-verity hash device at the start of `p` (a root-verity partition).
 fn verity_at(f: &mut File, p: &Part) -> Option<formats::verity::Found> {
     let head = read_at(f, p.offset, 2 * formats::verity::BLOCK).ok()?;
@@ -82,34 +117,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
     let (table, sector, disk_id, mut parts) =
         gpt.or(mbr)
             .unwrap_or(("none", 512, String::new(), Vec::new()));
-    let mut verity = None;
-    for p in &mut parts {
-        p.filesystem = filesystem(&mut f, p.offset).ok().flatten();
-        if p.filesystem.is_none() {
-            if let Some(found) = verity_at(&mut f, p) {
-                p.filesystem = Some(Fs {
-                    kind: "verity".into(),
-                    label: "verity".into(),
-                    uuid: formats::seed::format_uuid(&found.params.uuid),
-                    size: Some(formats::verity::hash_size(found.data_blocks)),
-                });
-                verity = Some(found);
-            }
-        }
-        p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
-            Some("vfat") => systemd_boot_entries(&f, p.offset).unwrap_or_default(),
-            Some("ext4") => extlinux_entries(&f, p.offset).unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        if table == "mbr" {
-            p.name = p
-                .filesystem
-                .as_ref()
-                .map(|f| f.label.clone())
-                .unwrap_or_default();
-        }
-        p.role = role(p);
-    }
+    let verity = read_parts(&mut f, &mut parts, table);
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
     match formats::manifest::read_beside(path) {
         Err(e) => warnings.push(e.to_string()),
