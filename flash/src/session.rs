@@ -40,6 +40,15 @@ pub struct Request {
 #[error("{0:#}")]
 pub struct NothingWritten(pub anyhow::Error);
 
+/// `e` as an error before the first write (exit 2), unless it says more.
+pub fn nothing_written(e: anyhow::Error) -> anyhow::Error {
+    if e.is::<NothingWritten>() || e.is::<ProbeError>() {
+        e
+    } else {
+        NothingWritten(e).into()
+    }
+}
+
 /// The process exit status an error stands for: 2 nothing written, 3 a
 /// verify found a difference, 4 a probe could not restore a card, 1 a
 /// write failed (the tables wiped).
@@ -342,6 +351,13 @@ mod tests {
             at: 0,
             err: std::io::Error::other("EIO"),
         };
-        assert_eq!(exit_code(&restore.into()), 4);
+        let restore = anyhow::Error::from(restore);
+        assert_eq!(
+            exit_code(&nothing_written(restore)),
+            4,
+            "a failed restore stays 4"
+        );
+        let asking = nothing_written(anyhow::anyhow!("reading the answer: stdin closed"));
+        assert_eq!(exit_code(&asking), 2);
     }
 }

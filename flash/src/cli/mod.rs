@@ -293,7 +293,8 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
             eprintln!("flash: {n}");
         }
     }
-    confirm(&a, &s)?;
+    // Asking fails (no terminal, a closed stdin) before anything is written.
+    confirm(&a, &s).map_err(session::nothing_written)?;
     let opened = s.open()?;
     let opts = write::Options::verifying(!a.no_verify);
     let signal = on_signals(&opts.stop)?;
