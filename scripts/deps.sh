@@ -26,6 +26,7 @@ pkgs=(
   docker-registry               # a real registry on 127.0.0.1, started by the tests
   pigz                          # make bench: the peer of forge oci's gzip
   python3-fusepy fuse3          # the fake SD card (tests/tools/fakecard.py) flash's probe must refuse
+  binutils                      # objdump: reads the Unified Kernel Images' PE sections
   cryptsetup-bin                # veritysetup: judges the dm-verity hash partition (verify, dump, format)
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by

@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod mbr;
 pub mod nar;
 pub mod nixbase32;
+pub mod pe;
 pub mod qcow2;
 pub mod ranges;
 pub mod seed;

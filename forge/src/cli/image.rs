@@ -85,6 +85,15 @@ pub struct ImageArgs {
     /// and last 128 bits).
     #[arg(long)]
     verity: bool,
+    /// raw-efi: a Unified Kernel Image per boot entry in EFI/Linux/ (the
+    /// EFI stub with the entry's os-release, command line, kernel and
+    /// initrd), which systemd-boot lists itself.
+    #[arg(long)]
+    uki: bool,
+    /// The EFI stub for --uki (default: linuxx64.efi.stub beside the
+    /// system's systemd-boot).
+    #[arg(long, value_name = "PATH", requires = "uki")]
+    uki_stub: Option<PathBuf>,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -159,6 +168,8 @@ pub fn run(a: ImageArgs) -> Result<()> {
         epoch: super::epoch()?,
         hash_partitions: a.json,
         verity: a.verity,
+        uki: a.uki,
+        uki_stub: a.uki_stub,
     };
     image::checked(&opts)?;
     let made = forge::output::make_parents(&opts.output)?;

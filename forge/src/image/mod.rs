@@ -7,6 +7,7 @@
 mod raw_efi;
 mod sd;
 pub mod trees;
+mod uki;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -92,6 +93,12 @@ pub fn checked(o: &Options) -> Result<container::Kind> {
     let kind = container_of(o)?;
     if o.verity && o.root_mode == RootMode::Rw {
         bail!("--verity needs a read-only root (dm-verity maps it read-only); --root-mode rw cannot be verified");
+    }
+    if o.uki && o.format != Format::RawEfi {
+        bail!("--uki is for --format raw-efi (systemd-boot); an sd-aarch64 card boots through U-Boot's extlinux");
+    }
+    if o.uki_stub.is_some() && !o.uki {
+        bail!("--uki-stub goes with --uki");
     }
     if o.verity && o.format != Format::RawEfi {
         // The kernel command line (extlinux.conf) lives in the root there:
@@ -180,6 +187,10 @@ pub struct Options {
     /// A dm-verity hash partition after the root, its root hash on the
     /// kernel command line.
     pub verity: bool,
+    /// A Unified Kernel Image per boot entry (raw-efi), of this EFI stub
+    /// (None: the one beside the system's systemd-boot).
+    pub uki: bool,
+    pub uki_stub: Option<PathBuf>,
 }
 
 /// What `forge image --json` prints: the outputs, and the disk as laid

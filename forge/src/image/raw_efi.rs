@@ -45,8 +45,17 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
     let root = trees::root_tree(i.store, i.c, i.o.epoch)?;
     let verity = verity_of(i, &root, ROOT_LABEL)?;
     let extra = verity_params_line(verity.as_deref());
-    let (epoch, timeout) = (i.o.epoch, i.o.loader_timeout);
-    let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, epoch, timeout, &extra)?;
+    let uki_stub = match i.o.uki {
+        true => Some(super::uki::stub_path(i.o.uki_stub.as_deref(), &sd_boot)?),
+        false => None,
+    };
+    let o = trees::EspOptions {
+        epoch: i.o.epoch,
+        timeout: i.o.loader_timeout,
+        extra,
+        uki_stub,
+    };
+    let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, &o)?;
     Ok(RawEfi {
         esp,
         root,

@@ -171,7 +171,7 @@ pub struct Entry {
 
 /// A boot entry's kernel command line: `init=`, the bootspec's
 /// parameters, then `extra` (`roothash=`).
-fn command_line(spec: &BootSpec, extra: &[String]) -> String {
+pub fn command_line(spec: &BootSpec, extra: &[String]) -> String {
     let params: Vec<&str> = spec
         .kernel_params
         .iter()
@@ -214,16 +214,26 @@ pub fn boot_entries(closure: &Closure, epoch: u32, extra: &[String]) -> Vec<Entr
     v
 }
 
-/// The ESP: systemd-boot under both its names, loader.conf, the entries,
-/// and every kernel, initrd and devicetree they name.
+/// What goes on the ESP besides systemd-boot.
+pub struct EspOptions {
+    pub epoch: u32,
+    /// systemd-boot's menu timeout.
+    pub timeout: u32,
+    /// Kernel parameters every entry gets (`roothash=`).
+    pub extra: Vec<String>,
+    /// `--uki`: the EFI stub each entry's Unified Kernel Image is made of.
+    pub uki_stub: Option<std::path::PathBuf>,
+}
+
+/// The ESP: systemd-boot under both its names, loader.conf, and the
+/// entries with every kernel, initrd and devicetree they name; or, with
+/// a UKI stub, one Unified Kernel Image per entry in `EFI/Linux/`.
 pub fn esp_tree(
     store: &Store,
     closure: &Closure,
     systemd_boot: &std::path::Path,
     arch: &EfiArch,
-    epoch: u32,
-    timeout: u32,
-    extra: &[String],
+    o: &EspOptions,
 ) -> Result<Tree> {
     let mut t = Tree::new(0o755);
     let owner = Owner::default();
@@ -231,6 +241,32 @@ pub fn esp_tree(
     t.add_host(boot, arch.boot_name.as_bytes(), systemd_boot, owner)?;
     let sdir = t.mkdir_p(b"/EFI/systemd", 0o755)?;
     t.add_host(sdir, arch.systemd_boot.as_bytes(), systemd_boot, owner)?;
+    let default = match &o.uki_stub {
+        Some(stub) => {
+            let linux = t.mkdir_p(b"/EFI/Linux", 0o755)?;
+            for (name, bytes) in super::uki::ukis(stub, store, closure, &o.extra)? {
+                t.insert(linux, name.as_bytes(), Node::bytes(bytes, 0o644))?;
+            }
+            "nixos-generation-1.efi"
+        }
+        None => {
+            type1_entries(&mut t, store, closure, o)?;
+            "nixos-generation-1.conf"
+        }
+    };
+    let loader = t.mkdir_p(b"/loader", 0o755)?;
+    let conf = format!(
+        "timeout {}\ndefault {default}\neditor 0\nconsole-mode keep\n",
+        o.timeout
+    );
+    t.insert(loader, b"loader.conf", Node::bytes(conf, 0o644))?;
+    Ok(t)
+}
+
+/// Type 1 entries (`loader/entries/*.conf`) and the kernels, initrds and
+/// devicetrees they name, under `EFI/nixos/`.
+fn type1_entries(t: &mut Tree, store: &Store, closure: &Closure, o: &EspOptions) -> Result<()> {
+    let owner = Owner::default();
     let nixos = t.mkdir_p(b"/EFI/nixos", 0o755)?;
     let loader = t.mkdir_p(b"/loader", 0o755)?;
     let entries_dir = t.mkdir_p(b"/loader/entries", 0o755)?;
@@ -244,23 +280,19 @@ pub fn esp_tree(
         ];
         for f in files.into_iter().flatten() {
             let name = efi_name(f);
-            if lookup(&t, format!("/EFI/nixos/{name}").as_bytes()).is_none() {
+            if lookup(t, format!("/EFI/nixos/{name}").as_bytes()).is_none() {
                 let phys = store.physical(f);
                 t.add_host(nixos, name.as_bytes(), &phys, owner)
                     .with_context(|| format!("adding {f} to the ESP"))?;
             }
         }
     }
-    let conf = format!(
-        "timeout {timeout}\ndefault nixos-generation-1.conf\neditor 0\nconsole-mode keep\n"
-    );
-    t.insert(loader, b"loader.conf", Node::bytes(conf, 0o644))?;
     // bootctl install writes this marker (boot loader spec "type1" entries).
     t.insert(loader, b"entries.srel", Node::bytes("type1\n", 0o644))?;
-    for e in boot_entries(closure, epoch, extra) {
+    for e in boot_entries(closure, o.epoch, &o.extra) {
         t.insert(entries_dir, e.file.as_bytes(), Node::bytes(e.text, 0o644))?;
     }
-    Ok(t)
+    Ok(())
 }
 
 /// NixOS's generic-extlinux-compatible name for a store file or directory

@@ -1,0 +1,133 @@
+//! `forge image --uki` (issue 25): a Unified Kernel Image per boot entry,
+//! read by objdump (the PE sections) and booted by systemd-boot under
+//! OVMF, which lists `EFI/Linux/` itself (there are no type 1 entries).
+
+use nixforge_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Debian 12's stub (systemd-boot-efi); the fixture system has none.
+const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+fn forge_uki(dir: &Path, extra: &[&str]) -> (PathBuf, Value) {
+    let sys = system("x86_64");
+    let img = dir.join("disk.img");
+    let out = ok(forge_image_of(&sys)
+        .args([
+            "--format",
+            "raw-efi",
+            "--uki",
+            "--uki-stub",
+            STUB,
+            "--json",
+            "-o",
+        ])
+        .arg(&img)
+        .args(extra));
+    (img, serde_json::from_str(&out).unwrap())
+}
+
+#[test]
+fn each_entry_is_a_uki_with_its_sections_and_no_type1_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, layout) = forge_uki(dir.path(), &["--verity"]);
+    let esp = format!("{}@@{}", img.display(), layout["partitions"][0]["offset"]);
+    let listing = ok(Command::new("mdir").args(["-b", "-i", &esp, "::/EFI/Linux"]));
+    assert!(listing.contains("nixos-generation-1.efi"), "{listing}");
+    assert!(!Command::new("mdir")
+        .args(["-i", &esp, "::/loader/entries"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let conf = ok(Command::new("mtype").args(["-i", &esp, "::/loader/loader.conf"]));
+    assert!(conf.contains("default nixos-generation-1.efi"), "{conf}");
+    let uki = dir.path().join("uki.efi");
+    ok(Command::new("mcopy")
+        .args(["-i", &esp, "::/EFI/Linux/nixos-generation-1.efi"])
+        .arg(&uki));
+    let headers = ok(Command::new("objdump").arg("-h").arg(&uki));
+    for s in [".text", ".sbat", ".osrel", ".cmdline", ".linux", ".initrd"] {
+        assert!(
+            headers.contains(&format!(" {s} ")),
+            "{s} missing:\n{headers}"
+        );
+    }
+    let cmdline = dir.path().join("cmdline");
+    ok(Command::new("objcopy")
+        .args(["-O", "binary", "--only-section=.cmdline"])
+        .arg(&uki)
+        .arg(&cmdline));
+    let cmdline = std::fs::read_to_string(&cmdline).unwrap();
+    let hash = layout["verity"]["root_hash"].as_str().unwrap();
+    assert!(cmdline.starts_with("init=/nix/store/"), "{cmdline}");
+    assert!(cmdline.ends_with(&format!(" roothash={hash}")), "{cmdline}");
+    // The same inputs, the same bytes.
+    let again = tempfile::tempdir().unwrap();
+    let (img2, _) = forge_uki(again.path(), &["--verity"]);
+    assert_eq!(sha256_file(&img), sha256_file(&img2));
+}
+
+#[test]
+fn systemd_boot_boots_the_uki_and_its_command_line_reaches_the_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = forge_uki(dir.path(), &[]);
+    let b = boot("x86_64", &img, 512, Duration::from_secs(240));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found"),
+        "serial log:\n{}",
+        b.log
+    );
+    // With verity, roothash= comes from the UKI's .cmdline.
+    let (img, _) = forge_uki(dir.path(), &["--verity"]);
+    let b = boot("x86_64", &img, 512, Duration::from_secs(240));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found verity=on read=ok"),
+        "serial log:\n{}",
+        b.log
+    );
+}
+
+#[test]
+fn uki_options_out_of_place_are_refused_writing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let arm = system("aarch64");
+    let err = fails(
+        forge_image_of(&arm)
+            .args(["--format", "sd-aarch64", "--uki", "-o"])
+            .arg(dir.path().join("sd.img")),
+    );
+    assert!(
+        the_error(&err).contains("--uki is for --format raw-efi"),
+        "{err}"
+    );
+    let x86 = system("x86_64");
+    // The fixture's systemd has no stub beside systemd-boot.
+    let err = fails(
+        forge_image_of(&x86)
+            .args(["--format", "raw-efi", "--uki", "-o"])
+            .arg(dir.path().join("a.img")),
+    );
+    assert!(
+        the_error(&err).contains("no EFI stub beside the system's systemd-boot"),
+        "{err}"
+    );
+    let err = fails(
+        forge_image_of(&x86)
+            .args([
+                "--format",
+                "raw-efi",
+                "--uki",
+                "--uki-stub",
+                "/nonexistent/stub",
+                "-o",
+            ])
+            .arg(dir.path().join("b.img")),
+    );
+    assert!(the_error(&err).contains("/nonexistent/stub"), "{err}");
+    assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
+}
