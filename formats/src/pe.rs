@@ -1,9 +1,9 @@
 //! PE/COFF images (EFI applications): a Unified Kernel Image is systemd's
-//! EFI stub with sections added (`.osrel`, `.cmdline`, `.uname`,
-//! `.linux`, `.initrd`), as ukify lays them out: after the stub's own
-//! sections, each at the next section-aligned address and file-aligned
-//! offset, read-only initialized data, the header's counts and image size
-//! updated.
+//! EFI stub with sections added (`.osrel`, `.cmdline`,
+//! `.linux`, `.initrd`) in ukify's order: after the stub's own sections,
+//! each at the next section-aligned address and file-aligned offset,
+//! read-only initialized data, the header's counts and image size
+//! updated. (ukify also adds `.uname` and merges `.sbat`; not done here.)
 
 /// IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ.
 const DATA_READ: u32 = 0x4000_0040;
