@@ -129,5 +129,22 @@ fn uki_options_out_of_place_are_refused_writing_nothing() {
             .arg(dir.path().join("b.img")),
     );
     assert!(the_error(&err).contains("/nonexistent/stub"), "{err}");
+    // A file that is not a PE image, named.
+    let err = fails(
+        forge_image_of(&x86)
+            .args([
+                "--format",
+                "raw-efi",
+                "--uki",
+                "--uki-stub",
+                "/etc/hostname",
+                "-o",
+            ])
+            .arg(dir.path().join("c.img")),
+    );
+    assert!(
+        the_error(&err).contains("the EFI stub /etc/hostname: not a PE image"),
+        "{err}"
+    );
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
 }

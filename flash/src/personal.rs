@@ -403,7 +403,6 @@ fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use formats::gpt::{self, Gpt};
 
     /// A device's own table, however mangled (a card flashed, booted and
     /// repartitioned, or failing), gives a result or an error, never a
@@ -414,19 +413,7 @@ mod tests {
         let heads: Vec<(u64, Vec<u8>)> = [512u64, 4096]
             .iter()
             .map(|&ss| {
-                let g = Gpt {
-                    sector: ss,
-                    disk_sectors: (64 << 20) / ss,
-                    disk_guid: [7; 16],
-                    partitions: vec![gpt::Partition {
-                        type_guid: formats::seed::parse_uuid(gpt::types::VAR).unwrap(),
-                        guid: [9; 16],
-                        first_lba: (1 << 20) / ss,
-                        last_lba: (8 << 20) / ss - 1,
-                        attributes: 0,
-                        name: "state".into(),
-                    }],
-                };
+                let g = crate::write::tests::gpt_with_one(ss, 64 << 20, "state");
                 (ss, g.primary())
             })
             .collect();

@@ -204,8 +204,11 @@ impl Session {
 
     /// Every device refused for want of confirmation (`detail` says why).
     pub fn unconfirmed(&self, detail: &str) -> anyhow::Error {
-        let all: Vec<&std::path::Path> = self.devices.iter().map(|d| &*d.target.given).collect();
-        let all: Vec<PathBuf> = all.into_iter().map(PathBuf::from).collect();
+        let all: Vec<PathBuf> = self
+            .devices
+            .iter()
+            .map(|d| d.target.given.clone())
+            .collect();
         NothingWritten(Refused::write(shown(&all), Check::Confirmed, detail).into()).into()
     }
 

@@ -57,6 +57,7 @@ pub fn hash_size(data_blocks: u64) -> u64 {
 /// A hash device, whole.
 #[derive(Clone, Debug)]
 pub struct Tree {
+    pub params: Params,
     pub root_hash: [u8; DIGEST],
     pub data_blocks: u64,
     /// The superblock and the levels: `hash_size(data_blocks)` bytes.
@@ -66,6 +67,15 @@ pub struct Tree {
 impl Tree {
     pub fn root_hex(&self) -> String {
         hex(&self.root_hash)
+    }
+
+    /// What its first two blocks say (as [`read`] finds it).
+    pub fn found(&self) -> Found {
+        Found {
+            params: self.params,
+            data_blocks: self.data_blocks,
+            root_hash: self.root_hash,
+        }
     }
 }
 
@@ -240,6 +250,7 @@ impl Hasher {
             bytes.extend_from_slice(level);
         }
         Ok(Tree {
+            params: self.params,
             root_hash,
             data_blocks,
             bytes,

@@ -9,13 +9,10 @@ use crate::source::BmapChoice;
 use formats::gpt::{self, Gpt};
 use std::path::{Path, PathBuf};
 
-/// A GPT image with `ss`-byte sectors: the table, a partition filled with
-/// a byte pattern from 1 MiB on, whose last range ends mid-sector (the
-/// size is not a multiple of 4 KiB for 512-byte sectors), and the backup
-/// table. With `bmap`, a .bmap beside it maps only the written ranges.
-pub(crate) fn image(dir: &Path, ss: u64, bmap: bool) -> (PathBuf, Vec<u8>, Vec<(u64, u64)>) {
-    let size = (9 << 20) + 3 * ss;
-    let g = Gpt {
+/// A GPT of `ss`-byte sectors for a disk of `size` bytes with one
+/// partition, `name`, from 1 MiB to 8 MiB.
+pub(crate) fn gpt_with_one(ss: u64, size: u64, name: &str) -> Gpt {
+    Gpt {
         sector: ss,
         disk_sectors: size / ss,
         disk_guid: [7; 16],
@@ -25,9 +22,18 @@ pub(crate) fn image(dir: &Path, ss: u64, bmap: bool) -> (PathBuf, Vec<u8>, Vec<(
             first_lba: (1 << 20) / ss,
             last_lba: (8 << 20) / ss - 1,
             attributes: 0,
-            name: "data".into(),
+            name: name.into(),
         }],
-    };
+    }
+}
+
+/// A GPT image with `ss`-byte sectors: the table, a partition filled with
+/// a byte pattern from 1 MiB on, whose last range ends mid-sector (the
+/// size is not a multiple of 4 KiB for 512-byte sectors), and the backup
+/// table. With `bmap`, a .bmap beside it maps only the written ranges.
+pub(crate) fn image(dir: &Path, ss: u64, bmap: bool) -> (PathBuf, Vec<u8>, Vec<(u64, u64)>) {
+    let size = (9 << 20) + 3 * ss;
+    let g = gpt_with_one(ss, size, "data");
     let mut img = vec![0u8; size as usize];
     let primary = g.primary();
     img[..primary.len()].copy_from_slice(&primary);

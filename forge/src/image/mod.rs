@@ -297,11 +297,7 @@ pub(crate) fn verity_of(i: &Input, tree: &Tree, label: &str) -> Result<Option<Ar
 
 /// The root's hash partition (after the root): its GUID is the root
 /// hash's last 128 bits, as the Discoverable Partitions spec says.
-pub(crate) fn verity_partition<'t>(
-    i: &Input,
-    t: &Arc<verity::Tree>,
-    ty: PartType,
-) -> Partition<'t> {
+pub(crate) fn verity_partition<'t>(t: &Arc<verity::Tree>, ty: PartType) -> Partition<'t> {
     Partition {
         role: Role::RootVerity,
         ty,
@@ -311,10 +307,7 @@ pub(crate) fn verity_partition<'t>(
         bootable: false,
         start: None,
         size: SizePolicy::Content,
-        fs: Filesystem::Verity {
-            tree: t.clone(),
-            params: verity_params(i.seed),
-        },
+        fs: Filesystem::Verity { tree: t.clone() },
         guid: Some(t.root_hash[16..].try_into().expect("16 bytes")),
     }
 }

@@ -96,7 +96,7 @@ impl DiskFormat for RawEfi {
             )?,
         ];
         if let Some(t) = verity {
-            partitions.push(verity_partition(i, t, PartType::Gpt(verity_type)));
+            partitions.push(verity_partition(t, PartType::Gpt(verity_type)));
         }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);

@@ -40,8 +40,14 @@ fn os_release(store: &Store, spec: &BootSpec) -> String {
     })
 }
 
+/// The EFI stub, read once for every entry.
+struct Stub<'a> {
+    path: &'a Path,
+    bytes: Vec<u8>,
+}
+
 /// One UKI: the stub and the entry's sections, in ukify's order.
-fn uki(stub: &[u8], store: &Store, spec: &BootSpec, extra: &[String]) -> Result<Vec<u8>> {
+fn uki(stub: &Stub, store: &Store, spec: &BootSpec, extra: &[String]) -> Result<Vec<u8>> {
     let read = |logical: &str| {
         std::fs::read(store.physical(logical)).with_context(|| format!("--uki: reading {logical}"))
     };
@@ -57,7 +63,8 @@ fn uki(stub: &[u8], store: &Store, spec: &BootSpec, extra: &[String]) -> Result<
     if let Some(i) = &initrd {
         sections.push((".initrd", i));
     }
-    formats::pe::add_sections(stub, &sections).context("--uki: the EFI stub")
+    formats::pe::add_sections(&stub.bytes, &sections)
+        .with_context(|| format!("--uki: the EFI stub {}", stub.path.display()))
 }
 
 /// Every entry's UKI by its file name in `EFI/Linux/`: generation 1 and
@@ -68,16 +75,17 @@ pub fn ukis(
     closure: &Closure,
     extra: &[String],
 ) -> Result<Vec<(String, Vec<u8>)>> {
-    let stub_bytes =
-        std::fs::read(stub).with_context(|| format!("--uki-stub {}", stub.display()))?;
+    let bytes =
+        std::fs::read(stub).with_context(|| format!("--uki: the EFI stub {}", stub.display()))?;
+    let stub = Stub { path: stub, bytes };
     let boot = &closure.bootspec;
     let mut out = vec![(
         "nixos-generation-1.efi".to_string(),
-        uki(&stub_bytes, store, &boot.spec, extra)?,
+        uki(&stub, store, &boot.spec, extra)?,
     )];
     for (name, b) in &boot.specialisations {
         let file = format!("nixos-generation-1-specialisation-{name}.efi");
-        out.push((file, uki(&stub_bytes, store, &b.spec, extra)?));
+        out.push((file, uki(&stub, store, &b.spec, extra)?));
     }
     Ok(out)
 }

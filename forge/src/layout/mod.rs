@@ -60,7 +60,6 @@ pub enum Filesystem<'t> {
     /// A dm-verity hash device (superblock and tree), whole in memory.
     Verity {
         tree: std::sync::Arc<verity::Tree>,
-        params: verity::Params,
     },
 }
 
@@ -69,7 +68,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.size_bytes(),
             Filesystem::Ext4 { plan, .. } => plan.size_bytes(),
-            Filesystem::Verity { tree, .. } => tree.bytes.len() as u64,
+            Filesystem::Verity { tree } => tree.bytes.len() as u64,
         }
     }
     /// What it will write, relative to its start.
@@ -77,7 +76,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.mapped(),
             Filesystem::Ext4 { plan, .. } => plan.mapped(),
-            Filesystem::Verity { tree, .. } => vec![(0, tree.bytes.len() as u64)],
+            Filesystem::Verity { tree } => vec![(0, tree.bytes.len() as u64)],
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -91,20 +90,15 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { volume_id, .. } => fat::format_volume_id(*volume_id),
             Filesystem::Ext4 { uuid, .. } => seed::format_uuid(uuid),
-            Filesystem::Verity { params, .. } => seed::format_uuid(&params.uuid),
+            Filesystem::Verity { tree } => seed::format_uuid(&tree.params.uuid),
         }
     }
     /// The dm-verity parameters, for a hash partition.
     pub fn verity(&self) -> Option<formats::manifest::Verity> {
-        let Filesystem::Verity { tree, params } = self else {
-            return None;
-        };
-        let found = verity::Found {
-            params: *params,
-            data_blocks: tree.data_blocks,
-            root_hash: tree.root_hash,
-        };
-        Some(found.manifest())
+        match self {
+            Filesystem::Verity { tree } => Some(tree.found().manifest()),
+            _ => None,
+        }
     }
     /// The same filesystem planned at exactly `bytes`.
     fn resized(&self, bytes: u64) -> Result<Self> {
@@ -121,7 +115,7 @@ impl Filesystem<'_> {
         let w = match self {
             Filesystem::Fat { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
             Filesystem::Ext4 { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
-            Filesystem::Verity { tree, .. } => {
+            Filesystem::Verity { tree } => {
                 let sink = out.sink();
                 sink.seek(SeekFrom::Start(off))?;
                 sink.write_all(&tree.bytes)?;
