@@ -28,6 +28,7 @@ pkgs=(
   python3-fusepy fuse3          # the fake SD card (tests/tools/fakecard.py) flash's probe must refuse
   binutils                      # objdump: reads the Unified Kernel Images' PE sections
   cryptsetup-bin                # veritysetup: judges the dm-verity hash partition (verify, dump, format)
+  sbsigntool                    # sbverify: judges forge's Authenticode signatures on systemd-boot and the UKIs
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

@@ -360,17 +360,68 @@ pub fn boot_disks(
     sector: u32,
     timeout: std::time::Duration,
 ) -> Boot {
+    boot_with(arch, disks, sector, timeout, false)
+}
+
+/// Boot `image` (a private copy) under OVMF with Secure Boot enforcing:
+/// Debian's snakeoil firmware, whose db trusts `SNAKEOIL_CERT`.
+pub fn boot_secure(image: &Path, timeout: std::time::Duration) -> Boot {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::copy(image, &disk).unwrap();
+    boot_with("x86_64", &[(disk, "raw", false)], 512, timeout, true)
+}
+
+/// The certificate Debian's snakeoil OVMF trusts, and its key (encrypted
+/// with the password `snakeoil`).
+pub const SNAKEOIL_CERT: &str = "/usr/share/ovmf/PkKek-1-snakeoil.pem";
+pub const SNAKEOIL_KEY: &str = "/usr/share/ovmf/PkKek-1-snakeoil.key";
+
+/// The snakeoil key decrypted into `dir` (forge takes unencrypted keys).
+pub fn snakeoil_key(dir: &Path) -> PathBuf {
+    let key = dir.join("snakeoil.key");
+    ok(Command::new("openssl")
+        .args([
+            "pkey",
+            "-passin",
+            "pass:snakeoil",
+            "-in",
+            SNAKEOIL_KEY,
+            "-out",
+        ])
+        .arg(&key));
+    key
+}
+
+fn boot_with(
+    arch: &str,
+    disks: &[(PathBuf, &str, bool)],
+    sector: u32,
+    timeout: std::time::Duration,
+    secure: bool,
+) -> Boot {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let mut cmd = if arch == "x86_64" {
+        let (code, vars_src, machine) = match secure {
+            true => (
+                "OVMF_CODE_4M.snakeoil.fd",
+                "OVMF_VARS_4M.snakeoil.fd",
+                "q35,smm=on",
+            ),
+            false => ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "q35"),
+        };
         let vars = dir.path().join("vars.fd");
-        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+        std::fs::copy(format!("/usr/share/OVMF/{vars_src}"), &vars).unwrap();
         let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-accel", "tcg", "-machine", "q35", "-m", "512"])
-            .args([
-                "-drive",
-                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            ])
+        c.args(["-accel", "tcg", "-machine", machine, "-m", "512"]);
+        if secure {
+            c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        }
+        c.arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/{code}"
+            ))
             .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,unit=1,file={}",
@@ -447,8 +498,10 @@ fn watch(mut cmd: Command, log: &Path, timeout: std::time::Duration) -> Boot {
             .find(|l| l.contains("NIXFORGE-BOOT-"))
             .map(|l| l.trim().to_string());
         let stuck = t.contains("Kernel panic") || t.contains("Shell> ") || t.contains("\n=> ");
+        // Secure Boot refusing an image (OVMF's boot manager, systemd-boot).
+        let refused = t.contains("Access Denied") || t.contains("Security Violation");
         let exited = child.try_wait().unwrap().is_some();
-        if marker.is_some() || stuck || exited || start.elapsed() > timeout {
+        if marker.is_some() || stuck || refused || exited || start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
             let qemu = std::fs::read_to_string(&err).unwrap_or_default();

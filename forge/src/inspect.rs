@@ -35,6 +35,7 @@ fn role(p: &Part) -> Option<Role> {
         ("root-x86-64" | "root-arm64", _) => Some(Role::Root),
         ("var", _) => Some(Role::State),
         ("root-x86-64-verity" | "root-arm64-verity", _) => Some(Role::RootVerity),
+        ("root-x86-64-verity-sig" | "root-arm64-verity-sig", _) => Some(Role::RootVeritySig),
         ("fat32-lba", Some("FIRMWARE")) => Some(Role::Firmware),
         ("linux", Some("state")) => Some(Role::State),
         ("linux", _) if p.bootable => Some(Role::Root),

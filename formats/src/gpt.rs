@@ -15,6 +15,9 @@ pub mod types {
     /// Discoverable Partitions: the root's dm-verity hash partition.
     pub const ROOT_VERITY_X86_64: &str = "2c7357ed-ebd2-46d9-aec1-23d437ec2bf5";
     pub const ROOT_VERITY_AARCH64: &str = "df3300ce-d69f-4c92-978c-9bfb0f38d820";
+    /// Discoverable Partitions: the root hash's signature (JSON).
+    pub const ROOT_VERITY_SIG_X86_64: &str = "41092b05-9fc8-4523-994f-2def0408b176";
+    pub const ROOT_VERITY_SIG_AARCH64: &str = "6db69de6-29f4-4758-a7a5-962190f00ce3";
     pub const VAR: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd1d";
 }
 

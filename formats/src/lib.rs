@@ -20,6 +20,7 @@ pub mod pe;
 pub mod qcow2;
 pub mod ranges;
 pub mod seed;
+pub mod sign;
 pub mod sink;
 pub mod sniff;
 pub mod sys;

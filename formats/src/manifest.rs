@@ -28,6 +28,8 @@ pub enum Role {
     State,
     /// The root's dm-verity hash tree (`--verity`).
     RootVerity,
+    /// The root hash, signed (`--verity-key`).
+    RootVeritySig,
 }
 
 impl Role {
@@ -41,6 +43,7 @@ impl Role {
             Role::Root => "nixos",
             Role::State => "state",
             Role::RootVerity => "root-verity",
+            Role::RootVeritySig => "root-verity-sig",
         }
     }
 }
@@ -159,6 +162,8 @@ pub fn type_name(t: &str) -> &'static str {
         gpt::types::VAR => "var",
         gpt::types::ROOT_VERITY_X86_64 => "root-x86-64-verity",
         gpt::types::ROOT_VERITY_AARCH64 => "root-arm64-verity",
+        gpt::types::ROOT_VERITY_SIG_X86_64 => "root-x86-64-verity-sig",
+        gpt::types::ROOT_VERITY_SIG_AARCH64 => "root-arm64-verity-sig",
         "0fc63daf-8483-4772-8e79-3d69d8477de4" => "linux-generic",
         "0c" => "fat32-lba",
         "83" => "linux",

@@ -7,7 +7,7 @@
 
 /// IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ.
 const DATA_READ: u32 = 0x4000_0040;
-const SECTION_HEADER: usize = 40;
+pub(crate) const SECTION_HEADER: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeError {
@@ -28,30 +28,30 @@ fn u16_at(b: &[u8], at: usize) -> Result<u16, PeError> {
     Ok(u16::from_le_bytes([s[0], s[1]]))
 }
 
-fn u32_at(b: &[u8], at: usize) -> Result<u32, PeError> {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> Result<u32, PeError> {
     let s = b
         .get(at..at + 4)
         .ok_or(PeError::NotPe("truncated headers"))?;
     Ok(u32::from_le_bytes(s.try_into().expect("4 bytes")))
 }
 
-fn put32(b: &mut [u8], at: usize, v: u32) {
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
 /// Where a PE image's headers are.
-struct Layout {
+pub(crate) struct Layout {
     /// The COFF header (after "PE\0\0").
     coff: usize,
-    optional: usize,
-    sections: usize,
-    count: usize,
+    pub(crate) optional: usize,
+    pub(crate) sections: usize,
+    pub(crate) count: usize,
     section_align: u32,
     file_align: u32,
-    size_of_headers: u32,
+    pub(crate) size_of_headers: u32,
 }
 
-fn layout(b: &[u8]) -> Result<Layout, PeError> {
+pub(crate) fn layout(b: &[u8]) -> Result<Layout, PeError> {
     if b.get(..2) != Some(b"MZ".as_slice()) {
         return Err(PeError::NotPe("no MZ header"));
     }

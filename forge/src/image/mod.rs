@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use formats::bmap;
 use formats::ext4;
+use formats::sign::Signer;
 use formats::tree::Tree;
 use formats::verity;
 use std::sync::Arc;
@@ -99,6 +100,12 @@ pub fn checked(o: &Options) -> Result<container::Kind> {
     }
     if o.uki_stub.is_some() && !o.uki {
         bail!("--uki-stub goes with --uki");
+    }
+    if o.secure_boot.is_some() && !o.uki {
+        bail!("--secure-boot-key goes with --uki: under Secure Boot systemd-boot loads only signed images, and forge signs UKIs, not bare kernels");
+    }
+    if o.verity_sig.is_some() && !o.verity {
+        bail!("--verity-key goes with --verity (it signs the root hash)");
     }
     if o.verity && o.format != Format::RawEfi {
         // The kernel command line (extlinux.conf) lives in the root there:
@@ -191,6 +198,57 @@ pub struct Options {
     /// (None: the one beside the system's systemd-boot).
     pub uki: bool,
     pub uki_stub: Option<PathBuf>,
+    /// `--secure-boot-key`/`--secure-boot-cert`: sign the ESP's PE files.
+    pub secure_boot: Option<KeyFiles>,
+    /// `--verity-key`/`--verity-cert`: a root-verity-sig partition.
+    pub verity_sig: Option<KeyFiles>,
+}
+
+/// A private key and its certificate, as files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyFiles {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+}
+
+impl KeyFiles {
+    /// Both or neither.
+    pub fn pair(key: Option<PathBuf>, cert: Option<PathBuf>) -> Option<KeyFiles> {
+        Some(KeyFiles {
+            key: key?,
+            cert: cert?,
+        })
+    }
+
+    /// The signer, checked (its key matches its certificate and can sign);
+    /// errors name `flag` and the file.
+    pub fn load(&self, flag: &str) -> Result<Signer> {
+        Signer::load(&self.key, &self.cert).context(flag.to_string())
+    }
+}
+
+/// The keys an image is signed with, loaded before anything is built.
+#[derive(Default)]
+pub(crate) struct Signers {
+    pub secure_boot: Option<Signer>,
+    pub verity: Option<Signer>,
+}
+
+impl Signers {
+    fn load(o: &Options) -> Result<Signers> {
+        Ok(Signers {
+            secure_boot: o
+                .secure_boot
+                .as_ref()
+                .map(|k| k.load("--secure-boot-key"))
+                .transpose()?,
+            verity: o
+                .verity_sig
+                .as_ref()
+                .map(|k| k.load("--verity-key"))
+                .transpose()?,
+        })
+    }
 }
 
 /// What `forge image --json` prints: the outputs, and the disk as laid
@@ -219,6 +277,7 @@ pub(crate) struct Input<'a> {
     pub c: &'a Closure,
     pub store: &'a Store,
     pub seed: &'a str,
+    pub signers: &'a Signers,
 }
 
 /// A disk format: a struct owning a tree per partition, by name, made
@@ -312,6 +371,33 @@ pub(crate) fn verity_partition<'t>(t: &Arc<verity::Tree>, ty: PartType) -> Parti
     }
 }
 
+/// The root hash signed with `--verity-key` (`None` without it): a
+/// root-verity-sig partition after the hash partition, its GUID by role
+/// from the seed.
+pub(crate) fn verity_sig_partition<'t>(
+    i: &Input,
+    t: &verity::Tree,
+    ty: PartType,
+) -> Result<Option<Partition<'t>>> {
+    let Some(signer) = &i.signers.verity else {
+        return Ok(None);
+    };
+    let bytes = formats::sign::verity_signature(signer, &t.root_hex())
+        .context("signing the root hash (--verity-key)")?;
+    Ok(Some(Partition {
+        role: Role::RootVeritySig,
+        ty,
+        name: "nixos-verity-sig",
+        label: "verity-sig".into(),
+        read_only: matches!(ty, PartType::Gpt(_)),
+        bootable: false,
+        start: None,
+        size: SizePolicy::Content,
+        fs: Filesystem::VeritySig { bytes },
+        guid: None,
+    }))
+}
+
 /// The kernel parameters `--verity` adds: the root hash, which systemd's
 /// veritysetup generator (and the fixture's stage 1) opens the root by.
 pub(crate) fn verity_params_line(t: Option<&verity::Tree>) -> Vec<String> {
@@ -382,6 +468,7 @@ pub(crate) fn fat_partition<'t>(
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let kind = checked(o)?;
+    let signers = Signers::load(o)?;
     let c = read_closure(o, progress)?;
     let store = Store::new(&o.store_root);
     let seed = o.seed.clone().unwrap_or_else(|| c.toplevel.clone());
@@ -390,6 +477,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         c: &c,
         store: &store,
         seed: &seed,
+        signers: &signers,
     };
     let what = || format!("building {}", o.output.display());
     let format = trees(&input).with_context(what)?;

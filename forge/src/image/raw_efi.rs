@@ -11,7 +11,7 @@ use formats::verity;
 
 use super::{
     fat_partition, root_partition, state_partition, trees, verity_of, verity_params_line,
-    verity_partition, DiskFormat, Input,
+    verity_partition, verity_sig_partition, DiskFormat, Input,
 };
 
 /// The root filesystem's label.
@@ -54,6 +54,7 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
         timeout: i.o.loader_timeout,
         extra,
         uki_stub,
+        secure_boot: i.signers.secure_boot.as_ref(),
     };
     let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, &o)?;
     Ok(RawEfi {
@@ -72,9 +73,17 @@ impl DiskFormat for RawEfi {
             state,
             verity,
         } = self;
-        let (root_type, verity_type) = match i.c.bootspec.spec.system.as_str() {
-            "x86_64-linux" => (types::ROOT_X86_64, types::ROOT_VERITY_X86_64),
-            _ => (types::ROOT_AARCH64, types::ROOT_VERITY_AARCH64),
+        let (root_type, verity_type, sig_type) = match i.c.bootspec.spec.system.as_str() {
+            "x86_64-linux" => (
+                types::ROOT_X86_64,
+                types::ROOT_VERITY_X86_64,
+                types::ROOT_VERITY_SIG_X86_64,
+            ),
+            _ => (
+                types::ROOT_AARCH64,
+                types::ROOT_VERITY_AARCH64,
+                types::ROOT_VERITY_SIG_AARCH64,
+            ),
         };
         let esp_part = (Role::Esp, "ESP", "ESP");
         let mut partitions = vec![
@@ -97,6 +106,7 @@ impl DiskFormat for RawEfi {
         ];
         if let Some(t) = verity {
             partitions.push(verity_partition(t, PartType::Gpt(verity_type)));
+            partitions.extend(verity_sig_partition(i, t, PartType::Gpt(sig_type))?);
         }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);

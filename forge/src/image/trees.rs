@@ -215,7 +215,7 @@ pub fn boot_entries(closure: &Closure, epoch: u32, extra: &[String]) -> Vec<Entr
 }
 
 /// What goes on the ESP besides systemd-boot.
-pub struct EspOptions {
+pub struct EspOptions<'a> {
     pub epoch: u32,
     /// systemd-boot's menu timeout.
     pub timeout: u32,
@@ -223,6 +223,17 @@ pub struct EspOptions {
     pub extra: Vec<String>,
     /// `--uki`: the EFI stub each entry's Unified Kernel Image is made of.
     pub uki_stub: Option<std::path::PathBuf>,
+    /// `--secure-boot-key`: systemd-boot and the UKIs signed with it.
+    pub secure_boot: Option<&'a formats::sign::Signer>,
+}
+
+/// A PE file for the ESP, signed when Secure Boot keys are given.
+fn efi_file(bytes: Vec<u8>, what: &str, signer: Option<&formats::sign::Signer>) -> Result<Vec<u8>> {
+    match signer {
+        Some(s) => formats::sign::authenticode::sign(&bytes, s)
+            .with_context(|| format!("signing {what} (--secure-boot-key)")),
+        None => Ok(bytes),
+    }
 }
 
 /// The ESP: systemd-boot under both its names, loader.conf, and the
@@ -238,13 +249,30 @@ pub fn esp_tree(
     let mut t = Tree::new(0o755);
     let owner = Owner::default();
     let boot = t.mkdir_p(b"/EFI/BOOT", 0o755)?;
-    t.add_host(boot, arch.boot_name.as_bytes(), systemd_boot, owner)?;
     let sdir = t.mkdir_p(b"/EFI/systemd", 0o755)?;
-    t.add_host(sdir, arch.systemd_boot.as_bytes(), systemd_boot, owner)?;
+    if let Some(signer) = o.secure_boot {
+        let bytes = std::fs::read(systemd_boot)
+            .with_context(|| format!("reading {}", systemd_boot.display()))?;
+        let signed = efi_file(bytes, &systemd_boot.display().to_string(), Some(signer))?;
+        t.insert(
+            boot,
+            arch.boot_name.as_bytes(),
+            Node::bytes(signed.clone(), 0o644),
+        )?;
+        t.insert(
+            sdir,
+            arch.systemd_boot.as_bytes(),
+            Node::bytes(signed, 0o644),
+        )?;
+    } else {
+        t.add_host(boot, arch.boot_name.as_bytes(), systemd_boot, owner)?;
+        t.add_host(sdir, arch.systemd_boot.as_bytes(), systemd_boot, owner)?;
+    }
     let default = match &o.uki_stub {
         Some(stub) => {
             let linux = t.mkdir_p(b"/EFI/Linux", 0o755)?;
             for (name, bytes) in super::uki::ukis(stub, store, closure, &o.extra)? {
+                let bytes = efi_file(bytes, &format!("EFI/Linux/{name}"), o.secure_boot)?;
                 t.insert(linux, name.as_bytes(), Node::bytes(bytes, 0o644))?;
             }
             "nixos-generation-1.efi"

@@ -75,8 +75,10 @@ pub fn ukis(
     closure: &Closure,
     extra: &[String],
 ) -> Result<Vec<(String, Vec<u8>)>> {
-    let bytes =
-        std::fs::read(stub).with_context(|| format!("--uki: the EFI stub {}", stub.display()))?;
+    let what = || format!("--uki: the EFI stub {}", stub.display());
+    let bytes = std::fs::read(stub).with_context(what)?;
+    // A signed stub's signature would not cover the sections added to it.
+    let bytes = formats::sign::authenticode::unsigned(&bytes).with_context(what)?;
     let stub = Stub { path: stub, bytes };
     let boot = &closure.bootspec;
     let mut out = vec![(

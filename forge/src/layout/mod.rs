@@ -61,6 +61,10 @@ pub enum Filesystem<'t> {
     Verity {
         tree: std::sync::Arc<verity::Tree>,
     },
+    /// A root-verity-sig partition's JSON (`--verity-key`), whole in memory.
+    VeritySig {
+        bytes: Vec<u8>,
+    },
 }
 
 impl Filesystem<'_> {
@@ -68,7 +72,18 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.size_bytes(),
             Filesystem::Ext4 { plan, .. } => plan.size_bytes(),
-            Filesystem::Verity { tree } => tree.bytes.len() as u64,
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => {
+                self.whole().map_or(0, |b| b.len() as u64)
+            }
+        }
+    }
+    /// The bytes of a partition made whole in memory (a hash tree, a
+    /// signature).
+    fn whole(&self) -> Option<&[u8]> {
+        match self {
+            Filesystem::Verity { tree } => Some(&tree.bytes),
+            Filesystem::VeritySig { bytes } => Some(bytes),
+            _ => None,
         }
     }
     /// What it will write, relative to its start.
@@ -76,7 +91,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.mapped(),
             Filesystem::Ext4 { plan, .. } => plan.mapped(),
-            Filesystem::Verity { tree } => vec![(0, tree.bytes.len() as u64)],
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => vec![(0, self.size())],
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -84,6 +99,7 @@ impl Filesystem<'_> {
             Filesystem::Fat { .. } => "vfat",
             Filesystem::Ext4 { .. } => "ext4",
             Filesystem::Verity { .. } => "verity",
+            Filesystem::VeritySig { .. } => "verity-sig",
         }
     }
     pub fn uuid(&self) -> String {
@@ -91,6 +107,7 @@ impl Filesystem<'_> {
             Filesystem::Fat { volume_id, .. } => fat::format_volume_id(*volume_id),
             Filesystem::Ext4 { uuid, .. } => seed::format_uuid(uuid),
             Filesystem::Verity { tree } => seed::format_uuid(&tree.params.uuid),
+            Filesystem::VeritySig { .. } => String::new(),
         }
     }
     /// The dm-verity parameters, for a hash partition.
@@ -115,10 +132,10 @@ impl Filesystem<'_> {
         let w = match self {
             Filesystem::Fat { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
             Filesystem::Ext4 { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
-            Filesystem::Verity { tree } => {
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => {
                 let sink = out.sink();
                 sink.seek(SeekFrom::Start(off))?;
-                sink.write_all(&tree.bytes)?;
+                sink.write_all(self.whole().unwrap_or_default())?;
                 self.mapped()
             }
         };

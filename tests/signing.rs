@@ -1,0 +1,310 @@
+//! Signed images (issue 25): systemd-boot and the UKIs signed for Secure
+//! Boot (`--secure-boot-key`), judged by sbverify and by OVMF enforcing
+//! Secure Boot with Debian's snakeoil keys; the root hash signed in a
+//! root-verity-sig partition (`--verity-key`), judged by `openssl cms
+//! -verify` and systemd-dissect; keys that cannot sign refused.
+
+use nixforge_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Debian 12's stub (systemd-boot-efi); the fixture system has none.
+const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+const UKI: &str = "::/EFI/Linux/nixos-generation-1.efi";
+
+/// A raw-efi image with UKIs of the fixture system, and its layout.
+fn forge_uki(img: &Path, extra: &[&str]) -> Value {
+    let out = ok(forge_image_of(&system("x86_64"))
+        .args([
+            "--format",
+            "raw-efi",
+            "--uki",
+            "--uki-stub",
+            STUB,
+            "--json",
+            "-o",
+        ])
+        .arg(img)
+        .args(extra));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn signed(dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, Value) {
+    let key = snakeoil_key(dir);
+    let img = dir.join(name);
+    let mut args = vec!["--secure-boot-key", key.to_str().unwrap()];
+    args.extend(["--secure-boot-cert", SNAKEOIL_CERT]);
+    args.extend(extra);
+    let layout = forge_uki(&img, &args);
+    (img, layout)
+}
+
+/// mtools' name for the image's ESP.
+fn esp(img: &Path, layout: &Value) -> String {
+    format!("{}@@{}", img.display(), layout["partitions"][0]["offset"])
+}
+
+fn copy_out(esp: &str, file: &str, to: &Path) {
+    ok(Command::new("mcopy").args(["-n", "-i", esp, file]).arg(to));
+}
+
+fn sbverify(file: &Path) -> std::process::Output {
+    Command::new("sbverify")
+        .args(["--cert", SNAKEOIL_CERT])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sbverify_accepts_systemd_boot_under_both_names_and_every_uki() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, layout) = signed(dir.path(), "disk.img", &[]);
+    let part = esp(&img, &layout);
+    for f in [
+        "::/EFI/BOOT/BOOTX64.EFI",
+        "::/EFI/systemd/systemd-bootx64.efi",
+        UKI,
+        "::/EFI/Linux/nixos-generation-1-specialisation-rescue.efi",
+    ] {
+        let out = dir.path().join("pe.efi");
+        copy_out(&part, f, &out);
+        let v = sbverify(&out);
+        assert!(
+            v.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+        assert!(String::from_utf8_lossy(&v.stdout).contains("Signature verification OK"));
+    }
+    // Another certificate is not taken for this one.
+    let unrelated = dir.path().join("other.pem");
+    sh(&format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout /dev/null -out {} -subj /CN=other -days 1 2>/dev/null",
+        unrelated.display()
+    ));
+    let uki = dir.path().join("uki.efi");
+    copy_out(&part, UKI, &uki);
+    let v = Command::new("sbverify")
+        .arg("--cert")
+        .arg(&unrelated)
+        .arg(&uki)
+        .output()
+        .unwrap();
+    assert!(!v.status.success());
+    // Unsigned, sbverify finds no signature.
+    let plain = dir.path().join("plain.img");
+    let l = forge_uki(&plain, &[]);
+    copy_out(&esp(&plain, &l), UKI, &uki);
+    assert!(!sbverify(&uki).status.success());
+    // Same inputs and key, same bytes.
+    let (again, _) = signed(dir.path(), "again.img", &[]);
+    assert_eq!(sha256_file(&img), sha256_file(&again));
+}
+
+#[test]
+fn secure_boot_boots_the_signed_image_and_refuses_unsigned_or_changed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, layout) = signed(dir.path(), "disk.img", &["--verity"]);
+    let b = boot_secure(&img, Duration::from_secs(300));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found verity=on read=ok"),
+        "serial log:\n{}",
+        b.log
+    );
+    // The same image unsigned: the firmware will not start systemd-boot.
+    let plain = dir.path().join("plain.img");
+    forge_uki(&plain, &["--verity"]);
+    let b = boot_secure(&plain, Duration::from_secs(300));
+    assert_eq!(b.marker, None, "{}", b.log);
+    assert!(
+        b.log.contains("Access Denied") || b.log.contains("Security Violation"),
+        "{}",
+        b.log
+    );
+    // One byte of the signed UKI changed (in its .linux section): systemd-boot
+    // starts, the firmware refuses the UKI.
+    let esp = esp(&img, &layout);
+    let uki = dir.path().join("uki.efi");
+    copy_out(&esp, UKI, &uki);
+    let mut bytes = std::fs::read(&uki).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&uki, &bytes).unwrap();
+    assert!(
+        !sbverify(&uki).status.success(),
+        "sbverify takes the changed UKI"
+    );
+    ok(Command::new("mcopy")
+        .args(["-o", "-n", "-i", &esp])
+        .arg(&uki)
+        .arg(UKI));
+    let b = boot_secure(&img, Duration::from_secs(300));
+    assert_eq!(b.marker, None, "{}", b.log);
+    assert!(
+        b.log.contains("Access Denied") || b.log.contains("Security Violation"),
+        "{}",
+        b.log
+    );
+}
+
+/// The root-verity-sig partition's JSON.
+fn verity_sig(img: &Path, layout: &Value) -> Value {
+    let parts = layout["partitions"].as_array().unwrap();
+    let p = parts
+        .iter()
+        .find(|p| p["role"] == "root-verity-sig")
+        .expect("a root-verity-sig partition");
+    let bytes = std::fs::read(img).unwrap();
+    let at = p["offset"].as_u64().unwrap() as usize;
+    let part = &bytes[at..at + p["size"].as_u64().unwrap() as usize];
+    let end = part.iter().position(|&b| b == 0).unwrap();
+    assert!(
+        part[end..].iter().all(|&b| b == 0),
+        "NUL padding after the JSON"
+    );
+    serde_json::from_slice(&part[..end]).unwrap()
+}
+
+#[test]
+fn the_signed_root_hash_verifies_with_openssl_and_systemd_dissect_finds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = snakeoil_key(dir.path());
+    let img = dir.path().join("disk.img");
+    let out = ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--verity", "--json", "--verity-key"])
+        .arg(&key)
+        .args(["--verity-cert", SNAKEOIL_CERT, "-o"])
+        .arg(&img));
+    let layout: Value = serde_json::from_str(&out).unwrap();
+    let sig = verity_sig(&img, &layout);
+    let root = layout["verity"]["root_hash"].as_str().unwrap();
+    assert_eq!(sig["rootHash"], root);
+    let fp = sh(&format!(
+        "openssl x509 -in {SNAKEOIL_CERT} -outform DER | sha256sum"
+    ));
+    assert_eq!(
+        sig["certificateFingerprint"],
+        fp.split_whitespace().next().unwrap()
+    );
+    use base64::Engine;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(sig["signature"].as_str().unwrap())
+        .unwrap();
+    let (p7, content) = (dir.path().join("sig.p7"), dir.path().join("roothash"));
+    std::fs::write(&p7, der).unwrap();
+    let verify = |text: &str| {
+        std::fs::write(&content, text).unwrap();
+        Command::new("openssl")
+            .args([
+                "cms", "-verify", "-binary", "-inform", "DER", "-purpose", "any", "-in",
+            ])
+            .arg(&p7)
+            .arg("-content")
+            .arg(&content)
+            .args(["-CAfile", SNAKEOIL_CERT, "-out", "/dev/null"])
+            .output()
+            .unwrap()
+    };
+    let v = verify(root);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert!(!verify(&root.replace('0', "1")).status.success());
+    // systemd's own reader of Discoverable Partitions images.
+    let dissect = ok(Command::new("systemd-dissect")
+        .arg("--json=short")
+        .arg(&img));
+    for d in ["\"root\"", "\"root-verity\"", "\"root-verity-sig\""] {
+        assert!(dissect.contains(d), "{d} missing: {dissect}");
+    }
+    assert_eq!(
+        roles(&layout),
+        ["esp", "root", "root-verity", "root-verity-sig", "state"]
+    );
+}
+
+#[test]
+fn keys_that_cannot_sign_are_refused_with_one_line_writing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let good = snakeoil_key(&keys);
+    let other = keys.join("other.key");
+    let nosign = keys.join("nosign.pem");
+    sh(&format!(
+        "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -keyout nosign.key -out nosign.pem -subj /CN=ca -days 1 -addext keyUsage=keyCertSign 2>/dev/null && openssl genpkey -algorithm RSA -out other.key 2>/dev/null",
+        keys.display()
+    ));
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let img = out.join("disk.img");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            sb(&other, Path::new(SNAKEOIL_CERT)),
+            format!(
+                "{} does not match the certificate {SNAKEOIL_CERT}",
+                other.display()
+            ),
+        ),
+        (
+            sb(&keys.join("nosign.key"), &nosign),
+            format!(
+                "{}: its key usage does not allow digital signatures",
+                nosign.display()
+            ),
+        ),
+        (
+            sb(&keys.join("absent.key"), Path::new(SNAKEOIL_CERT)),
+            format!("{}: No such file", keys.join("absent.key").display()),
+        ),
+        (
+            sb(Path::new(SNAKEOIL_KEY), Path::new(SNAKEOIL_CERT)),
+            format!("{SNAKEOIL_KEY}: the key is encrypted"),
+        ),
+    ];
+    for (args, want) in cases {
+        let err = fails(
+            forge_image_of(&system("x86_64"))
+                .args(["--format", "raw-efi", "--uki", "--uki-stub", STUB])
+                .args(&args)
+                .arg("-o")
+                .arg(&img),
+        );
+        assert!(the_error(&err).contains(&want), "want {want:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    let err = fails(
+        forge_image_of(&system("x86_64"))
+            .args(["--format", "raw-efi"])
+            .args(sb(&good, Path::new(SNAKEOIL_CERT)))
+            .arg("-o")
+            .arg(&img),
+    );
+    assert!(
+        the_error(&err).contains("--secure-boot-key goes with --uki"),
+        "{err}"
+    );
+    let err = fails(
+        forge_image_of(&system("x86_64"))
+            .args(["--format", "raw-efi", "--verity-key"])
+            .arg(&good)
+            .args(["--verity-cert", SNAKEOIL_CERT, "-o"])
+            .arg(&img),
+    );
+    assert!(
+        the_error(&err).contains("--verity-key goes with --verity"),
+        "{err}"
+    );
+    assert_eq!(dir_entries(&out), Vec::<String>::new());
+}
+
+fn sb(key: &Path, cert: &Path) -> Vec<String> {
+    vec![
+        "--secure-boot-key".into(),
+        key.display().to_string(),
+        "--secure-boot-cert".into(),
+        cert.display().to_string(),
+    ]
+}
