@@ -29,6 +29,7 @@ pkgs=(
   binutils                      # objdump: reads the Unified Kernel Images' PE sections
   cryptsetup-bin                # veritysetup: judges the dm-verity hash partition (verify, dump, format)
   sbsigntool                    # sbverify: judges forge's Authenticode signatures on systemd-boot and the UKIs
+  systemd-container             # systemd-dissect: reads the verity and verity-sig partitions as systemd does
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

@@ -308,3 +308,95 @@ fn sb(key: &Path, cert: &Path) -> Vec<String> {
         cert.display().to_string(),
     ]
 }
+
+/// `forge sign` with the snakeoil key for both signatures.
+fn forge_sign(key: &Path, image: &Path, out: &Path) -> Command {
+    let mut c = forge();
+    c.arg("sign").arg(image).arg("-o").arg(out);
+    for flag in ["--secure-boot", "--verity"] {
+        c.arg(format!("{flag}-key")).arg(key);
+        c.arg(format!("{flag}-cert")).arg(SNAKEOIL_CERT);
+    }
+    c
+}
+
+#[test]
+fn forge_sign_after_the_build_makes_the_image_built_with_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = snakeoil_key(dir.path());
+    let plain = dir.path().join("plain.img");
+    forge_uki(&plain, &["--verity"]);
+    let mut both = vec!["--verity".to_string()];
+    for flag in ["--secure-boot", "--verity"] {
+        both.extend([format!("{flag}-key"), key.display().to_string()]);
+        both.extend([format!("{flag}-cert"), SNAKEOIL_CERT.to_string()]);
+    }
+    let built = dir.path().join("built.img");
+    forge_uki(&built, &both.iter().map(String::as_str).collect::<Vec<_>>());
+    let signed = dir.path().join("signed.img");
+    let report: Value =
+        serde_json::from_str(&ok(forge_sign(&key, &plain, &signed).arg("--json"))).unwrap();
+    assert_eq!(report["signed"].as_array().unwrap().len(), 4, "{report}");
+    // The image, its bmap and its manifest: those of the image built with the keys.
+    for suffix in ["", ".bmap", ".layout.json"] {
+        let (a, b) = (with(&built, suffix), with(&signed, suffix));
+        assert_eq!(sha256_file(&a), sha256_file(&b), "{}", b.display());
+    }
+    // bmaptool writes the signed image by its bmap: the same bytes.
+    let copy = dir.path().join("copy.img");
+    ok(Command::new("bmaptool")
+        .args(["copy", "--bmap"])
+        .arg(with(&signed, ".bmap"))
+        .arg(&signed)
+        .arg(&copy));
+    assert_eq!(sha256_file(&copy), sha256_file(&signed));
+    // Signing in place replaces the image and its sidecars whole.
+    ok(&mut forge_sign(&key, &plain, &plain));
+    assert_eq!(sha256_file(&plain), sha256_file(&built));
+    assert_eq!(
+        sha256_file(&with(&plain, ".bmap")),
+        sha256_file(&with(&built, ".bmap"))
+    );
+}
+
+fn with(p: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", p.display()))
+}
+
+#[test]
+fn forge_sign_refuses_what_it_cannot_sign_writing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = snakeoil_key(dir.path());
+    let plain = dir.path().join("plain.img.zst");
+    forge_uki(&plain, &[]);
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let signed = out.join("signed.img");
+    let err = fails(&mut forge_sign(&key, &plain, &signed));
+    assert!(
+        the_error(&err).contains("no GPT: forge sign takes a raw"),
+        "{err}"
+    );
+    assert!(the_error(&err).contains("plain.img.zst"), "{err}");
+    // No --verity: nothing to sign the root hash in.
+    let raw = dir.path().join("raw.img");
+    forge_uki(&raw, &[]);
+    let err = fails(&mut forge_sign(&key, &raw, &signed));
+    assert!(
+        the_error(&err).contains("build the image with --verity"),
+        "{err}"
+    );
+    let err = fails(forge().arg("sign").arg(&raw).arg("-o").arg(&signed));
+    assert!(the_error(&err).contains("nothing to sign with"), "{err}");
+    let other = dir.path().join("other.key");
+    sh(&format!(
+        "openssl genpkey -algorithm RSA -out {} 2>/dev/null",
+        other.display()
+    ));
+    let err = fails(&mut forge_sign(&other, &raw, &signed));
+    assert!(
+        the_error(&err).contains("does not match the certificate"),
+        "{err}"
+    );
+    assert_eq!(dir_entries(&out), Vec::<String>::new());
+}

@@ -69,8 +69,13 @@ fn veritysetup(args: &[&str], files: &[&Path]) -> std::process::Output {
 #[test]
 fn the_hash_partition_verifies_equals_veritysetup_format_and_catches_a_flipped_byte() {
     let v = forge_verity(&[]);
-    assert_eq!(roles(&v.layout), ["esp", "root", "root-verity", "state"]);
+    assert_eq!(
+        roles(&v.layout),
+        ["esp", "root", "root-verity", "root-verity-sig", "state"]
+    );
     assert_eq!(v.part("root-verity")["type_name"], "root-x86-64-verity");
+    // Unsigned, the signature's slot is empty and "Linux reserved" (forge sign fills it).
+    assert_eq!(v.part("root-verity-sig")["type_name"], "linux-reserved");
     let (root, hash) = (v.extract("root"), v.extract("root-verity"));
     let root_hash = v.verity("root_hash");
     assert_eq!(root_hash.len(), 64);
@@ -179,7 +184,10 @@ fn guids_are_the_root_hash_halves_and_the_hash_is_on_the_kernel_command_line() {
     let seen: Value =
         serde_json::from_str(&ok(forge().arg("inspect").arg(&v.img).arg("--json"))).unwrap();
     assert_eq!(seen["verity"], v.layout["verity"], "{seen}");
-    assert_eq!(roles(&seen), ["esp", "root", "root-verity", "state"]);
+    assert_eq!(
+        roles(&seen),
+        ["esp", "root", "root-verity", "root-verity-sig", "state"]
+    );
 }
 
 #[test]

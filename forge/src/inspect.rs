@@ -11,6 +11,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
+use crate::image::VERITY_SIG_NAME;
 use crate::layout::report::type_name;
 use crate::layout::{BootEntry, Disk, Fs, Part, Role, MANIFEST_VERSION};
 use formats::{fat, gpt, seed};
@@ -36,6 +37,7 @@ fn role(p: &Part) -> Option<Role> {
         ("var", _) => Some(Role::State),
         ("root-x86-64-verity" | "root-arm64-verity", _) => Some(Role::RootVerity),
         ("root-x86-64-verity-sig" | "root-arm64-verity-sig", _) => Some(Role::RootVeritySig),
+        ("linux-reserved", _) if p.name == VERITY_SIG_NAME => Some(Role::RootVeritySig),
         ("fat32-lba", Some("FIRMWARE")) => Some(Role::Firmware),
         ("linux", Some("state")) => Some(Role::State),
         ("linux", _) if p.bootable => Some(Role::Root),

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod nixdb;
 pub mod oci;
 pub mod output;
+pub mod sign;
 pub mod unpack;
 pub mod vm;
 

@@ -46,6 +46,10 @@ enum Cmd {
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
     Image(cli::image::ImageArgs),
+    /// Sign an image built without keys (keys stay out of the Nix store):
+    /// systemd-boot and the UKIs for Secure Boot, the root hash into its
+    /// root-verity-sig partition; every other byte unchanged.
+    Sign(cli::sign::SignArgs),
     /// Make an OCI container image of any store path's closure: a layer
     /// per store path, stable digests; a layout directory or a .tar archive.
     Oci(cli::oci::OciArgs),
@@ -117,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Image(a) => cli::image::run(a),
         Cmd::Vm(a) => cli::vm::run(a),
         Cmd::Oci(a) => cli::oci::run(a),
+        Cmd::Sign(a) => cli::sign::run(a),
         Cmd::Completions { shell } => Ok(cli::docs::completions(Cli::command(), shell)?),
         Cmd::Man { dir } => {
             cli::docs::man_pages(Cli::command(), &dir)

@@ -18,6 +18,9 @@ pub mod types {
     /// Discoverable Partitions: the root hash's signature (JSON).
     pub const ROOT_VERITY_SIG_X86_64: &str = "41092b05-9fc8-4523-994f-2def0408b176";
     pub const ROOT_VERITY_SIG_AARCH64: &str = "6db69de6-29f4-4758-a7a5-962190f00ce3";
+    /// "Linux reserved": where `forge sign` puts the root hash's signature
+    /// (the slot an unsigned `--verity` image keeps; retyped when signed).
+    pub const LINUX_RESERVED: &str = "8da63339-0007-60c0-c436-083ac8230908";
     pub const VAR: &str = "4d21b016-b534-45c2-a9fb-5c16e091fd1d";
 }
 

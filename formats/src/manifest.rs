@@ -164,6 +164,7 @@ pub fn type_name(t: &str) -> &'static str {
         gpt::types::ROOT_VERITY_AARCH64 => "root-arm64-verity",
         gpt::types::ROOT_VERITY_SIG_X86_64 => "root-x86-64-verity-sig",
         gpt::types::ROOT_VERITY_SIG_AARCH64 => "root-arm64-verity-sig",
+        gpt::types::LINUX_RESERVED => "linux-reserved",
         "0fc63daf-8483-4772-8e79-3d69d8477de4" => "linux-generic",
         "0c" => "fat32-lba",
         "83" => "linux",

@@ -5,6 +5,7 @@ pub mod ext4;
 pub mod fat;
 pub mod image;
 pub mod oci;
+pub mod sign;
 pub mod vm;
 
 use anyhow::{bail, Context, Result};

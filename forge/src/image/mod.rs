@@ -371,31 +371,39 @@ pub(crate) fn verity_partition<'t>(t: &Arc<verity::Tree>, ty: PartType) -> Parti
     }
 }
 
-/// The root hash signed with `--verity-key` (`None` without it): a
-/// root-verity-sig partition after the hash partition, its GUID by role
-/// from the seed.
+/// The GPT name of the root hash's signature partition, signed or not.
+pub const VERITY_SIG_NAME: &str = "nixos-verity-sig";
+
+/// The root hash's signature partition after the hash partition, 1 MiB,
+/// its GUID by role from the seed: with `--verity-key`, a root-verity-sig
+/// partition holding the signed root hash; without, an empty slot of type
+/// "Linux reserved" that `forge sign` fills and retypes, so an image
+/// signed after its build is the image built with the key.
 pub(crate) fn verity_sig_partition<'t>(
     i: &Input,
     t: &verity::Tree,
-    ty: PartType,
-) -> Result<Option<Partition<'t>>> {
-    let Some(signer) = &i.signers.verity else {
-        return Ok(None);
+    sig_type: &'static str,
+) -> Result<Partition<'t>> {
+    let (ty, bytes) = match &i.signers.verity {
+        Some(signer) => {
+            let bytes = formats::sign::verity_signature(signer, &t.root_hex())
+                .context("signing the root hash (--verity-key)")?;
+            (sig_type, bytes)
+        }
+        None => (formats::gpt::types::LINUX_RESERVED, Vec::new()),
     };
-    let bytes = formats::sign::verity_signature(signer, &t.root_hex())
-        .context("signing the root hash (--verity-key)")?;
-    Ok(Some(Partition {
+    Ok(Partition {
         role: Role::RootVeritySig,
-        ty,
-        name: "nixos-verity-sig",
+        ty: PartType::Gpt(ty),
+        name: VERITY_SIG_NAME,
         label: "verity-sig".into(),
-        read_only: matches!(ty, PartType::Gpt(_)),
+        read_only: true,
         bootable: false,
         start: None,
-        size: SizePolicy::Content,
+        size: SizePolicy::Fixed(crate::layout::ALIGN),
         fs: Filesystem::VeritySig { bytes },
         guid: None,
-    }))
+    })
 }
 
 /// The kernel parameters `--verity` adds: the root hash, which systemd's

@@ -106,7 +106,7 @@ impl DiskFormat for RawEfi {
         ];
         if let Some(t) = verity {
             partitions.push(verity_partition(t, PartType::Gpt(verity_type)));
-            partitions.extend(verity_sig_partition(i, t, PartType::Gpt(sig_type))?);
+            partitions.push(verity_sig_partition(i, t, sig_type)?);
         }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);

@@ -91,7 +91,10 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.mapped(),
             Filesystem::Ext4 { plan, .. } => plan.mapped(),
-            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => vec![(0, self.size())],
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => match self.size() {
+                0 => Vec::new(),
+                n => vec![(0, n)],
+            },
         }
     }
     pub fn kind(&self) -> &'static str {

@@ -3,7 +3,7 @@
 //! `forge image --json`). The manifest's types live in `formats`, where
 //! flash reads them too.
 
-use super::{PartType, Placed, Table};
+use super::{Filesystem, PartType, Placed, Table};
 pub use formats::manifest::*;
 
 impl Placed<'_, '_> {
@@ -42,7 +42,8 @@ impl Placed<'_, '_> {
                 },
                 read_only: p.read_only,
                 bootable: p.bootable,
-                filesystem: Some(Fs {
+                // A signature partition holds JSON, not a filesystem.
+                filesystem: (!matches!(p.fs, Filesystem::VeritySig { .. })).then(|| Fs {
                     kind: p.fs.kind().into(),
                     label: p.label.clone(),
                     uuid: p.fs.uuid(),

@@ -292,6 +292,24 @@ fn dos_time(epoch: u32) -> (u16, u16) {
     (date, time)
 }
 
+/// A Unix time whose DOS date and time are `(date, time)`: what
+/// [`dos_time`] makes of it, read back (to plan a volume again as it was).
+pub fn unix_time(date: u16, time: u16) -> u32 {
+    let (y, m, d) = (
+        1980 + (date >> 9) as i64,
+        ((date >> 5) & 15) as i64,
+        (date & 31) as i64,
+    );
+    // Howard Hinnant's days-from-civil.
+    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = (time >> 11) as i64 * 3600 + ((time >> 5) & 63) as i64 * 60 + (time & 31) as i64 * 2;
+    (days * 86_400 + secs) as u32
+}
+
 /// Written bytes: the volume size and the ranges whose content matters.
 pub use crate::ext4::Written;
 

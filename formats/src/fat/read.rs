@@ -14,6 +14,11 @@ pub struct Volume<R: Read + Seek> {
     pub label: String,
     pub volume_id: u32,
     pub fat_type: &'static str,
+    /// The boot sector's sector size, total size and hidden sectors (what
+    /// re-planning the same volume takes).
+    pub sector_size: u32,
+    pub total_bytes: u64,
+    pub hidden_sectors: u32,
 }
 
 pub struct DirEntry {
@@ -21,6 +26,8 @@ pub struct DirEntry {
     pub is_dir: bool,
     pub cluster: u32,
     pub size: u32,
+    /// The DOS (date, time) it was last written.
+    pub written: (u16, u16),
 }
 
 fn bad(what: &str) -> io::Error {
@@ -56,6 +63,9 @@ impl<R: Read + Seek> Volume<R> {
             label: String::from_utf8_lossy(&b[71..82]).trim_end().to_string(),
             volume_id: u32at(67),
             fat_type: "FAT32",
+            sector_size: sector as u32,
+            total_bytes: u32at(32) as u64 * sector,
+            hidden_sectors: u32at(28),
             r,
         })
     }
@@ -156,6 +166,10 @@ impl<R: Read + Seek> Volume<R> {
                 is_dir: e[11] & 0x10 != 0,
                 cluster,
                 size: u32::from_le_bytes([e[28], e[29], e[30], e[31]]),
+                written: (
+                    u16::from_le_bytes([e[24], e[25]]),
+                    u16::from_le_bytes([e[22], e[23]]),
+                ),
             });
         }
         Ok(out)
@@ -167,6 +181,7 @@ impl<R: Read + Seek> Volume<R> {
             is_dir: true,
             cluster: self.root_cluster,
             size: 0,
+            written: (0, 0),
         };
         for comp in path.split('/').filter(|c| !c.is_empty()) {
             if !cur.is_dir {

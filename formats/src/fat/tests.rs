@@ -149,3 +149,15 @@ fn names_differing_only_in_case_are_refused() {
         Ok(_) => panic!("a.txt and A.TXT were both planned"),
     }
 }
+
+#[test]
+fn dos_times_read_back_as_the_unix_time_they_were_made_of() {
+    // 1980 (the clamp), 2000-02-29 23:59:58, a leap day, 2107's last second.
+    for t in [315_532_800u32, 951_868_798, 1_700_000_000, 4_294_967_294] {
+        let (date, time) = dos_time(t);
+        let back = unix_time(date, time);
+        assert_eq!(dos_time(back), (date, time), "{t}");
+        assert!(t - back < 2, "{t} -> {back}");
+    }
+    assert_eq!(unix_time(dos_time(1).0, dos_time(1).1), 315_532_800);
+}
