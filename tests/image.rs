@@ -753,13 +753,30 @@ fn inspect_reads_back_layout_and_entries_as_blkid_sees_them() {
         .map(|e| e["file"].as_str().unwrap())
         .collect();
     assert_eq!(
-        files,
+        files[..3],
         [
             "/loader/loader.conf",
             "/loader/entries/nixos-generation-1-specialisation-rescue.conf",
-            "/loader/entries/nixos-generation-1.conf"
+            "/loader/entries/nixos-generation-1.conf",
         ]
     );
+    // Then every EFI program: systemd-boot unsigned, and the fixture's
+    // Debian kernel with Debian's own Authenticode signature, which forge's
+    // reader checks (its digest and RSA signature) as firmware does.
+    for e in &entries[3..] {
+        assert_eq!(e["loader"], "efi", "{e}");
+        let signed = e["fields"][0][1].as_str().unwrap();
+        match e["file"].as_str().unwrap() {
+            "/EFI/BOOT/BOOTX64.EFI" | "/EFI/systemd/systemd-bootx64.efi" => {
+                assert_eq!(signed, "no", "{e}")
+            }
+            _ => assert!(
+                signed.starts_with("yes, by CN=Debian Secure Boot Signer"),
+                "{e}"
+            ),
+        }
+    }
+    assert_eq!(files.len(), 6, "{files:?}");
     let text = ok(forge().arg("inspect").arg(&im.img));
     assert!(
         text.contains("root-x86-64") && text.contains("read-only") && text.contains("title NixOS"),

@@ -400,3 +400,52 @@ fn forge_sign_refuses_what_it_cannot_sign_writing_nothing() {
     );
     assert_eq!(dir_entries(&out), Vec::<String>::new());
 }
+
+#[test]
+fn inspect_shows_the_signatures_and_verify_checks_the_root_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = snakeoil_key(dir.path());
+    let img = dir.path().join("disk.img");
+    forge_uki(&img, &["--verity"]);
+    ok(&mut forge_sign(&key, &img, &img));
+    let text = ok(forge().arg("inspect").arg("--verify").arg(&img));
+    let snakeoil = "O=SnakeOil,L=Fort Collins,ST=Colorado,C=US";
+    assert!(
+        text.contains(&format!("signed yes, by {snakeoil}")),
+        "{text}"
+    );
+    assert!(text.contains("cmdline init=/nix/store/"), "{text}");
+    assert!(
+        text.contains("verified over") && text.contains(&format!("signed by {snakeoil}")),
+        "{text}"
+    );
+    let seen: Value = serde_json::from_str(&ok(forge()
+        .args(["inspect", "--json", "--verify"])
+        .arg(&img)))
+    .unwrap();
+    assert_eq!(seen["verified"]["root_hash"], seen["verity"]["root_hash"]);
+    let esp = &seen["partitions"][0]["boot_entries"];
+    let ukis: Vec<&Value> = esp
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["loader"] == "uki")
+        .collect();
+    assert_eq!(ukis.len(), 2, "{esp}");
+    // One data byte of the root changed: --verify names its block, exit 1.
+    let root = seen["partitions"][1]["offset"].as_u64().unwrap();
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[(root + 5 * 4096 + 17) as usize] ^= 1;
+    let bad = dir.path().join("bad.img");
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = fails(forge().arg("inspect").arg("--verify").arg(&bad));
+    assert!(
+        the_error(&err).contains(&format!(
+            "root data block 5 (image byte {})",
+            root + 5 * 4096
+        )),
+        "{err}"
+    );
+    // Without --verify it reads as before (inspect does not hash the root).
+    ok(forge().arg("inspect").arg(&bad));
+}

@@ -25,6 +25,9 @@ pub struct Report {
     pub warnings: Vec<String>,
     #[serde(flatten)]
     pub disk: Disk,
+    /// `--verify`: the dm-verity root checked whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<crate::verity_check::Verified>,
 }
 
 /// The role our layouts give a partition of this type (or, on an MBR,
@@ -156,6 +159,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             verity: verity.map(|v| v.manifest()),
             head_sha256,
         },
+        verified: None,
     })
 }
 
@@ -306,7 +310,70 @@ fn systemd_boot_entries(f: &File, off: u64) -> std::io::Result<Vec<BootEntry>> {
             out.push(parse_conf("systemd-boot", p, &String::from_utf8_lossy(&t)));
         }
     }
+    let mut programs = Vec::new();
+    for d in v
+        .list("/EFI")?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| d.is_dir)
+    {
+        for e in v.list(&format!("/EFI/{}", d.name))?.unwrap_or_default() {
+            if !e.is_dir && e.name.to_ascii_lowercase().ends_with(".efi") {
+                programs.push(format!("/EFI/{}/{}", d.name, e.name));
+            }
+        }
+    }
+    programs.sort();
+    for p in programs {
+        if let Some(bytes) = v.read(&p)? {
+            out.extend(efi_program(p, &bytes));
+        }
+    }
     Ok(out)
+}
+
+/// An EFI program on the ESP: whether it is signed (and by whom, and
+/// whether the signature holds); for a Unified Kernel Image (`.linux`),
+/// its sections, command line and OS. None for what is not a PE image.
+fn efi_program(file: String, bytes: &[u8]) -> Option<BootEntry> {
+    use formats::sign::authenticode;
+    let sections = formats::pe::sections(bytes).ok()?;
+    let signed = match authenticode::signature(bytes) {
+        Ok(None) => "no".to_string(),
+        Ok(Some(s)) if s.good() => format!("yes, by {}", s.signer),
+        Ok(Some(s)) if !s.valid => format!("INVALID signature (claims {})", s.signer),
+        Ok(Some(s)) => format!("INVALID: the image changed since {} signed it", s.signer),
+        Err(e) => format!("unreadable ({e})"),
+    };
+    let text = |name: &str| {
+        let s = sections.iter().find(|s| s.0 == name)?;
+        Some(
+            String::from_utf8_lossy(&s.1)
+                .trim_end_matches(['\0', '\n'])
+                .to_string(),
+        )
+    };
+    let uki = sections.iter().any(|s| s.0 == ".linux");
+    let mut fields = vec![("signed".to_string(), signed)];
+    if uki {
+        let names: Vec<&str> = sections.iter().map(|s| s.0.as_str()).collect();
+        fields.push(("sections".into(), names.join(" ")));
+        if let Some(c) = text(".cmdline") {
+            fields.push(("cmdline".into(), c));
+        }
+        let os = text(".osrel").and_then(|o| {
+            o.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+        });
+        fields.extend(os.map(|o| ("os".to_string(), o)));
+    }
+    Some(BootEntry {
+        loader: if uki { "uki" } else { "efi" }.into(),
+        file,
+        fields,
+    })
 }
 
 /// A filesystem at byte `off` of an image, for ext4-view.
@@ -375,6 +442,17 @@ pub fn render(r: &Report) -> String {
                 s.push_str(&format!("        {k} {v}\n"));
             }
         }
+    }
+    if let Some(v) = &r.verified {
+        s.push_str(&format!(
+            "verity: root hash {} verified over {} data blocks{}\n",
+            v.root_hash,
+            v.data_blocks,
+            v.signed_by
+                .as_ref()
+                .map(|w| format!(", signed by {w}"))
+                .unwrap_or_default()
+        ));
     }
     s
 }

@@ -75,6 +75,10 @@ enum Cmd {
         /// Print the layout as JSON (the layout manifest's fields).
         #[arg(long)]
         json: bool,
+        /// Check the dm-verity root whole (its hash tree made again, the
+        /// GUIDs, the root hash's signature); exit 1 naming what differs.
+        #[arg(long)]
+        verify: bool,
     },
 }
 
@@ -128,8 +132,15 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("writing man pages into {}", dir.display()))?;
             Ok(())
         }
-        Cmd::Inspect { image, json } => {
-            let r = forge::inspect::inspect(&image)?;
+        Cmd::Inspect {
+            image,
+            json,
+            verify,
+        } => {
+            let mut r = forge::inspect::inspect(&image)?;
+            if verify {
+                r.verified = Some(forge::verity_check::check(&image, &r)?);
+            }
             if json {
                 crate::out!("{}", serde_json::to_string_pretty(&r)?)?;
             } else {

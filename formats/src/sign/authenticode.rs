@@ -122,6 +122,18 @@ pub fn sign(b: &[u8], signer: &Signer) -> Result<Vec<u8>, SignError> {
 pub struct Signature {
     /// Whether the digest it signs is the image's.
     pub digest_matches: bool,
+    /// Whether it verifies with the certificate it carries (which says
+    /// nothing of whether that certificate is trusted).
+    pub valid: bool,
+    /// The signing certificate's subject.
+    pub signer: String,
+}
+
+impl Signature {
+    /// Both: the signature is good and it is this image's.
+    pub fn good(&self) -> bool {
+        self.digest_matches && self.valid
+    }
 }
 
 /// The image's Authenticode signature, if it has one.
@@ -133,9 +145,17 @@ pub fn signature(b: &[u8]) -> Result<Option<Signature>, PeError> {
         "a certificate table shorter than its header",
     ))?;
     let der = der.get(..der_len(der).unwrap_or(0)).unwrap_or_default();
-    let signed = pkcs7::authenticode_digest(der);
-    Ok(Some(Signature {
-        digest_matches: signed.is_some() && signed == Some(digest(b)?),
+    Ok(Some(match pkcs7::read_authenticode(der) {
+        Some(a) => Signature {
+            digest_matches: a.digest == digest(b)?,
+            valid: a.valid,
+            signer: a.signer,
+        },
+        None => Signature {
+            digest_matches: false,
+            valid: false,
+            signer: String::new(),
+        },
     }))
 }
 
@@ -196,12 +216,9 @@ mod tests {
         );
         assert_eq!(digest(&signed).unwrap(), digest(&img).unwrap());
         assert_eq!(signed.len() % 8, 0);
-        assert_eq!(
-            signature(&signed).unwrap(),
-            Some(Signature {
-                digest_matches: true
-            })
-        );
+        let sig = signature(&signed).unwrap().unwrap();
+        assert!(sig.good(), "{sig:?}");
+        assert_eq!(sig.signer, "CN=nixforge unit tests (not secret)");
         assert_eq!(signature(&img).unwrap(), None);
         assert_eq!(
             sign(&signed, &test_signer()).unwrap(),
@@ -216,19 +233,16 @@ mod tests {
         let signed = sign(&image(), &test_signer()).unwrap();
         let mut changed = signed.clone();
         changed[0x450] ^= 1;
-        assert_eq!(
-            signature(&changed).unwrap(),
-            Some(Signature {
-                digest_matches: false
-            })
-        );
+        let sig = signature(&changed).unwrap().unwrap();
+        assert!(!sig.digest_matches && sig.valid, "{sig:?}");
         let mut checksum = signed.clone();
         checksum[0x84 + 20 + CHECKSUM] ^= 1;
-        assert_eq!(
-            signature(&checksum).unwrap(),
-            Some(Signature {
-                digest_matches: true
-            })
-        );
+        assert!(signature(&checksum).unwrap().unwrap().good());
+        // A byte of the signature itself changed: it no longer verifies.
+        let mut forged = signed.clone();
+        let n = forged.len();
+        forged[n - 20] ^= 1;
+        let sig = signature(&forged).unwrap().unwrap();
+        assert!(sig.digest_matches && !sig.valid, "{sig:?}");
     }
 }

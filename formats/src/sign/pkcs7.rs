@@ -164,12 +164,96 @@ pub fn detached(signer: &Signer, content: &[u8]) -> Result<Vec<u8>, KeyError> {
     signed_data(signer, DATA, None, None, content)
 }
 
-/// The digest an Authenticode signature vouches for: the SpcIndirectDataContent's
-/// DigestInfo digest, read back from a signature's DER.
-pub fn authenticode_digest(der: &[u8]) -> Option<[u8; 32]> {
+/// What an Authenticode signature says, read back and checked against
+/// the certificate it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticode {
+    /// The PE image digest it vouches for.
+    pub digest: [u8; 32],
+    /// The signer certificate's subject (RFC 4514).
+    pub signer: String,
+    /// Whether its signed attributes name the content it carries and the
+    /// RSA signature over them verifies with the signer's certificate.
+    pub valid: bool,
+}
+
+/// An Authenticode signature's DER read and checked (None: not one).
+pub fn read_authenticode(der: &[u8]) -> Option<Authenticode> {
     let ci = ContentInfo::from_der(der).ok()?;
     let sd: SignedData = ci.content.decode_as().ok()?;
-    let idc = sd.encap_content_info.econtent?.to_der().ok()?;
-    // The digest is the last 32 bytes of the DigestInfo, which ends the content.
-    idc.get(idc.len().checked_sub(32)?..)?.try_into().ok()
+    if sd.encap_content_info.econtent_type != SPC_INDIRECT_DATA {
+        return None;
+    }
+    let idc = sd.encap_content_info.econtent.as_ref()?.to_der().ok()?;
+    let digest: [u8; 32] = idc.get(idc.len().checked_sub(32)?..)?.try_into().ok()?;
+    let info = sd.signer_infos.0.get(0)?;
+    let cert = signer_cert(&sd, info)?;
+    let signer = cert.tbs_certificate.subject.to_string();
+    let valid = verify_signer(info, cert, &Sha256::digest(value_of(&idc))).unwrap_or(false);
+    Some(Authenticode {
+        digest,
+        signer,
+        valid,
+    })
+}
+
+/// A detached signature without signed attributes (`detached`): the
+/// signer's subject, and whether it verifies over `content` with the
+/// certificate it carries (None: not such a signature).
+pub fn read_detached(der: &[u8], content: &[u8]) -> Option<(String, bool)> {
+    use rsa::signature::Verifier;
+    let ci = ContentInfo::from_der(der).ok()?;
+    let sd: SignedData = ci.content.decode_as().ok()?;
+    let info = sd.signer_infos.0.get(0)?;
+    let cert = signer_cert(&sd, info)?;
+    let key = verifying_key(cert)?;
+    let sig = rsa::pkcs1v15::Signature::try_from(info.signature.as_bytes()).ok()?;
+    let valid = info.signed_attrs.is_none() && key.verify(content, &sig).is_ok();
+    Some((cert.tbs_certificate.subject.to_string(), valid))
+}
+
+/// The certificate a SignedData carries for its signer.
+fn signer_cert<'a>(sd: &'a SignedData, info: &SignerInfo) -> Option<&'a x509_cert::Certificate> {
+    let SignerIdentifier::IssuerAndSerialNumber(sid) = &info.sid else {
+        return None;
+    };
+    sd.certificates.as_ref()?.0.iter().find_map(|c| match c {
+        CertificateChoices::Certificate(c)
+            if c.tbs_certificate.serial_number == sid.serial_number
+                && c.tbs_certificate.issuer == sid.issuer =>
+        {
+            Some(c)
+        }
+        _ => None,
+    })
+}
+
+fn verifying_key(cert: &x509_cert::Certificate) -> Option<rsa::pkcs1v15::VerifyingKey<Sha256>> {
+    let spki = cert.tbs_certificate.subject_public_key_info.to_der().ok()?;
+    let public =
+        <rsa::RsaPublicKey as rsa::pkcs8::DecodePublicKey>::from_public_key_der(&spki).ok()?;
+    Some(rsa::pkcs1v15::VerifyingKey::new(public))
+}
+
+/// The signer's message-digest attribute is `content_digest`, and its RSA
+/// PKCS#1 v1.5 SHA-256 signature over the signed attributes verifies.
+fn verify_signer(
+    info: &SignerInfo,
+    cert: &x509_cert::Certificate,
+    content_digest: &[u8],
+) -> Option<bool> {
+    use rsa::signature::Verifier;
+    let attrs = info.signed_attrs.as_ref()?;
+    let md = attrs
+        .iter()
+        .find(|a| a.oid == MESSAGE_DIGEST)?
+        .values
+        .get(0)?;
+    let named = OctetString::from_der(&md.to_der().ok()?).ok()?;
+    if named.as_bytes() != content_digest {
+        return Some(false);
+    }
+    let key = verifying_key(cert)?;
+    let sig = rsa::pkcs1v15::Signature::try_from(info.signature.as_bytes()).ok()?;
+    Some(key.verify(&attrs.to_der().ok()?, &sig).is_ok())
 }
