@@ -7,6 +7,14 @@
 #     format = "raw-efi";                           # or "sd-aarch64"
 #     fileName = "nixos.qcow2";                     # picks the container
 #   }
+#
+# Signed images in two steps (keys never enter the Nix store): build
+# unsigned here with `extraArgs = [ "--uki" "--verity" ]` and a raw
+# `fileName` (nixos.img), then, where the keys are,
+#   forge sign result/nixos.img -o signed.img \
+#     --secure-boot-key db.key --secure-boot-cert db.crt \
+#     --verity-key verity.key --verity-cert verity.crt
+# which gives the bytes `forge image` makes with the keys.
 {
   mkImage =
     {
