@@ -368,3 +368,60 @@ fn bad_input_is_refused_and_nothing_is_left() {
         "{e}"
     );
 }
+
+/// `--verity` on a Pi card: extlinux and the kernels on the (now bootable)
+/// firmware partition, `roothash=` in extlinux.conf, the hash partition
+/// after the root; veritysetup verifies it, forge inspect --verify too,
+/// and U-Boot boots it with the root opened through dm-verity.
+#[test]
+fn sd_card_with_verity_boots_under_u_boot_through_dm_verity() {
+    let sys = system("aarch64");
+    let sd = forge_sd(&sys, "nixos.img", &["--verity"]);
+    let img = sd.path("nixos.img");
+    assert_eq!(
+        roles(&sd.layout),
+        ["firmware", "root", "root-verity", "state"]
+    );
+    let parts = sd.layout["partitions"].as_array().unwrap();
+    assert_eq!(
+        parts[0]["bootable"], true,
+        "U-Boot boots the partition with extlinux"
+    );
+    assert_eq!(parts[1]["bootable"], false);
+    let hash = sd.layout["verity"]["root_hash"].as_str().unwrap();
+    let fat = format!("{}@@{}", img.display(), part(&sd.layout, 1).0);
+    let conf = ok(Command::new("mtype").args(["-i", &fat, "::/boot/extlinux/extlinux.conf"]));
+    assert!(conf.contains(&format!(" roothash={hash}")), "{conf}");
+    let bytes = std::fs::read(&img).unwrap();
+    let cut = |n: usize, name: &str| {
+        let (off, size) = part(&sd.layout, n);
+        let p = sd.dir.path().join(name);
+        std::fs::write(&p, &bytes[off as usize..(off + size) as usize]).unwrap();
+        p
+    };
+    let (root, verity) = (cut(2, "root.part"), cut(3, "verity.part"));
+    let v = Command::new("veritysetup")
+        .arg("verify")
+        .args([&root, &verity])
+        .arg(hash)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let seen: Value = serde_json::from_str(&ok(forge()
+        .args(["inspect", "--json", "--verify"])
+        .arg(&img)))
+    .unwrap();
+    assert_eq!(seen["verified"]["root_hash"], hash);
+    let b = boot("aarch64", &img, 512, Duration::from_secs(300));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=mbr init=found verity=on read=ok"),
+        "serial log:\n{}",
+        b.log
+    );
+    assert!(
+        b.log.contains("Found /boot/extlinux/extlinux.conf"),
+        "{}",
+        b.log
+    );
+}

@@ -43,6 +43,11 @@ fn role(p: &Part) -> Option<Role> {
         ("linux-reserved", _) if p.name == VERITY_SIG_NAME => Some(Role::RootVeritySig),
         ("fat32-lba", Some("FIRMWARE")) => Some(Role::Firmware),
         ("linux", Some("state")) => Some(Role::State),
+        // A card with --verity: the firmware partition is the bootable one.
+        ("linux", Some("NIXOS_SD")) => Some(Role::Root),
+        ("linux", _) if p.filesystem.as_ref().is_some_and(|f| f.kind == "verity") => {
+            Some(Role::RootVerity)
+        }
         ("linux", _) if p.bootable => Some(Role::Root),
         _ => None,
     }

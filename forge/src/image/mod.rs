@@ -107,11 +107,6 @@ pub fn checked(o: &Options) -> Result<container::Kind> {
     if o.verity_sig.is_some() && !o.verity {
         bail!("--verity-key goes with --verity (it signs the root hash)");
     }
-    if o.verity && o.format != Format::RawEfi {
-        // The kernel command line (extlinux.conf) lives in the root there:
-        // it cannot name the hash of the filesystem that holds it.
-        bail!("--verity is for --format raw-efi: an sd-aarch64 card's kernel command line is in its root filesystem, which cannot hold its own root hash");
-    }
     Ok(kind)
 }
 

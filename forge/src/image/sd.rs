@@ -1,6 +1,9 @@
 //! sd-aarch64: the Raspberry Pi layout nixpkgs' sd-image-aarch64 uses —
 //! MBR, FAT32 firmware partition at 8 MiB, bootable ext4 root with
-//! extlinux (booted by U-Boot's distro boot), optional ext4 state.
+//! extlinux (booted by U-Boot's distro boot), optional ext4 state. With
+//! `--verity` the root cannot hold the command line that names its own
+//! hash: extlinux and the kernels move to the firmware partition, which
+//! becomes the bootable one, and the hash partition follows the root.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;
@@ -9,7 +12,10 @@ use std::path::{Path, PathBuf};
 use formats::mbr;
 use formats::tree::{Kind, Owner, Tree, ROOT};
 
-use super::{fat_partition, root_partition, state_partition, trees, DiskFormat, Input, Options};
+use super::{
+    fat_partition, root_partition, state_partition, trees, verity_of, verity_params_line,
+    verity_partition, DiskFormat, Input, Options,
+};
 use crate::closure::Store;
 use crate::layout::{Layout, PartType, Role, Table};
 
@@ -171,10 +177,15 @@ fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
 /// An sd-aarch64 image's trees, one per partition.
 pub(super) struct SdAarch64 {
     firmware: Tree,
-    /// The closure, with extlinux.
+    /// The closure, with extlinux (without --verity).
     root: Tree,
     state: Tree,
+    /// The root's hash tree (`--verity`).
+    verity: Option<std::sync::Arc<formats::verity::Tree>>,
 }
+
+/// The root filesystem's label (U-Boot's and stage 1's way to it).
+const ROOT_LABEL: &str = "NIXOS_SD";
 
 /// The firmware files, the root (with extlinux) and an empty state tree.
 pub(super) fn trees_of(i: &Input) -> Result<SdAarch64> {
@@ -195,14 +206,19 @@ pub(super) fn trees_of(i: &Input) -> Result<SdAarch64> {
     for s in &specs {
         check_arm64_image(&i.store.physical(&s.kernel), &s.kernel)?;
     }
-    let fw = firmware_tree(i.o, i.store)?;
+    let mut fw = firmware_tree(i.o, i.store)?;
     check_firmware(i.o, i.store, &fw)?;
     let mut root = trees::root_tree(i.store, i.c, i.o.epoch)?;
-    trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout, &[])?;
+    // With verity the root is hashed first: its hash goes on the command line.
+    let verity = verity_of(i, &root, ROOT_LABEL)?;
+    let extra = verity_params_line(verity.as_deref());
+    let boot = if verity.is_some() { &mut fw } else { &mut root };
+    trees::extlinux(boot, i.store, i.c, i.o.epoch, i.o.loader_timeout, &extra)?;
     Ok(SdAarch64 {
         firmware: fw,
         root,
         state: Tree::new(0o755),
+        verity,
     })
 }
 
@@ -212,15 +228,25 @@ impl DiskFormat for SdAarch64 {
             firmware: fw,
             root,
             state,
+            verity,
         } = self;
         let fw_part = (Role::Firmware, "firmware", "FIRMWARE");
         let fw_at = (FIRMWARE_OFFSET, i.o.firmware_size);
-        let what = "firmware partition (--firmware-size)";
+        let what = "firmware partition (--firmware-size; with --verity it holds the kernels too)";
+        let mut firmware =
+            fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?;
+        // U-Boot's distro boot scans only partitions marked bootable: the
+        // one holding extlinux.
+        firmware.bootable = verity.is_some();
+        let linux = PartType::Mbr(mbr::LINUX);
+        let tree = verity.as_deref();
         let mut partitions = vec![
-            fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?,
-            // U-Boot's distro boot scans only partitions marked bootable.
-            root_partition(i, root, "NIXOS_SD", PartType::Mbr(mbr::LINUX), true, None)?,
+            firmware,
+            root_partition(i, root, ROOT_LABEL, linux, verity.is_none(), tree)?,
         ];
+        if let Some(t) = verity {
+            partitions.push(verity_partition(t, linux));
+        }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);
         }
