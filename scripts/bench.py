@@ -154,6 +154,58 @@ def closure_bench(res, c, top, a):
     res.append(measure("forge closure --json", f"{FORGE} closure {top} --root {c} --json > /dev/null", a.runs))
 
 
+STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+SNAKEOIL = "/usr/share/ovmf/PkKek-1-snakeoil"
+
+
+def verified_images(res, c, top, a, w, parts):
+    """Issue 25: raw-efi with --verity, --uki and Secure Boot signatures
+    against plain raw-efi (alternated, the same run), and the usual tools'
+    way to the same image: mkfs, veritysetup format, a UKI by objcopy (the
+    sections ukify adds), sbsign, mkfs.vfat/mcopy, sgdisk, dd."""
+    kernel, initrd, sd, inodes, esp, root, state = parts
+    keys = w + "-keys"
+    os.makedirs(keys, exist_ok=True)
+    key, cert = f"{keys}/db.key", f"{SNAKEOIL}.pem"
+    sh(f"openssl pkey -passin pass:snakeoil -in {SNAKEOIL}.key -out {key}")
+    rm = f"rm -rf {w}/*"
+    sign = f"--key {key} --cert {cert}"
+    pipeline = f"""set -e; cd {w}
+truncate -s {root} root.img; mkfs.ext4 -q -F -N {inodes} -d {c} root.img
+rh=$(veritysetup format root.img verity.img | sed -n 's/^Root hash:[[:space:]]*//p')
+vsz=$(( ($(stat -c %s verity.img) + 1048575) / 1048576 * 1048576 ))
+printf 'ID=nixos\n' > osrel; printf 'init={top}/init roothash=%s' "$rh" > cmdline
+objcopy --add-section .osrel=osrel --change-section-vma .osrel=0x20000 \
+  --add-section .cmdline=cmdline --change-section-vma .cmdline=0x30000 \
+  --add-section .linux={kernel} --change-section-vma .linux=0x2000000 \
+  --add-section .initrd={initrd} --change-section-vma .initrd=0x3000000 {STUB} uki.efi
+sbsign {sign} --output uki.signed uki.efi 2>/dev/null
+sbsign {sign} --output sdboot.efi {sd}/lib/systemd/boot/efi/systemd-bootx64.efi 2>/dev/null
+truncate -s {esp} esp.img; mkfs.vfat -F 32 -n ESP esp.img >/dev/null
+mmd -i esp.img ::/EFI ::/EFI/BOOT ::/EFI/systemd ::/EFI/Linux ::/loader
+mcopy -i esp.img sdboot.efi ::/EFI/BOOT/BOOTX64.EFI; mcopy -i esp.img sdboot.efi ::/EFI/systemd/systemd-bootx64.efi
+mcopy -i esp.img uki.signed ::/EFI/Linux/nixos.efi
+printf 'timeout 0\n' > loader.conf; mcopy -i esp.img loader.conf ::/loader/loader.conf
+truncate -s {state} state.img; mkfs.ext4 -q -F -L state state.img
+truncate -s $(({(1 << 20) + esp + root + state + (1 << 20)} + vsz)) disk.img
+sgdisk -n 1:2048:+{esp >> 10}K -t 1:ef00 -n 2:0:+{root >> 10}K -t 2:8304 \
+  -n 3:0:+$((vsz / 1024))K -t 3:2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5 -n 4:0:+{state >> 10}K -t 4:8310 disk.img >/dev/null
+dd if=esp.img of=disk.img bs=4M seek=1 oflag=seek_bytes conv=notrunc,sparse status=none
+dd if=root.img of=disk.img bs=4M seek=$((1048576+{esp})) oflag=seek_bytes conv=notrunc,sparse status=none
+dd if=verity.img of=disk.img bs=4M seek=$((1048576+{esp}+{root})) oflag=seek_bytes conv=notrunc,sparse status=none
+dd if=state.img of=disk.img bs=4M seek=$((1048576+{esp}+{root}+vsz)) oflag=seek_bytes conv=notrunc,sparse status=none
+rm esp.img root.img verity.img state.img uki.efi uki.signed sdboot.efi; sync"""
+    res.append(measure("mkfs.ext4 -d+veritysetup format+objcopy UKI+sbsign+mkfs.vfat/mcopy+sgdisk+dd",
+                       pipeline, a.runs, rm))
+    image = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/disk.img"
+    signed = (f"{FORGE} image {top} --root {c} --format raw-efi --verity --uki --uki-stub {STUB} "
+              f"--secure-boot-key {key} --secure-boot-cert {cert} -o {w}/disk.img")
+    res.extend(measure_pair(("forge image --format raw-efi (paired)", image),
+                            ("forge image --format raw-efi --verity --uki --secure-boot-key (paired)", signed),
+                            a.runs))
+    sh(rm)
+
+
 def ext4_and_images(res, c, top, a, w, store, only):
     rm = f"rm -rf {w}/*"
     print("ext4 of the corpus", file=sys.stderr)
@@ -207,6 +259,7 @@ rm esp.img root.img state.img; sync"""
     res.append(measure("forge image --format raw-efi --verity",
                        f"{FORGE} image {top} --root {c} --format raw-efi --verity -o {w}/disk.img", a.runs, rm))
     sh(rm)
+    verified_images(res, c, top, a, w, (kernel, initrd, sd, inodes, esp, root, state))
 
     print("sd-aarch64 image of the corpus, compressed", file=sys.stderr)
     fw = firmware(w)

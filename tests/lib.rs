@@ -62,6 +62,27 @@ pub fn forge_image_of(sys: &System) -> Command {
     c
 }
 
+/// Debian 12's EFI stub (systemd-boot-efi); the fixture system has none.
+pub const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+/// A raw-efi image of the x86_64 fixture with a UKI per entry (`--uki`,
+/// Debian's stub) at `img`, and its layout (`--json`).
+pub fn uki_image(img: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = ok(forge_image_of(&system("x86_64"))
+        .args([
+            "--format",
+            "raw-efi",
+            "--uki",
+            "--uki-stub",
+            STUB,
+            "--json",
+            "-o",
+        ])
+        .arg(img)
+        .args(extra));
+    serde_json::from_str(&out).unwrap()
+}
+
 /// A fixture system: its store root and toplevel.
 pub struct System {
     pub arch: &'static str,

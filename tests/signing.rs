@@ -10,26 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Debian 12's stub (systemd-boot-efi); the fixture system has none.
-const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 const UKI: &str = "::/EFI/Linux/nixos-generation-1.efi";
-
-/// A raw-efi image with UKIs of the fixture system, and its layout.
-fn forge_uki(img: &Path, extra: &[&str]) -> Value {
-    let out = ok(forge_image_of(&system("x86_64"))
-        .args([
-            "--format",
-            "raw-efi",
-            "--uki",
-            "--uki-stub",
-            STUB,
-            "--json",
-            "-o",
-        ])
-        .arg(img)
-        .args(extra));
-    serde_json::from_str(&out).unwrap()
-}
 
 fn signed(dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, Value) {
     let key = snakeoil_key(dir);
@@ -37,7 +18,7 @@ fn signed(dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, Value) {
     let mut args = vec!["--secure-boot-key", key.to_str().unwrap()];
     args.extend(["--secure-boot-cert", SNAKEOIL_CERT]);
     args.extend(extra);
-    let layout = forge_uki(&img, &args);
+    let layout = uki_image(&img, &args);
     (img, layout)
 }
 
@@ -96,7 +77,7 @@ fn sbverify_accepts_systemd_boot_under_both_names_and_every_uki() {
     assert!(!v.status.success());
     // Unsigned, sbverify finds no signature.
     let plain = dir.path().join("plain.img");
-    let l = forge_uki(&plain, &[]);
+    let l = uki_image(&plain, &[]);
     copy_out(&esp(&plain, &l), UKI, &uki);
     assert!(!sbverify(&uki).status.success());
     // Same inputs and key, same bytes.
@@ -117,7 +98,7 @@ fn secure_boot_boots_the_signed_image_and_refuses_unsigned_or_changed_ones() {
     );
     // The same image unsigned: the firmware will not start systemd-boot.
     let plain = dir.path().join("plain.img");
-    forge_uki(&plain, &["--verity"]);
+    uki_image(&plain, &["--verity"]);
     let b = boot_secure(&plain, Duration::from_secs(300));
     assert_eq!(b.marker, None, "{}", b.log);
     assert!(
@@ -325,14 +306,14 @@ fn forge_sign_after_the_build_makes_the_image_built_with_the_keys() {
     let dir = tempfile::tempdir().unwrap();
     let key = snakeoil_key(dir.path());
     let plain = dir.path().join("plain.img");
-    forge_uki(&plain, &["--verity"]);
+    uki_image(&plain, &["--verity"]);
     let mut both = vec!["--verity".to_string()];
     for flag in ["--secure-boot", "--verity"] {
         both.extend([format!("{flag}-key"), key.display().to_string()]);
         both.extend([format!("{flag}-cert"), SNAKEOIL_CERT.to_string()]);
     }
     let built = dir.path().join("built.img");
-    forge_uki(&built, &both.iter().map(String::as_str).collect::<Vec<_>>());
+    uki_image(&built, &both.iter().map(String::as_str).collect::<Vec<_>>());
     let signed = dir.path().join("signed.img");
     let report: Value =
         serde_json::from_str(&ok(forge_sign(&key, &plain, &signed).arg("--json"))).unwrap();
@@ -368,7 +349,7 @@ fn forge_sign_refuses_what_it_cannot_sign_writing_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let key = snakeoil_key(dir.path());
     let plain = dir.path().join("plain.img.zst");
-    forge_uki(&plain, &[]);
+    uki_image(&plain, &[]);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
     let signed = out.join("signed.img");
@@ -380,7 +361,7 @@ fn forge_sign_refuses_what_it_cannot_sign_writing_nothing() {
     assert!(the_error(&err).contains("plain.img.zst"), "{err}");
     // No --verity: nothing to sign the root hash in.
     let raw = dir.path().join("raw.img");
-    forge_uki(&raw, &[]);
+    uki_image(&raw, &[]);
     let err = fails(&mut forge_sign(&key, &raw, &signed));
     assert!(
         the_error(&err).contains("build the image with --verity"),
@@ -406,7 +387,7 @@ fn inspect_shows_the_signatures_and_verify_checks_the_root_whole() {
     let dir = tempfile::tempdir().unwrap();
     let key = snakeoil_key(dir.path());
     let img = dir.path().join("disk.img");
-    forge_uki(&img, &["--verity"]);
+    uki_image(&img, &["--verity"]);
     ok(&mut forge_sign(&key, &img, &img));
     let text = ok(forge().arg("inspect").arg("--verify").arg(&img));
     let snakeoil = "O=SnakeOil,L=Fort Collins,ST=Colorado,C=US";

@@ -8,25 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Debian 12's stub (systemd-boot-efi); the fixture system has none.
-const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
-
 fn forge_uki(dir: &Path, extra: &[&str]) -> (PathBuf, Value) {
-    let sys = system("x86_64");
     let img = dir.join("disk.img");
-    let out = ok(forge_image_of(&sys)
-        .args([
-            "--format",
-            "raw-efi",
-            "--uki",
-            "--uki-stub",
-            STUB,
-            "--json",
-            "-o",
-        ])
-        .arg(&img)
-        .args(extra));
-    (img, serde_json::from_str(&out).unwrap())
+    let layout = uki_image(&img, extra);
+    (img, layout)
 }
 
 #[test]
@@ -49,12 +34,29 @@ fn each_entry_is_a_uki_with_its_sections_and_no_type1_entries() {
         .args(["-i", &esp, "::/EFI/Linux/nixos-generation-1.efi"])
         .arg(&uki));
     let headers = ok(Command::new("objdump").arg("-h").arg(&uki));
-    for s in [".text", ".sbat", ".osrel", ".cmdline", ".linux", ".initrd"] {
-        assert!(
-            headers.contains(&format!(" {s} ")),
-            "{s} missing:\n{headers}"
-        );
-    }
+    // ukify's order after the stub's own sections, .linux last.
+    let names: Vec<&str> = headers
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    let at = names.iter().position(|n| *n == ".osrel").expect(".osrel");
+    assert_eq!(
+        names[at..],
+        [".osrel", ".cmdline", ".uname", ".initrd", ".linux"],
+        "{headers}"
+    );
+    assert!(
+        names.contains(&".text") && names.contains(&".sbat"),
+        "{headers}"
+    );
+    let uname = dir.path().join("uname");
+    ok(Command::new("objcopy")
+        .args(["-O", "binary", "--only-section=.uname"])
+        .arg(&uki)
+        .arg(&uname));
+    let kver = std::fs::read_to_string(fixtures().join("x86_64/kver")).unwrap();
+    assert_eq!(std::fs::read_to_string(&uname).unwrap(), kver.trim());
     let cmdline = dir.path().join("cmdline");
     ok(Command::new("objcopy")
         .args(["-O", "binary", "--only-section=.cmdline"])

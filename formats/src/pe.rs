@@ -1,9 +1,8 @@
 //! PE/COFF images (EFI applications): a Unified Kernel Image is systemd's
-//! EFI stub with sections added (`.osrel`, `.cmdline`,
-//! `.linux`, `.initrd`) in ukify's order: after the stub's own sections,
-//! each at the next section-aligned address and file-aligned offset,
-//! read-only initialized data, the header's counts and image size
-//! updated. (ukify also adds `.uname` and merges `.sbat`; not done here.)
+//! EFI stub with sections added (the caller's, in ukify's order) after the
+//! stub's own, each at the next section-aligned address and file-aligned
+//! offset, read-only initialized data, the header's counts and image size
+//! updated. (ukify also merges `.sbat`; not done here.)
 
 /// IMAGE_SCN_CNT_INITIALIZED_DATA | IMAGE_SCN_MEM_READ.
 const DATA_READ: u32 = 0x4000_0040;
@@ -158,33 +157,40 @@ pub fn add_sections(stub: &[u8], add: &[(&str, &[u8])]) -> Result<Vec<u8>, PeErr
     Ok(out)
 }
 
+/// A minimal PE32+ with one section (0x200 bytes of 0xCC at 0x400),
+/// room for more in its headers and 16 data directories: for tests.
+#[cfg(test)]
+pub(crate) fn test_image() -> Vec<u8> {
+    let mut b = vec![0u8; 0x600];
+    b[..2].copy_from_slice(b"MZ");
+    put32(&mut b, 0x3C, 0x80);
+    b[0x80..0x84].copy_from_slice(b"PE\0\0");
+    let coff = 0x84;
+    b[coff + 2..coff + 4].copy_from_slice(&1u16.to_le_bytes());
+    b[coff + 16..coff + 18].copy_from_slice(&240u16.to_le_bytes());
+    let opt = coff + 20;
+    b[opt..opt + 2].copy_from_slice(&0x20Bu16.to_le_bytes());
+    put32(&mut b, opt + 32, 0x1000);
+    put32(&mut b, opt + 36, 0x200);
+    put32(&mut b, opt + 56, 0x2000);
+    put32(&mut b, opt + 60, 0x400);
+    put32(&mut b, opt + 108, 16);
+    let s = opt + 240;
+    b[s..s + 5].copy_from_slice(b".text");
+    put32(&mut b, s + 8, 0x100);
+    put32(&mut b, s + 12, 0x1000);
+    put32(&mut b, s + 16, 0x200);
+    put32(&mut b, s + 20, 0x400);
+    b[0x400..0x500].fill(0xCC);
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A minimal PE32+ with one section, room for more in its headers.
     fn stub() -> Vec<u8> {
-        let mut b = vec![0u8; 0x600];
-        b[..2].copy_from_slice(b"MZ");
-        put32(&mut b, 0x3C, 0x80);
-        b[0x80..0x84].copy_from_slice(b"PE\0\0");
-        let coff = 0x84;
-        b[coff + 2..coff + 4].copy_from_slice(&1u16.to_le_bytes());
-        b[coff + 16..coff + 18].copy_from_slice(&240u16.to_le_bytes());
-        let opt = coff + 20;
-        b[opt..opt + 2].copy_from_slice(&0x20Bu16.to_le_bytes());
-        put32(&mut b, opt + 32, 0x1000);
-        put32(&mut b, opt + 36, 0x200);
-        put32(&mut b, opt + 56, 0x2000);
-        put32(&mut b, opt + 60, 0x400);
-        let s = opt + 240;
-        b[s..s + 5].copy_from_slice(b".text");
-        put32(&mut b, s + 8, 0x100);
-        put32(&mut b, s + 12, 0x1000);
-        put32(&mut b, s + 16, 0x200);
-        put32(&mut b, s + 20, 0x400);
-        b[0x400..0x500].fill(0xCC);
-        b
+        test_image()
     }
 
     #[test]

@@ -94,23 +94,8 @@ pub struct ImageArgs {
     /// system's systemd-boot).
     #[arg(long, value_name = "PATH", requires = "uki")]
     uki_stub: Option<PathBuf>,
-    /// With --uki: sign systemd-boot (both its paths) and every UKI for
-    /// Secure Boot (Authenticode) with this RSA private key (PEM,
-    /// unencrypted). Keep keys out of the Nix store: `forge sign` signs
-    /// an image built without them.
-    #[arg(long, value_name = "KEY", requires = "secure_boot_cert")]
-    secure_boot_key: Option<PathBuf>,
-    /// The X.509 certificate (PEM or DER) of --secure-boot-key.
-    #[arg(long, value_name = "CERT", requires = "secure_boot_key")]
-    secure_boot_cert: Option<PathBuf>,
-    /// With --verity: a root-verity-sig partition holding the root hash
-    /// signed with this RSA private key (PEM; detached PKCS#7, as
-    /// systemd-repart makes it).
-    #[arg(long, value_name = "KEY", requires = "verity_cert")]
-    verity_key: Option<PathBuf>,
-    /// The X.509 certificate (PEM or DER) of --verity-key.
-    #[arg(long, value_name = "CERT", requires = "verity_key")]
-    verity_cert: Option<PathBuf>,
+    #[command(flatten)]
+    keys: super::SigningKeys,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -187,8 +172,8 @@ pub fn run(a: ImageArgs) -> Result<()> {
         verity: a.verity,
         uki: a.uki,
         uki_stub: a.uki_stub,
-        secure_boot: image::KeyFiles::pair(a.secure_boot_key, a.secure_boot_cert),
-        verity_sig: image::KeyFiles::pair(a.verity_key, a.verity_cert),
+        secure_boot: a.keys.secure_boot(),
+        verity_sig: a.keys.verity(),
     };
     image::checked(&opts)?;
     let made = forge::output::make_parents(&opts.output)?;

@@ -30,6 +30,37 @@ pub struct ClosureSource {
     pub verify_nar: bool,
 }
 
+/// The keys `forge image` and `forge sign` sign with (RSA, PEM,
+/// unencrypted; certificates PEM or DER). Keep them out of the Nix store:
+/// build without them and `forge sign` where they are.
+#[derive(clap::Args)]
+pub struct SigningKeys {
+    /// Sign systemd-boot (both its paths) and every UKI for Secure Boot
+    /// (Authenticode) with this private key (forge image: with --uki).
+    #[arg(long, value_name = "KEY", requires = "secure_boot_cert")]
+    secure_boot_key: Option<std::path::PathBuf>,
+    /// The X.509 certificate of --secure-boot-key.
+    #[arg(long, value_name = "CERT", requires = "secure_boot_key")]
+    secure_boot_cert: Option<std::path::PathBuf>,
+    /// Sign the root hash into the root-verity-sig partition (a detached
+    /// PKCS#7, as systemd-repart makes it) with this private key (forge
+    /// image: with --verity).
+    #[arg(long, value_name = "KEY", requires = "verity_cert")]
+    verity_key: Option<std::path::PathBuf>,
+    /// The X.509 certificate of --verity-key.
+    #[arg(long, value_name = "CERT", requires = "verity_key")]
+    verity_cert: Option<std::path::PathBuf>,
+}
+
+impl SigningKeys {
+    pub fn secure_boot(&self) -> Option<forge::image::KeyFiles> {
+        forge::image::KeyFiles::pair(self.secure_boot_key.clone(), self.secure_boot_cert.clone())
+    }
+    pub fn verity(&self) -> Option<forge::image::KeyFiles> {
+        forge::image::KeyFiles::pair(self.verity_key.clone(), self.verity_cert.clone())
+    }
+}
+
 /// Standard output, as a fallible write: a reader that went away
 /// (`forge … | head`) is an error main() ends quietly on, not a panic.
 #[macro_export]

@@ -4,8 +4,6 @@ use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
-use forge::image::KeyFiles;
-
 #[derive(Args)]
 pub struct SignArgs {
     /// A raw raw-efi image built with --uki and/or --verity, unsigned.
@@ -13,19 +11,8 @@ pub struct SignArgs {
     /// The signed image (may be IMAGE itself: it is replaced whole, at the end).
     #[arg(short, long, value_name = "SIGNED")]
     output: PathBuf,
-    /// Sign systemd-boot and every UKI on the ESP (Authenticode) with this
-    /// RSA private key (PEM, unencrypted).
-    #[arg(long, value_name = "KEY", requires = "secure_boot_cert")]
-    secure_boot_key: Option<PathBuf>,
-    /// The X.509 certificate (PEM or DER) of --secure-boot-key.
-    #[arg(long, value_name = "CERT", requires = "secure_boot_key")]
-    secure_boot_cert: Option<PathBuf>,
-    /// Sign the root hash into the image's root-verity-sig partition.
-    #[arg(long, value_name = "KEY", requires = "verity_cert")]
-    verity_key: Option<PathBuf>,
-    /// The X.509 certificate (PEM or DER) of --verity-key.
-    #[arg(long, value_name = "CERT", requires = "verity_key")]
-    verity_cert: Option<PathBuf>,
+    #[command(flatten)]
+    keys: super::SigningKeys,
     /// Print what was signed as JSON.
     #[arg(long)]
     json: bool,
@@ -35,8 +22,8 @@ pub fn run(a: SignArgs) -> Result<()> {
     let r = forge::sign::sign(&forge::sign::Options {
         image: a.image,
         output: a.output,
-        secure_boot: KeyFiles::pair(a.secure_boot_key, a.secure_boot_cert),
-        verity_sig: KeyFiles::pair(a.verity_key, a.verity_cert),
+        secure_boot: a.keys.secure_boot(),
+        verity_sig: a.keys.verity(),
     })?;
     if a.json {
         crate::out!("{}", serde_json::to_string_pretty(&r)?)?;

@@ -40,13 +40,33 @@ fn os_release(store: &Store, spec: &BootSpec) -> String {
     })
 }
 
+/// The kernel's release (`uname -r`), as ukify scrapes it: from an x86
+/// bzImage's setup header (its version string's offset at 0x20E), else
+/// after "Linux version " in the image; None when neither says.
+pub fn uname(kernel: &[u8]) -> Option<String> {
+    let word = |at: usize| {
+        let rest = kernel.get(at..)?;
+        let end = rest.iter().position(|&b| b == 0 || b == b' ')?;
+        let w = std::str::from_utf8(&rest[..end]).ok()?;
+        (!w.is_empty()).then(|| w.to_string())
+    };
+    if kernel.get(0x202..0x206) == Some(b"HdrS".as_slice()) {
+        let off = u16::from_le_bytes([*kernel.get(0x20E)?, *kernel.get(0x20F)?]) as usize;
+        return word(off + 0x200);
+    }
+    let key = b"Linux version ";
+    let at = kernel.windows(key.len()).position(|w| w == key)?;
+    word(at + key.len())
+}
+
 /// The EFI stub, read once for every entry.
 struct Stub<'a> {
     path: &'a Path,
     bytes: Vec<u8>,
 }
 
-/// One UKI: the stub and the entry's sections, in ukify's order.
+/// One UKI: the stub and the entry's sections, in ukify's (254) order:
+/// `.osrel`, `.cmdline`, `.uname`, `.initrd`, and `.linux` last.
 fn uki(stub: &Stub, store: &Store, spec: &BootSpec, extra: &[String]) -> Result<Vec<u8>> {
     let read = |logical: &str| {
         std::fs::read(store.physical(logical)).with_context(|| format!("--uki: reading {logical}"))
@@ -55,14 +75,18 @@ fn uki(stub: &Stub, store: &Store, spec: &BootSpec, extra: &[String]) -> Result<
     let cmdline = command_line(spec, extra);
     let linux = read(&spec.kernel)?;
     let initrd = spec.initrd.as_deref().map(read).transpose()?;
+    let uname = uname(&linux);
     let mut sections: Vec<(&str, &[u8])> = vec![
         (".osrel", osrel.as_bytes()),
         (".cmdline", cmdline.as_bytes()),
-        (".linux", &linux),
     ];
+    if let Some(u) = &uname {
+        sections.push((".uname", u.as_bytes()));
+    }
     if let Some(i) = &initrd {
         sections.push((".initrd", i));
     }
+    sections.push((".linux", &linux));
     formats::pe::add_sections(&stub.bytes, &sections)
         .with_context(|| format!("--uki: the EFI stub {}", stub.path.display()))
 }

@@ -179,28 +179,7 @@ mod tests {
     use super::*;
     use crate::sign::tests::test_signer;
 
-    /// A minimal PE32+ with one section and 16 data directories.
-    fn image() -> Vec<u8> {
-        let mut b = vec![0u8; 0x600];
-        b[..2].copy_from_slice(b"MZ");
-        put32(&mut b, 0x3C, 0x80);
-        b[0x80..0x84].copy_from_slice(b"PE\0\0");
-        let coff = 0x84;
-        b[coff + 2..coff + 4].copy_from_slice(&1u16.to_le_bytes());
-        b[coff + 16..coff + 18].copy_from_slice(&240u16.to_le_bytes());
-        let opt = coff + 20;
-        b[opt..opt + 2].copy_from_slice(&0x20Bu16.to_le_bytes());
-        put32(&mut b, opt + 32, 0x1000);
-        put32(&mut b, opt + 36, 0x200);
-        put32(&mut b, opt + 60, 0x400);
-        put32(&mut b, opt + DIRECTORIES, 16);
-        let s = opt + 240;
-        b[s..s + 5].copy_from_slice(b".text");
-        put32(&mut b, s + 16, 0x200);
-        put32(&mut b, s + 20, 0x400);
-        b[0x400..0x5FF].fill(0xCC);
-        b
-    }
+    use crate::pe::test_image as image;
 
     #[test]
     fn signing_keeps_the_digest_and_appends_an_aligned_table() {
