@@ -404,6 +404,15 @@ fn sd_card_with_verity_boots_under_u_boot_through_dm_verity() {
 fn boots_through_extlinux(img: &Path, rest: &str) {
     let b = boot("aarch64", img, 512, Duration::from_secs(300));
     let want = format!("NIXFORGE-BOOT-OK root=ro var=rw {rest}");
-    assert_eq!(b.marker.as_deref(), Some(want.as_str()), "serial log:\n{}", b.log);
-    assert!(b.log.contains("Found /boot/extlinux/extlinux.conf"), "{}", b.log);
+    assert_eq!(
+        b.marker.as_deref(),
+        Some(want.as_str()),
+        "serial log:\n{}",
+        b.log
+    );
+    assert!(
+        b.log.contains("Found /boot/extlinux/extlinux.conf"),
+        "{}",
+        b.log
+    );
 }
