@@ -369,6 +369,25 @@ fn forge_sign_refuses_what_it_cannot_sign_writing_nothing() {
     );
     let err = fails(forge().arg("sign").arg(&raw).arg("-o").arg(&signed));
     assert!(the_error(&err).contains("nothing to sign with"), "{err}");
+    // Type 1 entries (no --uki): nothing would sign their initrds.
+    let type1 = dir.path().join("type1.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&type1));
+    let err = fails(
+        forge()
+            .arg("sign")
+            .arg(&type1)
+            .arg("-o")
+            .arg(&signed)
+            .args(["--secure-boot-key"])
+            .arg(&key)
+            .args(["--secure-boot-cert", SNAKEOIL_CERT]),
+    );
+    assert!(
+        the_error(&err).contains("no Unified Kernel Images on the ESP"),
+        "{err}"
+    );
     let other = dir.path().join("other.key");
     sh(&format!(
         "openssl genpkey -algorithm RSA -out {} 2>/dev/null",

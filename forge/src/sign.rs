@@ -266,8 +266,13 @@ fn sign_esp(f: &mut File, g: &Gpt, ss: u64, signer: &Signer) -> Result<(Vec<Stri
         signed.push(path.to_string());
         authenticode::sign(&bytes, signer).with_context(|| format!("signing {path} on the ESP"))
     })?;
-    if signed.is_empty() {
-        bail!("no EFI programs on the ESP (EFI/…/*.efi) to sign");
+    // As forge image: under Secure Boot a loose kernel would boot with an
+    // initrd and command line nobody signed.
+    if !signed
+        .iter()
+        .any(|p| p.to_ascii_uppercase().starts_with("/EFI/LINUX/"))
+    {
+        bail!("no Unified Kernel Images on the ESP (EFI/Linux/): build with --uki; forge signs UKIs, not loose kernels");
     }
     let (date, time) = stamp.unwrap_or_default();
     let opts = formats::fat::Options {
