@@ -449,3 +449,156 @@ fn inspect_shows_the_signatures_and_verify_checks_the_root_whole() {
     // Without --verify it reads as before (inspect does not hash the root).
     ok(forge().arg("inspect").arg(&bad));
 }
+
+/// A Nix key pair made by Nix itself, into `dir`: (secret, public).
+fn nix_keys(dir: &Path) -> (PathBuf, String) {
+    let (sk, pk) = (dir.join("nix.sk"), dir.join("nix.pk"));
+    ok(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", "ci.example-1"])
+        .arg(&sk)
+        .arg(&pk));
+    (sk, std::fs::read_to_string(&pk).unwrap())
+}
+
+/// `openssl pkeyutl -verify` of `sig` (NAME:BASE64) over `message` with the
+/// Nix public key `pk` (NAME:BASE64 of the raw 32 bytes).
+fn openssl_verifies(dir: &Path, pk: &str, message: &Path, sig: &str) -> bool {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let raw = b64.decode(pk.trim().split_once(':').unwrap().1).unwrap();
+    let mut der = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    der.extend(raw);
+    let pem = dir.join("pub.pem");
+    let text = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        b64.encode(der)
+    );
+    std::fs::write(&pem, text).unwrap();
+    let bin = dir.join("sig.bin");
+    std::fs::write(
+        &bin,
+        b64.decode(sig.trim().split_once(':').unwrap().1).unwrap(),
+    )
+    .unwrap();
+    Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+        .arg(&pem)
+        .arg("-in")
+        .arg(message)
+        .arg("-sigfile")
+        .arg(&bin)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn a_nix_key_signs_the_layout_manifest_as_openssl_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sk, pk) = nix_keys(dir.path());
+    let img = dir.path().join("disk.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&img));
+    let manifest = with(&img, ".layout.json");
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(m["bmap_sha256"], sha256_file(&with(&img, ".bmap")));
+    assert_eq!(m["toplevel"], system("x86_64").toplevel);
+    let before = sha256_file(&img);
+    let out = ok(forge().arg("sign").arg(&img).arg("--key").arg(&sk));
+    assert!(out.contains("with ci.example-1"), "{out}");
+    assert_eq!(
+        sha256_file(&img),
+        before,
+        "--key alone leaves the image as it is"
+    );
+    let sig = std::fs::read_to_string(with(&img, ".sig")).unwrap();
+    assert!(
+        sig.starts_with("ci.example-1:") && sig.ends_with('\n'),
+        "{sig}"
+    );
+    assert!(openssl_verifies(dir.path(), &pk, &manifest, &sig));
+    // The judge is not blind: the manifest edited by one byte does not verify.
+    let edited = dir.path().join("edited.json");
+    assert!(std::fs::read_to_string(&manifest)
+        .unwrap()
+        .contains("\"gpt\""));
+    std::fs::write(
+        &edited,
+        std::fs::read_to_string(&manifest)
+            .unwrap()
+            .replacen("\"gpt\"", "\"GPT\"", 1),
+    )
+    .unwrap();
+    assert!(!openssl_verifies(dir.path(), &pk, &edited, &sig));
+    // Signing PE files with --key too: the new image's manifest is signed.
+    let key = snakeoil_key(dir.path());
+    let uki = dir.path().join("uki.img");
+    uki_image(&uki, &[]);
+    let signed = dir.path().join("signed.img");
+    ok(forge()
+        .arg("sign")
+        .arg(&uki)
+        .arg("-o")
+        .arg(&signed)
+        .arg("--key")
+        .arg(&sk)
+        .arg("--secure-boot-key")
+        .arg(&key)
+        .args(["--secure-boot-cert", SNAKEOIL_CERT]));
+    let sig = std::fs::read_to_string(with(&signed, ".sig")).unwrap();
+    assert!(openssl_verifies(
+        dir.path(),
+        &pk,
+        &with(&signed, ".layout.json"),
+        &sig
+    ));
+    // forge image over a signed image drops the signature of the old manifest.
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&img));
+    assert!(!with(&img, ".sig").exists());
+}
+
+#[test]
+fn manifest_signing_refuses_wrong_keys_and_manifests_writing_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sk, pk) = nix_keys(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let img = out.join("disk.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "-o"])
+        .arg(&img));
+    let before = dir_entries(&out);
+    // The public key given as the secret one: the format wanted is named.
+    let pub_file = dir.path().join("nix.pk");
+    let err = fails(forge().arg("sign").arg(&img).arg("--key").arg(&pub_file));
+    assert!(
+        the_error(&err).contains("not a Nix secret key, NAME:BASE64 of 64 bytes"),
+        "{err}"
+    );
+    assert!(!pk.is_empty());
+    let err = fails(
+        forge()
+            .arg("sign")
+            .arg(&img)
+            .arg("--key")
+            .arg(&sk)
+            .arg("-o")
+            .arg(out.join("x.img")),
+    );
+    assert!(the_error(&err).contains("drop -o"), "{err}");
+    // A manifest of another image beside this one.
+    let other = dir.path().join("other.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--seed", "other", "-o"])
+        .arg(&other));
+    std::fs::copy(with(&other, ".layout.json"), with(&img, ".layout.json")).unwrap();
+    let err = fails(forge().arg("sign").arg(&img).arg("--key").arg(&sk));
+    assert!(the_error(&err).contains("describes another image"), "{err}");
+    assert_eq!(dir_entries(&out), before, "no IMAGE.sig");
+}

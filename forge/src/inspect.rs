@@ -130,6 +130,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             .unwrap_or(("none", 512, String::new(), Vec::new()));
     let verity = read_parts(&mut f, &mut parts, table);
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
+    let toplevel = toplevel_of(&parts);
     match formats::manifest::read_beside(path) {
         Err(e) => warnings.push(e.to_string()),
         Ok(Some(m)) => {
@@ -163,9 +164,36 @@ pub fn inspect(path: &Path) -> Result<Report> {
             identity,
             verity: verity.map(|v| v.manifest()),
             head_sha256,
+            toplevel,
+            bmap_sha256: std::fs::read(crate::image::bmap_path_for(path))
+                .ok()
+                .map(|b| formats::manifest::sha256_hex(&b)),
         },
         verified: None,
     })
+}
+
+/// The system the default boot entry starts (`init=/nix/store/…/init` in
+/// its options or UKI command line; extlinux's first APPEND, the default
+/// entry's, as forge writes it).
+fn toplevel_of(parts: &[Part]) -> Option<String> {
+    let entries: Vec<&BootEntry> = parts.iter().flat_map(|p| &p.boot_entries).collect();
+    let default = entries
+        .iter()
+        .find(|e| e.file.ends_with("/loader.conf"))
+        .and_then(|e| e.fields.iter().find(|(k, _)| k == "default"))
+        .map(|(_, v)| format!("/{v}"));
+    let chosen = entries.into_iter().filter(|e| {
+        default
+            .as_ref()
+            .is_none_or(|d| e.file.ends_with(d.as_str()))
+    });
+    chosen
+        .flat_map(|e| &e.fields)
+        .filter(|(k, _)| matches!(k.as_str(), "options" | "APPEND" | "cmdline"))
+        .flat_map(|(_, v)| v.split_whitespace())
+        .find_map(|w| w.strip_prefix("init=")?.strip_suffix("/init"))
+        .map(str::to_string)
 }
 
 /// (table, sector size, disk id, partitions) as a table reads them.

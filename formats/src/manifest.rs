@@ -130,6 +130,13 @@ pub struct Disk {
     /// The root's dm-verity parameters (`--verity`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub verity: Option<Verity>,
+    /// The system the image holds (its toplevel store path).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub toplevel: Option<String>,
+    /// SHA-256 of the bmap beside the image: a signature of this manifest
+    /// (`IMAGE.sig`) vouches, through it, for every mapped range's hash.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bmap_sha256: Option<String>,
 }
 
 /// What `veritysetup` needs besides the two partitions: the root hash
@@ -149,8 +156,13 @@ pub struct Verity {
 
 /// SHA-256 (hex) of an image's first MiB, given its bytes.
 pub fn head_sha256(first_mib: &[u8]) -> String {
+    sha256_hex(first_mib)
+}
+
+/// SHA-256 (hex) of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    format!("{:x}", sha2::Sha256::digest(first_mib))
+    format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
 /// A short name for a partition type.
@@ -265,6 +277,8 @@ mod tests {
             identity: None,
             head_sha256: Some(head_sha256(&head)),
             verity: None,
+            toplevel: None,
+            bmap_sha256: None,
         };
         assert_eq!(disk.matches(1 << 20, &head), Ok(()));
         assert!(disk.matches(2 << 20, &head).unwrap_err().contains("bytes"));

@@ -510,7 +510,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let w = write_outputs(o, kind, &seed, &placed, progress)?;
+    let w = write_outputs(o, kind, &seed, &placed, &c.toplevel, progress)?;
     Ok(Report {
         image: o.output.clone(),
         bmap: w.bmap,
@@ -559,6 +559,7 @@ fn write_outputs(
     kind: container::Kind,
     seed: &str,
     placed: &crate::layout::Placed,
+    toplevel: &str,
     progress: &dyn Progress,
 ) -> Result<Outputs> {
     let bmap_path = kind.has_bmap().then(|| bmap_path_for(&o.output));
@@ -577,12 +578,15 @@ fn write_outputs(
         .iter()
         .map(|r| (r.1 - r.0 + 1) * bmap::BLOCK)
         .sum();
+    let mut disk = disk;
+    disk.toplevel = Some(toplevel.to_string());
     let mut sidecars = Vec::new();
     if let (Some(b), Some(p)) = (bout.as_mut(), &bmap_path) {
         let bmap_text = bmap::render(placed.size, &tapped.pieces);
         b.file()
             .write_all(bmap_text.as_bytes())
             .with_context(|| format!("writing {}", p.display()))?;
+        disk.bmap_sha256 = Some(formats::manifest::sha256_hex(bmap_text.as_bytes()));
     }
     sidecars.extend(bout);
     let manifest = serde_json::to_vec_pretty(&disk).context("rendering the layout manifest")?;
@@ -590,6 +594,14 @@ fn write_outputs(
         .write_all(&manifest)
         .with_context(|| format!("writing {}", manifest_path.display()))?;
     sidecars.push(mout);
+    // A signature beside an earlier image at this name is of its manifest.
+    let sig = crate::sign::manifest::sig_path_for(&o.output);
+    match std::fs::remove_file(&sig) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing the stale {}", sig.display()))
+        }
+        _ => {}
+    }
     crate::output::commit_together(out, sidecars)?;
     progress.stage(&format!(
         "done: {} ({}, {} bytes raw, {mapped_bytes} mapped), {}{}",

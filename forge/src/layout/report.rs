@@ -74,6 +74,8 @@ impl Placed<'_, '_> {
             identity,
             head_sha256: self.first_mib().map(|b| head_sha256(&b)),
             verity: self.layout.partitions.iter().find_map(|p| p.fs.verity()),
+            toplevel: None,
+            bmap_sha256: None,
         }
     }
 }

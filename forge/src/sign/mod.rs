@@ -1,5 +1,7 @@
 //! `forge sign`: sign an image after its build, where the keys are (they
-//! must not enter the Nix store). The ESP is planned again from its own
+//! must not enter the Nix store). `--key` signs the layout manifest
+//! (`manifest.rs`, `IMAGE.sig`), alone (the image unchanged) or after the
+//! rest. The ESP is planned again from its own
 //! files with every PE file under `EFI/` signed (Authenticode), same
 //! label, volume ID, size and time stamps; the root hash (read from the
 //! hash partition, checked against the partition GUIDs it names) is signed
@@ -22,11 +24,16 @@ use formats::{seed, verity};
 use crate::image::{KeyFiles, VERITY_SIG_NAME};
 use crate::output::AtomicOutput;
 
+pub mod manifest;
+
 pub struct Options {
     pub image: PathBuf,
-    pub output: PathBuf,
+    /// The signed image; None with `--key` alone (the image unchanged).
+    pub output: Option<PathBuf>,
     pub secure_boot: Option<KeyFiles>,
     pub verity_sig: Option<KeyFiles>,
+    /// `--key`: a Nix Ed25519 secret key that signs the layout manifest.
+    pub key: Option<PathBuf>,
 }
 
 /// What was signed.
@@ -38,12 +45,46 @@ pub struct Report {
     /// The root hash signed into the root-verity-sig partition.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root_hash: Option<String>,
+    /// `IMAGE.sig` (`--key`) and the key's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_signature: Option<(PathBuf, String)>,
 }
 
 pub fn sign(o: &Options) -> Result<Report> {
-    if o.secure_boot.is_none() && o.verity_sig.is_none() {
-        bail!("nothing to sign with: give --secure-boot-key/--secure-boot-cert, --verity-key/--verity-cert, or both");
+    let key = o.key.as_deref().map(manifest::load_key).transpose()?;
+    let rewrites = o.secure_boot.is_some() || o.verity_sig.is_some();
+    match (rewrites, &o.output, &key) {
+        (false, _, None) => bail!("nothing to sign with: give --secure-boot-key/--secure-boot-cert, --verity-key/--verity-cert, --key, or several"),
+        (true, None, _) => bail!("give -o SIGNED: signing PE files or the root hash makes a new image"),
+        (false, Some(_), Some(_)) => bail!("--key alone leaves the image as it is and puts IMAGE.sig beside it: drop -o"),
+        (false, None, Some(k)) => sign_manifest_only(&o.image, k),
+        (true, Some(out), _) => rewrite(o, out, key.as_ref()),
     }
+}
+
+/// `--key` alone: `IMAGE.sig` over the manifest beside the image.
+fn sign_manifest_only(
+    image: &std::path::Path,
+    key: &formats::sign::nixkey::SecretKey,
+) -> Result<Report> {
+    let bytes = manifest::checked(image)?;
+    let sig = manifest::signature(image, &bytes, key)?;
+    sig.commit()?;
+    Ok(Report {
+        image: image.to_path_buf(),
+        signed: Vec::new(),
+        root_hash: None,
+        manifest_signature: Some((manifest::sig_path_for(image), key.name.clone())),
+    })
+}
+
+/// PE files and/or the root hash signed into a new image at `output`
+/// (its sidecars made true of it; `IMAGE.sig` with `--key`).
+fn rewrite(
+    o: &Options,
+    output: &std::path::Path,
+    key: Option<&formats::sign::nixkey::SecretKey>,
+) -> Result<Report> {
     let sb = o
         .secure_boot
         .as_ref()
@@ -57,12 +98,13 @@ pub fn sign(o: &Options) -> Result<Report> {
     let name = o.image.display().to_string();
     let mut input = File::open(&o.image).with_context(|| name.clone())?;
     let (gpt, ss) = read_gpt(&mut input).with_context(|| name.clone())?;
-    let mut out = AtomicOutput::create(&o.output)?;
+    let mut out = AtomicOutput::create(output)?;
     copy_sparse(&mut input, out.file()).with_context(|| format!("copying {name}"))?;
     let mut report = Report {
-        image: o.output.clone(),
+        image: output.to_path_buf(),
         signed: Vec::new(),
         root_hash: None,
+        manifest_signature: None,
     };
     let mut changes = Vec::new();
     if let Some(s) = &sb {
@@ -76,7 +118,20 @@ pub fn sign(o: &Options) -> Result<Report> {
         report.root_hash = Some(hash);
         changes.push(change);
     }
-    let sidecars = sidecars(&o.image, &o.output, out.file(), &changes)?;
+    let (mut sidecars, manifest_bytes) = sidecars(&o.image, output, out.file(), &changes)?;
+    let sig_path = manifest::sig_path_for(output);
+    match (key, manifest_bytes) {
+        (Some(k), Some(bytes)) => {
+            sidecars.push(manifest::signature(output, &bytes, k)?);
+            report.manifest_signature = Some((sig_path, k.name.clone()));
+        }
+        (Some(_), None) => bail!(
+            "{}: no layout manifest beside it for --key to sign",
+            o.image.display()
+        ),
+        // An old signature is of another manifest.
+        (None, _) => remove_if_there(&sig_path)?,
+    }
     crate::output::commit_together(out, sidecars)?;
     Ok(report)
 }
@@ -114,9 +169,11 @@ fn sidecars(
     output: &Path,
     f: &mut File,
     changes: &[Change],
-) -> Result<Vec<AtomicOutput>> {
+) -> Result<(Vec<AtomicOutput>, Option<Vec<u8>>)> {
     let size = f.metadata()?.len();
     let mut out = Vec::new();
+    let mut bmap_sha256 = None;
+    let mut manifest = None;
     let bmap_in = crate::image::bmap_path_for(input);
     if let Ok(text) = std::fs::read_to_string(&bmap_in) {
         let b = formats::bmap::parse(&text)
@@ -127,6 +184,7 @@ fn sidecars(
             ranges.extend(&c.mapped);
         }
         let text = formats::bmap::create(f, size, &ranges)?;
+        bmap_sha256 = Some(formats::manifest::sha256_hex(text.as_bytes()));
         out.push(sidecar(
             &crate::image::bmap_path_for(output),
             text.as_bytes(),
@@ -145,24 +203,32 @@ fn sidecars(
             let head = read_at(f, 0, size.min(1 << 20) as usize)?;
             disk.head_sha256 = Some(formats::manifest::head_sha256(&head));
         }
+        if disk.bmap_sha256.is_some() {
+            disk.bmap_sha256 = bmap_sha256;
+        }
         let text = serde_json::to_vec_pretty(&disk)?;
         out.push(sidecar(&formats::manifest::path_for(output), &text)?);
+        manifest = Some(text);
     }
     for stale in [
         crate::image::bmap_path_for(output),
         formats::manifest::path_for(output),
     ] {
         if !out.iter().any(|o| o.target() == stale) {
-            match std::fs::remove_file(&stale) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e)
-                        .with_context(|| format!("removing the stale {}", stale.display()))
-                }
-                _ => {}
-            }
+            remove_if_there(&stale)?;
         }
     }
-    Ok(out)
+    Ok((out, manifest))
+}
+
+/// A stale sidecar removed (it described other bytes).
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing the stale {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn sidecar(path: &Path, bytes: &[u8]) -> Result<AtomicOutput> {

@@ -1,0 +1,121 @@
+//! Ed25519 keys in Nix's own format (`NAME:BASE64`, as
+//! `nix-store --generate-binary-cache-key NAME SECRET PUBLIC` writes them:
+//! the secret 64 bytes, seed then public key; the public 32), and
+//! signatures as Nix writes them (`NAME:BASE64` of the 64-byte
+//! signature): what signs an image's layout manifest (`IMAGE.sig`).
+
+use base64::Engine;
+use ed25519_dalek::{Signer as _, Verifier as _};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// `NAME:BASE64` split and decoded to exactly `n` bytes.
+fn parse(text: &str, n: usize, what: &str) -> Result<(String, Vec<u8>), String> {
+    let want = format!("a Nix {what} key, NAME:BASE64 of {n} bytes, as nix-store --generate-binary-cache-key writes it");
+    let Some((name, b64)) = text.trim().split_once(':') else {
+        return Err(format!("not {want}"));
+    };
+    match B64.decode(b64) {
+        Ok(bytes) if bytes.len() == n && !name.is_empty() => Ok((name.to_string(), bytes)),
+        _ => Err(format!("not {want}")),
+    }
+}
+
+/// A secret key: its name and the Ed25519 key.
+pub struct SecretKey {
+    pub name: String,
+    key: ed25519_dalek::SigningKey,
+}
+
+impl SecretKey {
+    pub fn parse(text: &str) -> Result<SecretKey, String> {
+        let (name, bytes) = parse(text, 64, "secret")?;
+        let seed: [u8; 32] = bytes[..32].try_into().expect("32 bytes");
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        if key.verifying_key().as_bytes() != &bytes[32..] {
+            return Err("a Nix secret key whose public half does not match its seed".into());
+        }
+        Ok(SecretKey { name, key })
+    }
+
+    /// `NAME:BASE64` of the Ed25519 signature of `message`.
+    pub fn sign(&self, message: &[u8]) -> String {
+        let sig = self.key.sign(message);
+        format!("{}:{}", self.name, B64.encode(sig.to_bytes()))
+    }
+
+    /// The public key, as Nix writes it.
+    pub fn public(&self) -> String {
+        format!(
+            "{}:{}",
+            self.name,
+            B64.encode(self.key.verifying_key().as_bytes())
+        )
+    }
+}
+
+/// A public (trusted) key.
+#[derive(Clone, Debug)]
+pub struct PublicKey {
+    pub name: String,
+    key: ed25519_dalek::VerifyingKey,
+}
+
+impl PublicKey {
+    pub fn parse(text: &str) -> Result<PublicKey, String> {
+        let (name, bytes) = parse(text, 32, "public")?;
+        let raw: [u8; 32] = bytes.try_into().expect("32 bytes");
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+            .map_err(|_| "a Nix public key that is not an Ed25519 point".to_string())?;
+        Ok(PublicKey { name, key })
+    }
+
+    /// Whether `signature` (`NAME:BASE64`) is this key's over `message`.
+    pub fn verifies(&self, message: &[u8], signature: &str) -> bool {
+        let Some((name, b64)) = signature.trim().split_once(':') else {
+            return false;
+        };
+        let Ok(bytes) = B64.decode(b64) else {
+            return false;
+        };
+        let Ok(sig) = ed25519_dalek::Signature::from_slice(&bytes) else {
+            return false;
+        };
+        name == self.name && self.key.verify(message, &sig).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Made by `nix-store --generate-binary-cache-key test.example-1 SK PK`
+    /// for these tests (not secret).
+    const SK: &str = "test.example-1:PdDxL3a7r9YHIaFccFe3vjvKzDDO+Ay00eJlxAqxVkv04jxLadjSm4XpPdk5zKzceQ2DllroDTlFNmaOWkI8Aw==";
+    const PK: &str = "test.example-1:9OI8S2nY0puF6T3ZOcys3HkNg5Za6A05RTZmjlpCPAM=";
+
+    #[test]
+    fn nix_keys_sign_and_verify_and_other_bytes_do_not() {
+        let sk = SecretKey::parse(SK).unwrap();
+        assert_eq!(sk.public(), PK);
+        let pk = PublicKey::parse(PK).unwrap();
+        let sig = sk.sign(b"manifest");
+        assert!(sig.starts_with("test.example-1:"));
+        assert!(pk.verifies(b"manifest", &sig));
+        assert!(!pk.verifies(b"manifesT", &sig));
+        assert!(!pk.verifies(b"manifest", &sig.replace("test.example-1", "other")));
+        assert_eq!(sk.sign(b"manifest"), sig, "Ed25519 is deterministic");
+    }
+
+    #[test]
+    fn wrong_formats_say_which_is_wanted() {
+        let e = SecretKey::parse(PK).err().unwrap();
+        assert!(
+            e.contains("not a Nix secret key, NAME:BASE64 of 64 bytes"),
+            "{e}"
+        );
+        let e = PublicKey::parse("ssh-ed25519 AAAA").err().unwrap();
+        assert!(e.contains("not a Nix public key"), "{e}");
+        assert!(PublicKey::parse(SK).is_err());
+    }
+}
