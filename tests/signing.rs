@@ -534,6 +534,33 @@ fn a_nix_key_signs_the_layout_manifest_as_openssl_verifies() {
     )
     .unwrap();
     assert!(!openssl_verifies(dir.path(), &pk, &edited, &sig));
+    // forge inspect names the key, and checks it against trusted keys.
+    let text = ok(forge().arg("inspect").arg(&img));
+    assert!(text.contains("by ci.example-1: not checked"), "{text}");
+    let pk_file = dir.path().join("nix.pk");
+    let text = ok(forge()
+        .arg("inspect")
+        .arg(&img)
+        .arg("--trust")
+        .arg(&pk_file));
+    assert!(
+        text.contains("by ci.example-1: verified with a trusted key"),
+        "{text}"
+    );
+    let other = tempfile::tempdir().unwrap();
+    nix_keys(other.path());
+    let err = fails(
+        forge()
+            .arg("inspect")
+            .arg(&img)
+            .arg("--trust")
+            .arg(other.path().join("nix.pk")),
+    );
+    assert!(
+        the_error(&err).contains("not a signature of")
+            && the_error(&err).contains("by a trusted key"),
+        "{err}"
+    );
     // Signing PE files with --key too: the new image's manifest is signed.
     let key = snakeoil_key(dir.path());
     let uki = dir.path().join("uki.img");

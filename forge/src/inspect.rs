@@ -28,6 +28,9 @@ pub struct Report {
     /// `--verify`: the dm-verity root checked whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verified: Option<crate::verity_check::Verified>,
+    /// `IMAGE.sig`: the key it names, and with `--trust`, checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::sign::manifest::Signature>,
 }
 
 /// The role our layouts give a partition of this type (or, on an MBR,
@@ -170,6 +173,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
                 .map(|b| formats::manifest::sha256_hex(&b)),
         },
         verified: None,
+        signature: None,
     })
 }
 
@@ -475,6 +479,17 @@ pub fn render(r: &Report) -> String {
                 s.push_str(&format!("        {k} {v}\n"));
             }
         }
+    }
+    if let Some(sig) = &r.signature {
+        let state = match sig.verified {
+            Some(true) => "verified with a trusted key",
+            _ => "not checked (give --trust PUBKEY)",
+        };
+        s.push_str(&format!(
+            "manifest signature: {} by {}: {state}\n",
+            sig.file.display(),
+            sig.key
+        ));
     }
     if let Some(v) = &r.verified {
         s.push_str(&format!(

@@ -79,6 +79,10 @@ enum Cmd {
         /// GUIDs, the root hash's signature); exit 1 naming what differs.
         #[arg(long)]
         verify: bool,
+        /// A Nix public key (NAME:BASE64) IMAGE.sig must verify with (over
+        /// the layout manifest beside the image); repeatable. Exit 1 when none does.
+        #[arg(long, value_name = "PUBKEY")]
+        trust: Vec<PathBuf>,
     },
 }
 
@@ -136,8 +140,14 @@ fn run(cli: Cli) -> Result<()> {
             image,
             json,
             verify,
+            trust,
         } => {
             let mut r = forge::inspect::inspect(&image)?;
+            let trusted: Vec<_> = trust
+                .iter()
+                .map(|p| forge::sign::manifest::load_public(p))
+                .collect::<Result<_>>()?;
+            r.signature = forge::sign::manifest::describe(&image, &trusted)?;
             if verify {
                 r.verified = Some(forge::verity_check::check(&image, &r)?);
             }

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use formats::manifest::{self, Disk};
-use formats::sign::nixkey::SecretKey;
+use formats::sign::nixkey::{PublicKey, SecretKey};
 
 use crate::output::AtomicOutput;
 
@@ -72,4 +72,63 @@ pub fn checked(image: &Path) -> Result<Vec<u8>> {
         }
     }
     Ok(bytes)
+}
+
+/// What `forge inspect` says of `IMAGE.sig`.
+#[derive(serde::Serialize)]
+pub struct Signature {
+    pub file: PathBuf,
+    /// The key name it gives.
+    pub key: String,
+    /// With trusted keys given: it verifies over the manifest beside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+}
+
+/// A Nix public key file (`NAME:BASE64`).
+pub fn load_public(path: &Path) -> Result<PublicKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--trust {}", path.display()))?;
+    PublicKey::parse(&text).map_err(|e| anyhow::anyhow!("--trust {}: {e}", path.display()))
+}
+
+/// `IMAGE.sig` beside `image`, if there is one, checked against the
+/// manifest beside it with `trusted` keys (when any are given; a signature
+/// none of them verifies is an error naming the files).
+pub fn describe(image: &Path, trusted: &[PublicKey]) -> Result<Option<Signature>> {
+    let file = sig_path_for(image);
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        if !trusted.is_empty() {
+            bail!(
+                "{}: no signature beside it ({})",
+                image.display(),
+                file.display()
+            );
+        }
+        return Ok(None);
+    };
+    let key = text
+        .trim()
+        .split_once(':')
+        .map(|(k, _)| k.to_string())
+        .unwrap_or_default();
+    let verified = if trusted.is_empty() {
+        None
+    } else {
+        let m = manifest::path_for(image);
+        let bytes = std::fs::read(&m).with_context(|| m.display().to_string())?;
+        if !trusted.iter().any(|k| k.verifies(&bytes, &text)) {
+            bail!(
+                "{}: not a signature of {} by a trusted key (it names {key:?})",
+                file.display(),
+                m.display()
+            );
+        }
+        Some(true)
+    };
+    Ok(Some(Signature {
+        file,
+        key,
+        verified,
+    }))
 }
