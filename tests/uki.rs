@@ -108,45 +108,25 @@ fn uki_options_out_of_place_are_refused_writing_nothing() {
         "{err}"
     );
     let x86 = system("x86_64");
-    // The fixture's systemd has no stub beside systemd-boot.
-    let err = fails(
-        forge_image_of(&x86)
-            .args(["--format", "raw-efi", "--uki", "-o"])
-            .arg(dir.path().join("a.img")),
-    );
-    assert!(
-        the_error(&err).contains("no EFI stub beside the system's systemd-boot"),
-        "{err}"
-    );
-    let err = fails(
-        forge_image_of(&x86)
-            .args([
-                "--format",
-                "raw-efi",
-                "--uki",
-                "--uki-stub",
-                "/nonexistent/stub",
-                "-o",
-            ])
-            .arg(dir.path().join("b.img")),
-    );
-    assert!(the_error(&err).contains("/nonexistent/stub"), "{err}");
-    // A file that is not a PE image, named.
-    let err = fails(
-        forge_image_of(&x86)
-            .args([
-                "--format",
-                "raw-efi",
-                "--uki",
-                "--uki-stub",
-                "/etc/hostname",
-                "-o",
-            ])
-            .arg(dir.path().join("c.img")),
-    );
-    assert!(
-        the_error(&err).contains("the EFI stub /etc/hostname: not a PE image"),
-        "{err}"
-    );
+    let cases: [(&[&str], &str); 3] = [
+        // The fixture's systemd has no stub beside systemd-boot.
+        (&[], "no EFI stub beside the system's systemd-boot"),
+        (&["--uki-stub", "/nonexistent/stub"], "/nonexistent/stub"),
+        // A file that is not a PE image, named.
+        (
+            &["--uki-stub", "/etc/hostname"],
+            "the EFI stub /etc/hostname: not a PE image",
+        ),
+    ];
+    for (i, (args, want)) in cases.into_iter().enumerate() {
+        let err = fails(
+            forge_image_of(&x86)
+                .args(["--format", "raw-efi", "--uki"])
+                .args(args)
+                .arg("-o")
+                .arg(dir.path().join(format!("{i}.img"))),
+        );
+        assert!(the_error(&err).contains(want), "{err}");
+    }
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
 }

@@ -97,7 +97,8 @@ fn verity_at(f: &mut File, p: &Part) -> Option<formats::verity::Found> {
     formats::verity::read(&head)
 }
 
-fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
+/// `n` bytes at `off` of `f` (forge inspect, forge sign, --verify).
+pub(crate) fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     let mut b = vec![0u8; n];
     f.seek(SeekFrom::Start(off))?;
     f.read_exact(&mut b)?;

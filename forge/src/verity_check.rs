@@ -12,7 +12,7 @@ use std::path::Path;
 
 use formats::verity;
 
-use crate::inspect::Report;
+use crate::inspect::{read_at, Report};
 use crate::layout::{Part, Role};
 
 /// What was verified.
@@ -137,11 +137,4 @@ fn signer(f: &mut File, p: &Part, root_hex: &str) -> Result<String> {
         Some((who, false)) => bail!("the root hash's signature (by {who}) does not verify"),
         None => bail!("the root-verity-sig partition's signature is not a PKCS#7 signature"),
     }
-}
-
-fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
-    let mut b = vec![0u8; n];
-    f.seek(SeekFrom::Start(off))?;
-    f.read_exact(&mut b)?;
-    Ok(b)
 }

@@ -22,6 +22,7 @@ use formats::tree::{Node, Tree};
 use formats::{seed, verity};
 
 use crate::image::{KeyFiles, VERITY_SIG_NAME};
+use crate::inspect::read_at;
 use crate::output::AtomicOutput;
 
 pub mod manifest;
@@ -252,13 +253,6 @@ fn sha256_at(f: &mut File, off: u64, len: u64) -> std::io::Result<String> {
         left -= n as u64;
     }
     Ok(format!("{:x}", h.finalize()))
-}
-
-fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
-    let mut b = vec![0u8; n];
-    f.seek(SeekFrom::Start(off))?;
-    f.read_exact(&mut b)?;
-    Ok(b)
 }
 
 /// The image's GPT and sector size (a raw image: `forge sign` does not
