@@ -4,8 +4,19 @@
 BUILD    ?= build
 FIX      := $(BUILD)/fixtures
 CARGO    ?= cargo
-FORGE    := target/release/forge
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
+
+# One release build, static (glibc linked in): what `make install`
+# installs, what the tests and the bench drive, and what runs inside the
+# Nix sandbox (which holds only store paths). Its own target directory
+# (--target), so RUSTFLAGS reach neither build scripts nor proc macros.
+# Evaluated when used, after `deps`.
+HOST_TRIPLE = $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+REL     = target/$(HOST_TRIPLE)/release
+FORGE   = $(REL)/forge
+RELEASE = RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --workspace --bins --target $(HOST_TRIPLE)
+export NIXFORGE_RELEASE_DIR = $(abspath $(REL))
+export NIXFORGE_STATIC_FORGE = $(abspath $(FORGE))
 
 .PHONY: all deps fixtures build test-bins static install test test-unit test-boots test-flash fuzz demo bench bench-base bench-scaling lint clean
 
@@ -21,32 +32,27 @@ $(FIX)/.stamp: fixtures/make-systems.sh fixtures/system.nix fixtures/stage1-init
 fixtures: deps $(FIX)/.stamp
 
 build:
-	$(CARGO) build --release --workspace --bins
+	$(RELEASE)
 
 # The binaries the end-to-end tests drive: release builds with the
 # `test-hooks` feature (the NIXFORGE_*_PAUSE points tests interrupt at),
-# copied aside; target/release keeps the plain binaries `make build`,
+# copied aside; $(REL) keeps the plain binaries `make build`,
 # `make install` and Nix ship (cargo keeps both builds cached).
 TEST_BIN := target/test-hooks
 test-bins: build
-	$(CARGO) build --release --workspace --bins --features nixforge/test-hooks,nixforge-flash/test-hooks
+	$(RELEASE) --features nixforge/test-hooks,nixforge-flash/test-hooks
 	mkdir -p $(TEST_BIN)
-	cp -f target/release/forge target/release/flash $(TEST_BIN)/
-	$(CARGO) build --release --workspace --bins
+	cp -f $(REL)/forge $(REL)/flash $(TEST_BIN)/
+	$(RELEASE)
 
-# A static forge, for running inside the Nix sandbox (which holds only
-# store paths) in the tests; its own target directory, so `build` is untouched.
-HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
-STATIC_FORGE := target/$(HOST_TRIPLE)/release/forge
-export NIXFORGE_STATIC_FORGE := $(abspath $(STATIC_FORGE))
-static:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p nixforge --bin forge --target $(HOST_TRIPLE)
+# The static forge the Nix sandbox tests run: the release build itself.
+static: build
 
 # forge and flash, their man pages and shell completions (bash, zsh, fish),
 # under $(DESTDIR)$(PREFIX). Installs what `make build` built.
 PREFIX  ?= /usr/local
 DESTDIR ?=
-BIN_DIR ?= target/release
+BIN_DIR ?= $(REL)
 install:
 	@test -x $(BIN_DIR)/forge -a -x $(BIN_DIR)/flash || { echo "install: no binaries in $(BIN_DIR): run make build first" >&2; exit 1; }
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
@@ -63,8 +69,8 @@ install:
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
 # at hashing and writing).
-test: deps fixtures test-bins static
-	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) NIXFORGE_RELEASE_DIR=$(abspath target/release) $(CARGO) test --workspace -- --test-threads=2
+test: deps fixtures test-bins
+	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test --workspace -- --test-threads=2
 
 # Parts of `make test` on their own. test-unit needs no root, no
 # fixtures and no loop devices (the flash core runs on an in-memory disk).
@@ -75,7 +81,7 @@ test-boots: deps fixtures test-bins
 	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests -- --test-threads=2 boots
 # flash on loop devices (root): writes, faults, kills, refusals.
 test-flash: deps fixtures test-bins
-	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests --test flash --test flash_safety -- --test-threads=2
+	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests --test e2e -- --test-threads=2 flash:: flash_safety:: trust::
 
 # The parsers' property tests (tables, a device's own table, bmap, zstd frames, registration,
 # bootspec; every test named *never_panic) for FUZZ_SECS each, on a fresh

@@ -4,7 +4,7 @@
 # serial console. Exits non-zero unless the system reports a good boot.
 set -euo pipefail
 fix=$(realpath "${1:?fixtures dir}"); out=$(realpath -m "${2:?output dir}")
-forge=target/release/forge
+forge=${NIXFORGE_RELEASE_DIR:-target/release}/forge
 mkdir -p "$out"
 sys=$fix/x86_64
 echo "== forge closure (the system the image will hold)"

@@ -1,0 +1,40 @@
+//! The end-to-end tests, one module per file, in one test binary: run
+//! one file's with `cargo test --test e2e FILE::` (e.g. `flash::`), any
+//! test by a part of its name.
+
+#[path = "closure.rs"]
+mod closure;
+#[path = "defects_flash.rs"]
+mod defects_flash;
+#[path = "defects_forge.rs"]
+mod defects_forge;
+#[path = "ext4.rs"]
+mod ext4;
+#[path = "flash.rs"]
+mod flash;
+#[path = "flash_safety.rs"]
+mod flash_safety;
+#[path = "fleet.rs"]
+mod fleet;
+#[path = "image.rs"]
+mod image;
+#[path = "image_safety.rs"]
+mod image_safety;
+#[path = "nix.rs"]
+mod nix;
+#[path = "oci.rs"]
+mod oci;
+#[path = "provision.rs"]
+mod provision;
+#[path = "release.rs"]
+mod release;
+#[path = "sd.rs"]
+mod sd;
+#[path = "signing.rs"]
+mod signing;
+#[path = "uki.rs"]
+mod uki;
+#[path = "verity.rs"]
+mod verity;
+#[path = "vm.rs"]
+mod vm;
