@@ -32,6 +32,8 @@ mod release;
 mod sd;
 #[path = "signing.rs"]
 mod signing;
+#[path = "trust.rs"]
+mod trust;
 #[path = "uki.rs"]
 mod uki;
 #[path = "verity.rs"]

@@ -414,6 +414,25 @@ pub fn snakeoil_key(dir: &Path) -> PathBuf {
     key
 }
 
+/// A Nix key pair named `name` made by Nix itself, into `dir`: (secret
+/// key file, public key file).
+pub fn nix_keys_named(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (sk, pk) = (
+        dir.join(format!("{name}.sk")),
+        dir.join(format!("{name}.pk")),
+    );
+    ok(Command::new("nix-store")
+        .args(["--generate-binary-cache-key", name])
+        .arg(&sk)
+        .arg(&pk));
+    (sk, pk)
+}
+
+/// `p` with `suffix` appended (a sidecar's name).
+pub fn with(p: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", p.display()))
+}
+
 fn boot_with(
     arch: &str,
     disks: &[(PathBuf, &str, bool)],

@@ -340,10 +340,6 @@ fn forge_sign_after_the_build_makes_the_image_built_with_the_keys() {
     );
 }
 
-fn with(p: &Path, suffix: &str) -> PathBuf {
-    PathBuf::from(format!("{}{suffix}", p.display()))
-}
-
 #[test]
 fn forge_sign_refuses_what_it_cannot_sign_writing_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -450,13 +446,10 @@ fn inspect_shows_the_signatures_and_verify_checks_the_root_whole() {
     ok(forge().arg("inspect").arg(&bad));
 }
 
-/// A Nix key pair made by Nix itself, into `dir`: (secret, public).
+/// A Nix key pair made by Nix itself, into `dir`: (secret key file,
+/// public key).
 fn nix_keys(dir: &Path) -> (PathBuf, String) {
-    let (sk, pk) = (dir.join("nix.sk"), dir.join("nix.pk"));
-    ok(Command::new("nix-store")
-        .args(["--generate-binary-cache-key", "ci.example-1"])
-        .arg(&sk)
-        .arg(&pk));
+    let (sk, pk) = nix_keys_named(dir, "ci.example-1");
     (sk, std::fs::read_to_string(&pk).unwrap())
 }
 
@@ -537,7 +530,7 @@ fn a_nix_key_signs_the_layout_manifest_as_openssl_verifies() {
     // forge inspect names the key, and checks it against trusted keys.
     let text = ok(forge().arg("inspect").arg(&img));
     assert!(text.contains("by ci.example-1: not checked"), "{text}");
-    let pk_file = dir.path().join("nix.pk");
+    let pk_file = dir.path().join("ci.example-1.pk");
     let text = ok(forge()
         .arg("inspect")
         .arg(&img)
@@ -554,11 +547,11 @@ fn a_nix_key_signs_the_layout_manifest_as_openssl_verifies() {
             .arg("inspect")
             .arg(&img)
             .arg("--trust")
-            .arg(other.path().join("nix.pk")),
+            .arg(other.path().join("ci.example-1.pk")),
     );
     assert!(
         the_error(&err).contains("not a signature of")
-            && the_error(&err).contains("by a trusted key"),
+            && the_error(&err).contains("by the trusted key \"ci.example-1\""),
         "{err}"
     );
     // Signing PE files with --key too: the new image's manifest is signed.
@@ -602,7 +595,7 @@ fn manifest_signing_refuses_wrong_keys_and_manifests_writing_nothing() {
         .arg(&img));
     let before = dir_entries(&out);
     // The public key given as the secret one: the format wanted is named.
-    let pub_file = dir.path().join("nix.pk");
+    let pub_file = dir.path().join("ci.example-1.pk");
     let err = fails(forge().arg("sign").arg(&img).arg("--key").arg(&pub_file));
     assert!(
         the_error(&err).contains("not a Nix secret key, NAME:BASE64 of 64 bytes"),

@@ -5,6 +5,7 @@
 //! arguments, asks and prints.
 //! `devices` finds disks and why each would be refused (`refusal` names
 //! every check); `source` streams an image (raw or zstd) by its bmap;
+//! `trust` checks an image's signature and what it vouches for;
 //! `examine` checks the source (a whole disk image, its own sidecars) and
 //! `preflight` each device, before any write; `provision` assigns each
 //! device its identity and plans its own bytes (`personal`);
@@ -27,6 +28,7 @@ pub mod provision;
 pub mod refusal;
 pub mod session;
 pub mod source;
+pub mod trust;
 pub mod write;
 
 /// Where the writers report progress; the binary draws it.

@@ -18,6 +18,7 @@ use crate::probe::ProbeError;
 use crate::provision::{self, Provisioning};
 use crate::refusal::{Check, Refused};
 use crate::source::{BmapChoice, Source};
+use crate::trust::{Signed, Trust};
 use crate::write::{self, Mismatch, Outcome};
 use crate::Progress;
 
@@ -33,6 +34,8 @@ pub struct Request {
     pub devices: Vec<PathBuf>,
     pub allow_non_removable: bool,
     pub provisioning: Provisioning,
+    /// The keys an image must be signed by (none: signatures unchecked).
+    pub trust: Trust,
 }
 
 /// Nothing was written: refused or failed before the first write.
@@ -81,6 +84,8 @@ pub struct Session {
     pub devices: Vec<Planned>,
     /// Said of the identities (hidden entries skipped…).
     pub notes: Vec<String>,
+    /// Who signed the image, when keys are trusted.
+    pub signed: Option<Signed>,
     provisioning: Provisioning,
 }
 
@@ -91,7 +96,8 @@ pub fn prepare(req: &Request, host: &Host) -> Result<Session> {
 
 fn checked(req: &Request, host: &Host) -> Result<Session> {
     let src = Source::open(&req.image, req.bmap.clone())?;
-    let sector = examine(&src, req.raw)?.sector;
+    let signed = crate::trust::check(&src, &req.trust)?;
+    let sector = examine(&src, req.raw, signed.is_some())?.sector;
     if let Some(want) = &req.sha256 {
         check_sha256(&req.image, want)?;
     }
@@ -120,6 +126,7 @@ fn checked(req: &Request, host: &Host) -> Result<Session> {
         src,
         devices,
         notes,
+        signed,
         provisioning: prov.clone(),
     })
 }

@@ -17,6 +17,9 @@ pub struct Source {
     /// Size of the (decompressed) image.
     pub size: u64,
     pub bmap: Option<(PathBuf, Bmap)>,
+    /// The SHA-256 of the bmap's bytes as read (what a signed manifest
+    /// names).
+    pub bmap_sha256: Option<String>,
     /// (offset, length, expected checksum) of every range to write.
     spans: Vec<(u64, u64, Option<String>)>,
     /// The first MiB of the (decompressed) image, or all of a shorter one.
@@ -78,13 +81,14 @@ impl Source {
             BmapChoice::File(p) => Some(p),
             BmapChoice::None => None,
         };
-        let bmap = match bmap_path {
+        let (bmap, bmap_sha256) = match bmap_path {
             Some(p) => {
                 let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
                 let b = bmap::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                Some((p, b))
+                let sum = format!("{:x}", Sha256::digest(text.as_bytes()));
+                (Some((p, b)), Some(sum))
             }
-            None => None,
+            None => (None, None),
         };
         let size = if zstd {
             // Every frame's declared size (pzstd writes many, after a
@@ -135,6 +139,7 @@ impl Source {
             zstd,
             size,
             bmap,
+            bmap_sha256,
             spans,
             first: Vec::new(),
         };

@@ -24,6 +24,7 @@ use flash::device::{BlockDevice, Device};
 use flash::preflight::{self, Host, Need};
 use flash::session::{self, Request, Session};
 use flash::source::{BmapChoice, Source};
+use flash::trust::Trust;
 use flash::write::{self, Mismatch};
 use progress::Bars;
 
@@ -38,10 +39,13 @@ Examples:
   flash nixos.img.zst /dev/disk/by-id/usb-SanDisk_Ultra_4C53-0:0
   flash disk.img /dev/sdb /dev/sdc --yes --allow-non-removable
   flash verify disk.img /dev/sdb
+  flash nixos.img.zst /dev/sdb --trust ci.pub      (only if CI signed it)
 
 Before the first byte every check runs: the source is a disk image (a
 partition table; --raw otherwise), whole (a .zst's frames, the table's
-reach), with its own bmap and layout manifest; every device is a whole,
+reach), with its own bmap and layout manifest; with --trust (or keys in
+/etc/nixforge/trusted-keys.d), signed by a trusted key, each range then
+checked against its signed hash before it is written; every device is a whole,
 writable, unmounted, removable disk large enough, each given once.
 Old partition tables are wiped first and the new one is written last, so
 an interrupted or failed flash leaves no table that anything would use.
@@ -105,6 +109,37 @@ struct WriteArgs {
     quiet: bool,
     #[command(flatten)]
     prov: provision::ProvisionArgs,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// Signed images: the keys to trust.
+#[derive(clap::Args)]
+struct TrustArgs {
+    /// Write only an image whose IMAGE.sig is this key's signature of its
+    /// layout manifest (a Nix public key, NAME:BASE64, or an OpenSSH
+    /// ssh-ed25519 one); repeatable. Default: the keys in
+    /// /etc/nixforge/trusted-keys.d when that directory exists.
+    #[arg(long, value_name = "PUBKEY")]
+    trust: Vec<PathBuf>,
+    /// A directory of trusted keys, one per file.
+    #[arg(long, value_name = "DIR")]
+    trusted_keys: Option<PathBuf>,
+    /// With keys trusted, write an image that has no signature anyway (a
+    /// signature that is there must still verify).
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+impl TrustArgs {
+    fn load(&self) -> Result<Trust> {
+        Trust::load(
+            &self.trust,
+            self.trusted_keys.as_deref(),
+            self.allow_unsigned,
+        )
+        .map_err(session::nothing_written)
+    }
 }
 
 #[derive(Subcommand)]
@@ -140,6 +175,8 @@ enum Cmd {
         /// partition's present size. Needs the image's layout manifest.
         #[arg(long)]
         except_state: bool,
+        #[command(flatten)]
+        trust: TrustArgs,
     },
     /// Print the shell completion script for SHELL.
     Completions {
@@ -206,8 +243,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             no_bmap,
             allow_non_removable,
             except_state,
+            trust,
         }) => {
             let src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
+            let signed =
+                flash::trust::check(&src, &trust.load()?).map_err(session::nothing_written)?;
+            if let Some(s) = &signed {
+                eprintln!("flash: {}", signed_line(&image, s));
+            }
             verify_cmd(&image, &device, src, allow_non_removable, except_state)
         }
         Some(Cmd::Completions { shell }) => {
@@ -286,13 +329,18 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
         devices: a.devices.clone(),
         allow_non_removable: a.allow_non_removable,
         provisioning: (&a.prov).into(),
+        trust: a.trust.load()?,
     };
     let s = session::prepare(&req, &Host::default())?;
     if !a.quiet {
         for n in &s.notes {
             eprintln!("flash: {n}");
         }
+        if let Some(signed) = &s.signed {
+            eprintln!("flash: {}", signed_line(&req.image, signed));
+        }
     }
+    let signed = s.signed.clone();
     // Asking fails (no terminal, a closed stdin) before anything is written.
     confirm(&a, &s).map_err(session::nothing_written)?;
     let opened = s.open()?;
@@ -304,7 +352,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let mut worst: Option<anyhow::Error> = None;
     for w in s.write(opened, &opts, &bars) {
         match &w.result {
-            Ok(o) => reports.push(report::done(&w, o, &bars)),
+            Ok(o) => reports.push(report::done(&w, o, signed.as_ref(), &bars)),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 reports.push(serde_json::json!({ "device": w.target.disk.path, "ok": false, "error": format!("{e:#}") }));
@@ -330,6 +378,20 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
         Some(e) => exit_code(&e),
         None => ExitCode::SUCCESS,
     })
+}
+
+/// Who signed the image, said once before anything is written.
+fn signed_line(image: &Path, s: &flash::trust::Signed) -> String {
+    format!(
+        "{}: signed by {} (trusted key {}){}",
+        image.display(),
+        s.key,
+        s.anchor.display(),
+        s.toplevel
+            .as_ref()
+            .map(|t| format!(", system {t}"))
+            .unwrap_or_default()
+    )
 }
 
 /// The mapping shown, and "yes" typed, unless --yes.

@@ -1,12 +1,13 @@
 //! What flash prints of a written device: its lines, and its JSON object.
 
 use flash::session::Written;
+use flash::trust::Signed;
 use flash::write::Outcome;
 
 use super::progress::Bars;
 
 /// The lines of a device written, printed above the bars; its JSON.
-pub fn done(w: &Written, o: &Outcome, bars: &Bars) -> serde_json::Value {
+pub fn done(w: &Written, o: &Outcome, signed: Option<&Signed>, bars: &Bars) -> serde_json::Value {
     let probe = if w.probed { "passed" } else { "not probed" };
     if let Some(p) = &w.provisioned {
         bars.println(&format!(
@@ -54,6 +55,7 @@ pub fn done(w: &Written, o: &Outcome, bars: &Bars) -> serde_json::Value {
         "host_key": p.and_then(|p| p.host_key.clone()),
         "state_size": p.map(|p| p.state_size),
         "probe": probe,
+        "signed": signed,
         "report": o,
     })
 }

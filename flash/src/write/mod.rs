@@ -269,7 +269,10 @@ const SLICE: usize = 64 << 10;
 
 /// One hasher: read the chunks it is given (unless the reader did),
 /// check the ranges against the bmap, hash each chunk past the first MiB
-/// for the read-back, and hand every chunk to the live writers.
+/// for the read-back, and hand every chunk to the live writers; a
+/// checked range's chunks only once the whole range has matched (ranges
+/// up to [`crate::trust::MAX_HELD`], which the reader can queue whole),
+/// so no byte of a range that fails its checksum reaches a device.
 fn hash_chunks(
     src: &Source,
     rx: Receiver<Leased>,
@@ -283,6 +286,7 @@ fn hash_chunks(
     };
     let mut units = Vec::new();
     let mut check: Option<(usize, RangeCheck)> = None;
+    let mut held: Vec<Leased> = Vec::new();
     for mut c in rx {
         if check.as_ref().is_none_or(|(r, _)| *r != c.range) {
             check = Some((c.range, src.range_check(c.range)));
@@ -324,10 +328,17 @@ fn hash_chunks(
                 k.finish()?;
             }
         }
-        let c = Arc::new(c);
-        for (tx, gone) in writers.iter().zip(gone) {
-            if !gone.load(Ordering::Relaxed) && tx.send(Msg::Chunk(c.clone())).is_err() {
-                gone.store(true, Ordering::Relaxed); // that writer failed
+        let (_, range_len, sum) = &src.ranges()[c.range];
+        if sum.is_some() && *range_len <= crate::trust::MAX_HELD && !c.last {
+            held.push(c); // handed on once the whole range checks
+            continue;
+        }
+        for c in held.drain(..).chain([c]) {
+            let c = Arc::new(c);
+            for (tx, gone) in writers.iter().zip(gone) {
+                if !gone.load(Ordering::Relaxed) && tx.send(Msg::Chunk(c.clone())).is_err() {
+                    gone.store(true, Ordering::Relaxed); // that writer failed
+                }
             }
         }
     }

@@ -244,6 +244,30 @@ fn a_byte_flipped_between_write_and_verify_is_located_exactly() {
     assert_head_wiped(&disk);
 }
 
+#[test]
+fn a_range_that_fails_its_checksum_reaches_the_disk_not_even_in_part() {
+    let t = tempfile::tempdir().unwrap();
+    let (path, img, _) = image(t.path(), 512, true);
+    // The data range (1 MiB to past 5 MiB) streams as two chunks; change
+    // a byte of the second after the bmap was made.
+    let at = (5 << 20) + 100;
+    let mut changed = img.clone();
+    changed[at] = !changed[at];
+    std::fs::write(&path, &changed).unwrap();
+    let disk = MemDisk::new(img.len() as u64, 512, 0xEE);
+    let (r, disk) = flash_to(&path, disk, true);
+    let e = format!("{:#}", r.unwrap_err());
+    assert!(
+        e.contains("bytes 1048576..") && e.contains("do not match"),
+        "{e}"
+    );
+    let got = disk.bytes();
+    assert!(
+        got[1 << 20..(5 << 20) + 777].iter().all(|&b| b == 0xEE),
+        "no byte of the range was written, not even its first chunk"
+    );
+    assert_head_wiped(&disk);
+}
 /// Where a tool would find a partition table on `disk`: an MBR with a
 /// partition, a primary GPT header, or a backup GPT header at the end.
 fn tables(disk: &[u8], lbs: u64) -> Vec<&'static str> {

@@ -96,6 +96,11 @@ pub struct ImageArgs {
     uki_stub: Option<PathBuf>,
     #[command(flatten)]
     keys: super::SigningKeys,
+    /// Sign the layout manifest with this Nix Ed25519 secret key (NAME:BASE64,
+    /// as nix-store --generate-binary-cache-key writes it): IMAGE.sig beside
+    /// the image, which flash --trust checks (or forge sign --key later).
+    #[arg(long, value_name = "KEYFILE")]
+    sign: Option<PathBuf>,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -173,6 +178,7 @@ pub fn run(a: ImageArgs) -> Result<()> {
         uki: a.uki,
         uki_stub: a.uki_stub,
         secure_boot: a.keys.secure_boot(),
+        sign: a.sign,
         verity_sig: a.keys.verity(),
     };
     image::checked(&opts)?;

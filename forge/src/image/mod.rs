@@ -197,6 +197,9 @@ pub struct Options {
     pub secure_boot: Option<KeyFiles>,
     /// `--verity-key`/`--verity-cert`: a root-verity-sig partition.
     pub verity_sig: Option<KeyFiles>,
+    /// `--sign`: a Nix secret key file; `IMAGE.sig`, its signature of the
+    /// layout manifest, is one more sidecar.
+    pub sign: Option<PathBuf>,
 }
 
 /// A private key and its certificate, as files.
@@ -227,6 +230,7 @@ impl KeyFiles {
 pub(crate) struct Signers {
     pub secure_boot: Option<Signer>,
     pub verity: Option<Signer>,
+    pub manifest: Option<formats::sign::nixkey::SecretKey>,
 }
 
 impl Signers {
@@ -242,6 +246,12 @@ impl Signers {
                 .as_ref()
                 .map(|k| k.load("--verity-key"))
                 .transpose()?,
+            manifest: o
+                .sign
+                .as_deref()
+                .map(crate::sign::manifest::load_key)
+                .transpose()
+                .context("--sign")?,
         })
     }
 }
@@ -510,7 +520,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let w = write_outputs(o, kind, &seed, &placed, &c.toplevel, progress)?;
+    let w = write_outputs(o, kind, &seed, &placed, &c.toplevel, &signers, progress)?;
     Ok(Report {
         image: o.output.clone(),
         bmap: w.bmap,
@@ -560,6 +570,7 @@ fn write_outputs(
     seed: &str,
     placed: &crate::layout::Placed,
     toplevel: &str,
+    signers: &Signers,
     progress: &dyn Progress,
 ) -> Result<Outputs> {
     let bmap_path = kind.has_bmap().then(|| bmap_path_for(&o.output));
@@ -594,13 +605,16 @@ fn write_outputs(
         .write_all(&manifest)
         .with_context(|| format!("writing {}", manifest_path.display()))?;
     sidecars.push(mout);
-    // A signature beside an earlier image at this name is of its manifest.
     let sig = crate::sign::manifest::sig_path_for(&o.output);
-    match std::fs::remove_file(&sig) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing the stale {}", sig.display()))
-        }
-        _ => {}
+    match &signers.manifest {
+        Some(key) => sidecars.push(crate::sign::manifest::signature(&o.output, &manifest, key)?),
+        // A signature beside an earlier image at this name is of its manifest.
+        None => match std::fs::remove_file(&sig) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing the stale {}", sig.display()))
+            }
+            _ => {}
+        },
     }
     crate::output::commit_together(out, sidecars)?;
     progress.stage(&format!(

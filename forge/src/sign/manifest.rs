@@ -9,13 +9,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use formats::manifest::{self, Disk};
-use formats::sign::nixkey::{PublicKey, SecretKey};
+use formats::sign::image_sig::{self, Anchor};
+use formats::sign::nixkey::SecretKey;
 
 use crate::output::AtomicOutput;
 
 /// `IMAGE.sig`.
 pub fn sig_path_for(image: &Path) -> PathBuf {
-    crate::output::with_suffix(image, ".sig")
+    image_sig::path_for(image)
 }
 
 /// A Nix secret key file (`nix-store --generate-binary-cache-key`).
@@ -85,17 +86,15 @@ pub struct Signature {
     pub verified: Option<bool>,
 }
 
-/// A Nix public key file (`NAME:BASE64`).
-pub fn load_public(path: &Path) -> Result<PublicKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("--trust {}", path.display()))?;
-    PublicKey::parse(&text).map_err(|e| anyhow::anyhow!("--trust {}: {e}", path.display()))
+/// A trusted key file (Nix `NAME:BASE64`, or OpenSSH `ssh-ed25519`).
+pub fn load_public(path: &Path) -> Result<Anchor> {
+    image_sig::load_anchor(path).context("--trust")
 }
 
 /// `IMAGE.sig` beside `image`, if there is one, checked against the
 /// manifest beside it with `trusted` keys (when any are given; a signature
 /// none of them verifies is an error naming the files).
-pub fn describe(image: &Path, trusted: &[PublicKey]) -> Result<Option<Signature>> {
+pub fn describe(image: &Path, trusted: &[Anchor]) -> Result<Option<Signature>> {
     let file = sig_path_for(image);
     let Ok(text) = std::fs::read_to_string(&file) else {
         if !trusted.is_empty() {
@@ -107,23 +106,13 @@ pub fn describe(image: &Path, trusted: &[PublicKey]) -> Result<Option<Signature>
         }
         return Ok(None);
     };
-    let key = text
-        .trim()
-        .split_once(':')
-        .map(|(k, _)| k.to_string())
-        .unwrap_or_default();
+    let key = image_sig::signer(&text).unwrap_or_default();
     let verified = if trusted.is_empty() {
         None
     } else {
         let m = manifest::path_for(image);
         let bytes = std::fs::read(&m).with_context(|| m.display().to_string())?;
-        if !trusted.iter().any(|k| k.verifies(&bytes, &text)) {
-            bail!(
-                "{}: not a signature of {} by a trusted key (it names {key:?})",
-                file.display(),
-                m.display()
-            );
-        }
+        image_sig::verify(&file, &text, &m, &bytes, trusted)?;
         Some(true)
     };
     Ok(Some(Signature {

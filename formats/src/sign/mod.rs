@@ -8,6 +8,7 @@
 //! message, so same key and bytes, same signature.
 
 pub mod authenticode;
+pub mod image_sig;
 pub mod nixkey;
 pub mod pkcs7;
 

@@ -54,11 +54,35 @@ impl SecretKey {
     }
 }
 
-/// A public (trusted) key.
+/// A public (trusted) key: a Nix one, or an OpenSSH `ssh-ed25519` one.
 #[derive(Clone, Debug)]
 pub struct PublicKey {
+    /// The Nix key's name (a signature must give it); for an OpenSSH key,
+    /// its comment, and any name a signature gives is taken.
     pub name: String,
+    /// An OpenSSH key (it has no name of its own).
+    pub openssh: bool,
     key: ed25519_dalek::VerifyingKey,
+}
+
+/// The key an OpenSSH `ssh-ed25519 BASE64 [COMMENT]` line holds: the
+/// blob is the string "ssh-ed25519" then the 32-byte key, each after its
+/// 4-byte big-endian length.
+fn openssh(text: &str) -> Option<(String, [u8; 32])> {
+    let mut words = text.split_whitespace();
+    let (kind, b64) = (words.next()?, words.next()?);
+    let comment = words.collect::<Vec<_>>().join(" ");
+    let blob = B64.decode(b64).ok()?;
+    let field = |at: usize| -> Option<(&[u8], usize)> {
+        let n = u32::from_be_bytes(blob.get(at..at + 4)?.try_into().ok()?) as usize;
+        Some((blob.get(at + 4..at + 4 + n)?, at + 4 + n))
+    };
+    let (name, at) = field(0)?;
+    let (key, end) = field(at)?;
+    if kind != "ssh-ed25519" || name != b"ssh-ed25519" || end != blob.len() {
+        return None;
+    }
+    Some((comment, key.try_into().ok()?))
 }
 
 impl PublicKey {
@@ -67,7 +91,30 @@ impl PublicKey {
         let raw: [u8; 32] = bytes.try_into().expect("32 bytes");
         let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
             .map_err(|_| "a Nix public key that is not an Ed25519 point".to_string())?;
-        Ok(PublicKey { name, key })
+        Ok(PublicKey {
+            name,
+            openssh: false,
+            key,
+        })
+    }
+
+    /// A Nix public key, or an OpenSSH Ed25519 one (`ssh-ed25519 AAAA…`,
+    /// as in `~/.ssh/id_ed25519.pub`).
+    pub fn parse_anchor(text: &str) -> Result<PublicKey, String> {
+        if !text.trim_start().starts_with("ssh-") {
+            return PublicKey::parse(text)
+                .map_err(|e| format!("{e}, or an OpenSSH ssh-ed25519 public key"));
+        }
+        let Some((comment, raw)) = openssh(text.trim()) else {
+            return Err("not an OpenSSH Ed25519 public key (ssh-ed25519 AAAA… as ssh-keygen -t ed25519 writes it), nor a Nix public key (NAME:BASE64)".into());
+        };
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&raw)
+            .map_err(|_| "an OpenSSH key that is not an Ed25519 point".to_string())?;
+        Ok(PublicKey {
+            name: comment,
+            openssh: true,
+            key,
+        })
     }
 
     /// Whether `signature` (`NAME:BASE64`) is this key's over `message`.
@@ -81,7 +128,7 @@ impl PublicKey {
         let Ok(sig) = ed25519_dalek::Signature::from_slice(&bytes) else {
             return false;
         };
-        name == self.name && self.key.verify(message, &sig).is_ok()
+        (self.openssh || name == self.name) && self.key.verify(message, &sig).is_ok()
     }
 }
 
@@ -91,8 +138,8 @@ mod tests {
 
     /// Made by `nix-store --generate-binary-cache-key test.example-1 SK PK`
     /// for these tests (not secret).
-    const SK: &str = "test.example-1:PdDxL3a7r9YHIaFccFe3vjvKzDDO+Ay00eJlxAqxVkv04jxLadjSm4XpPdk5zKzceQ2DllroDTlFNmaOWkI8Aw==";
-    const PK: &str = "test.example-1:9OI8S2nY0puF6T3ZOcys3HkNg5Za6A05RTZmjlpCPAM=";
+    const SK: &str = include_str!("testdata/nix-test-key.sec");
+    const PK: &str = include_str!("testdata/nix-test-key.pub");
 
     #[test]
     fn nix_keys_sign_and_verify_and_other_bytes_do_not() {
@@ -117,5 +164,27 @@ mod tests {
         let e = PublicKey::parse("ssh-ed25519 AAAA").err().unwrap();
         assert!(e.contains("not a Nix public key"), "{e}");
         assert!(PublicKey::parse(SK).is_err());
+        let e = PublicKey::parse_anchor("ssh-rsa AAAAB3NzaC1yc2E= me")
+            .err()
+            .unwrap();
+        assert!(e.contains("not an OpenSSH Ed25519 public key"), "{e}");
+    }
+
+    #[test]
+    fn an_openssh_ed25519_key_is_an_anchor_for_any_name() {
+        let sk = SecretKey::parse(SK).unwrap();
+        let raw = &B64.decode(PK.split_once(':').unwrap().1).unwrap();
+        let mut blob = Vec::new();
+        for field in [b"ssh-ed25519".as_slice(), raw] {
+            blob.extend((field.len() as u32).to_be_bytes());
+            blob.extend(field);
+        }
+        let line = format!("ssh-ed25519 {} ci@example\n", B64.encode(&blob));
+        let pk = PublicKey::parse_anchor(&line).unwrap();
+        assert!(pk.openssh);
+        assert_eq!(pk.name, "ci@example");
+        assert!(pk.verifies(b"manifest", &sk.sign(b"manifest")));
+        assert!(!pk.verifies(b"manifesT", &sk.sign(b"manifest")));
+        assert!(PublicKey::parse_anchor(PK).is_ok(), "Nix keys too");
     }
 }

@@ -1,0 +1,151 @@
+//! Signed images: with trusted keys, an image is written only when
+//! `IMAGE.sig` is a trusted key's signature of the layout manifest beside
+//! it, and that manifest vouches for everything flash will write. The
+//! chain, all checked before any device is opened: the signature covers
+//! the manifest's exact bytes; the manifest names the image's size, first
+//! MiB (its partition table) and toplevel, and the SHA-256 of its bmap;
+//! the bmap holds a SHA-256 for every mapped range, each at most 64 MiB.
+//! While writing, each range is held until its bytes match its signed
+//! hash and only then handed to the devices (`write`), so a range that
+//! changed under flash never reaches a device; the read-back compares the
+//! device with those checked bytes.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+use crate::source::Source;
+use formats::manifest::{self, Disk};
+use formats::sign::image_sig::{self, Anchor};
+
+/// Where trusted keys are looked for when no `--trust` is given.
+pub const DEFAULT_DIR: &str = "/etc/nixforge/trusted-keys.d";
+
+/// The longest range checked before any of it is written: what the
+/// writers' hashers queue at most (forge's bmap ranges are no longer).
+pub const MAX_HELD: u64 = formats::bmap::MAX_RANGE_BLOCKS * formats::bmap::BLOCK;
+
+/// The keys a run trusts, and whether an image without a signature is
+/// written anyway.
+#[derive(Debug, Clone, Default)]
+pub struct Trust {
+    pub anchors: Vec<Anchor>,
+    pub allow_unsigned: bool,
+}
+
+impl Trust {
+    /// The keys in `files` and in `dir` (the default directory when it
+    /// exists, if none is given), each file one key.
+    pub fn load(files: &[PathBuf], dir: Option<&Path>, allow_unsigned: bool) -> Result<Trust> {
+        let mut anchors = Vec::new();
+        for f in files {
+            anchors.push(image_sig::load_anchor(f).context("--trust")?);
+        }
+        let default = Path::new(DEFAULT_DIR);
+        let dir = dir.or((files.is_empty() && default.is_dir()).then_some(default));
+        if let Some(d) = dir {
+            let found = image_sig::anchors_in(d).context("trusted keys")?;
+            if found.is_empty() && files.is_empty() {
+                bail!("{}: no trusted keys in it", d.display());
+            }
+            anchors.extend(found);
+        }
+        Ok(Trust {
+            anchors,
+            allow_unsigned,
+        })
+    }
+
+    /// Whether signatures are checked at all (some key is trusted).
+    pub fn wanted(&self) -> bool {
+        !self.anchors.is_empty()
+    }
+}
+
+/// Who signed an image, for the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Signed {
+    /// The key name the signature gives.
+    pub key: String,
+    /// The trusted key file that verified it.
+    pub anchor: PathBuf,
+    pub signature: PathBuf,
+    /// The system the image holds, as its manifest names it.
+    pub toplevel: Option<String>,
+}
+
+/// The signature beside `src` checked with `trust`'s keys, and everything
+/// the signed manifest vouches for that can be checked without reading
+/// the image (its size, first MiB, bmap). `None`: no key is trusted, or
+/// the image is unsigned and `--allow-unsigned` was given. A signature
+/// that is there but bad is refused even then.
+pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
+    if !trust.wanted() {
+        return Ok(None);
+    }
+    let image = src.path.display();
+    let sig = image_sig::path_for(&src.path);
+    let text = match std::fs::read_to_string(&sig) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && trust.allow_unsigned => {
+            return Ok(None)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{image}: not signed (no {} beside it), and keys are trusted: refusing it (--allow-unsigned writes unsigned images)",
+            sig.display()
+        ),
+        Err(e) => return Err(e).with_context(|| sig.display().to_string()),
+    };
+    let mpath = manifest::path_for(&src.path);
+    let bytes = std::fs::read(&mpath)
+        .with_context(|| format!("{} (the manifest {} signs)", mpath.display(), sig.display()))?;
+    let anchor = image_sig::verify(&sig, &text, &mpath, &bytes, &trust.anchors)?;
+    let disk: Disk = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a layout manifest", mpath.display()))?;
+    vouched(src, &disk, &mpath)?;
+    Ok(Some(Signed {
+        key: image_sig::signer(&text).unwrap_or_default(),
+        anchor: anchor.file.clone(),
+        signature: sig,
+        toplevel: disk.toplevel,
+    }))
+}
+
+/// What the signed manifest says of the image holds before a byte is
+/// read past its first MiB: its size and table, and the bmap it names,
+/// whose every range can be checked before it is written.
+fn vouched(src: &Source, disk: &Disk, mpath: &Path) -> Result<()> {
+    let image = src.path.display();
+    if let Err(what) = disk.matches(src.size, src.first_mib()) {
+        bail!(
+            "{image} is not the image its signed manifest {} describes ({what}): truncated, changed or swapped",
+            mpath.display()
+        );
+    }
+    let Some(want) = &disk.bmap_sha256 else {
+        bail!(
+            "{}: the signed manifest names no bmap, so it vouches for no byte past the first MiB",
+            mpath.display()
+        );
+    };
+    let (Some((bpath, bmap)), Some(got)) = (&src.bmap, &src.bmap_sha256) else {
+        bail!("{image}: signed images are written by their bmap (the one the manifest names), not with --no-bmap or without one");
+    };
+    if got != want {
+        bail!(
+            "{} is not the bmap the signed manifest {} names (its SHA-256 differs)",
+            bpath.display(),
+            mpath.display()
+        );
+    }
+    let spans = bmap.byte_ranges();
+    for ((off, len), r) in spans.iter().zip(&bmap.ranges) {
+        if r.2.as_ref().is_none_or(|s| s.len() != 64) || *len > MAX_HELD {
+            bail!(
+                "{}: bytes {off}..{} have no SHA-256 of at most {MAX_HELD} bytes, so they cannot be checked before they are written",
+                bpath.display(),
+                off + len
+            );
+        }
+    }
+    Ok(())
+}
