@@ -30,6 +30,7 @@ pkgs=(
   cryptsetup-bin                # veritysetup: judges the dm-verity hash partition (verify, dump, format)
   sbsigntool                    # sbverify: judges forge's Authenticode signatures on systemd-boot and the UKIs
   systemd-container             # systemd-dissect: reads the verity and verity-sig partitions as systemd does
+  erofs-utils                   # fsck.erofs (--extract), dump.erofs: judge forge's EROFS
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

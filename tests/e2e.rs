@@ -8,6 +8,8 @@ mod closure;
 mod defects_flash;
 #[path = "defects_forge.rs"]
 mod defects_forge;
+#[path = "erofs.rs"]
+mod erofs;
 #[path = "ext4.rs"]
 mod ext4;
 #[path = "flash.rs"]

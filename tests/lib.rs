@@ -283,16 +283,20 @@ pub fn privileged() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A read-only loop mount of an ext4 image, undone on drop.
+/// A loop mount of a filesystem image, undone on drop.
 pub struct Mounted {
     pub dir: tempfile::TempDir,
 }
 
 impl Mounted {
     pub fn ext4(image: &Path, offset: u64, opts: &str) -> Mounted {
+        Mounted::of("ext4", image, offset, opts)
+    }
+    /// `fs` (ext4, erofs) at byte `offset` of `image`.
+    pub fn of(fs: &str, image: &Path, offset: u64, opts: &str) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         ok(Command::new("mount")
-            .args(["-t", "ext4", "-o"])
+            .args(["-t", fs, "-o"])
             .arg(format!("loop,offset={offset},{opts}"))
             .arg(image)
             .arg(dir.path()));

@@ -42,6 +42,8 @@ enum Cmd {
     Closure(ClosureArgs),
     /// Write an ext4 filesystem image from a directory tree.
     Ext4(cli::ext4::Ext4Args),
+    /// Write an EROFS (read-only) filesystem image from a directory tree.
+    Erofs(cli::erofs::ErofsArgs),
     /// Write a FAT32 volume image from a directory tree.
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
@@ -125,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Closure(a) => closure(a),
         Cmd::Ext4(a) => cli::ext4::run(a),
+        Cmd::Erofs(a) => cli::erofs::run(a),
         Cmd::Fat(a) => cli::fat::run(a),
         Cmd::Image(a) => cli::image::run(a),
         Cmd::Vm(a) => cli::vm::run(a),

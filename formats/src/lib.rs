@@ -6,6 +6,7 @@
 //! one mostly-sequential pass. Nothing here knows about the command line.
 
 pub mod bmap;
+pub mod erofs;
 pub mod ext4;
 pub mod fat;
 #[cfg(any(test, feature = "fuzz"))]

@@ -103,7 +103,7 @@ pub fn parse_slack(s: &str) -> Result<Slack> {
     Ok(slack)
 }
 
-fn parse_owner(s: &str) -> Result<(u32, u32)> {
+pub fn parse_owner(s: &str) -> Result<(u32, u32)> {
     let (u, g) = s
         .split_once(':')
         .with_context(|| format!("--owner {s}: expected UID:GID"))?;

@@ -1,6 +1,7 @@
 //! Command implementations: argument types and glue to the library.
 
 pub mod docs;
+pub mod erofs;
 pub mod ext4;
 pub mod fat;
 pub mod image;

@@ -1,0 +1,347 @@
+//! EROFS (the kernel's Enhanced Read-Only File System), uncompressed: a
+//! pure plan from a tree description (`crate::tree`) that knows every
+//! byte's place before any is written, then one ascending stream
+//! (`write.rs`).
+//!
+//! Layout (4 KiB blocks): block 0 holds the superblock at byte 1024; the
+//! metadata area starts at block 1 and holds every inode (32-byte slots,
+//! addressed by nid = slot number), each followed by its inline tail (the
+//! last partial block of a file, directory or symlink, when it fits in the
+//! same block as the inode); then each inode's whole data blocks, in nid
+//! order. Inodes are numbered breadth first from the root (nid 0, which
+//! the superblock's 16-bit `root_nid` can always name), children in name
+//! order, a hard link's node once. Every node has the one timestamp
+//! (the superblock's build time), so inodes are the compact 32-byte form
+//! unless a size, owner or link count needs the 64-byte one.
+//!
+//! Directories are blocks of 12-byte dirents then their names, sorted by
+//! name bytes across the whole directory ("." and ".." included), as the
+//! kernel's binary search needs; a block's last name ends at a NUL or the
+//! block's (or directory's) end.
+
+mod write;
+
+use std::collections::HashMap;
+
+use crate::tree::{Kind, NodeId, Tree, ROOT};
+
+pub use write::Written;
+
+pub const BS: u64 = 4096;
+pub const MAGIC: u32 = 0xE0F5_E1E2;
+/// Blocks before the metadata area (the superblock's).
+const META_BLKADDR: u64 = 1;
+const COMPACT: u64 = 32;
+const EXTENDED: u64 = 64;
+const DIRENT: usize = 12;
+
+/// i_format's data layouts.
+const FLAT_PLAIN: u16 = 0;
+const FLAT_INLINE: u16 = 2;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// At most 16 bytes.
+    pub label: String,
+    pub uuid: [u8; 16],
+    /// Every timestamp (SOURCE_DATE_EPOCH).
+    pub epoch: u64,
+}
+
+impl Options {
+    /// Options with the UUID derived from `seed`.
+    pub fn from_seed(seed: &str, label: &str, epoch: u64) -> Options {
+        Options {
+            label: label.to_string(),
+            uuid: crate::seed::uuid(seed, &format!("erofs:{label}:uuid")),
+            epoch,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErofsError {
+    #[error("label {0:?} is longer than 16 bytes")]
+    Label(String),
+    #[error("{path}: name is {len} bytes; EROFS allows at most 255")]
+    NameTooLong {
+        path: std::path::PathBuf,
+        len: usize,
+    },
+    #[error("the filesystem would need {0} blocks; EROFS addresses at most 2^32")]
+    TooLarge(u64),
+    #[error("writing at byte {offset}: {err}")]
+    Write { offset: u64, err: std::io::Error },
+}
+
+/// One inode as placed.
+#[derive(Clone, Debug)]
+pub(crate) struct Ino {
+    pub node: NodeId,
+    /// Byte offset of the inode in the filesystem.
+    pub pos: u64,
+    pub extended: bool,
+    pub layout: u16,
+    pub size: u64,
+    pub nlink: u32,
+    /// First data block (whole blocks only; 0 when there are none).
+    pub blkaddr: u64,
+    /// Whole data blocks (the tail among them unless inline).
+    pub blocks: u64,
+    /// Bytes kept inline after the inode.
+    pub inline: u64,
+}
+
+impl Ino {
+    pub fn nid(&self) -> u64 {
+        (self.pos - META_BLKADDR * BS) / COMPACT
+    }
+    fn isize(&self) -> u64 {
+        if self.extended {
+            EXTENDED
+        } else {
+            COMPACT
+        }
+    }
+}
+
+/// The planned filesystem.
+pub struct Plan<'t> {
+    pub(crate) tree: &'t Tree,
+    pub(crate) opts: Options,
+    /// In nid (= placement) order; the root first.
+    pub(crate) inodes: Vec<Ino>,
+    pub(crate) meta_end: u64,
+    pub(crate) blocks: u64,
+    /// A directory's contents, as placed blocks of dirents and names.
+    pub(crate) dirs: HashMap<NodeId, Vec<u8>>,
+}
+
+impl Plan<'_> {
+    pub fn size_bytes(&self) -> u64 {
+        self.blocks * BS
+    }
+    pub fn inodes_used(&self) -> usize {
+        self.inodes.len()
+    }
+    /// Everything up to the end is written (the metadata area's padding
+    /// and every data block's tail included).
+    pub fn mapped(&self) -> Vec<(u64, u64)> {
+        vec![(0, self.size_bytes())]
+    }
+}
+
+/// The inodes in breadth-first order from the root (children in name
+/// order), each node once, with its link count.
+fn order(tree: &Tree) -> (Vec<NodeId>, HashMap<NodeId, u32>) {
+    let mut seen: HashMap<NodeId, u32> = HashMap::new();
+    let mut out = vec![ROOT];
+    seen.insert(ROOT, 2);
+    let mut i = 0;
+    while i < out.len() {
+        if let Kind::Dir { children } = &tree.node(out[i]).kind {
+            let dir = out[i];
+            for &c in children.values() {
+                let is_dir = matches!(tree.node(c).kind, Kind::Dir { .. });
+                if is_dir {
+                    *seen.get_mut(&dir).expect("placed") += 1;
+                }
+                match seen.get_mut(&c) {
+                    Some(n) => *n += 1,
+                    None => {
+                        seen.insert(c, if is_dir { 2 } else { 1 });
+                        out.push(c);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    (out, seen)
+}
+
+/// A directory's entries ("." and ".." included) in name order, cut into
+/// blocks: each a run of entries whose dirents and names fit in a block.
+fn dir_blocks<'a>(tree: &'a Tree, dir: NodeId, parent: NodeId) -> Vec<Vec<(&'a [u8], NodeId)>> {
+    let Kind::Dir { children } = &tree.node(dir).kind else {
+        return Vec::new();
+    };
+    let mut all: Vec<(&[u8], NodeId)> = vec![(b".", dir), (b"..", parent)];
+    all.extend(children.iter().map(|(n, &c)| (n.as_slice(), c)));
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let mut blocks: Vec<Vec<(&[u8], NodeId)>> = vec![Vec::new()];
+    let mut used = 0usize;
+    for e in all {
+        let need = DIRENT + e.0.len();
+        if used + need > BS as usize {
+            blocks.push(Vec::new());
+            used = 0;
+        }
+        used += need;
+        blocks.last_mut().expect("one block at least").push(e);
+    }
+    blocks
+}
+
+/// The bytes one block of entries takes (dirents and names).
+fn block_len(entries: &[(&[u8], NodeId)]) -> u64 {
+    entries.iter().map(|e| (DIRENT + e.0.len()) as u64).sum()
+}
+
+/// Plan `tree` as an uncompressed EROFS filesystem.
+pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> {
+    if opts.label.len() > 16 {
+        return Err(ErofsError::Label(opts.label.clone()));
+    }
+    let (ids, links) = order(tree);
+    let parents = parents(tree, &ids);
+    let mut inodes = Vec::with_capacity(ids.len());
+    let mut pos = META_BLKADDR * BS;
+    for &id in &ids {
+        let node = tree.node(id);
+        let size = match &node.kind {
+            Kind::Dir { .. } => {
+                let b = dir_blocks(tree, id, parents[&id]);
+                (b.len() as u64 - 1) * BS + block_len(b.last().expect("one block"))
+            }
+            Kind::File { size, .. } => *size,
+            Kind::Symlink { target } => target.len() as u64,
+            _ => 0,
+        };
+        let nlink = links[&id];
+        let extended =
+            size > u32::MAX as u64 || node.uid > 0xffff || node.gid > 0xffff || nlink > 0xffff;
+        let mut ino = Ino {
+            node: id,
+            pos: 0,
+            extended,
+            layout: FLAT_PLAIN,
+            size,
+            nlink,
+            blkaddr: 0,
+            blocks: size.div_ceil(BS),
+            inline: 0,
+        };
+        pos = place(&mut ino, pos);
+        inodes.push(ino);
+    }
+    let meta_end = pos;
+    let mut next = meta_end.div_ceil(BS);
+    for ino in inodes.iter_mut().filter(|i| i.blocks > 0) {
+        ino.blkaddr = next;
+        next += ino.blocks;
+    }
+    if next > u32::MAX as u64 {
+        return Err(ErofsError::TooLarge(next));
+    }
+    check_names(tree, &ids)?;
+    let nids: HashMap<NodeId, u64> = inodes.iter().map(|i| (i.node, i.nid())).collect();
+    let dirs = ids
+        .iter()
+        .filter(|&&id| matches!(tree.node(id).kind, Kind::Dir { .. }))
+        .map(|&id| (id, dir_bytes(tree, id, parents[&id], &nids)))
+        .collect();
+    Ok(Plan {
+        tree,
+        opts: opts.clone(),
+        inodes,
+        meta_end,
+        blocks: next.max(META_BLKADDR + 1),
+        dirs,
+    })
+}
+
+/// Place `ino` at or after `pos` (32-byte aligned): its tail inline right
+/// after it when the inode and tail fit in one block, padding to the next
+/// block when that wastes less than a data block for the tail would.
+/// Returns where the next inode may go.
+fn place(ino: &mut Ino, pos: u64) -> u64 {
+    let isize = ino.isize();
+    let tail = ino.size % BS;
+    let room = BS - pos % BS;
+    let fits_here = isize + tail <= room;
+    let fits_alone = isize + tail <= BS;
+    let pad_first = !fits_here && fits_alone && room < BS - tail;
+    let start = if pad_first || isize > room {
+        pos.div_ceil(BS) * BS
+    } else {
+        pos
+    };
+    if tail > 0 && (fits_here || pad_first) {
+        ino.layout = FLAT_INLINE;
+        ino.inline = tail;
+        ino.blocks = ino.size / BS;
+    }
+    ino.pos = start;
+    (start + isize + ino.inline).div_ceil(COMPACT) * COMPACT
+}
+
+/// Each directory's parent (the root is its own).
+fn parents(tree: &Tree, ids: &[NodeId]) -> HashMap<NodeId, NodeId> {
+    let mut p = HashMap::from([(ROOT, ROOT)]);
+    for &id in ids {
+        if let Kind::Dir { children } = &tree.node(id).kind {
+            for &c in children.values() {
+                if matches!(tree.node(c).kind, Kind::Dir { .. }) {
+                    p.entry(c).or_insert(id);
+                }
+            }
+        }
+    }
+    p
+}
+
+fn check_names(tree: &Tree, ids: &[NodeId]) -> Result<(), ErofsError> {
+    for &id in ids {
+        if let Kind::Dir { children } = &tree.node(id).kind {
+            if let Some((n, _)) = children.iter().find(|(n, _)| n.len() > 255) {
+                return Err(ErofsError::NameTooLong {
+                    path: tree.path_of(id).join(String::from_utf8_lossy(n).as_ref()),
+                    len: n.len(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The EROFS file type of a node.
+fn file_type(k: &Kind) -> u8 {
+    match k {
+        Kind::File { .. } => 1,
+        Kind::Dir { .. } => 2,
+        Kind::CharDev { .. } => 3,
+        Kind::BlockDev { .. } => 4,
+        Kind::Fifo => 5,
+        Kind::Socket => 6,
+        Kind::Symlink { .. } => 7,
+    }
+}
+
+/// A directory's content: its blocks of dirents then names, whole blocks
+/// zero-padded, the last one as long as it is used.
+fn dir_bytes(tree: &Tree, dir: NodeId, parent: NodeId, nids: &HashMap<NodeId, u64>) -> Vec<u8> {
+    let blocks = dir_blocks(tree, dir, parent);
+    let mut out = Vec::with_capacity(blocks.len() * BS as usize);
+    for (i, b) in blocks.iter().enumerate() {
+        let start = out.len();
+        let mut nameoff = b.len() * DIRENT;
+        for (name, id) in b {
+            out.extend(nids[id].to_le_bytes());
+            out.extend((nameoff as u16).to_le_bytes());
+            out.push(file_type(&tree.node(*id).kind));
+            out.push(0);
+            nameoff += name.len();
+        }
+        for (name, _) in b {
+            out.extend_from_slice(name);
+        }
+        if i + 1 < blocks.len() {
+            out.resize(start + BS as usize, 0);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

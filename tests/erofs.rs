@@ -1,0 +1,137 @@
+//! The EROFS writer (issue 30; uncompressed so far) judged by
+//! `fsck.erofs --extract` of the whole image, `dump.erofs`, and the
+//! kernel's own EROFS (file-backed mounts).
+
+use crate::ext4::{compare_stat, random_tree, EPOCH};
+use nixforge_tests::*;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Command;
+
+fn forge_erofs(src: &Path, out: &Path, extra: &[&str]) {
+    ok(forge()
+        .env("SOURCE_DATE_EPOCH", EPOCH.to_string())
+        .arg("erofs")
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .args(extra));
+}
+
+/// fsck.erofs checks the image and extracts all of it into a directory
+/// equal to `src`; the kernel mounts it and agrees on every entry.
+fn judged(src: &Path, img: &Path) -> usize {
+    ok(Command::new("fsck.erofs").arg(img));
+    let x = img.with_extension("x");
+    ok(Command::new("fsck.erofs")
+        .arg(format!("--extract={}", x.display()))
+        .arg(img));
+    diff_tree(src, &x, &[]);
+    let m = Mounted::of("erofs", img, 0, "ro");
+    diff_tree(src, m.path(), &[]);
+    compare_stat(src, m.path(), 0)
+}
+
+#[test]
+fn random_trees_pass_fsck_erofs_and_the_kernel_agrees() {
+    let _g = privileged();
+    for seed in 1..=4u64 {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir(&src).unwrap();
+        random_tree(&src, seed);
+        let img = d.path().join("fs.img");
+        forge_erofs(&src, &img, &["--label", "random"]);
+        let n = judged(&src, &img);
+        assert!(n > 60, "seed {seed}: only {n} entries compared");
+        let dump = ok(Command::new("dump.erofs").arg(&img));
+        assert!(dump.contains("0xE0F5E1E2"), "{dump}");
+    }
+}
+
+#[test]
+fn hidden_style_trees_long_names_big_directories_every_symlink_length() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    let many = src.join("many");
+    fs::create_dir_all(&many).unwrap();
+    for i in 0..5000 {
+        fs::write(
+            many.join(format!("entry-{i:05}-{}", "x".repeat(i % 40))),
+            i.to_string(),
+        )
+        .unwrap();
+    }
+    fs::write(src.join("n".repeat(255)), "longest name").unwrap();
+    fs::write(src.join("empty"), "").unwrap();
+    fs::write(src.join("one-block"), vec![1u8; 4096]).unwrap();
+    fs::write(src.join("one-block-and-one"), vec![2u8; 4097]).unwrap();
+    fs::File::create(src.join("zeros"))
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let links = src.join("links");
+    fs::create_dir(&links).unwrap();
+    for len in (1..=4095)
+        .step_by(7)
+        .chain([4030, 4031, 4032, 4063, 4064, 4065, 4095])
+    {
+        let target: String = (0..len)
+            .map(|i| if i % 50 == 49 { '/' } else { 't' })
+            .collect();
+        let name = format!("l{len:04}");
+        if !links.join(&name).exists() {
+            symlink(target, links.join(name)).unwrap();
+        }
+    }
+    for (i, name) in ["-dash", "+plus", "!bang", "~tilde"].iter().enumerate() {
+        fs::write(src.join(name), i.to_string()).unwrap();
+    }
+    fs::hard_link(src.join("one-block"), src.join("many/hard")).unwrap();
+    let img = d.path().join("fs.img");
+    forge_erofs(&src, &img, &[]);
+    let n = judged(&src, &img);
+    assert!(n > 5600, "{n} entries compared");
+    // The same tree, the same bytes.
+    let again = d.path().join("again.img");
+    forge_erofs(&src, &again, &[]);
+    assert_eq!(sha256_file(&img), sha256_file(&again));
+}
+
+#[test]
+fn the_fixture_closure_reads_back_whole_and_bad_input_is_one_line() {
+    let _g = privileged();
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("store.img");
+    let store = sys.root.join("nix/store");
+    forge_erofs(&store, &img, &["--owner", "0:0", "--label", "nix-store"]);
+    ok(Command::new("fsck.erofs").arg(&img));
+    let m = Mounted::of("erofs", &img, 0, "ro");
+    diff_tree(&store, m.path(), &[]);
+    let dump = ok(Command::new("dump.erofs").arg(&img));
+    assert!(dump.contains("Filesystem inode count"), "{dump}");
+    drop(m);
+    let err = fails(
+        forge()
+            .arg("erofs")
+            .arg(&store)
+            .args(["--label", "seventeen-bytes-x", "-o"])
+            .arg(d.path().join("bad.img")),
+    );
+    assert!(the_error(&err).contains("longer than 16 bytes"), "{err}");
+    let err = fails(
+        forge()
+            .arg("erofs")
+            .arg(&img)
+            .arg("-o")
+            .arg(d.path().join("bad.img")),
+    );
+    assert!(
+        the_error(&err).contains("store.img: not a directory"),
+        "{err}"
+    );
+    assert!(!d.path().join("bad.img").exists(), "no partial output");
+}
