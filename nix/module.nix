@@ -42,6 +42,9 @@ let
         extraArgs = lib.optionals (!cfg.state) [
           "--state-size"
           "none"
+        ] ++ lib.optionals (cfg.rootFs != "ext4") [
+          "--root-fs"
+          cfg.rootFs
         ] ++ extraArgs ++ cfg.extraArgs;
       };
     };
@@ -76,6 +79,17 @@ in
         ro: the root is mounted read-only and the machine is upgraded by a new
         image (/var is kept). rw: a journaled, writable root that
         nixos-rebuild switch and system.autoUpgrade change in place.
+      '';
+    };
+    rootFs = mkOption {
+      type = types.enum [
+        "ext4"
+        "erofs"
+      ];
+      default = "ext4";
+      description = ''
+        The root filesystem forge writes: ext4, or erofs (read-only only,
+        as large as its content; the kernel needs EROFS, NixOS's has it).
       '';
     };
     state = mkOption {
@@ -129,7 +143,7 @@ in
     {
       fileSystems."/" = {
         device = byLabel "nixos";
-        fsType = "ext4";
+        fsType = cfg.rootFs;
         options = if ro then [ "ro" ] else [ "defaults" ];
       };
       boot.loader.grub.enable = false;
@@ -137,6 +151,10 @@ in
         {
           assertion = cfg.layout != "sd-aarch64" || cfg.firmware != [ ];
           message = "nixforge.layout = \"sd-aarch64\" needs nixforge.firmware: the Pi's firmware files, U-Boot, and the kernel= file config.txt names.";
+        }
+        {
+          assertion = cfg.rootFs != "erofs" || ro;
+          message = "nixforge.rootFs = \"erofs\" is read-only: it needs nixforge.rootMode = \"ro\".";
         }
       ];
     }

@@ -135,3 +135,89 @@ fn the_fixture_closure_reads_back_whole_and_bad_input_is_one_line() {
     );
     assert!(!d.path().join("bad.img").exists(), "no partial output");
 }
+
+/// The root partition of `img` (its manifest's), cut out into `dir`.
+fn root_of(img: &Path, dir: &Path) -> (std::path::PathBuf, serde_json::Value) {
+    let m: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(with(img, ".layout.json")).unwrap()).unwrap();
+    let p = m["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "root")
+        .unwrap()
+        .clone();
+    let bytes = fs::read(img).unwrap();
+    let (off, size) = (p["offset"].as_u64().unwrap(), p["size"].as_u64().unwrap());
+    let out = dir.join("root.erofs");
+    fs::write(&out, &bytes[off as usize..(off + size) as usize]).unwrap();
+    (out, p)
+}
+
+#[test]
+fn raw_efi_with_an_erofs_root_and_verity_boots_under_ovmf() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("e.img");
+    let build = |out: &Path| {
+        ok(forge_image_of(&sys)
+            .args([
+                "--format",
+                "raw-efi",
+                "--root-fs",
+                "erofs",
+                "--verity",
+                "-o",
+            ])
+            .arg(out));
+    };
+    build(&img);
+    let again = d.path().join("again.img");
+    build(&again);
+    assert_eq!(
+        sha256_file(&img),
+        sha256_file(&again),
+        "same input, same bytes"
+    );
+    let (root, part) = root_of(&img, d.path());
+    assert_eq!(part["filesystem"]["kind"], "erofs", "{part}");
+    ok(Command::new("fsck.erofs").arg(&root));
+    let b = boot("x86_64", &img, 512, std::time::Duration::from_secs(180));
+    assert_eq!(
+        b.marker.as_deref(),
+        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found verity=on read=ok rootfs=erofs"),
+        "serial log:\n{}",
+        b.log
+    );
+}
+
+#[test]
+fn an_erofs_root_is_read_only_and_sized_by_its_content() {
+    let sys = system("x86_64");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.img");
+    for (extra, want) in [
+        (
+            &["--root-mode", "rw"][..],
+            "--root-fs erofs is read-only: not with --root-mode rw",
+        ),
+        (
+            &["--root-size", "1G"][..],
+            "an EROFS root is as large as its content",
+        ),
+        (
+            &["--root-slack", "10%"][..],
+            "an EROFS root is as large as its content",
+        ),
+    ] {
+        let err = fails(
+            forge_image_of(&sys)
+                .args(["--format", "raw-efi", "--root-fs", "erofs"])
+                .args(extra)
+                .arg("-o")
+                .arg(&out),
+        );
+        assert!(the_error(&err).contains(want), "{err}");
+        assert!(!out.exists(), "nothing written");
+    }
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 pub fn flash() -> Command {
-    let mut c = Command::new(bin("flash"));
+    let mut c = tool("flash");
     c.stdin(Stdio::null());
     c
 }

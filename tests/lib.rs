@@ -51,7 +51,16 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn forge() -> Command {
-    Command::new(bin("forge"))
+    tool("forge")
+}
+
+/// A workspace binary, run with every signal at its default action: a
+/// test run started as a background job (where SIGINT arrives ignored)
+/// still sees forge and flash stop on the SIGINT the tests send them.
+pub fn tool(name: &str) -> Command {
+    let mut c = Command::new("env");
+    c.arg("--default-signal").arg(bin(name));
+    c
 }
 
 /// `forge image SYSTEM --root ROOT` of a fixture system; the caller adds

@@ -132,8 +132,13 @@ fn identity(v: &mut Value, ro: bool, host_name_from_identity: bool) {
 fn expected(layout: &str, ro: bool) -> Value {
     let mode = if ro { "ro" } else { "rw" };
     let sd_message = "nixforge.layout = \"sd-aarch64\" needs nixforge.firmware: the Pi's firmware files, U-Boot, and the kernel= file config.txt names.";
+    let erofs_message =
+        "nixforge.rootFs = \"erofs\" is read-only: it needs nixforge.rootMode = \"ro\".";
     let mut v = json!({
-        "assertions": [{"assertion": layout != "sd-aarch64", "message": sd_message}],
+        "assertions": [
+            {"assertion": layout != "sd-aarch64", "message": sd_message},
+            {"assertion": true, "message": erofs_message},
+        ],
         "boot": {"loader": {"grub": {"enable": false}}},
         "fileSystems": {
             "/": fs("nixos", "ext4", &[if ro { "ro" } else { "defaults" }]),
@@ -202,6 +207,26 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
             "u-boot-rpi3.bin=/nix/store/33333333333333333333333333333333-uboot/u-boot.bin"
         ]
     );
+    // An EROFS root: mounted as such, forge told so, and only read-only.
+    let got = module_config("{ enable = true; rootFs = \"erofs\"; }", "");
+    let mut want = expected("raw-efi", true);
+    want["fileSystems"]["/"]["fsType"] = json!("erofs");
+    for (k, v) in want.as_object().unwrap() {
+        if k != "image" {
+            assert_eq!(&got[k], v, "{k}");
+        }
+    }
+    let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string()
+            .ends_with(r#""--root-mode","ro","--root-fs","erofs"]"#),
+        "{args}"
+    );
+    let got = module_config(
+        "{ enable = true; rootFs = \"erofs\"; rootMode = \"rw\"; }",
+        "",
+    );
+    assert_eq!(got["assertions"][1]["assertion"], json!(false));
     // A hostname the configuration sets wins over /var/identity's.
     let mut want = expected("raw-efi", true);
     want["environment"]["etc"]

@@ -399,6 +399,19 @@ fn sd_card_with_verity_boots_under_u_boot_through_dm_verity() {
     boots_through_extlinux(&img, "table=mbr init=found verity=on read=ok");
 }
 
+#[test]
+fn sd_image_with_an_erofs_root_boots_under_u_boot_from_the_firmware_partition() {
+    let sys = system("aarch64");
+    let sd = forge_sd(&sys, "erofs.img", &["--root-fs", "erofs"]);
+    let parts = sd.layout["partitions"].as_array().unwrap();
+    assert_eq!(parts[1]["filesystem"]["kind"], "erofs");
+    assert_eq!(
+        parts[0]["bootable"], true,
+        "extlinux on the FAT: U-Boot reads no EROFS"
+    );
+    boots_through_extlinux(&sd.path("erofs.img"), "table=mbr init=found rootfs=erofs");
+}
+
 /// U-Boot (QEMU's virt) boots `img` through extlinux.conf, and stage 1
 /// reports `root=ro var=rw` and then `rest`.
 fn boots_through_extlinux(img: &Path, rest: &str) {

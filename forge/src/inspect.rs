@@ -291,6 +291,22 @@ fn filesystem(f: &mut File, off: u64) -> std::io::Result<Option<Fs>> {
             size,
         }));
     }
+    if sb[1024..1028] == formats::erofs::MAGIC.to_le_bytes() {
+        let s = &sb[1024..];
+        let uuid: [u8; 16] = s[48..64].try_into().expect("16 bytes");
+        let label = String::from_utf8_lossy(&s[64..80])
+            .trim_end_matches('\0')
+            .to_string();
+        let blocks = u32::from_le_bytes(s[36..40].try_into().expect("4 bytes")) as u64;
+        return Ok(Some(Fs {
+            kind: "erofs".into(),
+            label,
+            uuid: seed::format_uuid(&uuid),
+            size: 1u64
+                .checked_shl(s[12] as u32)
+                .and_then(|b| blocks.checked_mul(b)),
+        }));
+    }
     if &sb[82..87] == b"FAT32" && sb[510..512] == [0x55, 0xAA] {
         let label = String::from_utf8_lossy(&sb[71..82]).trim_end().to_string();
         let id = u32::from_le_bytes([sb[67], sb[68], sb[69], sb[70]]);

@@ -50,7 +50,7 @@ impl Role {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fs {
-    /// `vfat` or `ext4`.
+    /// `vfat`, `ext4` or `erofs`.
     pub kind: String,
     pub label: String,
     /// ext4 UUID, or the FAT volume ID as blkid shows it (`XXXX-XXXX`).

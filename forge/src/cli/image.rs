@@ -48,6 +48,10 @@ pub struct ImageArgs {
     /// rw: journaled and writable, for systems that rebuild in place.
     #[arg(long, value_enum, default_value = "ro")]
     root_mode: RootModeArg,
+    /// The root filesystem: ext4, or erofs (read-only, as large as its
+    /// content, uncompressed so far; the stage 1 needs the kernel's erofs).
+    #[arg(long, value_enum, default_value = "ext4")]
+    root_fs: RootFsArg,
     /// Size of the state partition (`none`: no state partition, e.g. a VM
     /// base whose /var is another disk); with --disk-size, its least size.
     #[arg(long, default_value = "256M", value_parser = |s: &str| super::word_or_size(s, "none"))]
@@ -118,6 +122,12 @@ enum Compression {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum RootFsArg {
+    Ext4,
+    Erofs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum RootModeArg {
     Ro,
     Rw,
@@ -128,6 +138,9 @@ fn slack_arg(s: &str) -> Result<Slack, String> {
 }
 
 pub fn run(a: ImageArgs) -> Result<()> {
+    if matches!(a.root_fs, RootFsArg::Erofs) && a.root_slack.is_some() {
+        anyhow::bail!("--root-slack: an EROFS root is as large as its content; slack applies to --root-fs ext4");
+    }
     let root_mode = match a.root_mode {
         RootModeArg::Rw => RootMode::Rw,
         RootModeArg::Ro => RootMode::Ro,
@@ -154,6 +167,10 @@ pub fn run(a: ImageArgs) -> Result<()> {
         esp_size: a.esp_size,
         root_size,
         root_mode,
+        root_fs: match a.root_fs {
+            RootFsArg::Ext4 => image::RootFs::Ext4,
+            RootFsArg::Erofs => image::RootFs::Erofs,
+        },
         state_size: match a.state_size {
             WordOrSize::Word => None,
             WordOrSize::Bytes(n) => Some(n),

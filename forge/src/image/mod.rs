@@ -53,6 +53,15 @@ impl Format {
     }
 }
 
+/// The root filesystem's format (`--root-fs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RootFs {
+    #[default]
+    Ext4,
+    /// Read-only, sized to its content.
+    Erofs,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RootMode {
     /// Read-only root without a journal (GPT read-only attribute set).
@@ -92,6 +101,12 @@ pub fn container_of(o: &Options) -> Result<container::Kind> {
 /// ([`container_of`]), and what goes with `--verity`.
 pub fn checked(o: &Options) -> Result<container::Kind> {
     let kind = container_of(o)?;
+    if o.root_fs == RootFs::Erofs && o.root_mode == RootMode::Rw {
+        bail!("--root-fs erofs is read-only: not with --root-mode rw");
+    }
+    if o.root_fs == RootFs::Erofs && matches!(o.root_size, ext4::Size::Fixed(_)) {
+        bail!("--root-size: an EROFS root is as large as its content; a size applies to --root-fs ext4");
+    }
     if o.verity && o.root_mode == RootMode::Rw {
         bail!("--verity needs a read-only root (dm-verity maps it read-only); --root-mode rw cannot be verified");
     }
@@ -163,6 +178,7 @@ pub struct Options {
     pub esp_size: u64,
     pub root_size: ext4::Size,
     pub root_mode: RootMode,
+    pub root_fs: RootFs,
     /// None: no state partition (sd-aarch64 only). With `disk_size`, the
     /// state partition's least size.
     pub state_size: Option<u64>,
@@ -298,17 +314,33 @@ fn trees(i: &Input) -> Result<Box<dyn DiskFormat>> {
     })
 }
 
-/// The root filesystem's plan, and its UUID: the closure's ext4,
-/// read-only unless `--root-mode rw`.
-fn root_plan<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<(ext4::Plan<'t>, [u8; 16])> {
-    let rw = i.o.root_mode == RootMode::Rw;
-    let opts = ext4::Options::from_seed(i.seed, label, i.o.root_size, rw, i.o.epoch);
-    let plan = ext4::plan(tree, &opts).context("planning the root filesystem (--root-size)")?;
-    Ok((plan, opts.uuid))
+/// The root filesystem: the closure's ext4 (read-only unless
+/// `--root-mode rw`) or EROFS.
+fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>> {
+    let what = "planning the root filesystem (--root-size)";
+    Ok(match i.o.root_fs {
+        RootFs::Ext4 => {
+            let rw = i.o.root_mode == RootMode::Rw;
+            let opts = ext4::Options::from_seed(i.seed, label, i.o.root_size, rw, i.o.epoch);
+            let plan = ext4::plan(tree, &opts).context(what)?;
+            Filesystem::Ext4 {
+                plan,
+                uuid: opts.uuid,
+            }
+        }
+        RootFs::Erofs => {
+            let opts = formats::erofs::Options::from_seed(i.seed, label, i.o.epoch.into());
+            let plan = formats::erofs::plan(tree, &opts).context("planning the EROFS root")?;
+            Filesystem::Erofs {
+                plan,
+                uuid: opts.uuid,
+            }
+        }
+    })
 }
 
-/// The root partition: the closure's ext4, read-only unless `--root-mode
-/// rw`; with verity, its GUID is the root hash's first 128 bits.
+/// The root partition: the closure's filesystem ([`root_fs`]); with
+/// verity, its GUID is the root hash's first 128 bits.
 pub(crate) fn root_partition<'t>(
     i: &Input,
     tree: &'t Tree,
@@ -317,7 +349,6 @@ pub(crate) fn root_partition<'t>(
     bootable: bool,
     verity: Option<&verity::Tree>,
 ) -> Result<Partition<'t>> {
-    let (plan, uuid) = root_plan(i, tree, label)?;
     Ok(Partition {
         role: Role::Root,
         ty,
@@ -327,7 +358,7 @@ pub(crate) fn root_partition<'t>(
         bootable,
         start: None,
         size: SizePolicy::Content,
-        fs: Filesystem::Ext4 { plan, uuid },
+        fs: root_fs(i, tree, label)?,
         guid: verity.map(|t| t.root_hash[..16].try_into().expect("16 bytes")),
     })
 }
@@ -349,12 +380,12 @@ pub(crate) fn verity_of(i: &Input, tree: &Tree, label: &str) -> Result<Option<Ar
     if !i.o.verity {
         return Ok(None);
     }
-    let (plan, _) = root_plan(i, tree, label)?;
+    let fs = root_fs(i, tree, label)?;
     let mut h = verity::Hasher::new(verity_params(i.seed));
-    plan.write(&mut h, 0)
+    fs.stream(&mut h, 0)
         .context("hashing the root filesystem (--verity)")?;
     let t = h
-        .finish(plan.size_bytes())
+        .finish(fs.size())
         .context("the root's hash tree (--verity)")?;
     Ok(Some(Arc::new(t)))
 }

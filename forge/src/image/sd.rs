@@ -182,6 +182,9 @@ pub(super) struct SdAarch64 {
     state: Tree,
     /// The root's hash tree (`--verity`).
     verity: Option<std::sync::Arc<formats::verity::Tree>>,
+    /// extlinux and the kernels on the firmware partition (with --verity or
+    /// an EROFS root), which is then the bootable one.
+    boot_on_fw: bool,
 }
 
 /// The root filesystem's label (U-Boot's and stage 1's way to it).
@@ -212,13 +215,16 @@ pub(super) fn trees_of(i: &Input) -> Result<SdAarch64> {
     // With verity the root is hashed first: its hash goes on the command line.
     let verity = verity_of(i, &root, ROOT_LABEL)?;
     let extra = verity_params_line(verity.as_deref());
-    let boot = if verity.is_some() { &mut fw } else { &mut root };
+    // U-Boot reads extlinux from FAT or ext4: an EROFS root cannot hold it.
+    let boot_on_fw = verity.is_some() || i.o.root_fs == super::RootFs::Erofs;
+    let boot = if boot_on_fw { &mut fw } else { &mut root };
     trees::extlinux(boot, i.store, i.c, i.o.epoch, i.o.loader_timeout, &extra)?;
     Ok(SdAarch64 {
         firmware: fw,
         root,
         state: Tree::new(0o755),
         verity,
+        boot_on_fw,
     })
 }
 
@@ -229,6 +235,7 @@ impl DiskFormat for SdAarch64 {
             root,
             state,
             verity,
+            boot_on_fw,
         } = self;
         let fw_part = (Role::Firmware, "firmware", "FIRMWARE");
         let fw_at = (FIRMWARE_OFFSET, i.o.firmware_size);
@@ -237,12 +244,12 @@ impl DiskFormat for SdAarch64 {
             fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?;
         // U-Boot's distro boot scans only partitions marked bootable: the
         // one holding extlinux.
-        firmware.bootable = verity.is_some();
+        firmware.bootable = *boot_on_fw;
         let linux = PartType::Mbr(mbr::LINUX);
         let tree = verity.as_deref();
         let mut partitions = vec![
             firmware,
-            root_partition(i, root, ROOT_LABEL, linux, verity.is_none(), tree)?,
+            root_partition(i, root, ROOT_LABEL, linux, !boot_on_fw, tree)?,
         ];
         if let Some(t) = verity {
             partitions.push(verity_partition(t, linux));

@@ -10,7 +10,7 @@ pub mod report;
 use anyhow::{bail, Context, Result};
 use std::io::SeekFrom;
 
-use formats::{ext4, fat, gpt, mbr, ranges, seed, verity};
+use formats::{erofs, ext4, fat, gpt, mbr, ranges, seed, verity};
 pub use report::{BootEntry, Disk, Fs, IdentityAt, Part, Role, MANIFEST_VERSION};
 
 /// Partitions start on 1 MiB boundaries.
@@ -57,6 +57,11 @@ pub enum Filesystem<'t> {
         plan: ext4::Plan<'t>,
         uuid: [u8; 16],
     },
+    /// A read-only root as EROFS (`--root-fs erofs`).
+    Erofs {
+        plan: erofs::Plan<'t>,
+        uuid: [u8; 16],
+    },
     /// A dm-verity hash device (superblock and tree), whole in memory.
     Verity {
         tree: std::sync::Arc<verity::Tree>,
@@ -72,6 +77,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.size_bytes(),
             Filesystem::Ext4 { plan, .. } => plan.size_bytes(),
+            Filesystem::Erofs { plan, .. } => plan.size_bytes(),
             Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => {
                 self.whole().map_or(0, |b| b.len() as u64)
             }
@@ -91,6 +97,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { plan, .. } => plan.mapped(),
             Filesystem::Ext4 { plan, .. } => plan.mapped(),
+            Filesystem::Erofs { plan, .. } => plan.mapped(),
             Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => match self.size() {
                 0 => Vec::new(),
                 n => vec![(0, n)],
@@ -101,6 +108,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Fat { .. } => "vfat",
             Filesystem::Ext4 { .. } => "ext4",
+            Filesystem::Erofs { .. } => "erofs",
             Filesystem::Verity { .. } => "verity",
             Filesystem::VeritySig { .. } => "verity-sig",
         }
@@ -108,7 +116,9 @@ impl Filesystem<'_> {
     pub fn uuid(&self) -> String {
         match self {
             Filesystem::Fat { volume_id, .. } => fat::format_volume_id(*volume_id),
-            Filesystem::Ext4 { uuid, .. } => seed::format_uuid(uuid),
+            Filesystem::Ext4 { uuid, .. } | Filesystem::Erofs { uuid, .. } => {
+                seed::format_uuid(uuid)
+            }
             Filesystem::Verity { tree } => seed::format_uuid(&tree.params.uuid),
             Filesystem::VeritySig { .. } => String::new(),
         }
@@ -130,18 +140,23 @@ impl Filesystem<'_> {
             _ => bail!("only an ext4 partition can fill the disk"),
         }
     }
-    /// Write at `off` of `out`; what it wrote must be what it planned.
-    fn write(&self, out: &mut dyn Target, off: u64) -> Result<()> {
-        let w = match self {
-            Filesystem::Fat { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
-            Filesystem::Ext4 { plan, .. } => plan.write(out.sink(), off).map(|w| w.mapped)?,
+    /// Stream the filesystem into `sink` at `off` (also into a hasher,
+    /// for `--verity`); what it wrote, relative to its start.
+    pub fn stream(&self, sink: &mut dyn formats::sink::Sink, off: u64) -> Result<Vec<(u64, u64)>> {
+        Ok(match self {
+            Filesystem::Fat { plan, .. } => plan.write(sink, off).map(|w| w.mapped)?,
+            Filesystem::Ext4 { plan, .. } => plan.write(sink, off).map(|w| w.mapped)?,
+            Filesystem::Erofs { plan, .. } => plan.write(sink, off).map(|w| w.mapped)?,
             Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => {
-                let sink = out.sink();
                 sink.seek(SeekFrom::Start(off))?;
                 sink.write_all(self.whole().unwrap_or_default())?;
                 self.mapped()
             }
-        };
+        })
+    }
+    /// Write at `off` of `out`; what it wrote must be what it planned.
+    fn write(&self, out: &mut dyn Target, off: u64) -> Result<()> {
+        let w = self.stream(out.sink(), off)?;
         if ranges::merge(w) != self.mapped() {
             bail!(
                 "internal: the {} filesystem wrote other blocks than it planned",

@@ -162,7 +162,7 @@ fn order(tree: &Tree) -> (Vec<NodeId>, HashMap<NodeId, u32>) {
 
 /// A directory's entries ("." and ".." included) in name order, cut into
 /// blocks: each a run of entries whose dirents and names fit in a block.
-fn dir_blocks<'a>(tree: &'a Tree, dir: NodeId, parent: NodeId) -> Vec<Vec<(&'a [u8], NodeId)>> {
+fn dir_blocks(tree: &Tree, dir: NodeId, parent: NodeId) -> Vec<Vec<(&[u8], NodeId)>> {
     let Kind::Dir { children } = &tree.node(dir).kind else {
         return Vec::new();
     };
