@@ -98,7 +98,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,vm,fleet,info,oci,flash,provision",
+    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,vm,fleet,info,oci,flash,provision",
                     help="comma-separated sections to run; `base` alone: only the comparison with --base")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -133,6 +133,8 @@ def main():
         closure_bench(res, c, top, a)
     if "ext4" in only or "image" in only or "sd" in only:
         ext4_and_images(res, c, top, a, w, store, only)
+    if "erofs" in only:
+        erofs_bench(res, c, top, a, w)
     if "vm" in only:
         vm_bench(res, c, top, a, w)
     if "fleet" in only:
@@ -471,6 +473,35 @@ def aarch64_corpus(c, top, a):
     return csd
 
 
+def erofs_bench(res, c, top, a, w):
+    """Issue 30: forge erofs against mkfs.erofs on the corpus (both
+    uncompressed; mkfs.erofs -zlz4hc for the size only, forge does not
+    compress yet), alternated, with every image's size beside ext4's; and
+    forge image with an EROFS root against the ext4 one, alternated."""
+    print("EROFS of the corpus", file=sys.stderr)
+    rm = f"rm -f {w}/e.img {w}/m.img"
+    res.extend(measure_pair(
+        ("erofs: forge erofs", f"{rm}; {FORGE} erofs {c} -o {w}/e.img --owner 0:0"),
+        ("erofs: mkfs.erofs (uncompressed)", f"{rm}; mkfs.erofs --quiet -T1 --all-root {w}/m.img {c}"),
+        a.runs))
+    sh(f"{FORGE} erofs {c} -o {w}/e.img --owner 0:0 2>/dev/null")
+    sh(f"mkfs.erofs --quiet -T1 --all-root {w}/m.img {c}")
+    sizes = {"forge erofs": f"{w}/e.img", "mkfs.erofs": f"{w}/m.img"}
+    sh(f"mkfs.erofs --quiet -T1 --all-root -zlz4hc {w}/mz.img {c}")
+    sizes["mkfs.erofs -zlz4hc"] = f"{w}/mz.img"
+    sh(f"{FORGE} ext4 {c} -o {w}/x4.img --owner 0:0 2>/dev/null")
+    sizes["forge ext4 (auto size)"] = f"{w}/x4.img"
+    for name, path in sizes.items():
+        res.append({"name": f"erofs size: {name}", "bytes": os.path.getsize(path)})
+        os.unlink(path)
+    img = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/i.img 2>/dev/null"
+    res.extend(measure_pair(
+        ("erofs: forge image (ext4 root)", img),
+        ("erofs: forge image --root-fs erofs", img.replace(" -o ", " --root-fs erofs -o ")),
+        a.runs))
+    sh(f"rm -f {w}/i.img*")
+
+
 def vm_bench(res, c, top, a, w):
     """VM disks (issue 13): forge writing qcow2 and VHD directly, against
     forge's raw image alone and followed by qemu-img convert."""
@@ -649,6 +680,9 @@ def report(res, a, out):
     print(f"\n| benchmark ({a.mib} MiB corpus, {a.runs} runs, median) | seconds | peak RSS |")
     print("|---|---:|---:|")
     for r in res:
+        if "bytes" in r:
+            print(f"| {r['name']} | {r['bytes'] / (1 << 20):.1f} MiB | |")
+            continue
         print(f"| {r['name']} | {r['median_s']:.2f} | {r['peak_rss_kib'] // 1024} MiB |")
     print("\n| ratio | value | goal |\n|---|---:|---:|")
     for label, x, y, goal in [
@@ -670,6 +704,9 @@ def report(res, a, out):
          "oci: forge oci of the changed corpus (empty cache)", "≤ 0.2"),
         ("flash --fill --identity / plain flash (32 GiB)", "provision: flash --fill --identity --generate-host-keys, 32 GiB device",
          "provision: flash (write + verify), 32 GiB device", "≤ 1.1"),
+        ("forge erofs / mkfs.erofs (uncompressed), alternated", "erofs: forge erofs", "erofs: mkfs.erofs (uncompressed)", "≤ 0.5 (lz4hc, later)"),
+        ("forge image --root-fs erofs / ext4 root, alternated", "erofs: forge image --root-fs erofs",
+         "erofs: forge image (ext4 root)", "≤ 1.5"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
         ("flash --trust (signed) + verify / dd, alternated", "signed: flash --trust (write + verify)",
