@@ -83,7 +83,7 @@ pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
         return Ok(None);
     }
     let image = src.path.display();
-    let sig = image_sig::path_for(&src.path);
+    let (sig, mpath) = sidecars(&src.path);
     let text = match std::fs::read_to_string(&sig) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && trust.allow_unsigned => {
@@ -95,7 +95,6 @@ pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
         ),
         Err(e) => return Err(e).with_context(|| sig.display().to_string()),
     };
-    let mpath = manifest::path_for(&src.path);
     let bytes = std::fs::read(&mpath)
         .with_context(|| format!("{} (the manifest {} signs)", mpath.display(), sig.display()))?;
     let anchor = image_sig::verify(&sig, &text, &mpath, &bytes, &trust.anchors)?;
@@ -108,6 +107,24 @@ pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
         signature: sig,
         toplevel: disk.toplevel,
     }))
+}
+
+/// `IMAGE.sig` and `IMAGE.layout.json`; for `nixos.img.zst` without them,
+/// `nixos.img.sig` and `nixos.img.layout.json` (an image signed raw, then
+/// compressed for download: the manifest describes the raw bytes, which
+/// the `.zst` holds), as the bmap is found.
+fn sidecars(image: &Path) -> (PathBuf, PathBuf) {
+    let own = (image_sig::path_for(image), manifest::path_for(image));
+    let raw = image
+        .to_str()
+        .and_then(|s| s.strip_suffix(".zst"))
+        .map(PathBuf::from);
+    match raw {
+        Some(r) if !own.0.exists() && image_sig::path_for(&r).exists() => {
+            (image_sig::path_for(&r), manifest::path_for(&r))
+        }
+        _ => own,
+    }
 }
 
 /// What the signed manifest says of the image holds before a byte is
