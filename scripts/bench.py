@@ -68,15 +68,50 @@ def measure_pair(a, b, runs):
     """Two (name, cmd) alternated ABBA after one warm-up run of each, so
     neither always runs first after the other (page cache, writeback):
     medians and peak RSS of each."""
-    for _, cmd in (a, b):
-        timed_run(cmd)
-    got = {a[0]: ([], []), b[0]: ([], [])}
+    return measure_group([a, b], runs)
+
+
+def measure_group(cmds, runs):
+    """(name, cmd[, setup]) commands alternated after a warm-up run of
+    each: run i goes through them rotated by i and, every other run,
+    reversed (ABBA for two), so none always follows the same one while
+    the disk drifts. `setup` runs untimed before each run of its command.
+    Medians and peak RSS of each."""
+    def once(c):
+        if len(c) > 2 and c[2]:
+            sh(c[2])
+        return timed_run(c[1])
+    for c in cmds:
+        once(c)
+    got = {c[0]: ([], []) for c in cmds}
+    n = len(cmds)
     for i in range(runs):
-        for name, cmd in ((a, b) if i % 2 == 0 else (b, a)):
-            t, m = timed_run(cmd)
-            got[name][0].append(t)
-            got[name][1].append(m)
-    return [result(name, cmd, *got[name]) for name, cmd in (a, b)]
+        order = cmds[i % n:] + cmds[:i % n]
+        if i % 2:
+            order = order[::-1]
+        for c in order:
+            t, m = once(c)
+            got[c[0]][0].append(t)
+            got[c[0]][1].append(m)
+    return [result(c[0], c[1], *got[c[0]]) for c in cmds]
+
+
+def disk_limit(w, nbytes, name):
+    """(name, cmd, setup): dd writing `nbytes` of zeros into `w` with
+    O_DIRECT and fsync, what this disk allows for an output of that size."""
+    blocks = max(1, nbytes // (4 << 20))
+    return (name, f"dd if=/dev/zero of={w}/limit.bin bs=4M count={blocks} oflag=direct conv=fsync status=none",
+            f"rm -f {w}/limit.bin")
+
+
+def disk_rate(w):
+    """This disk's write rate (MB/s) with O_DIRECT, 1 GiB, best of three."""
+    best = 0.0
+    for _ in range(3):
+        t, _ = timed_run(f"dd if=/dev/zero of={w}/rate.bin bs=4M count=256 oflag=direct conv=fsync status=none")
+        best = max(best, (1 << 30) / 1e6 / max(t, 1e-3))
+        sh(f"rm -f {w}/rate.bin")
+    return best
 
 
 def corpus(out, mib, fixtures):
@@ -117,7 +152,10 @@ def main():
     rm = f"rm -rf {w}/*"
     # Warm the page cache the same way for everyone.
     sh(f"tar -cf - -C {c} nix | cat > /dev/null")
-    res = []
+    # The disk's own rate first, so runs on other machines read side by side.
+    rate = disk_rate(w)
+    print(f"disk write rate (dd oflag=direct, 1 GiB, best of 3): {rate:.0f} MB/s", file=sys.stderr)
+    res = [{"name": "disk write rate (dd oflag=direct, 1 GiB, best of 3)", "mb_s": rate}]
 
     # Correctness first: on the full corpus (no Nix database, so scanning)
     # the closure must equal the corpus's own list.
@@ -504,21 +542,27 @@ def erofs_bench(res, c, top, a, w):
 
 def vm_bench(res, c, top, a, w):
     """VM disks (issue 13): forge writing qcow2 and VHD directly, against
-    forge's raw image alone and followed by qemu-img convert."""
+    forge's raw image alone and followed by qemu-img convert, and against
+    the disk's own limit (dd of the raw image's mapped bytes), all
+    alternated (issue 31)."""
     print("VM disk images of the corpus", file=sys.stderr)
     rm = f"rm -rf {w}/*"
     img = f"{FORGE} image {top} --root {c} --format raw-efi"
-    res.append(measure("vm: forge raw .img", f"{img} -o {w}/x.img", a.runs, rm))
-    res.append(measure("vm: forge .qcow2", f"{img} -o {w}/x.qcow2", a.runs, rm))
-    res.append(measure("vm: forge raw + qemu-img convert -O qcow2",
-                       f"{img} -o {w}/x.img && qemu-img convert -O qcow2 {w}/x.img {w}/x.qcow2 && sync", a.runs, rm))
-    res.append(measure("vm: forge .vhd (fixed)", f"{img} -o {w}/x.vhd", a.runs, rm))
-    res.append(measure("vm: forge .qcow2 --compression deflate",
-                       f"{img} --compression deflate -o {w}/c.qcow2", a.runs, rm))
+    mapped = json.loads(sh(f"{rm}; {img} -o {w}/x.img --json 2>/dev/null"))["mapped_bytes"]
+    res.extend(measure_group([
+        ("vm: forge raw .img", f"{img} -o {w}/x.img", rm),
+        ("vm: forge .qcow2", f"{img} -o {w}/x.qcow2", rm),
+        ("vm: forge .vhd (fixed)", f"{img} -o {w}/x.vhd", rm),
+        ("vm: forge raw + qemu-img convert -O qcow2",
+         f"{img} -o {w}/x.img && qemu-img convert -O qcow2 {w}/x.img {w}/x.qcow2 && sync", rm),
+        disk_limit(w, mapped, "vm: disk limit (dd oflag=direct of the raw image's mapped bytes)"),
+    ], a.runs))
     sh(f"{rm}; {img} -o {w}/x.img 2>/dev/null")
-    res.append(measure("vm: qemu-img convert -c -O qcow2 (of the raw image)",
-                       f"qemu-img convert -c -O qcow2 {w}/x.img {w}/c.qcow2 && sync", a.runs,
-                       f"rm -f {w}/c.qcow2"))
+    res.extend(measure_pair(
+        ("vm: forge .qcow2 --compression deflate", f"rm -f {w}/c.qcow2; {img} --compression deflate -o {w}/c.qcow2"),
+        ("vm: qemu-img convert -c -O qcow2 (of the raw image)",
+         f"rm -f {w}/c.qcow2; qemu-img convert -c -O qcow2 {w}/x.img {w}/c.qcow2 && sync"),
+        a.runs))
     sh(rm)
 
 
@@ -558,14 +602,19 @@ def closure_info(c, top):
 def info_bench(res, c, top, a, w):
     """With closure-info (issue 16) Nix's hashes are taken and each file is
     read once: raw-efi from closure-info against scan mode (which hashes
-    every NAR), and against reading the closure once with tar."""
+    every NAR), against reading the closure once with tar, and against the
+    disk's limit for its mapped bytes, alternated (issue 31)."""
     print("raw-efi from closure-info", file=sys.stderr)
     info = closure_info(c, top)
     rm = f"rm -rf {w}/*"
     img = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/x.img"
-    res.append(measure("info: forge image, closure-info", f"{img} --closure-info {info}", a.runs, rm))
-    res.append(measure("info: forge image, scan mode", img, a.runs, rm))
-    res.append(measure("info: tar of the store, piped to /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null", a.runs))
+    mapped = json.loads(sh(f"{rm}; {img} --json 2>/dev/null"))["mapped_bytes"]
+    res.extend(measure_group([
+        ("info: forge image, closure-info", f"{img} --closure-info {info}", rm),
+        ("info: forge image, scan mode", img, rm),
+        ("info: tar of the store, piped to /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null"),
+        disk_limit(w, mapped, "info: disk limit (dd oflag=direct of the image's mapped bytes)"),
+    ], a.runs))
     sh(rm)
 
 
@@ -680,6 +729,9 @@ def report(res, a, out):
     print(f"\n| benchmark ({a.mib} MiB corpus, {a.runs} runs, median) | seconds | peak RSS |")
     print("|---|---:|---:|")
     for r in res:
+        if "mb_s" in r:
+            print(f"| {r['name']} | {r['mb_s']:.0f} MB/s | |")
+            continue
         if "bytes" in r:
             print(f"| {r['name']} | {r['bytes'] / (1 << 20):.1f} MiB | |")
             continue
@@ -695,6 +747,16 @@ def report(res, a, out):
         ("forge .qcow2 / raw + qemu-img convert", "vm: forge .qcow2", "vm: forge raw + qemu-img convert -O qcow2", "≤ 0.55"),
         ("forge .qcow2 / forge raw", "vm: forge .qcow2", "vm: forge raw .img", "≤ 1.1"),
         ("forge .vhd / forge raw", "vm: forge .vhd (fixed)", "vm: forge raw .img", "≤ 1.05"),
+        ("forge raw / its disk limit", "vm: forge raw .img",
+         "vm: disk limit (dd oflag=direct of the raw image's mapped bytes)", "≤ 1.05 (disk-bound)"),
+        ("forge .qcow2 / the raw image's disk limit", "vm: forge .qcow2",
+         "vm: disk limit (dd oflag=direct of the raw image's mapped bytes)", "≤ 1.05 (disk-bound)"),
+        ("forge .vhd / the raw image's disk limit", "vm: forge .vhd (fixed)",
+         "vm: disk limit (dd oflag=direct of the raw image's mapped bytes)", "≤ 1.05 (disk-bound)"),
+        ("forge image closure-info / its disk limit", "info: forge image, closure-info",
+         "info: disk limit (dd oflag=direct of the image's mapped bytes)", "≤ 1.05 (disk-bound)"),
+        ("forge image scan mode / its disk limit", "info: forge image, scan mode",
+         "info: disk limit (dd oflag=direct of the image's mapped bytes)", "≤ 1.15 (disk-bound)"),
         ("forge .qcow2 deflate / qemu-img convert -c", "vm: forge .qcow2 --compression deflate",
          "vm: qemu-img convert -c -O qcow2 (of the raw image)", "≤ 0.5"),
         ("forge image closure-info / scan mode", "info: forge image, closure-info", "info: forge image, scan mode", "≤ 0.7"),
