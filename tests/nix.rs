@@ -168,6 +168,30 @@ fn expected(layout: &str, ro: bool) -> Value {
 }
 
 #[test]
+fn the_module_mounts_an_erofs_root_and_tells_forge() {
+    // Mounted as such, forge told so, and only read-only.
+    let got = module_config("{ enable = true; rootFs = \"erofs\"; }", "");
+    let mut want = expected("raw-efi", true);
+    want["fileSystems"]["/"]["fsType"] = json!("erofs");
+    for (k, v) in want.as_object().unwrap() {
+        if k != "image" {
+            assert_eq!(&got[k], v, "{k}");
+        }
+    }
+    let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string()
+            .ends_with(r#""--root-mode","ro","--root-fs","erofs"]"#),
+        "{args}"
+    );
+    let got = module_config(
+        "{ enable = true; rootFs = \"erofs\"; rootMode = \"rw\"; }",
+        "",
+    );
+    assert_eq!(got["assertions"][1]["assertion"], json!(false));
+}
+
+#[test]
 fn the_module_sets_exactly_the_options_each_layout_needs() {
     assert_eq!(module_config("{ }", ""), Value::Null, "disabled: nothing");
     for layout in ["raw-efi", "sd-aarch64"] {
@@ -207,26 +231,6 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
             "u-boot-rpi3.bin=/nix/store/33333333333333333333333333333333-uboot/u-boot.bin"
         ]
     );
-    // An EROFS root: mounted as such, forge told so, and only read-only.
-    let got = module_config("{ enable = true; rootFs = \"erofs\"; }", "");
-    let mut want = expected("raw-efi", true);
-    want["fileSystems"]["/"]["fsType"] = json!("erofs");
-    for (k, v) in want.as_object().unwrap() {
-        if k != "image" {
-            assert_eq!(&got[k], v, "{k}");
-        }
-    }
-    let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
-    assert!(
-        args.to_string()
-            .ends_with(r#""--root-mode","ro","--root-fs","erofs"]"#),
-        "{args}"
-    );
-    let got = module_config(
-        "{ enable = true; rootFs = \"erofs\"; rootMode = \"rw\"; }",
-        "",
-    );
-    assert_eq!(got["assertions"][1]["assertion"], json!(false));
     // A hostname the configuration sets wins over /var/identity's.
     let mut want = expected("raw-efi", true);
     want["environment"]["etc"]

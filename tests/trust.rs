@@ -30,7 +30,10 @@ struct Card {
 }
 
 fn card(dir: &Path, size: u64) -> Card {
-    let backing = dir.join("card");
+    let backing = (0..)
+        .map(|i| dir.join(format!("card{i}")))
+        .find(|p| !p.exists())
+        .expect("a free name");
     stale_file(&backing, size);
     Card {
         before: sha256_file(&backing),
@@ -176,6 +179,19 @@ fn every_bad_signature_or_key_is_refused_before_the_first_byte() {
         &["disk.img.sig: not a signature (one line NAME:BASE64"],
     );
     std::fs::write(&sig, &good).unwrap();
+    // And the good one, to show the refusals were the signature's doing.
+    assert!(flash_to(&img, &c, &trust).status.success());
+}
+
+#[test]
+fn an_image_that_is_not_the_signed_one_or_a_bad_key_file_is_refused_before_the_first_byte() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let (sk, pk) = nix_keys_named(d.path(), "ci.example-1");
+    let img = signed(d.path(), "disk.img", "a", &sk);
+    let b = signed(d.path(), "b.img", "b", &sk);
+    let c = card(d.path(), len(&img));
+    let trust = [os("--trust"), os(&pk)];
     // No signature at all: refused, unless --allow-unsigned says so.
     let unsigned = d.path().join("unsigned.img");
     ok(forge_image_of(&system("x86_64"))
@@ -187,6 +203,27 @@ fn every_bad_signature_or_key_is_refused_before_the_first_byte() {
         &trust,
         &["unsigned.img: not signed", "--allow-unsigned"],
     );
+    let allowed = [os("--trust"), os(&pk), os("--allow-unsigned")];
+    let out = flash_to(&unsigned, &c, &allowed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // …but a signature that is there must verify, even then.
+    std::fs::write(
+        with(&unsigned, ".sig"),
+        std::fs::read(with(&b, ".sig")).unwrap(),
+    )
+    .unwrap();
+    let out = flash_to(&unsigned, &c, &allowed);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = card(d.path(), len(&img));
     // A truncated image.
     let short = d.path().join("short.img");
     std::fs::copy(&img, &short).unwrap();
@@ -219,7 +256,6 @@ fn every_bad_signature_or_key_is_refused_before_the_first_byte() {
         &trust,
         &["swapped.img.zst is not the image its signed manifest"],
     );
-    // And the good one, to show the refusals were the signature's doing.
     assert!(flash_to(&img, &c, &trust).status.success());
 }
 
