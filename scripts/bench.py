@@ -15,103 +15,11 @@ run, so that drift in the machine hits both alike; the outputs must be
 byte-identical, and a median more than 5 % worse, or a peak RSS more than
 5 % and more than 4 MiB worse, is flagged.
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, tempfile
+import argparse, json, os, shutil, statistics, subprocess, sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-# The release build `make build` makes (static, for the host's triple;
-# the Makefile exports where), or cargo's default place.
-REL = os.environ.get("NIXFORGE_RELEASE_DIR") or os.path.join(REPO, "target/release")
-FORGE = os.path.join(REL, "forge")
-FLASH = os.path.join(REL, "flash")
-
-
-def sh(cmd, **kw):
-    return subprocess.run(cmd, shell=True, check=True, text=True, capture_output=True, **kw).stdout
-
-
-def timed_run(cmd):
-    """(wall seconds, peak RSS KiB) of one run of `cmd`."""
-    f = tempfile.NamedTemporaryFile(delete=False)
-    subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", f.name, "bash", "-c", cmd],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    e, m = open(f.name).read().split()[-2:]
-    os.unlink(f.name)
-    return float(e), int(m)
-
-
-def worse(new, old, floor):
-    """Whether `new` is a regression of `old`: over 5 % more, and more
-    than `floor` (same unit) more."""
-    return new > old * 1.05 and new - old > floor
-
-
-def result(name, cmd, times, rss):
-    r = {"name": name, "cmd": cmd, "median_s": statistics.median(times), "runs": times, "peak_rss_kib": max(rss)}
-    print(f"  {name}: {r['median_s']:.2f} s (runs {times}), peak RSS {max(rss) // 1024} MiB", file=sys.stderr)
-    return r
-
-
-def measure(name, cmd, runs, setup=None):
-    """Median wall seconds and max peak RSS (KiB) of `cmd` over `runs` runs."""
-    times, rss = [], []
-    for _ in range(runs):
-        if setup:
-            sh(setup)
-        t, m = timed_run(cmd)
-        times.append(t)
-        rss.append(m)
-    return result(name, cmd, times, rss)
-
-
-def measure_pair(a, b, runs):
-    """Two (name, cmd) alternated ABBA after one warm-up run of each, so
-    neither always runs first after the other (page cache, writeback):
-    medians and peak RSS of each."""
-    return measure_group([a, b], runs)
-
-
-def measure_group(cmds, runs):
-    """(name, cmd[, setup]) commands alternated after a warm-up run of
-    each: run i goes through them rotated by i and, every other run,
-    reversed (ABBA for two), so none always follows the same one while
-    the disk drifts. `setup` runs untimed before each run of its command.
-    Medians and peak RSS of each."""
-    def once(c):
-        if len(c) > 2 and c[2]:
-            sh(c[2])
-        return timed_run(c[1])
-    for c in cmds:
-        once(c)
-    got = {c[0]: ([], []) for c in cmds}
-    n = len(cmds)
-    for i in range(runs):
-        order = cmds[i % n:] + cmds[:i % n]
-        if i % 2:
-            order = order[::-1]
-        for c in order:
-            t, m = once(c)
-            got[c[0]][0].append(t)
-            got[c[0]][1].append(m)
-    return [result(c[0], c[1], *got[c[0]]) for c in cmds]
-
-
-def disk_limit(w, nbytes, name):
-    """(name, cmd, setup): dd writing `nbytes` of zeros into `w` with
-    O_DIRECT and fsync, what this disk allows for an output of that size."""
-    blocks = max(1, nbytes // (4 << 20))
-    return (name, f"dd if=/dev/zero of={w}/limit.bin bs=4M count={blocks} oflag=direct conv=fsync status=none",
-            f"rm -f {w}/limit.bin")
-
-
-def disk_rate(w):
-    """This disk's write rate (MB/s) with O_DIRECT, 1 GiB, best of three."""
-    best = 0.0
-    for _ in range(3):
-        t, _ = timed_run(f"dd if=/dev/zero of={w}/rate.bin bs=4M count=256 oflag=direct conv=fsync status=none")
-        best = max(best, (1 << 30) / 1e6 / max(t, 1e-3))
-        sh(f"rm -f {w}/rate.bin")
-    return best
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchkit import (REPO, FORGE, FLASH, sh, worse, measure,  # noqa: E402
+                      measure_pair, measure_group, disk_limit, disk_rate)
 
 
 def corpus(out, mib, fixtures):
@@ -149,7 +57,6 @@ def main():
     store = os.path.join(c, "nix/store")
     w = os.path.join(out, "work")
     os.makedirs(w, exist_ok=True)
-    rm = f"rm -rf {w}/*"
     # Warm the page cache the same way for everyone.
     sh(f"tar -cf - -C {c} nix | cat > /dev/null")
     # The disk's own rate first, so runs on other machines read side by side.
