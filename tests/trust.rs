@@ -103,6 +103,19 @@ fn a_signed_image_is_written_verified_and_its_card_checked_later() {
         .arg(&c.lo.dev)
         .stderr(std::process::Stdio::piped()));
     assert!(out.contains("matches"), "{out}");
+    // A .zst signed after its build (forge reads only its first MiB) and
+    // flashed with its own sidecars.
+    let zst = d.path().join("z.img.zst");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--seed", "a", "-o"])
+        .arg(&zst));
+    ok(forge().arg("sign").arg(&zst).arg("--key").arg(&sk));
+    let out = flash_to(&zst, &c, &[os("--trust"), os(&pk)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The same key as an OpenSSH anchor: ssh-keygen reads the line we make.
     let ssh = d.path().join("ci_ed25519.pub");
     std::fs::write(&ssh, openssh_line(&std::fs::read_to_string(&pk).unwrap())).unwrap();

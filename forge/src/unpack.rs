@@ -53,6 +53,34 @@ fn sparse(size: u64, fill: impl FnOnce(&File) -> io::Result<()>) -> io::Result<(
     Ok((out, size))
 }
 
+/// The raw image's first `n` bytes (fewer if it is shorter) and its size,
+/// reading no more than that where it can: a `.zst` whose frames declare
+/// their sizes is decompressed only as far as `n`.
+pub fn head(path: &Path, n: usize) -> io::Result<(Vec<u8>, u64)> {
+    let mut f = File::open(path)?;
+    let mut magic = [0u8; 512];
+    let got = f.read_at(&mut magic, 0)?;
+    if formats::sniff::sniff(&magic[..got]) == Some(formats::sniff::Format::Zstd) {
+        let len = f.seek(SeekFrom::End(0))?;
+        f.seek(SeekFrom::Start(0))?;
+        let declared = formats::zstd_frames::walk(&mut f, len)
+            .ok()
+            .and_then(|w| w.content_size);
+        if let Some(size) = declared {
+            f.seek(SeekFrom::Start(0))?;
+            let mut out = Vec::with_capacity(n.min(size as usize));
+            zstd::stream::read::Decoder::new(f)?
+                .take(n as u64)
+                .read_to_end(&mut out)?;
+            return Ok((out, size));
+        }
+    }
+    let (f, size) = open(path)?;
+    let mut out = vec![0u8; n.min(size as usize)];
+    f.read_exact_at(&mut out, 0)?;
+    Ok((out, size))
+}
+
 fn zstd(mut f: File) -> io::Result<(File, u64)> {
     f.seek(SeekFrom::Start(0))?; // open() measured the length at the end
     let mut d = zstd::stream::read::Decoder::new(f)?;

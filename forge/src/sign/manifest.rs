@@ -50,11 +50,8 @@ pub fn checked(image: &Path) -> Result<Vec<u8>> {
     })?;
     let disk: Disk = serde_json::from_slice(&bytes)
         .with_context(|| format!("{}: not a layout manifest", path.display()))?;
-    let (f, size) = crate::unpack::open(image).with_context(|| image.display().to_string())?;
-    let mut first = vec![0u8; size.min(1 << 20) as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&f, &mut first, 0)
-        .with_context(|| image.display().to_string())?;
-    drop(f);
+    let (first, size) =
+        crate::unpack::head(image, 1 << 20).with_context(|| image.display().to_string())?;
     if let Err(what) = disk.matches(size, &first) {
         bail!(
             "{} describes another image ({what}): refusing to sign it",
