@@ -302,7 +302,7 @@ impl RangeCheck {
         if let Some(want) = &self.want {
             if !self.sum.hex().eq_ignore_ascii_case(want) {
                 bail!(
-                    "{}: bytes {}..{} do not match the checksum in {} (the image corrupted, or the bmap left from another build or of another image)",
+                    "{}: bytes {}..{} do not match the checksum in {} (the image changed or corrupted since the bmap was made, or the bmap is of another build or image)",
                     self.path.display(),
                     self.off,
                     self.off + self.len,
