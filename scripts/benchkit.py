@@ -52,7 +52,7 @@ def measure(name, cmd, runs, setup=None):
 
 
 def measure_pair(a, b, runs):
-    """Two (name, cmd) alternated ABBA after one warm-up run of each, so
+    """Two (name, cmd[, setup]) alternated ABBA after one warm-up run of each, so
     neither always runs first after the other (page cache, writeback):
     medians and peak RSS of each."""
     return measure_group([a, b], runs)
