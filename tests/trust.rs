@@ -68,6 +68,16 @@ fn refused_before_writing(img: &Path, c: &Card, extra: &[&std::ffi::OsStr], want
     );
 }
 
+/// A key pair, two images it signed (`disk.img`, `b.img`) and a card as
+/// large as the first: (secret, public, disk.img, b.img, card).
+fn two_signed(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf, Card) {
+    let (sk, pk) = nix_keys_named(dir, "ci.example-1");
+    let img = signed(dir, "disk.img", "a", &sk);
+    let b = signed(dir, "b.img", "b", &sk);
+    let c = card(dir, len(&img));
+    (sk, pk, img, b, c)
+}
+
 fn os<P: AsRef<std::ffi::OsStr> + ?Sized>(p: &P) -> &std::ffi::OsStr {
     p.as_ref()
 }
@@ -150,11 +160,8 @@ fn openssh_line(nix: &str) -> String {
 fn every_bad_signature_or_key_is_refused_before_the_first_byte() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let (sk, pk) = nix_keys_named(d.path(), "ci.example-1");
     let (_, other_pk) = nix_keys_named(d.path(), "other.example-1");
-    let img = signed(d.path(), "disk.img", "a", &sk);
-    let b = signed(d.path(), "b.img", "b", &sk);
-    let c = card(d.path(), len(&img));
+    let (_, pk, img, b, c) = two_signed(d.path());
     let trust = [os("--trust"), os(&pk)];
     let sig = with(&img, ".sig");
     let good = std::fs::read(&sig).unwrap();
@@ -200,10 +207,7 @@ fn every_bad_signature_or_key_is_refused_before_the_first_byte() {
 fn an_image_that_is_not_the_signed_one_or_a_bad_key_file_is_refused_before_the_first_byte() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let (sk, pk) = nix_keys_named(d.path(), "ci.example-1");
-    let img = signed(d.path(), "disk.img", "a", &sk);
-    let b = signed(d.path(), "b.img", "b", &sk);
-    let c = card(d.path(), len(&img));
+    let (sk, pk, img, b, c) = two_signed(d.path());
     let trust = [os("--trust"), os(&pk)];
     // No signature at all: refused, unless --allow-unsigned says so.
     let unsigned = d.path().join("unsigned.img");

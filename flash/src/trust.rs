@@ -14,15 +14,12 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 use crate::source::Source;
+use crate::write::MAX_HELD;
 use formats::manifest::{self, Disk};
 use formats::sign::image_sig::{self, Anchor};
 
 /// Where trusted keys are looked for when no `--trust` is given.
 pub const DEFAULT_DIR: &str = "/etc/nixforge/trusted-keys.d";
-
-/// The longest range checked before any of it is written: what the
-/// writers' hashers queue at most (forge's bmap ranges are no longer).
-pub const MAX_HELD: u64 = formats::bmap::MAX_RANGE_BLOCKS * formats::bmap::BLOCK;
 
 /// The keys a run trusts, and whether an image without a signature is
 /// written anyway.

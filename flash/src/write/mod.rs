@@ -35,6 +35,9 @@ const CHUNK: usize = 4 << 20;
 const ALIGN: usize = formats::sys::DIRECT_ALIGN;
 /// Chunks in flight per writer.
 const DEPTH: usize = 3;
+/// The longest range checked whole before any of it is handed to the
+/// writers: what a hasher may queue (forge's bmap ranges are no longer).
+pub const MAX_HELD: u64 = formats::bmap::MAX_RANGE_BLOCKS * formats::bmap::BLOCK;
 
 #[derive(Serialize, Debug)]
 pub struct Outcome {
@@ -261,7 +264,7 @@ fn hasher_depth(src: &Source) -> usize {
         .map(|r| r.1.div_ceil(CHUNK as u64) as usize)
         .max()
         .unwrap_or(0);
-    longest.clamp(DEPTH, (64 << 20) / CHUNK)
+    longest.clamp(DEPTH, MAX_HELD as usize / CHUNK)
 }
 
 /// Bytes hashed at a time by both of a hasher's hashes.
@@ -271,7 +274,7 @@ const SLICE: usize = 64 << 10;
 /// check the ranges against the bmap, hash each chunk past the first MiB
 /// for the read-back, and hand every chunk to the live writers; a
 /// checked range's chunks only once the whole range has matched (ranges
-/// up to [`crate::trust::MAX_HELD`], which the reader can queue whole),
+/// up to [`MAX_HELD`], which the reader can queue whole),
 /// so no byte of a range that fails its checksum reaches a device.
 fn hash_chunks(
     src: &Source,
@@ -329,7 +332,7 @@ fn hash_chunks(
             }
         }
         let (_, range_len, sum) = &src.ranges()[c.range];
-        if sum.is_some() && *range_len <= crate::trust::MAX_HELD && !c.last {
+        if sum.is_some() && *range_len <= MAX_HELD && !c.last {
             held.push(c); // handed on once the whole range checks
             continue;
         }

@@ -1,10 +1,9 @@
 //! `forge erofs`: the EROFS writer on its own, for direct use and tests.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 use formats::erofs;
-use formats::tree::{Owner, Tree, ROOT};
 
 use forge::container;
 
@@ -30,24 +29,11 @@ pub struct ErofsArgs {
 }
 
 pub fn run(a: ErofsArgs) -> Result<()> {
-    let owner = Owner {
-        force: a
-            .owner
-            .as_deref()
-            .map(super::ext4::parse_owner)
-            .transpose()?,
-    };
     let mut opts = erofs::Options::from_seed(&a.seed, &a.label, super::epoch()?.into());
     if let Some(u) = &a.uuid {
-        opts.uuid =
-            formats::seed::parse_uuid(u).with_context(|| format!("--uuid {u}: not a UUID"))?;
+        opts.uuid = super::ext4::uuid_arg(u)?;
     }
-    let md = std::fs::metadata(&a.src).with_context(|| format!("{}", a.src.display()))?;
-    if !md.is_dir() {
-        bail!("{}: not a directory", a.src.display());
-    }
-    let mut tree = Tree::new(0o755);
-    tree.add_host_contents(ROOT, &a.src, owner)?;
+    let tree = super::ext4::source_tree(&a.src, a.owner.as_deref())?;
     let plan = erofs::plan(&tree, &opts)?;
     let what = || format!("writing {}", a.output.display());
     container::write_file(&a.output, plan.size_bytes(), plan.mapped(), |w| {

@@ -1,7 +1,7 @@
 //! `forge ext4`: the ext4 writer on its own, for direct use and tests.
 
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use formats::ext4::{self, Owner, Size, Slack, Tree};
 
@@ -45,20 +45,11 @@ pub fn run(a: Ext4Args) -> Result<()> {
         super::WordOrSize::Word => Size::Auto { slack: a.slack },
         super::WordOrSize::Bytes(n) => Size::Fixed(n),
     };
-    let owner = Owner {
-        force: a.owner.as_deref().map(parse_owner).transpose()?,
-    };
     let mut opts = ext4::Options::from_seed(&a.seed, &a.label, size, a.journal, super::epoch()?);
     if let Some(u) = &a.uuid {
-        opts.uuid =
-            formats::seed::parse_uuid(u).with_context(|| format!("--uuid {u}: not a UUID"))?;
+        opts.uuid = uuid_arg(u)?;
     }
-    let md = std::fs::metadata(&a.src).with_context(|| format!("{}", a.src.display()))?;
-    if !md.is_dir() {
-        bail!("{}: not a directory", a.src.display());
-    }
-    let mut tree = Tree::new(0o755);
-    tree.add_host_contents(ext4::ROOT, &a.src, owner)?;
+    let tree = source_tree(&a.src, a.owner.as_deref())?;
     let plan = ext4::plan(&tree, &opts)?;
     let g = &plan.geometry;
     let summary = format!(
@@ -88,6 +79,26 @@ pub fn run(a: Ext4Args) -> Result<()> {
     Ok(())
 }
 
+/// `--uuid`: a UUID in its usual text form.
+pub fn uuid_arg(u: &str) -> Result<[u8; 16]> {
+    formats::seed::parse_uuid(u).with_context(|| format!("--uuid {u}: not a UUID"))
+}
+
+/// The tree of directory `src`'s contents (the filesystem's root), every
+/// owner forced to `--owner UID:GID` when given.
+pub fn source_tree(src: &Path, owner: Option<&str>) -> Result<Tree> {
+    let owner = Owner {
+        force: owner.map(parse_owner).transpose()?,
+    };
+    let md = std::fs::metadata(src).with_context(|| format!("{}", src.display()))?;
+    if !md.is_dir() {
+        bail!("{}: not a directory", src.display());
+    }
+    let mut tree = Tree::new(0o755);
+    tree.add_host_contents(ext4::ROOT, src, owner)?;
+    Ok(tree)
+}
+
 /// `64M`, `10%`, or both as `10%,64M` (the larger applies).
 pub fn parse_slack(s: &str) -> Result<Slack> {
     let mut slack = Slack::default();
@@ -103,7 +114,7 @@ pub fn parse_slack(s: &str) -> Result<Slack> {
     Ok(slack)
 }
 
-pub fn parse_owner(s: &str) -> Result<(u32, u32)> {
+fn parse_owner(s: &str) -> Result<(u32, u32)> {
     let (u, g) = s
         .split_once(':')
         .with_context(|| format!("--owner {s}: expected UID:GID"))?;

@@ -63,11 +63,6 @@ impl Options {
 pub enum ErofsError {
     #[error("label {0:?} is longer than 16 bytes")]
     Label(String),
-    #[error("{path}: name is {len} bytes; EROFS allows at most 255")]
-    NameTooLong {
-        path: std::path::PathBuf,
-        len: usize,
-    },
     #[error("the filesystem would need {0} blocks; EROFS addresses at most 2^32")]
     TooLarge(u64),
     #[error("writing at byte {offset}: {err}")]
@@ -234,7 +229,6 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
     if next > u32::MAX as u64 {
         return Err(ErofsError::TooLarge(next));
     }
-    check_names(tree, &ids)?;
     let nids: HashMap<NodeId, u64> = inodes.iter().map(|i| (i.node, i.nid())).collect();
     let dirs = ids
         .iter()
@@ -254,7 +248,9 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
 /// Place `ino` at or after `pos` (32-byte aligned): its tail inline right
 /// after it when the inode and tail fit in one block, padding to the next
 /// block when that wastes less than a data block for the tail would.
-/// Returns where the next inode may go.
+/// An inode and its inline tail never cross a block boundary. Returns
+/// where the next inode may go. (Names over 255 bytes never reach here:
+/// the tree refuses them.)
 fn place(ino: &mut Ino, pos: u64) -> u64 {
     let isize = ino.isize();
     let tail = ino.size % BS;
@@ -289,20 +285,6 @@ fn parents(tree: &Tree, ids: &[NodeId]) -> HashMap<NodeId, NodeId> {
         }
     }
     p
-}
-
-fn check_names(tree: &Tree, ids: &[NodeId]) -> Result<(), ErofsError> {
-    for &id in ids {
-        if let Kind::Dir { children } = &tree.node(id).kind {
-            if let Some((n, _)) = children.iter().find(|(n, _)| n.len() > 255) {
-                return Err(ErofsError::NameTooLong {
-                    path: tree.path_of(id).join(String::from_utf8_lossy(n).as_ref()),
-                    len: n.len(),
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The EROFS file type of a node.

@@ -76,7 +76,6 @@ impl Plan<'_> {
             let node = self.tree.node(ino.node);
             let raw = self.inode_bytes(ino, node, i as u32 + 1);
             let off = (ino.pos - at) as usize;
-            // An extended inode may cross into the next block.
             let mut bytes = raw;
             if ino.inline > 0 {
                 bytes.extend(self.tail(ino, node).map_err(|err| ErofsError::Write {
@@ -84,13 +83,8 @@ impl Plan<'_> {
                     err,
                 })?);
             }
-            let here = bytes.len().min(BS as usize - off);
-            block[off..off + here].copy_from_slice(&bytes[..here]);
-            if here < bytes.len() {
-                flush(out, &mut block, at)?;
-                at += BS;
-                block[..bytes.len() - here].copy_from_slice(&bytes[here..]);
-            }
+            // `place` keeps an inode and its tail within one block.
+            block[off..off + bytes.len()].copy_from_slice(&bytes);
         }
         while at < end.max(first + BS) {
             flush(out, &mut block, at)?;
