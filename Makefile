@@ -5,6 +5,10 @@ BUILD    ?= build
 FIX      := $(BUILD)/fixtures
 CARGO    ?= cargo
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
+# systemd 254's sysupdate, unpacked from bookworm-backports (the judge of
+# forge update and --slots 2), never installed over the system's.
+TOOLS    := $(BUILD)/tools
+export NIXFORGE_SYSTEMD_TOOLS := $(abspath $(TOOLS)/systemd)
 
 # One release build, static (glibc linked in): what `make install`
 # installs, what the tests and the bench drive, and what runs inside the
@@ -18,7 +22,7 @@ RELEASE = RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --w
 export NIXFORGE_RELEASE_DIR = $(abspath $(REL))
 export NIXFORGE_STATIC_FORGE = $(abspath $(FORGE))
 
-.PHONY: all deps fixtures build test-bins static install test test-unit test-boots test-flash fuzz demo bench bench-base bench-scaling lint clean
+.PHONY: all deps fixtures tools build test-bins static install test test-unit test-boots test-flash fuzz demo bench bench-base bench-scaling lint clean
 
 all: build
 
@@ -30,6 +34,10 @@ $(FIX)/.stamp: fixtures/make-systems.sh fixtures/system.nix fixtures/stage1-init
 	fixtures/make-systems.sh $(FIX)
 	touch $@
 fixtures: deps $(FIX)/.stamp
+
+$(TOOLS)/systemd/lib/systemd/systemd-sysupdate: scripts/systemd-tools.sh | deps
+	scripts/systemd-tools.sh $(TOOLS)/systemd
+tools: deps $(TOOLS)/systemd/lib/systemd/systemd-sysupdate
 
 build:
 	$(RELEASE)
@@ -69,7 +77,7 @@ install:
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
 # at hashing and writing).
-test: deps fixtures test-bins
+test: deps fixtures tools test-bins
 	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test --workspace -- --test-threads=2
 
 # Parts of `make test` on their own. test-unit needs no root, no

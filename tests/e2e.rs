@@ -34,6 +34,8 @@ mod release;
 mod sd;
 #[path = "signing.rs"]
 mod signing;
+#[path = "slots.rs"]
+mod slots;
 #[path = "trust.rs"]
 mod trust;
 #[path = "uki.rs"]

@@ -13,6 +13,7 @@ pub mod oci;
 pub mod output;
 pub mod sign;
 pub mod unpack;
+pub mod update;
 pub mod verity_check;
 pub mod vm;
 

@@ -48,6 +48,10 @@ enum Cmd {
     Fat(cli::fat::FatArgs),
     /// Compile a system into a bootable disk image.
     Image(cli::image::ImageArgs),
+    /// Write a version's update artefacts for `forge image --slots 2`
+    /// machines: the root filesystem (and verity) as partition images, the
+    /// UKI, SHA256SUMS, and systemd-sysupdate's transfer definitions.
+    Update(cli::update::UpdateArgs),
     /// Sign an image built without keys (keys stay out of the Nix store):
     /// systemd-boot and the UKIs for Secure Boot, the root hash into its
     /// root-verity-sig partition; every other byte unchanged.
@@ -133,6 +137,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vm(a) => cli::vm::run(a),
         Cmd::Oci(a) => cli::oci::run(a),
         Cmd::Sign(a) => cli::sign::run(a),
+        Cmd::Update(a) => cli::update::run(a),
         Cmd::Completions { shell } => Ok(cli::docs::completions(Cli::command(), shell)?),
         Cmd::Man { dir } => {
             cli::docs::man_pages(Cli::command(), &dir)

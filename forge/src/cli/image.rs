@@ -12,7 +12,7 @@ pub struct ImageArgs {
     /// Toplevel store path of the system, or a link to one (e.g. ./result).
     system: PathBuf,
     /// Image format.
-    #[arg(long, value_parser = clap::builder::TypedValueParser::map(
+    #[arg(long, default_value = "raw-efi", value_parser = clap::builder::TypedValueParser::map(
         clap::builder::PossibleValuesParser::new(Format::NAMES),
         |s: String| Format::from_name(&s).expect("one of Format::NAMES"),
     ))]
@@ -105,6 +105,16 @@ pub struct ImageArgs {
     /// the image, which flash --trust checks (or forge sign --key later).
     #[arg(long, value_name = "KEYFILE")]
     sign: Option<PathBuf>,
+    /// raw-efi with --uki: 2 for A/B updates: a second, empty root slot
+    /// (and hash slot with --verity) for systemd-sysupdate to install the
+    /// next version into; --root-size is then each slot's size (default:
+    /// the root filesystem and 25 %).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    slots: u8,
+    /// With --slots 2: the installed version, in the slot's partition
+    /// names and its boot entry (default: the system's nixos-version).
+    #[arg(long, value_name = "V")]
+    version: Option<String>,
     /// Print the layout as JSON (with the sha256 of each partition).
     #[arg(long)]
     json: bool,
@@ -138,66 +148,8 @@ fn slack_arg(s: &str) -> Result<Slack, String> {
 }
 
 pub fn run(a: ImageArgs) -> Result<()> {
-    if matches!(a.root_fs, RootFsArg::Erofs) && a.root_slack.is_some() {
-        anyhow::bail!("--root-slack: an EROFS root is as large as its content; slack applies to --root-fs ext4");
-    }
-    let root_mode = match a.root_mode {
-        RootModeArg::Rw => RootMode::Rw,
-        RootModeArg::Ro => RootMode::Ro,
-    };
-    let slack = match (a.root_slack, root_mode) {
-        (Some(s), _) => s,
-        (None, RootMode::Ro) => Slack::default(),
-        // Room to rebuild in place; Nix alone reserves 8 MiB for its database.
-        (None, RootMode::Rw) => Slack {
-            bytes: 256 << 20,
-            percent: 25,
-        },
-    };
-    let root_size = match a.root_size {
-        WordOrSize::Word => Size::Auto { slack },
-        WordOrSize::Bytes(n) => Size::Fixed(n),
-    };
-    let opts = image::Options {
-        system: a.system,
-        store_root: a.src.root,
-        format: a.format,
-        output: a.output,
-        seed: a.seed,
-        esp_size: a.esp_size,
-        root_size,
-        root_mode,
-        root_fs: match a.root_fs {
-            RootFsArg::Ext4 => image::RootFs::Ext4,
-            RootFsArg::Erofs => image::RootFs::Erofs,
-        },
-        state_size: match a.state_size {
-            WordOrSize::Word => None,
-            WordOrSize::Bytes(n) => Some(n),
-        },
-        deflate: a.compression.is_some(),
-        closure_info: a.src.closure_info,
-        verify_nar: a.src.verify_nar,
-        vhd_type: a.vhd_type.map(|t| match t {
-            VhdType::Dynamic => formats::vhd::Type::Dynamic,
-            VhdType::Fixed => formats::vhd::Type::Fixed,
-        }),
-        disk_size: a.disk_size,
-        sector_size: a.sector_size,
-        firmware: a.firmware,
-        config_txt: a.config_txt,
-        firmware_size: a.firmware_size,
-        zstd_level: a.zstd_level,
-        loader_timeout: a.loader_timeout,
-        epoch: super::epoch()?,
-        hash_partitions: a.json,
-        verity: a.verity,
-        uki: a.uki,
-        uki_stub: a.uki_stub,
-        secure_boot: a.keys.secure_boot(),
-        sign: a.sign,
-        verity_sig: a.keys.verity(),
-    };
+    let json = a.json;
+    let opts = a.options()?;
     image::checked(&opts)?;
     let made = forge::output::make_parents(&opts.output)?;
     check_output_dir(&opts.output)?;
@@ -212,10 +164,85 @@ pub fn run(a: ImageArgs) -> Result<()> {
     }
     let report = image::build(&opts, &super::Stages::new())?;
     made.keep();
-    if a.json {
+    if json {
         crate::out!("{}", serde_json::to_string_pretty(&report)?)?;
     }
     Ok(())
+}
+
+impl ImageArgs {
+    /// `--json`.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// The library's options (`forge update` takes the same).
+    pub fn options(self) -> Result<image::Options> {
+        let a = self;
+        if matches!(a.root_fs, RootFsArg::Erofs) && a.root_slack.is_some() {
+            anyhow::bail!("--root-slack: an EROFS root is as large as its content; slack applies to --root-fs ext4");
+        }
+        let root_mode = match a.root_mode {
+            RootModeArg::Rw => RootMode::Rw,
+            RootModeArg::Ro => RootMode::Ro,
+        };
+        let slack = match (a.root_slack, root_mode) {
+            (Some(s), _) => s,
+            (None, RootMode::Ro) => Slack::default(),
+            // Room to rebuild in place; Nix alone reserves 8 MiB for its database.
+            (None, RootMode::Rw) => Slack {
+                bytes: 256 << 20,
+                percent: 25,
+            },
+        };
+        let root_size = match a.root_size {
+            WordOrSize::Word => Size::Auto { slack },
+            WordOrSize::Bytes(n) => Size::Fixed(n),
+        };
+        let opts = image::Options {
+            system: a.system,
+            store_root: a.src.root,
+            format: a.format,
+            output: a.output,
+            seed: a.seed,
+            esp_size: a.esp_size,
+            root_size,
+            root_mode,
+            root_fs: match a.root_fs {
+                RootFsArg::Ext4 => image::RootFs::Ext4,
+                RootFsArg::Erofs => image::RootFs::Erofs,
+            },
+            state_size: match a.state_size {
+                WordOrSize::Word => None,
+                WordOrSize::Bytes(n) => Some(n),
+            },
+            deflate: a.compression.is_some(),
+            closure_info: a.src.closure_info,
+            verify_nar: a.src.verify_nar,
+            vhd_type: a.vhd_type.map(|t| match t {
+                VhdType::Dynamic => formats::vhd::Type::Dynamic,
+                VhdType::Fixed => formats::vhd::Type::Fixed,
+            }),
+            disk_size: a.disk_size,
+            sector_size: a.sector_size,
+            firmware: a.firmware,
+            config_txt: a.config_txt,
+            firmware_size: a.firmware_size,
+            zstd_level: a.zstd_level,
+            loader_timeout: a.loader_timeout,
+            epoch: super::epoch()?,
+            hash_partitions: a.json,
+            verity: a.verity,
+            uki: a.uki,
+            uki_stub: a.uki_stub,
+            secure_boot: a.keys.secure_boot(),
+            sign: a.sign,
+            verity_sig: a.keys.verity(),
+            slots: a.slots,
+            version: a.version,
+        };
+        Ok(opts)
+    }
 }
 
 /// Fail early, before any work, when the output cannot be created.

@@ -7,6 +7,7 @@ pub mod fat;
 pub mod image;
 pub mod oci;
 pub mod sign;
+pub mod update;
 pub mod vm;
 
 use anyhow::{bail, Context, Result};

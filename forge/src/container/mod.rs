@@ -32,15 +32,47 @@ pub fn write_image(
     map: Vec<(u64, u64)>,
     write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
 ) -> Result<()> {
+    fill(out, kind, settings, (size, map), false, write).map(drop)
+}
+
+/// [`write_image`] into a raw file, returning the SHA-256 of all `size`
+/// bytes (holes as zeros), hashed as they are written.
+pub fn write_hashed(
+    out: &mut AtomicOutput,
+    size: u64,
+    map: Vec<(u64, u64)>,
+    write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
+) -> Result<String> {
+    let settings = Settings::default();
+    let hashed = fill(out, Kind::Raw, &settings, (size, map), true, write)?;
+    Ok(hashed.expect("the whole range watched"))
+}
+
+/// The image written; with `hash`, the SHA-256 of all of it.
+fn fill(
+    out: &mut AtomicOutput,
+    kind: Kind,
+    settings: &Settings,
+    (size, map): (u64, Vec<(u64, u64)>),
+    hash: bool,
+    write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
+) -> Result<Option<String>> {
     let target = out.target().display().to_string();
     let what = || format!("writing {target}");
     let temp = out.temp_path();
     let c = kind.open(out.file(), &temp, settings).with_context(what)?;
-    let mut w = ImageOut::new(c, Hashes::default()).with_context(what)?;
+    let hashes = Hashes {
+        bmap: false,
+        partitions: hash,
+    };
+    let mut w = ImageOut::new(c, hashes).with_context(what)?;
     w.begin(size, map).with_context(what)?;
+    if hash {
+        w.watch(0, size).with_context(what)?;
+    }
     write(&mut w)?;
-    w.finish().with_context(what)?;
-    Ok(())
+    let done = w.finish().with_context(what)?;
+    Ok(done.watched.into_iter().next().map(|h| h.2))
 }
 
 /// A bare filesystem of `size` bytes (`forge ext4`, `forge fat`) as a

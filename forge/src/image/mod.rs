@@ -6,6 +6,7 @@
 
 mod raw_efi;
 mod sd;
+pub mod slots;
 pub mod trees;
 mod uki;
 
@@ -101,10 +102,16 @@ pub fn container_of(o: &Options) -> Result<container::Kind> {
 /// ([`container_of`]), and what goes with `--verity`.
 pub fn checked(o: &Options) -> Result<container::Kind> {
     let kind = container_of(o)?;
+    check_options(o)?;
+    Ok(kind)
+}
+
+/// Every check of the options but the container's.
+pub fn check_options(o: &Options) -> Result<()> {
     if o.root_fs == RootFs::Erofs && o.root_mode == RootMode::Rw {
         bail!("--root-fs erofs is read-only: not with --root-mode rw");
     }
-    if o.root_fs == RootFs::Erofs && matches!(o.root_size, ext4::Size::Fixed(_)) {
+    if o.root_fs == RootFs::Erofs && matches!(o.root_size, ext4::Size::Fixed(_)) && o.slots == 1 {
         bail!("--root-size: an EROFS root is as large as its content; a size applies to --root-fs ext4");
     }
     if o.verity && o.root_mode == RootMode::Rw {
@@ -122,7 +129,34 @@ pub fn checked(o: &Options) -> Result<container::Kind> {
     if o.verity_sig.is_some() && !o.verity {
         bail!("--verity-key goes with --verity (it signs the root hash)");
     }
-    Ok(kind)
+    check_slots(o)
+}
+
+/// What goes with `--slots 2`.
+fn check_slots(o: &Options) -> Result<()> {
+    match o.slots {
+        1 if o.version.is_some() => {
+            bail!("--version names an A/B slot's version: it goes with --slots 2")
+        }
+        1 => return Ok(()),
+        2 => {}
+        n => bail!("--slots {n}: an image has 1 root slot, or 2 for A/B updates"),
+    }
+    if o.format != Format::RawEfi {
+        bail!("--slots 2 is for --format raw-efi (and its VM containers); sd-aarch64 cards are not laid out for A/B updates yet");
+    }
+    if !o.uki {
+        bail!("--slots 2 needs --uki: the boot entry an update installs is one Unified Kernel Image per version");
+    }
+    if o.root_mode == RootMode::Rw {
+        bail!(
+            "--slots 2 holds read-only roots that updates replace whole; not with --root-mode rw"
+        );
+    }
+    if let Some(v) = &o.version {
+        slots::check_version(v)?;
+    }
+    Ok(())
 }
 
 /// The container an output name asks for, or an error naming the output.
@@ -216,6 +250,11 @@ pub struct Options {
     /// `--sign`: a Nix secret key file; `IMAGE.sig`, its signature of the
     /// layout manifest, is one more sidecar.
     pub sign: Option<PathBuf>,
+    /// `--slots`: 1, or 2 for A/B updates (raw-efi with --uki).
+    pub slots: u8,
+    /// `--version`: the installed slot's version (default: the system's
+    /// `nixos-version`).
+    pub version: Option<String>,
 }
 
 /// A private key and its certificate, as files.
@@ -299,12 +338,28 @@ pub(crate) struct Input<'a> {
     pub store: &'a Store,
     pub seed: &'a str,
     pub signers: &'a Signers,
+    /// With `--slots 2`: the installed slot's version.
+    pub version: Option<String>,
+}
+
+impl Input<'_> {
+    /// A partition's GPT name: `plain`, or in an A/B image the slot's.
+    fn part_name(&self, plain: &str) -> String {
+        match &self.version {
+            Some(v) => slots::slot_name(v),
+            None => plain.into(),
+        }
+    }
 }
 
 /// A disk format: a struct owning a tree per partition, by name, made
 /// first; then the layout that plans them (borrowing them).
 pub(crate) trait DiskFormat {
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>>;
+    /// The ESP's tree, where the format has one.
+    fn esp(&self) -> Option<&Tree> {
+        None
+    }
 }
 
 fn trees(i: &Input) -> Result<Box<dyn DiskFormat>> {
@@ -318,10 +373,17 @@ fn trees(i: &Input) -> Result<Box<dyn DiskFormat>> {
 /// `--root-mode rw`) or EROFS.
 fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>> {
     let what = "planning the root filesystem (--root-size)";
+    // An A/B slot's filesystem is its content's size; --root-size is the slot's.
+    let size = match (i.version.is_some(), i.o.root_size) {
+        (true, ext4::Size::Fixed(_)) => ext4::Size::Auto {
+            slack: Default::default(),
+        },
+        (_, size) => size,
+    };
     Ok(match i.o.root_fs {
         RootFs::Ext4 => {
             let rw = i.o.root_mode == RootMode::Rw;
-            let opts = ext4::Options::from_seed(i.seed, label, i.o.root_size, rw, i.o.epoch);
+            let opts = ext4::Options::from_seed(i.seed, label, size, rw, i.o.epoch);
             let plan = ext4::plan(tree, &opts).context(what)?;
             Filesystem::Ext4 {
                 plan,
@@ -340,7 +402,8 @@ fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>>
 }
 
 /// The root partition: the closure's filesystem ([`root_fs`]); with
-/// verity, its GUID is the root hash's first 128 bits.
+/// verity, its GUID is the root hash's first 128 bits. An A/B slot is
+/// `--root-size`, or its filesystem and a quarter.
 pub(crate) fn root_partition<'t>(
     i: &Input,
     tree: &'t Tree,
@@ -349,16 +412,22 @@ pub(crate) fn root_partition<'t>(
     bootable: bool,
     verity: Option<&verity::Tree>,
 ) -> Result<Partition<'t>> {
+    let fs = root_fs(i, tree, label)?;
+    let size = match (&i.version, i.o.root_size) {
+        (None, _) => SizePolicy::Content,
+        (Some(_), ext4::Size::Fixed(n)) => SizePolicy::Fixed(slots::slot_size(fs.size(), Some(n))?),
+        (Some(_), _) => SizePolicy::Fixed(slots::slot_size(fs.size(), None)?),
+    };
     Ok(Partition {
         role: Role::Root,
         ty,
-        name: "nixos",
+        name: i.part_name("nixos"),
         label: label.into(),
         read_only: i.o.root_mode != RootMode::Rw && matches!(ty, PartType::Gpt(_)),
         bootable,
         start: None,
-        size: SizePolicy::Content,
-        fs: root_fs(i, tree, label)?,
+        size,
+        fs,
         guid: verity.map(|t| t.root_hash[..16].try_into().expect("16 bytes")),
     })
 }
@@ -391,17 +460,27 @@ pub(crate) fn verity_of(i: &Input, tree: &Tree, label: &str) -> Result<Option<Ar
 }
 
 /// The root's hash partition (after the root): its GUID is the root
-/// hash's last 128 bits, as the Discoverable Partitions spec says.
-pub(crate) fn verity_partition<'t>(t: &Arc<verity::Tree>, ty: PartType) -> Partition<'t> {
+/// hash's last 128 bits, as the Discoverable Partitions spec says. In an
+/// A/B image, `slot` is the root slot's size, and the hash partition's
+/// slot holds a tree for a filesystem that fills it.
+pub(crate) fn verity_partition<'t>(
+    i: &Input,
+    t: &Arc<verity::Tree>,
+    ty: PartType,
+    slot: Option<u64>,
+) -> Partition<'t> {
     Partition {
         role: Role::RootVerity,
         ty,
-        name: "nixos-verity",
+        name: i.part_name("nixos-verity"),
         label: "verity".into(),
         read_only: matches!(ty, PartType::Gpt(_)),
         bootable: false,
         start: None,
-        size: SizePolicy::Content,
+        size: match slot {
+            Some(n) => SizePolicy::Fixed(slots::verity_slot_size(n, t.bytes.len() as u64)),
+            None => SizePolicy::Content,
+        },
         fs: Filesystem::Verity { tree: t.clone() },
         guid: Some(t.root_hash[16..].try_into().expect("16 bytes")),
     }
@@ -431,7 +510,7 @@ pub(crate) fn verity_sig_partition<'t>(
     Ok(Partition {
         role: Role::RootVeritySig,
         ty: PartType::Gpt(ty),
-        name: VERITY_SIG_NAME,
+        name: i.part_name(VERITY_SIG_NAME),
         label: "verity-sig".into(),
         read_only: true,
         bootable: false,
@@ -461,7 +540,7 @@ pub(crate) fn state_partition<'t>(
     Ok(Partition {
         role: Role::State,
         ty,
-        name: "state",
+        name: "state".into(),
         label: "state".into(),
         read_only: false,
         bootable: false,
@@ -499,7 +578,7 @@ pub(crate) fn fat_partition<'t>(
     Ok(Partition {
         role,
         ty,
-        name,
+        name: name.into(),
         label: label.into(),
         read_only: false,
         bootable: false,
@@ -512,6 +591,66 @@ pub(crate) fn fat_partition<'t>(
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let kind = checked(o)?;
+    plan(o, progress, |input, _, mut layout| {
+        let c = input.c;
+        let what = || format!("building {}", o.output.display());
+        if let Some(disk) = o.disk_size {
+            layout
+                .fill(disk)
+                .context("--disk-size")
+                .with_context(what)?;
+        }
+        let placed = layout.place().with_context(what)?;
+        kind.check_size(placed.size)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", o.output.display()))?;
+        if crate::output::locked(&o.output)? {
+            bail!(
+                "{}: in use by a running VM (a process holds its image lock); stop it first",
+                o.output.display()
+            );
+        }
+        progress.stage(&format!(
+            "planned: {}",
+            layout
+                .partitions
+                .iter()
+                .zip(&placed.at)
+                .map(|(p, a)| format!("{} {} bytes", p.label, a.1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        let w = write_outputs(
+            o,
+            kind,
+            input.seed,
+            &placed,
+            &c.toplevel,
+            input.signers,
+            progress,
+        )?;
+        Ok(Report {
+            image: o.output.clone(),
+            bmap: w.bmap,
+            manifest: w.manifest,
+            format: o.format.name(),
+            container: kind.name(),
+            compressed: kind.compressed(),
+            mapped_bytes: w.mapped_bytes,
+            toplevel: c.toplevel.clone(),
+            closure_paths: c.paths.len(),
+            disk: w.disk,
+        })
+    })
+}
+
+/// The image `o` describes, planned: its inputs, the format's trees and
+/// their layout, handed to `then` (which writes it, or parts of it).
+/// Nothing is written here.
+pub(crate) fn plan<R>(
+    o: &Options,
+    progress: &dyn Progress,
+    then: impl FnOnce(&Input, &dyn DiskFormat, Layout) -> Result<R>,
+) -> Result<R> {
     let signers = Signers::load(o)?;
     let c = read_closure(o, progress)?;
     let store = Store::new(&o.store_root);
@@ -522,48 +661,14 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         store: &store,
         seed: &seed,
         signers: &signers,
+        version: (o.slots == 2)
+            .then(|| slots::version_of(o.version.as_deref(), &store, &c))
+            .transpose()?,
     };
     let what = || format!("building {}", o.output.display());
     let format = trees(&input).with_context(what)?;
-    let mut layout = format.layout(&input).with_context(what)?;
-    if let Some(disk) = o.disk_size {
-        layout
-            .fill(disk)
-            .context("--disk-size")
-            .with_context(what)?;
-    }
-    let placed = layout.place().with_context(what)?;
-    kind.check_size(placed.size)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", o.output.display()))?;
-    if crate::output::locked(&o.output)? {
-        bail!(
-            "{}: in use by a running VM (a process holds its image lock); stop it first",
-            o.output.display()
-        );
-    }
-    progress.stage(&format!(
-        "planned: {}",
-        layout
-            .partitions
-            .iter()
-            .zip(&placed.at)
-            .map(|(p, a)| format!("{} {} bytes", p.label, a.1))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
-    let w = write_outputs(o, kind, &seed, &placed, &c.toplevel, &signers, progress)?;
-    Ok(Report {
-        image: o.output.clone(),
-        bmap: w.bmap,
-        manifest: w.manifest,
-        format: o.format.name(),
-        container: kind.name(),
-        compressed: kind.compressed(),
-        mapped_bytes: w.mapped_bytes,
-        toplevel: c.toplevel.clone(),
-        closure_paths: c.paths.len(),
-        disk: w.disk,
-    })
+    let layout = format.layout(&input).with_context(what)?;
+    then(&input, format.as_ref(), layout)
 }
 
 /// The closure of `o.system`, however it is found.

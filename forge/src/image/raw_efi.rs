@@ -16,7 +16,7 @@ use super::{
 
 /// The root filesystem's label.
 const ROOT_LABEL: &str = "nixos";
-use crate::layout::{Layout, PartType, Role, Table, ALIGN};
+use crate::layout::{Layout, PartType, Role, SizePolicy, Table, ALIGN};
 
 /// A raw-efi image's trees, one per partition.
 pub(super) struct RawEfi {
@@ -44,7 +44,12 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
     // The root first: with --verity its hash goes into the ESP's entries.
     let root = trees::root_tree(i.store, i.c, i.o.epoch)?;
     let verity = verity_of(i, &root, ROOT_LABEL)?;
-    let extra = verity_params_line(verity.as_deref());
+    let mut extra = verity_params_line(verity.as_deref());
+    if let (Some(v), None) = (&i.version, &verity) {
+        // Two root partitions of one type: the entry names its slot (with
+        // verity, the root hash finds it).
+        extra.push(format!("root=PARTLABEL={}", super::slots::slot_name(v)));
+    }
     let uki_stub = match i.o.uki {
         true => Some(super::uki::stub_path(i.o.uki_stub.as_deref(), &sd_boot)?),
         false => None,
@@ -55,6 +60,7 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
         extra,
         uki_stub,
         secure_boot: i.signers.secure_boot.as_ref(),
+        version: i.version.clone(),
     };
     let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, &o)?;
     Ok(RawEfi {
@@ -66,6 +72,10 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
 }
 
 impl DiskFormat for RawEfi {
+    fn esp(&self) -> Option<&Tree> {
+        Some(&self.esp)
+    }
+
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
         let RawEfi {
             esp,
@@ -104,9 +114,28 @@ impl DiskFormat for RawEfi {
                 verity.as_deref(),
             )?,
         ];
+        let slot = match (&i.version, &partitions[1].size) {
+            (Some(_), SizePolicy::Fixed(n)) => Some(*n),
+            _ => None,
+        };
         if let Some(t) = verity {
-            partitions.push(verity_partition(t, PartType::Gpt(verity_type)));
-            partitions.push(verity_sig_partition(i, t, sig_type)?);
+            partitions.push(verity_partition(i, t, PartType::Gpt(verity_type), slot));
+            // An A/B image's signature slot is only there signed: forge
+            // sign fills the placeholder of a one-slot image only.
+            if slot.is_none() || i.signers.verity.is_some() {
+                partitions.push(verity_sig_partition(i, t, sig_type)?);
+            }
+        }
+        if slot.is_some() {
+            let sizes = partitions[1..]
+                .iter()
+                .map(|p| match p.size {
+                    SizePolicy::Fixed(n) => n,
+                    _ => p.fs.size().next_multiple_of(ALIGN),
+                })
+                .collect::<Vec<_>>();
+            let twins = super::slots::empty_twins(&partitions[1..], &sizes);
+            partitions.extend(twins);
         }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);

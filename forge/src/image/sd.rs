@@ -252,7 +252,7 @@ impl DiskFormat for SdAarch64 {
             root_partition(i, root, ROOT_LABEL, linux, !boot_on_fw, tree)?,
         ];
         if let Some(t) = verity {
-            partitions.push(verity_partition(t, linux));
+            partitions.push(verity_partition(i, t, linux, None));
         }
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);

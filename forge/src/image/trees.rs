@@ -225,6 +225,9 @@ pub struct EspOptions<'a> {
     pub uki_stub: Option<std::path::PathBuf>,
     /// `--secure-boot-key`: systemd-boot and the UKIs signed with it.
     pub secure_boot: Option<&'a formats::sign::Signer>,
+    /// `--slots 2`: the installed version, whose one UKI is named for
+    /// sysupdate and boot counting (`image::slots::entry_name`).
+    pub version: Option<String>,
 }
 
 /// A PE file for the ESP, signed when Secure Boot keys are given.
@@ -271,11 +274,16 @@ pub fn esp_tree(
     let default = match &o.uki_stub {
         Some(stub) => {
             let linux = t.mkdir_p(b"/EFI/Linux", 0o755)?;
-            for (name, bytes) in super::uki::ukis(stub, store, closure, &o.extra)? {
+            let ukis = super::uki::ukis(stub, store, closure, &o.extra, o.version.as_deref())?;
+            for (name, bytes) in ukis {
                 let bytes = efi_file(bytes, &format!("EFI/Linux/{name}"), o.secure_boot)?;
                 t.insert(linux, name.as_bytes(), Node::bytes(bytes, 0o644))?;
             }
-            "nixos-generation-1.efi"
+            // The newest version not found bad (boot counting sorts those last).
+            match o.version {
+                Some(_) => "nixos_*",
+                None => "nixos-generation-1.efi",
+            }
         }
         None => {
             type1_entries(&mut t, store, closure, o)?;

@@ -29,15 +29,24 @@ pub fn stub_path(given: Option<&Path>, systemd_boot: &Path) -> Result<PathBuf> {
 }
 
 /// What a UKI says of itself (`.osrel`): the system's os-release if its
-/// toplevel has one, else a NixOS one naming the generation.
-fn os_release(store: &Store, spec: &BootSpec) -> String {
+/// toplevel has one, else a NixOS one naming the generation; in an A/B
+/// image with its image version, by which systemd-boot orders the entries.
+fn os_release(store: &Store, spec: &BootSpec, version: Option<&str>) -> String {
     let own = store.physical(&format!("{}/etc/os-release", spec.toplevel));
-    std::fs::read_to_string(own).unwrap_or_else(|_| {
+    let text = std::fs::read_to_string(own).unwrap_or_else(|_| {
         format!(
             "NAME=NixOS\nID=nixos\nPRETTY_NAME=\"NixOS {}\"\nVERSION_ID=\"{}\"\n",
             spec.label, spec.label
         )
-    })
+    });
+    let Some(v) = version else { return text };
+    let mut lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
+        .collect();
+    let image = format!("IMAGE_ID=nixos\nIMAGE_VERSION={v}");
+    lines.push(&image);
+    lines.join("\n") + "\n"
 }
 
 /// The kernel's release (`uname -r`), as ukify scrapes it: from an x86
@@ -67,11 +76,17 @@ struct Stub<'a> {
 
 /// One UKI: the stub and the entry's sections, in ukify's (254) order:
 /// `.osrel`, `.cmdline`, `.uname`, `.initrd`, and `.linux` last.
-fn uki(stub: &Stub, store: &Store, spec: &BootSpec, extra: &[String]) -> Result<Vec<u8>> {
+fn uki(
+    stub: &Stub,
+    store: &Store,
+    spec: &BootSpec,
+    extra: &[String],
+    version: Option<&str>,
+) -> Result<Vec<u8>> {
     let read = |logical: &str| {
         std::fs::read(store.physical(logical)).with_context(|| format!("--uki: reading {logical}"))
     };
-    let osrel = os_release(store, spec);
+    let osrel = os_release(store, spec, version);
     let cmdline = command_line(spec, extra);
     let linux = read(&spec.kernel)?;
     let initrd = spec.initrd.as_deref().map(read).transpose()?;
@@ -92,12 +107,14 @@ fn uki(stub: &Stub, store: &Store, spec: &BootSpec, extra: &[String]) -> Result<
 }
 
 /// Every entry's UKI by its file name in `EFI/Linux/`: generation 1 and
-/// each specialisation.
+/// each specialisation; in an A/B image (`version`), the system's one,
+/// named for its slot with its boot tries (an update replaces one file).
 pub fn ukis(
     stub: &Path,
     store: &Store,
     closure: &Closure,
     extra: &[String],
+    version: Option<&str>,
 ) -> Result<Vec<(String, Vec<u8>)>> {
     let what = || format!("--uki: the EFI stub {}", stub.display());
     let bytes = std::fs::read(stub).with_context(what)?;
@@ -105,13 +122,17 @@ pub fn ukis(
     let bytes = formats::sign::authenticode::unsigned(&bytes).with_context(what)?;
     let stub = Stub { path: stub, bytes };
     let boot = &closure.bootspec;
+    if let Some(v) = version {
+        let name = super::slots::entry_name(v, Some(super::slots::TRIES));
+        return Ok(vec![(name, uki(&stub, store, &boot.spec, extra, version)?)]);
+    }
     let mut out = vec![(
         "nixos-generation-1.efi".to_string(),
-        uki(&stub, store, &boot.spec, extra)?,
+        uki(&stub, store, &boot.spec, extra, None)?,
     )];
     for (name, b) in &boot.specialisations {
         let file = format!("nixos-generation-1-specialisation-{name}.efi");
-        out.push((file, uki(&stub, store, &b.spec, extra)?));
+        out.push((file, uki(&stub, store, &b.spec, extra, None)?));
     }
     Ok(out)
 }

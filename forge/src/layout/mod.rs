@@ -70,6 +70,8 @@ pub enum Filesystem<'t> {
     VeritySig {
         bytes: Vec<u8>,
     },
+    /// Nothing: an A/B slot waiting for its first update (`--slots 2`).
+    Empty,
 }
 
 impl Filesystem<'_> {
@@ -78,7 +80,7 @@ impl Filesystem<'_> {
             Filesystem::Fat { plan, .. } => plan.size_bytes(),
             Filesystem::Ext4 { plan, .. } => plan.size_bytes(),
             Filesystem::Erofs { plan, .. } => plan.size_bytes(),
-            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => {
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } | Filesystem::Empty => {
                 self.whole().map_or(0, |b| b.len() as u64)
             }
         }
@@ -89,6 +91,7 @@ impl Filesystem<'_> {
         match self {
             Filesystem::Verity { tree } => Some(&tree.bytes),
             Filesystem::VeritySig { bytes } => Some(bytes),
+            Filesystem::Empty => Some(&[]),
             _ => None,
         }
     }
@@ -98,10 +101,12 @@ impl Filesystem<'_> {
             Filesystem::Fat { plan, .. } => plan.mapped(),
             Filesystem::Ext4 { plan, .. } => plan.mapped(),
             Filesystem::Erofs { plan, .. } => plan.mapped(),
-            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => match self.size() {
-                0 => Vec::new(),
-                n => vec![(0, n)],
-            },
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } | Filesystem::Empty => {
+                match self.size() {
+                    0 => Vec::new(),
+                    n => vec![(0, n)],
+                }
+            }
         }
     }
     pub fn kind(&self) -> &'static str {
@@ -111,6 +116,7 @@ impl Filesystem<'_> {
             Filesystem::Erofs { .. } => "erofs",
             Filesystem::Verity { .. } => "verity",
             Filesystem::VeritySig { .. } => "verity-sig",
+            Filesystem::Empty => "empty",
         }
     }
     pub fn uuid(&self) -> String {
@@ -120,7 +126,7 @@ impl Filesystem<'_> {
                 seed::format_uuid(uuid)
             }
             Filesystem::Verity { tree } => seed::format_uuid(&tree.params.uuid),
-            Filesystem::VeritySig { .. } => String::new(),
+            Filesystem::VeritySig { .. } | Filesystem::Empty => String::new(),
         }
     }
     /// The dm-verity parameters, for a hash partition.
@@ -147,7 +153,7 @@ impl Filesystem<'_> {
             Filesystem::Fat { plan, .. } => plan.write(sink, off).map(|w| w.mapped)?,
             Filesystem::Ext4 { plan, .. } => plan.write(sink, off).map(|w| w.mapped)?,
             Filesystem::Erofs { plan, .. } => plan.write(sink, off).map(|w| w.mapped)?,
-            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } => {
+            Filesystem::Verity { .. } | Filesystem::VeritySig { .. } | Filesystem::Empty => {
                 sink.seek(SeekFrom::Start(off))?;
                 sink.write_all(self.whole().unwrap_or_default())?;
                 self.mapped()
@@ -156,7 +162,12 @@ impl Filesystem<'_> {
     }
     /// Write at `off` of `out`; what it wrote must be what it planned.
     fn write(&self, out: &mut dyn Target, off: u64) -> Result<()> {
-        let w = self.stream(out.sink(), off)?;
+        self.write_to(out.sink(), off)
+    }
+    /// Write at `off` of `sink` (a partition alone, `forge update`); what
+    /// it wrote must be what it planned.
+    pub fn write_to(&self, sink: &mut dyn formats::sink::Sink, off: u64) -> Result<()> {
+        let w = self.stream(sink, off)?;
         if ranges::merge(w) != self.mapped() {
             bail!(
                 "internal: the {} filesystem wrote other blocks than it planned",
@@ -181,8 +192,8 @@ pub trait Target {
 pub struct Partition<'t> {
     pub role: Role,
     pub ty: PartType,
-    /// The GPT partition name.
-    pub name: &'static str,
+    /// The GPT partition name (an A/B slot's carries its version).
+    pub name: String,
     /// The filesystem's label.
     pub label: String,
     /// GPT attribute bit 60 (the root of a read-only image).

@@ -42,13 +42,14 @@ impl Placed<'_, '_> {
                 },
                 read_only: p.read_only,
                 bootable: p.bootable,
-                // A signature partition holds JSON, not a filesystem.
-                filesystem: (!matches!(p.fs, Filesystem::VeritySig { .. })).then(|| Fs {
-                    kind: p.fs.kind().into(),
-                    label: p.label.clone(),
-                    uuid: p.fs.uuid(),
-                    size: Some(p.fs.size()),
-                }),
+                // A signature partition holds JSON, an empty slot nothing.
+                filesystem: (!matches!(p.fs, Filesystem::VeritySig { .. } | Filesystem::Empty))
+                    .then(|| Fs {
+                        kind: p.fs.kind().into(),
+                        label: p.label.clone(),
+                        uuid: p.fs.uuid(),
+                        size: Some(p.fs.size()),
+                    }),
                 sha256: sha256(off, size),
                 boot_entries: Vec::new(),
             });

@@ -17,7 +17,7 @@ fn part<'t>(role: Role, name: &'static str, size: SizePolicy, fs: Filesystem<'t>
     Partition {
         role,
         ty: PartType::Gpt(gpt::types::ROOT_X86_64),
-        name,
+        name: name.into(),
         label: name.into(),
         read_only: false,
         bootable: false,

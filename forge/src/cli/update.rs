@@ -1,0 +1,40 @@
+//! `forge update`: arguments for a version's update artefacts.
+
+use anyhow::Result;
+
+use super::image::ImageArgs;
+use forge::update;
+
+#[derive(clap::Args)]
+pub struct UpdateArgs {
+    /// Where the artefacts come from: an http(s) URL or a directory; with
+    /// it, `OUTPUT/sysupdate.d/*.conf`, the transfer definitions that
+    /// fetch and install them (as the NixOS module generates).
+    #[arg(long, value_name = "URL|DIR")]
+    source: Option<String>,
+    /// forge image's options: those that shape the root filesystem and the
+    /// boot entry (--root-fs, --verity, --uki-stub, the keys, --seed,
+    /// --version) must be the image's; -o is the artefacts' directory.
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+pub fn run(a: UpdateArgs) -> Result<()> {
+    let json = a.image.json();
+    let mut image = a.image.options()?;
+    image.slots = 2;
+    image.uki = true;
+    let dir = image.output.clone();
+    let made = forge::output::make_parents(&dir.join(update::SUMS))?;
+    let o = update::Options {
+        image,
+        dir,
+        source: a.source.as_deref().map(update::Source::parse),
+    };
+    let report = update::build(&o, &super::Stages::new())?;
+    made.keep();
+    if json {
+        crate::out!("{}", serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! A/B slots (`--slots 2`), laid out and named the way systemd-sysupdate
+//! finds them: the installed slot's partitions (root, and with `--verity`
+//! its hash and signature) carry the GPT name `nixos_VERSION`, the other
+//! slot's the same types named `_empty`, holding nothing, as large as the
+//! first. The boot entry is a UKI named `nixos_VERSION+3.efi`: three tries
+//! for systemd-boot's boot counting before it falls back.
+//!
+//! A slot's filesystem is sized to its content, so `forge update` makes the
+//! same bytes without knowing the disk; the slot around it (`--root-size`,
+//! by default the filesystem plus 25 %) leaves room for later versions.
+
+use anyhow::{bail, Result};
+
+use super::Partition;
+use crate::closure::{Closure, Store};
+use crate::layout::{Filesystem, SizePolicy, ALIGN};
+
+/// The GPT name of a slot no version has been installed in.
+pub const EMPTY: &str = "_empty";
+/// Boot counting: the tries a new version's entry starts with.
+pub const TRIES: u32 = 3;
+/// The name every slot's partitions and entries start with.
+pub const PREFIX: &str = "nixos_";
+/// A GPT partition name holds 36 UTF-16 units.
+const MAX_VERSION: usize = 36 - PREFIX.len();
+
+/// The GPT name of a slot holding `version`.
+pub fn slot_name(version: &str) -> String {
+    format!("{PREFIX}{version}")
+}
+
+/// The boot entry (a UKI) of `version` as it lands on the ESP, with its
+/// tries left; `tries: None` for the update artefact, which
+/// systemd-sysupdate renames as it installs it (`TriesLeft=`).
+pub fn entry_name(version: &str, tries: Option<u32>) -> String {
+    match tries {
+        Some(n) => format!("{PREFIX}{version}+{n}.efi"),
+        None => format!("{PREFIX}{version}.efi"),
+    }
+}
+
+/// A version sysupdate can order and our names keep unambiguous:
+/// letters, digits and `.~^-`, starting with a letter or digit; no `_`
+/// (it ends the names' fixed part) and no `+` (it starts the tries).
+pub fn check_version(v: &str) -> Result<()> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || ".~^-".contains(c);
+    if v.is_empty() || !v.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        bail!("--version {v:?}: a version starts with a letter or digit");
+    }
+    if let Some(c) = v.chars().find(|&c| !ok(c)) {
+        bail!("--version {v:?}: {c:?} is not allowed (letters, digits and . ~ ^ - only: `_` separates the name from the version, `+` starts the boot tries)");
+    }
+    if v.len() > MAX_VERSION {
+        bail!("--version {v:?}: longer than {MAX_VERSION} characters (a GPT partition name holds 36, `{PREFIX}` included)");
+    }
+    Ok(())
+}
+
+/// `--version`, else the system's `nixos-version` file; checked.
+pub fn version_of(given: Option<&str>, store: &Store, c: &Closure) -> Result<String> {
+    let v = match given {
+        Some(v) => v.to_string(),
+        None => {
+            let file = format!("{}/nixos-version", c.toplevel);
+            match std::fs::read_to_string(store.physical(&file)) {
+                Ok(s) => s.trim().to_string(),
+                Err(e) => bail!("--slots 2 needs a version: {file}: {e}; give --version"),
+            }
+        }
+    };
+    check_version(&v)?;
+    Ok(v)
+}
+
+/// The size of a slot holding a filesystem of `fs` bytes: `given`
+/// (`--root-size`), which must hold it, else `fs` and a quarter, aligned.
+pub fn slot_size(fs: u64, given: Option<u64>) -> Result<u64> {
+    match given {
+        Some(n) if n < fs.next_multiple_of(ALIGN) => bail!(
+            "--root-size {n}: a slot is too small for this version's root filesystem ({fs} bytes); leave room for later versions too (the default is the filesystem and 25 %)"
+        ),
+        Some(n) => Ok(n.next_multiple_of(ALIGN)),
+        None => Ok((fs + fs / 4).next_multiple_of(ALIGN)),
+    }
+}
+
+/// The hash partition's slot for a root slot of `root_slot` bytes: the
+/// hash tree of a filesystem filling it.
+pub fn verity_slot_size(root_slot: u64, tree: u64) -> u64 {
+    let blocks = root_slot / formats::verity::BLOCK as u64;
+    formats::verity::hash_size(blocks)
+        .max(tree)
+        .next_multiple_of(ALIGN)
+}
+
+/// The installed slot's partitions as the empty second slot: the same
+/// roles, types and sizes, named [`EMPTY`], holding nothing.
+pub fn empty_twins<'t>(installed: &[Partition<'t>], sizes: &[u64]) -> Vec<Partition<'t>> {
+    installed
+        .iter()
+        .zip(sizes)
+        .map(|(p, &size)| Partition {
+            role: p.role,
+            ty: p.ty,
+            name: EMPTY.into(),
+            label: EMPTY.into(),
+            read_only: false,
+            bootable: false,
+            start: None,
+            size: SizePolicy::Fixed(size),
+            fs: Filesystem::Empty,
+            guid: None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_sysupdate_orders_and_names_keep_apart() {
+        for v in ["1", "25.05.fixture", "2.0~rc1", "24.11-1", "A^b"] {
+            check_version(v).unwrap();
+        }
+        for v in ["", "1_2", "1+3", "-1", ".1", "a b", "1/2", &"9".repeat(31)] {
+            assert!(check_version(v).is_err(), "{v:?}");
+        }
+        assert_eq!(entry_name("2", Some(3)), "nixos_2+3.efi");
+        assert_eq!(entry_name("2", None), "nixos_2.efi");
+    }
+
+    #[test]
+    fn a_slot_leaves_a_quarter_unless_given_and_refuses_less_than_its_filesystem() {
+        assert_eq!(slot_size(100 << 20, None).unwrap(), 125 << 20);
+        assert_eq!(slot_size(100 << 20, Some(300 << 20)).unwrap(), 300 << 20);
+        let e = slot_size(100 << 20, Some(50 << 20))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("too small"), "{e}");
+        assert!(verity_slot_size(1 << 30, 0) >= (1 << 30) / 128);
+    }
+}

@@ -1,0 +1,241 @@
+//! `forge update`: a system version's update artefacts for machines laid
+//! out by `forge image --slots 2`: the root filesystem (and its hash tree
+//! and signature with `--verity`) as raw partition images, the UKI, and
+//! `SHA256SUMS` (with `--sign`, `SHA256SUMS.sig`), named as systemd-sysupdate
+//! matches them (`transfers`). The image is planned exactly as `forge image`
+//! plans it, and only those partitions are written, so a slot's bytes in an
+//! image of the same version are the artefact's.
+
+pub mod transfers;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::image::{self, slots, trees, DiskFormat};
+use crate::layout::{Layout, Partition, Role};
+use crate::output::AtomicOutput;
+use crate::Progress;
+use formats::tree::{Content, Kind};
+pub use transfers::Source;
+
+pub struct Options {
+    /// The image the artefacts are for (`--slots 2`, its `--version`).
+    pub image: image::Options,
+    /// Where the artefacts go (beside earlier versions').
+    pub dir: PathBuf,
+    /// `--source`: write `sysupdate.d/` transfer definitions fetching
+    /// from there.
+    pub source: Option<Source>,
+}
+
+/// One file written, as `SHA256SUMS` lists it.
+#[derive(Serialize, Clone, Debug)]
+pub struct Artefact {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// What `forge update --json` prints.
+#[derive(Serialize)]
+pub struct Report {
+    pub version: String,
+    pub toplevel: String,
+    pub artefacts: Vec<Artefact>,
+    /// With `--verity`: the root hash and its parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<formats::manifest::Verity>,
+    pub sums: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<PathBuf>,
+    pub transfers: Vec<PathBuf>,
+}
+
+/// The checksum list's name, as systemd-sysupdate fetches it.
+pub const SUMS: &str = "SHA256SUMS";
+
+pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
+    if o.image.slots != 2 {
+        bail!("forge update makes the artefacts of --slots 2 images");
+    }
+    image::check_options(&o.image)?;
+    crate::output::check_dir(&o.dir.join(SUMS))?;
+    image::plan(&o.image, progress, |i, format, layout| {
+        let version = i.version.clone().expect("--slots 2 has a version");
+        let lock = crate::output::lock_for_run(&o.dir, || {
+            progress.stage(&format!("waiting for another run in {}", o.dir.display()))
+        })?;
+        let mut outs = Vec::new();
+        let mut made = Vec::new();
+        let slot = slot_partitions(&layout, &version);
+        let verity = slot.iter().find_map(|p| p.fs.verity());
+        for p in slot {
+            let (out, a) = write_partition(&o.dir, &version, p)?;
+            progress.stage(&format!("wrote {} ({} bytes)", a.name, a.size));
+            outs.push(out);
+            made.push(a);
+        }
+        let (out, a) = write_uki(&o.dir, &version, format)?;
+        outs.push(out);
+        made.push(a);
+        let sums = sums_text(&o.dir, &made)?;
+        let sums_path = o.dir.join(SUMS);
+        outs.push(text_file(&sums_path, &sums)?);
+        let signature = match &i.signers.manifest {
+            Some(key) => {
+                let path = o.dir.join(format!("{SUMS}.sig"));
+                outs.push(text_file(
+                    &path,
+                    &format!("{}\n", key.sign(sums.as_bytes())),
+                )?);
+                Some(path)
+            }
+            None => None,
+        };
+        let transfers = match &o.source {
+            Some(s) => transfer_files(&o.dir, s, &layout, &mut outs)?,
+            None => Vec::new(),
+        };
+        crate::output::commit_all(outs, &lock)?;
+        progress.stage(&format!("done: version {version} in {}", o.dir.display()));
+        Ok(Report {
+            version,
+            toplevel: i.c.toplevel.clone(),
+            artefacts: made,
+            verity,
+            sums: sums_path,
+            signature,
+            transfers,
+        })
+    })
+}
+
+/// The installed slot's partitions: root, and with verity its hash and
+/// signature (named for the version, unlike the empty slot's).
+fn slot_partitions<'a, 't>(layout: &'a Layout<'t>, version: &str) -> Vec<&'a Partition<'t>> {
+    let name = slots::slot_name(version);
+    layout
+        .partitions
+        .iter()
+        .filter(|p| p.name == name)
+        .collect()
+}
+
+/// A partition's filesystem alone, as a raw file named for sysupdate.
+fn write_partition(dir: &Path, version: &str, p: &Partition) -> Result<(AtomicOutput, Artefact)> {
+    let kind = match p.role {
+        Role::Root => &transfers::ROOT,
+        Role::RootVerity => &transfers::VERITY,
+        Role::RootVeritySig => &transfers::VERITY_SIG,
+        r => bail!("internal: a {r:?} partition in an A/B slot"),
+    };
+    // The root hash decides the root's and hash partition's GUIDs.
+    let uuid = match (p.role, p.guid) {
+        (Role::Root | Role::RootVerity, Some(g)) => Some(formats::seed::format_uuid(&g)),
+        _ => None,
+    };
+    let name = transfers::artefact(version, kind, uuid.as_deref());
+    let mut out = AtomicOutput::create(&dir.join(&name))?;
+    let size = p.fs.size();
+    let sha256 =
+        crate::container::write_hashed(&mut out, size, p.fs.mapped(), |w| p.fs.write_to(w, 0))
+            .with_context(|| format!("writing {}", dir.join(&name).display()))?;
+    Ok((out, Artefact { name, size, sha256 }))
+}
+
+/// The version's UKI, as the ESP of its image holds it (signed with
+/// `--secure-boot-key`), under the name sysupdate installs with tries.
+fn write_uki(
+    dir: &Path,
+    version: &str,
+    format: &dyn DiskFormat,
+) -> Result<(AtomicOutput, Artefact)> {
+    let on_esp = slots::entry_name(version, Some(slots::TRIES));
+    let bytes = format
+        .esp()
+        .and_then(|t| {
+            Some((
+                t,
+                trees::lookup(t, format!("/EFI/Linux/{on_esp}").as_bytes())?,
+            ))
+        })
+        .and_then(|(t, id)| match &t.node(id).kind {
+            Kind::File {
+                content: Content::Bytes(b),
+                ..
+            } => Some(b.clone()),
+            _ => None,
+        })
+        .with_context(|| format!("internal: no EFI/Linux/{on_esp} on the planned ESP"))?;
+    let name = slots::entry_name(version, None);
+    let path = dir.join(&name);
+    let mut out = AtomicOutput::create(&path)?;
+    out.file()
+        .write_all(&bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let a = Artefact {
+        name,
+        size: bytes.len() as u64,
+        sha256: formats::manifest::sha256_hex(&bytes),
+    };
+    Ok((out, a))
+}
+
+/// `SHA256SUMS`: the lines of an earlier one in `dir` for files still
+/// there that this run does not replace (the other versions published
+/// there), and this run's files; sorted by name.
+fn sums_text(dir: &Path, made: &[Artefact]) -> Result<String> {
+    let path = dir.join(SUMS);
+    let old = match std::fs::read_to_string(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut lines = std::collections::BTreeMap::new();
+    for (n, line) in old.lines().enumerate() {
+        let Some((hash, name)) = line.split_once(' ') else {
+            bail!("{}:{}: not a `SHA256  NAME` line", path.display(), n + 1);
+        };
+        let name = name.trim_start_matches([' ', '*']);
+        let ok = hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok || name.is_empty() || name.contains('/') {
+            bail!("{}:{}: not a `SHA256  NAME` line", path.display(), n + 1);
+        }
+        if dir.join(name).is_file() {
+            lines.insert(name.to_string(), hash.to_string());
+        }
+    }
+    for a in made {
+        lines.insert(a.name.clone(), a.sha256.clone());
+    }
+    Ok(lines.iter().map(|(n, h)| format!("{h}  {n}\n")).collect())
+}
+
+fn text_file(path: &Path, text: &str) -> Result<AtomicOutput> {
+    let mut out = AtomicOutput::create(path)?;
+    out.file()
+        .write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(out)
+}
+
+/// `DIR/sysupdate.d/*.conf` for the partitions this layout has.
+fn transfer_files(
+    dir: &Path,
+    source: &Source,
+    layout: &Layout,
+    outs: &mut Vec<AtomicOutput>,
+) -> Result<Vec<PathBuf>> {
+    let has = |r: Role| layout.partitions.iter().any(|p| p.role == r);
+    let d = dir.join("sysupdate.d");
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    let mut paths = Vec::new();
+    for (name, text) in transfers::all(source, has(Role::RootVerity), has(Role::RootVeritySig)) {
+        let path = d.join(name);
+        outs.push(text_file(&path, &text)?);
+        paths.push(path);
+    }
+    Ok(paths)
+}

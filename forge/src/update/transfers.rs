@@ -1,0 +1,163 @@
+//! systemd-sysupdate transfer definitions (`sysupdate.d/*.conf`) for the
+//! artefacts `forge update` writes: where sysupdate finds each version's
+//! files (a URL or a directory) and where it installs them (the A/B
+//! partitions `forge image --slots 2` lays out, the UKI into the ESP's
+//! `EFI/Linux/` with boot counting). The NixOS module generates the same.
+
+use crate::image::slots::{PREFIX, TRIES};
+
+/// Where the artefacts are published.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// An HTTP(S) directory holding them and `SHA256SUMS` (`url-file`).
+    Url(String),
+    /// A local directory (`regular-file`).
+    Dir(std::path::PathBuf),
+}
+
+impl Source {
+    /// `http://…`/`https://…` is a URL; anything else a directory.
+    pub fn parse(s: &str) -> Source {
+        match s.starts_with("http://") || s.starts_with("https://") {
+            true => Source::Url(s.trim_end_matches('/').to_string()),
+            false => Source::Dir(s.into()),
+        }
+    }
+
+    fn section(&self, pattern: &str) -> String {
+        let (ty, path) = match self {
+            Source::Url(u) => ("url-file", u.clone()),
+            Source::Dir(d) => ("regular-file", d.display().to_string()),
+        };
+        format!("[Source]\nType={ty}\nPath={path}\nMatchPattern={pattern}\n")
+    }
+}
+
+/// A partition artefact: its file suffix and the partition type sysupdate
+/// installs it into.
+pub struct PartitionKind {
+    pub suffix: &'static str,
+    pub partition_type: &'static str,
+}
+
+/// The root filesystem, its hash tree and the hash's signature.
+pub const ROOT: PartitionKind = PartitionKind {
+    suffix: "root.raw",
+    partition_type: "root",
+};
+pub const VERITY: PartitionKind = PartitionKind {
+    suffix: "verity.raw",
+    partition_type: "root-verity",
+};
+pub const VERITY_SIG: PartitionKind = PartitionKind {
+    suffix: "verity-sig.raw",
+    partition_type: "root-verity-sig",
+};
+
+/// The artefact file of `kind` for `version`; with verity the partition's
+/// GUID is in the name (`_@u`: sysupdate gives the partition it), as the
+/// root hash decides it and the kernel finds the root by it.
+pub fn artefact(version: &str, kind: &PartitionKind, uuid: Option<&str>) -> String {
+    match uuid {
+        Some(u) => format!("{PREFIX}{version}_{u}.{}", kind.suffix),
+        None => format!("{PREFIX}{version}.{}", kind.suffix),
+    }
+}
+
+/// The head every definition shares: the running version is never
+/// replaced (`%A`, the booted image's IMAGE_VERSION); sysupdate checks
+/// SHA256SUMS.gpg only when asked, and forge signs with a Nix key
+/// instead (`SHA256SUMS.sig`).
+fn transfer(what: &str) -> String {
+    format!("# Made by forge update: {what}.\n[Transfer]\nProtectVersion=%A\nVerify=no\n\n")
+}
+
+/// The definition installing `kind` artefacts into their A/B partitions
+/// (`uuid`: their names carry the partition GUID).
+pub fn partition(source: &Source, kind: &PartitionKind, uuid: bool) -> String {
+    let u = if uuid { "_@u" } else { "" };
+    format!(
+        "{}{}\n[Target]\nType=partition\nPath=auto\nMatchPattern={PREFIX}@v\nMatchPartitionType={}\nReadOnly=1\nInstancesMax=2\n",
+        transfer(&format!("the {} partition of each version", kind.partition_type)),
+        source.section(&format!("{PREFIX}@v{u}.{}", kind.suffix)),
+        kind.partition_type,
+    )
+}
+
+/// The definition installing each version's UKI with [`TRIES`] boot tries.
+pub fn uki(source: &Source) -> String {
+    format!(
+        "{}{}\n[Target]\nType=regular-file\nPath=/EFI/Linux\nPathRelativeTo=boot\nMatchPattern={PREFIX}@v+@l-@d.efi {PREFIX}@v+@l.efi {PREFIX}@v.efi\nMode=0444\nTriesLeft={TRIES}\nTriesDone=0\nInstancesMax=2\n",
+        transfer("each version's Unified Kernel Image"),
+        source.section(&format!("{PREFIX}@v.efi")),
+    )
+}
+
+/// Every definition, by file name, in the order sysupdate applies them
+/// (the partitions before the entry that boots them).
+pub fn all(source: &Source, verity: bool, signed: bool) -> Vec<(String, String)> {
+    let mut v = vec![(
+        "50-nixos-root.conf".to_string(),
+        partition(source, &ROOT, verity),
+    )];
+    if verity {
+        v.push((
+            "51-nixos-verity.conf".into(),
+            partition(source, &VERITY, true),
+        ));
+    }
+    if signed {
+        v.push((
+            "52-nixos-verity-sig.conf".into(),
+            partition(source, &VERITY_SIG, false),
+        ));
+    }
+    v.push(("60-nixos-uki.conf".into(), uki(source)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_name_the_slots_and_entries_forge_image_makes() {
+        let s = Source::parse("https://updates.example/nixos/");
+        assert_eq!(s, Source::Url("https://updates.example/nixos".into()));
+        let root = partition(&s, &ROOT, false);
+        assert!(root.contains("Type=url-file\nPath=https://updates.example/nixos\nMatchPattern=nixos_@v.root.raw\n"), "{root}");
+        let verity = partition(&s, &VERITY, true);
+        assert!(
+            verity.contains("MatchPattern=nixos_@v_@u.verity.raw\n"),
+            "{verity}"
+        );
+        assert!(
+            verity.contains("MatchPartitionType=root-verity\n"),
+            "{verity}"
+        );
+        assert!(
+            root.contains("MatchPattern=nixos_@v\nMatchPartitionType=root\n"),
+            "{root}"
+        );
+        let e = uki(&Source::parse("/srv/u"));
+        assert!(
+            e.contains("Type=regular-file\nPath=/srv/u\nMatchPattern=nixos_@v.efi\n"),
+            "{e}"
+        );
+        assert!(e.contains("TriesLeft=3\n"), "{e}");
+        let names: Vec<_> = all(&s, true, false).into_iter().map(|x| x.0).collect();
+        assert_eq!(
+            names,
+            [
+                "50-nixos-root.conf",
+                "51-nixos-verity.conf",
+                "60-nixos-uki.conf"
+            ]
+        );
+        assert_eq!(artefact("2", &VERITY, None), "nixos_2.verity.raw");
+        assert_eq!(
+            artefact("2", &ROOT, Some("8eb5-1")),
+            "nixos_2_8eb5-1.root.raw"
+        );
+    }
+}

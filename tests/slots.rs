@@ -1,0 +1,320 @@
+//! A/B updates (issue 27): `forge image --slots 2` lays out two root
+//! slots as systemd-sysupdate finds them, `forge update` writes a
+//! version's artefacts and transfer definitions, and systemd-sysupdate 254
+//! (Debian's backports build, unpacked by `make tools`) installs them.
+
+use nixforge_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The fixture's image or update arguments: raw-efi, UKIs, `extra`.
+fn slots_cmd(verb: &str, extra: &[&str]) -> Command {
+    let sys = system("x86_64");
+    let mut c = forge();
+    c.arg(verb).arg(&sys.result).arg("--root").arg(&sys.root);
+    c.args(["--uki", "--uki-stub", STUB]).args(extra);
+    c
+}
+
+fn json(cmd: &mut Command) -> Value {
+    serde_json::from_str(&ok(cmd)).unwrap()
+}
+
+/// systemd-sysupdate 254, unpacked beside the system's systemd.
+fn sysupdate(defs: &Path) -> Command {
+    let dir = std::env::var_os("NIXFORGE_SYSTEMD_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fixtures().parent().unwrap().join("tools/systemd"));
+    let bin = dir.join("lib/systemd/systemd-sysupdate");
+    assert!(bin.exists(), "{}: run make tools", bin.display());
+    let mut c = Command::new(bin);
+    c.env(
+        "LD_LIBRARY_PATH",
+        dir.join("usr/lib/x86_64-linux-gnu/systemd"),
+    );
+    c.arg(format!("--definitions={}", defs.display()));
+    c.arg("--no-pager");
+    c
+}
+
+/// The partitions of a disk image as sfdisk reads them: (name, uuid,
+/// start byte, size in bytes).
+fn gpt(img: &Path) -> Vec<(String, String, u64, u64)> {
+    let v: Value =
+        serde_json::from_str(&ok(Command::new("sfdisk").arg("--json").arg(img))).unwrap();
+    v["partitiontable"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let name = p["name"].as_str().unwrap_or("").to_string();
+            let uuid = p["uuid"].as_str().unwrap().to_lowercase();
+            (
+                name,
+                uuid,
+                p["start"].as_u64().unwrap() * 512,
+                p["size"].as_u64().unwrap() * 512,
+            )
+        })
+        .collect()
+}
+
+/// `len` bytes of `img` at `off`, as a file.
+fn extract(img: &Path, off: u64, len: u64, to: &Path) {
+    let b = std::fs::read(img).unwrap();
+    std::fs::write(to, &b[off as usize..(off + len) as usize]).unwrap();
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// The definitions `forge update --source` wrote, pointed at a disk image
+/// and an ESP directory instead of the running system's (`Path=auto`,
+/// `/EFI/Linux` under `$BOOT`); nothing else changed.
+fn definitions_for(publ: &Path, img: &Path, esp: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(publ.join("sysupdate.d")).unwrap() {
+        let e = e.unwrap();
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        assert!(
+            text.contains("Path=auto") || text.contains("PathRelativeTo=boot"),
+            "{text}"
+        );
+        let text = text
+            .replace("Path=auto", &format!("Path={}", img.display()))
+            .replace(
+                "Path=/EFI/Linux\nPathRelativeTo=boot",
+                &format!("Path={}", esp.display()),
+            );
+        std::fs::write(to.join(e.file_name()), text).unwrap();
+    }
+}
+
+#[test]
+fn sysupdate_installs_version_2_into_the_empty_slot_of_a_version_1_image() {
+    for verity in [true, false] {
+        let d = tempfile::tempdir().unwrap();
+        let v: &[&str] = if verity { &["--verity"] } else { &[] };
+        let img = d.path().join("disk.img");
+        let layout = json(
+            slots_cmd("image", v)
+                .args([
+                    "--slots",
+                    "2",
+                    "--version",
+                    "1",
+                    "--seed",
+                    "one",
+                    "--json",
+                    "-o",
+                ])
+                .arg(&img),
+        );
+        let parts = gpt(&img);
+        let names: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
+        let want: &[&str] = match verity {
+            true => &["ESP", "nixos_1", "nixos_1", "_empty", "_empty", "state"],
+            false => &["ESP", "nixos_1", "_empty", "state"],
+        };
+        assert_eq!(names, want, "verity {verity}");
+        let n = if verity { 2 } else { 1 };
+        for k in 1..=n {
+            assert_eq!(parts[k].3, parts[k + n].3, "slot B is as large as slot A");
+            assert!(
+                layout["partitions"][k + n]["filesystem"].is_null(),
+                "{layout}"
+            );
+        }
+        // The slot leaves room: the root filesystem is smaller than it.
+        let fs_size = layout["partitions"][1]["filesystem"]["size"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            parts[1].3 >= fs_size + fs_size / 4,
+            "{fs_size} in {}",
+            parts[1].3
+        );
+
+        let publ = d.path().join("pub");
+        let report = json(
+            slots_cmd("update", v)
+                .args(["--version", "2", "--seed", "two", "--json", "--source"])
+                .arg(&publ)
+                .arg("-o")
+                .arg(&publ),
+        );
+        let esp = d.path().join("esp");
+        std::fs::create_dir(&esp).unwrap();
+        ok(Command::new("mcopy")
+            .arg("-i")
+            .arg(format!("{}@@{}", img.display(), parts[0].2))
+            .arg("::/EFI/Linux/nixos_1+3.efi")
+            .arg(&esp));
+        let defs = d.path().join("defs");
+        definitions_for(&publ, &img, &esp, &defs);
+
+        let list = ok(sysupdate(&defs).arg("list"));
+        let row = |ver: &str| {
+            list.lines()
+                .find(|l| l.split_whitespace().any(|w| w == ver))
+                .unwrap_or_else(|| panic!("no version {ver}:\n{list}"))
+                .to_string()
+        };
+        assert!(row("2").contains("candidate"), "{list}");
+        assert!(row("1").contains("current"), "{list}");
+        ok(sysupdate(&defs).arg("update"));
+
+        let after = gpt(&img);
+        let names: Vec<&str> = after.iter().map(|p| p.0.as_str()).collect();
+        let want: &[&str] = match verity {
+            true => &["ESP", "nixos_1", "nixos_1", "nixos_2", "nixos_2", "state"],
+            false => &["ESP", "nixos_1", "nixos_2", "state"],
+        };
+        assert_eq!(names, want, "verity {verity}");
+        let v = ok(Command::new("sgdisk").arg("-v").arg(&img));
+        assert!(v.contains("No problems found"), "{v}");
+        let arts = report["artefacts"].as_array().unwrap();
+        let art = |suffix: &str| {
+            arts.iter()
+                .find(|a| a["name"].as_str().unwrap().ends_with(suffix))
+                .unwrap_or_else(|| panic!("no {suffix} in {report}"))
+        };
+        // The slot holds the artefact's bytes.
+        let root = art(".root.raw");
+        let b_root = d.path().join("b-root");
+        extract(
+            &img,
+            after[1 + n].2,
+            root["size"].as_u64().unwrap(),
+            &b_root,
+        );
+        assert_eq!(sha256_file(&b_root), root["sha256"].as_str().unwrap());
+        let uki = std::fs::read(esp.join("nixos_2+3-0.efi")).unwrap();
+        assert_eq!(uki, std::fs::read(publ.join("nixos_2.efi")).unwrap());
+        if verity {
+            let hash = report["verity"]["root_hash"].as_str().unwrap();
+            assert!(contains(&uki, &format!("roothash={hash}")));
+            // sysupdate took the GUIDs from the names: the root hash's halves.
+            let hex = |u: &str| u.replace('-', "");
+            assert_eq!(hex(&after[1 + n].1), hash[..32]);
+            assert_eq!(hex(&after[2 + n].1), hash[32..]);
+            let b_hash = d.path().join("b-hash");
+            let vsize = art(".verity.raw")["size"].as_u64().unwrap();
+            extract(&img, after[2 + n].2, vsize, &b_hash);
+            ok(Command::new("veritysetup")
+                .arg("verify")
+                .arg(&b_root)
+                .arg(&b_hash)
+                .arg(hash));
+        } else {
+            assert!(contains(&uki, "root=PARTLABEL=nixos_2"));
+            ok(Command::new("e2fsck").arg("-fn").arg(&b_root));
+        }
+    }
+}
+
+#[test]
+fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_versions() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("v2.img");
+    let base = ["--verity", "--version", "2", "--seed", "two"];
+    let layout = json(
+        slots_cmd("image", &base)
+            .args(["--slots", "2", "--json", "-o"])
+            .arg(&img),
+    );
+    let publ = d.path().join("pub");
+    let report = json(
+        slots_cmd("update", &base)
+            .arg("--json")
+            .arg("-o")
+            .arg(&publ),
+    );
+    let root = &report["artefacts"][0];
+    assert!(
+        root["name"].as_str().unwrap().ends_with(".root.raw"),
+        "{report}"
+    );
+    let slot = &layout["partitions"][1];
+    let slot_fs = d.path().join("slot");
+    extract(
+        &img,
+        slot["offset"].as_u64().unwrap(),
+        root["size"].as_u64().unwrap(),
+        &slot_fs,
+    );
+    assert_eq!(sha256_file(&slot_fs), root["sha256"].as_str().unwrap());
+    assert_eq!(layout["verity"], report["verity"]);
+
+    // Made twice, the same bytes; a second version published beside it
+    // keeps the first in SHA256SUMS.
+    let again = d.path().join("again");
+    ok(slots_cmd("update", &base).arg("-o").arg(&again));
+    let sums = std::fs::read_to_string(publ.join("SHA256SUMS")).unwrap();
+    assert_eq!(
+        sums,
+        std::fs::read_to_string(again.join("SHA256SUMS")).unwrap()
+    );
+    ok(
+        slots_cmd("update", &["--verity", "--version", "3", "--seed", "three"])
+            .arg("-o")
+            .arg(&publ),
+    );
+    let both = std::fs::read_to_string(publ.join("SHA256SUMS")).unwrap();
+    for line in sums.lines() {
+        assert!(both.contains(line), "{line} lost:\n{both}");
+    }
+    assert_eq!(
+        both.lines().filter(|l| l.contains("nixos_3")).count(),
+        3,
+        "{both}"
+    );
+    for line in both.lines() {
+        let (hash, name) = line.split_once("  ").unwrap();
+        assert_eq!(sha256_file(&publ.join(name)), hash, "{name}");
+    }
+}
+
+#[test]
+fn slot_images_refuse_what_they_cannot_hold_and_write_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.img");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--slots", "2", "--version", "1_2"], "'_' is not allowed"),
+        (&["--slots", "2", "--version", "1+2"], "'+' is not allowed"),
+        (&["--slots", "2", "--root-size", "4M"], "too small"),
+        (&["--slots", "3"], "--slots 3"),
+        (&["--version", "2"], "goes with --slots 2"),
+    ];
+    for (args, want) in cases {
+        let e = fails(slots_cmd("image", args).arg("-o").arg(&out));
+        assert!(the_error(&e).contains(want), "{args:?}: {e}");
+    }
+    let sys = system("x86_64");
+    let e = fails(forge_image_of(&sys).args(["--slots", "2", "-o"]).arg(&out));
+    assert!(the_error(&e).contains("needs --uki"), "{e}");
+    let arm = system("aarch64");
+    let e = fails(
+        forge_image_of(&arm)
+            .args(["--format", "sd-aarch64", "--slots", "2", "-o"])
+            .arg(&out),
+    );
+    assert!(
+        the_error(&e).contains("not laid out for A/B updates yet"),
+        "{e}"
+    );
+    let publ = d.path().join("pub");
+    let e = fails(
+        slots_cmd("update", &["--version", "a b"])
+            .arg("-o")
+            .arg(&publ),
+    );
+    assert!(the_error(&e).contains("' ' is not allowed"), "{e}");
+    assert_eq!(dir_entries(d.path()), Vec::<String>::new());
+
+    // Without --version, the system's nixos-version names the slot.
+    let layout = json(slots_cmd("image", &["--slots", "2", "--json", "-o"]).arg(&out));
+    assert_eq!(layout["partitions"][1]["name"], "nixos_25.05.fixture");
+}
