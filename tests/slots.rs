@@ -318,3 +318,92 @@ fn slot_images_refuse_what_they_cannot_hold_and_write_nothing() {
     let layout = json(slots_cmd("image", &["--slots", "2", "--json", "-o"]).arg(&out));
     assert_eq!(layout["partitions"][1]["name"], "nixos_25.05.fixture");
 }
+
+/// The ESP's `EFI/Linux/` of `img` copied into `esp` (emptied first), for
+/// systemd-sysupdate to see the entries as the machine left them.
+fn pull_esp(img: &Path, esp_at: u64, esp: &Path) {
+    let _ = std::fs::remove_dir_all(esp);
+    std::fs::create_dir(esp).unwrap();
+    let image = format!("{}@@{esp_at}", img.display());
+    let list = ok(Command::new("mdir").args(["-b", "-i", &image, "::/EFI/Linux/"]));
+    for f in list.lines().filter(|l| l.ends_with(".efi") || l.ends_with(".EFI")) {
+        ok(Command::new("mcopy").args(["-i", &image, f]).arg(esp));
+    }
+}
+
+/// The reverse: the image's `EFI/Linux/` made to hold exactly `esp`'s
+/// files (what sysupdate installed and removed).
+fn push_esp(esp: &Path, img: &Path, esp_at: u64) {
+    let image = format!("{}@@{esp_at}", img.display());
+    let list = ok(Command::new("mdir").args(["-b", "-i", &image, "::/EFI/Linux/"]));
+    for f in list.lines().filter(|l| !l.trim().is_empty()) {
+        ok(Command::new("mdel").args(["-i", &image, f]));
+    }
+    for e in std::fs::read_dir(esp).unwrap() {
+        ok(Command::new("mcopy")
+            .args(["-i", &image])
+            .arg(e.unwrap().path())
+            .arg("::/EFI/Linux/"));
+    }
+}
+
+fn esp_entries(img: &Path, esp_at: u64) -> Vec<String> {
+    let image = format!("{}@@{esp_at}", img.display());
+    let list = ok(Command::new("mdir").args(["-b", "-i", &image, "::/EFI/Linux/"]));
+    let mut v: Vec<String> = list
+        .lines()
+        .filter_map(|l| l.rsplit('/').next())
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blessed() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    ok(slots_cmd("image", &["--verity", "--slots", "2", "--version", "1", "--seed", "one", "-o"])
+        .arg(&img));
+    let esp_at = gpt(&img)[0].2;
+    let (esp, defs, publ) = (d.path().join("esp"), d.path().join("defs"), d.path().join("pub"));
+    // Publish a version, and let systemd-sysupdate install it.
+    let update = |system: &Path, version: &str| {
+        let mut c = forge();
+        c.arg("update").arg(system).arg("--root").arg(system.parent().unwrap().join("store"));
+        c.args(["--uki", "--uki-stub", STUB, "--verity", "--version", version, "--seed", version]);
+        ok(c.arg("--source").arg(&publ).arg("-o").arg(&publ));
+        pull_esp(&img, esp_at, &esp);
+        definitions_for(&publ, &img, &esp, &defs);
+        ok(sysupdate(&defs).arg("update"));
+        push_esp(&esp, &img, esp_at);
+    };
+    let boot_once = |want: &str| {
+        let b = boot_disks(
+            "x86_64",
+            &[(img.clone(), "raw", false)],
+            512,
+            std::time::Duration::from_secs(240),
+        );
+        let m = b.marker.unwrap_or_else(|| panic!("no marker:\n{}", b.log));
+        assert!(m.contains(want), "want {want}: {m}\n{}", b.log);
+    };
+    let fixture = fixtures().join("x86_64");
+    update(&fixture.join("result"), "2");
+    assert_eq!(esp_entries(&img, esp_at), ["nixos_1+3.efi", "nixos_2+3-0.efi"]);
+    boot_once("verity=on read=ok version=2 blessed=yes boots=1");
+    assert_eq!(esp_entries(&img, esp_at), ["nixos_1+3.efi", "nixos_2.efi"]);
+
+    // Version 3's stage 1 never marks its boot good: three tries, then
+    // systemd-boot falls back to version 2 by itself. /var keeps counting.
+    update(&fixture.join("result-unblessed"), "3");
+    let names: Vec<String> = gpt(&img).into_iter().map(|p| p.0).collect();
+    assert_eq!(names, ["ESP", "nixos_3", "nixos_3", "nixos_2", "nixos_2", "state"]);
+    for (boot, left) in [(2, 2), (3, 1), (4, 0)] {
+        boot_once(&format!("version=3 blessed=no boots={boot}"));
+        let want = format!("nixos_3+{left}-{}.efi", 3 - left);
+        assert_eq!(esp_entries(&img, esp_at), ["nixos_2.efi", want.as_str()]);
+    }
+    boot_once("version=2 blessed=none boots=5");
+}
