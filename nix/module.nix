@@ -8,7 +8,9 @@
 #
 # Rebuilding in place (nixos-rebuild switch, system.autoUpgrade) needs a
 # writable root: rootMode = "rw". A read-only root is upgraded by a new
-# image: a reflash, or `forge vm --upgrade`, which keeps /var.
+# image: a reflash, `forge vm --upgrade`, which keeps /var, or, with
+# `updates.enable`, systemd-sysupdate installing `forge update`'s
+# artefacts into the second of two root slots.
 {
   config,
   lib,
@@ -20,6 +22,63 @@ let
   inherit (lib) mkOption mkIf mkMerge mkDefault types;
   ro = cfg.rootMode == "ro";
   byLabel = label: "/dev/disk/by-label/${label}";
+  # This version's A/B slot (forge image --slots 2 names it so).
+  version = config.system.image.version;
+  slotDevice = "/dev/disk/by-partlabel/nixos_${toString version}";
+  up = cfg.updates;
+  # What `forge update --source URL` writes into sysupdate.d/, as
+  # systemd.sysupdate.transfers (nixpkgs renders lists space-separated).
+  source =
+    if lib.hasPrefix "http://" up.url || lib.hasPrefix "https://" up.url then
+      {
+        Type = "url-file";
+        Path = lib.removeSuffix "/" up.url;
+      }
+    else
+      {
+        Type = "regular-file";
+        Path = up.url;
+      };
+  head = {
+    ProtectVersion = "%A";
+    Verify = "no";
+  };
+  transfers = {
+    "50-nixos-root" = {
+      Transfer = head;
+      Source = source // {
+        MatchPattern = "nixos_@v.root.raw";
+      };
+      Target = {
+        Type = "partition";
+        Path = "auto";
+        MatchPattern = "nixos_@v";
+        MatchPartitionType = "root";
+        ReadOnly = "1";
+        InstancesMax = "2";
+      };
+    };
+    "60-nixos-uki" = {
+      Transfer = head;
+      Source = source // {
+        MatchPattern = "nixos_@v.efi";
+      };
+      Target = {
+        Type = "regular-file";
+        Path = "/EFI/Linux";
+        PathRelativeTo = "boot";
+        MatchPattern = [
+          "nixos_@v+@l-@d.efi"
+          "nixos_@v+@l.efi"
+          "nixos_@v.efi"
+        ];
+        Mode = "0444";
+        TriesLeft = "3";
+        TriesDone = "0";
+        InstancesMax = "2";
+      };
+    };
+  };
   mkImage = (import ./lib.nix).mkImage;
   # An image variant: only system.build.image and the file's name, so the
   # variant's toplevel is the system's own.
@@ -45,6 +104,12 @@ let
         ] ++ lib.optionals (cfg.rootFs != "ext4") [
           "--root-fs"
           cfg.rootFs
+        ] ++ lib.optionals up.enable [
+          "--slots"
+          "2"
+          "--uki"
+          "--version"
+          (toString version)
         ] ++ extraArgs ++ cfg.extraArgs;
       };
     };
@@ -131,6 +196,26 @@ in
       ];
       description = "More `forge image` options for every image variant.";
     };
+    updates = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          A/B updates: the image gets two root slots and a UKI per version
+          (forge image --slots 2 --uki --version system.image.version), and
+          systemd-sysupdate installs the versions `forge update` publishes
+          at `url` into the other slot, with boot counting (three tries,
+          then systemd-boot falls back). It runs only once the running
+          version is marked good, so the last good one is never replaced.
+        '';
+      };
+      url = mkOption {
+        type = types.str;
+        default = "";
+        example = "https://updates.example.com/nixos";
+        description = "Where `forge update` artefacts are published: an http(s) URL or a local directory.";
+      };
+    };
     package = mkOption {
       type = types.package;
       default = pkgs.buildPackages.callPackage ./package.nix { };
@@ -142,7 +227,7 @@ in
   config = mkIf cfg.enable (mkMerge [
     {
       fileSystems."/" = {
-        device = byLabel "nixos";
+        device = if up.enable then slotDevice else byLabel "nixos";
         fsType = cfg.rootFs;
         options = if ro then [ "ro" ] else [ "defaults" ];
       };
@@ -155,6 +240,10 @@ in
         {
           assertion = cfg.rootFs != "erofs" || ro;
           message = "nixforge.rootFs = \"erofs\" is read-only: it needs nixforge.rootMode = \"ro\".";
+        }
+        {
+          assertion = !up.enable || (cfg.layout == "raw-efi" && ro && version != null && up.url != "");
+          message = "nixforge.updates needs layout \"raw-efi\", rootMode \"ro\", system.image.version (each version's slot is named for it) and nixforge.updates.url.";
         }
       ];
     }
@@ -210,6 +299,23 @@ in
       image.modules.forge-sd-aarch64 = variant {
         format = "sd-aarch64";
         extension = "img.zst";
+      };
+    })
+    (mkIf up.enable {
+      systemd.sysupdate = {
+        enable = true;
+        inherit transfers;
+      };
+      # sysupdate alone would replace the last good version while the
+      # running one is still on trial (systemd#34827): update only after
+      # the boot is marked good, or was never counted.
+      systemd.services.systemd-sysupdate = {
+        after = [
+          "boot-complete.target"
+          "systemd-bless-boot.service"
+        ];
+        requires = [ "boot-complete.target" ];
+        serviceConfig.ExecCondition = "${pkgs.runtimeShell} -c 'case $(${config.systemd.package}/lib/systemd/systemd-bless-boot status) in good|clean) exit 0 ;; esac; exit 1'";
       };
     })
     (mkIf cfg.identity {

@@ -63,12 +63,20 @@ fn every_nix_file_parses() {
 
 /// What nix/module.nix sets, through tests/nix/eval-module.nix.
 fn module_config(settings: &str, host_name: &str) -> Value {
-    let out = ok(Command::new("nix-instantiate")
-        .args(["--eval", "--strict", "--json"])
+    module_config_of(settings, host_name, None)
+}
+
+/// The same, for a system with `system.image.version`.
+fn module_config_of(settings: &str, host_name: &str, version: Option<&str>) -> Value {
+    let mut c = Command::new("nix-instantiate");
+    c.args(["--eval", "--strict", "--json"])
         .arg(workspace().join("tests/nix/eval-module.nix"))
         .args(["--arg", "settings", settings])
-        .args(["--argstr", "hostName", host_name]));
-    serde_json::from_str(&out).unwrap()
+        .args(["--argstr", "hostName", host_name]);
+    if let Some(v) = version {
+        c.args(["--argstr", "imageVersion", v]);
+    }
+    serde_json::from_str(&ok(&mut c)).unwrap()
 }
 
 const TOPLEVEL: &str = "/nix/store/00000000000000000000000000000000-nixos-system-stub";
@@ -138,6 +146,7 @@ fn expected(layout: &str, ro: bool) -> Value {
         "assertions": [
             {"assertion": layout != "sd-aarch64", "message": sd_message},
             {"assertion": true, "message": erofs_message},
+            {"assertion": true, "message": UPDATES_MESSAGE},
         ],
         "boot": {"loader": {"grub": {"enable": false}}},
         "fileSystems": {
@@ -165,6 +174,92 @@ fn expected(layout: &str, ro: bool) -> Value {
         identity(&mut v, true, true);
     }
     v
+}
+
+const UPDATES_MESSAGE: &str = "nixforge.updates needs layout \"raw-efi\", rootMode \"ro\", system.image.version (each version's slot is named for it) and nixforge.updates.url.";
+
+/// A sysupdate.d file as sections of keys and values.
+fn ini(text: &str) -> Value {
+    let mut v = json!({});
+    let mut section = String::new();
+    for l in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        if let Some(s) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_string();
+            continue;
+        }
+        let (k, val) = l.split_once('=').unwrap_or_else(|| panic!("{l}"));
+        v[&section][k] = json!(val);
+    }
+    v
+}
+
+#[test]
+fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
+    let url = "https://updates.example/nixos/";
+    let settings = format!("{{ enable = true; updates = {{ enable = true; url = \"{url}\"; }}; }}");
+    let got = module_config_of(&settings, "", Some("7"));
+    assert_eq!(got["assertions"][2]["assertion"], json!(true));
+    assert_eq!(
+        got["fileSystems"]["/"]["device"],
+        "/dev/disk/by-partlabel/nixos_7"
+    );
+    let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string()
+            .ends_with(r#""--slots","2","--uki","--version","7"]"#),
+        "{args}"
+    );
+    // The guard: sysupdate waits for the boot to be marked good.
+    let unit = &got["systemd"]["services"]["systemd-sysupdate"];
+    assert_eq!(unit["requires"], json!(["boot-complete.target"]));
+    let cond = unit["serviceConfig"]["ExecCondition"].as_str().unwrap();
+    assert!(
+        cond.contains("systemd-bless-boot status) in good|clean) exit 0"),
+        "{cond}"
+    );
+
+    // Its transfers are the definitions forge update --source writes.
+    let d = tempfile::tempdir().unwrap();
+    let sys = system("x86_64");
+    ok(forge()
+        .arg("update")
+        .arg(&sys.result)
+        .arg("--root")
+        .arg(&sys.root)
+        .args(["--uki-stub", STUB, "--version", "7", "--source", url, "-o"])
+        .arg(d.path()));
+    let mut files = dir_entries(&d.path().join("sysupdate.d"));
+    let mut names: Vec<String> = got["systemd"]["sysupdate"]["transfers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| format!("{k}.conf"))
+        .collect();
+    files.sort();
+    names.sort();
+    assert_eq!(files, names);
+    for f in files {
+        let forge_says =
+            ini(&std::fs::read_to_string(d.path().join("sysupdate.d").join(&f)).unwrap());
+        let mut module_says =
+            got["systemd"]["sysupdate"]["transfers"][f.trim_end_matches(".conf")].clone();
+        // nixpkgs' ini format writes a list space-separated.
+        for section in module_says.as_object_mut().unwrap().values_mut() {
+            for v in section.as_object_mut().unwrap().values_mut() {
+                if let Some(list) = v.as_array() {
+                    let words: Vec<&str> = list.iter().map(|w| w.as_str().unwrap()).collect();
+                    *v = json!(words.join(" "));
+                }
+            }
+        }
+        assert_eq!(forge_says, module_says, "{f}");
+    }
+    // Without a version to name the slot, the module says so.
+    let got = module_config_of(&settings, "", None);
+    assert_eq!(got["assertions"][2]["assertion"], json!(false));
 }
 
 #[test]

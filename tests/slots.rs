@@ -326,7 +326,10 @@ fn pull_esp(img: &Path, esp_at: u64, esp: &Path) {
     std::fs::create_dir(esp).unwrap();
     let image = format!("{}@@{esp_at}", img.display());
     let list = ok(Command::new("mdir").args(["-b", "-i", &image, "::/EFI/Linux/"]));
-    for f in list.lines().filter(|l| l.ends_with(".efi") || l.ends_with(".EFI")) {
+    for f in list
+        .lines()
+        .filter(|l| l.ends_with(".efi") || l.ends_with(".EFI"))
+    {
         ok(Command::new("mcopy").args(["-i", &image, f]).arg(esp));
     }
 }
@@ -364,15 +367,43 @@ fn esp_entries(img: &Path, esp_at: u64) -> Vec<String> {
 fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blessed() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
-    ok(slots_cmd("image", &["--verity", "--slots", "2", "--version", "1", "--seed", "one", "-o"])
-        .arg(&img));
+    ok(slots_cmd(
+        "image",
+        &[
+            "--verity",
+            "--slots",
+            "2",
+            "--version",
+            "1",
+            "--seed",
+            "one",
+            "-o",
+        ],
+    )
+    .arg(&img));
     let esp_at = gpt(&img)[0].2;
-    let (esp, defs, publ) = (d.path().join("esp"), d.path().join("defs"), d.path().join("pub"));
+    let (esp, defs, publ) = (
+        d.path().join("esp"),
+        d.path().join("defs"),
+        d.path().join("pub"),
+    );
     // Publish a version, and let systemd-sysupdate install it.
     let update = |system: &Path, version: &str| {
         let mut c = forge();
-        c.arg("update").arg(system).arg("--root").arg(system.parent().unwrap().join("store"));
-        c.args(["--uki", "--uki-stub", STUB, "--verity", "--version", version, "--seed", version]);
+        c.arg("update")
+            .arg(system)
+            .arg("--root")
+            .arg(system.parent().unwrap().join("store"));
+        c.args([
+            "--uki",
+            "--uki-stub",
+            STUB,
+            "--verity",
+            "--version",
+            version,
+            "--seed",
+            version,
+        ]);
         ok(c.arg("--source").arg(&publ).arg("-o").arg(&publ));
         pull_esp(&img, esp_at, &esp);
         definitions_for(&publ, &img, &esp, &defs);
@@ -391,7 +422,10 @@ fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blesse
     };
     let fixture = fixtures().join("x86_64");
     update(&fixture.join("result"), "2");
-    assert_eq!(esp_entries(&img, esp_at), ["nixos_1+3.efi", "nixos_2+3-0.efi"]);
+    assert_eq!(
+        esp_entries(&img, esp_at),
+        ["nixos_1+3.efi", "nixos_2+3-0.efi"]
+    );
     boot_once("verity=on read=ok version=2 blessed=yes boots=1");
     assert_eq!(esp_entries(&img, esp_at), ["nixos_1+3.efi", "nixos_2.efi"]);
 
@@ -399,7 +433,10 @@ fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blesse
     // systemd-boot falls back to version 2 by itself. /var keeps counting.
     update(&fixture.join("result-unblessed"), "3");
     let names: Vec<String> = gpt(&img).into_iter().map(|p| p.0).collect();
-    assert_eq!(names, ["ESP", "nixos_3", "nixos_3", "nixos_2", "nixos_2", "state"]);
+    assert_eq!(
+        names,
+        ["ESP", "nixos_3", "nixos_3", "nixos_2", "nixos_2", "state"]
+    );
     for (boot, left) in [(2, 2), (3, 1), (4, 0)] {
         boot_once(&format!("version=3 blessed=no boots={boot}"));
         let want = format!("nixos_3+{left}-{}.efi", 3 - left);

@@ -10,10 +10,11 @@
 {
   settings,
   hostName ? "",
+  imageVersion ? null,
 }:
 let
   lib = {
-    mkOption = o: o;
+    mkOption = o: o // { _isOption = true; };
     types = {
       bool = "bool";
       str = "str";
@@ -36,22 +37,34 @@ let
       inherit content;
     };
     optionals = c: l: if c then l else [ ];
+    hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
+    removeSuffix =
+      x: s:
+      let
+        n = builtins.stringLength s - builtins.stringLength x;
+      in
+      if n >= 0 && builtins.substring n (builtins.stringLength x) s == x then builtins.substring 0 n s else s;
     literalExpression = t: t;
   };
   pkgs = {
     stdenv.buildPlatform.system = "x86_64-linux";
+    runtimeShell = "/nix/store/33333333333333333333333333333333-bash/bin/bash";
   };
   toplevel = "/nix/store/00000000000000000000000000000000-nixos-system-stub";
   module = import ../../nix/module.nix;
   evaluated = module {
     inherit lib pkgs config;
   };
-  defaults = builtins.mapAttrs (_: o: o.default) evaluated.options.nixforge;
+  # Option defaults, through option groups (nixforge.updates.*).
+  defaultsOf = builtins.mapAttrs (_: o: if o ? _isOption then o.default else defaultsOf o);
+  defaults = defaultsOf evaluated.options.nixforge;
   config = {
     nixforge = defaults // {
       package = "/nix/store/11111111111111111111111111111111-nixforge";
     } // settings;
     networking.hostName = hostName;
+    system.image.version = imageVersion;
+    systemd.package = "/nix/store/22222222222222222222222222222222-systemd";
   };
 
   merge =

@@ -96,7 +96,7 @@ pub struct ImageArgs {
     uki: bool,
     /// The EFI stub for --uki (default: linuxx64.efi.stub beside the
     /// system's systemd-boot).
-    #[arg(long, value_name = "PATH", requires = "uki")]
+    #[arg(long, value_name = "PATH")]
     uki_stub: Option<PathBuf>,
     #[command(flatten)]
     keys: super::SigningKeys,
