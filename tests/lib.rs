@@ -614,3 +614,38 @@ pub fn spawn_paused(cmd: &mut Command, at: &str) -> std::process::Child {
     let _ = child.wait();
     panic!("never paused at {at:?}: {seen:?}");
 }
+
+/// `openssl pkeyutl -verify` of `sig` (NAME:BASE64) over `message` with the
+/// Nix public key `pk` (NAME:BASE64 of the raw 32 bytes).
+pub fn openssl_verifies(dir: &Path, pk: &str, message: &Path, sig: &str) -> bool {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let raw = b64.decode(pk.trim().split_once(':').unwrap().1).unwrap();
+    let mut der = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    der.extend(raw);
+    let pem = dir.join("pub.pem");
+    let text = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        b64.encode(der)
+    );
+    std::fs::write(&pem, text).unwrap();
+    let bin = dir.join("sig.bin");
+    std::fs::write(
+        &bin,
+        b64.decode(sig.trim().split_once(':').unwrap().1).unwrap(),
+    )
+    .unwrap();
+    Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-rawin", "-inkey"])
+        .arg(&pem)
+        .arg("-in")
+        .arg(message)
+        .arg("-sigfile")
+        .arg(&bin)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}

@@ -275,6 +275,22 @@ fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_ve
         let (hash, name) = line.split_once("  ").unwrap();
         assert_eq!(sha256_file(&publ.join(name)), hash, "{name}");
     }
+    // With --sign, SHA256SUMS.sig: the Nix key's Ed25519 signature of it.
+    let (sk, pk) = nix_keys_named(d.path(), "updates.example-1");
+    ok(slots_cmd(
+        "update",
+        &["--verity", "--version", "3", "--seed", "three", "--sign"],
+    )
+    .arg(&sk)
+    .arg("-o")
+    .arg(&publ));
+    let pk = std::fs::read_to_string(pk).unwrap();
+    let sig = std::fs::read_to_string(publ.join("SHA256SUMS.sig")).unwrap();
+    assert!(sig.starts_with("updates.example-1:"), "{sig}");
+    let sums = publ.join("SHA256SUMS");
+    assert!(openssl_verifies(d.path(), &pk, &sums, &sig));
+    std::fs::write(&sums, both.replace("nixos_3", "nixos_4")).unwrap();
+    assert!(!openssl_verifies(d.path(), &pk, &sums, &sig));
 }
 
 #[test]
