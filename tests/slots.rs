@@ -4,7 +4,7 @@
 //! (Debian's backports build, unpacked by `make tools`) installs them.
 
 use nixforge_tests::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -113,6 +113,13 @@ fn sysupdate_installs_version_2_into_the_empty_slot_of_a_version_1_image() {
                 .arg(&img),
         );
         let parts = gpt(&img);
+        let r = json(forge().args(["inspect", "--json"]).arg(&img));
+        let want = json!([
+            {"partition": 2, "version": "1", "entry": "/EFI/Linux/nixos_1+3.efi",
+             "tries_left": 3, "tries_done": 0, "state": "on trial"},
+            {"partition": 2 + 1 + verity as u32, "version": null, "entry": null, "state": "empty"},
+        ]);
+        assert_eq!(r["slots"], want);
         let names: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
         let want: &[&str] = match verity {
             true => &["ESP", "nixos_1", "nixos_1", "_empty", "_empty", "state"],
@@ -459,4 +466,21 @@ fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blesse
         assert_eq!(esp_entries(&img, esp_at), ["nixos_2.efi", want.as_str()]);
     }
     boot_once("version=2 blessed=none boots=5");
+    // forge inspect reads the same from the image alone.
+    let r = json(forge().args(["inspect", "--json"]).arg(&img));
+    let slot = |k: usize, field: &str| r["slots"][k][field].clone();
+    assert_eq!(
+        (slot(0, "version"), slot(0, "state")),
+        (json!("3"), json!("bad")),
+        "{r}"
+    );
+    assert_eq!(
+        (slot(0, "tries_left"), slot(0, "tries_done")),
+        (json!(0), json!(3))
+    );
+    assert_eq!(
+        (slot(1, "version"), slot(1, "state")),
+        (json!("2"), json!("good")),
+        "{r}"
+    );
 }

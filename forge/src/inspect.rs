@@ -31,6 +31,69 @@ pub struct Report {
     /// `IMAGE.sig`: the key it names, and with `--trust`, checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::sign::manifest::Signature>,
+    /// A/B root slots (`forge image --slots 2`, updated by sysupdate).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub slots: Vec<Slot>,
+}
+
+/// An A/B root slot: its partition, the version in it, and that
+/// version's boot entry with boot counting's state.
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub partition: u32,
+    /// None: an empty slot (`_empty`).
+    pub version: Option<String>,
+    /// The UKI in the ESP's EFI/Linux/ booting it.
+    pub entry: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tries_left: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tries_done: Option<u32>,
+    /// `good` (no counter left), `on trial`, `bad` (no tries left),
+    /// `no entry` or `empty`.
+    pub state: String,
+}
+
+/// The root partitions named as A/B slots, with their entries' state.
+fn slots_of(parts: &[Part]) -> Vec<Slot> {
+    use crate::image::slots;
+    let entries: Vec<(String, Option<(u32, u32)>, &str)> = parts
+        .iter()
+        .flat_map(|p| &p.boot_entries)
+        .filter(|e| e.loader == "uki")
+        .filter_map(|e| {
+            let name = e.file.rsplit('/').next()?;
+            let (v, tries) = slots::parse_entry(name)?;
+            Some((v, tries, e.file.as_str()))
+        })
+        .collect();
+    let slot = |p: &Part| {
+        let version = match p.name.as_str() {
+            slots::EMPTY => None,
+            n => Some(n.strip_prefix(slots::PREFIX)?.to_string()),
+        };
+        let entry = entries.iter().find(|e| Some(&e.0) == version.as_ref());
+        let state = match (&version, entry.map(|e| e.1)) {
+            (None, _) => "empty",
+            (Some(_), None) => "no entry",
+            (Some(_), Some(None)) => "good",
+            (Some(_), Some(Some((0, _)))) => "bad",
+            (Some(_), Some(Some(_))) => "on trial",
+        };
+        Some(Slot {
+            partition: p.number,
+            entry: entry.map(|e| e.2.to_string()),
+            tries_left: entry.and_then(|e| e.1).map(|t| t.0),
+            tries_done: entry.and_then(|e| e.1).map(|t| t.1),
+            version,
+            state: state.into(),
+        })
+    };
+    parts
+        .iter()
+        .filter(|p| p.role == Some(Role::Root))
+        .filter_map(slot)
+        .collect()
 }
 
 /// The role our layouts give a partition of this type (or, on an MBR,
@@ -155,6 +218,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             path: crate::layout::report::IDENTITY_PATH.into(),
         }
     });
+    let slots = slots_of(&parts);
     Ok(Report {
         image: path.display().to_string(),
         warnings,
@@ -175,6 +239,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
         },
         verified: None,
         signature: None,
+        slots,
     })
 }
 
@@ -496,6 +561,25 @@ pub fn render(r: &Report) -> String {
                 s.push_str(&format!("        {k} {v}\n"));
             }
         }
+    }
+    if !r.slots.is_empty() {
+        s.push_str("A/B slots:\n");
+    }
+    for slot in &r.slots {
+        let what = match (&slot.version, &slot.entry) {
+            (None, _) => "empty".to_string(),
+            (Some(v), None) => format!("version {v}, no boot entry"),
+            (Some(v), Some(e)) => format!("version {v}, {e}"),
+        };
+        let tries = match (slot.tries_left, slot.tries_done) {
+            (Some(l), Some(d)) => format!(" ({l} tries left, {d} done)"),
+            _ => String::new(),
+        };
+        let state = match slot.entry {
+            Some(_) => format!(": {}{tries}", slot.state),
+            None => String::new(),
+        };
+        s.push_str(&format!("  partition {}: {what}{state}\n", slot.partition));
     }
     if let Some(sig) = &r.signature {
         let state = match sig.verified {

@@ -39,6 +39,21 @@ pub fn entry_name(version: &str, tries: Option<u32>) -> String {
     }
 }
 
+/// What an ESP entry's file name says (`nixos_V.efi`, `nixos_V+L.efi`,
+/// `nixos_V+L-D.efi`): the version, and the tries left and done while
+/// boot counting goes on (None: marked good, or never counted).
+pub fn parse_entry(file: &str) -> Option<(String, Option<(u32, u32)>)> {
+    let stem = file.strip_prefix(PREFIX)?.strip_suffix(".efi")?;
+    let Some((version, tries)) = stem.split_once('+') else {
+        return Some((stem.to_string(), None));
+    };
+    let (left, done) = tries.split_once('-').unwrap_or((tries, "0"));
+    Some((
+        version.to_string(),
+        Some((left.parse().ok()?, done.parse().ok()?)),
+    ))
+}
+
 /// A version sysupdate can order and our names keep unambiguous:
 /// letters, digits and `.~^-`, starting with a letter or digit; no `_`
 /// (it ends the names' fixed part) and no `+` (it starts the tries).
@@ -128,6 +143,17 @@ mod tests {
         }
         assert_eq!(entry_name("2", Some(3)), "nixos_2+3.efi");
         assert_eq!(entry_name("2", None), "nixos_2.efi");
+        assert_eq!(parse_entry("nixos_2.efi"), Some(("2".into(), None)));
+        assert_eq!(
+            parse_entry("nixos_2+3.efi"),
+            Some(("2".into(), Some((3, 0))))
+        );
+        assert_eq!(
+            parse_entry("nixos_2.1+0-3.efi"),
+            Some(("2.1".into(), Some((0, 3))))
+        );
+        assert_eq!(parse_entry("nixos-generation-1.efi"), None);
+        assert_eq!(parse_entry("nixos_2+x.efi"), None);
     }
 
     #[test]
