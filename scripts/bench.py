@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,vm,fleet,info,oci,flash,provision",
+    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,fleet,info,oci,flash,provision",
                     help="comma-separated sections to run; `base` alone: only the comparison with --base")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -80,6 +80,8 @@ def main():
         ext4_and_images(res, c, top, a, w, store, only)
     if "erofs" in only:
         erofs_bench(res, c, top, a, w)
+    if "updates" in only:
+        updates_bench(res, c, top, a, w)
     if "vm" in only:
         vm_bench(res, c, top, a, w)
     if "fleet" in only:
@@ -456,6 +458,20 @@ def erofs_bench(res, c, top, a, w):
     sh(f"rm -f {w}/i.img*")
 
 
+def updates_bench(res, c, top, a, w):
+    """Issue 27: forge update (a version's root filesystem, UKI and
+    SHA256SUMS) against forge image --slots 2 of the same system and
+    version (the whole disk), alternated; goal: update <= 0.6x image."""
+    print("A/B update artefacts of the corpus", file=sys.stderr)
+    args = f"{top} --root {c} --uki --uki-stub {STUB} --version 2"
+    rm = f"rm -rf {w}/*"
+    res.extend(measure_pair(
+        ("updates: forge image --slots 2 --uki", f"{FORGE} image {args} --slots 2 -o {w}/ab.img", rm),
+        ("updates: forge update (root, UKI, SHA256SUMS)", f"{FORGE} update {args} -o {w}/pub", rm),
+        a.runs))
+    sh(rm)
+
+
 def vm_bench(res, c, top, a, w):
     """VM disks (issue 13): forge writing qcow2 and VHD directly, against
     forge's raw image alone and followed by qemu-img convert, and against
@@ -685,6 +701,8 @@ def report(res, a, out):
         ("forge erofs / mkfs.erofs (uncompressed), alternated", "erofs: forge erofs", "erofs: mkfs.erofs (uncompressed)", "≤ 0.5 (lz4hc, later)"),
         ("forge image --root-fs erofs / ext4 root, alternated", "erofs: forge image --root-fs erofs",
          "erofs: forge image (ext4 root)", "≤ 1.5"),
+        ("forge update / forge image --slots 2, alternated", "updates: forge update (root, UKI, SHA256SUMS)",
+         "updates: forge image --slots 2 --uki", "≤ 0.6"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
         ("flash --trust (signed) + verify / dd, alternated", "signed: flash --trust (write + verify)",
