@@ -57,7 +57,9 @@ pub struct Slot {
 /// The root partitions named as A/B slots, with their entries' state.
 fn slots_of(parts: &[Part]) -> Vec<Slot> {
     use crate::image::slots;
-    let entries: Vec<(String, Option<(u32, u32)>, &str)> = parts
+    // (version, tries left and done, the entry's path)
+    type Entry<'a> = (String, Option<(u32, u32)>, &'a str);
+    let entries: Vec<Entry> = parts
         .iter()
         .flat_map(|p| &p.boot_entries)
         .filter(|e| e.loader == "uki")

@@ -49,9 +49,13 @@ pub struct ImageArgs {
     #[arg(long, value_enum, default_value = "ro")]
     root_mode: RootModeArg,
     /// The root filesystem: ext4, or erofs (read-only, as large as its
-    /// content, uncompressed so far; the stage 1 needs the kernel's erofs).
+    /// content; the stage 1 needs the kernel's erofs).
     #[arg(long, value_enum, default_value = "ext4")]
     root_fs: RootFsArg,
+    /// --root-fs erofs: none, lz4, or lz4hc[,LEVEL] (1-12, default 9):
+    /// files over 4 KiB in LZ4 blocks where that saves space.
+    #[arg(long, default_value = "lz4hc", value_name = "ALGO")]
+    erofs_compression: formats::erofs::Compression,
     /// Size of the state partition (`none`: no state partition, e.g. a VM
     /// base whose /var is another disk); with --disk-size, its least size.
     #[arg(long, default_value = "256M", value_parser = |s: &str| super::word_or_size(s, "none"))]
@@ -212,6 +216,7 @@ impl ImageArgs {
                 RootFsArg::Ext4 => image::RootFs::Ext4,
                 RootFsArg::Erofs => image::RootFs::Erofs,
             },
+            erofs_compression: a.erofs_compression,
             state_size: match a.state_size {
                 WordOrSize::Word => None,
                 WordOrSize::Bytes(n) => Some(n),

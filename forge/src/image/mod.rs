@@ -213,6 +213,8 @@ pub struct Options {
     pub root_size: ext4::Size,
     pub root_mode: RootMode,
     pub root_fs: RootFs,
+    /// `--erofs-compression`: an EROFS root's compression.
+    pub erofs_compression: formats::erofs::Compression,
     /// None: no state partition (sd-aarch64 only). With `disk_size`, the
     /// state partition's least size.
     pub state_size: Option<u64>,
@@ -391,7 +393,8 @@ fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>>
             }
         }
         RootFs::Erofs => {
-            let opts = formats::erofs::Options::from_seed(i.seed, label, i.o.epoch.into());
+            let mut opts = formats::erofs::Options::from_seed(i.seed, label, i.o.epoch.into());
+            opts.compression = i.o.erofs_compression;
             let plan = formats::erofs::plan(tree, &opts).context("planning the EROFS root")?;
             Filesystem::Erofs {
                 plan,

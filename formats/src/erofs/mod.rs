@@ -19,9 +19,12 @@
 //! kernel's binary search needs; a block's last name ends at a NUL or the
 //! block's (or directory's) end.
 
+pub mod compress;
 mod write;
 
 use std::collections::HashMap;
+
+pub use compress::Compression;
 
 use crate::tree::{Kind, NodeId, Tree, ROOT};
 
@@ -37,7 +40,10 @@ const DIRENT: usize = 12;
 
 /// i_format's data layouts.
 const FLAT_PLAIN: u16 = 0;
+const COMPRESSED_FULL: u16 = 1;
 const FLAT_INLINE: u16 = 2;
+/// feature_incompat: compressed data ends its block (LZ4_0PADDING).
+const ZERO_PADDING: u32 = 1;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -46,6 +52,8 @@ pub struct Options {
     pub uuid: [u8; 16],
     /// Every timestamp (SOURCE_DATE_EPOCH).
     pub epoch: u64,
+    /// Files larger than a block are compressed where that saves blocks.
+    pub compression: Compression,
 }
 
 impl Options {
@@ -55,6 +63,7 @@ impl Options {
             label: label.to_string(),
             uuid: crate::seed::uuid(seed, &format!("erofs:{label}:uuid")),
             epoch,
+            compression: Compression::None,
         }
     }
 }
@@ -67,6 +76,8 @@ pub enum ErofsError {
     TooLarge(u64),
     #[error("writing at byte {offset}: {err}")]
     Write { offset: u64, err: std::io::Error },
+    #[error("compressing: {0}")]
+    Compress(std::io::Error),
 }
 
 /// One inode as placed.
@@ -85,11 +96,20 @@ pub(crate) struct Ino {
     pub blocks: u64,
     /// Bytes kept inline after the inode.
     pub inline: u64,
+    /// A compressed file's extents (its `blocks` are theirs, one each).
+    pub packed: Option<compress::Packed>,
 }
 
 impl Ino {
     pub fn nid(&self) -> u64 {
         (self.pos - META_BLKADDR * BS) / COMPACT
+    }
+    /// The bytes after a compressed inode: map header, reserved, indexes.
+    fn zmeta_len(&self) -> u64 {
+        match self.packed {
+            Some(_) => 16 + 8 * self.size.div_ceil(BS),
+            None => 0,
+        }
     }
     fn isize(&self) -> u64 {
         if self.extended {
@@ -110,6 +130,8 @@ pub struct Plan<'t> {
     pub(crate) blocks: u64,
     /// A directory's contents, as placed blocks of dirents and names.
     pub(crate) dirs: HashMap<NodeId, Vec<u8>>,
+    /// The compressed files' blocks, made while planning.
+    pub(crate) scratch: Option<compress::Scratch>,
 }
 
 impl Plan<'_> {
@@ -118,6 +140,9 @@ impl Plan<'_> {
     }
     pub fn inodes_used(&self) -> usize {
         self.inodes.len()
+    }
+    pub fn compressed_files(&self) -> usize {
+        self.inodes.iter().filter(|i| i.packed.is_some()).count()
     }
     /// Everything up to the end is written (the metadata area's padding
     /// and every data block's tail included).
@@ -190,6 +215,15 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
     }
     let (ids, links) = order(tree);
     let parents = parents(tree, &ids);
+    let big: Vec<(NodeId, u64)> = ids
+        .iter()
+        .filter_map(|&id| match tree.node(id).kind {
+            Kind::File { size, .. } if size > BS => Some((id, size)),
+            _ => None,
+        })
+        .collect();
+    let (mut packed, scratch) =
+        compress::compress_all(tree, &big, opts.compression).map_err(ErofsError::Compress)?;
     let mut inodes = Vec::with_capacity(ids.len());
     let mut pos = META_BLKADDR * BS;
     for &id in &ids {
@@ -216,6 +250,7 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
             blkaddr: 0,
             blocks: size.div_ceil(BS),
             inline: 0,
+            packed: packed.remove(&id),
         };
         pos = place(&mut ino, pos);
         inodes.push(ino);
@@ -242,6 +277,7 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
         meta_end,
         blocks: next.max(META_BLKADDR + 1),
         dirs,
+        scratch,
     })
 }
 
@@ -253,6 +289,19 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
 /// the tree refuses them.)
 fn place(ino: &mut Ino, pos: u64) -> u64 {
     let isize = ino.isize();
+    if let Some(p) = &ino.packed {
+        // A compressed file: its map header and indexes follow the inode
+        // (8-byte entries, never across a block), its data all in blocks.
+        ino.layout = COMPRESSED_FULL;
+        ino.blocks = p.extents.len() as u64;
+        let start = if isize > BS - pos % BS {
+            pos.div_ceil(BS) * BS
+        } else {
+            pos
+        };
+        ino.pos = start;
+        return (start + isize + ino.zmeta_len()).div_ceil(COMPACT) * COMPACT;
+    }
     let tail = ino.size % BS;
     let room = BS - pos % BS;
     let fits_here = isize + tail <= room;

@@ -6,7 +6,7 @@
 use std::io::SeekFrom;
 use std::os::unix::fs::FileExt;
 
-use super::{ErofsError, Ino, Plan, BS, COMPACT, FLAT_INLINE, MAGIC, META_BLKADDR};
+use super::{ErofsError, Ino, Plan, BS, COMPACT, FLAT_INLINE, MAGIC, META_BLKADDR, ZERO_PADDING};
 use crate::sink::{named, Sink};
 use crate::tree::{Content, Kind, Node};
 
@@ -50,6 +50,9 @@ impl Plan<'_> {
         sb[40..44].copy_from_slice(&(META_BLKADDR as u32).to_le_bytes());
         sb[48..64].copy_from_slice(&o.uuid);
         sb[64..64 + o.label.len()].copy_from_slice(o.label.as_bytes());
+        if self.inodes.iter().any(|i| i.packed.is_some()) {
+            sb[80..84].copy_from_slice(&ZERO_PADDING.to_le_bytes());
+        }
         sb
     }
 
@@ -74,17 +77,35 @@ impl Plan<'_> {
                 at += BS;
             }
             let node = self.tree.node(ino.node);
-            let raw = self.inode_bytes(ino, node, i as u32 + 1);
-            let off = (ino.pos - at) as usize;
-            let mut bytes = raw;
+            let mut bytes = self.inode_bytes(ino, node, i as u32 + 1);
             if ino.inline > 0 {
                 bytes.extend(self.tail(ino, node).map_err(|err| ErofsError::Write {
                     offset: base + ino.pos,
                     err,
                 })?);
             }
-            // `place` keeps an inode and its tail within one block.
-            block[off..off + bytes.len()].copy_from_slice(&bytes);
+            if let Some(p) = &ino.packed {
+                bytes.extend(super::compress::index_bytes(
+                    &p.extents,
+                    ino.size,
+                    ino.blkaddr,
+                ));
+            }
+            // An inode and its tail share a block; a compressed file's
+            // indexes may run on into the next ones.
+            let mut off = (ino.pos - at) as usize;
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let n = rest.len().min(BS as usize - off);
+                block[off..off + n].copy_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                off += n;
+                if off == BS as usize {
+                    flush(out, &mut block, at)?;
+                    at += BS;
+                    off = 0;
+                }
+            }
         }
         while at < end.max(first + BS) {
             flush(out, &mut block, at)?;
@@ -101,6 +122,8 @@ impl Plan<'_> {
             Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => {
                 (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
             }
+            // A compressed file's i_u counts its blocks.
+            _ if ino.packed.is_some() => ino.blocks as u32,
             _ => ino.blkaddr as u32,
         };
         let mut b = Vec::with_capacity(64);
@@ -172,6 +195,9 @@ impl Plan<'_> {
     fn write_data<W: Sink + ?Sized>(&self, out: &mut W, ino: &Ino) -> std::io::Result<()> {
         let node = self.tree.node(ino.node);
         let span = ino.blocks * BS;
+        if let (Some(p), Some(s)) = (&ino.packed, &self.scratch) {
+            return out.put_host(s.file.path(), p.scratch_at, span, span, s.size);
+        }
         let len = span.min(ino.size);
         if let Kind::File {
             content: Content::Host { path, .. },

@@ -1,0 +1,333 @@
+//! EROFS compression (LZ4, LZ4HC) for the kernel's readers since Linux
+//! 5.3: fixed-size output, one 4 KiB physical cluster per extent, the
+//! compressed bytes at the block's end (LZ4_0PADDING), the legacy (full)
+//! 8-byte index per 4 KiB logical cluster.
+//!
+//! Compressing happens while planning, so the map still comes before the
+//! bytes: each file is cut into segments of [`SEGMENT`] bytes, compressed
+//! on every core (rayon), and the segments' blocks are appended to a
+//! scratch file in file and segment order, the same bytes for any thread
+//! count; writing copies them from there. Within a segment, each extent
+//! is the most input LZ4 fits in one block (`compress_fill`, LZ4's
+//! `destSize`); an extent that would not take less room than its input is
+//! stored as one raw block of 4 KiB, and so is a segment's last 4 KiB or
+//! less. A file whose blocks would not be fewer than its plain blocks is
+//! not compressed.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use rayon::prelude::*;
+
+use super::BS;
+use crate::sink::named;
+use crate::tree::{Content, Kind, NodeId, Tree};
+
+/// Input per compressed segment (a multiple of the block size).
+pub const SEGMENT: u64 = 4 << 20;
+/// Input compressed between appends to the scratch file (bounds memory).
+const BATCH: u64 = 64 << 20;
+
+/// `--compression`: none, lz4, or lz4hc with a level (1 to 12, default 9).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    #[default]
+    None,
+    Lz4,
+    Lz4Hc(i32),
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, level) = match s.split_once(',') {
+            Some((n, l)) => (n, Some(l)),
+            None => (s, None),
+        };
+        match (name, level) {
+            ("none", None) => Ok(Compression::None),
+            ("lz4", None) => Ok(Compression::Lz4),
+            ("lz4hc", None) => Ok(Compression::Lz4Hc(9)),
+            ("lz4hc", Some(l)) => match l.parse::<i32>() {
+                Ok(n @ 1..=12) => Ok(Compression::Lz4Hc(n)),
+                _ => Err(format!("{s:?}: an lz4hc level is 1 to 12")),
+            },
+            _ => Err(format!("{s:?}: expected none, lz4 or lz4hc[,LEVEL]")),
+        }
+    }
+}
+
+/// One extent: `len` bytes of the file, in one physical block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u32,
+    /// Stored as it is (not worth compressing).
+    pub raw: bool,
+}
+
+/// A compressed file: its extents in order, and where their blocks start
+/// in the scratch file.
+#[derive(Clone, Debug)]
+pub(crate) struct Packed {
+    pub extents: Vec<Extent>,
+    pub scratch_at: u64,
+}
+
+/// The compressed blocks of every compressed file, in one unnamed file.
+pub(crate) struct Scratch {
+    pub file: tempfile::NamedTempFile,
+    pub size: u64,
+}
+
+/// One segment's result.
+struct Seg {
+    extents: Vec<Extent>,
+    blocks: Vec<u8>,
+}
+
+/// The extents and blocks of `data` (one segment).
+fn compress_segment(data: &[u8], c: Compression) -> std::io::Result<Seg> {
+    let bs = BS as usize;
+    let mut extents = Vec::new();
+    let mut blocks = Vec::new();
+    let mut pos = 0;
+    let mut dst = vec![0u8; bs];
+    while pos < data.len() {
+        let rest = &data[pos..];
+        let (used, written) = match (rest.len() > bs, c) {
+            (false, _) | (true, Compression::None) => Ok((0, 0)),
+            (true, Compression::Lz4) => lzzzz::lz4::compress_fill(rest, &mut dst),
+            (true, Compression::Lz4Hc(l)) => lzzzz::lz4_hc::compress_fill(rest, &mut dst, l),
+        }
+        .map_err(|e| std::io::Error::other(format!("lz4: {e}")))?;
+        let start = blocks.len();
+        blocks.resize(start + bs, 0);
+        if used > bs {
+            // LZ4_0PADDING: the compressed bytes end the block.
+            blocks[start + bs - written..].copy_from_slice(&dst[..written]);
+            extents.push(Extent {
+                len: used as u32,
+                raw: false,
+            });
+            pos += used;
+        } else {
+            let n = rest.len().min(bs);
+            blocks[start..start + n].copy_from_slice(&rest[..n]);
+            extents.push(Extent {
+                len: n as u32,
+                raw: true,
+            });
+            pos += n;
+        }
+    }
+    Ok(Seg { extents, blocks })
+}
+
+/// `len` bytes of a file node at `off`.
+fn read(tree: &Tree, id: NodeId, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    match &tree.node(id).kind {
+        Kind::File {
+            content: Content::Host { path, .. },
+            size,
+        } => {
+            let f = std::fs::File::open(path).map_err(|e| named(path, e))?;
+            if f.metadata().map_err(|e| named(path, e))?.len() != *size {
+                return Err(crate::sink::changed(path, *size));
+            }
+            f.read_exact_at(&mut buf, off).map_err(|e| named(path, e))?;
+        }
+        Kind::File {
+            content: Content::Bytes(b),
+            ..
+        } => buf.copy_from_slice(&b[off as usize..(off + len) as usize]),
+        _ => {}
+    }
+    Ok(buf)
+}
+
+/// Compress `files` (node, size), in order: those that take fewer blocks
+/// compressed, with their extents; the scratch file holding the blocks.
+pub(crate) fn compress_all(
+    tree: &Tree,
+    files: &[(NodeId, u64)],
+    c: Compression,
+) -> std::io::Result<(HashMap<NodeId, Packed>, Option<Scratch>)> {
+    if c == Compression::None || files.is_empty() {
+        return Ok((HashMap::new(), None));
+    }
+    let units: Vec<(usize, u64, u64)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &(_, size))| {
+            (0..size.div_ceil(SEGMENT))
+                .map(move |k| (i, k * SEGMENT, SEGMENT.min(size - k * SEGMENT)))
+        })
+        .collect();
+    let mut file = tempfile::NamedTempFile::new()?;
+    let mut size = 0u64;
+    let mut per_file: Vec<(Vec<Extent>, u64)> = vec![(Vec::new(), 0); files.len()];
+    let mut started = vec![false; files.len()];
+    let mut at = 0;
+    while at < units.len() {
+        let mut end = at;
+        let mut input = 0;
+        while end < units.len() && (end == at || input + units[end].2 <= BATCH) {
+            input += units[end].2;
+            end += 1;
+        }
+        let segs: Vec<Seg> = units[at..end]
+            .par_iter()
+            .map(|&(i, off, len)| compress_segment(&read(tree, files[i].0, off, len)?, c))
+            .collect::<std::io::Result<_>>()?;
+        for (&(i, _, _), seg) in units[at..end].iter().zip(segs) {
+            if !started[i] {
+                started[i] = true;
+                per_file[i].1 = size;
+            }
+            per_file[i].0.extend(seg.extents);
+            file.write_all(&seg.blocks)?;
+            size += seg.blocks.len() as u64;
+        }
+        at = end;
+    }
+    file.flush()?;
+    let packed = files
+        .iter()
+        .zip(per_file)
+        .filter(|((_, size), (ext, _))| (ext.len() as u64) < size.div_ceil(BS))
+        .map(|(&(id, _), (extents, scratch_at))| {
+            (
+                id,
+                Packed {
+                    extents,
+                    scratch_at,
+                },
+            )
+        })
+        .collect();
+    Ok((packed, Some(Scratch { file, size })))
+}
+
+/// The legacy lcluster type of an index.
+const PLAIN: u16 = 0;
+const HEAD: u16 = 1;
+const NONHEAD: u16 = 2;
+
+/// The bytes after a compressed inode: the 8-byte map header (LZ4, 4 KiB
+/// logical clusters), 8 reserved bytes, then one 8-byte index per 4 KiB
+/// of the file: HEAD (or PLAIN, raw) where an extent starts, with where
+/// in the cluster and its block; NONHEAD for clusters inside an extent,
+/// with the distances back to its head and on to the next.
+pub(crate) fn index_bytes(extents: &[Extent], size: u64, blkaddr: u64) -> Vec<u8> {
+    let mut out = vec![0u8; 16];
+    let idx = |out: &mut Vec<u8>, ty: u16, ofs: u64, u: [u8; 4]| {
+        out.extend(ty.to_le_bytes());
+        out.extend((ofs as u16).to_le_bytes());
+        out.extend(u);
+    };
+    let mut clusterofs = 0u64;
+    for (k, e) in extents.iter().enumerate() {
+        let ty = if e.raw { PLAIN } else { HEAD };
+        let blk = ((blkaddr + k as u64) as u32).to_le_bytes();
+        let mut count = e.len as u64;
+        let mut d1 = (clusterofs + count) / BS;
+        if d1 == 0 {
+            // The last extent, inside one logical cluster.
+            idx(&mut out, ty, clusterofs, blk);
+            clusterofs = 0;
+            continue;
+        }
+        let mut d0 = 0u64;
+        let head_ofs = clusterofs;
+        loop {
+            if d0 == 0 {
+                idx(&mut out, ty, head_ofs, blk);
+            } else {
+                let mut u = [0u8; 4];
+                u[..2].copy_from_slice(&(d0 as u16).to_le_bytes());
+                u[2..].copy_from_slice(&(d1 as u16).to_le_bytes());
+                idx(&mut out, NONHEAD, head_ofs, u);
+            }
+            count -= BS - clusterofs;
+            clusterofs = 0;
+            d0 += 1;
+            d1 -= 1;
+            if clusterofs + count < BS {
+                break;
+            }
+        }
+        clusterofs = count;
+    }
+    if clusterofs > 0 {
+        // The file ends inside a cluster an extent entered: its index.
+        idx(&mut out, PLAIN, clusterofs, [0; 4]);
+    }
+    debug_assert_eq!(out.len() as u64, 16 + 8 * size.div_ceil(BS));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_names_parse() {
+        assert_eq!("lz4hc".parse(), Ok(Compression::Lz4Hc(9)));
+        assert_eq!("lz4hc,12".parse(), Ok(Compression::Lz4Hc(12)));
+        assert_eq!("lz4".parse(), Ok(Compression::Lz4));
+        assert_eq!("none".parse(), Ok(Compression::None));
+        for bad in ["lz4hc,0", "lz4hc,13", "lz4,3", "zstd", ""] {
+            assert!(bad.parse::<Compression>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn segments_decompress_to_their_input_and_raw_blocks_hold_it() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i / 13 % 7) as u8).collect();
+        let seg = compress_segment(&data, Compression::Lz4Hc(9)).unwrap();
+        assert_eq!(seg.blocks.len(), seg.extents.len() * BS as usize);
+        let mut pos = 0;
+        for (k, e) in seg.extents.iter().enumerate() {
+            let block = &seg.blocks[k * BS as usize..(k + 1) * BS as usize];
+            let want = &data[pos..pos + e.len as usize];
+            if e.raw {
+                assert_eq!(&block[..want.len()], want);
+            } else {
+                let z = block.iter().position(|&b| b != 0).unwrap();
+                let mut out = vec![0u8; e.len as usize];
+                lzzzz::lz4::decompress(&block[z..], &mut out).unwrap();
+                assert_eq!(out, want);
+            }
+            pos += e.len as usize;
+        }
+        assert_eq!(pos, data.len());
+        assert!(
+            seg.extents.len() < data.len() / BS as usize / 4,
+            "it compresses"
+        );
+    }
+
+    #[test]
+    fn one_index_per_logical_cluster_heads_where_extents_start() {
+        let e = |len, raw| Extent { len, raw };
+        // 5000 + 9000 + 2000 = 16000 bytes: 4 clusters.
+        let ext = [e(5000, false), e(9000, false), e(2000, true)];
+        let b = index_bytes(&ext, 16000, 100);
+        assert_eq!(b.len(), 16 + 4 * 8);
+        let at = |i: usize| &b[16 + 8 * i..24 + 8 * i];
+        let u16_at = |s: &[u8], o: usize| u16::from_le_bytes([s[o], s[o + 1]]);
+        // Cluster 0: extent 0 starts at 0.
+        assert_eq!((u16_at(at(0), 0), u16_at(at(0), 2)), (HEAD, 0));
+        assert_eq!(u32::from_le_bytes(at(0)[4..].try_into().unwrap()), 100);
+        // Cluster 1: extent 1 starts at 5000 - 4096 = 904.
+        assert_eq!((u16_at(at(1), 0), u16_at(at(1), 2)), (HEAD, 904));
+        // Cluster 2: inside extent 1 (one back to its head, one on).
+        assert_eq!(u16_at(at(2), 0), NONHEAD);
+        assert_eq!((u16_at(at(2), 4), u16_at(at(2), 6)), (1, 1));
+        // Cluster 3: the raw extent starts at 14000 - 12288 = 1712.
+        assert_eq!((u16_at(at(3), 0), u16_at(at(3), 2)), (PLAIN, 1712));
+        assert_eq!(u32::from_le_bytes(at(3)[4..].try_into().unwrap()), 102);
+    }
+}
