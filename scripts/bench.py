@@ -430,30 +430,36 @@ def aarch64_corpus(c, top, a):
 
 
 def erofs_bench(res, c, top, a, w):
-    """Issue 30: forge erofs against mkfs.erofs on the corpus (both
-    uncompressed; mkfs.erofs -zlz4hc for the size only, forge does not
-    compress yet), alternated, with every image's size beside ext4's; and
-    forge image with an EROFS root against the ext4 one, alternated."""
+    """Issue 30: forge erofs against mkfs.erofs on the corpus, uncompressed
+    and with lz4hc (forge compresses on every core; Debian's mkfs.erofs 1.5
+    on one), alternated, with every image's size beside ext4's; and forge
+    image with an EROFS root (lz4hc, the default) against the ext4 one,
+    alternated."""
     print("EROFS of the corpus", file=sys.stderr)
     rm = f"rm -f {w}/e.img {w}/m.img"
     res.extend(measure_pair(
-        ("erofs: forge erofs", f"{rm}; {FORGE} erofs {c} -o {w}/e.img --owner 0:0"),
+        ("erofs: forge erofs --compression none", f"{rm}; {FORGE} erofs {c} -o {w}/e.img --owner 0:0 --compression none"),
         ("erofs: mkfs.erofs (uncompressed)", f"{rm}; mkfs.erofs --quiet -T1 --all-root {w}/m.img {c}"),
         a.runs))
-    sh(f"{FORGE} erofs {c} -o {w}/e.img --owner 0:0 2>/dev/null")
-    sh(f"mkfs.erofs --quiet -T1 --all-root {w}/m.img {c}")
-    sizes = {"forge erofs": f"{w}/e.img", "mkfs.erofs": f"{w}/m.img"}
-    sh(f"mkfs.erofs --quiet -T1 --all-root -zlz4hc {w}/mz.img {c}")
-    sizes["mkfs.erofs -zlz4hc"] = f"{w}/mz.img"
-    sh(f"{FORGE} ext4 {c} -o {w}/x4.img --owner 0:0 2>/dev/null")
-    sizes["forge ext4 (auto size)"] = f"{w}/x4.img"
-    for name, path in sizes.items():
-        res.append({"name": f"erofs size: {name}", "bytes": os.path.getsize(path)})
-        os.unlink(path)
+    res.extend(measure_pair(
+        ("erofs: forge erofs (lz4hc)", f"{rm}; {FORGE} erofs {c} -o {w}/e.img --owner 0:0"),
+        ("erofs: mkfs.erofs -zlz4hc", f"{rm}; mkfs.erofs --quiet -T1 --all-root -zlz4hc {w}/m.img {c}"),
+        a.runs))
+    s = f"{w}/size.img"
+    for name, cmd in [
+        ("forge erofs --compression none", f"{FORGE} erofs {c} -o {s} --owner 0:0 --compression none"),
+        ("forge erofs (lz4hc)", f"{FORGE} erofs {c} -o {s} --owner 0:0"),
+        ("mkfs.erofs", f"mkfs.erofs --quiet -T1 --all-root {s} {c}"),
+        ("mkfs.erofs -zlz4hc", f"mkfs.erofs --quiet -T1 --all-root -zlz4hc {s} {c}"),
+        ("forge ext4 (auto size)", f"{FORGE} ext4 {c} -o {s} --owner 0:0"),
+    ]:
+        sh(f"rm -f {s}; {cmd} 2>/dev/null")
+        res.append({"name": f"erofs size: {name}", "bytes": os.path.getsize(s)})
+    sh(f"rm -f {s}")
     img = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/i.img 2>/dev/null"
     res.extend(measure_pair(
         ("erofs: forge image (ext4 root)", img),
-        ("erofs: forge image --root-fs erofs", img.replace(" -o ", " --root-fs erofs -o ")),
+        ("erofs: forge image --root-fs erofs (lz4hc)", img.replace(" -o ", " --root-fs erofs -o ")),
         a.runs))
     sh(f"rm -f {w}/i.img*")
 
@@ -698,8 +704,10 @@ def report(res, a, out):
          "oci: forge oci of the changed corpus (empty cache)", "≤ 0.2"),
         ("flash --fill --identity / plain flash (32 GiB)", "provision: flash --fill --identity --generate-host-keys, 32 GiB device",
          "provision: flash (write + verify), 32 GiB device", "≤ 1.1"),
-        ("forge erofs / mkfs.erofs (uncompressed), alternated", "erofs: forge erofs", "erofs: mkfs.erofs (uncompressed)", "≤ 0.5 (lz4hc, later)"),
-        ("forge image --root-fs erofs / ext4 root, alternated", "erofs: forge image --root-fs erofs",
+        ("forge erofs / mkfs.erofs, both uncompressed, alternated", "erofs: forge erofs --compression none",
+         "erofs: mkfs.erofs (uncompressed)", "(none)"),
+        ("forge erofs / mkfs.erofs, both lz4hc, alternated", "erofs: forge erofs (lz4hc)", "erofs: mkfs.erofs -zlz4hc", "≤ 0.5"),
+        ("forge image --root-fs erofs (lz4hc) / ext4 root, alternated", "erofs: forge image --root-fs erofs (lz4hc)",
          "erofs: forge image (ext4 root)", "≤ 1.5"),
         ("forge update / forge image --slots 2, alternated", "updates: forge update (root, UKI, SHA256SUMS)",
          "updates: forge image --slots 2 --uki", "≤ 0.6"),
