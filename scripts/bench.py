@@ -449,6 +449,7 @@ def erofs_bench(res, c, top, a, w):
     for name, cmd in [
         ("forge erofs --compression none", f"{FORGE} erofs {c} -o {s} --owner 0:0 --compression none"),
         ("forge erofs (lz4hc)", f"{FORGE} erofs {c} -o {s} --owner 0:0"),
+        ("forge erofs --compression lz4", f"{FORGE} erofs {c} -o {s} --owner 0:0 --compression lz4"),
         ("mkfs.erofs", f"mkfs.erofs --quiet -T1 --all-root {s} {c}"),
         ("mkfs.erofs -zlz4hc", f"mkfs.erofs --quiet -T1 --all-root -zlz4hc {s} {c}"),
         ("forge ext4 (auto size)", f"{FORGE} ext4 {c} -o {s} --owner 0:0"),
@@ -457,10 +458,14 @@ def erofs_bench(res, c, top, a, w):
         res.append({"name": f"erofs size: {name}", "bytes": os.path.getsize(s)})
     sh(f"rm -f {s}")
     img = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/i.img 2>/dev/null"
-    res.extend(measure_pair(
+    res.extend(measure_group([
         ("erofs: forge image (ext4 root)", img),
         ("erofs: forge image --root-fs erofs (lz4hc)", img.replace(" -o ", " --root-fs erofs -o ")),
-        a.runs))
+        ("erofs: forge image --root-fs erofs --erofs-compression lz4",
+         img.replace(" -o ", " --root-fs erofs --erofs-compression lz4 -o ")),
+        ("erofs: forge image --root-fs erofs --erofs-compression none",
+         img.replace(" -o ", " --root-fs erofs --erofs-compression none -o ")),
+    ], a.runs))
     sh(f"rm -f {w}/i.img*")
 
 
@@ -709,6 +714,10 @@ def report(res, a, out):
         ("forge erofs / mkfs.erofs, both lz4hc, alternated", "erofs: forge erofs (lz4hc)", "erofs: mkfs.erofs -zlz4hc", "≤ 0.5"),
         ("forge image --root-fs erofs (lz4hc) / ext4 root, alternated", "erofs: forge image --root-fs erofs (lz4hc)",
          "erofs: forge image (ext4 root)", "≤ 1.5"),
+        ("forge image --root-fs erofs, lz4 / ext4 root, alternated",
+         "erofs: forge image --root-fs erofs --erofs-compression lz4", "erofs: forge image (ext4 root)", "≤ 1.5"),
+        ("forge image --root-fs erofs, none / ext4 root, alternated",
+         "erofs: forge image --root-fs erofs --erofs-compression none", "erofs: forge image (ext4 root)", "≤ 1.5"),
         ("forge update / forge image --slots 2, alternated", "updates: forge update (root, UKI, SHA256SUMS)",
          "updates: forge image --slots 2 --uki", "≤ 0.6"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
