@@ -11,9 +11,8 @@
 
 use anyhow::{bail, Result};
 
-use super::Partition;
 use crate::closure::{Closure, Store};
-use crate::layout::{Filesystem, SizePolicy, ALIGN};
+use crate::layout::{Filesystem, Partition, SizePolicy, ALIGN};
 
 /// The GPT name of a slot no version has been installed in.
 pub const EMPTY: &str = "_empty";
