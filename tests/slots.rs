@@ -92,58 +92,106 @@ fn definitions_for(publ: &Path, img: &Path, esp: &Path, to: &Path) {
     }
 }
 
+/// The GPT names of `img`'s partitions.
+fn names(img: &Path) -> Vec<String> {
+    gpt(img).into_iter().map(|p| p.0).collect()
+}
+
+/// A version-1 image with two slots at `img`, checked: the slots' names,
+/// sizes and room, the empty slot without a filesystem, inspect's view.
+fn version_1_image(img: &Path, verity: bool) {
+    let v: &[&str] = if verity { &["--verity"] } else { &[] };
+    let args = [
+        "--slots",
+        "2",
+        "--version",
+        "1",
+        "--seed",
+        "one",
+        "--json",
+        "-o",
+    ];
+    let layout = json(slots_cmd("image", v).args(args).arg(img));
+    let parts = gpt(img);
+    let r = json(forge().args(["inspect", "--json"]).arg(img));
+    let want = json!([
+        {"partition": 2, "version": "1", "entry": "/EFI/Linux/nixos_1+3.efi",
+         "tries_left": 3, "tries_done": 0, "state": "on trial"},
+        {"partition": 2 + 1 + verity as u32, "version": null, "entry": null, "state": "empty"},
+    ]);
+    assert_eq!(r["slots"], want);
+    let want: &[&str] = match verity {
+        true => &["ESP", "nixos_1", "nixos_1", "_empty", "_empty", "state"],
+        false => &["ESP", "nixos_1", "_empty", "state"],
+    };
+    assert_eq!(names(img), want, "verity {verity}");
+    let n = if verity { 2 } else { 1 };
+    for k in 1..=n {
+        assert_eq!(parts[k].3, parts[k + n].3, "slot B is as large as slot A");
+        assert!(
+            layout["partitions"][k + n]["filesystem"].is_null(),
+            "{layout}"
+        );
+    }
+    // The slot leaves room: the root filesystem is smaller than it.
+    let fs_size = layout["partitions"][1]["filesystem"]["size"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        parts[1].3 >= fs_size + fs_size / 4,
+        "{fs_size} in {}",
+        parts[1].3
+    );
+}
+
+/// After sysupdate installed version 2 (`report`, forge update's): the
+/// second slot holds its artefacts' bytes, judged by veritysetup or
+/// e2fsck, and the ESP directory its UKI with three tries.
+fn version_2_installed(d: &Path, img: &Path, report: &Value, verity: bool) {
+    let after = gpt(img);
+    let n = if verity { 2 } else { 1 };
+    let v = ok(Command::new("sgdisk").arg("-v").arg(img));
+    assert!(v.contains("No problems found"), "{v}");
+    let arts = report["artefacts"].as_array().unwrap();
+    let art = |suffix: &str| {
+        arts.iter()
+            .find(|a| a["name"].as_str().unwrap().ends_with(suffix))
+            .unwrap_or_else(|| panic!("no {suffix} in {report}"))
+    };
+    let root = art(".root.raw");
+    let b_root = d.join("b-root");
+    extract(img, after[1 + n].2, root["size"].as_u64().unwrap(), &b_root);
+    assert_eq!(sha256_file(&b_root), root["sha256"].as_str().unwrap());
+    let uki = std::fs::read(d.join("esp/nixos_2+3-0.efi")).unwrap();
+    assert_eq!(uki, std::fs::read(d.join("pub/nixos_2.efi")).unwrap());
+    if !verity {
+        assert!(contains(&uki, "root=PARTLABEL=nixos_2"));
+        ok(Command::new("e2fsck").arg("-fn").arg(&b_root));
+        return;
+    }
+    let hash = report["verity"]["root_hash"].as_str().unwrap();
+    assert!(contains(&uki, &format!("roothash={hash}")));
+    // sysupdate took the GUIDs from the names: the root hash's halves.
+    let hex = |u: &str| u.replace('-', "");
+    assert_eq!(hex(&after[1 + n].1), hash[..32]);
+    assert_eq!(hex(&after[2 + n].1), hash[32..]);
+    let b_hash = d.join("b-hash");
+    let vsize = art(".verity.raw")["size"].as_u64().unwrap();
+    extract(img, after[2 + n].2, vsize, &b_hash);
+    ok(Command::new("veritysetup")
+        .arg("verify")
+        .arg(&b_root)
+        .arg(&b_hash)
+        .arg(hash));
+}
+
 #[test]
 fn sysupdate_installs_version_2_into_the_empty_slot_of_a_version_1_image() {
     for verity in [true, false] {
         let d = tempfile::tempdir().unwrap();
-        let v: &[&str] = if verity { &["--verity"] } else { &[] };
         let img = d.path().join("disk.img");
-        let layout = json(
-            slots_cmd("image", v)
-                .args([
-                    "--slots",
-                    "2",
-                    "--version",
-                    "1",
-                    "--seed",
-                    "one",
-                    "--json",
-                    "-o",
-                ])
-                .arg(&img),
-        );
-        let parts = gpt(&img);
-        let r = json(forge().args(["inspect", "--json"]).arg(&img));
-        let want = json!([
-            {"partition": 2, "version": "1", "entry": "/EFI/Linux/nixos_1+3.efi",
-             "tries_left": 3, "tries_done": 0, "state": "on trial"},
-            {"partition": 2 + 1 + verity as u32, "version": null, "entry": null, "state": "empty"},
-        ]);
-        assert_eq!(r["slots"], want);
-        let names: Vec<&str> = parts.iter().map(|p| p.0.as_str()).collect();
-        let want: &[&str] = match verity {
-            true => &["ESP", "nixos_1", "nixos_1", "_empty", "_empty", "state"],
-            false => &["ESP", "nixos_1", "_empty", "state"],
-        };
-        assert_eq!(names, want, "verity {verity}");
-        let n = if verity { 2 } else { 1 };
-        for k in 1..=n {
-            assert_eq!(parts[k].3, parts[k + n].3, "slot B is as large as slot A");
-            assert!(
-                layout["partitions"][k + n]["filesystem"].is_null(),
-                "{layout}"
-            );
-        }
-        // The slot leaves room: the root filesystem is smaller than it.
-        let fs_size = layout["partitions"][1]["filesystem"]["size"]
-            .as_u64()
-            .unwrap();
-        assert!(
-            parts[1].3 >= fs_size + fs_size / 4,
-            "{fs_size} in {}",
-            parts[1].3
-        );
-
+        version_1_image(&img, verity);
+        let v: &[&str] = if verity { &["--verity"] } else { &[] };
         let publ = d.path().join("pub");
         let report = json(
             slots_cmd("update", v)
@@ -153,12 +201,7 @@ fn sysupdate_installs_version_2_into_the_empty_slot_of_a_version_1_image() {
                 .arg(&publ),
         );
         let esp = d.path().join("esp");
-        std::fs::create_dir(&esp).unwrap();
-        ok(Command::new("mcopy")
-            .arg("-i")
-            .arg(format!("{}@@{}", img.display(), parts[0].2))
-            .arg("::/EFI/Linux/nixos_1+3.efi")
-            .arg(&esp));
+        pull_esp(&img, gpt(&img)[0].2, &esp);
         let defs = d.path().join("defs");
         definitions_for(&publ, &img, &esp, &defs);
 
@@ -172,53 +215,12 @@ fn sysupdate_installs_version_2_into_the_empty_slot_of_a_version_1_image() {
         assert!(row("2").contains("candidate"), "{list}");
         assert!(row("1").contains("current"), "{list}");
         ok(sysupdate(&defs).arg("update"));
-
-        let after = gpt(&img);
-        let names: Vec<&str> = after.iter().map(|p| p.0.as_str()).collect();
         let want: &[&str] = match verity {
             true => &["ESP", "nixos_1", "nixos_1", "nixos_2", "nixos_2", "state"],
             false => &["ESP", "nixos_1", "nixos_2", "state"],
         };
-        assert_eq!(names, want, "verity {verity}");
-        let v = ok(Command::new("sgdisk").arg("-v").arg(&img));
-        assert!(v.contains("No problems found"), "{v}");
-        let arts = report["artefacts"].as_array().unwrap();
-        let art = |suffix: &str| {
-            arts.iter()
-                .find(|a| a["name"].as_str().unwrap().ends_with(suffix))
-                .unwrap_or_else(|| panic!("no {suffix} in {report}"))
-        };
-        // The slot holds the artefact's bytes.
-        let root = art(".root.raw");
-        let b_root = d.path().join("b-root");
-        extract(
-            &img,
-            after[1 + n].2,
-            root["size"].as_u64().unwrap(),
-            &b_root,
-        );
-        assert_eq!(sha256_file(&b_root), root["sha256"].as_str().unwrap());
-        let uki = std::fs::read(esp.join("nixos_2+3-0.efi")).unwrap();
-        assert_eq!(uki, std::fs::read(publ.join("nixos_2.efi")).unwrap());
-        if verity {
-            let hash = report["verity"]["root_hash"].as_str().unwrap();
-            assert!(contains(&uki, &format!("roothash={hash}")));
-            // sysupdate took the GUIDs from the names: the root hash's halves.
-            let hex = |u: &str| u.replace('-', "");
-            assert_eq!(hex(&after[1 + n].1), hash[..32]);
-            assert_eq!(hex(&after[2 + n].1), hash[32..]);
-            let b_hash = d.path().join("b-hash");
-            let vsize = art(".verity.raw")["size"].as_u64().unwrap();
-            extract(&img, after[2 + n].2, vsize, &b_hash);
-            ok(Command::new("veritysetup")
-                .arg("verify")
-                .arg(&b_root)
-                .arg(&b_hash)
-                .arg(hash));
-        } else {
-            assert!(contains(&uki, "root=PARTLABEL=nixos_2"));
-            ok(Command::new("e2fsck").arg("-fn").arg(&b_root));
-        }
+        assert_eq!(names(&img), want, "verity {verity}");
+        version_2_installed(d.path(), &img, &report, verity);
     }
 }
 
@@ -386,32 +388,22 @@ fn esp_entries(img: &Path, esp_at: u64) -> Vec<String> {
     v
 }
 
-#[test]
-fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blessed() {
-    let d = tempfile::tempdir().unwrap();
-    let img = d.path().join("disk.img");
-    ok(slots_cmd(
-        "image",
-        &[
-            "--verity",
-            "--slots",
-            "2",
-            "--version",
-            "1",
-            "--seed",
-            "one",
-            "-o",
-        ],
-    )
-    .arg(&img));
-    let esp_at = gpt(&img)[0].2;
-    let (esp, defs, publ) = (
-        d.path().join("esp"),
-        d.path().join("defs"),
-        d.path().join("pub"),
-    );
-    // Publish a version, and let systemd-sysupdate install it.
-    let update = |system: &Path, version: &str| {
+/// A machine's disk image and the directories its updates go through.
+struct Machine {
+    img: PathBuf,
+    esp_at: u64,
+    d: tempfile::TempDir,
+}
+
+impl Machine {
+    /// Publish `version` of `system` (a fixture result link) with forge
+    /// update, and let systemd-sysupdate install it into the image.
+    fn update(&self, system: &Path, version: &str) {
+        let (esp, defs, publ) = (
+            self.d.path().join("esp"),
+            self.d.path().join("defs"),
+            self.d.path().join("pub"),
+        );
         let mut c = forge();
         c.arg("update")
             .arg(system)
@@ -428,46 +420,66 @@ fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blesse
             version,
         ]);
         ok(c.arg("--source").arg(&publ).arg("-o").arg(&publ));
-        pull_esp(&img, esp_at, &esp);
-        definitions_for(&publ, &img, &esp, &defs);
+        pull_esp(&self.img, self.esp_at, &esp);
+        definitions_for(&publ, &self.img, &esp, &defs);
         ok(sysupdate(&defs).arg("update"));
-        push_esp(&esp, &img, esp_at);
-    };
-    let boot_once = |want: &str| {
-        let b = boot_disks(
-            "x86_64",
-            &[(img.clone(), "raw", false)],
-            512,
-            std::time::Duration::from_secs(240),
-        );
+        push_esp(&esp, &self.img, self.esp_at);
+    }
+
+    /// Boot it under OVMF; the stage 1's marker must say `want`.
+    fn boot(&self, want: &str) {
+        let disks = [(self.img.clone(), "raw", false)];
+        let b = boot_disks("x86_64", &disks, 512, std::time::Duration::from_secs(240));
         let m = b.marker.unwrap_or_else(|| panic!("no marker:\n{}", b.log));
         assert!(m.contains(want), "want {want}: {m}\n{}", b.log);
+    }
+
+    fn entries(&self) -> Vec<String> {
+        esp_entries(&self.img, self.esp_at)
+    }
+}
+
+#[test]
+fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blessed() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let v1 = [
+        "--verity",
+        "--slots",
+        "2",
+        "--version",
+        "1",
+        "--seed",
+        "one",
+        "-o",
+    ];
+    ok(slots_cmd("image", &v1).arg(&img));
+    let m = Machine {
+        esp_at: gpt(&img)[0].2,
+        img,
+        d,
     };
     let fixture = fixtures().join("x86_64");
-    update(&fixture.join("result"), "2");
-    assert_eq!(
-        esp_entries(&img, esp_at),
-        ["nixos_1+3.efi", "nixos_2+3-0.efi"]
-    );
-    boot_once("verity=on read=ok version=2 blessed=yes boots=1");
-    assert_eq!(esp_entries(&img, esp_at), ["nixos_1+3.efi", "nixos_2.efi"]);
+    m.update(&fixture.join("result"), "2");
+    assert_eq!(m.entries(), ["nixos_1+3.efi", "nixos_2+3-0.efi"]);
+    m.boot("verity=on read=ok version=2 blessed=yes boots=1");
+    assert_eq!(m.entries(), ["nixos_1+3.efi", "nixos_2.efi"]);
 
     // Version 3's stage 1 never marks its boot good: three tries, then
     // systemd-boot falls back to version 2 by itself. /var keeps counting.
-    update(&fixture.join("result-unblessed"), "3");
-    let names: Vec<String> = gpt(&img).into_iter().map(|p| p.0).collect();
+    m.update(&fixture.join("result-unblessed"), "3");
     assert_eq!(
-        names,
+        names(&m.img),
         ["ESP", "nixos_3", "nixos_3", "nixos_2", "nixos_2", "state"]
     );
     for (boot, left) in [(2, 2), (3, 1), (4, 0)] {
-        boot_once(&format!("version=3 blessed=no boots={boot}"));
+        m.boot(&format!("version=3 blessed=no boots={boot}"));
         let want = format!("nixos_3+{left}-{}.efi", 3 - left);
-        assert_eq!(esp_entries(&img, esp_at), ["nixos_2.efi", want.as_str()]);
+        assert_eq!(m.entries(), ["nixos_2.efi", want.as_str()]);
     }
-    boot_once("version=2 blessed=none boots=5");
+    m.boot("version=2 blessed=none boots=5");
     // forge inspect reads the same from the image alone.
-    let r = json(forge().args(["inspect", "--json"]).arg(&img));
+    let r = json(forge().args(["inspect", "--json"]).arg(&m.img));
     let slot = |k: usize, field: &str| r["slots"][k][field].clone();
     assert_eq!(
         (slot(0, "version"), slot(0, "state")),

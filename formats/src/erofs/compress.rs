@@ -16,13 +16,11 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 
 use rayon::prelude::*;
 
 use super::BS;
-use crate::sink::named;
-use crate::tree::{Content, Kind, NodeId, Tree};
+use crate::tree::{NodeId, Tree};
 
 /// Input per compressed segment (a multiple of the block size).
 pub const SEGMENT: u64 = 4 << 20;
@@ -127,23 +125,7 @@ fn compress_segment(data: &[u8], c: Compression) -> std::io::Result<Seg> {
 /// `len` bytes of a file node at `off`.
 fn read(tree: &Tree, id: NodeId, off: u64, len: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
-    match &tree.node(id).kind {
-        Kind::File {
-            content: Content::Host { path, .. },
-            size,
-        } => {
-            let f = std::fs::File::open(path).map_err(|e| named(path, e))?;
-            if f.metadata().map_err(|e| named(path, e))?.len() != *size {
-                return Err(crate::sink::changed(path, *size));
-            }
-            f.read_exact_at(&mut buf, off).map_err(|e| named(path, e))?;
-        }
-        Kind::File {
-            content: Content::Bytes(b),
-            ..
-        } => buf.copy_from_slice(&b[off as usize..(off + len) as usize]),
-        _ => {}
-    }
+    super::write::file_bytes(&tree.node(id).kind, off, &mut buf)?;
     Ok(buf)
 }
 

@@ -158,21 +158,7 @@ impl Plan<'_> {
     fn content(&self, ino: &Ino, node: &Node, from: u64, len: u64) -> std::io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
         match &node.kind {
-            Kind::File {
-                content: Content::Host { path, .. },
-                size,
-            } => {
-                let f = std::fs::File::open(path).map_err(|e| named(path, e))?;
-                if f.metadata().map_err(|e| named(path, e))?.len() != *size {
-                    return Err(crate::sink::changed(path, *size));
-                }
-                f.read_exact_at(&mut buf, from)
-                    .map_err(|e| named(path, e))?;
-            }
-            Kind::File {
-                content: Content::Bytes(b),
-                ..
-            } => buf.copy_from_slice(&b[from as usize..(from + len) as usize]),
+            Kind::File { .. } => file_bytes(&node.kind, from, &mut buf)?,
             Kind::Symlink { target } => {
                 buf.copy_from_slice(&target[from as usize..(from + len) as usize])
             }
@@ -209,6 +195,32 @@ impl Plan<'_> {
         let mut b = self.content(ino, node, 0, len)?;
         b.resize(span as usize, 0);
         out.write_all(&b)
+    }
+}
+
+/// `buf.len()` bytes of a file at `from`: read from the host (which must
+/// still be the size the tree says) or the tree's own bytes.
+pub(crate) fn file_bytes(kind: &Kind, from: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let end = from as usize + buf.len();
+    match kind {
+        Kind::File {
+            content: Content::Host { path, .. },
+            size,
+        } => {
+            let f = std::fs::File::open(path).map_err(|e| named(path, e))?;
+            if f.metadata().map_err(|e| named(path, e))?.len() != *size {
+                return Err(crate::sink::changed(path, *size));
+            }
+            f.read_exact_at(buf, from).map_err(|e| named(path, e))
+        }
+        Kind::File {
+            content: Content::Bytes(b),
+            ..
+        } => {
+            buf.copy_from_slice(&b[from as usize..end]);
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
