@@ -2,6 +2,8 @@
 //! one file's with `cargo test --test e2e FILE::` (e.g. `flash::`), any
 //! test by a part of its name.
 
+#[path = "ab_updates.rs"]
+mod ab_updates;
 #[path = "closure.rs"]
 mod closure;
 #[path = "defects_flash.rs"]
@@ -34,8 +36,6 @@ mod release;
 mod sd;
 #[path = "signing.rs"]
 mod signing;
-#[path = "slots.rs"]
-mod slots;
 #[path = "trust.rs"]
 mod trust;
 #[path = "uki.rs"]

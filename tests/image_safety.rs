@@ -317,6 +317,8 @@ fn help_describes_every_option_with_examples_and_exit_codes() {
         &["fat"],
         &["image"],
         &["inspect"],
+        &["erofs"],
+        &["update"],
     ];
     let flash_cmds: &[&[&str]] = &[&[], &["list"], &["verify"]];
     for (bin_name, cmds) in [("forge", forge_cmds), ("flash", flash_cmds)] {

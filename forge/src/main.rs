@@ -20,6 +20,8 @@ Examples:
   forge image ./result --format raw-efi --disk-size 8G -o vm.img
   forge image ./result --format sd-aarch64 --firmware ./pi-firmware -o nixos.img.zst
   forge image ./result --format raw-efi --state-size none -o base.qcow2
+  forge image ./result --uki --slots 2 --version 1 -o ab.img
+  forge update ./result --uki --version 2 --source https://updates.example -o publish/
   forge vm --base base.qcow2 --identities machines/ --generate-host-keys -o vms/
   forge inspect nixos.img.zst
   forge closure ./result --json

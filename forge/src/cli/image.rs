@@ -52,7 +52,7 @@ pub struct ImageArgs {
     /// content; the stage 1 needs the kernel's erofs).
     #[arg(long, value_enum, default_value = "ext4")]
     root_fs: RootFsArg,
-    /// --root-fs erofs: none, lz4, or lz4hc[,LEVEL] (1-12, default 9):
+    /// With --root-fs erofs: none, lz4, or lz4hc[,LEVEL] (1-12, default 9):
     /// files over 4 KiB in LZ4 blocks where that saves space.
     #[arg(long, default_value = "lz4hc", value_name = "ALGO")]
     erofs_compression: formats::erofs::Compression,
