@@ -284,6 +284,33 @@ fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_ve
         let (hash, name) = line.split_once("  ").unwrap();
         assert_eq!(sha256_file(&publ.join(name)), hash, "{name}");
     }
+    // Version 3 made again with other GUIDs: its earlier files go.
+    let v3 = |d: &Path| {
+        let mut v: Vec<String> = dir_entries(d)
+            .into_iter()
+            .filter(|n| n.starts_with("nixos_3"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = v3(&publ);
+    ok(slots_cmd(
+        "update",
+        &["--verity", "--version", "3", "--seed", "three-b"],
+    )
+    .arg("-o")
+    .arg(&publ));
+    let after = v3(&publ);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_ne!(before, after);
+    let sums3 = std::fs::read_to_string(publ.join("SHA256SUMS")).unwrap();
+    let listed: Vec<&str> = sums3
+        .lines()
+        .filter_map(|l| l.split_once("  "))
+        .map(|x| x.1)
+        .filter(|n| n.starts_with("nixos_3"))
+        .collect();
+    assert_eq!(listed, after, "{sums3}");
     // With --sign, SHA256SUMS.sig: the Nix key's Ed25519 signature of it.
     let (sk, pk) = nix_keys_named(d.path(), "updates.example-1");
     ok(slots_cmd(

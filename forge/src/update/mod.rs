@@ -80,7 +80,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         let (out, a) = write_uki(&o.dir, &version, format)?;
         outs.push(out);
         made.push(a);
-        let sums = sums_text(&o.dir, &made)?;
+        let (sums, stale) = sums_text(&o.dir, &version, &made)?;
         let sums_path = o.dir.join(SUMS);
         outs.push(text_file(&sums_path, &sums)?);
         let signature = match &i.signers.manifest {
@@ -99,6 +99,10 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             None => Vec::new(),
         };
         crate::output::commit_all(outs, &lock)?;
+        for p in &stale {
+            std::fs::remove_file(p)
+                .with_context(|| format!("removing {}, replaced by this run", p.display()))?;
+        }
         progress.stage(&format!("done: version {version} in {}", o.dir.display()));
         Ok(Report {
             version,
@@ -185,8 +189,10 @@ fn write_uki(
 
 /// `SHA256SUMS`: the lines of an earlier one in `dir` for files still
 /// there that this run does not replace (the other versions published
-/// there), and this run's files; sorted by name.
-fn sums_text(dir: &Path, made: &[Artefact]) -> Result<String> {
+/// there), and this run's files; sorted by name. Also this version's
+/// earlier artefacts this run does not make again (another root hash's
+/// names), which must go: two root images of one version are ambiguous.
+fn sums_text(dir: &Path, version: &str, made: &[Artefact]) -> Result<(String, Vec<PathBuf>)> {
     let path = dir.join(SUMS);
     let old = match std::fs::read_to_string(&path) {
         Ok(s) => s,
@@ -207,10 +213,18 @@ fn sums_text(dir: &Path, made: &[Artefact]) -> Result<String> {
             lines.insert(name.to_string(), hash.to_string());
         }
     }
+    let stale: Vec<PathBuf> = lines
+        .keys()
+        .filter(|n| transfers::version_of(n) == Some(version))
+        .filter(|n| !made.iter().any(|a| &a.name == *n))
+        .map(|n| dir.join(n))
+        .collect();
+    lines.retain(|n, _| transfers::version_of(n) != Some(version));
     for a in made {
         lines.insert(a.name.clone(), a.sha256.clone());
     }
-    Ok(lines.iter().map(|(n, h)| format!("{h}  {n}\n")).collect())
+    let text = lines.iter().map(|(n, h)| format!("{h}  {n}\n")).collect();
+    Ok((text, stale))
 }
 
 fn text_file(path: &Path, text: &str) -> Result<AtomicOutput> {

@@ -64,6 +64,18 @@ pub fn artefact(version: &str, kind: &PartitionKind, uuid: Option<&str>) -> Stri
     }
 }
 
+/// The version an artefact file of ours is for (None: not one of ours).
+pub fn version_of(name: &str) -> Option<&str> {
+    let stem = name.strip_prefix(PREFIX)?;
+    let stem = [".efi", ROOT.suffix, VERITY.suffix, VERITY_SIG.suffix]
+        .iter()
+        .find_map(|s| {
+            stem.strip_suffix(s.trim_start_matches('.'))?
+                .strip_suffix('.')
+        })?;
+    stem.split('_').next()
+}
+
 /// The head every definition shares: the running version is never
 /// replaced (`%A`, the booted image's IMAGE_VERSION); sysupdate checks
 /// SHA256SUMS.gpg only when asked, and forge signs with a Nix key
@@ -155,6 +167,11 @@ mod tests {
             ]
         );
         assert_eq!(artefact("2", &VERITY, None), "nixos_2.verity.raw");
+        assert_eq!(version_of("nixos_25.05_8eb5-1.root.raw"), Some("25.05"));
+        assert_eq!(version_of("nixos_25.05.efi"), Some("25.05"));
+        assert_eq!(version_of("nixos_2.verity-sig.raw"), Some("2"));
+        assert_eq!(version_of("SHA256SUMS"), None);
+        assert_eq!(version_of("nixos_2.img"), None);
         assert_eq!(
             artefact("2", &ROOT, Some("8eb5-1")),
             "nixos_2_8eb5-1.root.raw"
