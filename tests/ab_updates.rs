@@ -327,6 +327,13 @@ fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_ve
     assert!(openssl_verifies(d.path(), &pk, &sums, &sig));
     std::fs::write(&sums, both.replace("nixos_3", "nixos_4")).unwrap();
     assert!(!openssl_verifies(d.path(), &pk, &sums, &sig));
+    // Published again unsigned, the old signature goes.
+    ok(
+        slots_cmd("update", &["--verity", "--version", "3", "--seed", "three"])
+            .arg("-o")
+            .arg(&publ),
+    );
+    assert!(!publ.join("SHA256SUMS.sig").exists());
 }
 
 #[test]

@@ -80,7 +80,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         let (out, a) = write_uki(&o.dir, &version, format)?;
         outs.push(out);
         made.push(a);
-        let (sums, stale) = sums_text(&o.dir, &version, &made)?;
+        let (sums, mut stale) = sums_text(&o.dir, &version, &made)?;
         let sums_path = o.dir.join(SUMS);
         outs.push(text_file(&sums_path, &sums)?);
         let signature = match &i.signers.manifest {
@@ -92,7 +92,14 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
                 )?);
                 Some(path)
             }
-            None => None,
+            None => {
+                // An earlier run's signature is of another SHA256SUMS.
+                let old = o.dir.join(format!("{SUMS}.sig"));
+                if old.exists() {
+                    stale.push(old);
+                }
+                None
+            }
         };
         let transfers = match &o.source {
             Some(s) => transfer_files(&o.dir, s, &layout, &mut outs)?,
