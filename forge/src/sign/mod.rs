@@ -429,7 +429,7 @@ fn sign_root_hash(f: &mut File, mut g: Gpt, ss: u64, signer: &Signer) -> Result<
     }
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     let Some(slot) = g.partitions.iter().position(|p| p.name == VERITY_SIG_NAME) else {
-        bail!("no {VERITY_SIG_NAME} partition to hold the signature (built before forge kept one)");
+        bail!("no {VERITY_SIG_NAME} partition to hold the signature (built before forge kept one, or an A/B image: --slots 2 keeps one only when built with --verity-key)");
     };
     let p = &mut g.partitions[slot];
     let (off, len) = (p.first_lba * ss, (p.last_lba + 1 - p.first_lba) * ss);
