@@ -44,3 +44,5 @@ mod uki;
 mod verity;
 #[path = "vm.rs"]
 mod vm;
+#[path = "vm_formats.rs"]
+mod vm_formats;

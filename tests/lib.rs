@@ -381,6 +381,8 @@ pub fn boot(arch: &str, image: &Path, sector: u32, timeout: std::time::Duration)
     let format = match image.extension().and_then(|e| e.to_str()) {
         Some("qcow2") => "qcow2",
         Some("vhd") => "vpc",
+        Some("vhdx") => "vhdx",
+        Some("vmdk") => "vmdk",
         _ => "raw",
     };
     boot_disks(arch, &[(disk, format, false)], sector, timeout)
@@ -499,9 +501,17 @@ fn boot_with(
     for (i, (file, format, ro)) in disks.iter().enumerate() {
         cmd.arg("-drive")
             .arg(format!(
-                "if=none,id=d{i},format={format},file={}{}",
+                "if=none,id=d{i},format={format},file={}{}{}",
                 file.display(),
-                if *ro { ",readonly=on" } else { "" }
+                if *ro { ",readonly=on" } else { "" },
+                // A streamOptimized VMDK is for importing: QEMU (like
+                // VMware) does not rewrite its compressed grains in place,
+                // so the guest's writes go to a temporary overlay.
+                if *format == "vmdk" {
+                    ",snapshot=on"
+                } else {
+                    ""
+                }
             ))
             .arg("-device")
             .arg(format!(

@@ -185,7 +185,7 @@ fn bad_vm_output_options_are_refused_and_nothing_is_left() {
     );
     let e = err("x.vhd", &["--sector-size", "4096"]);
     assert!(
-        e.contains("a VHD has 512-byte sectors; --sector-size 4096 does not apply"),
+        e.contains("x.vhd: vhd (fixed) has 512-byte sectors; --sector-size 4096 does not apply"),
         "{e}"
     );
     let e = err("x.vhd", &["--compression", "deflate"]);
@@ -193,9 +193,14 @@ fn bad_vm_output_options_are_refused_and_nothing_is_left() {
         e.contains("x.vhd: --compression deflate applies to .qcow2 outputs only"),
         "{e}"
     );
-    let e = err("x.vmdk", &[]);
+    let e = err("x.vmdk", &["--sector-size", "4096"]);
     assert!(
-        e.contains("unknown output extension") && e.contains(".qcow2, .vhd"),
+        e.contains("x.vmdk: vmdk (streamOptimized) has 512-byte sectors"),
+        "{e}"
+    );
+    let e = err("x.vdi", &[]);
+    assert!(
+        e.contains("unknown output extension") && e.contains(".qcow2, .vhd, .vhdx, .vmdk, .ova"),
         "{e}"
     );
     // A size a VHD cannot carry: not a whole number of MiB.
@@ -210,7 +215,7 @@ fn bad_vm_output_options_are_refused_and_nothing_is_left() {
             .arg(d.path().join("sd.qcow2")),
     );
     assert!(
-        the_error(&sd).contains("qcow2 and VHD outputs are for --format raw-efi"),
+        the_error(&sd).contains("qcow2, VHD, VHDX and VMDK outputs are for --format raw-efi"),
         "{sd}"
     );
 }

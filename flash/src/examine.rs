@@ -25,9 +25,10 @@ fn foreign(b: &[u8]) -> Option<String> {
     let f = formats::sniff::sniff(b)?;
     Some(match f {
         Format::Zstd => return None,
-        Format::Qcow2 | Format::DynamicVhd | Format::Vhdx => {
+        Format::Qcow2 | Format::DynamicVhd | Format::Vhdx | Format::Vmdk => {
             format!("{}: convert it first (qemu-img convert -O raw)", f.name())
         }
+        Format::Ova => "an OVA appliance (for VMware, VirtualBox): import it, or flash the raw image (.img) of the same system".into(),
         Format::Tar => "a tar archive (an OCI image or other tarball), not a disk image".into(),
         Format::Gzip | Format::Xz | Format::Bzip2 => format!(
             "{}: decompress it first (flash reads raw and .zst images)",

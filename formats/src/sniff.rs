@@ -15,6 +15,10 @@ pub enum Format {
     /// A dynamic (or differencing) VHD: its footer's copy comes first.
     DynamicVhd,
     Vhdx,
+    /// A sparse VMDK (`KDMV`): a streamOptimized or monolithic sparse disk.
+    Vmdk,
+    /// A tar whose first member is an OVF descriptor: a VM appliance.
+    Ova,
     Gzip,
     Xz,
     Bzip2,
@@ -29,6 +33,8 @@ impl Format {
             Format::Qcow2 => "a qcow2 image",
             Format::DynamicVhd => "a dynamic VHD image",
             Format::Vhdx => "a VHDX image",
+            Format::Vmdk => "a VMDK image",
+            Format::Ova => "an OVA appliance",
             Format::Gzip => "gzip-compressed",
             Format::Xz => "xz-compressed",
             Format::Bzip2 => "bzip2-compressed",
@@ -58,12 +64,21 @@ pub fn sniff(head: &[u8]) -> Option<Format> {
         _ if at(0, b"QFI\xfb") => Format::Qcow2,
         _ if at(0, b"conectix") => Format::DynamicVhd,
         _ if at(0, b"vhdxfile") => Format::Vhdx,
+        _ if at(0, b"KDMV") => Format::Vmdk,
+        _ if at(257, b"ustar") && ovf_first(head) => Format::Ova,
         _ if at(0, &[0x1f, 0x8b]) => Format::Gzip,
         _ if at(0, &[0xfd, b'7', b'z', b'X', b'Z', 0]) => Format::Xz,
         _ if at(0, b"BZh") => Format::Bzip2,
         _ if at(257, b"ustar") => Format::Tar,
         _ => return None,
     })
+}
+
+/// Whether the tar's first member's name ends in `.ovf`.
+fn ovf_first(head: &[u8]) -> bool {
+    let name = &head[..100];
+    let end = name.iter().position(|&c| c == 0).unwrap_or(100);
+    name[..end].ends_with(b".ovf")
 }
 
 #[cfg(test)]

@@ -158,6 +158,26 @@ impl<T> Pool<T> {
     }
 }
 
+/// The non-zero 4 KiB blocks of `bytes` (to be placed at `at`), merged
+/// into runs: what must be written for the file to hold `bytes`, the rest
+/// left as holes that read as zeros (tables are mostly zeros).
+pub fn nonzero_blocks(bytes: &[u8], at: u64) -> Vec<(u64, &[u8])> {
+    let mut out: Vec<(u64, usize, usize)> = Vec::new();
+    for (i, b) in bytes.chunks(4096).enumerate() {
+        if b.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let (lo, hi) = (i * 4096, i * 4096 + b.len());
+        match out.last_mut() {
+            Some(r) if r.2 == lo => r.2 = hi,
+            _ => out.push((at + lo as u64, lo, hi)),
+        }
+    }
+    out.into_iter()
+        .map(|(o, lo, hi)| (o, &bytes[lo..hi]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use crate::tree::{Content, Kind, NodeId, Tree, ROOT};
 
-const BLOCK: usize = 512;
+pub const BLOCK: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -185,37 +185,12 @@ impl<W: Write> TarWriter<W> {
         &self,
         name: &[u8],
         perm: u16,
-        (uid, gid): (u32, u32),
+        owner: (u32, u32),
         size: u64,
         typ: Type,
         link: &[u8],
     ) -> [u8; BLOCK] {
-        let mut b = [0u8; BLOCK];
-        b[..name.len()].copy_from_slice(name);
-        octal(&mut b[100..108], u64::from(perm & 0o7777));
-        // An id past ustar's 7 octal digits is in the pax header.
-        octal(
-            &mut b[108..116],
-            u64::from(if uid > MAX_ID { 0 } else { uid }),
-        );
-        octal(
-            &mut b[116..124],
-            u64::from(if gid > MAX_ID { 0 } else { gid }),
-        );
-        octal(&mut b[124..136], size);
-        octal(&mut b[136..148], self.mtime.min(MAX_OCTAL_11));
-        b[156] = typ as u8;
-        b[157..157 + link.len()].copy_from_slice(link);
-        b[257..263].copy_from_slice(b"ustar\0");
-        b[263..265].copy_from_slice(b"00");
-        octal(&mut b[329..337], 0);
-        octal(&mut b[337..345], 0);
-        // The checksum is over the header with its own field as spaces.
-        b[148..156].fill(b' ');
-        let sum: u32 = b.iter().map(|&c| u32::from(c)).sum();
-        let s = format!("{sum:06o}\0 ");
-        b[148..156].copy_from_slice(s.as_bytes());
-        b
+        block(name, perm, owner, (size, self.mtime), typ, link)
     }
 
     fn content(&mut self, content: &Content, size: u64) -> Result<(), TarError> {
@@ -259,6 +234,70 @@ impl<W: Write> TarWriter<W> {
         Ok(self.out)
     }
 }
+
+/// A ustar header block (`size` and `mtime` fit 11 octal digits).
+fn block(
+    name: &[u8],
+    perm: u16,
+    (uid, gid): (u32, u32),
+    (size, mtime): (u64, u64),
+    typ: Type,
+    link: &[u8],
+) -> [u8; BLOCK] {
+    let mut b = [0u8; BLOCK];
+    b[..name.len()].copy_from_slice(name);
+    octal(&mut b[100..108], u64::from(perm & 0o7777));
+    // An id past ustar's 7 octal digits is in the pax header.
+    octal(
+        &mut b[108..116],
+        u64::from(if uid > MAX_ID { 0 } else { uid }),
+    );
+    octal(
+        &mut b[116..124],
+        u64::from(if gid > MAX_ID { 0 } else { gid }),
+    );
+    octal(&mut b[124..136], size);
+    octal(&mut b[136..148], mtime.min(MAX_OCTAL_11));
+    b[156] = typ as u8;
+    b[157..157 + link.len()].copy_from_slice(link);
+    b[257..263].copy_from_slice(b"ustar\0");
+    b[263..265].copy_from_slice(b"00");
+    octal(&mut b[329..337], 0);
+    octal(&mut b[337..345], 0);
+    checksum(&mut b);
+    b
+}
+
+/// The checksum, over the header with its own field as spaces.
+pub fn checksum(b: &mut [u8; BLOCK]) {
+    b[148..156].fill(b' ');
+    let sum: u32 = b.iter().map(|&c| u32::from(c)).sum();
+    let s = format!("{sum:06o}\0 ");
+    b[148..156].copy_from_slice(s.as_bytes());
+}
+
+/// A regular file's header (mode 0644, owner 0, `name` up to 100 bytes),
+/// for archives of a few named files (an OVA). A size past ustar's 8 GiB
+/// is in base-256, as GNU tar, libarchive and Python's tarfile read it.
+pub fn file_header(name: &str, size: u64, mtime: u64) -> [u8; BLOCK] {
+    let name = &name.as_bytes()[..name.len().min(100)];
+    if size <= MAX_OCTAL_11 {
+        return block(name, 0o644, (0, 0), (size, mtime), Type::File, b"");
+    }
+    let mut b = block(name, 0o644, (0, 0), (0, mtime), Type::File, b"");
+    b[124] = 0x80;
+    b[128..136].copy_from_slice(&size.to_be_bytes());
+    checksum(&mut b);
+    b
+}
+
+/// Zeros after `len` bytes of content, to the next whole block.
+pub fn padding(len: u64) -> &'static [u8] {
+    &[0u8; BLOCK][..(len.next_multiple_of(BLOCK as u64) - len) as usize]
+}
+
+/// What ends an archive: two zero blocks.
+pub const END: [u8; 2 * BLOCK] = [0; 2 * BLOCK];
 
 const MAX_OCTAL_11: u64 = 0o77777777777;
 const MAX_ID: u32 = 0o7777777;

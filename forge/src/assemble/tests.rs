@@ -5,6 +5,7 @@ use formats::bmap;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 
 fn raw_container(f: &File, path: &Path) -> Box<dyn Container> {
     Kind::Raw.open(f, path, &Default::default()).unwrap()
@@ -214,6 +215,7 @@ fn lay_into(kind: Kind, dir: &Path, name: &str, len: u64, host: &Path) -> Vec<u8
         unix_time: 1_700_000_000,
         uuid: [5; 16],
         deflate: false,
+        file_name: name.into(),
     };
     let mut w = ImageOut::new(kind.open(&f, &p, &s).unwrap(), ALL).unwrap();
     lay(&mut w, len, host);
@@ -262,4 +264,26 @@ fn qcow2_and_vhds_hold_the_raw_image() {
     // Deterministic.
     assert!(lay_into(Kind::Qcow2, dir.path(), "y.qcow2", len, &host) == q);
     assert!(lay_into(Kind::Vhd(Type::Dynamic), dir.path(), "e.vhd", len, &host) == d);
+}
+
+#[test]
+fn vhdx_vmdk_ova_and_gce_read_back_as_the_raw_image() {
+    let len = 40 * CHUNK as u64; // past one VMDK grain table (32 MiB)
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_file(dir.path());
+    let image = lay_into(Kind::Raw, dir.path(), "x.img", len, &host);
+    for (kind, name) in [
+        (Kind::Vhdx, "x.vhdx"),
+        (Kind::Vmdk, "x.vmdk"),
+        (Kind::Ova, "x.ova"),
+        (Kind::Gce, "x.tar.gz"),
+    ] {
+        let bytes = lay_into(kind, dir.path(), name, len, &host);
+        let (f, size) = crate::unpack::open(&dir.path().join(name)).unwrap();
+        assert_eq!(size, len, "{name}");
+        let mut back = vec![0u8; len as usize];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == image, "{name} reads back as the raw image");
+        assert!((bytes.len() as u64) < len, "{name}: {} bytes", bytes.len());
+    }
 }

@@ -5,9 +5,13 @@
 //!
 //! A new container is one new file here plus a line in [`Kind::for_output`].
 
+mod gce;
+mod ova;
 mod qcow2;
 mod raw;
 mod vhd;
+mod vhdx;
+mod vmdk;
 mod zstd;
 
 use std::fs::File;
@@ -19,6 +23,7 @@ use anyhow::{Context, Result};
 pub use crate::assemble::{Chunk, Container};
 use crate::assemble::{Hashes, ImageOut};
 use crate::output::AtomicOutput;
+use formats::bmap::BLOCK as FS_BLOCK;
 
 /// Fill `out` with one image of `size` bytes, in the container `kind`,
 /// that `write` writes (in ascending order, touching only `map`): the
@@ -43,9 +48,19 @@ pub fn write_hashed(
     map: Vec<(u64, u64)>,
     write: impl FnOnce(&mut dyn formats::sink::Sink) -> Result<()>,
 ) -> Result<String> {
-    let settings = Settings::default();
+    let settings = Settings {
+        file_name: file_name(out.target()),
+        ..Settings::default()
+    };
     let hashed = fill(out, Kind::Raw, &settings, (size, map), true, write)?;
     Ok(hashed.expect("the whole range watched"))
+}
+
+/// A path's last component, for a container's own metadata.
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The image written; with `hash`, the SHA-256 of all of it.
@@ -88,6 +103,70 @@ pub fn write_file(
     out.commit()
 }
 
+/// The chunk's touched bytes cut where they cross a `block`-byte
+/// boundary, in order: (block, offset in the block, bytes).
+fn pieces(c: &Chunk, block: u64) -> Vec<(u64, u64, &[u8])> {
+    let mut out = Vec::new();
+    for (a, b) in c.touched_runs() {
+        let (mut at, end) = (c.off + a as u64 * FS_BLOCK, c.off + b as u64 * FS_BLOCK);
+        while at < end {
+            let blk = at / block;
+            let upto = ((blk + 1) * block).min(end);
+            let bytes = &c.bytes()[(at - c.off) as usize..(upto - c.off) as usize];
+            out.push((blk, at - blk * block, bytes));
+            at = upto;
+        }
+    }
+    out
+}
+
+/// What one `cluster`-byte piece of a chunk holds.
+enum Held {
+    Nothing,
+    Zeros,
+    /// Touched block runs `(first, past_last)`, relative to the cluster.
+    Data(Vec<(usize, usize)>),
+}
+
+/// What each cluster of the chunk's first `n` bytes holds: (index in the
+/// chunk, what).
+fn held(c: &Chunk, n: usize, cluster: u64) -> Vec<(usize, Held)> {
+    let per = (cluster / FS_BLOCK) as usize;
+    let runs: Vec<(usize, usize)> = c.touched_runs().collect();
+    (0..n.div_ceil(cluster as usize))
+        .map(|k| {
+            let (lo, hi) = (k * per, (k + 1) * per);
+            let inside: Vec<(usize, usize)> = runs
+                .iter()
+                .filter(|r| r.0 < hi && r.1 > lo)
+                .map(|r| (r.0.max(lo) - lo, r.1.min(hi) - lo))
+                .collect();
+            let bytes = |r: &(usize, usize)| {
+                &c.bytes()[(lo + r.0) * FS_BLOCK as usize..(lo + r.1) * FS_BLOCK as usize]
+            };
+            let h = if inside.is_empty() {
+                Held::Nothing
+            } else if inside.iter().all(|r| bytes(r).iter().all(|&b| b == 0)) {
+                Held::Zeros
+            } else {
+                Held::Data(inside)
+            };
+            (k, h)
+        })
+        .collect()
+}
+
+/// Cluster `k` of the chunk whole, zeros where nothing was written.
+fn cluster_bytes(c: &Chunk, k: usize, cluster: u64, runs: &[(usize, usize)]) -> Vec<u8> {
+    let mut buf = vec![0u8; cluster as usize];
+    let from = k * cluster as usize;
+    for r in runs {
+        let (a, b) = (r.0 * FS_BLOCK as usize, r.1 * FS_BLOCK as usize);
+        buf[a..b].copy_from_slice(&c.bytes()[from + a..from + b]);
+    }
+    buf
+}
+
 /// The containers, chosen by the output's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -99,11 +178,21 @@ pub enum Kind {
     Qcow2,
     /// `.vhd`: a fixed (default) or dynamic VHD.
     Vhd(formats::vhd::Type),
+    /// `.vhdx`: a dynamic VHDX (Hyper-V).
+    Vhdx,
+    /// `.vmdk`: a streamOptimized VMDK (VMware, VirtualBox).
+    Vmdk,
+    /// `.ova`: the OVF descriptor and a streamOptimized VMDK in a tar.
+    Ova,
+    /// `.tar.gz`: Google Compute Engine's `disk.raw` (sparse) in a tar, gzipped.
+    Gce,
 }
+
+const GIB: u64 = 1 << 30;
 
 /// The accepted output names, for messages and help.
 pub const NAMES: &str =
-    ".img or .raw (raw image), .img.zst or .raw.zst (zstd-compressed), .qcow2, .vhd";
+    ".img or .raw (raw image), .img.zst or .raw.zst (zstd-compressed), .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE)";
 
 /// What a container may need beyond the bytes.
 pub struct Settings {
@@ -114,6 +203,8 @@ pub struct Settings {
     pub uuid: [u8; 16],
     /// qcow2: deflate-compressed clusters.
     pub deflate: bool,
+    /// The output's file name (a VMDK's descriptor names its extent).
+    pub file_name: String,
 }
 
 impl Default for Settings {
@@ -123,6 +214,7 @@ impl Default for Settings {
             unix_time: 1,
             uuid: [0; 16],
             deflate: false,
+            file_name: "disk".into(),
         }
     }
 }
@@ -140,6 +232,14 @@ impl Kind {
             Some(Kind::Qcow2)
         } else if has(".vhd") {
             Some(Kind::Vhd(formats::vhd::Type::Fixed))
+        } else if has(".vhdx") {
+            Some(Kind::Vhdx)
+        } else if has(".vmdk") {
+            Some(Kind::Vmdk)
+        } else if has(".ova") {
+            Some(Kind::Ova)
+        } else if has(".tar.gz") {
+            Some(Kind::Gce)
         } else {
             None
         }
@@ -150,8 +250,28 @@ impl Kind {
     pub fn check_size(self, size: u64) -> Result<(), String> {
         match self {
             Kind::Vhd(_) => formats::vhd::check_size(size).map_err(|e| e.to_string()),
+            Kind::Vhdx => formats::vhdx::check_size(size).map_err(|e| e.to_string()),
+            Kind::Vmdk | Kind::Ova => formats::vmdk::check_size(size).map_err(|e| e.to_string()),
+            Kind::Gce if !size.is_multiple_of(GIB) => Err(format!(
+                "a GCE disk is a whole number of GiB: {size} bytes is not (--disk-size {}G)",
+                size.div_ceil(GIB)
+            )),
             _ => Ok(()),
         }
+    }
+
+    /// A virtual machine's disk format (for raw-efi systems, 512-byte
+    /// sectors).
+    pub fn vm_disk(self) -> bool {
+        matches!(
+            self,
+            Kind::Qcow2 | Kind::Vhd(_) | Kind::Vhdx | Kind::Vmdk | Kind::Ova | Kind::Gce
+        )
+    }
+
+    /// What the disk's size must be a multiple of, beyond its sectors.
+    pub fn size_granule(self) -> Option<u64> {
+        (self == Kind::Gce).then_some(GIB)
     }
 
     pub fn compressed(self) -> bool {
@@ -170,6 +290,10 @@ impl Kind {
             Kind::Qcow2 => "qcow2",
             Kind::Vhd(formats::vhd::Type::Fixed) => "vhd (fixed)",
             Kind::Vhd(formats::vhd::Type::Dynamic) => "vhd (dynamic)",
+            Kind::Vhdx => "vhdx (dynamic)",
+            Kind::Vmdk => "vmdk (streamOptimized)",
+            Kind::Ova => "ova (OVF and a streamOptimized VMDK)",
+            Kind::Gce => "gce (disk.raw in a .tar.gz)",
         }
     }
 
@@ -180,6 +304,10 @@ impl Kind {
             Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, s.zstd_level)),
             Kind::Qcow2 => Box::new(qcow2::Qcow2::open(file, path, s.deflate)?),
             Kind::Vhd(t) => Box::new(vhd::Vhd::open(t, file, path, s.unix_time, s.uuid)?),
+            Kind::Vhdx => Box::new(vhdx::Vhdx::open(file, s.uuid)?),
+            Kind::Vmdk => Box::new(vmdk::Vmdk::open(file, s.file_name.clone(), s.uuid)?),
+            Kind::Ova => Box::new(ova::Ova::open(file, s)?),
+            Kind::Gce => Box::new(gce::Gce::open(file, s.unix_time)?),
         })
     }
 }

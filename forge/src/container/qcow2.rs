@@ -19,7 +19,7 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{Chunk, Container};
+use super::{Chunk, Container, Held};
 use formats::bmap::BLOCK;
 use formats::qcow2::{self, Entry, CLUSTER};
 
@@ -71,14 +71,6 @@ fn deflate(cluster: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// What one guest cluster holds.
-enum Held {
-    Nothing,
-    Zeros,
-    /// Touched block runs `(first, past_last)`, relative to the cluster.
-    Data(Vec<(usize, usize)>),
-}
-
 impl Qcow2 {
     /// Plain: each data cluster's touched, non-zero blocks at the next host
     /// cluster; blocks contiguous both in the chunk and in the file go in
@@ -119,19 +111,10 @@ impl Qcow2 {
     /// Compressed: every data cluster of the chunk compressed in
     /// parallel, then packed in order.
     fn put_packed(&mut self, c: &Chunk, held: &[(usize, Held)]) -> io::Result<()> {
-        let per = (CLUSTER / BLOCK) as usize;
         let jobs: Vec<(usize, Vec<u8>)> = held
             .iter()
             .filter_map(|(k, h)| match h {
-                Held::Data(runs) => {
-                    let mut buf = vec![0u8; CLUSTER as usize];
-                    for r in runs {
-                        let (a, b) = (r.0 * BLOCK as usize, r.1 * BLOCK as usize);
-                        let from = k * per * BLOCK as usize;
-                        buf[a..b].copy_from_slice(&c.bytes()[from + a..from + b]);
-                    }
-                    Some((*k, buf))
-                }
+                Held::Data(runs) => Some((*k, super::cluster_bytes(c, *k, CLUSTER, runs))),
                 _ => None,
             })
             .collect();
@@ -186,29 +169,7 @@ impl Container for Qcow2 {
     }
 
     fn chunk(&mut self, c: &Chunk, n: usize) -> io::Result<()> {
-        let per = (CLUSTER / BLOCK) as usize;
-        let runs: Vec<(usize, usize)> = c.touched_runs().collect();
-        let held: Vec<(usize, Held)> = (0..n.div_ceil(CLUSTER as usize))
-            .map(|k| {
-                let (lo, hi) = (k * per, (k + 1) * per);
-                let inside: Vec<(usize, usize)> = runs
-                    .iter()
-                    .filter(|r| r.0 < hi && r.1 > lo)
-                    .map(|r| (r.0.max(lo) - lo, r.1.min(hi) - lo))
-                    .collect();
-                let bytes = |r: &(usize, usize)| {
-                    &c.bytes()[(lo + r.0) * BLOCK as usize..(lo + r.1) * BLOCK as usize]
-                };
-                let h = if inside.is_empty() {
-                    Held::Nothing
-                } else if inside.iter().all(|r| bytes(r).iter().all(|&b| b == 0)) {
-                    Held::Zeros
-                } else {
-                    Held::Data(inside)
-                };
-                (k, h)
-            })
-            .collect();
+        let held = super::held(c, n, CLUSTER);
         for (k, h) in &held {
             if let Held::Zeros = h {
                 self.entries
@@ -228,10 +189,10 @@ impl Container for Qcow2 {
         let t = qcow2::tables(self.size, &self.entries, self.pos);
         self.meta.set_len(t.file_len)?;
         // Tables and header are mostly zeros: those blocks stay holes.
-        for (at, b) in qcow2::nonzero_blocks(&t.bytes, t.first * CLUSTER) {
+        for (at, b) in formats::sys::nonzero_blocks(&t.bytes, t.first * CLUSTER) {
             self.meta.write_all_at(b, at)?;
         }
-        for (at, b) in qcow2::nonzero_blocks(&t.header, 0) {
+        for (at, b) in formats::sys::nonzero_blocks(&t.header, 0) {
             self.meta.write_all_at(b, at)?;
         }
         Ok(())

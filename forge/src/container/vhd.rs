@@ -13,7 +13,6 @@ use std::path::Path;
 
 use super::raw::Raw;
 use super::{Chunk, Container};
-use formats::bmap::BLOCK as FS_BLOCK;
 use formats::vhd::{self, Type, BITMAP, BLOCK, FOOTER, TABLE_AT};
 
 pub(super) struct Vhd {
@@ -93,31 +92,19 @@ impl Container for Vhd {
         if let Some(raw) = self.raw.as_mut() {
             return raw.chunk(c, n);
         }
-        for (a, b) in c.touched_runs() {
-            // A run, cut where it crosses a 2 MiB block.
-            let (mut at, end) = (c.off + a as u64 * FS_BLOCK, c.off + b as u64 * FS_BLOCK);
-            while at < end {
-                let blk = at / BLOCK;
-                let upto = ((blk + 1) * BLOCK).min(end);
-                let bytes = &c.bytes()[(at - c.off) as usize..(upto - c.off) as usize];
-                let base = match self.blocks.get(blk as usize) {
-                    Some(Some(base)) => *base,
-                    // Zeros in a block not stored: they read as zeros.
-                    Some(None) if bytes.iter().all(|&x| x == 0) => {
-                        at = upto;
-                        continue;
-                    }
-                    Some(None) => self.store(blk)?,
-                    None => {
-                        return Err(io::Error::other(format!(
-                            "internal: VHD: byte {at} is past the disk's end"
-                        )))
-                    }
-                };
-                self.file
-                    .write_all_at(bytes, base + BITMAP + (at - blk * BLOCK))?;
-                at = upto;
-            }
+        for (blk, within, bytes) in super::pieces(c, BLOCK) {
+            let base = match self.blocks.get(blk as usize) {
+                Some(Some(base)) => *base,
+                // Zeros in a block not stored: they read as zeros.
+                Some(None) if bytes.iter().all(|&x| x == 0) => continue,
+                Some(None) => self.store(blk)?,
+                None => {
+                    return Err(io::Error::other(format!(
+                        "internal: VHD: block {blk} is past the disk's end"
+                    )))
+                }
+            };
+            self.file.write_all_at(bytes, base + BITMAP + within)?;
         }
         Ok(())
     }

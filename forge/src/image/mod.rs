@@ -88,16 +88,15 @@ pub fn container_of(o: &Options) -> Result<container::Kind> {
     if o.deflate && kind != container::Kind::Qcow2 {
         bail!("{out}: --compression deflate applies to .qcow2 outputs only");
     }
-    if matches!(kind, container::Kind::Vhd(_)) && o.sector_size != 512 {
+    if kind.vm_disk() && kind != container::Kind::Qcow2 && o.sector_size != 512 {
         bail!(
-            "{out}: a VHD has 512-byte sectors; --sector-size {} does not apply",
+            "{out}: {} has 512-byte sectors; --sector-size {} does not apply",
+            kind.name(),
             o.sector_size
         );
     }
-    if matches!(kind, container::Kind::Qcow2 | container::Kind::Vhd(_))
-        && o.format != Format::RawEfi
-    {
-        bail!("{out}: qcow2 and VHD outputs are for --format raw-efi (VM disks)");
+    if kind.vm_disk() && o.format != Format::RawEfi {
+        bail!("{out}: qcow2, VHD, VHDX and VMDK outputs are for --format raw-efi (VM disks)");
     }
     Ok(kind)
 }
@@ -385,6 +384,11 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
                 .fill(disk)
                 .context("--disk-size")
                 .with_context(what)?;
+        } else if let Some(g) = kind.size_granule() {
+            let size = layout.place().with_context(what)?.size;
+            if !size.is_multiple_of(g) {
+                layout.fill(size.next_multiple_of(g)).with_context(what)?;
+            }
         }
         let placed = layout.place().with_context(what)?;
         kind.check_size(placed.size)
@@ -579,6 +583,7 @@ fn write_image(
         unix_time: o.epoch,
         uuid: formats::seed::uuid(seed, "image:uuid"),
         deflate: o.deflate,
+        file_name: container::file_name(&o.output),
     };
     let tmp = out.temp_path();
     let container = kind

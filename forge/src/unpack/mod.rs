@@ -1,6 +1,7 @@
 //! Any image as its raw bytes, for reading it back: a raw image or block
-//! device as it is, a fixed VHD without its footer, and a zstd, qcow2 or
-//! dynamic VHD image unpacked into an unnamed sparse temporary file.
+//! device as it is, a fixed VHD without its footer, and a zstd, qcow2,
+//! dynamic VHD, VHDX, VMDK, OVA or GCE image unpacked into an unnamed
+//! sparse temporary file (`vm_disks.rs` for the last four).
 //! Other containers and compressors (`formats::sniff`) are named, never
 //! read as a raw image.
 
@@ -10,6 +11,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use formats::{qcow2, vhd};
+
+mod vm_disks;
 
 /// The raw image behind `path`, and its size.
 pub fn open(path: &Path) -> io::Result<(File, u64)> {
@@ -22,11 +25,15 @@ pub fn open(path: &Path) -> io::Result<(File, u64)> {
     match formats::sniff::sniff(head) {
         Some(Format::Zstd) => return zstd(f),
         Some(Format::Qcow2) => return qcow(&f),
+        Some(Format::Vhdx) => return vm_disks::vhdx(&f),
+        Some(Format::Vmdk) => return vm_disks::vmdk(&f, 0, len),
+        Some(Format::Ova) => return vm_disks::ova(&f, len),
+        Some(Format::Gzip) => return vm_disks::gce(&f),
         Some(Format::DynamicVhd) | None => {}
         Some(other) => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}, not a disk image forge reads (raw, .zst, .qcow2, .vhd): decompress or convert it first", other.name()),
+                format!("{}, not a disk image forge reads (raw, .zst, .qcow2, .vhd, .vhdx, .vmdk, .ova, GCE .tar.gz): decompress or convert it first", other.name()),
             ))
         }
     }
