@@ -129,7 +129,8 @@ in
       default = "raw-efi";
       description = ''
         raw-efi: GPT, an ESP with systemd-boot at /boot, root, state at /var
-        (image variants forge-raw-efi, forge-qcow2, forge-vhd).
+        (image variants forge-raw-efi, forge-qcow2, forge-vhd, forge-vhdx,
+        forge-vmdk, forge-ova, forge-gce).
         sd-aarch64: MBR, the Pi's FAT firmware partition at /boot/firmware,
         root with extlinux, state at /var (image variant forge-sd-aarch64).
       '';
@@ -283,6 +284,22 @@ in
             "--vhd-type"
             "dynamic"
           ];
+        };
+        forge-vhdx = variant {
+          format = "raw-efi";
+          extension = "vhdx";
+        };
+        forge-vmdk = variant {
+          format = "raw-efi";
+          extension = "vmdk";
+        };
+        forge-ova = variant {
+          format = "raw-efi";
+          extension = "ova";
+        };
+        forge-gce = variant {
+          format = "raw-efi";
+          extension = "tar.gz";
         };
       };
     })

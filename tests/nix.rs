@@ -162,6 +162,10 @@ fn expected(layout: &str, ro: bool) -> Value {
             "forge-raw-efi": variant("raw-efi", "img", &["--root-mode", mode]),
             "forge-qcow2": variant("raw-efi", "qcow2", &["--root-mode", mode]),
             "forge-vhd": variant("raw-efi", "vhd", &["--root-mode", mode, "--vhd-type", "dynamic"]),
+            "forge-vhdx": variant("raw-efi", "vhdx", &["--root-mode", mode]),
+            "forge-vmdk": variant("raw-efi", "vmdk", &["--root-mode", mode]),
+            "forge-ova": variant("raw-efi", "ova", &["--root-mode", mode]),
+            "forge-gce": variant("raw-efi", "tar.gz", &["--root-mode", mode]),
         });
     } else {
         v["fileSystems"]["/boot/firmware"] = fs("FIRMWARE", "vfat", &["nofail", "noauto"]);
@@ -370,7 +374,15 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
         "{ enable = true; extraArgs = [ \"--disk-size\" \"8G\" ]; }",
         "",
     );
-    for v in ["forge-raw-efi", "forge-qcow2", "forge-vhd"] {
+    for v in [
+        "forge-raw-efi",
+        "forge-qcow2",
+        "forge-vhd",
+        "forge-vhdx",
+        "forge-vmdk",
+        "forge-ova",
+        "forge-gce",
+    ] {
         let args = &got["image"]["modules"][v]["system"]["build"]["image"]["args"];
         assert!(
             args.to_string().ends_with(r#""--disk-size","8G"]"#),
