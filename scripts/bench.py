@@ -20,6 +20,7 @@ import argparse, json, os, shutil, statistics, subprocess, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import (REPO, FORGE, FLASH, sh, worse, measure,  # noqa: E402
                       measure_pair, measure_group, disk_limit, disk_rate)
+from bench_formats import formats_bench  # noqa: E402
 
 
 def corpus(out, mib, fixtures):
@@ -41,7 +42,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,fleet,info,oci,flash,provision",
+    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,fleet,info,oci,flash,provision",
                     help="comma-separated sections to run; `base` alone: only the comparison with --base")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -84,6 +85,8 @@ def main():
         updates_bench(res, c, top, a, w)
     if "vm" in only:
         vm_bench(res, c, top, a, w)
+    if "formats" in only:
+        formats_bench(res, c, top, a, w)
     if "fleet" in only:
         fleet_bench(res, c, top, a, w)
     if "info" in only:
@@ -675,6 +678,10 @@ def report(res, a, out):
         if "mb_s" in r:
             print(f"| {r['name']} | {r['mb_s']:.0f} MB/s | |")
             continue
+        if "sizes" in r:
+            sizes = ", ".join(f"{k} {v / (1 << 20):.1f} MiB" for k, v in r["sizes"].items())
+            print(f"| {r['name']} | {sizes} | |")
+            continue
         if "bytes" in r:
             print(f"| {r['name']} | {r['bytes'] / (1 << 20):.1f} MiB | |")
             continue
@@ -720,6 +727,16 @@ def report(res, a, out):
          "erofs: forge image --root-fs erofs --erofs-compression none", "erofs: forge image (ext4 root)", "≤ 1.5"),
         ("forge update / forge image --slots 2, alternated", "updates: forge update (root, UKI, SHA256SUMS)",
          "updates: forge image --slots 2 --uki", "≤ 0.6"),
+        ("forge .vhdx / forge raw", "formats: forge .vhdx", "formats: forge raw .img", "≤ 1.15"),
+        ("forge .vmdk / forge raw", "formats: forge .vmdk (streamOptimized)", "formats: forge raw .img", "≤ 1.15"),
+        ("forge .ova / forge raw", "formats: forge .ova", "formats: forge raw .img", "≤ 1.15"),
+        ("forge GCE .tar.gz / forge raw", "formats: forge GCE .tar.gz", "formats: forge raw .img", "≤ 1.15"),
+        ("forge .vhdx / raw + qemu-img convert", "formats: forge .vhdx",
+         "formats: forge raw + qemu-img convert -O vhdx", "≤ 0.5"),
+        ("forge .vmdk / raw + qemu-img convert", "formats: forge .vmdk (streamOptimized)",
+         "formats: forge raw + qemu-img convert -O vmdk -o subformat=streamOptimized", "≤ 0.5"),
+        ("forge GCE / raw + tar -Sczf", "formats: forge GCE .tar.gz",
+         "formats: forge raw (--disk-size GiB) + tar --format=oldgnu -Sczf (GCE)", "(none)"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
         ("flash --trust (signed) + verify / dd, alternated", "signed: flash --trust (write + verify)",

@@ -14,7 +14,7 @@ pkgs=(
   gdisk fdisk                   # sgdisk -v, sfdisk -V
   bmap-tools zstd               # bmaptool, zstd -t
   ovmf qemu-system-x86          # UEFI boots
-  qemu-utils                    # qemu-img: judges qcow2 and VHD (check, info, compare)
+  qemu-utils                    # qemu-img: judges qcow2, VHD, VHDX and VMDK (check, info, compare)
   libvirt-clients libxml2-utils # virsh (test:///default define), virt-xml-validate
   qemu-system-arm u-boot-qemu   # aarch64 boots through U-Boot
   util-linux                    # losetup, partx, setpriv, blkid, wipefs
@@ -31,6 +31,7 @@ pkgs=(
   sbsigntool                    # sbverify: judges forge's Authenticode signatures on systemd-boot and the UKIs
   systemd-container             # systemd-dissect: reads the verity and verity-sig partitions as systemd does
   erofs-utils                   # fsck.erofs (--extract), dump.erofs: judge forge's EROFS
+  xz-utils python3-yaml         # forge lxc: xz -t judges its tarballs, PyYAML its metadata.yaml
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by
 # fixtures/make-systems.sh): installing busybox-static:arm64 would replace

@@ -24,6 +24,8 @@ mod fleet;
 mod image;
 #[path = "image_safety.rs"]
 mod image_safety;
+#[path = "lxc.rs"]
+mod lxc;
 #[path = "nix.rs"]
 mod nix;
 #[path = "oci.rs"]

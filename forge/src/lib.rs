@@ -8,6 +8,7 @@ pub mod container;
 pub mod image;
 pub mod inspect;
 pub mod layout;
+pub mod lxc;
 pub mod nixdb;
 pub mod oci;
 pub mod output;

@@ -22,6 +22,8 @@ Examples:
   forge image ./result --format raw-efi --state-size none -o base.qcow2
   forge image ./result --uki --slots 2 --version 1 -o ab.img
   forge update ./result --uki --version 2 --source https://updates.example -o publish/
+  forge image ./result -o nixos.ova
+  forge lxc ./result -o lxc/
   forge vm --base base.qcow2 --identities machines/ --generate-host-keys -o vms/
   forge inspect nixos.img.zst
   forge closure ./result --json
@@ -61,6 +63,9 @@ enum Cmd {
     /// Make an OCI container image of any store path's closure: a layer
     /// per store path, stable digests; a layout directory or a .tar archive.
     Oci(cli::oci::OciArgs),
+    /// Make an LXC image of a system (Incus, LXD, Proxmox): rootfs.tar.xz
+    /// and metadata.tar.xz.
+    Lxc(cli::lxc::LxcArgs),
     /// Make VMs from one read-only base: a boot overlay, a /var disk, an
     /// identity disk and a libvirt domain each; --upgrade keeps /var.
     Vm(cli::vm::VmArgs),
@@ -74,11 +79,12 @@ enum Cmd {
         /// The directory to write the pages into.
         dir: PathBuf,
     },
-    /// Read a disk image back (raw, .zst or a block device): table,
+    /// Read a disk image back (raw, .zst, a VM disk or a block device): table,
     /// partitions, filesystems, boot entries; warns when it is shorter than
     /// its table or its layout manifest is another image's.
     Inspect {
-        /// A raw or zstd-compressed image, or a block device.
+        /// A disk image (raw, .zst, .qcow2, .vhd, .vhdx, .vmdk, .ova, a GCE
+        /// .tar.gz) or a block device.
         image: PathBuf,
         /// Print the layout as JSON (the layout manifest's fields).
         #[arg(long)]
@@ -138,6 +144,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Image(a) => cli::image::run(a),
         Cmd::Vm(a) => cli::vm::run(a),
         Cmd::Oci(a) => cli::oci::run(a),
+        Cmd::Lxc(a) => cli::lxc::run(a),
         Cmd::Sign(a) => cli::sign::run(a),
         Cmd::Update(a) => cli::update::run(a),
         Cmd::Completions { shell } => Ok(cli::docs::completions(Cli::command(), shell)?),

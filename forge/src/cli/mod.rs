@@ -5,6 +5,7 @@ pub mod erofs;
 pub mod ext4;
 pub mod fat;
 pub mod image;
+pub mod lxc;
 pub mod oci;
 pub mod sign;
 pub mod update;

@@ -80,18 +80,7 @@ impl ParallelGzip {
 
 /// `input` as raw deflate on its own, ended by `flush`.
 fn deflate(input: &[u8], flush: FlushCompress) -> io::Result<Vec<u8>> {
-    let mut c = Compress::new(Compression::default(), false);
-    let mut out = Vec::with_capacity(input.len() + input.len() / 8 + 64);
-    loop {
-        let before = c.total_in() as usize;
-        c.compress_vec(&input[before..], &mut out, flush)
-            .map_err(io::Error::other)?;
-        let done = c.total_in() as usize == input.len() && out.len() < out.capacity();
-        if done {
-            return Ok(out);
-        }
-        out.reserve(out.capacity().max(64));
-    }
+    super::compress_all(Compress::new(Compression::default(), false), input, flush)
 }
 
 pub(super) struct Gce {

@@ -167,6 +167,31 @@ fn cluster_bytes(c: &Chunk, k: usize, cluster: u64, runs: &[(usize, usize)]) -> 
     buf
 }
 
+/// All of `input` through `c`, ended by `flush` (the output grows until
+/// the stream ends, or for a flush, until everything is taken with room
+/// to spare).
+fn compress_all(
+    mut c: flate2::Compress,
+    input: &[u8],
+    flush: flate2::FlushCompress,
+) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 8 + 64);
+    loop {
+        let taken = c.total_in() as usize;
+        let status = c
+            .compress_vec(&input[taken..], &mut out, flush)
+            .map_err(io::Error::other)?;
+        let done = match flush {
+            flate2::FlushCompress::Finish => status == flate2::Status::StreamEnd,
+            _ => c.total_in() as usize == input.len() && out.len() < out.capacity(),
+        };
+        if done {
+            return Ok(out);
+        }
+        out.reserve(out.capacity().max(64));
+    }
+}
+
 /// The containers, chosen by the output's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -304,7 +329,7 @@ impl Kind {
             Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, s.zstd_level)),
             Kind::Qcow2 => Box::new(qcow2::Qcow2::open(file, path, s.deflate)?),
             Kind::Vhd(t) => Box::new(vhd::Vhd::open(t, file, path, s.unix_time, s.uuid)?),
-            Kind::Vhdx => Box::new(vhdx::Vhdx::open(file, s.uuid)?),
+            Kind::Vhdx => Box::new(vhdx::Vhdx::open(file, path, s.uuid)?),
             Kind::Vmdk => Box::new(vmdk::Vmdk::open(file, s.file_name.clone(), s.uuid)?),
             Kind::Ova => Box::new(ova::Ova::open(file, s)?),
             Kind::Gce => Box::new(gce::Gce::open(file, s.unix_time)?),

@@ -8,12 +8,17 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use super::{Chunk, Container};
 use formats::vhdx::{self, BLOCK};
 
 pub(super) struct Vhdx {
+    /// Headers and BAT.
     file: File,
+    /// Payload blocks (O_DIRECT where the filesystem allows: every piece
+    /// is whole 4 KiB blocks of an aligned chunk at a MiB-aligned place).
+    data: File,
     size: u64,
     uuid: [u8; 16],
     /// Where each stored payload block starts in the file.
@@ -23,9 +28,14 @@ pub(super) struct Vhdx {
 }
 
 impl Vhdx {
-    pub(super) fn open(file: &File, uuid: [u8; 16]) -> io::Result<Vhdx> {
+    pub(super) fn open(file: &File, path: &Path, uuid: [u8; 16]) -> io::Result<Vhdx> {
+        let data = match formats::sys::open_direct_write(path)? {
+            Some(f) => f,
+            None => file.try_clone()?,
+        };
         Ok(Vhdx {
             file: file.try_clone()?,
+            data,
             size: 0,
             uuid,
             blocks: Vec::new(),
@@ -68,7 +78,10 @@ impl Container for Vhdx {
                     )))
                 }
             };
-            self.file.write_all_at(bytes, base + within)?;
+            let at = base + within;
+            self.data
+                .write_all_at(bytes, at)
+                .map_err(|e| io::Error::new(e.kind(), format!("writing at byte {at}: {e}")))?;
         }
         Ok(())
     }

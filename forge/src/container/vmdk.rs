@@ -97,12 +97,8 @@ fn sector(pos: u64) -> io::Result<u32> {
 
 /// A grain, zlib-compressed (what VMware and qemu inflate).
 fn compress(grain: &[u8]) -> io::Result<Vec<u8>> {
-    let mut c = Compress::new(Compression::default(), true);
-    let mut out = Vec::with_capacity(grain.len() + grain.len() / 16 + 64);
-    match c.compress_vec(grain, &mut out, FlushCompress::Finish) {
-        Ok(flate2::Status::StreamEnd) => Ok(out),
-        _ => Err(io::Error::other("VMDK: a grain did not compress")),
-    }
+    let c = Compress::new(Compression::default(), true);
+    super::compress_all(c, grain, FlushCompress::Finish)
 }
 
 impl Container for Vmdk {
