@@ -735,6 +735,8 @@ def report(res, a, out):
          "formats: forge raw + qemu-img convert -O vhdx", "≤ 0.5"),
         ("forge .vmdk / raw + qemu-img convert", "formats: forge .vmdk (streamOptimized)",
          "formats: forge raw + qemu-img convert -O vmdk -o subformat=streamOptimized", "≤ 0.5"),
+        ("forge lxc / tar | xz -T0", "formats: forge lxc (xz -6)",
+         "formats: tar of the closure | xz -6 -T0", "(none)"),
         ("forge GCE / raw + tar -Sczf", "formats: forge GCE .tar.gz",
          "formats: forge raw (--disk-size GiB) + tar --format=oldgnu -Sczf (GCE)", "(none)"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),

@@ -31,6 +31,13 @@ def formats_bench(res, c, top, a, w):
          f"{img} --disk-size {gib}G -o {w}/disk.raw && tar --format=oldgnu -Sczf {w}/g.tar.gz "
          f"-C {w} disk.raw && sync", rm),
     ], a.runs))
+    # forge lxc against GNU tar of the same tree (the closure and its
+    # registration; forge adds the Nix database and links) piped to xz -T0.
+    res.extend(measure_group([
+        ("formats: forge lxc (xz -6)", f"{FORGE} lxc {top} --root {c} -o {w}/lxc", rm),
+        ("formats: tar of the closure | xz -6 -T0",
+         f"tar -C {c} -cf - nix | xz -6 -T0 > {w}/rootfs.tar.xz && sync", rm),
+    ], a.runs))
     sizes = {}
     for name in ["x.vhdx", "x.vmdk", "x.ova", "x.tar.gz"]:
         sh(f"{rm}; {img} -o {w}/{name} 2>/dev/null")

@@ -18,6 +18,8 @@ mod ext4;
 mod flash;
 #[path = "flash_safety.rs"]
 mod flash_safety;
+#[path = "flash_sources.rs"]
+mod flash_sources;
 #[path = "fleet.rs"]
 mod fleet;
 #[path = "image.rs"]

@@ -218,7 +218,8 @@ fn inspect_reads_each_new_format_as_its_raw_image_and_flash_refuses_the_vm_ones(
             "x.vhdx" => "a VHDX image: convert it first",
             "x.vmdk" => "a VMDK image: convert it first",
             "x.ova" => "an OVA appliance (for VMware, VirtualBox): import it",
-            _ => "gzip-compressed: decompress it first",
+            // Decompressed as flash reads it: a tar, not a disk image.
+            _ => "a tar archive",
         };
         let out = Command::new(bin("flash"))
             .arg(&p)

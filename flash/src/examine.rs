@@ -19,19 +19,20 @@ pub struct Examined {
     pub sector: Option<u32>,
 }
 
-/// Formats that are not raw disk images flash writes (raw and zstd are).
+/// Formats that are not raw disk images flash writes, seen in the
+/// (decompressed) image's first bytes.
 fn foreign(b: &[u8]) -> Option<String> {
     use formats::sniff::Format;
     let f = formats::sniff::sniff(b)?;
     Some(match f {
-        Format::Zstd => return None,
+        Format::Zstd => "zstd-compressed inside its compression: compressed twice, not a disk image".into(),
         Format::Qcow2 | Format::DynamicVhd | Format::Vhdx | Format::Vmdk => {
             format!("{}: convert it first (qemu-img convert -O raw)", f.name())
         }
         Format::Ova => "an OVA appliance (for VMware, VirtualBox): import it, or flash the raw image (.img) of the same system".into(),
         Format::Tar => "a tar archive (an OCI image or other tarball), not a disk image".into(),
         Format::Gzip | Format::Xz | Format::Bzip2 => format!(
-            "{}: decompress it first (flash reads raw and .zst images)",
+            "{} inside its compression: compressed twice, not a disk image",
             f.name()
         ),
     })
@@ -47,7 +48,7 @@ pub fn examine(src: &Source, raw: bool, signed: bool) -> Result<Examined, Unfit>
         detail,
     };
     let head = src.first_mib();
-    if src.zstd {
+    if src.codec == Some(crate::source::Codec::Zstd) {
         let mut f = File::open(&src.path).map_err(|e| unfit(e.to_string()))?;
         let len = f.metadata().map_err(|e| unfit(e.to_string()))?.len();
         let frames = zstd_frames::walk(&mut f, len).map_err(|e| unfit(e.to_string()))?;
@@ -98,13 +99,13 @@ pub fn examine(src: &Source, raw: bool, signed: bool) -> Result<Examined, Unfit>
 /// rebuilt image is refused here, with every device untouched, however
 /// little of the image changed and wherever (a firmware file past the
 /// first MiB). Raw sources are checked range by range on every core; a
-/// .zst is decompressed once, in order.
+/// compressed one is decompressed once, in order.
 fn ranges_match(src: &Source) -> Result<(), String> {
     if src.bmap.is_none() {
         return Ok(());
     }
     let text = |e: anyhow::Error| format!("{e:#}");
-    if src.zstd {
+    if src.compressed() {
         let mut r = src.reader(true).map_err(text)?;
         let mut buf = vec![0u8; 4 << 20];
         while r.next_into(&mut buf).map_err(text)?.is_some() {}

@@ -4,7 +4,7 @@
 //! devices opened and probed, then the writes); the binary only parses
 //! arguments, asks and prints.
 //! `devices` finds disks and why each would be refused (`refusal` names
-//! every check); `source` streams an image (raw or zstd) by its bmap;
+//! every check); `source` streams an image (raw, or zstd, xz, gzip, bzip2) by its bmap;
 //! `trust` checks an image's signature and what it vouches for;
 //! `examine` checks the source (a whole disk image, its own sidecars) and
 //! `preflight` each device, before any write; `provision` assigns each

@@ -1,6 +1,8 @@
-//! The image to write: raw, a fixed VHD (its raw part) or zstd (sniffed
-//! by content, not by name), with its bmap (given, found beside it, or
-//! none), streamed range by range.
+//! The image to write: raw, a fixed VHD (its raw part), or compressed
+//! with zstd, xz, gzip or bzip2 (sniffed by content, not by name; several
+//! streams or members, as pzstd, xz -T, pigz and pbzip2 write, are one
+//! image), with its bmap (given, found beside it, or none), streamed
+//! range by range.
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -11,9 +13,53 @@ use std::path::{Path, PathBuf};
 
 use formats::bmap::{self, Bmap};
 
+/// A compressor an image may come in; flash decompresses as it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    Zstd,
+    Xz,
+    Gzip,
+    Bzip2,
+}
+
+impl Codec {
+    /// The codec a file's first bytes announce, if any.
+    pub fn of(head: &[u8]) -> Option<Codec> {
+        use formats::sniff::Format;
+        match formats::sniff::sniff(head)? {
+            Format::Zstd => Some(Codec::Zstd),
+            Format::Xz => Some(Codec::Xz),
+            Format::Gzip => Some(Codec::Gzip),
+            Format::Bzip2 => Some(Codec::Bzip2),
+            _ => None,
+        }
+    }
+
+    /// The decompressed bytes of all of `file`, every stream in turn.
+    pub fn decoder(self, file: File) -> Result<Box<dyn Read + Send>> {
+        let r = BufReader::with_capacity(1 << 20, file);
+        Ok(match self {
+            Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+            Codec::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(r)),
+            Codec::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+            Codec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(r)),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Zstd => "zstd",
+            Codec::Xz => "xz",
+            Codec::Gzip => "gzip",
+            Codec::Bzip2 => "bzip2",
+        }
+    }
+}
+
 pub struct Source {
     pub path: PathBuf,
-    pub zstd: bool,
+    /// How the file is compressed (None: the raw image).
+    pub codec: Option<Codec>,
     /// Size of the (decompressed) image.
     pub size: u64,
     pub bmap: Option<(PathBuf, Bmap)>,
@@ -37,12 +83,15 @@ pub enum BmapChoice {
     None,
 }
 
-/// `disk.img.bmap` beside `disk.img`, or `nixos.img.bmap` beside `nixos.img.zst`.
+/// `disk.img.bmap` beside `disk.img`, or `nixos.img.bmap` beside
+/// `nixos.img.zst` (or `.xz`, `.gz`, `.bz2`).
 fn bmap_beside(image: &Path) -> Option<PathBuf> {
     let s = image.to_string_lossy();
     let mut c = vec![PathBuf::from(format!("{s}.bmap"))];
-    if let Some(base) = s.strip_suffix(".zst") {
-        c.push(PathBuf::from(format!("{base}.bmap")));
+    for ext in [".zst", ".xz", ".gz", ".bz2"] {
+        if let Some(base) = s.strip_suffix(ext) {
+            c.push(PathBuf::from(format!("{base}.bmap")));
+        }
     }
     c.into_iter().find(|p| p.is_file())
 }
@@ -68,6 +117,17 @@ fn raw_size(f: &File, path: &Path) -> Result<u64> {
     Ok(len)
 }
 
+/// A compressed image's size: its bmap's, or counted by decompressing it
+/// all (which also finds a truncated file before anything is written).
+fn bmap_size_or_count(bmap: &Option<(PathBuf, Bmap)>, path: &Path, c: Codec) -> Result<u64> {
+    if let Some((_, b)) = bmap {
+        return Ok(b.image_size);
+    }
+    let mut d = c.decoder(File::open(path).with_context(|| path.display().to_string())?)?;
+    std::io::copy(&mut d, &mut std::io::sink())
+        .with_context(|| format!("{}: decompressing ({})", path.display(), c.name()))
+}
+
 impl Source {
     pub fn open(path: &Path, choice: BmapChoice) -> Result<Source> {
         let mut f = File::open(path).with_context(|| path.display().to_string())?;
@@ -75,7 +135,7 @@ impl Source {
         let n = f
             .read(&mut magic)
             .with_context(|| path.display().to_string())?;
-        let zstd = formats::sniff::sniff(&magic[..n]) == Some(formats::sniff::Format::Zstd);
+        let codec = Codec::of(&magic[..n]);
         let bmap_path = match choice {
             BmapChoice::Auto => bmap_beside(path),
             BmapChoice::File(p) => Some(p),
@@ -90,27 +150,21 @@ impl Source {
             }
             None => (None, None),
         };
-        let size = if zstd {
+        let size = match codec {
             // Every frame's declared size (pzstd writes many, after a
             // skippable one), from the frame headers alone.
-            let len = f.metadata()?.len();
-            let declared = formats::zstd_frames::walk(&mut f, len)
-                .ok()
-                .and_then(|w| w.content_size);
-            match declared {
-                Some(s) => s,
-                None => match &bmap {
-                    Some((_, b)) => b.image_size,
-                    None => {
-                        // No size in the frame header: count by decompressing.
-                        let mut d = zstd::stream::read::Decoder::new(File::open(path)?)?;
-                        std::io::copy(&mut d, &mut std::io::sink())
-                            .with_context(|| format!("{}: decompressing", path.display()))?
-                    }
-                },
+            Some(Codec::Zstd) => {
+                let len = f.metadata()?.len();
+                let declared = formats::zstd_frames::walk(&mut f, len)
+                    .ok()
+                    .and_then(|w| w.content_size);
+                match declared {
+                    Some(s) => s,
+                    None => bmap_size_or_count(&bmap, path, Codec::Zstd)?,
+                }
             }
-        } else {
-            raw_size(&f, path)?
+            Some(c) => bmap_size_or_count(&bmap, path, c)?,
+            None => raw_size(&f, path)?,
         };
         if let Some((p, b)) = &bmap {
             if b.image_size != size {
@@ -136,7 +190,7 @@ impl Source {
         };
         let mut src = Source {
             path: path.to_owned(),
-            zstd,
+            codec,
             size,
             bmap,
             bmap_sha256,
@@ -153,14 +207,23 @@ impl Source {
         &self.first
     }
 
+    /// Whether the file is compressed (read in order, decompressed).
+    pub fn compressed(&self) -> bool {
+        self.codec.is_some()
+    }
+
+    /// The file's bytes, decompressed if it is compressed.
+    fn bytes(&self) -> Result<Box<dyn Read + Send>> {
+        let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
+        match self.codec {
+            Some(c) => c.decoder(f),
+            None => Ok(Box::new(f)),
+        }
+    }
+
     /// The first `n` bytes of the (decompressed) image, or fewer if shorter.
     pub fn head(&self, n: usize) -> Result<Vec<u8>> {
-        let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
-        let mut r: Box<dyn Read> = if self.zstd {
-            Box::new(zstd::stream::read::Decoder::new(f)?)
-        } else {
-            Box::new(f)
-        };
+        let mut r = self.bytes()?;
         let mut head = Vec::with_capacity(n);
         r.by_ref()
             .take(n as u64)
@@ -180,12 +243,9 @@ impl Source {
     /// other cores, range by range).
     pub fn reader(&self, check: bool) -> Result<Reader<'_>> {
         let file = File::open(&self.path).with_context(|| self.path.display().to_string())?;
-        let dec: Option<Box<dyn Read + Send>> = if self.zstd {
-            Some(Box::new(zstd::stream::read::Decoder::with_buffer(
-                BufReader::with_capacity(1 << 20, file.try_clone()?),
-            )?))
-        } else {
-            None
+        let dec = match self.codec {
+            Some(c) => Some(c.decoder(file.try_clone()?)?),
+            None => None,
         };
         Ok(Reader {
             src: self,
@@ -239,13 +299,13 @@ impl Source {
     }
 
     /// Bytes `off..off+len` of the (decompressed) image; for locating a
-    /// mismatch, so a zstd source is simply decompressed up to there.
+    /// mismatch, so a compressed source is simply decompressed up to there.
     pub fn read_range(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len];
         let what = || format!("{}: reading {len} bytes at byte {off}", self.path.display());
         let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
-        if self.zstd {
-            let mut d = zstd::stream::read::Decoder::new(f).with_context(what)?;
+        if let Some(c) = self.codec {
+            let mut d = c.decoder(f).with_context(what)?;
             std::io::copy(&mut d.by_ref().take(off), &mut std::io::sink()).with_context(what)?;
             d.read_exact(&mut out).with_context(what)?;
         } else {
@@ -352,7 +412,7 @@ pub struct Reader<'a> {
     sum: Option<RangeCheck>,
     file: File,
     dec: Option<Box<dyn Read + Send>>,
-    /// Decompressed position, for zstd.
+    /// Decompressed position, for a compressed source.
     pos: u64,
     /// Offsets no piece crosses (ascending).
     cuts: Vec<u64>,
@@ -376,8 +436,8 @@ impl Reader<'_> {
 
     /// Like [`Reader::next_into`], but a raw (uncompressed) source is not
     /// read: the piece says where its bytes are and `filled` is false, so
-    /// another thread can read them with [`Source::read_piece`]. A zstd
-    /// source can only be read in order, here.
+    /// another thread can read them with [`Source::read_piece`]. A
+    /// compressed source can only be read in order, here.
     pub fn next_piece(&mut self, buf: &mut [u8]) -> Result<Option<Piece>> {
         assert!(!self.check, "a checking reader reads every byte itself");
         self.next(buf, false)

@@ -282,7 +282,7 @@ fn hash_chunks(
     writers: &[SyncSender<Msg>],
     gone: &[AtomicBool],
 ) -> Result<Vec<Unit>> {
-    let file = if src.zstd {
+    let file = if src.compressed() {
         None
     } else {
         Some(src.piece_reader()?)
@@ -350,7 +350,7 @@ fn hash_chunks(
 
 /// Walk the source once, handing every chunk to a hasher (a checked
 /// range's chunks all to the same one), which reads it (raw sources) or
-/// gets it decompressed from here (zstd). Buffers come back to the pool
+/// gets it decompressed from here (a compressed source). Buffers come back to the pool
 /// when the last writer is done with them.
 fn read_source(
     src: &Source,

@@ -1,0 +1,106 @@
+//! flash from compressed sources (issue 28): an image compressed by
+//! Debian's xz (also multi-threaded), gzip and bzip2 is recognised by its
+//! content, decompressed as it is read, and lands on a loop device as the
+//! same bytes (with its bmap beside it, found by the image's name without
+//! the compressor's suffix, or without a bmap); a truncated one is refused
+//! before anything is written.
+
+use nixforge_tests::flashing::*;
+use nixforge_tests::*;
+use std::path::Path;
+use std::process::Command;
+
+/// A small raw-efi image (about 90 MiB) and its bmap, so that compressing
+/// it is quick.
+fn small_image(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("disk.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args([
+            "--format",
+            "raw-efi",
+            "--esp-size",
+            "40M",
+            "--state-size",
+            "32M",
+            "-o",
+        ])
+        .arg(&img));
+    img
+}
+
+/// `img` compressed by `cmd` (a shell command reading stdin) into `name`.
+fn compressed(img: &Path, cmd: &str, name: &str) -> std::path::PathBuf {
+    let out = img.with_file_name(name);
+    sh(&format!("{cmd} < {} > {}", img.display(), out.display()));
+    out
+}
+
+/// Flash `src` to a card of stale bytes; the card's bytes after, or the
+/// error (with the card's bytes unchanged) when flash refuses.
+fn flash_to_stale(src: &Path, backing: &Path, size: u64, extra: &[&str]) -> Result<String, String> {
+    stale_file(backing, size);
+    let before = sha256_file(backing);
+    let lo = Loop::attach(backing, &[]);
+    let o = flash()
+        .arg(src)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    drop(lo);
+    if o.status.success() {
+        return Ok(String::from_utf8_lossy(&o.stdout).into_owned());
+    }
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(sha256_file(backing), before, "refused, yet written: {err}");
+    Err(err)
+}
+
+#[test]
+fn xz_gzip_and_bzip2_images_flash_to_the_raw_image_and_truncated_ones_are_refused() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = small_image(d.path());
+    let size = len(&img);
+    let backing = d.path().join("card");
+    for (cmd, name) in [
+        // Several 8 MiB blocks, as xz -T writes them.
+        ("xz -0 -T2 --block-size=8MiB -c", "disk.img.xz"),
+        ("gzip -1 -c", "disk.img.gz"),
+        ("bzip2 -1 -c", "disk.img.bz2"),
+    ] {
+        let src = compressed(&img, cmd, name);
+        // The bmap beside disk.img is found: unmapped ranges skipped,
+        // keeping their old bytes; the mapped ones are the image's.
+        let out = flash_to_stale(&src, &backing, size, &[]).unwrap();
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(
+            r[0]["report"]["skipped"].as_u64().unwrap() > 0,
+            "{name}: {out}"
+        );
+        let v = ok(Command::new("sfdisk").arg("-V").arg(&backing));
+        assert!(v.contains("No errors detected"), "{name}: {v}");
+        // Without a bmap: every byte, the image exactly.
+        flash_to_stale(&src, &backing, size, &["--no-bmap"]).unwrap();
+        assert_eq!(sha256_file(&backing), sha256_file(&img), "{name}");
+        // Truncated: refused before anything is written, with a bmap (its
+        // ranges are checked first) or without (the size is counted).
+        let cut = d.path().join(format!("cut-{name}"));
+        std::fs::copy(&src, &cut).unwrap();
+        sh(&format!(
+            "truncate -s {} {}",
+            len(&src) * 2 / 3,
+            cut.display()
+        ));
+        std::fs::copy(d.path().join("disk.img.bmap"), with(&cut, ".bmap")).unwrap();
+        for extra in [&[][..], &["--no-bmap"][..]] {
+            let err = flash_to_stale(&cut, &backing, size, extra).unwrap_err();
+            assert!(
+                the_error(&err).contains(&format!("cut-{name}")),
+                "{name} {extra:?}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        }
+    }
+}
