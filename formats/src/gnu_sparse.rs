@@ -82,7 +82,7 @@ mod tests {
         // 31 regions: 4 in the header, 21 and 6 in two extension blocks.
         assert_eq!(h.len(), 3 * BLOCK);
         assert_eq!((h[482], h[BLOCK + 504], h[2 * BLOCK + 504]), (1, 1, 0));
-        assert_eq!(&h[124..136], b"00000170000\0"); // 30 × 4096
+        assert_eq!(&h[124..136], b"00000360000\0"); // 30 × 4096 = 0o360000
         let mut f = [0u8; 12];
         number(&mut f, 10 << 30);
         assert_eq!(f[0], 0x80);
