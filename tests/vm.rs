@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn forge_vm(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+pub(crate) fn forge_vm(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let out = dir.join(name);
     ok(forge_image_of(&system("x86_64"))
         .args(["--format", "raw-efi", "-o"])
@@ -18,7 +18,7 @@ fn forge_vm(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
-fn info(p: &Path, format: &str) -> Value {
+pub(crate) fn info(p: &Path, format: &str) -> Value {
     serde_json::from_str(&ok(Command::new("qemu-img")
         .args(["info", "--output=json", "-f", format])
         .arg(p)))
@@ -104,7 +104,7 @@ fn vm_images_built_twice_are_identical() {
     }
 }
 
-fn boots(image: &Path) {
+pub(crate) fn boots(image: &Path) {
     let b = boot("x86_64", image, 512, Duration::from_secs(180));
     assert_eq!(
         b.marker.as_deref(),

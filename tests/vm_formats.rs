@@ -6,27 +6,11 @@
 //! OVMF; two builds (one on one thread) give the same bytes; forge
 //! inspect reads each as the raw image; flash refuses the VM formats.
 
+use super::vm::{boots, forge_vm, info};
 use nixforge_tests::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
-
-fn forge_out(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
-    let out = dir.join(name);
-    ok(forge_image_of(&system("x86_64"))
-        .args(["--format", "raw-efi", "-o"])
-        .arg(&out)
-        .args(extra));
-    out
-}
-
-fn qemu_info(p: &Path, format: &str) -> Value {
-    serde_json::from_str(&ok(Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", format])
-        .arg(p)))
-    .unwrap()
-}
 
 /// qemu-img's check, info and compare (with `raw`) of `p` in `format`.
 fn qemu_judges(raw: &Path, p: &Path, format: &str) -> Value {
@@ -34,7 +18,7 @@ fn qemu_judges(raw: &Path, p: &Path, format: &str) -> Value {
         .args(["check", "-f", format])
         .arg(p));
     assert!(chk.contains("No errors were found on the image"), "{chk}");
-    let i = qemu_info(p, format);
+    let i = info(p, format);
     let size = std::fs::metadata(raw).unwrap().len();
     assert_eq!(
         (i["format"].as_str(), i["virtual-size"].as_u64()),
@@ -52,10 +36,10 @@ fn qemu_judges(raw: &Path, p: &Path, format: &str) -> Value {
 #[test]
 fn vhdx_and_vmdk_pass_qemu_img_and_equal_the_raw_image() {
     let d = tempfile::tempdir().unwrap();
-    let raw = forge_out(d.path(), "x.img", &[]);
-    let x = forge_out(d.path(), "x.vhdx", &[]);
+    let raw = forge_vm(d.path(), "x.img", &[]);
+    let x = forge_vm(d.path(), "x.vhdx", &[]);
     qemu_judges(&raw, &x, "vhdx");
-    let v = forge_out(d.path(), "x.vmdk", &[]);
+    let v = forge_vm(d.path(), "x.vmdk", &[]);
     let i = qemu_judges(&raw, &v, "vmdk");
     let spec = &i["format-specific"]["data"];
     assert_eq!(spec["create-type"], "streamOptimized", "{i}");
@@ -73,8 +57,8 @@ fn vhdx_and_vmdk_pass_qemu_img_and_equal_the_raw_image() {
 #[test]
 fn an_ova_holds_its_descriptor_first_and_the_vmdk_it_describes() {
     let d = tempfile::tempdir().unwrap();
-    let raw = forge_out(d.path(), "x.img", &[]);
-    let ova = forge_out(d.path(), "appliance.ova", &[]);
+    let raw = forge_vm(d.path(), "x.img", &[]);
+    let ova = forge_vm(d.path(), "appliance.ova", &[]);
     let list = ok(Command::new("tar").arg("-tf").arg(&ova));
     assert_eq!(
         list.lines().collect::<Vec<_>>(),
@@ -110,8 +94,8 @@ fn an_ova_holds_its_descriptor_first_and_the_vmdk_it_describes() {
 fn a_gce_image_is_a_sparse_disk_raw_equal_to_the_raw_image() {
     let d = tempfile::tempdir().unwrap();
     // GCE takes whole GiB: the default layout (785 MiB) is filled to 1 GiB.
-    let gce = forge_out(d.path(), "nixos-gce.tar.gz", &[]);
-    let raw = forge_out(d.path(), "x.img", &["--disk-size", "1G"]);
+    let gce = forge_vm(d.path(), "nixos-gce.tar.gz", &[]);
+    let raw = forge_vm(d.path(), "x.img", &["--disk-size", "1G"]);
     ok(Command::new("gzip").arg("-t").arg(&gce));
     let facts = ok(Command::new("python3")
         .arg("-c")
@@ -161,7 +145,7 @@ fn new_vm_formats_built_twice_one_thread_or_all_are_identical() {
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     for name in ["x.vhdx", "x.vmdk", "x.ova", "x.tar.gz"] {
-        let x = forge_out(a.path(), name, &[]);
+        let x = forge_vm(a.path(), name, &[]);
         let y = b.path().join(name);
         ok(forge_image_of(&system("x86_64"))
             .env("RAYON_NUM_THREADS", "1")
@@ -171,27 +155,16 @@ fn new_vm_formats_built_twice_one_thread_or_all_are_identical() {
     }
 }
 
-fn boots(image: &Path) {
-    let b = boot("x86_64", image, 512, Duration::from_secs(180));
-    assert_eq!(
-        b.marker.as_deref(),
-        Some("NIXFORGE-BOOT-OK root=ro var=rw table=gpt init=found"),
-        "serial log ({}):\n{}",
-        image.display(),
-        b.log
-    );
-}
-
 #[test]
 fn vhdx_boots_under_ovmf() {
     let d = tempfile::tempdir().unwrap();
-    boots(&forge_out(d.path(), "x.vhdx", &[]));
+    boots(&forge_vm(d.path(), "x.vhdx", &[]));
 }
 
 #[test]
 fn vmdk_boots_under_ovmf() {
     let d = tempfile::tempdir().unwrap();
-    boots(&forge_out(d.path(), "x.vmdk", &[]));
+    boots(&forge_vm(d.path(), "x.vmdk", &[]));
 }
 
 #[test]
@@ -200,15 +173,15 @@ fn inspect_reads_each_new_format_as_its_raw_image_and_flash_refuses_the_vm_ones(
     let json = |p: &Path| -> Value {
         serde_json::from_str(&ok(forge().arg("inspect").arg(p).arg("--json"))).unwrap()
     };
-    let raw = json(&forge_out(d.path(), "x.img", &[]));
-    let raw_1g = json(&forge_out(d.path(), "g.img", &["--disk-size", "1G"]));
+    let raw = json(&forge_vm(d.path(), "x.img", &[]));
+    let raw_1g = json(&forge_vm(d.path(), "g.img", &["--disk-size", "1G"]));
     for (name, want) in [
         ("x.vhdx", &raw),
         ("x.vmdk", &raw),
         ("x.ova", &raw),
         ("x.tar.gz", &raw_1g),
     ] {
-        let p = forge_out(d.path(), name, &[]);
+        let p = forge_vm(d.path(), name, &[]);
         let got = json(&p);
         for k in ["table", "disk_id", "size", "partitions", "head_sha256"] {
             assert_eq!(got[k], want[k], "{name}: {k}");

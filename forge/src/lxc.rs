@@ -72,20 +72,12 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let rootfs_path = o.dir.join(ROOTFS);
     let metadata_path = o.dir.join(METADATA);
     crate::output::check_dir(&rootfs_path)?;
-    let c = closure::read(
-        &o.system,
-        &closure::Options {
-            root: o.store_root.clone(),
-            closure_info: o.closure_info.clone(),
-            verify_nar: o.verify_nar,
-        },
-    )
-    .with_context(|| format!("reading the closure of {}", o.system.display()))?;
-    progress.stage(&format!(
-        "closure: {} paths, {} bytes",
-        c.paths.len(),
-        c.total_nar_size()
-    ));
+    let opts = closure::Options {
+        root: o.store_root.clone(),
+        closure_info: o.closure_info.clone(),
+        verify_nar: o.verify_nar,
+    };
+    let c = closure::read_reported(&o.system, &opts, progress)?;
     let store = Store::new(&o.store_root);
     let mut root = crate::image::trees::root_tree(&store, &c, o.epoch)?;
     let sbin = root.mkdir_p(b"/sbin", 0o755)?;

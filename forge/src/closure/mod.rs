@@ -169,6 +169,24 @@ pub struct Paths {
     pub paths: Vec<PathInfo>,
 }
 
+/// [`read`], the error naming the system, the closure's size reported
+/// as a stage.
+pub fn read_reported(
+    system: &Path,
+    opts: &Options,
+    progress: &dyn crate::Progress,
+) -> anyhow::Result<Closure> {
+    use anyhow::Context;
+    let c = read(system, opts)
+        .with_context(|| format!("reading the closure of {}", system.display()))?;
+    progress.stage(&format!(
+        "closure: {} paths, {} bytes",
+        c.paths.len(),
+        c.total_nar_size()
+    ));
+    Ok(c)
+}
+
 /// The closure of a system: its bootspec, and every path with Nix's hash,
 /// size and references.
 pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {

@@ -463,21 +463,12 @@ pub(crate) fn plan<R>(
 
 /// The closure of `o.system`, however it is found.
 fn read_closure(o: &Options, progress: &dyn Progress) -> Result<Closure> {
-    let c: Closure = closure::read(
-        &o.system,
-        &closure::Options {
-            root: o.store_root.clone(),
-            closure_info: o.closure_info.clone(),
-            verify_nar: o.verify_nar,
-        },
-    )
-    .with_context(|| format!("reading the closure of {}", o.system.display()))?;
-    progress.stage(&format!(
-        "closure: {} paths, {} bytes",
-        c.paths.len(),
-        c.total_nar_size()
-    ));
-    Ok(c)
+    let opts = closure::Options {
+        root: o.store_root.clone(),
+        closure_info: o.closure_info.clone(),
+        verify_nar: o.verify_nar,
+    };
+    closure::read_reported(&o.system, &opts, progress)
 }
 
 /// What was written: the sidecars' names and the disk's description.
