@@ -46,12 +46,11 @@ fn item(fields: &[(&str, String)]) -> String {
     s
 }
 
-/// The descriptor's text.
-pub fn descriptor(m: &Machine) -> String {
-    let name = escape(m.name);
-    let file = escape(m.disk_file);
+/// The virtual hardware: CPUs, memory, the SATA controller, the disk on
+/// it, the network adapter.
+fn hardware() -> String {
     let s = |v: &str| v.to_string();
-    let items = [
+    [
         item(&[
             ("AllocationUnits", s("hertz * 10^6")),
             ("Description", s("Number of Virtual CPUs")),
@@ -93,7 +92,14 @@ pub fn descriptor(m: &Machine) -> String {
             ("ResourceType", s("10")),
         ]),
     ]
-    .concat();
+    .concat()
+}
+
+/// The descriptor's text.
+pub fn descriptor(m: &Machine) -> String {
+    let name = escape(m.name);
+    let file = escape(m.disk_file);
+    let items = hardware();
     format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:vmw="http://www.vmware.com/schema/ovf" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">

@@ -35,6 +35,13 @@ impl Ova {
             .strip_suffix(".ova")
             .unwrap_or(&s.file_name)
             .to_string();
+        // Its members' names (NAME-disk1.vmdk) fit a tar header's 100 bytes.
+        if name.len() > 90 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("OVA: the name {name:?} is longer than 90 bytes"),
+            ));
+        }
         let mut f = file.try_clone()?;
         f.seek(SeekFrom::Start(VMDK_AT))?;
         Ok(Ova {
@@ -73,9 +80,9 @@ impl Container for Ova {
             populated,
         })
         .into_bytes();
-        if ovf.len() as u64 > OVF_ROOM - 1 || self.name.len() > 90 {
+        if ovf.len() as u64 > OVF_ROOM - 1 {
             return Err(io::Error::other(format!(
-                "OVA: the name {:?} is too long for the descriptor's room",
+                "OVA: the descriptor for {:?} is longer than its room",
                 self.name
             )));
         }
