@@ -73,7 +73,7 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct WriteArgs {
-    /// Image: raw or zstd-compressed (recognized by content).
+    /// Image: raw, or zstd-, xz-, gzip- or bzip2-compressed (recognized by content).
     #[arg(required = true)]
     image: Option<PathBuf>,
     /// Whole-disk block devices (symlinks such as /dev/disk/by-id are resolved).
@@ -82,7 +82,7 @@ struct WriteArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     yes: bool,
-    /// Block map to use (default: IMAGE.bmap or the .bmap beside a .zst).
+    /// Block map to use (default: IMAGE.bmap, or NAME.bmap beside NAME.zst, .xz, .gz, .bz2).
     #[arg(long, conflicts_with = "no_bmap")]
     bmap: Option<PathBuf>,
     /// Write every byte of the image.
@@ -156,7 +156,7 @@ enum Cmd {
     /// Compare a device with an image by reading both (no writes); exit 3
     /// on the first difference, naming its byte.
     Verify {
-        /// Image: raw or zstd-compressed (recognized by content).
+        /// Image: raw, or zstd-, xz-, gzip- or bzip2-compressed (recognized by content).
         image: PathBuf,
         /// The whole-disk block device to read.
         device: PathBuf,

@@ -18,7 +18,7 @@ pub struct ImageArgs {
     ))]
     format: Format,
     /// Output image (a missing directory it goes in is made when its parent exists): .img or .raw (raw), .img.zst or .raw.zst (zstd),
-    /// .qcow2, .vhd (raw-efi only). IMAGE.layout.json (the layout
+    /// .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE) (raw-efi only). IMAGE.layout.json (the layout
     /// manifest) goes beside every image, IMAGE.bmap beside raw and zstd ones.
     #[arg(short, long)]
     output: PathBuf,
