@@ -16,6 +16,8 @@ mod erofs;
 mod ext4;
 #[path = "flash.rs"]
 mod flash;
+#[path = "flash_http.rs"]
+mod flash_http;
 #[path = "flash_safety.rs"]
 mod flash_safety;
 #[path = "flash_sources.rs"]

@@ -3,7 +3,8 @@
 //! content, decompressed as it is read, and lands on a loop device as the
 //! same bytes (with its bmap beside it, found by the image's name without
 //! the compressor's suffix, or without a bmap); a truncated one is refused
-//! before anything is written.
+//! before anything is written. Foreign images (no forge manifest: a
+//! Raspberry Pi OS-shaped card, a hybrid ISO) are written as they are.
 
 use nixforge_tests::flashing::*;
 use nixforge_tests::*;
@@ -103,4 +104,66 @@ fn xz_gzip_and_bzip2_images_flash_to_the_raw_image_and_truncated_ones_are_refuse
             assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
         }
     }
+}
+
+/// A foreign card image shaped like Raspberry Pi OS's (an MBR with a FAT
+/// boot partition at 4 MiB and an ext4 root, by sfdisk, mkfs.vfat and
+/// mkfs.ext4) and a hybrid ISO as Ubuntu's are made (xorriso: ISO 9660,
+/// an appended EFI partition, GPT and protective MBR).
+fn foreign_images(dir: &Path) -> [std::path::PathBuf; 2] {
+    let rpi = dir.join("raspios.img");
+    let iso = dir.join("hybrid.iso");
+    let (r, i, d) = (rpi.display(), iso.display(), dir.display());
+    sh(&format!(
+        "set -e; truncate -s 128M {r}
+         printf 'label: dos\\nlabel-id: 0x5452574f\\nstart=8192, size=65536, type=c\\nstart=73728, type=83\\n' | sfdisk -q {r}
+         mkfs.vfat -n bootfs --offset 8192 {r} 32768 >/dev/null
+         mkfs.ext4 -q -L rootfs -E offset=$((73728*512)) {r} 94208k
+         mkdir -p {d}/tree && echo hello > {d}/tree/README
+         truncate -s 4M {d}/efi.img && mkfs.vfat -n EFI {d}/efi.img >/dev/null
+         xorriso -as mkisofs -quiet -o {i} -V HYBRID -J -R -partition_offset 16 \
+           -append_partition 2 C12A7328-F81F-11D2-BA4B-00A0C93EC93B {d}/efi.img -appended_part_as_gpt \
+           -e --interval:appended_partition_2:all:: -no-emul-boot {d}/tree"
+    ));
+    [rpi, iso]
+}
+
+#[test]
+fn foreign_images_a_raspberry_pi_os_card_and_a_hybrid_iso_flash_and_fill_is_refused() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let backing = d.path().join("card");
+    for img in foreign_images(d.path()) {
+        let name = img.file_name().unwrap().to_string_lossy().into_owned();
+        // A card of the image's size gets its bytes exactly.
+        flash_to_stale(&img, &backing, len(&img), &[]).unwrap();
+        assert_eq!(sha256_file(&backing), sha256_file(&img), "{name}");
+        // Options that need forge's layout manifest say so, write nothing.
+        for extra in [&["--fill"][..], &["--hostname", "pi"][..]] {
+            let err = flash_to_stale(&img, &backing, len(&img) * 2, extra).unwrap_err();
+            assert!(
+                the_error(&err).contains("no layout manifest") && err.contains(&name),
+                "{name} {extra:?}: {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+        }
+    }
+    // On a larger card the ISO's GPT moves to the card's end and the ISO
+    // still reads: its El Torito EFI image and its files.
+    let iso = d.path().join("hybrid.iso");
+    flash_to_stale(&iso, &backing, 64 << 20, &[]).unwrap();
+    let v = ok(Command::new("sgdisk").arg("-v").arg(&backing));
+    assert!(v.contains("No problems found"), "{v}");
+    let t = ok(Command::new("xorriso")
+        .args(["-indev"])
+        .arg(&backing)
+        .args(["-report_el_torito", "plain"]));
+    assert!(t.contains("El Torito boot img :   1  UEFI"), "{t}");
+    let readme = d.path().join("README.out");
+    ok(Command::new("osirrox")
+        .arg("-indev")
+        .arg(&backing)
+        .args(["-extract", "/README"])
+        .arg(&readme));
+    assert_eq!(std::fs::read_to_string(readme).unwrap(), "hello\n");
 }

@@ -9,7 +9,7 @@
 use std::fs::File;
 
 pub use crate::refusal::Unfit;
-use crate::source::Source;
+use crate::source::{Codec, Source};
 use formats::zstd_frames;
 
 /// What the checks learnt.
@@ -48,8 +48,8 @@ pub fn examine(src: &Source, raw: bool, signed: bool) -> Result<Examined, Unfit>
         detail,
     };
     let head = src.first_mib();
-    if src.codec == Some(crate::source::Codec::Zstd) {
-        let mut f = File::open(&src.path).map_err(|e| unfit(e.to_string()))?;
+    if let (Some(Codec::Zstd), Some(path)) = (src.codec, src.origin.file()) {
+        let mut f = File::open(path).map_err(|e| unfit(e.to_string()))?;
         let len = f.metadata().map_err(|e| unfit(e.to_string()))?.len();
         let frames = zstd_frames::walk(&mut f, len).map_err(|e| unfit(e.to_string()))?;
         if let Some(n) = frames.content_size.filter(|&n| n != src.size) {
@@ -99,13 +99,15 @@ pub fn examine(src: &Source, raw: bool, signed: bool) -> Result<Examined, Unfit>
 /// rebuilt image is refused here, with every device untouched, however
 /// little of the image changed and wherever (a firmware file past the
 /// first MiB). Raw sources are checked range by range on every core; a
-/// compressed one is decompressed once, in order.
+/// compressed one is decompressed once, in order. A stream (a URL,
+/// stdin) is read once: its ranges are checked as it is written, each
+/// before its bytes go to a device (see [`crate::write`]).
 fn ranges_match(src: &Source) -> Result<(), String> {
-    if src.bmap.is_none() {
+    if src.bmap.is_none() || src.is_stream() {
         return Ok(());
     }
     let text = |e: anyhow::Error| format!("{e:#}");
-    if src.compressed() {
+    if src.sequential() {
         let mut r = src.reader(true).map_err(text)?;
         let mut buf = vec![0u8; 4 << 20];
         while r.next_into(&mut buf).map_err(text)?.is_some() {}
@@ -135,7 +137,7 @@ fn ranges_match(src: &Source) -> Result<(), String> {
 /// first MiB); one that is there but cannot be read is refused, never
 /// skipped.
 fn manifest_matches(src: &Source, head: &[u8]) -> Result<(), String> {
-    let Some(m) = formats::manifest::read_beside(&src.path).map_err(|e| e.to_string())? else {
+    let Some(m) = src.manifest().map_err(|e| e.to_string())? else {
         return Ok(());
     };
     m.matches(src.size, head).map_err(|what| {

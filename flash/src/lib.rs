@@ -4,7 +4,8 @@
 //! devices opened and probed, then the writes); the binary only parses
 //! arguments, asks and prints.
 //! `devices` finds disks and why each would be refused (`refusal` names
-//! every check); `source` streams an image (raw, or zstd, xz, gzip, bzip2) by its bmap;
+//! every check); `source` streams an image (raw, or zstd, xz, gzip, bzip2) by its bmap
+//! from a file, a URL (`http`) or stdin (`origin` says which);
 //! `trust` checks an image's signature and what it vouches for;
 //! `examine` checks the source (a whole disk image, its own sidecars) and
 //! `preflight` each device, before any write; `provision` assigns each
@@ -15,12 +16,15 @@
 //! holds the only unsafe code. Nothing here prints: progress goes through
 //! [`Progress`], which the binary implements.
 
+pub mod codec;
 pub mod device;
 pub mod devices;
 pub mod examine;
+pub mod http;
 pub mod ioctl;
 #[cfg(test)]
 pub mod memdisk;
+pub mod origin;
 pub mod personal;
 pub mod preflight;
 pub mod probe;

@@ -18,7 +18,7 @@
 //! journal left by the same image flashed before.
 
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use formats::ext4::{self, Size};
@@ -54,12 +54,12 @@ pub struct Manifest {
 
 /// Read `IMAGE.layout.json` (forge's layout manifest): what provisioning
 /// needs of it.
-pub fn manifest(image: &Path) -> Result<Manifest> {
-    let path = formats::manifest::path_for(image);
-    let m = formats::manifest::read_beside(image)?.with_context(|| {
+pub fn manifest(src: &crate::source::Source) -> Result<Manifest> {
+    let path = formats::manifest::path_for(&src.path);
+    let m = src.manifest()?.with_context(|| {
         format!(
             "{}: no layout manifest ({}); --identity, --fill and --except-state need forge's",
-            image.display(),
+            src.path.display(),
             path.display()
         )
     })?;

@@ -224,15 +224,15 @@ fn distinct(out: &[Option<PathBuf>], targets: &[Target], same: bool) -> Result<(
 /// Each device's own bytes, planned for its size (nothing is written).
 pub fn plan(
     a: &Provisioning,
-    image: &Path,
-    head: &[u8],
+    src: &crate::source::Source,
     targets: &[Target],
     dirs: &[Option<PathBuf>],
 ) -> Result<Vec<Option<Personal>>> {
     if !a.wanted() {
         return Ok(targets.iter().map(|_| None).collect());
     }
-    let m: Manifest = personal::manifest(image)?;
+    let m: Manifest = personal::manifest(src)?;
+    let head = src.first_mib();
     let epoch = formats::time::source_date_epoch().map_err(anyhow::Error::msg)?;
     targets
         .iter()

@@ -25,8 +25,11 @@ use crate::Progress;
 /// What to write where, as asked.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
+    /// A file, a URL, or `-` (stdin).
     pub image: PathBuf,
     pub bmap: BmapChoice,
+    /// The (decompressed) image's size, for a stream without a bmap.
+    pub size: Option<u64>,
     /// A source without a partition table, on purpose.
     pub raw: bool,
     /// The whole image's expected SHA-256 (hex).
@@ -95,11 +98,15 @@ pub fn prepare(req: &Request, host: &Host) -> Result<Session> {
 }
 
 fn checked(req: &Request, host: &Host) -> Result<Session> {
-    let src = Source::open(&req.image, req.bmap.clone())?;
+    let mut src = Source::open_sized(&req.image, req.bmap.clone(), req.size)?;
     let signed = crate::trust::check(&src, &req.trust)?;
     let sector = examine(&src, req.raw, signed.is_some())?.sector;
-    if let Some(want) = &req.sha256 {
-        check_sha256(&req.image, want)?;
+    match &req.sha256 {
+        // A stream is read once: its SHA-256 is checked as it is written
+        // (a difference fails the write, its tables wiped).
+        Some(want) if src.is_stream() => src.expect_sha256(want),
+        Some(want) => check_sha256(&req.image, want)?,
+        None => {}
     }
     let need = Need {
         size: src.size,
@@ -110,7 +117,7 @@ fn checked(req: &Request, host: &Host) -> Result<Session> {
     let prov = &req.provisioning;
     let (dirs, notes) = provision::assign(prov, &targets)
         .map_err(|e| Refused::write(shown(&req.devices), Check::Identities, format!("{e:#}")))?;
-    let personals = provision::plan(prov, &req.image, src.first_mib(), &targets, &dirs)?;
+    let personals = provision::plan(prov, &src, &targets, &dirs)?;
     let devices = targets
         .into_iter()
         .zip(dirs)

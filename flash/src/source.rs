@@ -2,62 +2,29 @@
 //! with zstd, xz, gzip or bzip2 (sniffed by content, not by name; several
 //! streams or members, as pzstd, xz -T, pigz and pbzip2 write, are one
 //! image), with its bmap (given, found beside it, or none), streamed
-//! range by range.
+//! range by range. It is a file, or a stream (a URL, stdin: see
+//! [`crate::origin`]) read once, in order, its first MiB kept from the
+//! start.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{Cursor, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use crate::codec::Codec;
+use crate::origin::Origin;
 
 use formats::bmap::{self, Bmap};
-
-/// A compressor an image may come in; flash decompresses as it reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Codec {
-    Zstd,
-    Xz,
-    Gzip,
-    Bzip2,
-}
-
-impl Codec {
-    /// The codec a file's first bytes announce, if any.
-    pub fn of(head: &[u8]) -> Option<Codec> {
-        use formats::sniff::Format;
-        match formats::sniff::sniff(head)? {
-            Format::Zstd => Some(Codec::Zstd),
-            Format::Xz => Some(Codec::Xz),
-            Format::Gzip => Some(Codec::Gzip),
-            Format::Bzip2 => Some(Codec::Bzip2),
-            _ => None,
-        }
-    }
-
-    /// The decompressed bytes of all of `file`, every stream in turn.
-    pub fn decoder(self, file: File) -> Result<Box<dyn Read + Send>> {
-        let r = BufReader::with_capacity(1 << 20, file);
-        Ok(match self {
-            Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
-            Codec::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(r)),
-            Codec::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
-            Codec::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(r)),
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Codec::Zstd => "zstd",
-            Codec::Xz => "xz",
-            Codec::Gzip => "gzip",
-            Codec::Bzip2 => "bzip2",
-        }
-    }
-}
+use formats::manifest::{Disk, ManifestError};
 
 pub struct Source {
+    /// How messages name the image (a file's path, a URL, `stdin`).
     pub path: PathBuf,
+    pub origin: Origin,
     /// How the file is compressed (None: the raw image).
     pub codec: Option<Codec>,
     /// Size of the (decompressed) image.
@@ -70,6 +37,12 @@ pub struct Source {
     spans: Vec<(u64, u64, Option<String>)>,
     /// The first MiB of the (decompressed) image, or all of a shorter one.
     first: Vec<u8>,
+    /// A stream's (decompressed) bytes past `first`, for its one reader.
+    rest: Mutex<Option<Box<dyn Read + Send>>>,
+    /// Set when a stream's reader is taken: bytes may reach a device.
+    committed: Option<Arc<AtomicBool>>,
+    /// A stream's expected SHA-256 (hex), checked as it is read.
+    whole_sha256: Option<String>,
 }
 
 /// How much of the image's start [`Source::first_mib`] keeps.
@@ -83,17 +56,37 @@ pub enum BmapChoice {
     None,
 }
 
-/// `disk.img.bmap` beside `disk.img`, or `nixos.img.bmap` beside
-/// `nixos.img.zst` (or `.xz`, `.gz`, `.bz2`).
-fn bmap_beside(image: &Path) -> Option<PathBuf> {
-    let s = image.to_string_lossy();
-    let mut c = vec![PathBuf::from(format!("{s}.bmap"))];
-    for ext in [".zst", ".xz", ".gz", ".bz2"] {
-        if let Some(base) = s.strip_suffix(ext) {
-            c.push(PathBuf::from(format!("{base}.bmap")));
+/// A bmap and where it was found.
+type BmapAt = (PathBuf, Bmap);
+
+/// The bmap as chosen: given, or `disk.img.bmap` beside `disk.img`, or
+/// `nixos.img.bmap` beside `nixos.img.zst` (or `.xz`, `.gz`, `.bz2`);
+/// with the SHA-256 of its bytes.
+fn load_bmap(origin: &Origin, choice: BmapChoice) -> Result<(Option<BmapAt>, Option<String>)> {
+    let found = match choice {
+        BmapChoice::None => None,
+        BmapChoice::File(p) => {
+            let b = std::fs::read(&p).with_context(|| p.display().to_string())?;
+            Some((p, b))
         }
-    }
-    c.into_iter().find(|p| p.is_file())
+        BmapChoice::Auto => {
+            let mut found = None;
+            for strip in ["", ".zst", ".xz", ".gz", ".bz2"] {
+                found = origin.beside(strip, ".bmap")?;
+                if found.is_some() {
+                    break;
+                }
+            }
+            found
+        }
+    };
+    let Some((p, bytes)) = found else {
+        return Ok((None, None));
+    };
+    let text = String::from_utf8(bytes).map_err(|_| anyhow!("{}: not UTF-8", p.display()))?;
+    let b = bmap::parse(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?;
+    let sum = format!("{:x}", Sha256::digest(text.as_bytes()));
+    Ok((Some((p, b)), Some(sum)))
 }
 
 /// A raw file's image size: a fixed VHD is its raw part, without the
@@ -128,55 +121,102 @@ fn bmap_size_or_count(bmap: &Option<(PathBuf, Bmap)>, path: &Path, c: Codec) -> 
         .with_context(|| format!("{}: decompressing ({})", path.display(), c.name()))
 }
 
+/// A file's image size: a compressed one's from its zstd frames, its
+/// bmap, or counted; a raw one's from its length.
+fn file_size(path: &Path, codec: Option<Codec>, bmap: &Option<(PathBuf, Bmap)>) -> Result<u64> {
+    let mut f = File::open(path).with_context(|| path.display().to_string())?;
+    Ok(match codec {
+        // Every frame's declared size (pzstd writes many, after a
+        // skippable one), from the frame headers alone.
+        Some(Codec::Zstd) => {
+            let len = f.metadata()?.len();
+            let declared = formats::zstd_frames::walk(&mut f, len)
+                .ok()
+                .and_then(|w| w.content_size);
+            match declared {
+                Some(s) => s,
+                None => bmap_size_or_count(bmap, path, Codec::Zstd)?,
+            }
+        }
+        Some(c) => bmap_size_or_count(bmap, path, c)?,
+        None => raw_size(&f, path)?,
+    })
+}
+
+/// A stream's image size, known before it is read: its bmap's, the one
+/// given (`--size`), a raw download's length; a compressed download is
+/// counted by reading it once before the write (stdin cannot be).
+fn stream_size(
+    origin: &Origin,
+    codec: Option<Codec>,
+    bmap: &Option<(PathBuf, Bmap)>,
+    given: Option<u64>,
+    len: Option<u64>,
+) -> Result<u64> {
+    if let Some((_, b)) = bmap {
+        return Ok(b.image_size);
+    }
+    if let Some(g) = given {
+        return Ok(g);
+    }
+    let name = origin.name();
+    match (codec, len, origin) {
+        (None, Some(l), _) => Ok(l),
+        (Some(c), _, Origin::Url(_)) => {
+            let mut d = c.decoder(origin.open()?.body)?;
+            std::io::copy(&mut d, &mut std::io::sink())
+                .with_context(|| format!("{}: decompressing ({})", name.display(), c.name()))
+        }
+        _ => bail!(
+            "{}: its size cannot be known before it is read: give --size BYTES or its --bmap",
+            name.display()
+        ),
+    }
+}
+
 impl Source {
     pub fn open(path: &Path, choice: BmapChoice) -> Result<Source> {
-        let mut f = File::open(path).with_context(|| path.display().to_string())?;
-        let mut magic = [0u8; 512];
-        let n = f
-            .read(&mut magic)
-            .with_context(|| path.display().to_string())?;
-        let codec = Codec::of(&magic[..n]);
-        let bmap_path = match choice {
-            BmapChoice::Auto => bmap_beside(path),
-            BmapChoice::File(p) => Some(p),
-            BmapChoice::None => None,
+        Source::open_sized(path, choice, None)
+    }
+
+    /// As [`Source::open`], with the (decompressed) image's size given
+    /// (`--size`): what a stream without a bmap needs, checked against
+    /// what the source says where it says it.
+    pub fn open_sized(path: &Path, choice: BmapChoice, given: Option<u64>) -> Result<Source> {
+        let origin = Origin::of(path);
+        let name = origin.name();
+        let opened = origin.open()?;
+        let mut body = opened.body;
+        let mut magic = Vec::with_capacity(512);
+        body.by_ref()
+            .take(512)
+            .read_to_end(&mut magic)
+            .with_context(|| name.display().to_string())?;
+        let codec = Codec::of(&magic);
+        let (bmap, bmap_sha256) = load_bmap(&origin, choice)?;
+        let size = match origin.file() {
+            Some(file) => file_size(file, codec, &bmap)?,
+            None => stream_size(&origin, codec, &bmap, given, opened.len)?,
         };
-        let (bmap, bmap_sha256) = match bmap_path {
-            Some(p) => {
-                let text = std::fs::read_to_string(&p).with_context(|| p.display().to_string())?;
-                let b = bmap::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                let sum = format!("{:x}", Sha256::digest(text.as_bytes()));
-                (Some((p, b)), Some(sum))
+        let differs = |detail: String| -> anyhow::Error {
+            crate::refusal::Unfit {
+                image: name.display().to_string(),
+                detail,
             }
-            None => (None, None),
+            .into()
         };
-        let size = match codec {
-            // Every frame's declared size (pzstd writes many, after a
-            // skippable one), from the frame headers alone.
-            Some(Codec::Zstd) => {
-                let len = f.metadata()?.len();
-                let declared = formats::zstd_frames::walk(&mut f, len)
-                    .ok()
-                    .and_then(|w| w.content_size);
-                match declared {
-                    Some(s) => s,
-                    None => bmap_size_or_count(&bmap, path, Codec::Zstd)?,
-                }
-            }
-            Some(c) => bmap_size_or_count(&bmap, path, c)?,
-            None => raw_size(&f, path)?,
-        };
+        if let Some(g) = given.filter(|&g| g != size) {
+            return Err(differs(format!(
+                "it is {size} bytes, not the {g} --size gives"
+            )));
+        }
         if let Some((p, b)) = &bmap {
             if b.image_size != size {
-                return Err(crate::refusal::Unfit {
-                    image: path.display().to_string(),
-                    detail: format!(
-                        "it is {size} bytes, but its bmap {} describes a {}-byte image",
-                        p.display(),
-                        b.image_size
-                    ),
-                }
-                .into());
+                return Err(differs(format!(
+                    "it is {size} bytes, but its bmap {} describes a {}-byte image",
+                    p.display(),
+                    b.image_size
+                )));
             }
         }
         let spans = match &bmap {
@@ -189,16 +229,48 @@ impl Source {
             None => vec![(0, size, None)],
         };
         let mut src = Source {
-            path: path.to_owned(),
+            path: name,
+            origin,
             codec,
             size,
             bmap,
             bmap_sha256,
             spans,
             first: Vec::new(),
+            rest: Mutex::new(None),
+            committed: opened.committed,
+            whole_sha256: None,
         };
-        src.first = src.head(FIRST)?;
+        if src.origin.file().is_some() {
+            src.first = src.head(FIRST)?;
+        } else {
+            // A stream: its first MiB now, the rest kept for the reader.
+            let joined: Box<dyn Read + Send> = Box::new(Cursor::new(magic).chain(body));
+            let mut bytes = match codec {
+                Some(c) => c.decoder(joined)?,
+                None => joined,
+            };
+            bytes
+                .by_ref()
+                .take(FIRST as u64)
+                .read_to_end(&mut src.first)
+                .with_context(|| format!("{}: reading its first MiB", src.path.display()))?;
+            src.rest = Mutex::new(Some(bytes));
+        }
         Ok(src)
+    }
+
+    /// Whether the image is read once, in order (a URL, stdin), not a
+    /// file read at any offset.
+    pub fn is_stream(&self) -> bool {
+        self.origin.file().is_none()
+    }
+
+    /// A stream's whole-image SHA-256 is checked as it is read (its
+    /// reader fails at the end if it differs); a file's is checked before
+    /// with [`Source::sha256`].
+    pub fn expect_sha256(&mut self, want: &str) {
+        self.whole_sha256 = Some(want.to_ascii_lowercase());
     }
 
     /// The first MiB of the (decompressed) image, or all of a shorter one:
@@ -207,22 +279,47 @@ impl Source {
         &self.first
     }
 
-    /// Whether the file is compressed (read in order, decompressed).
-    pub fn compressed(&self) -> bool {
-        self.codec.is_some()
+    /// The layout manifest beside the image (`NAME.layout.json`), if
+    /// any; one that is there but cannot be read or is not a manifest is
+    /// an error, never skipped.
+    pub fn manifest(&self) -> Result<Option<Disk>, ManifestError> {
+        match &self.origin {
+            Origin::File(p) => formats::manifest::read_beside(p),
+            origin => {
+                let path = formats::manifest::path_for(&self.path);
+                match origin.beside("", ".layout.json") {
+                    Ok(None) => Ok(None),
+                    Ok(Some((p, bytes))) => formats::manifest::parse(p, &bytes).map(Some),
+                    Err(e) => Err(ManifestError::Unreadable {
+                        path,
+                        err: std::io::Error::other(format!("{e:#}")),
+                    }),
+                }
+            }
+        }
     }
 
-    /// The file's bytes, decompressed if it is compressed.
+    /// Whether the image is read in order only (compressed, or a
+    /// stream), not at any offset.
+    pub fn sequential(&self) -> bool {
+        self.codec.is_some() || self.is_stream()
+    }
+
+    /// The (decompressed) image from its start, read again: a file's, a
+    /// URL's downloaded again; stdin cannot be.
     fn bytes(&self) -> Result<Box<dyn Read + Send>> {
-        let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
+        if self.origin == Origin::Stdin {
+            bail!("stdin is read once: its bytes cannot be read again");
+        }
+        let body = self.origin.open()?.body;
         match self.codec {
-            Some(c) => c.decoder(f),
-            None => Ok(Box::new(f)),
+            Some(c) => c.decoder(body),
+            None => Ok(body),
         }
     }
 
     /// The first `n` bytes of the (decompressed) image, or fewer if shorter.
-    pub fn head(&self, n: usize) -> Result<Vec<u8>> {
+    fn head(&self, n: usize) -> Result<Vec<u8>> {
         let mut r = self.bytes()?;
         let mut head = Vec::with_capacity(n);
         r.by_ref()
@@ -241,11 +338,29 @@ impl Source {
     /// is checked against its bmap checksum as its last byte is read;
     /// without, the caller checks with [`Source::range_check`] (e.g. on
     /// other cores, range by range).
+    /// A stream has one reader (its bytes are not read twice).
     pub fn reader(&self, check: bool) -> Result<Reader<'_>> {
-        let file = File::open(&self.path).with_context(|| self.path.display().to_string())?;
-        let dec = match self.codec {
-            Some(c) => Some(c.decoder(file.try_clone()?)?),
-            None => None,
+        let (file, dec) = match self.origin.file() {
+            Some(p) => {
+                let file = File::open(p).with_context(|| p.display().to_string())?;
+                let dec = match self.codec {
+                    Some(c) => Some(c.decoder(file.try_clone()?)?),
+                    None => None,
+                };
+                (Some(file), dec)
+            }
+            None => {
+                let rest = self.rest.lock().expect("not poisoned").take();
+                let Some(rest) = rest else {
+                    bail!("{}: a stream is read once", self.path.display());
+                };
+                if let Some(c) = &self.committed {
+                    c.store(true, Ordering::SeqCst);
+                }
+                let all: Box<dyn Read + Send> =
+                    Box::new(Cursor::new(self.first.clone()).chain(rest));
+                (None, Some(all))
+            }
         };
         Ok(Reader {
             src: self,
@@ -257,13 +372,17 @@ impl Source {
             dec,
             pos: 0,
             cuts: Vec::new(),
+            whole: self.whole_sha256.as_ref().map(|_| Sha256::new()),
         })
     }
 
     /// A reader of a raw source's bytes at any offset, for pieces that
     /// [`Reader::next_piece`] left unread.
     pub fn piece_reader(&self) -> Result<PieceReader> {
-        let file = File::open(&self.path).with_context(|| self.path.display().to_string())?;
+        let Some(path) = self.origin.file() else {
+            bail!("{}: a stream is read in order", self.path.display());
+        };
+        let file = File::open(path).with_context(|| path.display().to_string())?;
         Ok(PieceReader {
             file,
             path: self.path.clone(),
@@ -303,13 +422,18 @@ impl Source {
     pub fn read_range(&self, off: u64, len: usize) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len];
         let what = || format!("{}: reading {len} bytes at byte {off}", self.path.display());
-        let f = File::open(&self.path).with_context(|| self.path.display().to_string())?;
-        if let Some(c) = self.codec {
-            let mut d = c.decoder(f).with_context(what)?;
-            std::io::copy(&mut d.by_ref().take(off), &mut std::io::sink()).with_context(what)?;
-            d.read_exact(&mut out).with_context(what)?;
-        } else {
-            f.read_exact_at(&mut out, off).with_context(what)?;
+        match (&self.origin, self.codec) {
+            (Origin::File(p), None) => {
+                let f = File::open(p).with_context(|| p.display().to_string())?;
+                f.read_exact_at(&mut out, off).with_context(what)?;
+            }
+            (Origin::Url(u), None) => return crate::http::read_range(u, off, len),
+            _ => {
+                let mut d = self.bytes().with_context(what)?;
+                std::io::copy(&mut d.by_ref().take(off), &mut std::io::sink())
+                    .with_context(what)?;
+                d.read_exact(&mut out).with_context(what)?;
+            }
         }
         Ok(out)
     }
@@ -410,8 +534,11 @@ pub struct Reader<'a> {
     i: usize,
     done: u64,
     sum: Option<RangeCheck>,
-    file: File,
+    /// A file read at any offset (raw), or the bytes in order.
+    file: Option<File>,
     dec: Option<Box<dyn Read + Send>>,
+    /// A stream's whole-image SHA-256 so far, when one is expected.
+    whole: Option<Sha256>,
     /// Decompressed position, for a compressed source.
     pos: u64,
     /// Offsets no piece crosses (ascending).
@@ -447,16 +574,17 @@ impl Reader<'_> {
         let path = self.src.path.display();
         loop {
             let Some(&(off, len, _)) = self.src.spans.get(self.i) else {
+                self.check_whole()?;
                 return Ok(None);
             };
             if self.done == 0 {
                 if self.check {
                     self.sum = Some(self.src.range_check(self.i));
                 }
-                if let Some(d) = self.dec.as_mut() {
-                    // Skip the gap by decompressing into nothing.
-                    std::io::copy(&mut d.by_ref().take(off - self.pos), &mut std::io::sink())
-                        .with_context(|| format!("{path}: decompressing before byte {off}"))?;
+                if self.dec.is_some() {
+                    // Skip the gap by reading it into nothing.
+                    self.skip(off - self.pos)
+                        .with_context(|| format!("{path}: reading before byte {off}"))?;
                     self.pos = off;
                 }
             }
@@ -475,11 +603,16 @@ impl Reader<'_> {
             let filled = match self.dec.as_mut() {
                 Some(d) => {
                     d.read_exact(&mut buf[..n])
-                        .with_context(|| format!("{path}: decompressing at byte {at}"))?;
+                        .with_context(|| format!("{path}: reading at byte {at}"))?;
+                    if let Some(h) = self.whole.as_mut() {
+                        h.update(&buf[..n]);
+                    }
                     true
                 }
                 None if fill => {
                     self.file
+                        .as_ref()
+                        .expect("a file when not in order")
                         .read_exact_at(&mut buf[..n], at)
                         .with_context(|| format!("{path}: reading at byte {at}"))?;
                     true
@@ -507,5 +640,42 @@ impl Reader<'_> {
             }
             return Ok(Some(piece));
         }
+    }
+
+    /// Read `n` in-order bytes into nothing (a gap), hashed when the
+    /// whole image's SHA-256 is expected.
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        let d = self.dec.as_mut().expect("bytes in order");
+        let Some(h) = self.whole.as_mut() else {
+            std::io::copy(&mut d.by_ref().take(n), &mut std::io::sink())?;
+            return Ok(());
+        };
+        let mut buf = vec![0u8; (n as usize).min(1 << 20)];
+        let mut left = n;
+        while left > 0 {
+            let k = (left as usize).min(buf.len());
+            d.read_exact(&mut buf[..k])?;
+            h.update(&buf[..k]);
+            left -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// After the last range: a stream's bytes to its end hashed and
+    /// compared with the SHA-256 it must have.
+    fn check_whole(&mut self) -> Result<()> {
+        if self.whole.is_none() {
+            return Ok(());
+        }
+        let path = self.src.path.display();
+        self.skip(self.src.size - self.pos)
+            .with_context(|| format!("{path}: reading to its end"))?;
+        self.pos = self.src.size;
+        let got = format!("{:x}", self.whole.take().expect("checked").finalize());
+        let want = self.src.whole_sha256.as_deref().unwrap_or_default();
+        if got != want {
+            bail!("{path}: SHA-256 is {got}, not the expected {want}");
+        }
+        Ok(())
     }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::source::Source;
 use crate::write::MAX_HELD;
-use formats::manifest::{self, Disk};
+use formats::manifest::Disk;
 use formats::sign::image_sig::{self, Anchor};
 
 /// Where trusted keys are looked for when no `--trust` is given.
@@ -80,20 +80,17 @@ pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
         return Ok(None);
     }
     let image = src.path.display();
-    let (sig, mpath) = sidecars(&src.path);
-    let text = match std::fs::read_to_string(&sig) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && trust.allow_unsigned => {
-            return Ok(None)
+    let Some(((sig, text), mpath)) = sidecars(src)? else {
+        if trust.allow_unsigned {
+            return Ok(None);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+        bail!(
             "{image}: not signed (no {} beside it), and keys are trusted: refusing it (--allow-unsigned writes unsigned images)",
-            sig.display()
-        ),
-        Err(e) => return Err(e).with_context(|| sig.display().to_string()),
+            image_sig::path_for(&src.path).display()
+        );
     };
-    let bytes = std::fs::read(&mpath)
-        .with_context(|| format!("{} (the manifest {} signs)", mpath.display(), sig.display()))?;
+    let text = String::from_utf8(text).with_context(|| format!("{}: not UTF-8", sig.display()))?;
+    let (mpath, bytes) = mpath.with_context(|| format!("the manifest {} signs", sig.display()))?;
     let anchor = image_sig::verify(&sig, &text, &mpath, &bytes, &trust.anchors)?;
     let disk: Disk = serde_json::from_slice(&bytes)
         .with_context(|| format!("{}: not a layout manifest", mpath.display()))?;
@@ -106,22 +103,27 @@ pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
     }))
 }
 
-/// `IMAGE.sig` and `IMAGE.layout.json`; for `nixos.img.zst` without them,
-/// `nixos.img.sig` and `nixos.img.layout.json` (an image signed raw, then
-/// compressed for download: the manifest describes the raw bytes, which
-/// the `.zst` holds), as the bmap is found.
-fn sidecars(image: &Path) -> (PathBuf, PathBuf) {
-    let own = (image_sig::path_for(image), manifest::path_for(image));
-    let raw = image
-        .to_str()
-        .and_then(|s| s.strip_suffix(".zst"))
-        .map(PathBuf::from);
-    match raw {
-        Some(r) if !own.0.exists() && image_sig::path_for(&r).exists() => {
-            (image_sig::path_for(&r), manifest::path_for(&r))
+/// A file beside the image: where it was found, its bytes.
+type Sidecar = (PathBuf, Vec<u8>);
+
+/// `IMAGE.sig` and `IMAGE.layout.json` (where found, and their bytes);
+/// for `nixos.img.zst` without them, `nixos.img.sig` and
+/// `nixos.img.layout.json` (an image signed raw, then compressed for
+/// download: the manifest describes the raw bytes, which the `.zst`
+/// holds), as the bmap is found. None: no signature.
+fn sidecars(src: &Source) -> Result<Option<(Sidecar, Result<Sidecar>)>> {
+    let o = &src.origin;
+    for strip in ["", ".zst"] {
+        if let Some(sig) = o.beside(strip, image_sig::SUFFIX)? {
+            let name = src.path.to_string_lossy();
+            let base = name.strip_suffix(strip).unwrap_or(&name);
+            let m = o
+                .beside(strip, ".layout.json")?
+                .with_context(|| format!("{base}.layout.json: not found"));
+            return Ok(Some((sig, m)));
         }
-        _ => own,
     }
+    Ok(None)
 }
 
 /// What the signed manifest says of the image holds before a byte is

@@ -25,6 +25,7 @@ pub mod ranges;
 pub mod seed;
 pub mod sign;
 pub mod sink;
+pub mod size;
 pub mod sniff;
 pub mod sys;
 pub mod table;

@@ -210,12 +210,15 @@ pub fn read_beside(image: &Path) -> Result<Option<Disk>, ManifestError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(ManifestError::Unreadable { path, err }),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| ManifestError::NotAManifest {
-            path,
-            err: e.to_string(),
-        })
+    parse(path, text.as_bytes()).map(Some)
+}
+
+/// A manifest's bytes, read from `path` (for the error).
+pub fn parse(path: PathBuf, bytes: &[u8]) -> Result<Disk, ManifestError> {
+    serde_json::from_slice(bytes).map_err(|e| ManifestError::NotAManifest {
+        path,
+        err: e.to_string(),
+    })
 }
 
 /// The disk id an image's first MiB holds: the GPT disk GUID (at

@@ -40,6 +40,8 @@ Examples:
   flash disk.img /dev/sdb /dev/sdc --yes --allow-non-removable
   flash verify disk.img /dev/sdb
   flash nixos.img.zst /dev/sdb --trust ci.pub      (only if CI signed it)
+  flash https://example.org/raspios.img.xz /dev/sdb
+  xz -dc disk.img.xz | flash - /dev/sdb --size 4G
 
 Before the first byte every check runs: the source is a disk image (a
 partition table; --raw otherwise), whole (a .zst's frames, the table's
@@ -73,7 +75,9 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct WriteArgs {
-    /// Image: raw, or zstd-, xz-, gzip- or bzip2-compressed (recognized by content).
+    /// Image: a file, an http:// or https:// URL (streamed, resumed where
+    /// the server allows), or - (stdin); raw, or zstd-, xz-, gzip- or
+    /// bzip2-compressed (recognized by content).
     #[arg(required = true)]
     image: Option<PathBuf>,
     /// Whole-disk block devices (symlinks such as /dev/disk/by-id are resolved).
@@ -94,9 +98,14 @@ struct WriteArgs {
     /// Allow disks that are not marked removable.
     #[arg(long)]
     allow_non_removable: bool,
-    /// Expected SHA-256 of the whole (decompressed) image.
+    /// Expected SHA-256 of the whole (decompressed) image (of a URL or
+    /// stdin: checked as it is written; a difference fails the write).
     #[arg(long, value_name = "HEX", value_parser = sha256_hex)]
     sha256: Option<String>,
+    /// The (decompressed) image's size in bytes (K, M, G suffixes): what
+    /// stdin needs without a bmap; checked against the image's own.
+    #[arg(long, value_name = "BYTES", value_parser = formats::size::parse)]
+    size: Option<u64>,
     /// Write a source that has no partition table (or is some other
     /// format), byte for byte, on purpose.
     #[arg(long)]
@@ -282,7 +291,7 @@ fn verify_cmd(
     let t = preflight::check_to_read(&Host::default(), device, need)?;
     let dev = Box::new(Device::open(&t, false)?);
     let own = if except_state {
-        let m = flash::personal::manifest(image)?;
+        let m = flash::personal::manifest(&src)?;
         let dev_head = write::read_head(&*dev)?;
         let p = flash::personal::as_found(
             &m,
@@ -300,7 +309,7 @@ fn verify_cmd(
     let n = write::verify_only(&src, dev, own, &Bars::new(false)).map_err(|mut e| {
         // A provisioned or booted card differs in its state partition
         // (and, --fill'ed, its table) by design.
-        let has_state = flash::personal::manifest(image).is_ok_and(|m| m.state.is_some());
+        let has_state = flash::personal::manifest(&src).is_ok_and(|m| m.state.is_some());
         if let (Some(m), false, true) = (e.downcast_mut::<Mismatch>(), except_state, has_state) {
             m.wiped = " (a card flashed with --identity or --fill, or booted, differs in its state partition: compare the rest with --except-state)";
         }
@@ -324,6 +333,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let req = Request {
         image: a.image.clone().expect("clap requires IMAGE"),
         bmap: bmap_choice(a.bmap.clone(), a.no_bmap),
+        size: a.size,
         raw: a.raw,
         sha256: a.sha256.clone(),
         devices: a.devices.clone(),

@@ -282,7 +282,7 @@ fn hash_chunks(
     writers: &[SyncSender<Msg>],
     gone: &[AtomicBool],
 ) -> Result<Vec<Unit>> {
-    let file = if src.compressed() {
+    let file = if src.sequential() {
         None
     } else {
         Some(src.piece_reader()?)

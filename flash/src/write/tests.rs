@@ -399,8 +399,8 @@ fn a_device_gets_its_own_state_filesystem_grown_to_its_end_and_the_table_to_matc
         let id = dir.path().join("id");
         std::fs::create_dir(&id).unwrap();
         std::fs::write(id.join("hostname"), "mem\n").unwrap();
-        let m = personal::manifest(&path).unwrap();
         let src = Source::open(&path, BmapChoice::Auto).unwrap();
+        let m = personal::manifest(&src).unwrap();
         let dev_size = 16 << 20;
         let req = Request {
             identity: Some(id),

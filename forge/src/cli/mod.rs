@@ -11,7 +11,7 @@ pub mod sign;
 pub mod update;
 pub mod vm;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 
 /// Where a command takes the closure from (image, oci, closure).
 #[derive(clap::Args)]
@@ -76,27 +76,13 @@ macro_rules! out {
 
 /// `123`, `4K`, `512M`, `2G`, `1T` (powers of 1024).
 pub fn parse_bytes(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("{s:?} is not a size"))?;
-    match n.checked_mul(mult) {
-        Some(v) => Ok(v),
-        None => bail!("{s:?} is too large"),
-    }
+    formats::size::parse(s).map_err(anyhow::Error::msg)
 }
 
 /// A size argument for clap's `value_parser` (a bad one exits 2 with
 /// clap's message).
 pub fn size_arg(s: &str) -> Result<u64, String> {
-    parse_bytes(s).map_err(|e| format!("{e:#}"))
+    formats::size::parse(s)
 }
 
 /// A size, or a word (`auto`, `none`) in its place.

@@ -9,10 +9,13 @@ use std::path::{Path, PathBuf};
 
 use super::nixkey::PublicKey;
 
+/// What an image's signature's name adds to the image's.
+pub const SUFFIX: &str = ".sig";
+
 /// `IMAGE.sig` beside `image`.
 pub fn path_for(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
-    s.push(".sig");
+    s.push(SUFFIX);
     PathBuf::from(s)
 }
 

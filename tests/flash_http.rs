@@ -1,0 +1,234 @@
+//! flash from a URL and from stdin (issue 28), against a file server on
+//! 127.0.0.1 (tests/tools/httpserve.py): a `.img.zst` and its bmap
+//! fetched from beside it land as the image, also when the download
+//! drops mid-file and is resumed with a `Range` request; a server without
+//! ranges is read again from the start while nothing is written, and a
+//! drop after the first write ends in wiped tables, exit 1. An image
+//! piped to `flash -` needs its size (`--size` or a bmap).
+
+use nixforge_tests::flashing::*;
+use nixforge_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// A small raw-efi image (about 90 MiB) and its bmap.
+fn small_image(dir: &Path) -> PathBuf {
+    let img = dir.join("disk.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args([
+            "--format",
+            "raw-efi",
+            "--esp-size",
+            "40M",
+            "--state-size",
+            "32M",
+            "-o",
+        ])
+        .arg(&img));
+    img
+}
+
+/// tests/tools/httpserve.py serving `dir` on a free port, stopped on drop.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, args: &[&str]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = dir.join(format!("http-{port}.log"));
+        let mut child = Command::new("python3")
+            .arg(workspace().join("tests/tools/httpserve.py"))
+            .arg(dir)
+            .arg(port.to_string())
+            .arg("--log")
+            .arg(&log)
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Server { child, port, log };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("httpserve.py did not start");
+    }
+    fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A zeroed card of `size` bytes (its backing file).
+fn card(dir: &Path, size: u64) -> PathBuf {
+    let backing = dir.join("card");
+    let _ = std::fs::remove_file(&backing);
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    backing
+}
+
+/// `flash SRC` onto the card (its stdin from `stdin`).
+fn flash_to(card: &Path, src: &str, extra: &[&str], stdin: Option<&Path>) -> Output {
+    let lo = Loop::attach(card, &[]);
+    let mut cmd = flash();
+    cmd.arg(src)
+        .arg(&lo.dev)
+        .args(["--yes", "--allow-non-removable"])
+        .args(extra);
+    if let Some(f) = stdin {
+        cmd.stdin(std::fs::File::open(f).unwrap());
+    }
+    let out = cmd.output().unwrap();
+    drop(lo);
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_zst_image_and_its_bmap_flash_from_a_url_and_a_dropped_download_resumes_with_range() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = small_image(d.path());
+    let size = len(&img);
+    sh(&format!(
+        "zstd -q -3 -T2 -c {} > {}",
+        img.display(),
+        d.path().join("disk.img.zst").display()
+    ));
+    let sum = sha256_file(&img);
+    // The first GET of the .zst drops after 3 MiB (past the first MiB,
+    // so the write has begun); flash resumes it at that byte.
+    let s = Server::start(d.path(), &["--ranges", "--drop-at", &(3 << 20).to_string()]);
+    let card = card(d.path(), size);
+    let o = flash_to(&card, &s.url("disk.img.zst"), &["--sha256", &sum], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256_file(&card), sum);
+    let log = s.log();
+    assert!(log.contains("GET /disk.img.bmap None 200"), "{log}");
+    assert!(log.contains("DROP /disk.img.zst at 3145728"), "{log}");
+    assert!(
+        log.contains("GET /disk.img.zst bytes=3145728- 206"),
+        "resumed where it dropped: {log}"
+    );
+    // A wrong --sha256 of a stream is found as it is written: exit 1,
+    // the card's table (the image's, from the flash above) wiped.
+    let o = flash_to(
+        &card,
+        &s.url("disk.img.zst"),
+        &["--sha256", &"0".repeat(64)],
+        None,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("SHA-256 is") && err.contains(&s.url("disk.img.zst")),
+        "{err}"
+    );
+    assert!(no_table_left(&card), "{err}");
+    // A missing image is one line naming it, nothing written.
+    let before = sha256_file(&card);
+    let o = flash_to(&card, &s.url("gone.img"), &[], None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("gone.img") && err.contains("404"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(sha256_file(&card), before);
+}
+
+#[test]
+fn a_server_without_ranges_is_read_again_before_the_first_write_and_fails_cleanly_after() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = small_image(d.path());
+    let size = len(&img);
+    // Dropped inside the first MiB, read while nothing is written: the
+    // download starts over and the card gets the image.
+    let early = Server::start(d.path(), &["--drop-at", &(512 << 10).to_string()]);
+    let card = card(d.path(), size);
+    let o = flash_to(&card, &early.url("disk.img"), &["--no-bmap"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256_file(&card), sha256_file(&img));
+    assert_eq!(
+        early.log().matches("GET /disk.img None 200").count(),
+        2,
+        "{}",
+        early.log()
+    );
+    // Dropped at 16 MiB, after writing began: no range to resume with, so
+    // the write fails with its tables wiped (exit 1): the image's, there
+    // from the flash above.
+    let late = Server::start(d.path(), &["--drop-at", &(16 << 20).to_string()]);
+    let o = flash_to(&card, &late.url("disk.img"), &[], None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("Range") && err.contains("16777216"), "{err}");
+    assert!(no_table_left(&card), "{err}");
+}
+
+#[test]
+fn an_image_on_stdin_needs_its_size_and_lands_whole() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = small_image(d.path());
+    let size = len(&img);
+    let xz = d.path().join("piped.xz");
+    sh(&format!(
+        "xz -0 -T2 -c {} > {}",
+        img.display(),
+        xz.display()
+    ));
+    let card = card(d.path(), size);
+    stale_file(&card, size);
+    let before = sha256_file(&card);
+    // No bmap beside stdin and no --size: refused, nothing written.
+    let o = flash_to(&card, "-", &[], Some(&xz));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("stdin") && err.contains("--size"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // A --size other than the bmap's: refused.
+    let bmap = d.path().join("disk.img.bmap");
+    let b = bmap.to_str().unwrap();
+    let o = flash_to(&card, "-", &["--bmap", b, "--size", "1M"], Some(&xz));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--size"), "{err}");
+    assert_eq!(sha256_file(&card), before, "refused, yet written");
+    // With --size: every byte, the image; with the bmap: its ranges.
+    let o = flash_to(&card, "-", &["--size", &size.to_string()], Some(&xz));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256_file(&card), sha256_file(&img));
+    let o = flash_to(
+        &card,
+        "-",
+        &["--bmap", b, "--sha256", &sha256_file(&img)],
+        Some(&xz),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256_file(&card), sha256_file(&img));
+}
