@@ -42,6 +42,8 @@ mod release;
 mod sd;
 #[path = "signing.rs"]
 mod signing;
+#[path = "station.rs"]
+mod station;
 #[path = "trust.rs"]
 mod trust;
 #[path = "uki.rs"]

@@ -11,23 +11,6 @@ use nixforge_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-/// A small raw-efi image (about 90 MiB) and its bmap.
-fn small_image(dir: &Path) -> PathBuf {
-    let img = dir.join("disk.img");
-    ok(forge_image_of(&system("x86_64"))
-        .args([
-            "--format",
-            "raw-efi",
-            "--esp-size",
-            "40M",
-            "--state-size",
-            "32M",
-            "-o",
-        ])
-        .arg(&img));
-    img
-}
-
 /// tests/tools/httpserve.py serving `dir` on a free port, stopped on drop.
 struct Server {
     child: Child,
@@ -113,7 +96,7 @@ fn stderr(o: &Output) -> String {
 fn a_zst_image_and_its_bmap_flash_from_a_url_and_a_dropped_download_resumes_with_range() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let img = small_image(d.path());
+    let img = small_raw_efi(d.path());
     let size = len(&img);
     sh(&format!(
         "zstd -q -3 -T2 -c {} > {}",
@@ -164,7 +147,7 @@ fn a_zst_image_and_its_bmap_flash_from_a_url_and_a_dropped_download_resumes_with
 fn a_server_without_ranges_is_read_again_before_the_first_write_and_fails_cleanly_after() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let img = small_image(d.path());
+    let img = small_raw_efi(d.path());
     let size = len(&img);
     // Dropped inside the first MiB, read while nothing is written: the
     // download starts over and the card gets the image.
@@ -194,7 +177,7 @@ fn a_server_without_ranges_is_read_again_before_the_first_write_and_fails_cleanl
 fn an_image_on_stdin_needs_its_size_and_lands_whole() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let img = small_image(d.path());
+    let img = small_raw_efi(d.path());
     let size = len(&img);
     let xz = d.path().join("piped.xz");
     sh(&format!(

@@ -11,24 +11,6 @@ use nixforge_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-/// A small raw-efi image (about 90 MiB) and its bmap, so that compressing
-/// it is quick.
-fn small_image(dir: &Path) -> std::path::PathBuf {
-    let img = dir.join("disk.img");
-    ok(forge_image_of(&system("x86_64"))
-        .args([
-            "--format",
-            "raw-efi",
-            "--esp-size",
-            "40M",
-            "--state-size",
-            "32M",
-            "-o",
-        ])
-        .arg(&img));
-    img
-}
-
 /// `img` compressed by `cmd` (a shell command reading stdin) into `name`.
 fn compressed(img: &Path, cmd: &str, name: &str) -> std::path::PathBuf {
     let out = img.with_file_name(name);
@@ -62,7 +44,7 @@ fn flash_to_stale(src: &Path, backing: &Path, size: u64, extra: &[&str]) -> Resu
 fn xz_gzip_and_bzip2_images_flash_to_the_raw_image_and_truncated_ones_are_refused() {
     let _g = privileged();
     let d = tempfile::tempdir().unwrap();
-    let img = small_image(d.path());
+    let img = small_raw_efi(d.path());
     let size = len(&img);
     let backing = d.path().join("card");
     for (cmd, name) in [

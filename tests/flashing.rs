@@ -145,3 +145,21 @@ pub fn no_table_left(p: &Path) -> bool {
 pub fn verified_bytes(written: u64, gpt_moved: bool, sector: u64) -> u64 {
     written + if gpt_moved { 16384 + sector } else { 0 }
 }
+
+/// A small raw-efi image of the x86_64 fixture (about 90 MiB: a 40 MiB
+/// ESP, a 32 MiB state partition) with its bmap and layout manifest.
+pub fn small_raw_efi(dir: &Path) -> PathBuf {
+    let img = dir.join("disk.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args([
+            "--format",
+            "raw-efi",
+            "--esp-size",
+            "40M",
+            "--state-size",
+            "32M",
+            "-o",
+        ])
+        .arg(&img));
+    img
+}

@@ -13,7 +13,8 @@
 //! `device` opens a checked disk (the [`device::BlockDevice`] seam, which
 //! `memdisk` also implements for tests); `write` writes to every device
 //! from one read (first MiB last) and verifies by reading back; `ioctl`
-//! holds the only unsafe code. Nothing here prints: progress goes through
+//! holds the only unsafe code. `station` flashes every device that
+//! appears, each with the next identity. Nothing here prints: progress goes through
 //! [`Progress`], which the binary implements.
 
 pub mod codec;
@@ -32,6 +33,7 @@ pub mod provision;
 pub mod refusal;
 pub mod session;
 pub mod source;
+pub mod station;
 pub mod trust;
 pub mod write;
 

@@ -9,6 +9,8 @@ mod docs;
 mod progress;
 mod provision;
 mod report;
+mod station;
+mod table;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
@@ -187,6 +189,9 @@ enum Cmd {
         #[command(flatten)]
         trust: TrustArgs,
     },
+    /// Flash every block device that appears after the start, each with
+    /// the next unused identity, several at once (a bench station).
+    Station(station::StationArgs),
     /// Print the shell completion script for SHELL.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -262,6 +267,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             verify_cmd(&image, &device, src, allow_non_removable, except_state)
         }
+        Some(Cmd::Station(a)) => station::run(a),
         Some(Cmd::Completions { shell }) => {
             docs::completions(Cli::command(), shell)?;
             Ok(ExitCode::SUCCESS)
@@ -362,7 +368,7 @@ fn write_cmd(a: WriteArgs) -> Result<ExitCode> {
     let mut worst: Option<anyhow::Error> = None;
     for w in s.write(opened, &opts, &bars) {
         match &w.result {
-            Ok(o) => reports.push(report::done(&w, o, signed.as_ref(), &bars)),
+            Ok(o) => reports.push(report::done(&w, o, signed.as_ref(), &|l| bars.println(l))),
             Err(e) => {
                 eprintln!("error: {e:#}");
                 reports.push(serde_json::json!({ "device": w.target.disk.path, "ok": false, "error": format!("{e:#}") }));

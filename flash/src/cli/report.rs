@@ -4,13 +4,17 @@ use flash::session::Written;
 use flash::trust::Signed;
 use flash::write::Outcome;
 
-use super::progress::Bars;
-
-/// The lines of a device written, printed above the bars; its JSON.
-pub fn done(w: &Written, o: &Outcome, signed: Option<&Signed>, bars: &Bars) -> serde_json::Value {
+/// The lines of a device written, said through `say` (above the bars);
+/// its JSON.
+pub fn done(
+    w: &Written,
+    o: &Outcome,
+    signed: Option<&Signed>,
+    say: &dyn Fn(&str),
+) -> serde_json::Value {
     let probe = if w.probed { "passed" } else { "not probed" };
     if let Some(p) = &w.provisioned {
-        bars.println(&format!(
+        say(&format!(
             "flash: {}: {}state partition {} bytes{}{}",
             o.device,
             w.identity
@@ -28,7 +32,7 @@ pub fn done(w: &Written, o: &Outcome, signed: Option<&Signed>, bars: &Bars) -> s
                 .unwrap_or_default()
         ));
     }
-    bars.println(&format!(
+    say(&format!(
         "flash: {}: wrote {} bytes, skipped {}, verified {}, {:.1} s, {:.0} MB/s, fake-capacity probe {probe}{}",
         o.device,
         o.written,
