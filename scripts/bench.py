@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import (REPO, FORGE, FLASH, sh, worse, measure,  # noqa: E402
                       measure_pair, measure_group, disk_limit, disk_rate)
 from bench_formats import formats_bench  # noqa: E402
+from bench_sources import sources_bench  # noqa: E402
 
 
 def corpus(out, mib, fixtures):
@@ -42,7 +43,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,fleet,info,oci,flash,provision",
+    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,fleet,info,oci,flash,sources,provision",
                     help="comma-separated sections to run; `base` alone: only the comparison with --base")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -95,6 +96,8 @@ def main():
         oci_bench(res, c, top, a, w)
     if "flash" in only:
         flash_bench(res, c, top, a, w)
+    if "sources" in only:
+        sources_bench(res, c, top, a, w)
     if "provision" in only:
         provision_bench(res, c, top, a, w)
     report(res, a, out)
@@ -739,6 +742,10 @@ def report(res, a, out):
          "formats: tar of the closure | xz -6 -T0", "(none)"),
         ("forge GCE / raw + tar -Sczf", "formats: forge GCE .tar.gz",
          "formats: forge raw (--disk-size GiB) + tar --format=oldgnu -Sczf (GCE)", "(none)"),
+        ("flash from a URL / from the file, alternated", "sources: flash http://127.0.0.1 URL (write + verify)",
+         "sources: flash FILE (write + verify)", "≤ 1.1"),
+        ("flash .img.xz / xz -dc | dd, alternated", "sources: flash .img.xz (write + verify)",
+         "sources: xz -dc | dd oflag=direct", "≤ 0.8"),
         ("flash+verify / dd", "flash (write + verify)", "dd bs=4M oflag=direct conv=fsync", "≤ 1.0"),
         ("flash+verify / bmaptool copy", "flash (write + verify)", "bmaptool copy", "≤ 0.8"),
         ("flash --trust (signed) + verify / dd, alternated", "signed: flash --trust (write + verify)",

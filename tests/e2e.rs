@@ -34,6 +34,8 @@ mod lxc;
 mod nix;
 #[path = "oci.rs"]
 mod oci;
+#[path = "progress.rs"]
+mod progress;
 #[path = "provision.rs"]
 mod provision;
 #[path = "release.rs"]

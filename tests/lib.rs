@@ -659,3 +659,36 @@ pub fn openssl_verifies(dir: &Path, pk: &str, message: &Path, sig: &str) -> bool
         .status
         .success()
 }
+
+/// A detached tmux session running `cmd` in a 200×50 terminal, killed
+/// on drop.
+pub struct Tmux(String);
+
+impl Tmux {
+    pub fn start(name: &str, cmd: &str) -> Tmux {
+        ok(Command::new("tmux").args([
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "200",
+            "-y",
+            "50",
+            cmd,
+        ]));
+        Tmux(name.to_string())
+    }
+    /// The visible screen, as text.
+    pub fn screen(&self) -> String {
+        ok(Command::new("tmux").args(["capture-pane", "-p", "-t", &self.0]))
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.0])
+            .output();
+    }
+}

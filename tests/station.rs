@@ -32,36 +32,6 @@ fn report_lines(p: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-struct Tmux(String);
-
-impl Tmux {
-    fn start(name: &str, cmd: &str) -> Tmux {
-        ok(Command::new("tmux").args([
-            "new-session",
-            "-d",
-            "-s",
-            name,
-            "-x",
-            "200",
-            "-y",
-            "50",
-            cmd,
-        ]));
-        Tmux(name.to_string())
-    }
-    fn screen(&self) -> String {
-        ok(Command::new("tmux").args(["capture-pane", "-p", "-t", &self.0]))
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = Command::new("tmux")
-            .args(["kill-session", "-t", &self.0])
-            .output();
-    }
-}
-
 #[test]
 fn a_station_flashes_each_new_card_with_the_next_identity_and_never_one_present_at_the_start() {
     let _g = privileged();

@@ -27,4 +27,19 @@ pub trait Progress {
     /// A scratch directory the work is filling, to remove if the process
     /// is interrupted (None: no longer any).
     fn scratch(&self, _dir: Option<&std::path::Path>) {}
+    /// A count of the bytes a long step (`what`) writes, for a bar; None
+    /// when nobody watches.
+    fn bytes(&self, _what: &str) -> Option<std::sync::Arc<dyn Bytes>> {
+        None
+    }
+}
+
+/// The bytes of one long step (see [`Progress::bytes`]), counted from
+/// the threads doing it.
+pub trait Bytes: Send + Sync {
+    /// How many bytes the step will write.
+    fn total(&self, n: u64);
+    fn add(&self, n: u64);
+    /// The step is done.
+    fn done(&self);
 }

@@ -38,6 +38,11 @@ Exit status: 0 done, 1 failed (one line on stderr says why), 2 bad arguments"
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// No stage lines or progress bars (warnings and errors are still
+    /// printed). On a terminal long steps show a bar; piped, a line per
+    /// stage.
+    #[arg(long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +121,7 @@ struct ClosureArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    cli::stages::set_quiet(cli.quiet);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that stopped early (`forge closure … | head`) is not

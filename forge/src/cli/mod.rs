@@ -8,8 +8,11 @@ pub mod image;
 pub mod lxc;
 pub mod oci;
 pub mod sign;
+pub mod stages;
 pub mod update;
 pub mod vm;
+
+pub use stages::Stages;
 
 use anyhow::Result;
 
@@ -116,29 +119,13 @@ pub fn sector_size(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Stage lines on stderr, one per stage, with the time since the start.
-/// Built with the `test-hooks` feature only (`make test`, never `make
-/// build` or the Nix package): `NIXFORGE_FORGE_PAUSE=TEXT` holds the run
-/// at the first stage whose line contains TEXT (to interrupt it at a
-/// known moment).
-pub struct Stages(std::time::Instant, Option<String>);
-
-impl Stages {
-    pub fn new() -> Stages {
-        #[cfg(feature = "test-hooks")]
-        let pause = std::env::var("NIXFORGE_FORGE_PAUSE").ok();
-        #[cfg(not(feature = "test-hooks"))]
-        let pause = None;
-        Stages(std::time::Instant::now(), pause)
-    }
-}
-
 /// The scratch directory of the running command, removed on SIGINT or
 /// SIGTERM before exiting 130 or 143 (SIGKILL leaves it, hidden and named
 /// for its process; the next run removes it).
-static SCRATCH: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+pub(crate) static SCRATCH: std::sync::Mutex<Option<std::path::PathBuf>> =
+    std::sync::Mutex::new(None);
 
-fn watch_signals() {
+pub(crate) fn watch_signals() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         use signal_hook::consts::{SIGINT, SIGTERM};
@@ -160,29 +147,4 @@ fn watch_signals() {
             }
         });
     });
-}
-
-impl forge::Progress for Stages {
-    fn scratch(&self, dir: Option<&std::path::Path>) {
-        if dir.is_some() {
-            watch_signals();
-        }
-        if let Ok(mut s) = SCRATCH.lock() {
-            *s = dir.map(|d| d.to_path_buf());
-        }
-    }
-
-    fn warn(&self, what: &str) {
-        eprintln!("warning: {what}");
-    }
-
-    fn stage(&self, what: &str) {
-        eprintln!("forge: [{:6.2}s] {what}", self.0.elapsed().as_secs_f64());
-        if self.1.as_deref().is_some_and(|p| what.contains(p)) {
-            eprintln!("forge: paused");
-            loop {
-                std::thread::sleep(std::time::Duration::from_secs(60));
-            }
-        }
-    }
 }

@@ -6,6 +6,7 @@
 //! A new container is one new file here plus a line in [`Kind::for_output`].
 
 mod gce;
+mod metered;
 mod ova;
 mod qcow2;
 mod raw;
@@ -13,6 +14,8 @@ mod vhd;
 mod vhdx;
 mod vmdk;
 mod zstd;
+
+pub use metered::metered;
 
 use std::fs::File;
 use std::io;

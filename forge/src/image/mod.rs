@@ -580,6 +580,7 @@ fn write_image(
     let container = kind
         .open(out.file(), &tmp, &settings)
         .with_context(writing)?;
+    let container = container::metered(container, progress, &writing());
     let mut w = ImageOut::new(container, hashes).with_context(writing)?;
     placed
         .write(&mut w, &mut |s| progress.stage(s))

@@ -1,0 +1,52 @@
+//! forge's progress (issue 28): on a terminal (tmux) the image's bytes
+//! show as a bar; piped (as in CI) a line per stage and no escape codes;
+//! `--quiet` prints nothing.
+
+use nixforge_tests::*;
+use std::time::{Duration, Instant};
+
+#[test]
+fn forge_shows_a_bar_on_a_terminal_stage_lines_when_piped_and_nothing_with_quiet() {
+    let d = tempfile::tempdir().unwrap();
+    let sys = system("x86_64");
+    let img = d.path().join("bar.img");
+    let cmd = format!(
+        "{} image {} --root {} --format raw-efi -o {}; echo exited $?; sleep 600",
+        bin("forge").display(),
+        sys.result.display(),
+        sys.root.display(),
+        img.display()
+    );
+    let t = Tmux::start(&format!("forge-bar-{}", std::process::id()), &cmd);
+    let start = Instant::now();
+    while !t.screen().contains("exited") {
+        assert!(start.elapsed() < Duration::from_secs(120), "{}", t.screen());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let screen = t.screen();
+    assert!(screen.contains("exited 0"), "{screen}");
+    let bar = screen
+        .lines()
+        .find(|l| l.starts_with(&format!("forge: writing {}", img.display())))
+        .unwrap_or_else(|| panic!("no bar: {screen}"));
+    assert!(bar.contains("[=====") && bar.contains("MiB/s"), "{bar}");
+    assert!(screen.contains("done: "), "{screen}");
+    // Piped: the stage lines, no escape codes.
+    let out = forge_image_of(&sys)
+        .args(["--format", "raw-efi", "-o"])
+        .arg(d.path().join("piped.img"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("forge: [") && err.contains("done: "), "{err}");
+    assert!(!err.contains('\u{1b}'), "escape codes when piped: {err:?}");
+    // --quiet: nothing at all.
+    let out = forge_image_of(&sys)
+        .args(["--format", "raw-efi", "--quiet", "-o"])
+        .arg(d.path().join("quiet.img"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
