@@ -118,6 +118,19 @@ fn a_zst_image_and_its_bmap_flash_from_a_url_and_a_dropped_download_resumes_with
         log.contains("GET /disk.img.zst bytes=3145728- 206"),
         "resumed where it dropped: {log}"
     );
+    // The raw image by its bmap: the long gaps between mapped ranges are
+    // skipped with Range requests, not downloaded.
+    let zero = card.with_file_name("zero-card");
+    std::fs::File::create(&zero).unwrap().set_len(size).unwrap();
+    let o = flash_to(&zero, &s.url("disk.img"), &[], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256_file(&zero), sum);
+    let skips = s
+        .log()
+        .lines()
+        .filter(|l| l.starts_with("GET /disk.img bytes=") && !l.contains("bytes=3145728-"))
+        .count();
+    assert!(skips > 0, "no gap skipped: {}", s.log());
     // A wrong --sha256 of a stream is found as it is written: exit 1,
     // the card's table (the image's, from the flash above) wiped.
     let o = flash_to(

@@ -131,23 +131,12 @@ impl Body {
         }
         self.resumed += 1;
         if self.ranges {
-            let resp = get(&self.url, at).map_err(|e| fail(format!("{e:#}")))?;
-            let start = resp
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.parse::<u64>().ok());
-            if resp.status().as_u16() != 206 || start != Some(at) {
-                return Err(fail(format!(
-                    "{}: {why} at byte {at}, and the server did not resume there (answered {})",
-                    self.url,
-                    resp.status().as_u16()
-                )));
-            }
-            self.inner = Box::new(resp.into_body().into_reader());
-            return Ok(());
+            return self.reopen().map_err(|answer| {
+                fail(format!(
+                    "{}: {why} at byte {at}, and the server did not resume there ({answer})",
+                    self.url
+                ))
+            });
         }
         if self.committed.load(Ordering::SeqCst) {
             return Err(fail(format!(
@@ -168,6 +157,49 @@ impl Body {
         io::copy(&mut inner.by_ref().take(at), &mut io::sink())?;
         self.inner = inner;
         Ok(())
+    }
+}
+
+impl Body {
+    /// A new GET from `self.pos` (a Range request); what the server
+    /// said when it did not answer with those bytes.
+    fn reopen(&mut self) -> Result<(), String> {
+        let at = self.pos;
+        let resp = get(&self.url, at).map_err(|e| format!("{e:#}"))?;
+        let start = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|v| v.parse::<u64>().ok());
+        if resp.status().as_u16() != 206 || start != Some(at) {
+            return Err(format!("answered {}", resp.status().as_u16()));
+        }
+        self.inner = Box::new(resp.into_body().into_reader());
+        Ok(())
+    }
+}
+
+/// Gaps at least this long are skipped with a Range request rather than
+/// downloaded.
+const SKIP_BY_RANGE: u64 = 8 << 20;
+
+impl crate::origin::InOrder for Body {
+    /// A long gap (a bmap's unmapped range) is not downloaded where the
+    /// server takes ranges: the next GET starts after it.
+    fn skip(&mut self, n: u64) -> io::Result<()> {
+        if !self.ranges || n < SKIP_BY_RANGE {
+            io::copy(&mut self.by_ref().take(n), &mut io::sink())?;
+            return Ok(());
+        }
+        self.pos += n;
+        self.reopen().map_err(|answer| {
+            io::Error::other(format!(
+                "{}: skipping to byte {}: {answer}",
+                self.url, self.pos
+            ))
+        })
     }
 }
 

@@ -21,9 +21,54 @@ pub enum Origin {
     Stdin,
 }
 
+/// Bytes read in order, which may move ahead more cheaply than by
+/// reading (a download skips a gap with a Range request).
+pub trait InOrder: Read + Send {
+    /// Move `n` bytes ahead; the bytes are not wanted.
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        std::io::copy(&mut self.take(n), &mut std::io::sink())?;
+        Ok(())
+    }
+}
+
+/// Any reader, skipping by reading.
+pub struct Plain(pub Box<dyn Read + Send>);
+
+impl Read for Plain {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl InOrder for Plain {}
+
+/// Bytes already read (a stream's head), then the rest of the stream.
+pub struct Joined {
+    pub head: std::io::Cursor<Vec<u8>>,
+    pub rest: Box<dyn InOrder>,
+}
+
+impl Read for Joined {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.head.read(buf)? {
+            0 => self.rest.read(buf),
+            n => Ok(n),
+        }
+    }
+}
+
+impl InOrder for Joined {
+    fn skip(&mut self, n: u64) -> std::io::Result<()> {
+        let left = self.head.get_ref().len() as u64 - self.head.position();
+        let from_head = n.min(left);
+        self.head.set_position(self.head.position() + from_head);
+        self.rest.skip(n - from_head)
+    }
+}
+
 /// An origin's bytes from the start.
 pub struct Opened {
-    pub body: Box<dyn Read + Send>,
+    pub body: Box<dyn InOrder>,
     /// Its length, when known before reading it (a file's, a server's
     /// Content-Length).
     pub len: Option<u64>,
@@ -67,7 +112,7 @@ impl Origin {
                 let f = File::open(p).with_context(|| p.display().to_string())?;
                 let len = f.metadata().with_context(|| p.display().to_string())?.len();
                 Opened {
-                    body: Box::new(f),
+                    body: Box::new(Plain(Box::new(f))),
                     len: Some(len),
                     committed: None,
                 }
@@ -81,7 +126,7 @@ impl Origin {
                 }
             }
             Origin::Stdin => Opened {
-                body: Box::new(std::io::stdin()),
+                body: Box::new(Plain(Box::new(std::io::stdin()))),
                 len: None,
                 committed: None,
             },

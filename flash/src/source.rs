@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub use crate::codec::Codec;
-use crate::origin::Origin;
+use crate::origin::{InOrder, Joined, Origin, Plain};
 
 use formats::bmap::{self, Bmap};
 use formats::manifest::{Disk, ManifestError};
@@ -38,7 +38,7 @@ pub struct Source {
     /// The first MiB of the (decompressed) image, or all of a shorter one.
     first: Vec<u8>,
     /// A stream's (decompressed) bytes past `first`, for its one reader.
-    rest: Mutex<Option<Box<dyn Read + Send>>>,
+    rest: Mutex<Option<Box<dyn InOrder>>>,
     /// Set when a stream's reader is taken: bytes may reach a device.
     committed: Option<Arc<AtomicBool>>,
     /// A stream's expected SHA-256 (hex), checked as it is read.
@@ -245,10 +245,13 @@ impl Source {
             src.first = src.head(FIRST)?;
         } else {
             // A stream: its first MiB now, the rest kept for the reader.
-            let joined: Box<dyn Read + Send> = Box::new(Cursor::new(magic).chain(body));
-            let mut bytes = match codec {
-                Some(c) => c.decoder(joined)?,
-                None => joined,
+            let joined = Joined {
+                head: Cursor::new(magic),
+                rest: body,
+            };
+            let mut bytes: Box<dyn InOrder> = match codec {
+                Some(c) => Box::new(Plain(c.decoder(joined)?)),
+                None => Box::new(joined),
             };
             bytes
                 .by_ref()
@@ -314,7 +317,7 @@ impl Source {
         let body = self.origin.open()?.body;
         match self.codec {
             Some(c) => c.decoder(body),
-            None => Ok(body),
+            None => Ok(Box::new(body)),
         }
     }
 
@@ -344,7 +347,9 @@ impl Source {
             Some(p) => {
                 let file = File::open(p).with_context(|| p.display().to_string())?;
                 let dec = match self.codec {
-                    Some(c) => Some(c.decoder(file.try_clone()?)?),
+                    Some(c) => {
+                        Some(Box::new(Plain(c.decoder(file.try_clone()?)?)) as Box<dyn InOrder>)
+                    }
                     None => None,
                 };
                 (Some(file), dec)
@@ -357,8 +362,10 @@ impl Source {
                 if let Some(c) = &self.committed {
                     c.store(true, Ordering::SeqCst);
                 }
-                let all: Box<dyn Read + Send> =
-                    Box::new(Cursor::new(self.first.clone()).chain(rest));
+                let all: Box<dyn InOrder> = Box::new(Joined {
+                    head: Cursor::new(self.first.clone()),
+                    rest,
+                });
                 (None, Some(all))
             }
         };
@@ -536,7 +543,7 @@ pub struct Reader<'a> {
     sum: Option<RangeCheck>,
     /// A file read at any offset (raw), or the bytes in order.
     file: Option<File>,
-    dec: Option<Box<dyn Read + Send>>,
+    dec: Option<Box<dyn InOrder>>,
     /// A stream's whole-image SHA-256 so far, when one is expected.
     whole: Option<Sha256>,
     /// Decompressed position, for a compressed source.
@@ -647,8 +654,7 @@ impl Reader<'_> {
     fn skip(&mut self, n: u64) -> std::io::Result<()> {
         let d = self.dec.as_mut().expect("bytes in order");
         let Some(h) = self.whole.as_mut() else {
-            std::io::copy(&mut d.by_ref().take(n), &mut std::io::sink())?;
-            return Ok(());
+            return d.skip(n);
         };
         let mut buf = vec![0u8; (n as usize).min(1 << 20)];
         let mut left = n;
