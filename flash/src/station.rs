@@ -65,20 +65,40 @@ pub enum Event<'a> {
     },
 }
 
-/// A card's key: its serial, or a loop device's backing file.
+/// A card's key: its serial (the disk's, an SD card's CID, or the USB
+/// device's serial above a reader's disk), or a loop device's backing
+/// file; else its path.
 pub fn card_key(host: &Host, disk: &Disk) -> String {
     if !disk.serial.is_empty() {
         return disk.serial.clone();
     }
-    let name = disk.path.file_name().unwrap_or_default();
-    let backing = host
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let sys = host
         .root
         .join("sys/block")
-        .join(name)
-        .join("loop/backing_file");
-    match std::fs::read_to_string(backing) {
-        Ok(b) if !b.trim().is_empty() => format!("loop:{}", b.trim()),
-        _ => format!("device:{}", disk.path.display()),
+        .join(disk.path.file_name().unwrap_or_default());
+    if let Some(cid) = read(&sys.join("device/cid")) {
+        return format!("mmc:{cid}");
+    }
+    // A USB reader's disk sits a few levels below the USB device, which
+    // has the serial.
+    if let Ok(dev) = std::fs::canonicalize(sys.join("device")) {
+        let usb = dev
+            .ancestors()
+            .take(8)
+            .find_map(|a| read(&a.join("serial")).filter(|_| a.join("idVendor").exists()));
+        if let Some(s) = usb {
+            return format!("usb:{s}");
+        }
+    }
+    match read(&sys.join("loop/backing_file")) {
+        Some(b) => format!("loop:{b}"),
+        None => format!("device:{}", disk.path.display()),
     }
 }
 
@@ -352,9 +372,51 @@ impl Progress for Labelled<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A disk named `name` under a fake root, its sysfs `device` a link to
+    /// `dev` (made, relative to the root).
+    fn disk_at(root: &Path, name: &str, dev: &str) -> Disk {
+        let block = root.join("sys/block").join(name);
+        std::fs::create_dir_all(&block).unwrap();
+        std::fs::create_dir_all(root.join(dev)).unwrap();
+        std::os::unix::fs::symlink(root.join(dev), block.join("device")).unwrap();
+        Disk {
+            path: PathBuf::from("/dev").join(name),
+            ..Disk::default()
+        }
+    }
+
+    #[test]
+    fn cards_are_known_by_the_sd_cid_the_usb_serial_or_the_loop_backing() {
+        let t = tempfile::tempdir().unwrap();
+        let host = Host {
+            root: t.path().into(),
+        };
+        let mmc = "sys/devices/mmc0/mmc0:0001";
+        let sd = disk_at(t.path(), "mmcblk0", mmc);
+        std::fs::write(t.path().join(mmc).join("cid"), "035344534c33324780f3\n").unwrap();
+        assert_eq!(card_key(&host, &sd), "mmc:035344534c33324780f3");
+        let usb = "sys/devices/pci0/usb1/1-1";
+        let below = format!("{usb}/1-1:1.0/host0/target0:0:0/0:0:0:0");
+        let stick = disk_at(t.path(), "sdb", &below);
+        std::fs::write(t.path().join(usb).join("serial"), "4C530001\n").unwrap();
+        std::fs::write(t.path().join(usb).join("idVendor"), "0781\n").unwrap();
+        assert_eq!(card_key(&host, &stick), "usb:4C530001");
+        let lo = disk_at(t.path(), "loop3", "sys/devices/virtual/block/loop3");
+        let backing = t.path().join("sys/block/loop3/loop");
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::write(backing.join("backing_file"), "/srv/card.img\n").unwrap();
+        assert_eq!(card_key(&host, &lo), "loop:/srv/card.img");
+        let own = Disk {
+            serial: "ABC".into(),
+            ..stick
+        };
+        assert_eq!(card_key(&host, &own), "ABC");
+    }
+
     #[test]
     fn globs_match_whole_names() {
-        use super::glob;
         assert!(glob("loop*", "loop12"));
         assert!(glob("usb-*SD*", "usb-Generic_SD_Reader_0001-0:0"));
         assert!(glob("sd?", "sdb") && !glob("sd?", "sdb1"));

@@ -30,16 +30,17 @@ pub struct StationArgs {
     /// order (those the report already gave to a card are skipped).
     #[arg(long, value_name = "DIR")]
     identities: PathBuf,
-    /// Only devices whose name (sdb, loop3), /dev/disk/by-id name or
-    /// serial (a loop device: loop:BACKING-FILE) matches GLOB (* and ?);
-    /// repeatable. Auto-flashing is only safe on a reader chosen for it.
+    /// Only devices whose name (sdb, loop3), /dev/disk/by-id name or card
+    /// key (serial, mmc:CID, usb:SERIAL, loop:BACKING-FILE) matches GLOB
+    /// (* and ?); repeatable. Auto-flashing is only safe on a reader
+    /// chosen for it.
     #[arg(long = "match", value_name = "GLOB")]
     matches: Vec<String>,
     /// Stop once N cards are written.
     #[arg(long, value_name = "N")]
     count: Option<usize>,
     /// Append one JSON line per card to FILE; cards it lists as written
-    /// (by serial, a loop device by its backing file) are not flashed again.
+    /// (by card key, see --match) are not flashed again.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
     /// Flash a card the report already lists as written.

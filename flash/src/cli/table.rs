@@ -1,7 +1,9 @@
-//! `flash station`'s live table on a terminal: one row per card (device,
-//! identity, phase, progress, rate, result), redrawn in place a few times
-//! a second, lines printed above it; without a terminal, plain lines (a
-//! card's start and its result), no escape codes.
+//! `flash station`'s live table on a terminal: one row per card in flight
+//! (device, identity, phase, progress, rate), redrawn in place a few
+//! times a second; a card's row with its result is printed above the
+//! table once it is done (so fifty cards do not outgrow the screen), as
+//! are other lines. Without a terminal, plain lines (a card's result), no
+//! escape codes.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +45,9 @@ impl Row {
 
 #[derive(Default)]
 struct State {
-    rows: Vec<Row>,
+    /// The cards in flight, by when they started.
+    rows: std::collections::BTreeMap<usize, Row>,
+    next: usize,
     /// Lines of the table now on the screen.
     drawn: usize,
 }
@@ -58,7 +62,7 @@ impl State {
     }
     fn draw(&mut self, out: &mut impl Write) {
         self.clear(out);
-        for r in &self.rows {
+        for r in self.rows.values() {
             let _ = writeln!(out, "{}", r.line());
         }
         self.drawn = self.rows.len();
@@ -131,18 +135,23 @@ impl flash::Progress for Table {
     fn meter(&self, device: &str) -> Box<dyn flash::Meter> {
         let (dev, id) = device.split_once(' ').unwrap_or((device, ""));
         let mut s = lock(&self.state);
-        s.rows.push(Row {
-            device: dev.to_string(),
-            identity: id.to_string(),
-            phase: "opening",
-            done: 0,
-            total: 0,
-            start: Instant::now(),
-            result: None,
-        });
+        let index = s.next;
+        s.next += 1;
+        s.rows.insert(
+            index,
+            Row {
+                device: dev.to_string(),
+                identity: id.to_string(),
+                phase: "opening",
+                done: 0,
+                total: 0,
+                start: Instant::now(),
+                result: None,
+            },
+        );
         Box::new(RowMeter {
             state: self.state.clone(),
-            index: s.rows.len() - 1,
+            index,
             tty: self.tty,
         })
     }
@@ -150,19 +159,29 @@ impl flash::Progress for Table {
 
 impl flash::Meter for RowMeter {
     fn phase(&self, phase: &'static str, total: u64) {
-        let mut s = lock(&self.state);
-        let r = &mut s.rows[self.index];
-        (r.phase, r.total, r.done, r.start) = (phase, total, 0, Instant::now());
+        if let Some(r) = lock(&self.state).rows.get_mut(&self.index) {
+            (r.phase, r.total, r.done, r.start) = (phase, total, 0, Instant::now());
+        }
     }
     fn add(&self, n: u64) {
-        lock(&self.state).rows[self.index].done += n;
+        if let Some(r) = lock(&self.state).rows.get_mut(&self.index) {
+            r.done += n;
+        }
     }
+    /// The card's row, with its result, leaves the table for good.
     fn finish(&self, how: &str) {
         let mut s = lock(&self.state);
-        let r = &mut s.rows[self.index];
+        let Some(mut r) = s.rows.remove(&self.index) else {
+            return;
+        };
         r.result = Some(how.to_string());
-        if !self.tty {
-            eprintln!("flash station: {} {}: {how}", r.device, r.identity);
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            s.clear(&mut err);
+            let _ = writeln!(err, "{}", r.line());
+            s.draw(&mut err);
+        } else {
+            let _ = writeln!(err, "flash station: {} {}: {how}", r.device, r.identity);
         }
     }
 }
