@@ -170,3 +170,41 @@ fn a_station_flashes_each_new_card_with_the_next_identity_and_never_one_present_
         read()
     );
 }
+
+#[test]
+fn ctrl_c_stops_the_station_and_the_card_in_flight_is_left_with_no_table() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let img = small_raw_efi(dir);
+    std::fs::create_dir_all(dir.join("ids/a")).unwrap();
+    // The card holds a whole image (a valid table) before the station
+    // starts on it.
+    let card = dir.join("card1");
+    std::fs::copy(&img, &card).unwrap();
+    let log = dir.join("station.log");
+    let mut child = flash()
+        .arg("station")
+        .arg(&img)
+        .arg("--identities")
+        .arg(dir.join("ids"))
+        .arg("--match")
+        .arg(format!("loop:{}/card*", dir.display()))
+        .args(["--yes", "--allow-non-removable"])
+        .env("NIXFORGE_FLASH_PAUSE", "body")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    until("the station to wait", || read().contains("waiting for"));
+    let lo = Loop::attach(&card, &[]);
+    // Held after its old tables are zeroed, the first write done.
+    until("the card to be held mid-write", || {
+        read().contains("paused at body")
+    });
+    ok(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", read());
+    drop(lo);
+    assert!(no_table_left(&card), "a table survived: {}", read());
+}

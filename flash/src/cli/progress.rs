@@ -27,12 +27,12 @@ pub struct Bars {
 /// Built with the `test-hooks` feature only (`make test`, never `make
 /// build` or the Nix package): `NIXFORGE_FLASH_PAUSE=POINT`.
 #[cfg(feature = "test-hooks")]
-fn pause_point() -> Option<String> {
+pub(super) fn pause_point() -> Option<String> {
     std::env::var("NIXFORGE_FLASH_PAUSE").ok()
 }
 
 #[cfg(not(feature = "test-hooks"))]
-fn pause_point() -> Option<String> {
+pub(super) fn pause_point() -> Option<String> {
     None
 }
 

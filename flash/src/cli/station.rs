@@ -160,7 +160,7 @@ pub fn run(a: StationArgs) -> Result<ExitCode> {
     };
     let opts = write::Options::verifying(!a.no_verify);
     let signal = on_signals(&opts.stop)?;
-    let bars = Table::new();
+    let bars = Table::new(opts.stop.clone());
     let report = Mutex::new(out.as_mut());
     let line = |v: serde_json::Value| {
         if let Some(f) = report.lock().expect("not poisoned").as_mut() {

@@ -74,16 +74,22 @@ pub struct Table {
     tty: bool,
     state: Arc<Mutex<State>>,
     done: Arc<AtomicBool>,
+    /// Tests only (see `progress::pause_point`): each card is held at
+    /// this point until `stop` is set.
+    pause: Option<String>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Table {
     /// A table on stderr, redrawn by its own thread when stderr is a
-    /// terminal.
-    pub fn new() -> Table {
+    /// terminal; `stop` is the run's stop flag.
+    pub fn new(stop: Arc<AtomicBool>) -> Table {
         let t = Table {
             tty: std::io::stderr().is_terminal(),
             state: Arc::default(),
             done: Arc::default(),
+            pause: super::progress::pause_point(),
+            stop,
         };
         if t.tty {
             let (state, done) = (t.state.clone(), t.done.clone());
@@ -128,6 +134,8 @@ struct RowMeter {
     state: Arc<Mutex<State>>,
     index: usize,
     tty: bool,
+    pause: Option<String>,
+    stop: Arc<AtomicBool>,
 }
 
 impl flash::Progress for Table {
@@ -153,6 +161,8 @@ impl flash::Progress for Table {
             state: self.state.clone(),
             index,
             tty: self.tty,
+            pause: self.pause.clone(),
+            stop: self.stop.clone(),
         })
     }
 }
@@ -168,6 +178,16 @@ impl flash::Meter for RowMeter {
             r.done += n;
         }
     }
+    fn reached(&self, point: &'static str) {
+        if self.pause.as_deref() != Some(point) {
+            return;
+        }
+        eprintln!("flash station: paused at {point}");
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The card's row, with its result, leaves the table for good.
     fn finish(&self, how: &str) {
         let mut s = lock(&self.state);
