@@ -64,6 +64,11 @@ fn xz_gzip_and_bzip2_images_flash_to_the_raw_image_and_truncated_ones_are_refuse
         );
         let v = ok(Command::new("sfdisk").arg("-V").arg(&backing));
         assert!(v.contains("No errors detected"), "{name}: {v}");
+        // forge inspect reads the compressed image as the raw one.
+        let j = ok(forge().arg("inspect").arg(&src).arg("--json"));
+        let j: serde_json::Value = serde_json::from_str(&j).unwrap();
+        assert_eq!(j["size"].as_u64(), Some(size), "{name}: {j}");
+        assert_eq!(j["partitions"].as_array().unwrap().len(), 3, "{name}: {j}");
         // Without a bmap: every byte, the image exactly.
         flash_to_stale(&src, &backing, size, &["--no-bmap"]).unwrap();
         assert_eq!(sha256_file(&backing), sha256_file(&img), "{name}");

@@ -1,5 +1,5 @@
-//! `forge inspect`: read any disk image (raw, zstd, qcow2, VHD, or a
-//! block device; see `unpack.rs`)
+//! `forge inspect`: read any disk image (raw, compressed, a VM disk, or a
+//! block device; see `unpack/`)
 //! back — partition table, partitions, filesystem types, labels and UUIDs
 //! — and, for our images, the boot entries (systemd-boot on an ESP,
 //! extlinux on an ext4 root). What does not add up (an image shorter than

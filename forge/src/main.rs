@@ -88,8 +88,8 @@ enum Cmd {
     /// partitions, filesystems, boot entries; warns when it is shorter than
     /// its table or its layout manifest is another image's.
     Inspect {
-        /// A disk image (raw, .zst, .qcow2, .vhd, .vhdx, .vmdk, .ova, a GCE
-        /// .tar.gz) or a block device.
+        /// A disk image (raw, .zst, .xz, .gz, .bz2, .qcow2, .vhd, .vhdx,
+        /// .vmdk, .ova, a GCE .tar.gz) or a block device.
         image: PathBuf,
         /// Print the layout as JSON (the layout manifest's fields).
         #[arg(long)]

@@ -1,7 +1,8 @@
 //! Any image as its raw bytes, for reading it back: a raw image or block
-//! device as it is, a fixed VHD without its footer, and a zstd, qcow2,
-//! dynamic VHD, VHDX, VMDK, OVA or GCE image unpacked into an unnamed
-//! sparse temporary file (`vm_disks.rs` for the last four).
+//! device as it is, a fixed VHD without its footer, and a zstd-, xz-,
+//! gzip- or bzip2-compressed image, a qcow2, dynamic VHD, VHDX, VMDK,
+//! OVA or GCE image unpacked into an unnamed sparse temporary file
+//! (`vm_disks.rs` for the last four).
 //! Other containers and compressors (`formats::sniff`) are named, never
 //! read as a raw image.
 
@@ -23,17 +24,30 @@ pub fn open(path: &Path) -> io::Result<(File, u64)> {
     let head = &head[..n];
     use formats::sniff::Format;
     match formats::sniff::sniff(head) {
-        Some(Format::Zstd) => return zstd(f),
+        Some(Format::Zstd) => return decompressed(zstd::stream::read::Decoder::new(from_start(f)?)?),
+        Some(Format::Xz) => {
+            let r = io::BufReader::new(from_start(f)?);
+            return decompressed(liblzma::bufread::XzDecoder::new_multi_decoder(r));
+        }
+        Some(Format::Bzip2) => {
+            let r = io::BufReader::new(from_start(f)?);
+            return decompressed(bzip2::bufread::MultiBzDecoder::new(r));
+        }
         Some(Format::Qcow2) => return qcow(&f),
         Some(Format::Vhdx) => return vm_disks::vhdx(&f),
         Some(Format::Vmdk) => return vm_disks::vmdk(&f, 0, len),
         Some(Format::Ova) => return vm_disks::ova(&f, len),
-        Some(Format::Gzip) => return vm_disks::gce(&f),
+        // A GCE image is a tar in gzip; anything else gzipped, an image.
+        Some(Format::Gzip) if vm_disks::is_tar_gz(&f)? => return vm_disks::gce(&f),
+        Some(Format::Gzip) => {
+            let r = io::BufReader::new(from_start(f)?);
+            return decompressed(flate2::bufread::MultiGzDecoder::new(r));
+        }
         Some(Format::DynamicVhd) | None => {}
         Some(other) => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}, not a disk image forge reads (raw, .zst, .qcow2, .vhd, .vhdx, .vmdk, .ova, GCE .tar.gz): decompress or convert it first", other.name()),
+                format!("{}, not a disk image forge reads (raw, .zst, .xz, .gz, .bz2, .qcow2, .vhd, .vhdx, .vmdk, .ova, GCE .tar.gz): decompress or convert it first", other.name()),
             ))
         }
     }
@@ -88,9 +102,14 @@ pub fn head(path: &Path, n: usize) -> io::Result<(Vec<u8>, u64)> {
     Ok((out, size))
 }
 
-fn zstd(mut f: File) -> io::Result<(File, u64)> {
-    f.seek(SeekFrom::Start(0))?; // open() measured the length at the end
-    let mut d = zstd::stream::read::Decoder::new(f)?;
+/// `f` read from its start again (`open` measured its length at the end).
+fn from_start(mut f: File) -> io::Result<File> {
+    f.seek(SeekFrom::Start(0))?;
+    Ok(f)
+}
+
+/// A decompressed image into a sparse temporary file (zero MiBs skipped).
+fn decompressed(mut d: impl Read) -> io::Result<(File, u64)> {
     let mut out = tempfile::tempfile()?;
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;

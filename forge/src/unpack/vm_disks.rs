@@ -136,6 +136,17 @@ pub(super) fn ova(f: &File, len: u64) -> io::Result<(File, u64)> {
 }
 
 /// A GCE image: the gzip-compressed tar's GNU sparse `disk.raw`.
+/// Whether a gzip file holds a tar (a GCE image) rather than an image.
+pub(super) fn is_tar_gz(f: &File) -> io::Result<bool> {
+    let mut file = f.try_clone()?;
+    file.seek(io::SeekFrom::Start(0))?;
+    let mut h = Vec::with_capacity(512);
+    flate2::read::GzDecoder::new(io::BufReader::new(file))
+        .take(512)
+        .read_to_end(&mut h)?;
+    Ok(h.get(257..262) == Some(b"ustar".as_slice()))
+}
+
 pub(super) fn gce(f: &File) -> io::Result<(File, u64)> {
     let mut file = f.try_clone()?;
     file.seek(io::SeekFrom::Start(0))?; // open() measured the length at the end
