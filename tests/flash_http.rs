@@ -20,11 +20,7 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, args: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let log = dir.join(format!("http-{port}.log"));
         let mut child = Command::new("python3")
             .arg(workspace().join("tests/tools/httpserve.py"))
@@ -36,15 +32,8 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Server { child, port, log };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("httpserve.py did not start");
+        await_listening(&mut child, port, "httpserve.py", &log);
+        Server { child, port, log }
     }
     fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/{name}", self.port)

@@ -692,3 +692,29 @@ impl Drop for Tmux {
             .output();
     }
 }
+
+/// A free TCP port on 127.0.0.1 (for a server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Wait up to 10 s for `child` to listen on `port`; if it does not, it is
+/// killed and the test fails with `what` and `log`'s text.
+pub fn await_listening(child: &mut std::process::Child, port: u16, what: &str, log: &Path) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "{what} did not start: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}

@@ -245,11 +245,7 @@ struct Registry {
 
 impl Registry {
     fn start(dir: &Path) -> Registry {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let config = dir.join("registry.yml");
         std::fs::write(
             &config,
@@ -271,18 +267,8 @@ impl Registry {
             ))
             .spawn()
             .expect("docker-registry (scripts/deps.sh installs it)");
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Registry { child, port, log };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "docker-registry did not start: {}",
-            std::fs::read_to_string(&log).unwrap()
-        );
+        await_listening(&mut child, port, "docker-registry", &log);
+        Registry { child, port, log }
     }
     /// Blob uploads completed so far (each a PUT that ends an upload).
     fn uploads(&self) -> usize {

@@ -8,7 +8,7 @@
 
 use nixforge_tests::flashing::*;
 use nixforge_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -135,40 +135,7 @@ fn a_station_flashes_each_new_card_with_the_next_identity_and_never_one_present_
     // The finished card 1 plugged back in (a new loop device, the same
     // backing file) is skipped; the next new card gets identity d.
     drop(l1);
-    let log = dir.join("station2.log");
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(format!("{} 2> {}", station("--count 1"), log.display()))
-        .spawn()
-        .unwrap();
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
-    until("the second station to wait", || {
-        read().contains("waiting for")
-    });
-    let again = Loop::attach(&cards[1], &[]);
-    until("card 1 again", || report_lines(&report).len() == 5);
-    let fifth = Loop::attach(&cards[5], &[]);
-    until("card 5", || report_lines(&report).len() == 6);
-    assert!(child.wait().unwrap().success(), "{}", read());
-    let r = report_lines(&report);
-    assert!(
-        r[4]["device"] == again.dev.as_str()
-            && r[4]["skipped"]
-                .as_str()
-                .unwrap()
-                .contains("already provisioned"),
-        "{r:?}"
-    );
-    assert!(
-        r[5]["device"] == fifth.dev.as_str() && r[5]["ok"] == true,
-        "{r:?}"
-    );
-    assert!(r[5]["identity"].as_str().unwrap().ends_with("/d"), "{r:?}");
-    assert!(
-        !read().contains('\u{1b}'),
-        "escape codes without a terminal: {}",
-        read()
-    );
+    a_second_station_skips_a_finished_card(dir, &station("--count 1"), &report, &cards);
 }
 
 #[test]
@@ -207,4 +174,49 @@ fn ctrl_c_stops_the_station_and_the_card_in_flight_is_left_with_no_table() {
     assert_eq!(status.code(), Some(130), "{}", read());
     drop(lo);
     assert!(no_table_left(&card), "a table survived: {}", read());
+}
+
+/// A second station on the same report: card 1 plugged back in (a new
+/// loop device, the same backing file) is skipped; the next new card
+/// gets the next identity, d; no escape codes without a terminal.
+fn a_second_station_skips_a_finished_card(
+    dir: &Path,
+    station: &str,
+    report: &Path,
+    cards: &[PathBuf],
+) {
+    let log = dir.join("station2.log");
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{} 2> {}", station, log.display()))
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    until("the second station to wait", || {
+        read().contains("waiting for")
+    });
+    let again = Loop::attach(&cards[1], &[]);
+    until("card 1 again", || report_lines(report).len() == 5);
+    let fifth = Loop::attach(&cards[5], &[]);
+    until("card 5", || report_lines(report).len() == 6);
+    assert!(child.wait().unwrap().success(), "{}", read());
+    let r = report_lines(report);
+    assert!(
+        r[4]["device"] == again.dev.as_str()
+            && r[4]["skipped"]
+                .as_str()
+                .unwrap()
+                .contains("already provisioned"),
+        "{r:?}"
+    );
+    assert!(
+        r[5]["device"] == fifth.dev.as_str() && r[5]["ok"] == true,
+        "{r:?}"
+    );
+    assert!(r[5]["identity"].as_str().unwrap().ends_with("/d"), "{r:?}");
+    assert!(
+        !read().contains('\u{1b}'),
+        "escape codes without a terminal: {}",
+        read()
+    );
 }
