@@ -92,6 +92,12 @@ fn a_station_flashes_each_new_card_with_the_next_identity_and_never_one_present_
             let v = by_dev(&l.dev);
             assert_eq!(v["ok"], true, "{v}");
             assert!(v["machine_id"].is_string(), "{v}");
+            // The image, checked once at the start: its bmap's SHA-256.
+            assert_eq!(
+                v["image"]["bmap_sha256"].as_str().map(str::len),
+                Some(64),
+                "{v}"
+            );
             v["identity"]
                 .as_str()
                 .unwrap()
@@ -149,6 +155,21 @@ fn ctrl_c_stops_the_station_and_the_card_in_flight_is_left_with_no_table() {
     // starts on it.
     let card = dir.join("card1");
     std::fs::copy(&img, &card).unwrap();
+    // A missing image stops the station before it waits: exit 2.
+    let o = flash()
+        .arg("station")
+        .arg(dir.join("gone.img"))
+        .arg("--identities")
+        .arg(dir.join("ids"))
+        .arg("--yes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("gone.img") && !err.contains("waiting"),
+        "{err}"
+    );
     let log = dir.join("station.log");
     let mut child = flash()
         .arg("station")

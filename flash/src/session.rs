@@ -97,7 +97,11 @@ pub fn prepare(req: &Request, host: &Host) -> Result<Session> {
     checked(req, host).map_err(|e| NothingWritten(e).into())
 }
 
-fn checked(req: &Request, host: &Host) -> Result<Session> {
+/// The source of a request, opened and checked (its signature, its own
+/// checks, `--sha256`): the part of [`prepare`] that needs no device
+/// (`flash station` runs it once at its start). Also returns who signed
+/// it and the sector size its table is for.
+pub fn source(req: &Request) -> Result<(Source, Option<Signed>, Option<u32>)> {
     let mut src = Source::open_sized(&req.image, req.bmap.clone(), req.size)?;
     let signed = crate::trust::check(&src, &req.trust)?;
     let sector = examine(&src, req.raw, signed.is_some())?.sector;
@@ -108,6 +112,11 @@ fn checked(req: &Request, host: &Host) -> Result<Session> {
         Some(want) => check_sha256(&req.image, want)?,
         None => {}
     }
+    Ok((src, signed, sector))
+}
+
+fn checked(req: &Request, host: &Host) -> Result<Session> {
+    let (src, signed, sector) = source(req)?;
     let need = Need {
         size: src.size,
         sector,

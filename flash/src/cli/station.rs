@@ -120,6 +120,15 @@ pub fn run(a: StationArgs) -> Result<ExitCode> {
         trust: a.trust.load()?,
         ..Request::default()
     };
+    // The image checked once before any card: a bad one stops here.
+    let (src, signed, _) = session::source(&request).map_err(session::nothing_written)?;
+    let image = serde_json::json!({
+        "image": a.image,
+        "size": src.size,
+        "bmap_sha256": src.bmap_sha256,
+        "signed": signed,
+    });
+    drop(src);
     let st = Station {
         request,
         identities: a.identities.clone(),
@@ -167,7 +176,7 @@ pub fn run(a: StationArgs) -> Result<ExitCode> {
             let _ = writeln!(f, "{v}").and_then(|_| f.flush());
         }
     };
-    let on = |e: Event| shown(e, &bars, &line, &a.image);
+    let on = |e: Event| shown(e, &bars, &line, &image);
     eprintln!(
         "flash station: waiting for {what} (devices present now are never written); Ctrl-C stops"
     );
@@ -187,7 +196,7 @@ pub fn run(a: StationArgs) -> Result<ExitCode> {
 }
 
 /// An event as a line above the rows and a JSON line in the report.
-fn shown(e: Event, bars: &Table, line: &dyn Fn(serde_json::Value), image: &Path) {
+fn shown(e: Event, bars: &Table, line: &dyn Fn(serde_json::Value), image: &serde_json::Value) {
     let base = |dev: &Path, card: &str| serde_json::json!({ "device": dev, "card": card, "image": image, "time": now() });
     match e {
         Event::Skipped { disk, card, why } => {
