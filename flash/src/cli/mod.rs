@@ -43,7 +43,8 @@ Examples:
   flash verify disk.img /dev/sdb
   flash nixos.img.zst /dev/sdb --trust ci.pub      (only if CI signed it)
   flash https://example.org/raspios.img.xz /dev/sdb
-  xz -dc disk.img.xz | flash - /dev/sdb --size 4G
+  xz -dc disk.img.xz | flash - /dev/sdb --size 4G --yes
+  flash station nixos.img --identities ids/ --match 'usb-Generic_SD*' --report cards.jsonl
 
 Before the first byte every check runs: the source is a disk image (a
 partition table; --raw otherwise), whole (a .zst's frames, the table's
