@@ -100,8 +100,10 @@ pub fn examine(src: &Source, raw: bool, signed: bool) -> Result<Examined, Unfit>
 /// little of the image changed and wherever (a firmware file past the
 /// first MiB). Raw sources are checked range by range on every core; a
 /// compressed one is decompressed once, in order. A stream (a URL,
-/// stdin) is read once: its ranges are checked as it is written, each
-/// before its bytes go to a device (see [`crate::write`]).
+/// stdin) is read once: its ranges are checked as it is written, those
+/// of at most 64 MiB (forge's) before any of their bytes go to a device,
+/// longer ones (bmaptool's) as they go, a mismatch failing the write with
+/// its tables wiped (see [`crate::write`]).
 fn ranges_match(src: &Source) -> Result<(), String> {
     if src.bmap.is_none() || src.is_stream() {
         return Ok(());
