@@ -1,6 +1,6 @@
 //! forge's progress (issue 28): on a terminal (tmux) the image's bytes
-//! show as a bar; piped (as in CI) a line per stage and no escape codes;
-//! `--quiet` prints nothing.
+//! and an OCI image's layers show as bars; piped (as in CI) a line per
+//! stage and no escape codes; `--quiet` prints nothing.
 
 use nixforge_tests::*;
 use std::time::{Duration, Instant};
@@ -10,12 +10,14 @@ fn forge_shows_a_bar_on_a_terminal_stage_lines_when_piped_and_nothing_with_quiet
     let d = tempfile::tempdir().unwrap();
     let sys = system("x86_64");
     let img = d.path().join("bar.img");
+    let oci = d.path().join("app.tar");
+    let forge = bin("forge");
+    let (top, root) = (sys.result.display(), sys.root.display());
     let cmd = format!(
-        "{} image {} --root {} --format raw-efi -o {}; echo exited $?; sleep 600",
-        bin("forge").display(),
-        sys.result.display(),
-        sys.root.display(),
-        img.display()
+        "{f} image {top} --root {root} --format raw-efi -o {i} && {f} oci {top} --root {root} -o {o}; echo exited $?; sleep 600",
+        f = forge.display(),
+        i = img.display(),
+        o = oci.display()
     );
     let t = Tmux::start(&format!("forge-bar-{}", std::process::id()), &cmd);
     let start = Instant::now();
@@ -30,6 +32,14 @@ fn forge_shows_a_bar_on_a_terminal_stage_lines_when_piped_and_nothing_with_quiet
         .find(|l| l.starts_with(&format!("forge: writing {}", img.display())))
         .unwrap_or_else(|| panic!("no bar: {screen}"));
     assert!(bar.contains("[=====") && bar.contains("MiB/s"), "{bar}");
+    let layers = screen
+        .lines()
+        .find(|l| l.starts_with(&format!("forge: layers of {}", oci.display())))
+        .unwrap_or_else(|| panic!("no bar for the layers: {screen}"));
+    assert!(
+        layers.contains("[=====") && layers.contains("ETA"),
+        "{layers}"
+    );
     assert!(screen.contains("done: "), "{screen}");
     // Piped: the stage lines, no escape codes.
     let out = forge_image_of(&sys)

@@ -319,7 +319,15 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     let staging = Staging::new(&o.output)?;
     progress.scratch(Some(staging.path()));
     let blobs = Blobs::new(staging.path())?;
-    let built = store_layers(o, &store, &c, &groups, &blobs)?;
+    // The bar: the closure's bytes, a layer's at a time.
+    let bar = progress.bytes(&format!("layers of {}", o.output.display()));
+    if let Some(b) = &bar {
+        b.total(c.paths.iter().map(|p| p.nar_size).sum());
+    }
+    let built = store_layers(o, &store, &c, &groups, &blobs, bar.as_deref())?;
+    if let Some(b) = &bar {
+        b.done();
+    }
     let made = custom::layer(&store, &c, &users, o.epoch)?;
     let custom_blob = blobs.layer(&made.tree, u64::from(o.epoch), o.compression, "custom")?;
     progress.stage(&format!(
@@ -394,6 +402,7 @@ fn store_layers(
     c: &closure::Paths,
     groups: &[layers::Group],
     blobs: &Blobs,
+    bar: Option<&dyn crate::Bytes>,
 ) -> Result<Vec<(Blob, bool)>> {
     let cache = o.cache.as_deref().map(Cache::open).transpose()?;
     let mtime = u64::from(o.epoch);
@@ -402,12 +411,18 @@ fn store_layers(
         .enumerate()
         .map(|(i, g)| {
             let paths: Vec<&PathInfo> = g.paths.iter().map(|&k| &c.paths[k]).collect();
+            let counted = || {
+                if let Some(b) = bar {
+                    b.add(paths.iter().map(|p| p.nar_size).sum());
+                }
+            };
             let key_of: Vec<(&str, &[u8; 32])> = paths
                 .iter()
                 .map(|p| (p.path.as_str(), &p.nar_hash))
                 .collect();
             let key = Cache::key(&key_of, mtime, o.compression);
             if let Some(b) = cache.as_ref().and_then(|c| c.get(&key, blobs)) {
+                counted();
                 return Ok((b, true));
             }
             let tree = store_layer(store, &paths)?;
@@ -415,6 +430,7 @@ fn store_layers(
             if let Some(cache) = &cache {
                 cache.put(&key, &b, blobs);
             }
+            counted();
             Ok((b, false))
         })
         .collect()
