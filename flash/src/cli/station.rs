@@ -142,31 +142,8 @@ pub fn run(a: StationArgs) -> Result<ExitCode> {
     } else {
         format!("every new device matching {}", a.matches.join(" or "))
     };
-    if !a.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(session::nothing_written(anyhow::anyhow!(
-                "flash station: no terminal to ask on; pass --yes"
-            )));
-        }
-        eprint!("flash station: {what} will be overwritten with {} and the next identity of {}. Type yes: ", a.image.display(), a.identities.display());
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if answer.trim() != "yes" {
-            return Err(session::nothing_written(anyhow::anyhow!(
-                "flash station: not confirmed"
-            )));
-        }
-    }
-    let mut out = match &a.report {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| p.display().to_string())?,
-        ),
-        None => None,
-    };
+    confirm_once(&a, &what)?;
+    let mut out = open_report(a.report.as_deref())?;
     let opts = write::Options::verifying(!a.no_verify);
     let signal = on_signals(&opts.stop)?;
     let bars = Table::new(opts.stop.clone());
@@ -193,6 +170,40 @@ pub fn run(a: StationArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Without `--yes`, one question at the start (never per card).
+fn confirm_once(a: &StationArgs, what: &str) -> Result<()> {
+    if a.yes {
+        return Ok(());
+    }
+    let refuse = |why: &str| session::nothing_written(anyhow::anyhow!("flash station: {why}"));
+    if !std::io::stdin().is_terminal() {
+        return Err(refuse("no terminal to ask on; pass --yes"));
+    }
+    eprint!(
+        "flash station: {what} will be overwritten with {} and the next identity of {}. Type yes: ",
+        a.image.display(),
+        a.identities.display()
+    );
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        return Err(refuse("not confirmed"));
+    }
+    Ok(())
+}
+
+/// `--report FILE`, opened to append one line per card.
+fn open_report(p: Option<&Path>) -> Result<Option<std::fs::File>> {
+    p.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| p.display().to_string())
+    })
+    .transpose()
 }
 
 /// An event as a line above the rows and a JSON line in the report.
