@@ -162,7 +162,7 @@ fn unnamed(
     Ok(())
 }
 
-fn name_of(p: &Path) -> String {
+pub(crate) fn name_of(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -170,7 +170,7 @@ fn name_of(p: &Path) -> String {
 
 /// The identity directories in `dir`, in name order, and the hidden
 /// entries (`.git`…) left out.
-fn identity_dirs(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
+pub(crate) fn identity_dirs(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let mut subs = Vec::new();
     let mut hidden = Vec::new();
     let entries = std::fs::read_dir(dir)

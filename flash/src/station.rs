@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::devices::Disk;
 use crate::preflight::Host;
+use crate::provision::name_of;
 use crate::session::{self, Request, Written};
 use crate::write;
 use crate::Progress;
@@ -142,25 +143,6 @@ fn wanted(st: &Station, host: &Host, disk: &Disk, card: &str) -> bool {
     st.matches.is_empty() || all.iter().any(|n| st.matches.iter().any(|m| glob(m, n)))
 }
 
-/// The identity directories in name order (hidden ones skipped).
-fn identity_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("--identities {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.path())
-        .collect();
-    subs.sort();
-    Ok(subs)
-}
-
-fn name_of(p: &Path) -> String {
-    p.file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Identities: the ones not yet used, handed out once each.
 struct Pool {
     free: Mutex<Vec<PathBuf>>,
@@ -213,7 +195,8 @@ pub fn run(
     on: &(dyn Fn(Event) + Sync),
 ) -> Result<usize> {
     let used: BTreeSet<&String> = st.provisioned.values().collect();
-    let free: Vec<PathBuf> = identity_dirs(&st.identities)?
+    let free: Vec<PathBuf> = crate::provision::identity_dirs(&st.identities)?
+        .0
         .into_iter()
         .filter(|p| !used.contains(&name_of(p)))
         .collect();
