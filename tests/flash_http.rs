@@ -16,6 +16,7 @@ struct Server {
     child: Child,
     port: u16,
     log: PathBuf,
+    scheme: &'static str,
 }
 
 impl Server {
@@ -33,10 +34,20 @@ impl Server {
             .spawn()
             .unwrap();
         await_listening(&mut child, port, "httpserve.py", &log);
-        Server { child, port, log }
+        let scheme = if args.contains(&"--tls") {
+            "https"
+        } else {
+            "http"
+        };
+        Server {
+            child,
+            port,
+            log,
+            scheme,
+        }
     }
     fn url(&self, name: &str) -> String {
-        format!("http://127.0.0.1:{}/{name}", self.port)
+        format!("{}://127.0.0.1:{}/{name}", self.scheme, self.port)
     }
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -63,8 +74,20 @@ fn card(dir: &Path, size: u64) -> PathBuf {
 
 /// `flash SRC` onto the card (its stdin from `stdin`).
 fn flash_to(card: &Path, src: &str, extra: &[&str], stdin: Option<&Path>) -> Output {
+    flash_to_with(card, src, extra, stdin, &[])
+}
+
+/// `flash_to` with `env` set for flash.
+fn flash_to_with(
+    card: &Path,
+    src: &str,
+    extra: &[&str],
+    stdin: Option<&Path>,
+    env: &[(&str, &Path)],
+) -> Output {
     let lo = Loop::attach(card, &[]);
     let mut cmd = flash();
+    cmd.envs(env.iter().copied());
     cmd.arg(src)
         .arg(&lo.dev)
         .args(["--yes", "--allow-non-removable"])
@@ -143,6 +166,80 @@ fn a_zst_image_and_its_bmap_flash_from_a_url_and_a_dropped_download_resumes_with
     assert!(err.contains("gone.img") && err.contains("404"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_eq!(sha256_file(&card), before);
+}
+
+/// A certificate authority and a certificate for 127.0.0.1 it signed
+/// (openssl): (CA certificate, server certificate, server key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    sh(&format!(
+        "cd {d} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+           -keyout ca.key -out ca.pem -days 2 -subj /CN=nixforge-test-ca 2>/dev/null && \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem \
+           -out cert.csr -subj /CN=127.0.0.1 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > ext && \
+         openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+           -days 2 -extfile ext -out cert.pem 2>/dev/null",
+        d = dir.display()
+    ));
+    (ca, cert, key)
+}
+
+#[test]
+fn https_flashes_with_a_certificate_the_system_trusts_and_refuses_one_it_does_not() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let img = small_raw_efi(d.path());
+    let size = len(&img);
+    let tls = d.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    let (ca, cert, key) = tls_files(&tls);
+    let s = Server::start(
+        d.path(),
+        &[
+            "--ranges",
+            "--tls",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap(),
+        ],
+    );
+    let card = card(d.path(), size);
+    stale_file(&card, size);
+    let before = sha256_file(&card);
+    // The test CA is in no store flash reads: refused before the first
+    // byte, one line naming the URL.
+    let o = flash_to(&card, &s.url("disk.img"), &[], None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&s.url("disk.img")) && err.contains("certificate"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(sha256_file(&card), before, "refused, yet written");
+    // Trusted as the system's CA file (SSL_CERT_FILE, as OpenSSL reads
+    // it): the image's mapped ranges by its bmap, over TLS, land on a
+    // zeroed card as the image. A query (a download token) stays on the
+    // sidecars' URLs, after their names.
+    let card = self::card(d.path(), size);
+    let o = flash_to_with(
+        &card,
+        &s.url("disk.img?token=t1"),
+        &["--sha256", &sha256_file(&img)],
+        None,
+        &[("SSL_CERT_FILE", &ca)],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(sha256_file(&card), sha256_file(&img));
+    let log = s.log();
+    assert!(
+        log.contains("GET /disk.img.bmap?token=t1 None 200"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -153,7 +153,12 @@ impl Origin {
                 }
             }
             Origin::Url(u) => {
-                let Some(q) = named(u) else { return Ok(None) };
+                // The name is the path's: a query (`?token=…`) or
+                // fragment stays as it is, after it.
+                let cut = u.find(['?', '#']).unwrap_or(u.len());
+                let Some(q) = named(&u[..cut]).map(|p| format!("{p}{}", &u[cut..])) else {
+                    return Ok(None);
+                };
                 Ok(http::fetch_small(&q)?.map(|b| (q.into(), b)))
             }
             Origin::Stdin => Ok(None),

@@ -2,18 +2,22 @@
 """A file server on 127.0.0.1 for flash's URL tests.
 
 httpserve.py DIR PORT [--ranges] [--drop-at BYTES] [--log FILE]
+               [--tls CERT KEY]
 
 Serves DIR's files. With --ranges it honours `Range: bytes=N-` (206,
 Content-Range, Accept-Ranges: bytes); without, it ignores Range and sends
 no Accept-Ranges, as Python's own http.server does. With --drop-at, the
 first whole GET of each file longer than BYTES sends its full
 Content-Length, then only BYTES bytes, and closes the connection (a
-dropped download). Every request is logged as `METHOD PATH RANGE STATUS`.
+dropped download). With --tls it speaks HTTPS with the PEM certificate
+(chain) CERT and its key KEY. Every request is logged as
+`METHOD PATH RANGE STATUS`.
 """
 
 import argparse
 import os
 import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -94,8 +98,14 @@ def main():
     p.add_argument("--ranges", action="store_true")
     p.add_argument("--drop-at", type=int)
     p.add_argument("--log")
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     args = p.parse_args()
-    ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if args.tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*args.tls)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
 
 
 if __name__ == "__main__":
