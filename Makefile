@@ -42,13 +42,15 @@ tools: deps $(TOOLS)/systemd/lib/systemd/systemd-sysupdate
 build:
 	$(RELEASE)
 
-# The binaries the end-to-end tests drive: release builds with the
-# `test-hooks` feature (the NIXFORGE_*_PAUSE points tests interrupt at),
-# copied aside; $(REL) keeps the plain binaries `make build`,
-# `make install` and Nix ship (cargo keeps both builds cached).
+# The binaries the end-to-end tests drive: release builds with the test
+# hooks (the NIXFORGE_*_PAUSE points tests interrupt at), which only a
+# build with NIXFORGE_TEST_HOOKS=1 in its environment has (read by the
+# binaries' own code, so cargo rebuilds just the two binaries, not the
+# libraries), copied aside; $(REL) keeps the plain binaries `make
+# build`, `make install` and Nix ship (the last line rebuilds them).
 TEST_BIN := target/test-hooks
 test-bins: build
-	$(RELEASE) --features nixforge/test-hooks,nixforge-flash/test-hooks
+	NIXFORGE_TEST_HOOKS=1 $(RELEASE)
 	mkdir -p $(TEST_BIN)
 	cp -f $(REL)/forge $(REL)/flash $(TEST_BIN)/
 	$(RELEASE)

@@ -29,15 +29,20 @@ pub trait Progress {
     fn scratch(&self, _dir: Option<&std::path::Path>) {}
     /// A count of the bytes a long step (`what`) writes, for a bar; None
     /// when nobody watches.
-    fn bytes(&self, _what: &str) -> Option<std::sync::Arc<dyn Bytes>> {
+    fn bytes(&self, _what: &str) -> Option<std::sync::Arc<dyn Meter>> {
+        None
+    }
+    /// A count of the things (`unit`: "VMs") a long step makes, for a
+    /// bar; None when nobody watches.
+    fn items(&self, _what: &str, _unit: &str) -> Option<std::sync::Arc<dyn Meter>> {
         None
     }
 }
 
-/// The bytes of one long step (see [`Progress::bytes`]), counted from
-/// the threads doing it.
-pub trait Bytes: Send + Sync {
-    /// How many bytes the step will write.
+/// How far one long step is (see [`Progress::bytes`], [`Progress::items`]),
+/// counted from the threads doing it.
+pub trait Meter: Send + Sync {
+    /// How many bytes (or items) the step will make.
     fn total(&self, n: u64);
     fn add(&self, n: u64);
     /// The step is done.

@@ -24,16 +24,19 @@ pub struct Bars {
     stop: Arc<AtomicBool>,
 }
 
-/// Built with the `test-hooks` feature only (`make test`, never `make
-/// build` or the Nix package): `NIXFORGE_FLASH_PAUSE=POINT`.
-#[cfg(feature = "test-hooks")]
-pub(super) fn pause_point() -> Option<String> {
-    std::env::var("NIXFORGE_FLASH_PAUSE").ok()
-}
+/// Whether this binary has the test hooks: built by `make test-bins`
+/// with `NIXFORGE_TEST_HOOKS=1` in the build's environment (never by
+/// `make build`, `make install` or the Nix package; cargo rebuilds only
+/// the binary when it changes).
+const TEST_HOOKS: bool = option_env!("NIXFORGE_TEST_HOOKS").is_some();
 
-#[cfg(not(feature = "test-hooks"))]
+/// Test binaries only: `NIXFORGE_FLASH_PAUSE=POINT` (without the hooks
+/// the name is not in the binary).
 pub(super) fn pause_point() -> Option<String> {
-    None
+    match TEST_HOOKS {
+        true => std::env::var("NIXFORGE_FLASH_PAUSE").ok(),
+        false => None,
+    }
 }
 
 impl Bars {

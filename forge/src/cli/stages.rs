@@ -14,10 +14,16 @@ pub fn set_quiet(q: bool) {
     QUIET.store(q, Ordering::Relaxed);
 }
 
-/// Built with the `test-hooks` feature only (`make test`, never `make
-/// build` or the Nix package): `NIXFORGE_FORGE_PAUSE=TEXT` holds the run
-/// at the first stage whose line contains TEXT (to interrupt it at a
-/// known moment).
+/// Whether this binary has the test hooks: built by `make test-bins`
+/// with `NIXFORGE_TEST_HOOKS=1` in the build's environment (never by
+/// `make build`, `make install` or the Nix package; cargo rebuilds only
+/// the binary when it changes). With them `NIXFORGE_FORGE_PAUSE=TEXT`
+/// holds the run at the first stage whose line contains TEXT (to
+/// interrupt it at a known moment); without, the name is not in the
+/// binary.
+const TEST_HOOKS: bool = option_env!("NIXFORGE_TEST_HOOKS").is_some();
+
+/// Stage lines, bars and (test binaries only) the pause point.
 pub struct Stages {
     start: std::time::Instant,
     pause: Option<String>,
@@ -29,10 +35,10 @@ pub struct Stages {
 
 impl Stages {
     pub fn new() -> Stages {
-        #[cfg(feature = "test-hooks")]
-        let pause = std::env::var("NIXFORGE_FORGE_PAUSE").ok();
-        #[cfg(not(feature = "test-hooks"))]
-        let pause = None;
+        let pause = match TEST_HOOKS {
+            true => std::env::var("NIXFORGE_FORGE_PAUSE").ok(),
+            false => None,
+        };
         let quiet = QUIET.load(Ordering::Relaxed);
         Stages {
             start: std::time::Instant::now(),
@@ -54,7 +60,7 @@ impl Stages {
 /// A bar's bytes.
 struct Bar(ProgressBar);
 
-impl forge::Bytes for Bar {
+impl forge::Meter for Bar {
     fn total(&self, n: u64) {
         self.0.set_length(n);
         self.0.reset_eta();
@@ -94,17 +100,34 @@ impl forge::Progress for Stages {
         }
     }
 
-    fn bytes(&self, what: &str) -> Option<Arc<dyn forge::Bytes>> {
+    fn bytes(&self, what: &str) -> Option<Arc<dyn forge::Meter>> {
+        self.bar(
+            what,
+            "forge: {msg} [{bar:30}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}",
+        )
+    }
+
+    fn items(&self, what: &str, unit: &str) -> Option<Arc<dyn forge::Meter>> {
+        self.bar(
+            what,
+            &format!(
+                "forge: {{msg}} [{{bar:30}}] {{pos:>4}}/{{len}} {unit} {{per_sec:>12}} ETA {{eta}}"
+            ),
+        )
+    }
+}
+
+impl Stages {
+    /// A bar drawn with `template`, the one stage lines now go above.
+    fn bar(&self, what: &str, template: &str) -> Option<Arc<dyn forge::Meter>> {
         if !self.bars {
             return None;
         }
         let b = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         b.set_style(
-            ProgressStyle::with_template(
-                "forge: {msg} [{bar:30}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} ETA {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template(template)
+                .expect("a valid template")
+                .progress_chars("=> "),
         );
         b.set_message(what.to_string());
         if let Ok(mut cur) = self.bar.lock() {

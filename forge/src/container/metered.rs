@@ -6,11 +6,11 @@ use std::io;
 use std::sync::Arc;
 
 use crate::assemble::{Chunk, Container};
-use crate::Bytes;
+use crate::Meter;
 
 pub struct Metered {
     inner: Box<dyn Container>,
-    bytes: Arc<dyn Bytes>,
+    bytes: Arc<dyn Meter>,
 }
 
 /// `inner`, counted by `progress` as `what` when it watches.

@@ -402,7 +402,7 @@ fn store_layers(
     c: &closure::Paths,
     groups: &[layers::Group],
     blobs: &Blobs,
-    bar: Option<&dyn crate::Bytes>,
+    bar: Option<&dyn crate::Meter>,
 ) -> Result<Vec<(Blob, bool)>> {
     let cache = o.cache.as_deref().map(Cache::open).transpose()?;
     let mtime = u64::from(o.epoch);

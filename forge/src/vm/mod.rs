@@ -261,8 +261,15 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     };
     let mut outputs: Vec<AtomicOutput> = Vec::new();
     let mut reports = Vec::new();
+    let bar = progress.items(&format!("VMs in {}", out_dir.display()), "VMs");
+    if let Some(b) = &bar {
+        b.total(o.machines.len() as u64);
+    }
     for m in &o.machines {
         let r = fleet.machine(m, &mut outputs)?;
+        if let Some(b) = &bar {
+            b.add(1);
+        }
         progress.stage(&format!(
             "VM {}: {}{}",
             m.name,
@@ -277,6 +284,9 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
                 .unwrap_or_default()
         ));
         reports.push(r);
+    }
+    if let Some(b) = &bar {
+        b.done();
     }
     crate::output::commit_all(outputs, &held)?;
     Ok(Report {
