@@ -20,7 +20,7 @@ import argparse, json, os, shutil, statistics, subprocess, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import (REPO, FORGE, FLASH, sh, worse, measure,  # noqa: E402
                       measure_pair, measure_group, disk_limit, disk_rate)
-from bench_formats import formats_bench  # noqa: E402
+from bench_formats import formats_bench, iso_bench  # noqa: E402
 from bench_sources import sources_bench  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,fleet,info,oci,flash,sources,provision",
+    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,iso,fleet,info,oci,flash,sources,provision",
                     help="comma-separated sections to run; `base` alone: only the comparison with --base")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -88,6 +88,8 @@ def main():
         vm_bench(res, c, top, a, w)
     if "formats" in only:
         formats_bench(res, c, top, a, w)
+    if "iso" in only:
+        iso_bench(res, c, top, a, w)
     if "fleet" in only:
         fleet_bench(res, c, top, a, w)
     if "info" in only:
@@ -738,6 +740,10 @@ def report(res, a, out):
          "formats: forge raw + qemu-img convert -O vhdx", "≤ 0.5"),
         ("forge .vmdk / raw + qemu-img convert", "formats: forge .vmdk (streamOptimized)",
          "formats: forge raw + qemu-img convert -O vmdk -o subformat=streamOptimized", "≤ 0.5"),
+        ("forge iso / forge raw-efi (EROFS root)", "iso: forge image --format iso",
+         "iso: forge image --format raw-efi --root-fs erofs", "≤ 1.15"),
+        ("forge iso / mkfs.vfat + mcopy + mkfs.erofs + xorriso", "iso: forge image --format iso",
+         "iso: mkfs.vfat + mcopy + mkfs.erofs -zlz4hc + xorriso", "≤ 0.5"),
         ("forge lxc / tar | xz -T0", "formats: forge lxc (xz -6)",
          "formats: tar of the closure | xz -6 -T0", "(none)"),
         ("forge GCE / raw + tar -Sczf", "formats: forge GCE .tar.gz",

@@ -50,3 +50,35 @@ def formats_bench(res, c, top, a, w):
           file=sys.stderr)
     res.append({"name": "formats: file sizes (bytes)", "sizes": sizes})
     sh(rm)
+
+
+def iso_bench(res, c, top, a, w):
+    """forge's hybrid ISO against forge's raw-efi image of the same root
+    (EROFS, lz4hc) and against the peer pipeline that makes the same ISO
+    from the same files: mkfs.vfat + mcopy (the ESP), mkfs.erofs -zlz4hc
+    (the root), xorriso -isohybrid-gpt-basdat, alternated."""
+    print("ISO of the corpus", file=sys.stderr)
+    rm = f"rm -rf {w}/*"
+    img = f"{FORGE} image {top} --root {c}"
+    # The peers' inputs, made once and not timed: the files forge's ESP
+    # and root hold, read back by mtools and fsck.erofs.
+    src = f"{w}-iso-inputs"
+    sh(f"rm -rf {src} && mkdir -p {src}/esp {src}/root && {rm} && "
+       f"{img} --format iso -o {w}/x.iso 2>/dev/null && "
+       f"osirrox -indev {w}/x.iso -extract / {src}/files 2>/dev/null && "
+       f"mcopy -s -i {src}/files/efi.img '::/*' {src}/esp/ && "
+       f"fsck.erofs --extract={src}/root/t {src}/files/root.img >/dev/null")
+    esp_kib = int(sh(f"stat -c %s {src}/files/efi.img")) // 1024
+    sh(f"rm -rf {src}/files; {rm}")
+    peer = (f"mkdir -p {w}/p && mkfs.vfat -C -F 32 -n ESP {w}/p/efi.img {esp_kib} >/dev/null && "
+            f"mcopy -s -i {w}/p/efi.img {src}/esp/* ::/ && "
+            f"mkfs.erofs -zlz4hc {w}/p/root.img {src}/root/t >/dev/null && "
+            f"xorriso -as mkisofs -R -J -V NIXOS_ISO -o {w}/p.iso -e efi.img -no-emul-boot "
+            f"-isohybrid-gpt-basdat {w}/p 2>/dev/null && sync")
+    res.extend(measure_group([
+        ("iso: forge image --format iso", f"{img} --format iso -o {w}/x.iso", rm),
+        ("iso: forge image --format raw-efi --root-fs erofs",
+         f"{img} --format raw-efi --root-fs erofs -o {w}/x.img", rm),
+        ("iso: mkfs.vfat + mcopy + mkfs.erofs -zlz4hc + xorriso", peer, rm),
+    ], a.runs))
+    sh(f"rm -rf {src}; {rm}")

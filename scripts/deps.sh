@@ -33,6 +33,7 @@ pkgs=(
   erofs-utils                   # fsck.erofs (--extract), dump.erofs: judge forge's EROFS
   xz-utils python3-yaml         # forge lxc: xz -t judges its tarballs, PyYAML its metadata.yaml
   xorriso                       # hybrid ISOs (foreign images flash writes); reads them back
+  genisoimage                   # isoinfo: reads forge's ISOs (Rock Ridge, Joliet, El Torito)
   tmux                          # flash station: its live rows, read with tmux capture-pane
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by

@@ -28,6 +28,8 @@ mod fleet;
 mod image;
 #[path = "image_safety.rs"]
 mod image_safety;
+#[path = "iso.rs"]
+mod iso;
 #[path = "lxc.rs"]
 mod lxc;
 #[path = "nix.rs"]

@@ -399,6 +399,18 @@ pub fn boot_disks(
     boot_with(arch, disks, sector, timeout, false)
 }
 
+/// Boot the ISO `image` under OVMF from a CD-ROM drive (it is read-only:
+/// no copy).
+pub fn boot_cd(image: &Path, timeout: std::time::Duration) -> Boot {
+    boot_with(
+        "x86_64",
+        &[(image.to_path_buf(), "cdrom", true)],
+        512,
+        timeout,
+        false,
+    )
+}
+
 /// Boot `image` (a private copy) under OVMF with Secure Boot enforcing:
 /// Debian's snakeoil firmware, whose db trusts `SNAKEOIL_CERT`.
 pub fn boot_secure(image: &Path, timeout: std::time::Duration) -> Boot {
@@ -499,6 +511,17 @@ fn boot_with(
         c
     };
     for (i, (file, format, ro)) in disks.iter().enumerate() {
+        if *format == "cdrom" {
+            // A CD-ROM drive (virtio-scsi): 2048-byte sectors, read-only.
+            cmd.args(["-device", &format!("virtio-scsi-pci,id=scsi{i}")])
+                .arg("-drive")
+                .arg(format!(
+                    "if=none,id=d{i},media=cdrom,format=raw,readonly=on,file={}",
+                    file.display()
+                ))
+                .args(["-device", &format!("scsi-cd,drive=d{i},bus=scsi{i}.0")]);
+            continue;
+        }
         cmd.arg("-drive")
             .arg(format!(
                 "if=none,id=d{i},format={format},file={}{}{}",

@@ -238,6 +238,9 @@ pub fn inspect(path: &Path) -> Result<Report> {
             bmap_sha256: std::fs::read(crate::image::bmap_path_for(path))
                 .ok()
                 .map(|b| formats::manifest::sha256_hex(&b)),
+            iso: formats::iso9660::read(&mut f)
+                .with_context(what)?
+                .map(|v| formats::manifest::IsoVolume::from(&v)),
         },
         verified: None,
         signature: None,
@@ -539,6 +542,20 @@ pub fn render(r: &Report) -> String {
     );
     for w in &r.warnings {
         s.push_str(&format!("warning: {w}\n"));
+    }
+    if let Some(v) = &r.disk.iso {
+        s.push_str(&format!("  ISO 9660 volume {}:", v.volume_id));
+        for f in &v.files {
+            let boot = v.efi_boot.as_ref() == Some(&f.name);
+            s.push_str(&format!(
+                " {} ({} bytes at {}{})",
+                f.name,
+                f.size,
+                f.offset,
+                if boot { ", El Torito EFI" } else { "" }
+            ));
+        }
+        s.push('\n');
     }
     for p in &r.disk.partitions {
         let fs = p

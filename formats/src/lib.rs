@@ -14,6 +14,7 @@ pub mod fuzz;
 pub mod gnu_sparse;
 pub mod gpt;
 pub mod identity;
+pub mod iso9660;
 pub mod manifest;
 pub mod mbr;
 pub mod nar;

@@ -137,6 +137,48 @@ pub struct Disk {
     /// (`IMAGE.sig`) vouches, through it, for every mapped range's hash.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bmap_sha256: Option<String>,
+    /// A hybrid ISO's volume (`--format iso`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub iso: Option<IsoVolume>,
+}
+
+/// A hybrid ISO's ISO 9660 volume: its files are partitions' bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoVolume {
+    pub volume_id: String,
+    /// The root directory's files.
+    pub files: Vec<IsoFile>,
+    /// The file El Torito boots under UEFI.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub efi_boot: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsoFile {
+    pub name: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl From<&crate::iso9660::Found> for IsoVolume {
+    fn from(f: &crate::iso9660::Found) -> IsoVolume {
+        IsoVolume {
+            volume_id: f.volume_id.clone(),
+            files: f
+                .files
+                .iter()
+                .map(|x| IsoFile {
+                    name: x.name.clone(),
+                    offset: x.start,
+                    size: x.len,
+                })
+                .collect(),
+            efi_boot: f.efi_boot.and_then(|at| {
+                let boot = f.files.iter().find(|x| x.start == at);
+                boot.map(|x| x.name.clone())
+            }),
+        }
+    }
 }
 
 /// What `veritysetup` needs besides the two partitions: the root hash
@@ -282,6 +324,7 @@ mod tests {
             verity: None,
             toplevel: None,
             bmap_sha256: None,
+            iso: None,
         };
         assert_eq!(disk.matches(1 << 20, &head), Ok(()));
         assert!(disk.matches(2 << 20, &head).unwrap_err().contains("bytes"));

@@ -33,10 +33,11 @@ pub struct ImageArgs {
     /// Seed for every UUID and GUID (default: the toplevel store path).
     #[arg(long)]
     seed: Option<String>,
-    /// raw-efi: size of the FAT32 EFI system partition (kernels, initrds,
-    /// systemd-boot).
-    #[arg(long, default_value = "512M", value_parser = super::size_arg)]
-    esp_size: u64,
+    /// raw-efi and iso: size of the FAT32 EFI system partition (kernels,
+    /// initrds, systemd-boot) (default: 512M; an ISO's as small as its
+    /// content).
+    #[arg(long, value_parser = super::size_arg)]
+    esp_size: Option<u64>,
     /// `auto` (the content plus --root-slack) or a size.
     #[arg(long, default_value = "auto", value_parser = |s: &str| super::word_or_size(s, "auto"))]
     root_size: WordOrSize,
@@ -49,17 +50,19 @@ pub struct ImageArgs {
     #[arg(long, value_enum, default_value = "ro")]
     root_mode: RootModeArg,
     /// The root filesystem: ext4, or erofs (read-only, as large as its
-    /// content; the stage 1 needs the kernel's erofs).
-    #[arg(long, value_enum, default_value = "ext4")]
-    root_fs: RootFsArg,
+    /// content; the stage 1 needs the kernel's erofs) (default: erofs for
+    /// --format iso, else ext4).
+    #[arg(long, value_enum)]
+    root_fs: Option<RootFsArg>,
     /// With --root-fs erofs: none, lz4, or lz4hc[,LEVEL] (1-12, default 9):
     /// files over 4 KiB in LZ4 blocks where that saves space.
     #[arg(long, default_value = "lz4hc", value_name = "ALGO")]
     erofs_compression: formats::erofs::Compression,
     /// Size of the state partition (`none`: no state partition, e.g. a VM
-    /// base whose /var is another disk); with --disk-size, its least size.
-    #[arg(long, default_value = "256M", value_parser = |s: &str| super::word_or_size(s, "none"))]
-    state_size: WordOrSize,
+    /// base whose /var is another disk); with --disk-size, its least size
+    /// (default: 256M; an ISO has none, its /var is in memory).
+    #[arg(long, value_parser = |s: &str| super::word_or_size(s, "none"))]
+    state_size: Option<WordOrSize>,
     /// Size of the whole image (e.g. 8G): the state partition, and its
     /// filesystem, fill what the others leave (default: as small as they allow).
     #[arg(long, value_name = "SIZE", value_parser = super::size_arg)]
@@ -183,7 +186,17 @@ impl ImageArgs {
     /// The library's options (`forge update` takes the same).
     pub fn options(self) -> Result<image::Options> {
         let a = self;
-        if matches!(a.root_fs, RootFsArg::Erofs) && a.root_slack.is_some() {
+        let iso = a.format == Format::Iso;
+        let root_fs = a.root_fs.unwrap_or(match iso {
+            true => RootFsArg::Erofs,
+            false => RootFsArg::Ext4,
+        });
+        if iso && a.state_size.is_some() {
+            anyhow::bail!(
+                "--state-size: an ISO has no state partition (a live system's /var is in memory)"
+            );
+        }
+        if matches!(root_fs, RootFsArg::Erofs) && a.root_slack.is_some() {
             anyhow::bail!("--root-slack: an EROFS root is as large as its content; slack applies to --root-fs ext4");
         }
         let root_mode = match a.root_mode {
@@ -212,14 +225,16 @@ impl ImageArgs {
             esp_size: a.esp_size,
             root_size,
             root_mode,
-            root_fs: match a.root_fs {
+            root_fs: match root_fs {
                 RootFsArg::Ext4 => image::RootFs::Ext4,
                 RootFsArg::Erofs => image::RootFs::Erofs,
             },
             erofs_compression: a.erofs_compression,
             state_size: match a.state_size {
-                WordOrSize::Word => None,
-                WordOrSize::Bytes(n) => Some(n),
+                _ if iso => None,
+                Some(WordOrSize::Word) => None,
+                Some(WordOrSize::Bytes(n)) => Some(n),
+                None => Some(256 << 20),
             },
             deflate: a.compression.is_some(),
             closure_info: a.src.closure_info,

@@ -220,7 +220,7 @@ const GIB: u64 = 1 << 30;
 
 /// The accepted output names, for messages and help.
 pub const NAMES: &str =
-    ".img or .raw (raw image), .img.zst or .raw.zst (zstd-compressed), .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE)";
+    ".img or .raw (raw image), .iso (--format iso), .img.zst or .raw.zst (zstd-compressed), .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE)";
 
 /// What a container may need beyond the bytes.
 pub struct Settings {
@@ -254,7 +254,7 @@ impl Kind {
         let has = |ext: &str| n.len() > ext.len() && n.ends_with(ext);
         if has(".img.zst") || has(".raw.zst") {
             Some(Kind::Zstd)
-        } else if has(".img") || has(".raw") {
+        } else if has(".img") || has(".raw") || has(".iso") {
             Some(Kind::Raw)
         } else if has(".qcow2") {
             Some(Kind::Qcow2)

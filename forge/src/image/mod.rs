@@ -4,6 +4,7 @@
 //! The bmap lists exactly the blocks written, and those must be the
 //! blocks the layout planned.
 
+mod iso;
 mod parts;
 mod raw_efi;
 mod sd;
@@ -39,20 +40,24 @@ pub enum Format {
     RawEfi,
     /// Raspberry Pi: MBR + FAT32 firmware + ext4 root (U-Boot, extlinux) + state.
     SdAarch64,
+    /// A hybrid ISO 9660 image: raw-efi's ESP (El Torito's EFI image) and
+    /// read-only root, files of the volume and GPT partitions both.
+    Iso,
 }
 
 impl Format {
-    pub const NAMES: [&'static str; 2] = ["raw-efi", "sd-aarch64"];
+    pub const NAMES: [&'static str; 3] = ["raw-efi", "sd-aarch64", "iso"];
 
     pub fn name(self) -> &'static str {
         match self {
             Format::RawEfi => "raw-efi",
             Format::SdAarch64 => "sd-aarch64",
+            Format::Iso => "iso",
         }
     }
 
     pub fn from_name(s: &str) -> Option<Format> {
-        [Format::RawEfi, Format::SdAarch64]
+        [Format::RawEfi, Format::SdAarch64, Format::Iso]
             .into_iter()
             .find(|f| f.name() == s)
     }
@@ -98,6 +103,10 @@ pub fn container_of(o: &Options) -> Result<container::Kind> {
     if kind.vm_disk() && o.format != Format::RawEfi {
         bail!("{out}: qcow2, VHD, VHDX and VMDK outputs are for --format raw-efi (VM disks)");
     }
+    let iso_name = o.output.to_string_lossy().ends_with(".iso");
+    if iso_name != (o.format == Format::Iso) {
+        bail!("{out}: --format iso writes .iso outputs, and only it does");
+    }
     Ok(kind)
 }
 
@@ -120,7 +129,10 @@ pub fn check_options(o: &Options) -> Result<()> {
     if o.verity && o.root_mode == RootMode::Rw {
         bail!("--verity needs a read-only root (dm-verity maps it read-only); --root-mode rw cannot be verified");
     }
-    if o.uki && o.format != Format::RawEfi {
+    if o.format == Format::Iso {
+        iso::check_options(o)?;
+    }
+    if o.uki && o.format == Format::SdAarch64 {
         bail!("--uki is for --format raw-efi (systemd-boot); an sd-aarch64 card boots through U-Boot's extlinux");
     }
     if o.uki_stub.is_some() && !o.uki {
@@ -212,7 +224,8 @@ pub struct Options {
     pub format: Format,
     pub output: PathBuf,
     pub seed: Option<String>,
-    pub esp_size: u64,
+    /// None: 512 MiB, or for an ISO as small as its content.
+    pub esp_size: Option<u64>,
     pub root_size: ext4::Size,
     pub root_mode: RootMode,
     pub root_fs: RootFs,
@@ -371,6 +384,7 @@ fn trees(i: &Input) -> Result<Box<dyn DiskFormat>> {
     Ok(match i.o.format {
         Format::RawEfi => Box::new(raw_efi::trees_of(i)?),
         Format::SdAarch64 => Box::new(sd::trees_of(i)?),
+        Format::Iso => Box::new(iso::trees_of(i)?),
     })
 }
 

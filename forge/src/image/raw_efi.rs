@@ -16,7 +16,7 @@ use super::{
 
 /// The root filesystem's label.
 const ROOT_LABEL: &str = "nixos";
-use crate::layout::{Layout, PartType, Role, SizePolicy, Table, ALIGN};
+use crate::layout::{Layout, PartType, Partition, Role, SizePolicy, Table, ALIGN};
 
 /// A raw-efi image's trees, one per partition.
 pub(super) struct RawEfi {
@@ -77,11 +77,32 @@ impl DiskFormat for RawEfi {
     }
 
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
+        let mut partitions = self.partitions(i, i.o.esp_size.unwrap_or(512 << 20))?;
+        if let Some(size) = i.o.state_size {
+            partitions.push(state_partition(
+                i,
+                &self.state,
+                size,
+                PartType::Gpt(types::VAR),
+            )?);
+        }
+        Ok(Layout {
+            table: Table::Gpt,
+            sector_size: i.o.sector_size,
+            seed: i.seed.to_string(),
+            partitions,
+            disk_size: None,
+            iso: None,
+        })
+    }
+}
+
+impl RawEfi {
+    /// The ESP (`esp_size` bytes), the root and what goes with it
+    /// (verity, A/B twins): every partition but the state's.
+    pub(super) fn partitions<'t>(&'t self, i: &Input, esp_size: u64) -> Result<Vec<Partition<'t>>> {
         let RawEfi {
-            esp,
-            root,
-            state,
-            verity,
+            esp, root, verity, ..
         } = self;
         let (root_type, verity_type, sig_type) = match i.c.bootspec.spec.system.as_str() {
             "x86_64-linux" => (
@@ -101,7 +122,7 @@ impl DiskFormat for RawEfi {
                 i,
                 esp,
                 esp_part,
-                (ALIGN, i.o.esp_size),
+                (ALIGN, esp_size),
                 PartType::Gpt(types::ESP),
                 "ESP (--esp-size)",
             )?,
@@ -137,15 +158,6 @@ impl DiskFormat for RawEfi {
             let twins = super::slots::empty_twins(&partitions[1..], &sizes);
             partitions.extend(twins);
         }
-        if let Some(size) = i.o.state_size {
-            partitions.push(state_partition(i, state, size, PartType::Gpt(types::VAR))?);
-        }
-        Ok(Layout {
-            table: Table::Gpt,
-            sector_size: i.o.sector_size,
-            seed: i.seed.to_string(),
-            partitions,
-            disk_size: None,
-        })
+        Ok(partitions)
     }
 }

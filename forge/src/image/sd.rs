@@ -263,6 +263,7 @@ impl DiskFormat for SdAarch64 {
             seed: i.seed.to_string(),
             partitions,
             disk_size: None,
+            iso: None,
         })
     }
 }

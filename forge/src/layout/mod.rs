@@ -10,7 +10,7 @@ pub mod report;
 use anyhow::{bail, Context, Result};
 use std::io::SeekFrom;
 
-use formats::{erofs, ext4, fat, gpt, mbr, ranges, seed, verity};
+use formats::{erofs, ext4, fat, gpt, iso9660, mbr, ranges, seed, verity};
 pub use report::{BootEntry, Disk, Fs, IdentityAt, Part, Role, MANIFEST_VERSION};
 
 /// Partitions start on 1 MiB boundaries.
@@ -219,6 +219,21 @@ pub struct Layout<'t> {
     /// The whole disk's size, when the layout is made for one (else the
     /// partitions decide it); set by [`Layout::fill`].
     pub disk_size: Option<u64>,
+    /// An ISO 9660 volume over the partitions too (`--format iso`).
+    pub iso: Option<Iso>,
+}
+
+/// A hybrid ISO's volume: partitions that are also files of an ISO 9660
+/// volume whose metadata follows the table in the first MiB, one of them
+/// the El Torito EFI image, so the file boots as a CD and, written to a
+/// disk, by its GPT.
+pub struct Iso {
+    pub volume_id: String,
+    pub epoch: i64,
+    /// (partition index, file name).
+    pub files: Vec<(usize, String)>,
+    /// The partition El Torito boots (the ESP).
+    pub efi_boot: usize,
 }
 
 /// The partition table's bytes: at the start, and (GPT) the backup at the end.
@@ -346,10 +361,13 @@ impl<'t> Layout<'t> {
             Some(disk) => disk,
             None => size,
         };
-        let table = match self.table {
+        let mut table = match self.table {
             Table::Gpt => self.gpt(&at, size)?,
             Table::Mbr => self.mbr(&at)?,
         };
+        if let Some(iso) = &self.iso {
+            table.head = self.iso_head(iso, table.head, &at, size)?;
+        }
         Ok(Placed {
             layout: self,
             at,
@@ -391,6 +409,38 @@ impl<'t> Layout<'t> {
                 .map(|p| seed::format_uuid(&p.guid))
                 .collect(),
         })
+    }
+
+    /// The table's bytes, then the ISO volume's metadata at its 32 KiB.
+    fn iso_head(
+        &self,
+        iso: &Iso,
+        mut head: Vec<u8>,
+        at: &[(u64, u64)],
+        size: u64,
+    ) -> Result<Vec<u8>> {
+        if head.len() as u64 > iso9660::START {
+            bail!("internal: the partition table reaches past the ISO's system area");
+        }
+        let file = |&(i, ref name): &(usize, String)| iso9660::File {
+            name: name.clone(),
+            start: at[i].0,
+            len: at[i].1,
+        };
+        let v = iso9660::Volume {
+            volume_id: iso.volume_id.clone(),
+            epoch: iso.epoch,
+            size,
+            files: iso.files.iter().map(file).collect(),
+            efi_boot: iso
+                .files
+                .iter()
+                .position(|f| f.0 == iso.efi_boot)
+                .context("internal: the El Torito partition is no ISO file")?,
+        };
+        head.resize(iso9660::START as usize, 0);
+        head.extend(v.encode()?);
+        Ok(head)
     }
 
     fn mbr(&self, at: &[(u64, u64)]) -> Result<TableBytes> {

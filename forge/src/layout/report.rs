@@ -77,6 +77,12 @@ impl Placed<'_, '_> {
             verity: self.layout.partitions.iter().find_map(|p| p.fs.verity()),
             toplevel: None,
             bmap_sha256: None,
+            // Read back from the bytes written, as forge inspect reads it.
+            iso: self.layout.iso.as_ref().and_then(|_| {
+                let head = std::io::Cursor::new(&self.table.head);
+                let found = formats::iso9660::read(&mut { head }).ok().flatten();
+                found.as_ref().map(formats::manifest::IsoVolume::from)
+            }),
         }
     }
 }

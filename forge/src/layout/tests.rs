@@ -35,6 +35,7 @@ fn layout<'t>(partitions: Vec<Partition<'t>>) -> Layout<'t> {
         seed: "seed".into(),
         partitions,
         disk_size: None,
+        iso: None,
     }
 }
 
