@@ -335,10 +335,10 @@ fn bad_input_is_refused_and_nothing_is_left() {
     let e = sd_err(
         &sys,
         d.path(),
-        &["--firmware", fw.to_str().unwrap(), "-o", &out("a.iso")],
+        &["--firmware", fw.to_str().unwrap(), "-o", &out("a.dmg")],
     );
     assert!(
-        e.contains("a.iso") && e.contains("unknown output extension") && e.contains(".img.zst"),
+        e.contains("a.dmg") && e.contains("unknown output extension") && e.contains(".img.zst"),
         "{e}"
     );
     let x86 = system("x86_64");

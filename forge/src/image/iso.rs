@@ -43,7 +43,8 @@ pub(super) fn check_options(o: &Options) -> Result<()> {
     Ok(())
 }
 
-/// The least FAT32 volume, whole MiBs, that holds `tree`.
+/// The least FAT32 volume, whole MiBs, that holds `tree`, and a MiB
+/// more: room for the signatures `forge sign` adds to its PE files.
 fn fitted_esp(i: &Input, tree: &Tree) -> Result<u64> {
     let mut size = ALIGN;
     for _ in 0..8 {
@@ -56,7 +57,7 @@ fn fitted_esp(i: &Input, tree: &Tree) -> Result<u64> {
             hidden_sectors: (ALIGN / i.o.sector_size as u64) as u32,
         };
         match formats::fat::plan(tree, &opts) {
-            Ok(_) => return Ok(size),
+            Ok(_) => return Ok(size + ALIGN),
             Err(FatError::TooSmall { needed, .. })
             | Err(FatError::TooSmallForFat32 { needed, .. }) => {
                 size = needed.max(size + 1).next_multiple_of(ALIGN)
@@ -95,18 +96,13 @@ impl DiskFormat for Iso {
             .enumerate()
             .filter_map(|(k, p)| file_name(p.role).map(|n| (k, n.to_string())))
             .collect();
-        Ok(Layout {
-            table: Table::Gpt,
-            sector_size: i.o.sector_size,
-            seed: i.seed.to_string(),
-            partitions,
-            disk_size: None,
-            iso: Some(IsoVolume {
-                volume_id: "NIXOS_ISO".into(),
-                epoch: i.o.epoch as i64,
-                files,
-                efi_boot: 0,
-            }),
-        })
+        let mut layout = Layout::of(Table::Gpt, i.o.sector_size, i.seed, partitions);
+        layout.iso = Some(IsoVolume {
+            volume_id: "NIXOS_ISO".into(),
+            epoch: i.o.epoch as i64,
+            files,
+            efi_boot: 0,
+        });
+        Ok(layout)
     }
 }

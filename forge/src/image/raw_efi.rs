@@ -86,14 +86,7 @@ impl DiskFormat for RawEfi {
                 PartType::Gpt(types::VAR),
             )?);
         }
-        Ok(Layout {
-            table: Table::Gpt,
-            sector_size: i.o.sector_size,
-            seed: i.seed.to_string(),
-            partitions,
-            disk_size: None,
-            iso: None,
-        })
+        Ok(Layout::of(Table::Gpt, i.o.sector_size, i.seed, partitions))
     }
 }
 

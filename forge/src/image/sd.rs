@@ -257,13 +257,6 @@ impl DiskFormat for SdAarch64 {
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);
         }
-        Ok(Layout {
-            table: Table::Mbr,
-            sector_size: 512,
-            seed: i.seed.to_string(),
-            partitions,
-            disk_size: None,
-            iso: None,
-        })
+        Ok(Layout::of(Table::Mbr, 512, i.seed, partitions))
     }
 }

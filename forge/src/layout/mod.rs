@@ -255,6 +255,18 @@ pub struct Placed<'l, 't> {
 }
 
 impl<'t> Layout<'t> {
+    /// `partitions` under `table`, as large as they need, no ISO volume.
+    pub fn of(table: Table, sector_size: u32, seed: &str, partitions: Vec<Partition<'t>>) -> Self {
+        Layout {
+            table,
+            sector_size,
+            seed: seed.to_string(),
+            partitions,
+            disk_size: None,
+            iso: None,
+        }
+    }
+
     /// Bytes the end of the disk keeps for the table: a GPT's backup.
     fn tail_reserve(&self) -> u64 {
         match self.table {
