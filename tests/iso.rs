@@ -162,6 +162,13 @@ fn an_iso_boots_under_ovmf_from_a_cd_and_flashed_to_a_loop_device_as_a_disk() {
     {
         let _g = privileged();
         let lo = Loop::attach(&card, &[]);
+        // No state partition: nothing to fill, refused before writing.
+        let err = fails(flash().arg(&img).arg(&lo.dev).args([
+            "--yes",
+            "--allow-non-removable",
+            "--fill",
+        ]));
+        assert!(the_error(&err).contains("no state partition"), "{err}");
         ok(flash()
             .arg(&img)
             .arg(&lo.dev)
