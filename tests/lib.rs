@@ -510,6 +510,35 @@ fn boot_with(
         .args(["-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin"]);
         c
     };
+    disk_args(&mut cmd, disks, sector);
+    cmd.args(["-nic", "none", "-display", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", log.display()));
+    watch(cmd, &log, timeout)
+}
+
+/// A Raspberry Pi 3 B as QEMU's raspi3b emulates it: Debian's Pi build of
+/// U-Boot as the kernel (the firmware's part), the board's DTB, `card` on
+/// the SD controller (its size a power of two). The PL011 UART (U-Boot's
+/// and the kernel's console) is the log.
+pub fn boot_raspi3b(card: &Path, uboot: &Path, dtb: &Path, timeout: std::time::Duration) -> Boot {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let mut cmd = Command::new("qemu-system-aarch64");
+    cmd.args(["-M", "raspi3b", "-kernel"])
+        .arg(uboot)
+        .arg("-dtb")
+        .arg(dtb)
+        .arg("-drive")
+        .arg(format!("if=sd,format=raw,file={}", card.display()))
+        .args(["-display", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", log.display()))
+        .args(["-serial", "null"]);
+    watch(cmd, &log, timeout)
+}
+
+/// QEMU's arguments for `disks`: virtio disks with `sector`-byte
+/// sectors, or (format "cdrom") a CD-ROM drive on virtio-scsi.
+fn disk_args(cmd: &mut Command, disks: &[(PathBuf, &str, bool)], sector: u32) {
     for (i, (file, format, ro)) in disks.iter().enumerate() {
         if *format == "cdrom" {
             // A CD-ROM drive (virtio-scsi): 2048-byte sectors, read-only.
@@ -541,29 +570,6 @@ fn boot_with(
                 "virtio-blk-pci,drive=d{i},logical_block_size={sector},physical_block_size={sector}"
             ));
     }
-    cmd.args(["-nic", "none", "-display", "none", "-no-reboot", "-serial"])
-        .arg(format!("file:{}", log.display()));
-    watch(cmd, &log, timeout)
-}
-
-/// A Raspberry Pi 3 B as QEMU's raspi3b emulates it: Debian's Pi build of
-/// U-Boot as the kernel (the firmware's part), the board's DTB, `card` on
-/// the SD controller (its size a power of two). The PL011 UART (U-Boot's
-/// and the kernel's console) is the log.
-pub fn boot_raspi3b(card: &Path, uboot: &Path, dtb: &Path, timeout: std::time::Duration) -> Boot {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("serial.log");
-    let mut cmd = Command::new("qemu-system-aarch64");
-    cmd.args(["-M", "raspi3b", "-kernel"])
-        .arg(uboot)
-        .arg("-dtb")
-        .arg(dtb)
-        .arg("-drive")
-        .arg(format!("if=sd,format=raw,file={}", card.display()))
-        .args(["-display", "none", "-no-reboot", "-serial"])
-        .arg(format!("file:{}", log.display()))
-        .args(["-serial", "null"]);
-    watch(cmd, &log, timeout)
 }
 
 /// Run QEMU until the fixture's marker line, a panic, a firmware shell or

@@ -535,6 +535,23 @@ fn extlinux_entries(f: &File, off: u64) -> Result<Vec<BootEntry>> {
 }
 
 /// Human-readable form.
+/// A hybrid ISO's volume: its id and files, the one El Torito boots named.
+fn iso_line(v: &formats::manifest::IsoVolume) -> String {
+    let mut s = format!("  ISO 9660 volume {}:", v.volume_id);
+    for f in &v.files {
+        let boot = v.efi_boot.as_ref() == Some(&f.name);
+        s.push_str(&format!(
+            " {} ({} bytes at {}{})",
+            f.name,
+            f.size,
+            f.offset,
+            if boot { ", El Torito EFI" } else { "" }
+        ));
+    }
+    s.push('\n');
+    s
+}
+
 pub fn render(r: &Report) -> String {
     let mut s = format!(
         "{}: {} bytes, {} table, {}-byte sectors, disk {}\n",
@@ -544,18 +561,7 @@ pub fn render(r: &Report) -> String {
         s.push_str(&format!("warning: {w}\n"));
     }
     if let Some(v) = &r.disk.iso {
-        s.push_str(&format!("  ISO 9660 volume {}:", v.volume_id));
-        for f in &v.files {
-            let boot = v.efi_boot.as_ref() == Some(&f.name);
-            s.push_str(&format!(
-                " {} ({} bytes at {}{})",
-                f.name,
-                f.size,
-                f.offset,
-                if boot { ", El Torito EFI" } else { "" }
-            ));
-        }
-        s.push('\n');
+        s.push_str(&iso_line(v));
     }
     for p in &r.disk.partitions {
         let fs = p
