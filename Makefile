@@ -78,9 +78,9 @@ install:
 	done
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
-# at hashing and writing). Two at a time, one per core: three were not
-# faster in a fresh clone's CI run (the e2e binary 819 s, against 793 s
-# with two).
+# at hashing and writing). Two at a time, one per core: the e2e binary
+# took 509 s so in a fresh clone's CI run on an otherwise idle machine
+# (three at a time was no faster in runs beside other work).
 test: deps fixtures tools test-bins
 	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test --workspace -- --test-threads=2
 
