@@ -241,7 +241,7 @@ impl Volume {
                 ));
             }
             if f.name == "boot.cat" {
-                return err("ISO file name boot.cat: the boot catalog's".into());
+                return err("ISO file name boot.cat: the name is the boot catalog's".into());
             }
             if !f.start.is_multiple_of(BLOCK) || f.start < meta_end || f.start + f.len > self.size {
                 return err(format!("ISO file {}: bytes {}..{} are not whole blocks after the metadata and inside the image", f.name, f.start, f.start + f.len));
@@ -465,6 +465,14 @@ impl Volume {
 /// image (its block); None when `image` (from byte 0) holds no ISO 9660
 /// volume.
 pub fn read(image: &mut (impl std::io::Read + std::io::Seek)) -> std::io::Result<Option<Found>> {
+    match read_volume(image) {
+        // A block named past the image's end: no volume of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        r => r,
+    }
+}
+
+fn read_volume(image: &mut (impl std::io::Read + std::io::Seek)) -> std::io::Result<Option<Found>> {
     let mut block = |n: u64| -> std::io::Result<Vec<u8>> {
         let mut b = vec![0u8; BLOCK as usize];
         image.seek(std::io::SeekFrom::Start(n * BLOCK))?;
@@ -473,11 +481,7 @@ pub fn read(image: &mut (impl std::io::Read + std::io::Seek)) -> std::io::Result
     };
     let (mut pvd, mut catalog) = (None, None);
     for n in 16..64 {
-        let d = match block(n) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e),
-        };
+        let d = block(n)?;
         if &d[1..6] != b"CD001" || d[0] == 255 {
             break;
         }
@@ -498,6 +502,9 @@ pub fn read(image: &mut (impl std::io::Read + std::io::Seek)) -> std::io::Result
     while p + 33 < dir.len() && dir[p] != 0 {
         let r = &dir[p..(p + dir[p] as usize).min(dir.len())];
         p += dir[p] as usize;
+        if r.len() < 34 {
+            break; // shorter than a record with a name: not ours
+        }
         let n = r[32] as usize;
         if r.len() < 33 + n || r[25] & 2 != 0 {
             continue;
@@ -659,6 +666,22 @@ mod tests {
             read(&mut std::io::Cursor::new(vec![0u8; 40000])).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn mutated_volumes_never_panic_the_reader() {
+        let mut base = vec![0u8; 32768];
+        base.extend(volume().encode().unwrap());
+        crate::fuzz::run("iso9660::read", 2000, |r| {
+            let mut b = base.clone();
+            // The descriptors, the root directory and the catalog.
+            for _ in 0..r.below(8) {
+                let i = 32768 + [0, 8 * 2048, 10 * 2048][r.below(3)] + r.below(2048);
+                b[i] = r.word() as u8;
+            }
+            r.mutate(&mut b, 2);
+            let _ = read(&mut std::io::Cursor::new(&b));
+        });
     }
 
     #[test]

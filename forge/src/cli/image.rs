@@ -35,7 +35,7 @@ pub struct ImageArgs {
     seed: Option<String>,
     /// raw-efi and iso: size of the FAT32 EFI system partition (kernels,
     /// initrds, systemd-boot) (default: 512M; an ISO's as small as its
-    /// content).
+    /// content and a MiB).
     #[arg(long, value_parser = super::size_arg)]
     esp_size: Option<u64>,
     /// `auto` (the content plus --root-slack) or a size.

@@ -48,14 +48,7 @@ pub(super) fn check_options(o: &Options) -> Result<()> {
 fn fitted_esp(i: &Input, tree: &Tree) -> Result<u64> {
     let mut size = ALIGN;
     for _ in 0..8 {
-        let opts = formats::fat::Options {
-            size,
-            sector_size: i.o.sector_size,
-            label: "ESP".into(),
-            volume_id: 0,
-            epoch: i.o.epoch,
-            hidden_sectors: (ALIGN / i.o.sector_size as u64) as u32,
-        };
+        let opts = super::parts::fat_options(i, "ESP", (ALIGN, size))?;
         match formats::fat::plan(tree, &opts) {
             Ok(_) => return Ok(size + ALIGN),
             Err(FatError::TooSmall { needed, .. })

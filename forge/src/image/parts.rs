@@ -200,6 +200,24 @@ pub(crate) fn state_partition<'t>(
 }
 
 /// A FAT32 partition of exactly `size` bytes at `start`.
+/// A FAT volume's options: `size` bytes at byte `start` of the disk,
+/// its volume ID from the seed and `label`.
+pub(crate) fn fat_options(
+    i: &Input,
+    label: &str,
+    (start, size): (u64, u64),
+) -> Result<formats::fat::Options> {
+    Ok(formats::fat::Options {
+        size,
+        sector_size: i.o.sector_size,
+        label: label.into(),
+        volume_id: formats::fat::volume_id(i.seed, label),
+        epoch: i.o.epoch,
+        hidden_sectors: u32::try_from(start / i.o.sector_size as u64)
+            .context("a FAT volume past 2^32 sectors")?,
+    })
+}
+
 pub(crate) fn fat_partition<'t>(
     i: &Input,
     tree: &'t Tree,
@@ -208,16 +226,8 @@ pub(crate) fn fat_partition<'t>(
     ty: PartType,
     what: &str,
 ) -> Result<Partition<'t>> {
-    let volume_id = formats::fat::volume_id(i.seed, label);
-    let opts = formats::fat::Options {
-        size,
-        sector_size: i.o.sector_size,
-        label: label.into(),
-        volume_id,
-        epoch: i.o.epoch,
-        hidden_sectors: u32::try_from(start / i.o.sector_size as u64)
-            .context("a FAT volume past 2^32 sectors")?,
-    };
+    let opts = fat_options(i, label, (start, size))?;
+    let volume_id = opts.volume_id;
     let plan = formats::fat::plan(tree, &opts).with_context(|| format!("planning the {what}"))?;
     Ok(Partition {
         role,
