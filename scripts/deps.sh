@@ -34,6 +34,7 @@ pkgs=(
   xz-utils python3-yaml         # forge lxc: xz -t judges its tarballs, PyYAML its metadata.yaml
   xorriso                       # hybrid ISOs (foreign images flash writes); reads them back
   genisoimage                   # isoinfo: reads forge's ISOs (Rock Ridge, Joliet, El Torito)
+  b3sum                         # BLAKE3 of the manifest's ranges, computed independently
   tmux                          # flash station: its live rows, read with tmux capture-pane
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by

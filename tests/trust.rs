@@ -316,6 +316,10 @@ fn a_changed_byte_stops_flash_before_its_range_reaches_the_card() {
         line.contains("do not match the checksum") && line.contains("nothing bootable was left"),
         "{line}"
     );
+    assert!(
+        line.contains("disk.img.layout.json"),
+        "the signed BLAKE3: {line}"
+    );
     let (a, b) = range_named(line);
     assert!(a <= at && at < b, "the range named holds byte {at}: {line}");
     assert!(no_table_left(&c.backing), "no table left");
@@ -346,4 +350,102 @@ fn a_changed_byte_stops_flash_before_its_range_reaches_the_card() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(the_error(&err).contains("z.img.zst"), "{err}");
     assert!(no_table_left(&c.backing), "no table left");
+}
+
+/// BLAKE3 (hex) of `len` bytes of `file` at `off`, as b3sum computes it.
+fn b3sum_at(file: &Path, off: u64, len: u64) -> String {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; len as usize];
+    std::fs::File::open(file)
+        .unwrap()
+        .read_exact_at(&mut bytes, off)
+        .unwrap();
+    let mut child = Command::new("b3sum")
+        .arg("--no-names")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("b3sum (scripts/deps.sh installs it)");
+    child.stdin.take().unwrap().write_all(&bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The manifest beside `img`, edited by `edit`, then signed again by `sk`
+/// (`forge sign --key` signs whatever manifest is beside the image).
+fn resigned(img: &Path, sk: &Path, edit: impl FnOnce(&mut Value)) {
+    let m = with(img, ".layout.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&m, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    ok(forge().arg("sign").arg(img).arg("--key").arg(sk));
+}
+
+#[test]
+fn the_signed_manifest_holds_the_image_sha256_and_each_range_blake3_which_flash_checks() {
+    let _g = privileged();
+    let d = tempfile::tempdir().unwrap();
+    let (sk, pk) = nix_keys_named(d.path(), "ci.example-1");
+    let trust = [os("--trust"), os(&pk)];
+    let img = signed(d.path(), "disk.img", "a", &sk);
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(with(&img, ".layout.json")).unwrap()).unwrap();
+    // The whole image's SHA-256, as sha256sum prints it.
+    let sum = ok(Command::new("sha256sum").arg(&img));
+    assert_eq!(m["image_sha256"], sum.split_whitespace().next().unwrap());
+    // The bmap's ranges, each with the BLAKE3 b3sum gives its bytes.
+    let bmap =
+        formats::bmap::parse(&std::fs::read_to_string(with(&img, ".bmap")).unwrap()).unwrap();
+    let ranges = m["ranges"].as_array().unwrap();
+    let listed: Vec<(u64, u64)> = ranges
+        .iter()
+        .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(listed, bmap.byte_ranges());
+    for r in ranges {
+        let (off, len) = (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+        assert_eq!(r["blake3"], b3sum_at(&img, off, len), "bytes {off}..+{len}");
+    }
+    // A range's BLAKE3 that is not its bytes' (the bmap's SHA-256 still
+    // is), signed: flash stops before that range reaches the card, naming
+    // the manifest, so the BLAKE3 is what it checked.
+    let k = listed.iter().position(|r| r.0 >= 1 << 20).unwrap();
+    let (a, b) = (listed[k].0, listed[k].0 + listed[k].1);
+    let good = std::fs::read(with(&img, ".layout.json")).unwrap();
+    resigned(&img, &sk, |v| {
+        v["ranges"][k]["blake3"] = Value::from(b3sum_at(&img, a, 1));
+    });
+    let c = card(d.path(), len(&img));
+    let out = flash_to(&img, &c, &trust);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = the_error(&err);
+    assert!(
+        line.contains(&format!("bytes {a}..{b} do not match the checksum in"))
+            && line.contains("disk.img.layout.json"),
+        "{line}"
+    );
+    assert!(no_table_left(&c.backing), "no table left");
+    assert!(
+        still_stale(&c.backing, a, b - a),
+        "bytes {a}..{b} unwritten"
+    );
+    // Ranges that are not the bmap's: refused before the first byte.
+    std::fs::write(with(&img, ".layout.json"), &good).unwrap();
+    resigned(&img, &sk, |v| {
+        v["ranges"].as_array_mut().unwrap().remove(k);
+    });
+    let c = card(d.path(), len(&img));
+    refused_before_writing(
+        &img,
+        &c,
+        &trust,
+        &["disk.img.layout.json: the signed manifest's ranges are not its bmap's"],
+    );
+    // The good manifest, signed again: written.
+    std::fs::write(with(&img, ".layout.json"), &good).unwrap();
+    ok(forge().arg("sign").arg(&img).arg("--key").arg(&sk));
+    assert!(flash_to(&img, &c, &trust).status.success());
 }

@@ -103,7 +103,7 @@ pub fn prepare(req: &Request, host: &Host) -> Result<Session> {
 /// it and the sector size its table is for.
 pub fn source(req: &Request) -> Result<(Source, Option<Signed>, Option<u32>)> {
     let mut src = Source::open_sized(&req.image, req.bmap.clone(), req.size)?;
-    let signed = crate::trust::check(&src, &req.trust)?;
+    let signed = crate::trust::check(&mut src, &req.trust)?;
     let sector = examine(&src, req.raw, signed.is_some())?.sector;
     match &req.sha256 {
         // A stream is read once: its SHA-256 is checked as it is written

@@ -43,6 +43,17 @@ pub struct Source {
     committed: Option<Arc<AtomicBool>>,
     /// A stream's expected SHA-256 (hex), checked as it is read.
     whole_sha256: Option<String>,
+    /// Where the ranges' checksums come from: the bmap's (SHA-256 or
+    /// SHA-1), or a signed manifest's BLAKE3 ([`Source::check_by`]).
+    sums: Sums,
+}
+
+/// The ranges' checksums: the bmap's, or BLAKE3 from the named file.
+#[derive(Clone, Debug, Default)]
+enum Sums {
+    #[default]
+    Bmap,
+    Blake3(PathBuf),
 }
 
 /// How much of the image's start [`Source::first_mib`] keeps.
@@ -240,6 +251,7 @@ impl Source {
             rest: Mutex::new(None),
             committed: opened.committed,
             whole_sha256: None,
+            sums: Sums::Bmap,
         };
         if src.origin.file().is_some() {
             src.first = src.head(FIRST)?;
@@ -396,19 +408,46 @@ impl Source {
         })
     }
 
+    /// Check every range against the BLAKE3 (hex) `sums` gives it, in
+    /// range order, instead of its bmap checksum: what a signed manifest
+    /// (`from`) lists for the same ranges.
+    pub fn check_by(&mut self, from: &Path, sums: Vec<String>) -> Result<()> {
+        if sums.len() != self.spans.len() {
+            bail!(
+                "{}: {} range hashes for {} ranges",
+                from.display(),
+                sums.len(),
+                self.spans.len()
+            );
+        }
+        for (span, sum) in self.spans.iter_mut().zip(sums) {
+            span.2 = Some(sum);
+        }
+        self.sums = Sums::Blake3(from.to_path_buf());
+        Ok(())
+    }
+
     /// The checker of range `i` (as numbered in [`Piece::range`]).
     pub fn range_check(&self, i: usize) -> RangeCheck {
         let (off, len, want) = self.spans[i].clone();
+        let (sum, from, of) = match &self.sums {
+            Sums::Blake3(from) => (RangeSum::Blake3(Box::default()), from.clone(), "manifest"),
+            Sums::Bmap => (
+                RangeSum::for_sum(want.as_ref()),
+                self.bmap
+                    .as_ref()
+                    .map(|(p, _)| p.clone())
+                    .unwrap_or_default(),
+                "bmap",
+            ),
+        };
         RangeCheck {
             path: self.path.clone(),
-            bmap: self
-                .bmap
-                .as_ref()
-                .map(|(p, _)| p.clone())
-                .unwrap_or_default(),
+            from,
+            of,
             off,
             len,
-            sum: RangeSum::for_sum(want.as_ref()),
+            sum,
             want,
         }
     }
@@ -450,6 +489,7 @@ impl Source {
 enum RangeSum {
     Sha256(Sha256),
     Sha1(sha1::Sha1),
+    Blake3(Box<blake3::Hasher>),
 }
 
 impl RangeSum {
@@ -463,20 +503,25 @@ impl RangeSum {
         match self {
             RangeSum::Sha256(h) => h.update(d),
             RangeSum::Sha1(h) => h.update(d),
+            RangeSum::Blake3(h) => drop(h.update(d)),
         }
     }
     fn hex(self) -> String {
         match self {
             RangeSum::Sha256(h) => format!("{:x}", h.finalize()),
             RangeSum::Sha1(h) => format!("{:x}", h.finalize()),
+            RangeSum::Blake3(h) => h.finalize().to_hex().to_string(),
         }
     }
 }
 
-/// Checks one range's bytes, fed in order, against its bmap checksum.
+/// Checks one range's bytes, fed in order, against its checksum (the
+/// bmap's, or a signed manifest's).
 pub struct RangeCheck {
     path: PathBuf,
-    bmap: PathBuf,
+    /// Where the checksum comes from, and what that file is.
+    from: PathBuf,
+    of: &'static str,
     off: u64,
     len: u64,
     sum: RangeSum,
@@ -493,11 +538,12 @@ impl RangeCheck {
         if let Some(want) = &self.want {
             if !self.sum.hex().eq_ignore_ascii_case(want) {
                 bail!(
-                    "{}: bytes {}..{} do not match the checksum in {} (the image changed or corrupted since the bmap was made, or the bmap is of another build or image)",
+                    "{}: bytes {}..{} do not match the checksum in {} (the image changed or corrupted since it was made, or the {} is of another build or image)",
                     self.path.display(),
                     self.off,
                     self.off + self.len,
-                    self.bmap.display()
+                    self.from.display(),
+                    self.of
                 );
             }
         }

@@ -3,12 +3,13 @@
 //! it, and that manifest vouches for everything flash will write. The
 //! chain, all checked before any device is opened: the signature covers
 //! the manifest's exact bytes; the manifest names the image's size, first
-//! MiB (its partition table) and toplevel, and the SHA-256 of its bmap;
-//! the bmap holds a SHA-256 for every mapped range, each at most 64 MiB.
-//! While writing, each range is held until its bytes match its signed
-//! hash and only then handed to the devices (`write`), so a range that
-//! changed under flash never reaches a device; the read-back compares the
-//! device with those checked bytes.
+//! MiB (its partition table) and toplevel, the SHA-256 of its bmap, and
+//! the bmap's ranges again, each at most 64 MiB, with a BLAKE3 each
+//! (manifests made before these had only the bmap's SHA-256 of each
+//! range, which is then what is checked). While writing, each range is
+//! held until its bytes match its signed hash and only then handed to the
+//! devices (`write`), so a range that changed under flash never reaches a
+//! device; the read-back compares the device with those checked bytes.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -75,7 +76,7 @@ pub struct Signed {
 /// the image (its size, first MiB, bmap). `None`: no key is trusted, or
 /// the image is unsigned and `--allow-unsigned` was given. A signature
 /// that is there but bad is refused even then.
-pub fn check(src: &Source, trust: &Trust) -> Result<Option<Signed>> {
+pub fn check(src: &mut Source, trust: &Trust) -> Result<Option<Signed>> {
     if !trust.wanted() {
         return Ok(None);
     }
@@ -129,7 +130,7 @@ fn sidecars(src: &Source) -> Result<Option<(Sidecar, Result<Sidecar>)>> {
 /// What the signed manifest says of the image holds before a byte is
 /// read past its first MiB: its size and table, and the bmap it names,
 /// whose every range can be checked before it is written.
-fn vouched(src: &Source, disk: &Disk, mpath: &Path) -> Result<()> {
+fn vouched(src: &mut Source, disk: &Disk, mpath: &Path) -> Result<()> {
     let image = src.path.display();
     if let Err(what) = disk.matches(src.size, src.first_mib()) {
         bail!(
@@ -163,5 +164,25 @@ fn vouched(src: &Source, disk: &Disk, mpath: &Path) -> Result<()> {
             );
         }
     }
-    Ok(())
+    let Some(ranges) = &disk.ranges else {
+        return Ok(()); // the bmap's SHA-256 of each range is checked
+    };
+    if let Some(r) = ranges.iter().find(|r| r.blake3.len() != 64) {
+        bail!(
+            "{}: the range at byte {} has no BLAKE3 (64 hex digits)",
+            mpath.display(),
+            r.offset
+        );
+    }
+    let listed: Vec<(u64, u64)> = ranges.iter().map(|r| (r.offset, r.length)).collect();
+    if listed != spans {
+        bail!(
+            "{}: the signed manifest's ranges are not its bmap's ({} listed, {} in {})",
+            mpath.display(),
+            listed.len(),
+            spans.len(),
+            bpath.display()
+        );
+    }
+    src.check_by(mpath, ranges.iter().map(|r| r.blake3.clone()).collect())
 }

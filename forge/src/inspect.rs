@@ -241,6 +241,9 @@ pub fn inspect(path: &Path) -> Result<Report> {
             iso: formats::iso9660::read(&mut f)
                 .with_context(what)?
                 .map(|v| formats::manifest::IsoVolume::from(&v)),
+            // Hashes of the bytes: the manifest's, not read here.
+            image_sha256: None,
+            ranges: None,
         },
         verified: None,
         signature: None,

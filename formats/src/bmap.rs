@@ -48,15 +48,53 @@ pub fn pieces(mapped: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Render the bmap of `image` (of `image_size` bytes) for the mapped byte
-/// ranges, hashing the pieces in parallel with positional reads.
-pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> io::Result<String> {
-    let hashed = pieces(mapped)
+/// A bmap piece, hashed: blocks `first..=last`, the SHA-256 the bmap
+/// lists and the BLAKE3 the layout manifest lists (what flash checks a
+/// signed image's ranges with: it hashes several times faster).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Piece {
+    pub first: u64,
+    pub last: u64,
+    pub sha256: String,
+    pub blake3: String,
+}
+
+/// Both hashes of one piece, fed its bytes in order.
+#[derive(Clone, Default)]
+pub struct PieceHash {
+    sha: Sha256,
+    b3: blake3::Hasher,
+}
+
+impl PieceHash {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha.update(bytes);
+        self.b3.update(bytes);
+    }
+
+    pub fn finish(self, first: u64, last: u64) -> Piece {
+        Piece {
+            first,
+            last,
+            sha256: format!("{:x}", self.sha.finalize()),
+            blake3: self.b3.finalize().to_hex().to_string(),
+        }
+    }
+}
+
+/// The pieces of `image` (of `image_size` bytes) for the mapped byte
+/// ranges, hashed in parallel with positional reads.
+pub fn hash(
+    image: &std::fs::File,
+    image_size: u64,
+    mapped: &[(u64, u64)],
+) -> io::Result<Vec<Piece>> {
+    pieces(mapped)
         .par_iter()
-        .map(|&(first, last)| -> io::Result<(u64, u64, String)> {
+        .map(|&(first, last)| -> io::Result<Piece> {
             let end = ((last + 1) * BLOCK).min(image_size);
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 4 << 20];
+            let mut h = PieceHash::default();
+            let mut buf = vec![0u8; 1 << 20];
             let mut off = first * BLOCK;
             while off < end {
                 let n = (buf.len() as u64).min(end - off) as usize;
@@ -64,16 +102,21 @@ pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> 
                 h.update(&buf[..n]);
                 off += n as u64;
             }
-            Ok((first, last, format!("{:x}", h.finalize())))
+            Ok(h.finish(first, last))
         })
-        .collect::<io::Result<Vec<_>>>()?;
-    Ok(render(image_size, &hashed))
+        .collect()
 }
 
-/// Render a bmap from pieces already hashed: (first block, last block,
-/// SHA-256 hex), as [`create`] makes them or as a stream computes them.
-pub fn render(image_size: u64, ranges: &[(u64, u64, String)]) -> String {
-    let mapped: u64 = ranges.iter().map(|r| r.1 - r.0 + 1).sum();
+/// Render the bmap of `image` (of `image_size` bytes) for the mapped byte
+/// ranges.
+pub fn create(image: &std::fs::File, image_size: u64, mapped: &[(u64, u64)]) -> io::Result<String> {
+    Ok(render(image_size, &hash(image, image_size, mapped)?))
+}
+
+/// Render a bmap from pieces already hashed, as [`hash`] makes them or as
+/// a stream computes them.
+pub fn render(image_size: u64, ranges: &[Piece]) -> String {
+    let mapped: u64 = ranges.iter().map(|r| r.last - r.first + 1).sum();
     let zeros = "0".repeat(64);
     let mut s = String::new();
     s.push_str("<?xml version=\"1.0\" ?>\n");
@@ -92,7 +135,13 @@ pub fn render(image_size: u64, ranges: &[(u64, u64, String)]) -> String {
     s.push_str("    <ChecksumType> sha256 </ChecksumType>\n");
     let _ = writeln!(s, "    <BmapFileChecksum> {zeros} </BmapFileChecksum>");
     s.push_str("    <BlockMap>\n");
-    for (a, b, h) in ranges {
+    for Piece {
+        first: a,
+        last: b,
+        sha256: h,
+        ..
+    } in ranges
+    {
         let span = if a == b {
             a.to_string()
         } else {

@@ -140,6 +140,39 @@ pub struct Disk {
     /// A hybrid ISO's volume (`--format iso`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub iso: Option<IsoVolume>,
+    /// SHA-256 of the whole raw image (holes as zeros): what `sha256sum`
+    /// of the raw image prints.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub image_sha256: Option<String>,
+    /// The mapped ranges, as the bmap lists them, each with its BLAKE3: a
+    /// signed manifest vouches for every byte flash writes through these.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ranges: Option<Vec<Range>>,
+}
+
+/// A mapped range of the image and its BLAKE3 (hex).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Range {
+    pub offset: u64,
+    pub length: u64,
+    pub blake3: String,
+}
+
+/// The manifest's ranges for an image's hashed bmap pieces (the last one
+/// ends at the image's end, as the bmap's byte ranges do).
+pub fn ranges_of(image_size: u64, pieces: &[crate::bmap::Piece]) -> Vec<Range> {
+    let b = crate::bmap::BLOCK;
+    pieces
+        .iter()
+        .map(|p| {
+            let offset = p.first * b;
+            Range {
+                offset,
+                length: ((p.last + 1) * b).min(image_size) - offset,
+                blake3: p.blake3.clone(),
+            }
+        })
+        .collect()
 }
 
 /// A hybrid ISO's ISO 9660 volume: its files are partitions' bytes.
@@ -325,6 +358,8 @@ mod tests {
             toplevel: None,
             bmap_sha256: None,
             iso: None,
+            image_sha256: None,
+            ranges: None,
         };
         assert_eq!(disk.matches(1 << 20, &head), Ok(()));
         assert!(disk.matches(2 << 20, &head).unwrap_err().contains("bytes"));

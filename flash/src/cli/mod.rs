@@ -260,9 +260,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             except_state,
             trust,
         }) => {
-            let src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
+            let mut src = Source::open(&image, bmap_choice(bmap, no_bmap))?;
             let signed =
-                flash::trust::check(&src, &trust.load()?).map_err(session::nothing_written)?;
+                flash::trust::check(&mut src, &trust.load()?).map_err(session::nothing_written)?;
             if let Some(s) = &signed {
                 eprintln!("flash: {}", signed_line(&image, s));
             }

@@ -16,7 +16,8 @@
 //!            pieces)   ─→ disk thread: the container (crate::container),
 //!                         given the size and block map first, then the
 //!                         chunks (in order if it streams)
-//!                      ─→ partition hasher (watch.rs; only for --json)
+//!                      ─→ image hasher (watch.rs): the whole image's
+//!                         SHA-256, the partitions' for --json
 //! ```
 //!
 //! Chunks go back to the pool, to be filled again, when the last stage
@@ -74,19 +75,22 @@ pub(crate) struct Hashes {
     pub(crate) bmap: bool,
     /// The watched ranges (the partitions, for --json).
     pub(crate) partitions: bool,
+    /// The whole image (holes as zeros), for its manifest.
+    pub(crate) image: bool,
 }
 
-/// A bmap piece: first block, last block, SHA-256 hex.
-pub(crate) type Piece = (u64, u64, String);
+/// A bmap piece: its blocks and hashes.
+pub(crate) use formats::bmap::Piece;
 
 /// (offset, length, SHA-256 hex) of a watched range.
 pub(crate) type Watched = (u64, u64, String);
 
-/// What the threads computed: the bmap's pieces in order, and the watched
-/// ranges' hashes in watch order.
+/// What the threads computed: the bmap's pieces in order, the watched
+/// ranges' hashes in watch order, the whole image's SHA-256.
 pub(crate) struct Finished {
     pub(crate) pieces: Vec<Piece>,
     pub(crate) watched: Vec<Watched>,
+    pub(crate) image_sha256: Option<String>,
 }
 
 /// Why a stage thread stopped early.
@@ -133,6 +137,7 @@ pub(crate) struct ImageOut {
     work_threads: Vec<Option<JoinHandle<WorkResult>>>,
     watch_thread: Option<JoinHandle<Vec<Watched>>>,
     failed: Option<(io::ErrorKind, String)>,
+    hashes: Hashes,
 }
 
 fn spawn<T: Send + 'static>(
@@ -156,7 +161,7 @@ impl ImageOut {
             POOL_SMALL
         };
         let disk_thread = spawn("image-disk", move || drive(container, to_disk))?;
-        let (watch, watch_thread) = if hashes.partitions {
+        let (watch, watch_thread) = if hashes.partitions || hashes.image {
             let (tx, rx) = sync_channel::<ToWatch>(POOL);
             (
                 Some(tx),
@@ -190,6 +195,7 @@ impl ImageOut {
             work_threads,
             watch_thread,
             failed: None,
+            hashes,
         })
     }
 
@@ -306,13 +312,19 @@ impl ImageOut {
             Some(Ok(Err(e))) => return Err(e),
             _ => return Err(internal("the image writing thread failed")),
         }
-        let watched = match self.watch_thread.take() {
+        let mut watched = match self.watch_thread.take() {
             Some(t) => t
                 .join()
                 .map_err(|_| internal("the partition hashing thread failed"))?,
             None => Vec::new(),
         };
-        Ok(Finished { pieces, watched })
+        // The whole image was the first range watched (by `begin`).
+        let image_sha256 = (self.hashes.image && !watched.is_empty()).then(|| watched.remove(0).2);
+        Ok(Finished {
+            pieces,
+            watched,
+            image_sha256,
+        })
     }
 
     /// Walk `len` bytes from the cursor chunk by chunk: `each(chunk, at,
@@ -370,12 +382,18 @@ impl ImageOut {
     /// merged); called before any write.
     pub(crate) fn begin(&mut self, size: u64, map: Vec<(u64, u64)>) -> io::Result<()> {
         self.len = size;
+        if self.hashes.image {
+            self.send_watch(ToWatch::Watch(0, size))?;
+        }
         self.send_disk(ToDisk::Begin(size, map))
     }
 
     /// A byte range (a partition) whose SHA-256 is wanted, if partitions
     /// are hashed; given before any of its bytes is written.
     pub(crate) fn watch(&mut self, off: u64, len: u64) -> io::Result<()> {
+        if !self.hashes.partitions {
+            return Ok(());
+        }
         self.send_watch(ToWatch::Watch(off, len))
     }
 }

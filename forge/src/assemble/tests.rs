@@ -90,6 +90,7 @@ fn host_file(dir: &Path) -> std::path::PathBuf {
 const ALL: Hashes = Hashes {
     bmap: true,
     partitions: true,
+    image: true,
 };
 
 fn sha(data: &[u8]) -> String {
@@ -114,8 +115,12 @@ fn pieces_and_hashes_match_a_read_back_and_zstd_matches_raw() {
 
     // The reference: bmap::create reads the finished file back.
     assert_eq!(raw.metadata().unwrap().len(), len);
-    let want = bmap::create(&raw, len, &mapped).unwrap();
-    assert_eq!(bmap::render(len, &got.pieces), want);
+    let want = bmap::hash(&raw, len, &mapped).unwrap();
+    assert_eq!(got.pieces, want, "both hashes of every piece");
+    assert_eq!(
+        bmap::render(len, &got.pieces),
+        bmap::create(&raw, len, &mapped).unwrap()
+    );
     assert!(got.pieces.len() > 3, "{:?}", got.pieces);
     let image = std::fs::read(&raw_path).unwrap();
     // The host bytes landed where they were put, zeros after them.
@@ -129,6 +134,8 @@ fn pieces_and_hashes_match_a_read_back_and_zstd_matches_raw() {
         .iter()
         .all(|&b| b == 0));
     let w0 = &got.watched;
+    assert_eq!(got.image_sha256, Some(sha(&image)));
+    assert_eq!(w0.len(), 2, "the partitions, not the image");
     assert_eq!(w0[0].2, sha(&image[..2 * CHUNK]));
     assert_eq!(w0[1].2, sha(&image[3 * CHUNK..]));
     // Unwritten blocks stay holes.
@@ -148,6 +155,7 @@ fn pieces_and_hashes_match_a_read_back_and_zstd_matches_raw() {
     let got_z = w.finish().unwrap();
     assert_eq!(got_z.pieces, got.pieces);
     assert_eq!(got_z.watched, got.watched);
+    assert_eq!(got_z.image_sha256, got.image_sha256);
     let mut out = Vec::new();
     zstd::stream::read::Decoder::new(File::open(&zst_path).unwrap())
         .unwrap()

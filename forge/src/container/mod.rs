@@ -82,6 +82,7 @@ fn fill(
     let hashes = Hashes {
         bmap: false,
         partitions: hash,
+        image: false,
     };
     let mut w = ImageOut::new(c, hashes).with_context(what)?;
     w.begin(size, map).with_context(what)?;

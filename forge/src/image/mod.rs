@@ -522,6 +522,8 @@ fn write_outputs(
         .sum();
     let mut disk = disk;
     disk.toplevel = Some(toplevel.to_string());
+    disk.image_sha256 = tapped.image_sha256.clone();
+    disk.ranges = Some(formats::manifest::ranges_of(placed.size, &tapped.pieces));
     let mut sidecars = Vec::new();
     if let (Some(b), Some(p)) = (bout.as_mut(), &bmap_path) {
         let bmap_text = bmap::render(placed.size, &tapped.pieces);
@@ -582,6 +584,7 @@ fn write_image(
     let hashes = assemble::Hashes {
         bmap: true,
         partitions: o.hash_partitions,
+        image: true,
     };
     let settings = container::Settings {
         zstd_level: o.zstd_level,
@@ -624,9 +627,9 @@ pub fn manifest_path_for(out: &Path) -> PathBuf {
 /// They are the same ranges, or a writer left out bytes it relies on (a
 /// device holding old data would show them) or wrote bytes it did not
 /// plan: either is a bug, never a silently wrong bmap.
-fn same_ranges(written: &[(u64, u64, String)], mapped: &[(u64, u64)]) -> Result<()> {
+fn same_ranges(written: &[bmap::Piece], mapped: &[(u64, u64)]) -> Result<()> {
     let want = bmap::pieces(mapped);
-    let got: Vec<(u64, u64)> = written.iter().map(|w| (w.0, w.1)).collect();
+    let got: Vec<(u64, u64)> = written.iter().map(|w| (w.first, w.last)).collect();
     if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
         let show = |r: Option<&(u64, u64)>| match r {
             Some((a, b)) => format!("blocks {a}-{b}"),

@@ -83,6 +83,8 @@ impl Placed<'_, '_> {
                 let found = formats::iso9660::read(&mut { head }).ok().flatten();
                 found.as_ref().map(formats::manifest::IsoVolume::from)
             }),
+            image_sha256: None,
+            ranges: None,
         }
     }
 }

@@ -174,6 +174,7 @@ fn sidecars(
     let size = f.metadata()?.len();
     let mut out = Vec::new();
     let mut bmap_sha256 = None;
+    let mut pieces = None;
     let mut manifest = None;
     let bmap_in = crate::image::bmap_path_for(input);
     if let Ok(text) = std::fs::read_to_string(&bmap_in) {
@@ -184,8 +185,10 @@ fn sidecars(
             ranges = outside(&ranges, c.region);
             ranges.extend(&c.mapped);
         }
-        let text = formats::bmap::create(f, size, &ranges)?;
+        let hashed = formats::bmap::hash(f, size, &ranges)?;
+        let text = formats::bmap::render(size, &hashed);
         bmap_sha256 = Some(formats::manifest::sha256_hex(text.as_bytes()));
+        pieces = Some(hashed);
         out.push(sidecar(
             &crate::image::bmap_path_for(output),
             text.as_bytes(),
@@ -206,6 +209,12 @@ fn sidecars(
         }
         if disk.bmap_sha256.is_some() {
             disk.bmap_sha256 = bmap_sha256;
+        }
+        if disk.ranges.is_some() {
+            disk.ranges = pieces.map(|p| formats::manifest::ranges_of(size, &p));
+        }
+        if disk.image_sha256.is_some() {
+            disk.image_sha256 = Some(sha256_at(f, 0, size)?);
         }
         let text = serde_json::to_vec_pretty(&disk)?;
         out.push(sidecar(&formats::manifest::path_for(output), &text)?);
