@@ -47,7 +47,7 @@ let
     "50-nixos-root" = {
       Transfer = head;
       Source = source // {
-        MatchPattern = "nixos_@v.root.raw";
+        MatchPattern = "nixos_@v.root.raw${lib.optionalString (up.compression != "none") ".${up.compression}"}";
       };
       Target = {
         Type = "partition";
@@ -215,6 +215,14 @@ in
         default = "";
         example = "https://updates.example.com/nixos";
         description = "Where `forge update` artefacts are published: an http(s) URL or a local directory.";
+      };
+      compression = mkOption {
+        type = types.enum [
+          "none"
+          "xz"
+        ];
+        default = "none";
+        description = "How the published root artefacts are compressed (`forge update --compress xz`): the transfers match those names.";
       };
     };
     package = mkOption {

@@ -188,39 +188,94 @@ fn version_2_installed(d: &Path, img: &Path, report: &Value, verity: bool) {
 #[test]
 fn sysupdate_installs_version_2_into_the_empty_slot_of_a_version_1_image() {
     for verity in [true, false] {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("disk.img");
-        version_1_image(&img, verity);
-        let v: &[&str] = if verity { &["--verity"] } else { &[] };
-        let publ = d.path().join("pub");
-        let report = json(
-            slots_cmd("update", v)
-                .args(["--version", "2", "--seed", "two", "--json", "--source"])
-                .arg(&publ)
-                .arg("-o")
-                .arg(&publ),
-        );
-        let esp = d.path().join("esp");
-        pull_esp(&img, gpt(&img)[0].2, &esp);
-        let defs = d.path().join("defs");
-        definitions_for(&publ, &img, &esp, &defs);
+        install_version_2(verity, None);
+    }
+}
 
-        let list = ok(sysupdate(&defs).arg("list"));
-        let row = |ver: &str| {
-            list.lines()
-                .find(|l| l.split_whitespace().any(|w| w == ver))
-                .unwrap_or_else(|| panic!("no version {ver}:\n{list}"))
-                .to_string()
-        };
-        assert!(row("2").contains("candidate"), "{list}");
-        assert!(row("1").contains("current"), "{list}");
-        ok(sysupdate(&defs).arg("update"));
-        let want: &[&str] = match verity {
-            true => &["ESP", "nixos_1", "nixos_1", "nixos_2", "nixos_2", "state"],
-            false => &["ESP", "nixos_1", "nixos_2", "state"],
-        };
-        assert_eq!(names(&img), want, "verity {verity}");
-        version_2_installed(d.path(), &img, &report, verity);
+#[test]
+fn sysupdate_installs_xz_artefacts_whose_bytes_are_the_raw_ones() {
+    install_version_2(true, Some("xz"));
+}
+
+/// Version 2's artefacts (`--compress c`) published, listed and installed
+/// by sysupdate into a version-1 image, and the slot judged.
+fn install_version_2(verity: bool, compress: Option<&str>) {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    version_1_image(&img, verity);
+    let mut v: Vec<&str> = if verity { vec!["--verity"] } else { vec![] };
+    v.extend(["--version", "2", "--seed", "two", "--json"]);
+    let publ = d.path().join("pub");
+    let mut publish = slots_cmd("update", &v);
+    publish.args(["--source"]).arg(&publ).arg("-o").arg(&publ);
+    // The raw artefacts' report: what the slot must hold.
+    let report = match compress {
+        None => json(&mut publish),
+        Some(c) => {
+            let packed = json(publish.args(["--compress", c]));
+            let raw = json(slots_cmd("update", &v).arg("-o").arg(d.path().join("raw")));
+            compressed_like(&publ, &packed, &raw, c);
+            raw
+        }
+    };
+    let esp = d.path().join("esp");
+    pull_esp(&img, gpt(&img)[0].2, &esp);
+    let defs = d.path().join("defs");
+    definitions_for(&publ, &img, &esp, &defs);
+
+    let list = ok(sysupdate(&defs).arg("list"));
+    let row = |ver: &str| {
+        list.lines()
+            .find(|l| l.split_whitespace().any(|w| w == ver))
+            .unwrap_or_else(|| panic!("no version {ver}:\n{list}"))
+            .to_string()
+    };
+    assert!(row("2").contains("candidate"), "{list}");
+    assert!(row("1").contains("current"), "{list}");
+    ok(sysupdate(&defs).arg("update"));
+    let want: &[&str] = match verity {
+        true => &["ESP", "nixos_1", "nixos_1", "nixos_2", "nixos_2", "state"],
+        false => &["ESP", "nixos_1", "nixos_2", "state"],
+    };
+    assert_eq!(names(&img), want, "verity {verity}");
+    version_2_installed(d.path(), &img, &report, verity);
+}
+
+/// `packed` (forge update --compress `c`'s report, in `publ`) lists
+/// compressed partition artefacts whose size and SHA-256 are the files'
+/// (as SHA256SUMS has them) and which decompress, by the real tool, to
+/// the uncompressed run's (`raw`); the UKI stays as it is.
+fn compressed_like(publ: &Path, packed: &Value, raw: &Value, c: &str) {
+    let sums = std::fs::read_to_string(publ.join("SHA256SUMS")).unwrap();
+    let (packed, raw) = (
+        packed["artefacts"].as_array().unwrap(),
+        raw["artefacts"].as_array().unwrap(),
+    );
+    assert_eq!(packed.len(), raw.len());
+    for (p, r) in packed.iter().zip(raw) {
+        let (pn, rn) = (p["name"].as_str().unwrap(), r["name"].as_str().unwrap());
+        let file = publ.join(pn);
+        assert_eq!(p["sha256"], sha256_file(&file), "{pn}");
+        assert_eq!(p["size"], std::fs::metadata(&file).unwrap().len(), "{pn}");
+        assert!(
+            sums.contains(&format!("{}  {pn}\n", p["sha256"].as_str().unwrap())),
+            "{sums}"
+        );
+        if pn == rn {
+            assert!(pn.ends_with(".efi"), "{pn}");
+            assert_eq!(p["sha256"], r["sha256"]);
+            continue;
+        }
+        assert_eq!(pn, format!("{rn}.{c}"));
+        let tool = if c == "zst" { "zstd" } else { "xz" };
+        let out = Command::new(tool)
+            .args(["-dc"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tool} -dc {pn}");
+        let got = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&out.stdout));
+        assert_eq!(got, r["sha256"].as_str().unwrap(), "{pn} decompressed");
     }
 }
 
@@ -371,6 +426,16 @@ fn slot_images_refuse_what_they_cannot_hold_and_write_nothing() {
             .arg(&publ),
     );
     assert!(the_error(&e).contains("' ' is not allowed"), "{e}");
+    // zstd artefacts: systemd-import reads zstd only from systemd 258.
+    let e = fails(
+        slots_cmd("update", &["--version", "2", "--compress", "zst"])
+            .arg("-o")
+            .arg(&publ),
+    );
+    assert!(
+        the_error(&e).contains("--compress zst: systemd-sysupdate installs through systemd-import, which decompresses zstd only from systemd 258"),
+        "{e}"
+    );
     assert_eq!(dir_entries(d.path()), Vec::<String>::new());
 
     // Without --version, the system's nixos-version names the slot.

@@ -205,6 +205,7 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
     let url = "https://updates.example/nixos/";
     let settings = format!("{{ enable = true; updates = {{ enable = true; url = \"{url}\"; }}; }}");
     let got = module_config_of(&settings, "", Some("7"));
+    same_transfers(&got, url, &[]);
     assert_eq!(got["assertions"][2]["assertion"], json!(true));
     assert_eq!(
         got["fileSystems"]["/"]["device"],
@@ -225,7 +226,23 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
         "{cond}"
     );
 
-    // Its transfers are the definitions forge update --source writes.
+    // Compressed artefacts: the same compression on both sides.
+    let xz = format!(
+        "{{ enable = true; updates = {{ enable = true; url = \"{url}\"; compression = \"xz\"; }}; }}"
+    );
+    same_transfers(
+        &module_config_of(&xz, "", Some("7")),
+        url,
+        &["--compress", "xz"],
+    );
+    // Without a version to name the slot, the module says so.
+    let got = module_config_of(&settings, "", None);
+    assert_eq!(got["assertions"][2]["assertion"], json!(false));
+}
+
+/// The module's transfers (in `got`) are the definitions `forge update
+/// --source url` writes, given `extra` options.
+fn same_transfers(got: &Value, url: &str, extra: &[&str]) {
     let d = tempfile::tempdir().unwrap();
     let sys = system("x86_64");
     ok(forge()
@@ -233,6 +250,7 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
         .arg(&sys.result)
         .arg("--root")
         .arg(&sys.root)
+        .args(extra)
         .args(["--uki-stub", STUB, "--version", "7", "--source", url, "-o"])
         .arg(d.path()));
     let mut files = dir_entries(&d.path().join("sysupdate.d"));
@@ -261,9 +279,6 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
         }
         assert_eq!(forge_says, module_says, "{f}");
     }
-    // Without a version to name the slot, the module says so.
-    let got = module_config_of(&settings, "", None);
-    assert_eq!(got["assertions"][2]["assertion"], json!(false));
 }
 
 #[test]

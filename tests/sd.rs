@@ -243,6 +243,35 @@ fn zstd_output_is_the_raw_image_and_bmaptool_reproduces_it() {
 }
 
 #[test]
+fn xz_output_is_the_raw_image_the_same_twice_and_bmaptool_and_inspect_read_it() {
+    let sys = system("aarch64");
+    let x = forge_sd(&sys, "nixos.img.xz", &["--xz-level", "1"]);
+    let r = forge_sd(&sys, "nixos.img", &[]);
+    let xz = x.path("nixos.img.xz");
+    let info = ok(Command::new("xz")
+        .args(["-t", "-v", "--robot", "-l"])
+        .arg(&xz));
+    assert!(info.contains("CRC64"), "{info}");
+    let raw_sha = sha256_file(&r.path("nixos.img"));
+    let unpacked = sh(&format!("xz -dc {} | sha256sum", xz.display()));
+    assert_eq!(unpacked.split_whitespace().next(), Some(raw_sha.as_str()));
+    // The manifest's whole-image SHA-256 is the raw bytes', as sha256sum says.
+    assert_eq!(x.layout["image_sha256"], raw_sha);
+    assert_eq!(
+        sha256_file(&x.path("nixos.img.xz.bmap")),
+        sha256_file(&r.path("nixos.img.bmap"))
+    );
+    let target = x.path("target.img");
+    ok(Command::new("bmaptool").arg("copy").arg(&xz).arg(&target));
+    assert_eq!(sha256_file(&target), raw_sha);
+    let seen = ok(forge().args(["inspect", "--json"]).arg(&xz));
+    let seen: serde_json::Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(seen["disk_id"], x.layout["disk_id"], "{seen}");
+    let again = forge_sd(&sys, "nixos.img.xz", &["--xz-level", "1"]);
+    assert_eq!(sha256_file(&again.path("nixos.img.xz")), sha256_file(&xz));
+}
+
+#[test]
 fn same_input_gives_the_same_zst_and_raw_image() {
     let sys = system("aarch64");
     let a = forge_sd(&sys, "nixos.img.zst", &[]);

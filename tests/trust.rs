@@ -389,7 +389,13 @@ fn the_signed_manifest_holds_the_image_sha256_and_each_range_blake3_which_flash_
     let d = tempfile::tempdir().unwrap();
     let (sk, pk) = nix_keys_named(d.path(), "ci.example-1");
     let trust = [os("--trust"), os(&pk)];
-    let img = signed(d.path(), "disk.img", "a", &sk);
+    // With --json, the manifest also holds the whole image's SHA-256.
+    let img = d.path().join("disk.img");
+    ok(forge_image_of(&system("x86_64"))
+        .args(["--format", "raw-efi", "--seed", "a", "--json", "--sign"])
+        .arg(&sk)
+        .arg("-o")
+        .arg(&img));
     let m: Value =
         serde_json::from_slice(&std::fs::read(with(&img, ".layout.json")).unwrap()).unwrap();
     // The whole image's SHA-256, as sha256sum prints it.

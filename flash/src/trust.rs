@@ -108,13 +108,13 @@ pub fn check(src: &mut Source, trust: &Trust) -> Result<Option<Signed>> {
 type Sidecar = (PathBuf, Vec<u8>);
 
 /// `IMAGE.sig` and `IMAGE.layout.json` (where found, and their bytes);
-/// for `nixos.img.zst` without them, `nixos.img.sig` and
+/// for `nixos.img.zst` (or `.xz`) without them, `nixos.img.sig` and
 /// `nixos.img.layout.json` (an image signed raw, then compressed for
-/// download: the manifest describes the raw bytes, which the `.zst`
+/// download: the manifest describes the raw bytes, which the stream
 /// holds), as the bmap is found. None: no signature.
 fn sidecars(src: &Source) -> Result<Option<(Sidecar, Result<Sidecar>)>> {
     let o = &src.origin;
-    for strip in ["", ".zst"] {
+    for strip in ["", ".zst", ".xz"] {
         if let Some(sig) = o.beside(strip, image_sig::SUFFIX)? {
             let name = src.path.to_string_lossy();
             let base = name.strip_suffix(strip).unwrap_or(&name);

@@ -37,6 +37,7 @@ let
       inherit content;
     };
     optionals = c: l: if c then l else [ ];
+    optionalString = c: s: if c then s else "";
     hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
     removeSuffix =
       x: s:
@@ -58,10 +59,15 @@ let
   # Option defaults, through option groups (nixforge.updates.*).
   defaultsOf = builtins.mapAttrs (_: o: if o ? _isOption then o.default else defaultsOf o);
   defaults = defaultsOf evaluated.options.nixforge;
+  # An option group set in `settings` keeps its other options' defaults,
+  # as the module system merges them.
+  grouped = builtins.mapAttrs (
+    k: v: if builtins.isAttrs v && builtins.isAttrs (defaults.${k} or null) then defaults.${k} // v else v
+  ) settings;
   config = {
     nixforge = defaults // {
       package = "/nix/store/11111111111111111111111111111111-nixforge";
-    } // settings;
+    } // grouped;
     networking.hostName = hostName;
     system.image.version = imageVersion;
     systemd.package = "/nix/store/22222222222222222222222222222222-systemd";

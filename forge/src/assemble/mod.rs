@@ -16,8 +16,8 @@
 //!            pieces)   ─→ disk thread: the container (crate::container),
 //!                         given the size and block map first, then the
 //!                         chunks (in order if it streams)
-//!                      ─→ image hasher (watch.rs): the whole image's
-//!                         SHA-256, the partitions' for --json
+//!                      ─→ image hasher (watch.rs; only for --json): the
+//!                         whole image's SHA-256 and the partitions'.
 //! ```
 //!
 //! Chunks go back to the pool, to be filled again, when the last stage
@@ -75,7 +75,7 @@ pub(crate) struct Hashes {
     pub(crate) bmap: bool,
     /// The watched ranges (the partitions, for --json).
     pub(crate) partitions: bool,
-    /// The whole image (holes as zeros), for its manifest.
+    /// The whole image (holes as zeros), for its manifest (--json too).
     pub(crate) image: bool,
 }
 

@@ -220,6 +220,7 @@ fn lay_into(kind: Kind, dir: &Path, name: &str, len: u64, host: &Path) -> Vec<u8
         .unwrap();
     let s = crate::container::Settings {
         zstd_level: 3,
+        xz_level: 6,
         unix_time: 1_700_000_000,
         uuid: [5; 16],
         deflate: false,
@@ -294,4 +295,39 @@ fn vhdx_vmdk_ova_and_gce_read_back_as_the_raw_image() {
         assert!(back == image, "{name} reads back as the raw image");
         assert!((bytes.len() as u64) < len, "{name}: {} bytes", bytes.len());
     }
+}
+
+#[test]
+fn an_xz_stream_decompresses_to_the_raw_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 3 * CHUNK as u64 + 777; // two 8 MiB xz blocks, a ragged end
+    let ranges = [
+        (4096u64, 5000usize),
+        (CHUNK as u64 + 3, 7 << 20),
+        (len - 10, 10),
+    ];
+    let mut images = Vec::new();
+    for (kind, name) in [(Kind::Raw, "x.img"), (Kind::Xz, "x.img.xz")] {
+        let p = dir.path().join(name);
+        let f = File::create(&p).unwrap();
+        let s = crate::container::Settings {
+            xz_level: 1,
+            ..Default::default()
+        };
+        let mut w = ImageOut::new(kind.open(&f, &p, &s).unwrap(), Hashes::default()).unwrap();
+        let map: Vec<(u64, u64)> = ranges.iter().map(|&(o, n)| (o, n as u64)).collect();
+        w.begin(len, formats::ranges::merge(map)).unwrap();
+        for &(off, n) in &ranges {
+            w.seek(SeekFrom::Start(off)).unwrap();
+            w.write_all(&random(off, n)).unwrap();
+        }
+        w.finish().unwrap();
+        images.push(std::fs::read(&p).unwrap());
+    }
+    let mut out = Vec::new();
+    liblzma::read::XzDecoder::new_multi_decoder(&images[1][..])
+        .read_to_end(&mut out)
+        .unwrap();
+    assert_eq!(out.len() as u64, len);
+    assert!(out == images[0], "the .xz decompresses to the raw image");
 }

@@ -1,5 +1,5 @@
-//! The partition hasher (only for --json): every byte of each watched
-//! range, in image order, gaps as zeros.
+//! The image hasher (only for --json): every byte of each watched range
+//! (the whole image, the partitions), in image order, gaps as zeros.
 
 use sha2::{Digest, Sha256};
 use std::sync::mpsc::Receiver;

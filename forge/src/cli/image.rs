@@ -18,8 +18,8 @@ pub struct ImageArgs {
     ))]
     format: Format,
     /// Output image (a missing directory it goes in is made when its parent exists): .img or .raw (raw), .img.zst or .raw.zst (zstd),
-    /// .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE) (raw-efi only). IMAGE.layout.json (the layout
-    /// manifest) goes beside every image, IMAGE.bmap beside raw and zstd ones.
+    /// .img.xz or .raw.xz (xz), .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE) (raw-efi only). IMAGE.layout.json (the layout
+    /// manifest) goes beside every image, IMAGE.bmap beside raw, zstd and xz ones.
     #[arg(short, long)]
     output: PathBuf,
     /// .vhd outputs: fixed (the raw bytes and a footer; Azure) or dynamic
@@ -81,6 +81,10 @@ pub struct ImageArgs {
     /// zstd level for outputs ending in .zst.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: i32,
+    /// xz preset for outputs ending in .xz, 0 (fastest) to 9 (smallest); 6 is xz's own default.
+    #[arg(long, default_value_t = 6, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(0..=9))]
+    xz_level: u32,
     /// Logical sector size of the target disk, 512 or 4096 (the partition
     /// table is laid out for it; sd-aarch64 is always 512).
     #[arg(long, default_value_t = 512, value_parser = super::sector_size)]
@@ -122,7 +126,9 @@ pub struct ImageArgs {
     /// names and its boot entry (default: the system's nixos-version).
     #[arg(long, value_name = "V")]
     version: Option<String>,
-    /// Print the layout as JSON (with the sha256 of each partition).
+    /// Print the layout as JSON; the layout manifest then also holds the
+    /// SHA-256 of each partition and of the whole raw image (a pass over
+    /// every byte each).
     #[arg(long)]
     json: bool,
 }
@@ -249,6 +255,7 @@ impl ImageArgs {
             config_txt: a.config_txt,
             firmware_size: a.firmware_size,
             zstd_level: a.zstd_level,
+            xz_level: a.xz_level,
             loader_timeout: a.loader_timeout,
             epoch: super::epoch()?,
             hash_partitions: a.json,

@@ -12,6 +12,15 @@ pub struct UpdateArgs {
     /// fetch and install them (as the NixOS module generates).
     #[arg(long, value_name = "URL|DIR")]
     source: Option<String>,
+    /// The partition artefacts as xz streams (`.raw.xz`, --xz-level); the
+    /// definitions match those names and sysupdate decompresses them as it
+    /// installs (zst is refused: systemd-import reads zstd only from
+    /// systemd 258 on).
+    #[arg(long, value_parser = clap::builder::TypedValueParser::map(
+        clap::builder::PossibleValuesParser::new(update::Compress::NAMES),
+        |s: String| update::Compress::from_name(&s).expect("one of Compress::NAMES"),
+    ))]
+    compress: Option<update::Compress>,
     /// forge image's options: those that shape the root filesystem and the
     /// boot entry (--root-fs, --verity, --uki-stub, the keys, --seed,
     /// --version) must be the image's; -o is the artefacts' directory.
@@ -30,6 +39,7 @@ pub fn run(a: UpdateArgs) -> Result<()> {
         image,
         dir,
         source: a.source.as_deref().map(update::Source::parse),
+        compress: a.compress,
     };
     let report = update::build(&o, &super::Stages::new())?;
     made.keep();

@@ -10,9 +10,11 @@ mod metered;
 mod ova;
 mod qcow2;
 mod raw;
+mod stream;
 mod vhd;
 mod vhdx;
 mod vmdk;
+mod xz;
 mod zstd;
 
 pub use metered::metered;
@@ -203,6 +205,8 @@ pub enum Kind {
     Raw,
     /// `.img.zst`, `.raw.zst`: a zstd stream of the raw image.
     Zstd,
+    /// `.img.xz`, `.raw.xz`: an xz stream of the raw image.
+    Xz,
     /// `.qcow2`: qcow2 version 3.
     Qcow2,
     /// `.vhd`: a fixed (default) or dynamic VHD.
@@ -221,11 +225,13 @@ const GIB: u64 = 1 << 30;
 
 /// The accepted output names, for messages and help.
 pub const NAMES: &str =
-    ".img or .raw (raw image), .iso (--format iso), .img.zst or .raw.zst (zstd-compressed), .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE)";
+    ".img or .raw (raw image), .iso (--format iso), .img.zst or .raw.zst (zstd-compressed), .img.xz or .raw.xz (xz-compressed), .qcow2, .vhd, .vhdx, .vmdk, .ova, .tar.gz (GCE)";
 
 /// What a container may need beyond the bytes.
 pub struct Settings {
     pub zstd_level: i32,
+    /// xz preset, 0-9.
+    pub xz_level: u32,
     /// The image's time (SOURCE_DATE_EPOCH), for formats that stamp one.
     pub unix_time: u32,
     /// The image file's own UUID (VHD), derived from the seed.
@@ -240,6 +246,7 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             zstd_level: 3,
+            xz_level: 6,
             unix_time: 1,
             uuid: [0; 16],
             deflate: false,
@@ -255,6 +262,8 @@ impl Kind {
         let has = |ext: &str| n.len() > ext.len() && n.ends_with(ext);
         if has(".img.zst") || has(".raw.zst") {
             Some(Kind::Zstd)
+        } else if has(".img.xz") || has(".raw.xz") {
+            Some(Kind::Xz)
         } else if has(".img") || has(".raw") || has(".iso") {
             Some(Kind::Raw)
         } else if has(".qcow2") {
@@ -304,18 +313,19 @@ impl Kind {
     }
 
     pub fn compressed(self) -> bool {
-        self == Kind::Zstd
+        matches!(self, Kind::Zstd | Kind::Xz)
     }
 
     /// Whether a bmap goes beside the image (it describes raw images).
     pub fn has_bmap(self) -> bool {
-        matches!(self, Kind::Raw | Kind::Zstd)
+        matches!(self, Kind::Raw | Kind::Zstd | Kind::Xz)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Raw => "raw",
             Kind::Zstd => "zstd",
+            Kind::Xz => "xz",
             Kind::Qcow2 => "qcow2",
             Kind::Vhd(formats::vhd::Type::Fixed) => "vhd (fixed)",
             Kind::Vhd(formats::vhd::Type::Dynamic) => "vhd (dynamic)",
@@ -330,7 +340,8 @@ impl Kind {
     pub fn open(self, file: &File, path: &Path, s: &Settings) -> io::Result<Box<dyn Container>> {
         Ok(match self {
             Kind::Raw => Box::new(raw::Raw::open(file, path)?),
-            Kind::Zstd => Box::new(zstd::Zstd::new(file.try_clone()?, s.zstd_level)),
+            Kind::Zstd => Box::new(zstd::open(file.try_clone()?, s.zstd_level)),
+            Kind::Xz => Box::new(xz::open(file.try_clone()?, s.xz_level)),
             Kind::Qcow2 => Box::new(qcow2::Qcow2::open(file, path, s.deflate)?),
             Kind::Vhd(t) => Box::new(vhd::Vhd::open(t, file, path, s.unix_time, s.uuid)?),
             Kind::Vhdx => Box::new(vhdx::Vhdx::open(file, path, s.uuid)?),

@@ -251,8 +251,10 @@ pub struct Options {
     pub config_txt: Option<PathBuf>,
     pub firmware_size: u64,
     pub zstd_level: i32,
+    pub xz_level: u32,
     pub loader_timeout: u32,
     pub epoch: u32,
+    /// SHA-256 of each partition and of the whole image (`--json`).
     pub hash_partitions: bool,
     /// A dm-verity hash partition after the root, its root hash on the
     /// kernel command line.
@@ -584,10 +586,14 @@ fn write_image(
     let hashes = assemble::Hashes {
         bmap: true,
         partitions: o.hash_partitions,
-        image: true,
+        // A second SHA-256 pass over every byte (measured: 3.6 → 4.8 s for
+        // the 2 GiB bench image on two cores), so only when asked, as the
+        // partitions' are.
+        image: o.hash_partitions,
     };
     let settings = container::Settings {
         zstd_level: o.zstd_level,
+        xz_level: o.xz_level,
         unix_time: o.epoch,
         uuid: formats::seed::uuid(seed, "image:uuid"),
         deflate: o.deflate,
@@ -603,13 +609,16 @@ fn write_image(
         .write(&mut w, &mut |s| progress.stage(s))
         .with_context(|| format!("building {}", o.output.display()))?;
     let tapped = w.finish().with_context(writing)?;
-    if kind.compressed() {
-        progress.stage(&format!("compressed (zstd level {})", o.zstd_level));
+    match kind {
+        container::Kind::Zstd => {
+            progress.stage(&format!("compressed (zstd level {})", o.zstd_level))
+        }
+        container::Kind::Xz => progress.stage(&format!("compressed (xz preset {})", o.xz_level)),
+        _ => {}
     }
     Ok(tapped)
 }
 
-/// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.bmap`.
 /// `disk.img` → `disk.img.bmap`; `nixos.img.zst` → `nixos.img.zst.bmap`
 /// (so `x.img` and `x.img.zst` never replace each other's; bmaptool and
 /// flash look for IMAGE.bmap first).

@@ -1,6 +1,7 @@
 //! `forge update`: a system version's update artefacts for machines laid
 //! out by `forge image --slots 2`: the root filesystem (and its hash tree
-//! and signature with `--verity`) as raw partition images, the UKI, and
+//! and signature with `--verity`) as raw partition images (xz streams of
+//! them with `--compress xz`), the UKI, and
 //! `SHA256SUMS` (with `--sign`, `SHA256SUMS.sig`), named as systemd-sysupdate
 //! matches them (`transfers`). The image is planned exactly as `forge image`
 //! plans it, and only those partitions are written, so a slot's bytes in an
@@ -13,12 +14,13 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::container;
 use crate::image::{self, slots, trees, DiskFormat};
 use crate::layout::{Layout, Partition, Role};
 use crate::output::AtomicOutput;
 use crate::Progress;
 use formats::tree::{Content, Kind};
-pub use transfers::Source;
+pub use transfers::{Compress, Source};
 
 pub struct Options {
     /// The image the artefacts are for (`--slots 2`, its `--version`).
@@ -28,9 +30,13 @@ pub struct Options {
     /// `--source`: write `sysupdate.d/` transfer definitions fetching
     /// from there.
     pub source: Option<Source>,
+    /// `--compress`: the partition artefacts as xz streams (zstd is
+    /// refused: see [`build`]).
+    pub compress: Option<Compress>,
 }
 
-/// One file written, as `SHA256SUMS` lists it.
+/// One file written, as `SHA256SUMS` lists it (its size and SHA-256 are
+/// the file's, compressed or not).
 #[derive(Serialize, Clone, Debug)]
 pub struct Artefact {
     pub name: String,
@@ -61,6 +67,11 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         bail!("forge update makes the artefacts of --slots 2 images");
     }
     image::check_options(&o.image)?;
+    if o.compress == Some(Compress::Zst) {
+        // Seen here: sysupdate 254 with Debian 12's systemd-import 252
+        // filled the slot with the .zst's bytes, with no error.
+        bail!("--compress zst: systemd-sysupdate installs through systemd-import, which decompresses zstd only from systemd 258 on (older ones write the compressed bytes into the slot as they are); use --compress xz");
+    }
     crate::output::check_dir(&o.dir.join(SUMS))?;
     image::plan(&o.image, progress, |i, format, layout| {
         let version = i.version.clone().expect("--slots 2 has a version");
@@ -72,7 +83,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         let slot = slot_partitions(&layout, &version);
         let verity = slot.iter().find_map(|p| p.fs.verity());
         for p in slot {
-            let (out, a) = write_partition(&o.dir, &version, p)?;
+            let (out, a) = write_partition(o, &version, p)?;
             progress.stage(&format!("wrote {} ({} bytes)", a.name, a.size));
             outs.push(out);
             made.push(a);
@@ -102,7 +113,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             }
         };
         let transfers = match &o.source {
-            Some(s) => transfer_files(&o.dir, s, &layout, &mut outs)?,
+            Some(s) => transfer_files(o, s, &layout, &mut outs)?,
             None => Vec::new(),
         };
         crate::output::commit_all(outs, &lock)?;
@@ -134,8 +145,9 @@ fn slot_partitions<'a, 't>(layout: &'a Layout<'t>, version: &str) -> Vec<&'a Par
         .collect()
 }
 
-/// A partition's filesystem alone, as a raw file named for sysupdate.
-fn write_partition(dir: &Path, version: &str, p: &Partition) -> Result<(AtomicOutput, Artefact)> {
+/// A partition's filesystem alone, as a raw file (or a zstd or xz stream
+/// of one) named for sysupdate.
+fn write_partition(o: &Options, version: &str, p: &Partition) -> Result<(AtomicOutput, Artefact)> {
     let kind = match p.role {
         Role::Root => &transfers::ROOT,
         Role::RootVerity => &transfers::VERITY,
@@ -147,13 +159,47 @@ fn write_partition(dir: &Path, version: &str, p: &Partition) -> Result<(AtomicOu
         (Role::Root | Role::RootVerity, Some(g)) => Some(formats::seed::format_uuid(&g)),
         _ => None,
     };
-    let name = transfers::artefact(version, kind, uuid.as_deref());
-    let mut out = AtomicOutput::create(&dir.join(&name))?;
-    let size = p.fs.size();
-    let sha256 =
-        crate::container::write_hashed(&mut out, size, p.fs.mapped(), |w| p.fs.write_to(w, 0))
-            .with_context(|| format!("writing {}", dir.join(&name).display()))?;
+    let name = transfers::artefact(version, kind, uuid.as_deref(), o.compress);
+    let path = o.dir.join(&name);
+    let what = || format!("writing {}", path.display());
+    let mut out = AtomicOutput::create(&path)?;
+    let (size, map) = (p.fs.size(), p.fs.mapped());
+    let write = |w: &mut dyn formats::sink::Sink| p.fs.write_to(w, 0);
+    let Some(c) = o.compress else {
+        let sha256 = container::write_hashed(&mut out, size, map, write).with_context(what)?;
+        return Ok((out, Artefact { name, size, sha256 }));
+    };
+    let kind = match c {
+        Compress::Zst => container::Kind::Zstd,
+        Compress::Xz => container::Kind::Xz,
+    };
+    let settings = container::Settings {
+        zstd_level: o.image.zstd_level,
+        xz_level: o.image.xz_level,
+        ..container::Settings::default()
+    };
+    container::write_image(&mut out, kind, &settings, size, map, write).with_context(what)?;
+    // The file's own hash, as sysupdate checks a download: read back.
+    let (size, sha256) = file_sha256(out.file()).with_context(what)?;
     Ok((out, Artefact { name, size, sha256 }))
+}
+
+/// A file's size and SHA-256, read from its start.
+fn file_sha256(f: &mut std::fs::File) -> std::io::Result<(u64, String)> {
+    use sha2::Digest;
+    use std::io::{Read, Seek};
+    f.seek(std::io::SeekFrom::Start(0))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((size, format!("{:x}", h.finalize())));
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
 }
 
 /// The version's UKI, as the ESP of its image holds it (signed with
@@ -244,16 +290,17 @@ fn text_file(path: &Path, text: &str) -> Result<AtomicOutput> {
 
 /// `DIR/sysupdate.d/*.conf` for the partitions this layout has.
 fn transfer_files(
-    dir: &Path,
+    o: &Options,
     source: &Source,
     layout: &Layout,
     outs: &mut Vec<AtomicOutput>,
 ) -> Result<Vec<PathBuf>> {
     let has = |r: Role| layout.partitions.iter().any(|p| p.role == r);
-    let d = dir.join("sysupdate.d");
+    let d = o.dir.join("sysupdate.d");
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     let mut paths = Vec::new();
-    for (name, text) in transfers::all(source, has(Role::RootVerity), has(Role::RootVeritySig)) {
+    let (verity, sig) = (has(Role::RootVerity), has(Role::RootVeritySig));
+    for (name, text) in transfers::all(source, verity, sig, o.compress) {
         let path = d.join(name);
         outs.push(text_file(&path, &text)?);
         paths.push(path);

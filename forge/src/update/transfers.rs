@@ -54,19 +54,63 @@ pub const VERITY_SIG: PartitionKind = PartitionKind {
     partition_type: "root-verity-sig",
 };
 
+/// How partition artefacts are compressed (`forge update --compress`):
+/// sysupdate's import decompresses xz by its magic (zstd only from
+/// systemd 258, so `forge update` refuses it for now).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compress {
+    Zst,
+    Xz,
+}
+
+impl Compress {
+    pub const NAMES: [&'static str; 2] = ["zst", "xz"];
+
+    pub fn from_name(s: &str) -> Option<Compress> {
+        match s {
+            "zst" => Some(Compress::Zst),
+            "xz" => Some(Compress::Xz),
+            _ => None,
+        }
+    }
+
+    /// The file name's suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Compress::Zst => ".zst",
+            Compress::Xz => ".xz",
+        }
+    }
+}
+
+/// A compressed artefact's suffix, or none.
+fn ext(c: Option<Compress>) -> &'static str {
+    c.map_or("", Compress::suffix)
+}
+
 /// The artefact file of `kind` for `version`; with verity the partition's
 /// GUID is in the name (`_@u`: sysupdate gives the partition it), as the
 /// root hash decides it and the kernel finds the root by it.
-pub fn artefact(version: &str, kind: &PartitionKind, uuid: Option<&str>) -> String {
+pub fn artefact(
+    version: &str,
+    kind: &PartitionKind,
+    uuid: Option<&str>,
+    c: Option<Compress>,
+) -> String {
+    let e = ext(c);
     match uuid {
-        Some(u) => format!("{PREFIX}{version}_{u}.{}", kind.suffix),
-        None => format!("{PREFIX}{version}.{}", kind.suffix),
+        Some(u) => format!("{PREFIX}{version}_{u}.{}{e}", kind.suffix),
+        None => format!("{PREFIX}{version}.{}{e}", kind.suffix),
     }
 }
 
 /// The version an artefact file of ours is for (None: not one of ours).
 pub fn version_of(name: &str) -> Option<&str> {
     let stem = name.strip_prefix(PREFIX)?;
+    let stem = Compress::NAMES
+        .iter()
+        .find_map(|c| stem.strip_suffix(c)?.strip_suffix('.'))
+        .unwrap_or(stem);
     let stem = [".efi", ROOT.suffix, VERITY.suffix, VERITY_SIG.suffix]
         .iter()
         .find_map(|s| {
@@ -84,14 +128,14 @@ fn transfer(what: &str) -> String {
     format!("# Made by forge update: {what}.\n[Transfer]\nProtectVersion=%A\nVerify=no\n\n")
 }
 
-/// The definition installing `kind` artefacts into their A/B partitions
-/// (`uuid`: their names carry the partition GUID).
-pub fn partition(source: &Source, kind: &PartitionKind, uuid: bool) -> String {
+/// The definition installing `kind` artefacts (compressed as `c`) into
+/// their A/B partitions (`uuid`: their names carry the partition GUID).
+pub fn partition(source: &Source, kind: &PartitionKind, uuid: bool, c: Option<Compress>) -> String {
     let u = if uuid { "_@u" } else { "" };
     format!(
         "{}{}\n[Target]\nType=partition\nPath=auto\nMatchPattern={PREFIX}@v\nMatchPartitionType={}\nReadOnly=1\nInstancesMax=2\n",
         transfer(&format!("the {} partition of each version", kind.partition_type)),
-        source.section(&format!("{PREFIX}@v{u}.{}", kind.suffix)),
+        source.section(&format!("{PREFIX}@v{u}.{}{}", kind.suffix, ext(c))),
         kind.partition_type,
     )
 }
@@ -107,21 +151,26 @@ pub fn uki(source: &Source) -> String {
 
 /// Every definition, by file name, in the order sysupdate applies them
 /// (the partitions before the entry that boots them).
-pub fn all(source: &Source, verity: bool, signed: bool) -> Vec<(String, String)> {
+pub fn all(
+    source: &Source,
+    verity: bool,
+    signed: bool,
+    c: Option<Compress>,
+) -> Vec<(String, String)> {
     let mut v = vec![(
         "50-nixos-root.conf".to_string(),
-        partition(source, &ROOT, verity),
+        partition(source, &ROOT, verity, c),
     )];
     if verity {
         v.push((
             "51-nixos-verity.conf".into(),
-            partition(source, &VERITY, true),
+            partition(source, &VERITY, true, c),
         ));
     }
     if signed {
         v.push((
             "52-nixos-verity-sig.conf".into(),
-            partition(source, &VERITY_SIG, false),
+            partition(source, &VERITY_SIG, false, c),
         ));
     }
     v.push(("60-nixos-uki.conf".into(), uki(source)));
@@ -136,9 +185,9 @@ mod tests {
     fn definitions_name_the_slots_and_entries_forge_image_makes() {
         let s = Source::parse("https://updates.example/nixos/");
         assert_eq!(s, Source::Url("https://updates.example/nixos".into()));
-        let root = partition(&s, &ROOT, false);
+        let root = partition(&s, &ROOT, false, None);
         assert!(root.contains("Type=url-file\nPath=https://updates.example/nixos\nMatchPattern=nixos_@v.root.raw\n"), "{root}");
-        let verity = partition(&s, &VERITY, true);
+        let verity = partition(&s, &VERITY, true, None);
         assert!(
             verity.contains("MatchPattern=nixos_@v_@u.verity.raw\n"),
             "{verity}"
@@ -157,7 +206,10 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("TriesLeft=3\n"), "{e}");
-        let names: Vec<_> = all(&s, true, false).into_iter().map(|x| x.0).collect();
+        let names: Vec<_> = all(&s, true, false, None)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
         assert_eq!(
             names,
             [
@@ -166,14 +218,25 @@ mod tests {
                 "60-nixos-uki.conf"
             ]
         );
-        assert_eq!(artefact("2", &VERITY, None), "nixos_2.verity.raw");
+        assert_eq!(artefact("2", &VERITY, None, None), "nixos_2.verity.raw");
+        let xz = partition(&s, &ROOT, true, Some(Compress::Xz));
+        assert!(
+            xz.contains("MatchPattern=nixos_@v_@u.root.raw.xz\n"),
+            "{xz}"
+        );
+        assert_eq!(
+            artefact("2", &ROOT, Some("8eb5-1"), Some(Compress::Zst)),
+            "nixos_2_8eb5-1.root.raw.zst"
+        );
+        assert_eq!(version_of("nixos_25.05_8eb5-1.root.raw.zst"), Some("25.05"));
+        assert_eq!(version_of("nixos_3.verity.raw.xz"), Some("3"));
         assert_eq!(version_of("nixos_25.05_8eb5-1.root.raw"), Some("25.05"));
         assert_eq!(version_of("nixos_25.05.efi"), Some("25.05"));
         assert_eq!(version_of("nixos_2.verity-sig.raw"), Some("2"));
         assert_eq!(version_of("SHA256SUMS"), None);
         assert_eq!(version_of("nixos_2.img"), None);
         assert_eq!(
-            artefact("2", &ROOT, Some("8eb5-1")),
+            artefact("2", &ROOT, Some("8eb5-1"), None),
             "nixos_2_8eb5-1.root.raw"
         );
     }
