@@ -100,6 +100,7 @@ fn a_signed_image_is_written_verified_and_its_card_checked_later() {
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r[0]["signed"]["key"], "ci.example-1", "{r}");
     assert_eq!(r[0]["signed"]["anchor"], pk.to_str().unwrap());
+    assert_eq!(r[0]["signed"]["version"], "25.05.fixture", "{r}");
     assert!(r[0]["report"]["verified"].as_u64().unwrap() > 0, "{r}");
     ok(Command::new("sgdisk").arg("-v").arg(&c.lo.dev));
     // Later: the card against the signed image, the key from a directory.
@@ -141,6 +142,7 @@ fn a_signed_image_is_written_verified_and_its_card_checked_later() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("signed by ci.example-1"), "{err}");
+    assert!(err.contains("(version 25.05.fixture)"), "{err}");
 }
 
 /// The OpenSSH public key line of a Nix public key (`NAME:BASE64`).
@@ -398,6 +400,7 @@ fn the_signed_manifest_holds_the_image_sha256_and_each_range_blake3_which_flash_
         .arg(&img));
     let m: Value =
         serde_json::from_slice(&std::fs::read(with(&img, ".layout.json")).unwrap()).unwrap();
+    assert_eq!(m["system_version"], "25.05.fixture");
     // The whole image's SHA-256, as sha256sum prints it.
     let sum = ok(Command::new("sha256sum").arg(&img));
     assert_eq!(m["image_sha256"], sum.split_whitespace().next().unwrap());

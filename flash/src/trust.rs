@@ -67,8 +67,10 @@ pub struct Signed {
     /// The trusted key file that verified it.
     pub anchor: PathBuf,
     pub signature: PathBuf,
-    /// The system the image holds, as its manifest names it.
+    /// The system the image holds, and its version, as its manifest
+    /// names them.
     pub toplevel: Option<String>,
+    pub version: Option<String>,
 }
 
 /// The signature beside `src` checked with `trust`'s keys, and everything
@@ -101,6 +103,7 @@ pub fn check(src: &mut Source, trust: &Trust) -> Result<Option<Signed>> {
         anchor: anchor.file.clone(),
         signature: sig,
         toplevel: disk.toplevel,
+        version: disk.system_version,
     }))
 }
 

@@ -235,6 +235,8 @@ pub fn inspect(path: &Path) -> Result<Report> {
             verity: verity.map(|v| v.manifest()),
             head_sha256,
             toplevel,
+            // Read from the image, only where a layout manifest says it.
+            system_version: None,
             bmap_sha256: std::fs::read(crate::image::bmap_path_for(path))
                 .ok()
                 .map(|b| formats::manifest::sha256_hex(&b)),

@@ -88,9 +88,9 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     )?;
     let spec = &c.bootspec.spec;
     let arch = architecture(&spec.system).to_string();
-    let release = std::fs::read_to_string(store.physical(&format!("{}/nixos-version", c.toplevel)))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| spec.label.clone());
+    let release = c
+        .nixos_version(&store)
+        .unwrap_or_else(|| spec.label.clone());
     let mut meta = Tree::new(0o755);
     let yaml = metadata_yaml(&arch, o.epoch, &release, &spec.label);
     meta.insert(ROOT, b"metadata.yaml", Node::bytes(yaml, 0o644))?;

@@ -133,6 +133,9 @@ pub struct Disk {
     /// The system the image holds (its toplevel store path).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub toplevel: Option<String>,
+    /// Its version (the toplevel's `nixos-version`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub system_version: Option<String>,
     /// SHA-256 of the bmap beside the image: a signature of this manifest
     /// (`IMAGE.sig`) vouches, through it, for every mapped range's hash.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -356,6 +359,7 @@ mod tests {
             head_sha256: Some(head_sha256(&head)),
             verity: None,
             toplevel: None,
+            system_version: None,
             bmap_sha256: None,
             iso: None,
             image_sha256: None,

@@ -408,6 +408,10 @@ fn signed_line(image: &Path, s: &flash::trust::Signed) -> String {
             .as_ref()
             .map(|t| format!(", system {t}"))
             .unwrap_or_default()
+            + &s.version
+                .as_ref()
+                .map(|v| format!(" (version {v})"))
+                .unwrap_or_default()
     )
 }
 

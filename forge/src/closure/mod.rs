@@ -462,4 +462,12 @@ impl Closure {
     pub fn total_nar_size(&self) -> u64 {
         self.paths.iter().map(|p| p.nar_size).sum()
     }
+
+    /// The system's `nixos-version` file, trimmed (None: it has none).
+    pub fn nixos_version(&self, store: &store::Store) -> Option<String> {
+        let file = store.physical(&format!("{}/nixos-version", self.toplevel));
+        std::fs::read_to_string(file)
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
 }

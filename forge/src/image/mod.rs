@@ -430,7 +430,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             kind,
             input.seed,
             &placed,
-            &c.toplevel,
+            (&c.toplevel, c.nixos_version(input.store)),
             input.signers,
             progress,
         )?;
@@ -502,7 +502,7 @@ fn write_outputs(
     kind: container::Kind,
     seed: &str,
     placed: &crate::layout::Placed,
-    toplevel: &str,
+    (toplevel, version): (&str, Option<String>),
     signers: &Signers,
     progress: &dyn Progress,
 ) -> Result<Outputs> {
@@ -524,6 +524,7 @@ fn write_outputs(
         .sum();
     let mut disk = disk;
     disk.toplevel = Some(toplevel.to_string());
+    disk.system_version = version;
     disk.image_sha256 = tapped.image_sha256.clone();
     disk.ranges = Some(formats::manifest::ranges_of(placed.size, &tapped.pieces));
     let mut sidecars = Vec::new();

@@ -397,10 +397,9 @@ pub fn extlinux(
         }
         Ok(e)
     };
-    let version =
-        std::fs::read_to_string(store.physical(&format!("{}/nixos-version", closure.toplevel)))
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| closure.bootspec.spec.label.clone());
+    let version = closure
+        .nixos_version(store)
+        .unwrap_or_else(|| closure.bootspec.spec.label.clone());
     let main = &closure.bootspec.spec;
     conf.push_str(&entry(t, main, "default", "NixOS - Default")?);
     conf.push_str(&entry(

@@ -76,6 +76,7 @@ impl Placed<'_, '_> {
             head_sha256: self.first_mib().map(|b| head_sha256(&b)),
             verity: self.layout.partitions.iter().find_map(|p| p.fs.verity()),
             toplevel: None,
+            system_version: None,
             bmap_sha256: None,
             // Read back from the bytes written, as forge inspect reads it.
             iso: self.layout.iso.as_ref().and_then(|_| {
