@@ -169,7 +169,7 @@ impl Write for Extents {
         if b.is_empty() {
             return Ok(0);
         }
-        let zeros = b.iter().all(|&x| x == 0);
+        let zeros = crate::sys::is_zero(b);
         match self.extents.last_mut() {
             Some((o, p)) if *o + p.len() > self.pos => {
                 return Err(io::Error::other(format!(

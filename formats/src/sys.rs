@@ -9,6 +9,13 @@ use std::io;
 /// assembler and its containers).
 pub static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
+/// Whether every byte of `b` is zero: compared with [`ZEROS`] a piece at
+/// a time (memcmp's vector loop; a byte-by-byte `all` made the zero
+/// checks of `forge vm`'s 1 GiB /var disks most of its time).
+pub fn is_zero(b: &[u8]) -> bool {
+    b.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 /// Offset of the next data at or after `pos`, or None past the last data.
 pub fn seek_data(f: &File, pos: u64) -> io::Result<Option<u64>> {
     match lseek(f, pos as i64, Whence::SeekData) {
@@ -164,7 +171,7 @@ impl<T> Pool<T> {
 pub fn nonzero_blocks(bytes: &[u8], at: u64) -> Vec<(u64, &[u8])> {
     let mut out: Vec<(u64, usize, usize)> = Vec::new();
     for (i, b) in bytes.chunks(4096).enumerate() {
-        if b.iter().all(|&x| x == 0) {
+        if is_zero(b) {
             continue;
         }
         let (lo, hi) = (i * 4096, i * 4096 + b.len());
@@ -181,6 +188,18 @@ pub fn nonzero_blocks(bytes: &[u8], at: u64) -> Vec<(u64, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_zero_sees_one_nonzero_byte_anywhere_in_any_length() {
+        let mut b = vec![0u8; (1 << 17) + 5];
+        assert!(is_zero(&b) && is_zero(&[]));
+        for at in [0, 4095, 1 << 16, (1 << 17) + 4] {
+            b[at] = 1;
+            assert!(!is_zero(&b), "byte {at}");
+            assert!(is_zero(&b[..at]), "before byte {at}");
+            b[at] = 0;
+        }
+    }
 
     #[test]
     fn a_pool_makes_at_most_cap_and_reuses_what_comes_back() {

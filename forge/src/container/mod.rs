@@ -152,7 +152,7 @@ fn held(c: &Chunk, n: usize, cluster: u64) -> Vec<(usize, Held)> {
             };
             let h = if inside.is_empty() {
                 Held::Nothing
-            } else if inside.iter().all(|r| bytes(r).iter().all(|&b| b == 0)) {
+            } else if inside.iter().all(|r| formats::sys::is_zero(bytes(r))) {
                 Held::Zeros
             } else {
                 Held::Data(inside)

@@ -91,7 +91,7 @@ impl Qcow2 {
                 let at = host * CLUSTER + (blk as u64) * BLOCK;
                 let a = (k * per + blk) * BLOCK as usize;
                 let b = a + BLOCK as usize;
-                if c.bytes()[a..b].iter().all(|&x| x == 0) {
+                if formats::sys::is_zero(&c.bytes()[a..b]) {
                     continue;
                 }
                 match writes.last_mut() {

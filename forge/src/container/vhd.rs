@@ -96,7 +96,7 @@ impl Container for Vhd {
             let base = match self.blocks.get(blk as usize) {
                 Some(Some(base)) => *base,
                 // Zeros in a block not stored: they read as zeros.
-                Some(None) if bytes.iter().all(|&x| x == 0) => continue,
+                Some(None) if formats::sys::is_zero(bytes) => continue,
                 Some(None) => self.store(blk)?,
                 None => {
                     return Err(io::Error::other(format!(

@@ -65,7 +65,7 @@ impl Container for Vhdx {
         for (blk, within, bytes) in super::pieces(c, BLOCK) {
             let base = match self.blocks.get(blk as usize) {
                 Some(Some(base)) => *base,
-                Some(None) if bytes.iter().all(|&x| x == 0) => continue,
+                Some(None) if formats::sys::is_zero(bytes) => continue,
                 Some(None) => {
                     let at = self.end;
                     self.blocks[blk as usize] = Some(at);

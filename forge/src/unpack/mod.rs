@@ -124,7 +124,7 @@ fn decompressed(mut d: impl Read) -> io::Result<(File, u64)> {
         if n == 0 {
             break;
         }
-        if buf[..n].iter().all(|&b| b == 0) {
+        if formats::sys::is_zero(&buf[..n]) {
             out.seek(SeekFrom::Current(n as i64))?;
         } else {
             out.write_all(&buf[..n])?;

@@ -122,7 +122,7 @@ pub(super) fn ova(f: &File, len: u64) -> io::Result<(File, u64)> {
     let mut h = [0u8; 512];
     while at + 512 <= len {
         f.read_exact_at(&mut h, at)?;
-        if h.iter().all(|&b| b == 0) {
+        if formats::sys::is_zero(&h) {
             break;
         }
         let size = number(&h[124..136]);
