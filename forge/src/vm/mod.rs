@@ -5,7 +5,8 @@
 //! /var/identity; 0600 when it holds a private key; rewritten on every
 //! upgrade, its files kept unless a new identity is given) and a libvirt domain
 //! (`domain.rs`). Filesystems come from our ext4 writer, so zero ranges
-//! (the journal) are zero clusters or holes and a fresh VM's files take
+//! are zero clusters or holes (the /var disk's journal, lazy, is not
+//! written at all: a new file reads zeros) and a fresh VM's files take
 //! about 230 KiB on the host.
 //!
 //! All outputs of a call are written unnamed and committed together at
