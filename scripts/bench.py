@@ -111,8 +111,10 @@ def closure_bench(res, c, top, a):
     print("closure + NAR hashing", file=sys.stderr)
     # GNU tar skips reading file data when its output is /dev/null itself,
     # so the peer writes through a pipe.
-    res.append(measure("tar -cf - store | cat > /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null", a.runs))
-    res.append(measure("forge closure --json", f"{FORGE} closure {top} --root {c} --json > /dev/null", a.runs))
+    res.extend(measure_pair(
+        ("tar -cf - store | cat > /dev/null", f"tar -cf - -C {c} nix | cat > /dev/null"),
+        ("forge closure --json", f"{FORGE} closure {top} --root {c} --json > /dev/null"),
+        a.runs))
 
 
 STUB = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub"
@@ -156,14 +158,14 @@ dd if=root.img of=disk.img bs=4M seek=$((1048576+{esp})) oflag=seek_bytes conv=n
 dd if=verity.img of=disk.img bs=4M seek=$((1048576+{esp}+{root})) oflag=seek_bytes conv=notrunc,sparse status=none
 dd if=state.img of=disk.img bs=4M seek=$((1048576+{esp}+{root}+vsz)) oflag=seek_bytes conv=notrunc,sparse status=none
 rm esp.img root.img verity.img state.img uki.efi uki.signed sdboot.efi; sync"""
-    res.append(measure("mkfs.ext4 -d+veritysetup format+objcopy UKI+sbsign+mkfs.vfat/mcopy+sgdisk+dd",
-                       pipeline, a.runs, rm))
     image = f"{FORGE} image {top} --root {c} --format raw-efi -o {w}/disk.img"
     signed = (f"{FORGE} image {top} --root {c} --format raw-efi --verity --uki --uki-stub {STUB} "
               f"--secure-boot-key {key} --secure-boot-cert {cert} -o {w}/disk.img")
-    res.extend(measure_pair(("forge image --format raw-efi (paired)", image),
-                            ("forge image --format raw-efi --verity --uki --secure-boot-key (paired)", signed),
-                            a.runs))
+    res.extend(measure_group([
+        ("forge image --format raw-efi (paired)", image, rm),
+        ("forge image --format raw-efi --verity --uki --secure-boot-key (paired)", signed, rm),
+        ("mkfs.ext4 -d+veritysetup format+objcopy UKI+sbsign+mkfs.vfat/mcopy+sgdisk+dd", pipeline, rm),
+    ], a.runs))
     sh(rm)
 
 
@@ -588,10 +590,13 @@ def oci_bench(res, c, top, a, w):
     out, cache = os.path.join(w, "oci"), os.path.join(w, "oci-cache")
     rm = f"rm -rf {out} {cache}"
     oci = f"{FORGE} oci {top} --root {c} --closure-info {info} -o {out}"
-    res.append(measure("oci: forge oci (gzip -6, no cache)", f"{oci} --no-cache", a.runs, rm))
     listing = os.path.join(w, "oci-paths")
     open(listing, "w").write("".join(l[1:] + "\n" for l in open(os.path.join(info, "store-paths")).read().split()))
-    res.append(measure("oci: tar of the paths, piped to pigz -p 2 -6", f"tar -cf - -C {c} -T {listing} | pigz -p 2 -6 > /dev/null", a.runs))
+    # Alternated (issue 31), as are the rebuild and the full build below.
+    res.extend(measure_pair(
+        ("oci: forge oci (gzip -6, no cache)", f"{oci} --no-cache", rm),
+        ("oci: tar of the paths, piped to pigz -p 2 -6", f"tar -cf - -C {c} -T {listing} | pigz -p 2 -6 > /dev/null"),
+        a.runs))
     # One small path changed, in a hard-linked copy of the corpus, with its
     # own closure info (made untimed).
     c2 = c + "-oci-changed"
@@ -610,9 +615,11 @@ def oci_bench(res, c, top, a, w):
     primed = os.path.join(w, "..", "oci-cache-primed")
     if not os.path.exists(primed):
         sh(f"{oci} --cache {primed} 2>/dev/null; rm -rf {out}")
-    res.append(measure("oci: forge oci rebuild, one small path changed (cache)", f"{oci2} --cache {cache}", a.runs,
-                       f"{rm}; cp -al {primed} {cache}"))
-    res.append(measure("oci: forge oci of the changed corpus (empty cache)", f"{oci2} --cache {cache}", a.runs, rm))
+    res.extend(measure_pair(
+        ("oci: forge oci rebuild, one small path changed (cache)", f"{oci2} --cache {cache}",
+         f"{rm}; cp -al {primed} {cache}"),
+        ("oci: forge oci of the changed corpus (empty cache)", f"{oci2} --cache {cache}", rm),
+        a.runs))
     # What the rebuild did: only the changed path's layer and the
     # customisation layer compressed, every other layer from the cache.
     sh(f"{rm}; cp -al {primed} {cache}")
@@ -635,9 +642,11 @@ def flash_bench(res, c, top, a, w):
     sh(f"truncate -s {size + (64 << 20)} {backing}")
     dev = sh(f"losetup -f --show {backing}").strip()
     try:
-        res.append(measure("dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none", a.runs))
-        res.append(measure("bmaptool copy", f"bmaptool -q copy {img} {dev}", a.runs))
-        res.append(measure("flash (write + verify)", f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet", a.runs))
+        res.extend(measure_group([
+            ("dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none"),
+            ("bmaptool copy", f"bmaptool -q copy {img} {dev}"),
+            ("flash (write + verify)", f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet"),
+        ], a.runs))
         # Issue 26: the same image signed, flashed with --trust (each range
         # checked against its signed hash before it is written, no
         # separate pass over the source), alternated with dd.
