@@ -503,7 +503,9 @@ impl RangeSum {
         match self {
             RangeSum::Sha256(h) => h.update(d),
             RangeSum::Sha1(h) => h.update(d),
-            RangeSum::Blake3(h) => drop(h.update(d)),
+            RangeSum::Blake3(h) => {
+                h.update(d);
+            }
         }
     }
     fn hex(self) -> String {

@@ -162,6 +162,53 @@ fn verity_at(f: &mut File, p: &Part) -> Option<formats::verity::Found> {
     formats::verity::read(&head)
 }
 
+/// The ranges of the bmap beside the image (if any, and of an image of
+/// this `size`) with the BLAKE3 of the image's bytes there, as a layout
+/// manifest lists them. A bmap inspect cannot read, or of an image of
+/// another size (a truncated one, which inspect warns of), says nothing.
+fn ranges_beside(
+    path: &Path,
+    f: &mut File,
+    size: u64,
+) -> Result<Option<Vec<formats::manifest::Range>>> {
+    let bpath = crate::image::bmap_path_for(path);
+    let Ok(text) = std::fs::read_to_string(&bpath) else {
+        return Ok(None);
+    };
+    let Ok(bmap) = formats::bmap::parse(&text) else {
+        return Ok(None);
+    };
+    if bmap.image_size != size {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for (offset, length) in bmap.byte_ranges() {
+        let mut h = blake3::Hasher::new();
+        f.seek(SeekFrom::Start(offset))?;
+        let mut left = length;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n]).with_context(|| {
+                format!(
+                    "reading bytes {offset}..{} that {} maps",
+                    offset + length,
+                    bpath.display()
+                )
+            })?;
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        let blake3 = h.finalize().to_hex().to_string();
+        out.push(formats::manifest::Range {
+            offset,
+            length,
+            blake3,
+        });
+    }
+    Ok(Some(out))
+}
+
 /// `n` bytes at `off` of `f` (forge inspect, forge sign, --verify).
 pub(crate) fn read_at(f: &mut File, off: u64, n: usize) -> std::io::Result<Vec<u8>> {
     let mut b = vec![0u8; n];
@@ -235,7 +282,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
             verity: verity.map(|v| v.manifest()),
             head_sha256,
             toplevel,
-            // Read from the image, only where a layout manifest says it.
+            // Inside the root filesystem, which inspect does not read.
             system_version: None,
             bmap_sha256: std::fs::read(crate::image::bmap_path_for(path))
                 .ok()
@@ -243,9 +290,9 @@ pub fn inspect(path: &Path) -> Result<Report> {
             iso: formats::iso9660::read(&mut f)
                 .with_context(what)?
                 .map(|v| formats::manifest::IsoVolume::from(&v)),
-            // Hashes of the bytes: the manifest's, not read here.
+            // A pass over every byte: `sha256sum` of the raw image.
             image_sha256: None,
-            ranges: None,
+            ranges: ranges_beside(path, &mut f, size).with_context(what)?,
         },
         verified: None,
         signature: None,
