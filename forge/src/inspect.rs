@@ -168,7 +168,7 @@ fn verity_at(f: &mut File, p: &Part) -> Option<formats::verity::Found> {
 /// another size (a truncated one, which inspect warns of), says nothing.
 fn ranges_beside(
     path: &Path,
-    f: &mut File,
+    f: &File,
     size: u64,
 ) -> Result<Option<Vec<formats::manifest::Range>>> {
     let bpath = crate::image::bmap_path_for(path);
@@ -181,32 +181,10 @@ fn ranges_beside(
     if bmap.image_size != size {
         return Ok(None);
     }
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for (offset, length) in bmap.byte_ranges() {
-        let mut h = blake3::Hasher::new();
-        f.seek(SeekFrom::Start(offset))?;
-        let mut left = length;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            f.read_exact(&mut buf[..n]).with_context(|| {
-                format!(
-                    "reading bytes {offset}..{} that {} maps",
-                    offset + length,
-                    bpath.display()
-                )
-            })?;
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        let blake3 = h.finalize().to_hex().to_string();
-        out.push(formats::manifest::Range {
-            offset,
-            length,
-            blake3,
-        });
-    }
-    Ok(Some(out))
+    // Hashed as forge image hashes them (both hashes, every core).
+    let pieces = formats::bmap::hash(f, size, &bmap.byte_ranges())
+        .with_context(|| format!("reading the bytes {} maps", bpath.display()))?;
+    Ok(Some(formats::manifest::ranges_of(size, &pieces)))
 }
 
 /// `n` bytes at `off` of `f` (forge inspect, forge sign, --verify).
@@ -292,7 +270,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
                 .map(|v| formats::manifest::IsoVolume::from(&v)),
             // A pass over every byte: `sha256sum` of the raw image.
             image_sha256: None,
-            ranges: ranges_beside(path, &mut f, size).with_context(what)?,
+            ranges: ranges_beside(path, &f, size).with_context(what)?,
         },
         verified: None,
         signature: None,

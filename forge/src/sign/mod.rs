@@ -249,7 +249,9 @@ fn sidecar(path: &Path, bytes: &[u8]) -> Result<AtomicOutput> {
     Ok(o)
 }
 
-fn sha256_at(f: &mut File, off: u64, len: u64) -> std::io::Result<String> {
+/// SHA-256 of `len` bytes of `f` at `off` (also `forge update`'s
+/// compressed artefacts).
+pub(crate) fn sha256_at(f: &mut File, off: u64, len: u64) -> std::io::Result<String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

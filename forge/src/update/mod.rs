@@ -145,8 +145,8 @@ fn slot_partitions<'a, 't>(layout: &'a Layout<'t>, version: &str) -> Vec<&'a Par
         .collect()
 }
 
-/// A partition's filesystem alone, as a raw file (or a zstd or xz stream
-/// of one) named for sysupdate.
+/// A partition's filesystem alone, as a raw file (or an xz stream of one)
+/// named for sysupdate.
 fn write_partition(o: &Options, version: &str, p: &Partition) -> Result<(AtomicOutput, Artefact)> {
     let kind = match p.role {
         Role::Root => &transfers::ROOT,
@@ -180,26 +180,9 @@ fn write_partition(o: &Options, version: &str, p: &Partition) -> Result<(AtomicO
     };
     container::write_image(&mut out, kind, &settings, size, map, write).with_context(what)?;
     // The file's own hash, as sysupdate checks a download: read back.
-    let (size, sha256) = file_sha256(out.file()).with_context(what)?;
+    let size = out.file().metadata().with_context(what)?.len();
+    let sha256 = crate::sign::sha256_at(out.file(), 0, size).with_context(what)?;
     Ok((out, Artefact { name, size, sha256 }))
-}
-
-/// A file's size and SHA-256, read from its start.
-fn file_sha256(f: &mut std::fs::File) -> std::io::Result<(u64, String)> {
-    use sha2::Digest;
-    use std::io::{Read, Seek};
-    f.seek(std::io::SeekFrom::Start(0))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((size, format!("{:x}", h.finalize())));
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
 }
 
 /// The version's UKI, as the ESP of its image holds it (signed with
