@@ -584,15 +584,17 @@ fn watch(mut cmd: Command, log: &Path, timeout: std::time::Duration) -> Boot {
     let text = || String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
     loop {
         std::thread::sleep(std::time::Duration::from_millis(300));
+        let exited = child.try_wait().unwrap().is_some();
         let t = text();
+        // A whole line: the serial console writes the marker a few bytes
+        // at a time, and a read between them would see only its start.
         let marker = t
-            .lines()
-            .find(|l| l.contains("NIXFORGE-BOOT-"))
+            .split_inclusive('\n')
+            .find(|l| l.contains("NIXFORGE-BOOT-") && (l.ends_with('\n') || exited))
             .map(|l| l.trim().to_string());
         let stuck = t.contains("Kernel panic") || t.contains("Shell> ") || t.contains("\n=> ");
         // Secure Boot refusing an image (OVMF's boot manager, systemd-boot).
         let refused = t.contains("Access Denied") || t.contains("Security Violation");
-        let exited = child.try_wait().unwrap().is_some();
         if marker.is_some() || stuck || refused || exited || start.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
