@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub mod flashing;
 
@@ -286,11 +286,20 @@ pub fn dir_entries(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Loop devices and mounts are machine-global: one test at a time.
-pub fn privileged() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// Tests that use loop devices and mounts run side by side: each has its
+/// own devices (`losetup -f` retries a device another took first) and
+/// mount points. A test that watches for devices to appear holds
+/// `exclusive()`, which waits for every holder of this one.
+pub fn privileged() -> RwLockReadGuard<'static, ()> {
+    DEVICES.read().unwrap_or_else(|e| e.into_inner())
 }
+
+/// No other test's loop devices come or go while this is held.
+pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    DEVICES.write().unwrap_or_else(|e| e.into_inner())
+}
+
+static DEVICES: RwLock<()> = RwLock::new(());
 
 /// A loop mount of a filesystem image, undone on drop.
 pub struct Mounted {

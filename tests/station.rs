@@ -34,7 +34,7 @@ fn report_lines(p: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_station_flashes_each_new_card_with_the_next_identity_and_never_one_present_at_the_start() {
-    let _g = privileged();
+    let _g = exclusive();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let img = small_raw_efi(dir);
@@ -146,7 +146,7 @@ fn a_station_flashes_each_new_card_with_the_next_identity_and_never_one_present_
 
 #[test]
 fn ctrl_c_stops_the_station_and_the_card_in_flight_is_left_with_no_table() {
-    let _g = privileged();
+    let _g = exclusive();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let img = small_raw_efi(dir);
