@@ -181,3 +181,56 @@ fn an_iso_boots_under_ovmf_from_a_cd_and_flashed_to_a_loop_device_as_a_disk() {
         "{m}"
     );
 }
+
+/// `forge sign` of an ISO built without keys (in the sandbox) gives the
+/// ISO built with them, its bmap and manifest too; the signed UKIs pass
+/// sbverify and the volume still reads as one.
+#[test]
+fn forge_sign_of_an_iso_makes_the_iso_built_with_the_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let key = snakeoil_key(d.path());
+    let uki = ["--verity", "--uki", "--uki-stub", STUB];
+    let plain = iso(d.path(), "plain.iso", &uki);
+    let mut keyed: Vec<String> = uki.iter().map(|s| s.to_string()).collect();
+    for flag in ["--secure-boot", "--verity"] {
+        keyed.extend([format!("{flag}-key"), key.display().to_string()]);
+        keyed.extend([format!("{flag}-cert"), SNAKEOIL_CERT.to_string()]);
+    }
+    let keyed: Vec<&str> = keyed.iter().map(String::as_str).collect();
+    let built = iso(d.path(), "built.iso", &keyed);
+    let signed = d.path().join("signed.iso");
+    let mut sign = forge();
+    sign.arg("sign").arg(&plain).arg("-o").arg(&signed);
+    for flag in ["--secure-boot", "--verity"] {
+        sign.arg(format!("{flag}-key")).arg(&key);
+        sign.arg(format!("{flag}-cert")).arg(SNAKEOIL_CERT);
+    }
+    ok(&mut sign);
+    for suffix in ["", ".bmap", ".layout.json"] {
+        let (a, b) = (with(&built, suffix), with(&signed, suffix));
+        assert_eq!(sha256_file(&a), sha256_file(&b), "{}", b.display());
+    }
+    assert_ne!(sha256_file(&plain), sha256_file(&signed));
+    let x = d.path().join("x");
+    ok(Command::new("osirrox")
+        .arg("-indev")
+        .arg(&signed)
+        .args(["-extract", "/"])
+        .arg(&x));
+    ok(Command::new("fsck.fat").arg("-n").arg(x.join("efi.img")));
+    let esp = x.join("efi.img");
+    let list = ok(Command::new("mdir")
+        .args(["-b", "-i"])
+        .arg(&esp)
+        .arg("::/EFI/Linux/"));
+    let ukis: Vec<&str> = list.lines().filter(|l| l.ends_with(".efi")).collect();
+    assert!(!ukis.is_empty(), "{list}");
+    for u in ukis {
+        let out = d.path().join("uki.efi");
+        let _ = std::fs::remove_file(&out);
+        ok(Command::new("mcopy").arg("-i").arg(&esp).arg(u).arg(&out));
+        ok(Command::new("sbverify")
+            .args(["--cert", SNAKEOIL_CERT])
+            .arg(&out));
+    }
+}
