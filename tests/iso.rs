@@ -58,12 +58,7 @@ fn an_iso_is_read_by_xorriso_isoinfo_and_osirrox_and_is_the_same_twice() {
     );
     // The files are the GPT's partitions: osirrox extracts them, fsck.fat
     // passes the El Torito image and fsck.erofs the root.
-    let x = d.path().join("x");
-    ok(Command::new("osirrox")
-        .arg("-indev")
-        .arg(&img)
-        .args(["-extract", "/"])
-        .arg(&x));
+    let x = extract(&img, &d.path().join("x"));
     ok(Command::new("fsck.fat").arg("-n").arg(x.join("efi.img")));
     ok(Command::new("fsck.erofs").arg(x.join("root.img")));
     let gpt = ok(Command::new("sgdisk").arg("-v").arg(&img));
@@ -92,6 +87,16 @@ fn an_iso_is_read_by_xorriso_isoinfo_and_osirrox_and_is_the_same_twice() {
     // Built again: the same bytes.
     let again = iso(d.path(), "again.iso", &[]);
     assert_eq!(sha256_file(&img), sha256_file(&again));
+}
+
+/// The volume's files, as osirrox extracts them into `to`.
+fn extract(img: &Path, to: &Path) -> PathBuf {
+    ok(Command::new("osirrox")
+        .arg("-indev")
+        .arg(img)
+        .args(["-extract", "/"])
+        .arg(to));
+    to.to_path_buf()
 }
 
 fn sha2_hex(b: &[u8]) -> String {
@@ -211,12 +216,7 @@ fn forge_sign_of_an_iso_makes_the_iso_built_with_the_keys() {
         assert_eq!(sha256_file(&a), sha256_file(&b), "{}", b.display());
     }
     assert_ne!(sha256_file(&plain), sha256_file(&signed));
-    let x = d.path().join("x");
-    ok(Command::new("osirrox")
-        .arg("-indev")
-        .arg(&signed)
-        .args(["-extract", "/"])
-        .arg(&x));
+    let x = extract(&signed, &d.path().join("x"));
     ok(Command::new("fsck.fat").arg("-n").arg(x.join("efi.img")));
     let esp = x.join("efi.img");
     let list = ok(Command::new("mdir")
