@@ -83,7 +83,7 @@ install:
 
 # End-to-end tests drive the release binaries (debug ones are ~10x slower
 # at hashing and writing). Two at a time, one per core: the e2e binary's
-# 211 tests took 799 s so on this 2-core machine, busy 1.86 cores on
+# 211 tests took 704-799 s so on this 2-core machine, busy 1.86 cores on
 # average (880 s while the loop-device tests still ran one at a time).
 test: deps fixtures tools test-bins
 	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test --workspace -- --test-threads=2
