@@ -10,6 +10,8 @@ mod closure;
 mod defects_flash;
 #[path = "defects_forge.rs"]
 mod defects_forge;
+#[path = "demo.rs"]
+mod demo;
 #[path = "erofs.rs"]
 mod erofs;
 #[path = "ext4.rs"]
