@@ -162,20 +162,21 @@ fn verity_at(f: &mut File, p: &Part) -> Option<formats::verity::Found> {
     formats::verity::read(&head)
 }
 
-/// The ranges of the bmap beside the image (if any, and of an image of
-/// this `size`) with the BLAKE3 of the image's bytes there, as a layout
-/// manifest lists them. A bmap inspect cannot read, or of an image of
+/// The ranges of the bmap beside the image (`bmap`, its bytes if any, of
+/// an image of this `size`) with the BLAKE3 of the image's bytes there,
+/// as a layout manifest lists them. A bmap inspect cannot read, or of an image of
 /// another size (a truncated one, which inspect warns of), says nothing.
 fn ranges_beside(
     path: &Path,
+    bmap: Option<&[u8]>,
     f: &File,
     size: u64,
 ) -> Result<Option<Vec<formats::manifest::Range>>> {
     let bpath = crate::image::bmap_path_for(path);
-    let Ok(text) = std::fs::read_to_string(&bpath) else {
+    let Some(Ok(text)) = bmap.map(std::str::from_utf8) else {
         return Ok(None);
     };
-    let Ok(bmap) = formats::bmap::parse(&text) else {
+    let Ok(bmap) = formats::bmap::parse(text) else {
         return Ok(None);
     };
     if bmap.image_size != size {
@@ -246,6 +247,8 @@ pub fn inspect(path: &Path) -> Result<Report> {
         }
     });
     let slots = slots_of(&parts);
+    // The bmap beside, read once: its SHA-256 and its ranges' BLAKE3.
+    let bmap = std::fs::read(crate::image::bmap_path_for(path)).ok();
     Ok(Report {
         image: path.display().to_string(),
         warnings,
@@ -262,15 +265,13 @@ pub fn inspect(path: &Path) -> Result<Report> {
             toplevel,
             // Inside the root filesystem, which inspect does not read.
             system_version: None,
-            bmap_sha256: std::fs::read(crate::image::bmap_path_for(path))
-                .ok()
-                .map(|b| formats::manifest::sha256_hex(&b)),
+            bmap_sha256: bmap.as_deref().map(formats::manifest::sha256_hex),
             iso: formats::iso9660::read(&mut f)
                 .with_context(what)?
                 .map(|v| formats::manifest::IsoVolume::from(&v)),
             // A pass over every byte: `sha256sum` of the raw image.
             image_sha256: None,
-            ranges: ranges_beside(path, &f, size).with_context(what)?,
+            ranges: ranges_beside(path, bmap.as_deref(), &f, size).with_context(what)?,
         },
         verified: None,
         signature: None,
