@@ -446,8 +446,8 @@ def erofs_bench(res, c, top, a, w):
     """Issue 30: forge erofs against mkfs.erofs on the corpus, uncompressed
     and with lz4hc (forge compresses on every core; Debian's mkfs.erofs 1.5
     on one), alternated, with every image's size beside ext4's; and forge
-    image with an EROFS root (lz4hc, the default) against the ext4 one,
-    alternated."""
+    image with an EROFS root (lz4hc, the default; lz4 also with --verity)
+    against the ext4 one, alternated."""
     print("EROFS of the corpus", file=sys.stderr)
     rm = f"rm -f {w}/e.img {w}/m.img"
     res.extend(measure_pair(
@@ -476,6 +476,9 @@ def erofs_bench(res, c, top, a, w):
         ("erofs: forge image --root-fs erofs (lz4hc)", img.replace(" -o ", " --root-fs erofs -o ")),
         ("erofs: forge image --root-fs erofs --erofs-compression lz4",
          img.replace(" -o ", " --root-fs erofs --erofs-compression lz4 -o ")),
+        # The root planned (compressed) once, then hashed (issue 25).
+        ("erofs: forge image --root-fs erofs --erofs-compression lz4 --verity",
+         img.replace(" -o ", " --root-fs erofs --erofs-compression lz4 --verity -o ")),
         ("erofs: forge image --root-fs erofs --erofs-compression none",
          img.replace(" -o ", " --root-fs erofs --erofs-compression none -o ")),
     ], a.runs))

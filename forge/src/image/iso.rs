@@ -78,12 +78,11 @@ impl DiskFormat for Iso {
     }
 
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
-        let esp = self.0.esp().expect("raw-efi has an ESP");
-        let esp_size = match i.o.esp_size {
-            Some(n) => n,
-            None => fitted_esp(i, esp)?,
+        let esp_size = |esp: &Tree| match i.o.esp_size {
+            Some(n) => Ok(n),
+            None => fitted_esp(i, esp),
         };
-        let partitions = self.0.partitions(i, esp_size)?;
+        let partitions = self.0.partitions(i, &esp_size)?;
         let files = partitions
             .iter()
             .enumerate()

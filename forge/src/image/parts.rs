@@ -13,8 +13,10 @@ use super::{slots, Input, RootFs, RootMode};
 use crate::layout::{Filesystem, PartType, Partition, Role, SizePolicy};
 
 /// The root filesystem: the closure's ext4 (read-only unless
-/// `--root-mode rw`) or EROFS.
-fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>> {
+/// `--root-mode rw`) or EROFS, planned (an EROFS root is compressed
+/// here): once per image, then hashed ([`verity_of`]) and placed
+/// ([`root_partition`]).
+pub(crate) fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>> {
     let what = "planning the root filesystem (--root-size)";
     // An A/B slot's filesystem is its content's size; --root-size is the slot's.
     let size = match (i.version.is_some(), i.o.root_size) {
@@ -45,18 +47,16 @@ fn root_fs<'t>(i: &Input, tree: &'t Tree, label: &str) -> Result<Filesystem<'t>>
     })
 }
 
-/// The root partition: the closure's filesystem ([`root_fs`]); with
-/// verity, its GUID is the root hash's first 128 bits. An A/B slot is
+/// The root partition holding `fs` ([`root_fs`]); with verity, its
+/// GUID is the root hash's first 128 bits. An A/B slot is
 /// `--root-size`, or its filesystem and a quarter.
 pub(crate) fn root_partition<'t>(
     i: &Input,
-    tree: &'t Tree,
-    label: &str,
+    (fs, label): (Filesystem<'t>, &str),
     ty: PartType,
     bootable: bool,
     verity: Option<&verity::Tree>,
 ) -> Result<Partition<'t>> {
-    let fs = root_fs(i, tree, label)?;
     let size = match (&i.version, i.o.root_size) {
         (None, _) => SizePolicy::Content,
         (Some(_), ext4::Size::Fixed(n)) => SizePolicy::Fixed(slots::slot_size(fs.size(), Some(n))?),
@@ -85,15 +85,14 @@ fn verity_params(seed: &str) -> verity::Params {
     }
 }
 
-/// The dm-verity hash tree of the root filesystem `root_partition`
-/// makes of `tree`: planned and written once into a hasher, before
-/// anything of the image is written (the root hash goes on the kernel
-/// command line, in the ESP that comes first). `--verity` only.
-pub(crate) fn verity_of(i: &Input, tree: &Tree, label: &str) -> Result<Option<Arc<verity::Tree>>> {
+/// The dm-verity hash tree of the planned root filesystem `fs`: written
+/// once into a hasher, before anything of the image is written (the root
+/// hash goes on the kernel command line, in the ESP that comes first).
+/// `--verity` only.
+pub(crate) fn verity_of(i: &Input, fs: &Filesystem) -> Result<Option<Arc<verity::Tree>>> {
     if !i.o.verity {
         return Ok(None);
     }
-    let fs = root_fs(i, tree, label)?;
     let mut h = verity::Hasher::new(verity_params(i.seed));
     fs.stream(&mut h, 0)
         .context("hashing the root filesystem (--verity)")?;

@@ -9,6 +9,10 @@ use std::sync::Arc;
 
 use formats::verity;
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use super::parts::root_fs;
 use super::{
     fat_partition, root_partition, state_partition, trees, verity_of, verity_params_line,
     verity_partition, verity_sig_partition, DiskFormat, Input,
@@ -16,20 +20,24 @@ use super::{
 
 /// The root filesystem's label.
 const ROOT_LABEL: &str = "nixos";
-use crate::layout::{Layout, PartType, Partition, Role, SizePolicy, Table, ALIGN};
+use crate::layout::{Filesystem, Layout, PartType, Partition, Role, SizePolicy, Table, ALIGN};
 
 /// A raw-efi image's trees, one per partition.
 pub(super) struct RawEfi {
-    esp: Tree,
     root: Tree,
     /// Empty; unused with `--state-size none` (a base image whose /var
     /// lives on another disk).
     state: Tree,
-    /// The root's hash tree (`--verity`).
-    verity: Option<Arc<verity::Tree>>,
+    /// systemd-boot, its names on the ESP, the UKIs' stub (`--uki`).
+    sd_boot: PathBuf,
+    arch: trees::EfiArch,
+    uki_stub: Option<PathBuf>,
+    /// Made with the layout, once the root is planned (and with
+    /// `--verity` hashed: its entries name the root hash).
+    esp: OnceLock<Tree>,
 }
 
-/// The ESP, the root and an empty state tree.
+/// The root and an empty state tree, and what the ESP is made of.
 pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
     let system = i.c.bootspec.spec.system.as_str();
     let Some(arch) = trees::efi_arch(system) else {
@@ -41,43 +49,60 @@ pub(super) fn trees_of(i: &Input) -> Result<RawEfi> {
     for s in &specs {
         trees::check_efi_stub(&i.store.physical(&s.kernel), &s.kernel)?;
     }
-    // The root first: with --verity its hash goes into the ESP's entries.
-    let root = trees::root_tree(i.store, i.c, i.o.epoch)?;
-    let verity = verity_of(i, &root, ROOT_LABEL)?;
-    let mut extra = verity_params_line(verity.as_deref());
-    if let (Some(v), None) = (&i.version, &verity) {
-        // Two root partitions of one type: the entry names its slot (with
-        // verity, the root hash finds it).
-        extra.push(format!("root=PARTLABEL={}", super::slots::slot_name(v)));
-    }
     let uki_stub = match i.o.uki {
         true => Some(super::uki::stub_path(i.o.uki_stub.as_deref(), &sd_boot)?),
         false => None,
     };
-    let o = trees::EspOptions {
-        epoch: i.o.epoch,
-        timeout: i.o.loader_timeout,
-        extra,
-        uki_stub,
-        secure_boot: i.signers.secure_boot.as_ref(),
-        version: i.version.clone(),
-    };
-    let esp = trees::esp_tree(i.store, i.c, &sd_boot, &arch, &o)?;
     Ok(RawEfi {
-        esp,
-        root,
+        root: trees::root_tree(i.store, i.c, i.o.epoch)?,
         state: Tree::new(0o755),
-        verity,
+        sd_boot,
+        arch,
+        uki_stub,
+        esp: OnceLock::new(),
     })
+}
+
+impl RawEfi {
+    /// The root filesystem, planned once (an EROFS root compressed once);
+    /// with `--verity` its hash tree; and the ESP, whose entries name the
+    /// root hash, made now.
+    fn root_and_esp<'t>(
+        &'t self,
+        i: &Input,
+    ) -> Result<(Filesystem<'t>, Option<Arc<verity::Tree>>, &'t Tree)> {
+        let fs = root_fs(i, &self.root, ROOT_LABEL)?;
+        let verity = verity_of(i, &fs)?;
+        let mut extra = verity_params_line(verity.as_deref());
+        if let (Some(v), None) = (&i.version, &verity) {
+            // Two root partitions of one type: the entry names its slot
+            // (with verity, the root hash finds it).
+            extra.push(format!("root=PARTLABEL={}", super::slots::slot_name(v)));
+        }
+        let o = trees::EspOptions {
+            epoch: i.o.epoch,
+            timeout: i.o.loader_timeout,
+            extra,
+            uki_stub: self.uki_stub.clone(),
+            secure_boot: i.signers.secure_boot.as_ref(),
+            version: i.version.clone(),
+        };
+        if self.esp.get().is_none() {
+            let esp = trees::esp_tree(i.store, i.c, &self.sd_boot, &self.arch, &o)?;
+            let _ = self.esp.set(esp);
+        }
+        Ok((fs, verity, self.esp.get().expect("made above")))
+    }
 }
 
 impl DiskFormat for RawEfi {
     fn esp(&self) -> Option<&Tree> {
-        Some(&self.esp)
+        self.esp.get()
     }
 
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
-        let mut partitions = self.partitions(i, i.o.esp_size.unwrap_or(512 << 20))?;
+        let esp_size = |_: &Tree| Ok(i.o.esp_size.unwrap_or(512 << 20));
+        let mut partitions = self.partitions(i, &esp_size)?;
         if let Some(size) = i.o.state_size {
             partitions.push(state_partition(
                 i,
@@ -91,12 +116,15 @@ impl DiskFormat for RawEfi {
 }
 
 impl RawEfi {
-    /// The ESP (`esp_size` bytes), the root and what goes with it
-    /// (verity, A/B twins): every partition but the state's.
-    pub(super) fn partitions<'t>(&'t self, i: &Input, esp_size: u64) -> Result<Vec<Partition<'t>>> {
-        let RawEfi {
-            esp, root, verity, ..
-        } = self;
+    /// The ESP (`esp_size` of its tree bytes), the root and what goes
+    /// with it (verity, A/B twins): every partition but the state's.
+    pub(super) fn partitions<'t>(
+        &'t self,
+        i: &Input,
+        esp_size: &dyn Fn(&Tree) -> Result<u64>,
+    ) -> Result<Vec<Partition<'t>>> {
+        let (root, verity, esp) = self.root_and_esp(i)?;
+        let esp_size = esp_size(esp)?;
         let (root_type, verity_type, sig_type) = match i.c.bootspec.spec.system.as_str() {
             "x86_64-linux" => (
                 types::ROOT_X86_64,
@@ -121,8 +149,7 @@ impl RawEfi {
             )?,
             root_partition(
                 i,
-                root,
-                ROOT_LABEL,
+                (root, ROOT_LABEL),
                 PartType::Gpt(root_type),
                 false,
                 verity.as_deref(),
@@ -132,7 +159,7 @@ impl RawEfi {
             (Some(_), SizePolicy::Fixed(n)) => Some(*n),
             _ => None,
         };
-        if let Some(t) = verity {
+        if let Some(t) = &verity {
             partitions.push(verity_partition(i, t, PartType::Gpt(verity_type), slot));
             // An A/B image's signature slot is only there signed: forge
             // sign fills the placeholder of a one-slot image only.

@@ -8,10 +8,12 @@
 use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use formats::mbr;
 use formats::tree::{Kind, Owner, Tree, ROOT};
 
+use super::parts::root_fs;
 use super::{
     fat_partition, root_partition, state_partition, trees, verity_of, verity_params_line,
     verity_partition, DiskFormat, Input, Options,
@@ -176,15 +178,17 @@ fn check_arm64_image(path: &Path, logical: &str) -> Result<()> {
 
 /// An sd-aarch64 image's trees, one per partition.
 pub(super) struct SdAarch64 {
-    firmware: Tree,
+    /// The firmware files (`--firmware`), checked.
+    firmware_files: Tree,
     /// The closure, with extlinux (without --verity).
     root: Tree,
     state: Tree,
-    /// The root's hash tree (`--verity`).
-    verity: Option<std::sync::Arc<formats::verity::Tree>>,
     /// extlinux and the kernels on the firmware partition (with --verity or
     /// an EROFS root), which is then the bootable one.
     boot_on_fw: bool,
+    /// The firmware partition's tree, made with the layout: with
+    /// `--verity`, once the root is hashed (extlinux names the root hash).
+    firmware: OnceLock<Tree>,
 }
 
 /// The root filesystem's label (U-Boot's and stage 1's way to it).
@@ -209,34 +213,52 @@ pub(super) fn trees_of(i: &Input) -> Result<SdAarch64> {
     for s in &specs {
         check_arm64_image(&i.store.physical(&s.kernel), &s.kernel)?;
     }
-    let mut fw = firmware_tree(i.o, i.store)?;
+    let fw = firmware_tree(i.o, i.store)?;
     check_firmware(i.o, i.store, &fw)?;
     let mut root = trees::root_tree(i.store, i.c, i.o.epoch)?;
-    // With verity the root is hashed first: its hash goes on the command line.
-    let verity = verity_of(i, &root, ROOT_LABEL)?;
-    let extra = verity_params_line(verity.as_deref());
-    // U-Boot reads extlinux from FAT or ext4: an EROFS root cannot hold it.
-    let boot_on_fw = verity.is_some() || i.o.root_fs == super::RootFs::Erofs;
-    let boot = if boot_on_fw { &mut fw } else { &mut root };
-    trees::extlinux(boot, i.store, i.c, i.o.epoch, i.o.loader_timeout, &extra)?;
+    // U-Boot reads extlinux from FAT or ext4: an EROFS root cannot hold
+    // it; with verity the root cannot hold the line naming its own hash.
+    let boot_on_fw = i.o.verity || i.o.root_fs == super::RootFs::Erofs;
+    if !boot_on_fw {
+        trees::extlinux(&mut root, i.store, i.c, i.o.epoch, i.o.loader_timeout, &[])?;
+    }
     Ok(SdAarch64 {
-        firmware: fw,
+        firmware_files: fw,
         root,
         state: Tree::new(0o755),
-        verity,
         boot_on_fw,
+        firmware: OnceLock::new(),
     })
+}
+
+impl SdAarch64 {
+    /// The firmware partition's tree: the files, and extlinux when the
+    /// card boots from there (its line has the root hash with `--verity`).
+    fn firmware<'t>(
+        &'t self,
+        i: &Input,
+        verity: Option<&formats::verity::Tree>,
+    ) -> Result<&'t Tree> {
+        if self.firmware.get().is_none() {
+            let mut fw = self.firmware_files.clone();
+            if self.boot_on_fw {
+                let extra = verity_params_line(verity);
+                trees::extlinux(&mut fw, i.store, i.c, i.o.epoch, i.o.loader_timeout, &extra)?;
+            }
+            let _ = self.firmware.set(fw);
+        }
+        Ok(self.firmware.get().expect("made above"))
+    }
 }
 
 impl DiskFormat for SdAarch64 {
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>> {
-        let SdAarch64 {
-            firmware: fw,
-            root,
-            state,
-            verity,
-            boot_on_fw,
-        } = self;
+        // The root planned once (an EROFS root compressed once), hashed
+        // with --verity before the firmware partition is made.
+        let root = root_fs(i, &self.root, ROOT_LABEL)?;
+        let verity = verity_of(i, &root)?;
+        let fw = self.firmware(i, verity.as_deref())?;
+        let boot_on_fw = self.boot_on_fw;
         let fw_part = (Role::Firmware, "firmware", "FIRMWARE");
         let fw_at = (FIRMWARE_OFFSET, i.o.firmware_size);
         let what = "firmware partition (--firmware-size; with --verity it holds the kernels too)";
@@ -244,18 +266,23 @@ impl DiskFormat for SdAarch64 {
             fat_partition(i, fw, fw_part, fw_at, PartType::Mbr(mbr::FAT32_LBA), what)?;
         // U-Boot's distro boot scans only partitions marked bootable: the
         // one holding extlinux.
-        firmware.bootable = *boot_on_fw;
+        firmware.bootable = boot_on_fw;
         let linux = PartType::Mbr(mbr::LINUX);
         let tree = verity.as_deref();
         let mut partitions = vec![
             firmware,
-            root_partition(i, root, ROOT_LABEL, linux, !boot_on_fw, tree)?,
+            root_partition(i, (root, ROOT_LABEL), linux, !boot_on_fw, tree)?,
         ];
-        if let Some(t) = verity {
+        if let Some(t) = &verity {
             partitions.push(verity_partition(i, t, linux, None));
         }
         if let Some(size) = i.o.state_size {
-            partitions.push(state_partition(i, state, size, PartType::Mbr(mbr::LINUX))?);
+            partitions.push(state_partition(
+                i,
+                &self.state,
+                size,
+                PartType::Mbr(mbr::LINUX),
+            )?);
         }
         Ok(Layout::of(Table::Mbr, 512, i.seed, partitions))
     }
