@@ -33,37 +33,28 @@ pub trait Sink: Write + Seek {
         span: u64,
         size: u64,
     ) -> io::Result<()> {
-        copy_host(self, path, (off, len, span, size))
+        let mut f = File::open(path).map_err(|e| named(path, e))?;
+        if f.metadata().map_err(|e| named(path, e))?.len() != size {
+            return Err(changed(path, size));
+        }
+        f.seek(SeekFrom::Start(off)).map_err(|e| named(path, e))?;
+        let mut buf = vec![0u8; span.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < span {
+            let n = (span - done).min(buf.len() as u64) as usize;
+            let from_file = len.saturating_sub(done).min(n as u64) as usize;
+            let b = &mut buf[..n];
+            f.read_exact(&mut b[..from_file])
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => changed(path, size),
+                    _ => named(path, e),
+                })?;
+            b[from_file..].fill(0);
+            self.write_all(b)?;
+            done += n as u64;
+        }
+        Ok(())
     }
-}
-
-/// `put_host` done at once: the file's bytes read and written into `w`.
-pub fn copy_host<W: Write + ?Sized>(
-    w: &mut W,
-    path: &Path,
-    (off, len, span, size): (u64, u64, u64, u64),
-) -> io::Result<()> {
-    let mut f = File::open(path).map_err(|e| named(path, e))?;
-    if f.metadata().map_err(|e| named(path, e))?.len() != size {
-        return Err(changed(path, size));
-    }
-    f.seek(SeekFrom::Start(off)).map_err(|e| named(path, e))?;
-    let mut buf = vec![0u8; span.min(1 << 20) as usize];
-    let mut done = 0u64;
-    while done < span {
-        let n = (span - done).min(buf.len() as u64) as usize;
-        let from_file = len.saturating_sub(done).min(n as u64) as usize;
-        let b = &mut buf[..n];
-        f.read_exact(&mut b[..from_file])
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => changed(path, size),
-                _ => named(path, e),
-            })?;
-        b[from_file..].fill(0);
-        w.write_all(b)?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 impl Sink for File {}

@@ -2,9 +2,7 @@
 //! SHA-256, 4096-byte data and hash blocks, a salt, and the superblock
 //! first. [`Hasher`] is a [`Sink`] a filesystem writer writes into (in
 //! ascending order; what it skips is zeros), hashing each data block as
-//! it arrives (a host file's whole blocks are read and hashed on every
-//! core, the writer going on meanwhile); [`Hasher::finish`] builds the
-//! tree above them.
+//! it arrives; [`Hasher::finish`] builds the tree above them.
 //!
 //! The tree: level 0 holds the digest of every data block, each level
 //! above the digests of the blocks of the one below, 128 to a block
@@ -15,10 +13,9 @@
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, Seek, SeekFrom, Write};
 
-use crate::sink::{changed, named, Sink};
+use crate::sink::Sink;
 
 /// Data and hash block size.
 pub const BLOCK: usize = 4096;
@@ -29,8 +26,6 @@ const PER_BLOCK_BITS: u32 = 7;
 pub const SALT: usize = 32;
 /// Data hashed at once, on every core.
 const BATCH: usize = 8 << 20;
-/// The most of a host file one core reads and hashes at once.
-const PIECE: u64 = 1 << 20;
 
 /// What a hash device is made with (besides the data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,9 +92,6 @@ pub struct Hasher {
     /// The write position, at or past the end of what was given.
     pos: u64,
     zero_digest: [u8; DIGEST],
-    /// Host file pieces after what was sent, not yet sent, and their bytes.
-    hosts: Vec<Piece>,
-    hosts_bytes: u64,
     worker: Worker,
 }
 
@@ -109,49 +101,13 @@ enum Batch {
     Data(Vec<u8>),
     /// This many zero blocks.
     Zeros(u64),
-    /// Pieces of host files, one after another.
-    Host(Vec<Piece>),
 }
 
-/// Whole blocks of a host file: `len` bytes from `off`, then zeros up to
-/// `span` (a whole number of blocks, at most [`PIECE`]); the file must
-/// be `size` bytes.
-struct Piece {
-    path: PathBuf,
-    off: u64,
-    len: u64,
-    span: u64,
-    size: u64,
-}
-
-impl Piece {
-    fn digests(&self, salted: &Sha256) -> io::Result<Vec<[u8; DIGEST]>> {
-        let path = &self.path;
-        let mut f = std::fs::File::open(path).map_err(|e| named(path, e))?;
-        if f.metadata().map_err(|e| named(path, e))?.len() != self.size {
-            return Err(changed(path, self.size));
-        }
-        f.seek(SeekFrom::Start(self.off))
-            .map_err(|e| named(path, e))?;
-        let mut buf = vec![0u8; self.span as usize];
-        f.read_exact(&mut buf[..self.len as usize])
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => changed(path, self.size),
-                _ => named(path, e),
-            })?;
-        Ok(buf
-            .chunks(BLOCK)
-            .map(|c| salted.clone().chain_update(c).finalize().into())
-            .collect())
-    }
-}
-
-/// The hashing thread: level 0 in order (or the first host file error),
-/// and spent buffers back.
+/// The hashing thread: level 0 in order, and spent buffers back.
 struct Worker {
     tx: std::sync::mpsc::SyncSender<Batch>,
     spent: std::sync::mpsc::Receiver<Vec<u8>>,
-    done: std::thread::JoinHandle<io::Result<Vec<[u8; DIGEST]>>>,
+    done: std::thread::JoinHandle<Vec<[u8; DIGEST]>>,
 }
 
 impl Worker {
@@ -160,7 +116,6 @@ impl Worker {
         let (back, spent) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let done = std::thread::spawn(move || {
             let mut digests: Vec<[u8; DIGEST]> = Vec::new();
-            let mut failed = None;
             for batch in rx {
                 match batch {
                     Batch::Data(b) => {
@@ -172,22 +127,9 @@ impl Worker {
                         let _ = back.try_send(b);
                     }
                     Batch::Zeros(n) => digests.extend(std::iter::repeat_n(zero, n as usize)),
-                    // After an error the rest is only drained.
-                    Batch::Host(_) if failed.is_some() => {}
-                    Batch::Host(pieces) => {
-                        let new: io::Result<Vec<Vec<[u8; DIGEST]>>> =
-                            pieces.par_iter().map(|p| p.digests(&salted)).collect();
-                        match new {
-                            Ok(v) => digests.extend(v.into_iter().flatten()),
-                            Err(e) => failed = Some(e),
-                        }
-                    }
                 }
             }
-            match failed {
-                Some(e) => Err(e),
-                None => Ok(digests),
-            }
+            digests
         });
         Worker { tx, spent, done }
     }
@@ -205,8 +147,6 @@ impl Hasher {
             pending: Vec::with_capacity(BATCH),
             pos: 0,
             zero_digest,
-            hosts: Vec::new(),
-            hosts_bytes: 0,
         }
     }
 
@@ -215,43 +155,9 @@ impl Hasher {
         self.sent * BLOCK as u64 + self.pending.len() as u64
     }
 
-    /// Send `b`, after the host file pieces queued before it.
     fn send(&mut self, b: Batch) {
-        self.send_hosts();
         // The thread ends only when the sender goes: it is there.
         self.worker.tx.send(b).expect("the verity hashing thread");
-    }
-
-    fn send_hosts(&mut self) {
-        if !self.hosts.is_empty() {
-            let pieces = std::mem::take(&mut self.hosts);
-            self.hosts_bytes = 0;
-            let b = Batch::Host(pieces);
-            self.worker.tx.send(b).expect("the verity hashing thread");
-        }
-    }
-
-    /// Queue a host file's range for the hashing thread to read, cut
-    /// into pieces: it starts on a block boundary with nothing pending.
-    fn queue_host(&mut self, path: &Path, (off, len, span, size): (u64, u64, u64, u64)) {
-        let mut at = 0;
-        while at < span {
-            let n = (span - at).min(PIECE);
-            self.hosts.push(Piece {
-                path: path.to_path_buf(),
-                off: off + at,
-                len: len.saturating_sub(at).min(n),
-                span: n,
-                size,
-            });
-            at += n;
-        }
-        self.sent += span / BLOCK as u64;
-        self.pos += span;
-        self.hosts_bytes += span;
-        if self.hosts_bytes >= BATCH as u64 {
-            self.send_hosts();
-        }
     }
 
     /// Send every whole block pending; keep the rest.
@@ -318,11 +224,10 @@ impl Hasher {
         }
         self.zeros_to(size);
         self.hash_pending();
-        self.send_hosts();
         let data_blocks = size / BLOCK as u64;
         let Hasher { worker, .. } = self;
         drop(worker.tx);
-        let mut below = worker.done.join().expect("the verity hashing thread")?;
+        let mut below = worker.done.join().expect("the verity hashing thread");
         let mut stored: Vec<Vec<u8>> = Vec::new();
         for _ in levels(data_blocks) {
             let level: Vec<u8> = below
@@ -453,28 +358,7 @@ impl Seek for Hasher {
     }
 }
 
-impl Sink for Hasher {
-    /// Whole blocks at a block boundary are read and hashed later on
-    /// every core (a file that changes size or cannot be read fails
-    /// [`Hasher::finish`], naming it); anything else is read now.
-    fn put_host(
-        &mut self,
-        path: &Path,
-        off: u64,
-        len: u64,
-        span: u64,
-        size: u64,
-    ) -> io::Result<()> {
-        self.catch_up()?;
-        let bs = BLOCK as u64;
-        if !self.given().is_multiple_of(bs) || !span.is_multiple_of(bs) || len > span {
-            return crate::sink::copy_host(self, path, (off, len, span, size));
-        }
-        self.hash_pending();
-        self.queue_host(path, (off, len, span, size));
-        Ok(())
-    }
-}
+impl Sink for Hasher {}
 
 #[cfg(test)]
 mod tests {
@@ -592,77 +476,5 @@ mod tests {
         let mut h = Hasher::new(params());
         h.write_all(&[1; 5000]).unwrap();
         assert!(h.finish(4096).is_err());
-    }
-
-    /// Host files of many pieces and batches, written between other
-    /// writes, gaps, and a file at a position that is not a block's
-    /// start (read at once): the tree of the same bytes written.
-    #[test]
-    fn host_files_read_later_hash_as_the_bytes_would() {
-        let d = tempfile::tempdir().unwrap();
-        let data = |n: usize, k: u32| -> Vec<u8> {
-            (0..n as u32)
-                .map(|i| (i.wrapping_mul(k) >> 3) as u8)
-                .collect()
-        };
-        let files = [
-            (data(9 << 20, 7), 9 << 20),
-            (data(3 * BLOCK + 5, 13), 4 * BLOCK),
-            (data(100, 17), BLOCK),
-        ];
-        let mut by_host = Hasher::new(params());
-        let mut plain_bytes = Vec::new();
-        for (k, (bytes, span)) in files.iter().enumerate() {
-            let f = d.path().join(k.to_string());
-            std::fs::write(&f, bytes).unwrap();
-            let meta = vec![k as u8 + 1; BLOCK + 10];
-            by_host.write_all(&meta).unwrap();
-            plain_bytes.extend(&meta);
-            let gap = (BLOCK - 10) + k * BLOCK;
-            by_host.seek(SeekFrom::Current(gap as i64)).unwrap();
-            plain_bytes.resize(plain_bytes.len() + gap, 0);
-            let (len, size) = (bytes.len() as u64, bytes.len() as u64);
-            by_host.put_host(&f, 0, len, *span as u64, size).unwrap();
-            plain_bytes.extend(bytes);
-            plain_bytes.resize(plain_bytes.len() + span - bytes.len(), 0);
-        }
-        // Not at a block's start: read and written at once.
-        let f = d.path().join("odd");
-        std::fs::write(&f, data(5000, 3)).unwrap();
-        by_host.write_all(&[9; 7]).unwrap();
-        by_host.put_host(&f, 0, 5000, 5000, 5000).unwrap();
-        plain_bytes.extend([9; 7]);
-        plain_bytes.extend(data(5000, 3));
-        let size = (plain_bytes.len() as u64).next_multiple_of(BLOCK as u64) + BLOCK as u64;
-        let mut by_write = Hasher::new(params());
-        by_write.write_all(&plain_bytes).unwrap();
-        let (a, b) = (
-            by_host.finish(size).unwrap(),
-            by_write.finish(size).unwrap(),
-        );
-        assert_eq!(a.root_hash, b.root_hash);
-        assert_eq!(a.bytes, b.bytes);
-        plain_bytes.resize(size as usize, 0);
-        assert_eq!(b.root_hash, plain(&plain_bytes, &params()).0);
-    }
-
-    /// A host file read later that changed size, or went: the tree is
-    /// not made, and the error names the file.
-    #[test]
-    fn a_host_file_that_changed_or_went_fails_the_tree_naming_it() {
-        let d = tempfile::tempdir().unwrap();
-        for gone in [false, true] {
-            let f = d.path().join("changes");
-            std::fs::write(&f, vec![1u8; 2 * BLOCK]).unwrap();
-            let mut h = Hasher::new(params());
-            h.put_host(&f, 0, 2 * BLOCK as u64, 2 * BLOCK as u64, 2 * BLOCK as u64)
-                .unwrap();
-            match gone {
-                true => std::fs::remove_file(&f).unwrap(),
-                false => std::fs::write(&f, vec![1u8; BLOCK]).unwrap(),
-            }
-            let e = h.finish(4 * BLOCK as u64).unwrap_err().to_string();
-            assert!(e.contains(&f.display().to_string()), "{e}");
-        }
     }
 }
