@@ -7,10 +7,11 @@
 //! metadata area starts at block 1 and holds every inode (32-byte slots,
 //! addressed by nid = slot number), each followed by its inline tail (the
 //! last partial block of a file, directory or symlink, when it fits in the
-//! same block as the inode); then each inode's whole data blocks, in nid
-//! order. Inodes are numbered breadth first from the root (nid 0, which
-//! the superblock's 16-bit `root_nid` can always name), children in name
-//! order, a hard link's node once. Every node has the one timestamp
+//! same block as the inode), smaller ones filling what larger ones left
+//! at the ends of blocks; then each inode's whole data blocks, in the
+//! inodes' order. Inodes are placed breadth first from the root (the
+//! first, nid 0, which the superblock's 16-bit `root_nid` can always
+//! name), children in name order, a hard link's node once. Every node has the one timestamp
 //! (the superblock's build time), so inodes are the compact 32-byte form
 //! unless a size, owner or link count needs the 64-byte one.
 //!
@@ -22,7 +23,7 @@
 pub mod compress;
 mod write;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 pub use compress::Compression;
 
@@ -124,7 +125,8 @@ impl Ino {
 pub struct Plan<'t> {
     pub(crate) tree: &'t Tree,
     pub(crate) opts: Options,
-    /// In nid (= placement) order; the root first.
+    /// In placement order (breadth first; nids ascend but where a small
+    /// inode fills an earlier block's end); the root first.
     pub(crate) inodes: Vec<Ino>,
     pub(crate) meta_end: u64,
     pub(crate) blocks: u64,
@@ -225,7 +227,7 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
     let (mut packed, scratch) =
         compress::compress_all(tree, &big, opts.compression).map_err(ErofsError::Compress)?;
     let mut inodes = Vec::with_capacity(ids.len());
-    let mut pos = META_BLKADDR * BS;
+    let mut meta = Meta::new();
     for &id in &ids {
         let node = tree.node(id);
         let size = match &node.kind {
@@ -252,10 +254,10 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
             inline: 0,
             packed: packed.remove(&id),
         };
-        pos = place(&mut ino, pos);
+        place(&mut ino, &mut meta);
         inodes.push(ino);
     }
-    let meta_end = pos;
+    let meta_end = meta.frontier;
     let mut next = meta_end.div_ceil(BS);
     for ino in inodes.iter_mut().filter(|i| i.blocks > 0) {
         ino.blkaddr = next;
@@ -281,44 +283,74 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
     })
 }
 
-/// Place `ino` at or after `pos` (32-byte aligned): its tail inline right
-/// after it when the inode and tail fit in one block, padding to the next
-/// block when that wastes less than a data block for the tail would.
-/// An inode and its inline tail never cross a block boundary. Returns
-/// where the next inode may go. (Names over 255 bytes never reach here:
-/// the tree refuses them.)
-fn place(ino: &mut Ino, pos: u64) -> u64 {
+/// The metadata area as it fills: the frontier, and the holes left
+/// behind it (the ends of blocks an inode and its tail did not fit in),
+/// which later inodes fill, each the smallest hole that holds it, as
+/// mkfs.erofs fills its metadata blocks. Positions are 32-byte aligned.
+struct Meta {
+    frontier: u64,
+    /// (free bytes, start), smallest first.
+    holes: BTreeSet<(u64, u64)>,
+}
+
+impl Meta {
+    fn new() -> Meta {
+        Meta {
+            frontier: META_BLKADDR * BS,
+            holes: BTreeSet::new(),
+        }
+    }
+
+    /// Where `len` bytes go that must stay in one block (`len <= BS`):
+    /// the smallest hole that holds them, else the frontier's block, else
+    /// the next one.
+    fn in_block(&mut self, len: u64) -> u64 {
+        if let Some(&(free, at)) = self.holes.range((len, 0)..).next() {
+            self.holes.remove(&(free, at));
+            if free > len {
+                self.holes.insert((free - len, at + len));
+            }
+            return at;
+        }
+        self.run_on(len, len)
+    }
+
+    /// Where `len` bytes go at the frontier, their first `head` in one
+    /// block (a compressed inode's indexes run on into the next blocks).
+    fn run_on(&mut self, head: u64, len: u64) -> u64 {
+        let room = BS - self.frontier % BS;
+        if head > room {
+            self.holes.insert((room, self.frontier));
+            self.frontier = self.frontier.next_multiple_of(BS);
+        }
+        let at = self.frontier;
+        self.frontier += len.next_multiple_of(COMPACT);
+        at
+    }
+}
+
+/// Place `ino` in the metadata area: its tail inline right after it
+/// whenever the inode and tail fit in a block (they never cross one),
+/// else the tail in a data block of its own; a compressed file's map
+/// header and indexes right after it. (Names over 255 bytes never reach
+/// here: the tree refuses them.)
+fn place(ino: &mut Ino, meta: &mut Meta) {
     let isize = ino.isize();
     if let Some(p) = &ino.packed {
         // A compressed file: its map header and indexes follow the inode
         // (8-byte entries, never across a block), its data all in blocks.
         ino.layout = COMPRESSED_FULL;
         ino.blocks = p.extents.len() as u64;
-        let start = if isize > BS - pos % BS {
-            pos.div_ceil(BS) * BS
-        } else {
-            pos
-        };
-        ino.pos = start;
-        return (start + isize + ino.zmeta_len()).div_ceil(COMPACT) * COMPACT;
+        ino.pos = meta.run_on(isize, isize + ino.zmeta_len());
+        return;
     }
     let tail = ino.size % BS;
-    let room = BS - pos % BS;
-    let fits_here = isize + tail <= room;
-    let fits_alone = isize + tail <= BS;
-    let pad_first = !fits_here && fits_alone && room < BS - tail;
-    let start = if pad_first || isize > room {
-        pos.div_ceil(BS) * BS
-    } else {
-        pos
-    };
-    if tail > 0 && (fits_here || pad_first) {
+    if tail > 0 && isize + tail <= BS {
         ino.layout = FLAT_INLINE;
         ino.inline = tail;
         ino.blocks = ino.size / BS;
     }
-    ino.pos = start;
-    (start + isize + ino.inline).div_ceil(COMPACT) * COMPACT
+    ino.pos = meta.in_block((isize + ino.inline).next_multiple_of(COMPACT));
 }
 
 /// Each directory's parent (the root is its own).

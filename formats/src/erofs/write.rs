@@ -71,7 +71,11 @@ impl Plan<'_> {
                 })
                 .map(|_| block.fill(0))
         };
-        for (i, ino) in self.inodes.iter().enumerate() {
+        // In place order: a small inode may sit in an earlier block's end.
+        let mut order: Vec<usize> = (0..self.inodes.len()).collect();
+        order.sort_by_key(|&i| self.inodes[i].pos);
+        for i in order {
+            let ino = &self.inodes[i];
             while ino.pos >= at + BS {
                 flush(out, &mut block, at)?;
                 at += BS;
