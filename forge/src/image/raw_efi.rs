@@ -1,26 +1,23 @@
-//! raw-efi: GPT, FAT32 ESP with systemd-boot, ext4 root, ext4 state.
+//! raw-efi: GPT, FAT32 ESP with systemd-boot, ext4 (or EROFS) root,
+//! ext4 state.
 
 use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use formats::gpt::types;
 use formats::tree::Tree;
-
-use std::sync::Arc;
-
 use formats::verity;
-
-use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use super::parts::root_fs;
 use super::{
     fat_partition, root_partition, state_partition, trees, verity_of, verity_params_line,
     verity_partition, verity_sig_partition, DiskFormat, Input,
 };
+use crate::layout::{Filesystem, Layout, PartType, Partition, Role, SizePolicy, Table, ALIGN};
 
 /// The root filesystem's label.
 const ROOT_LABEL: &str = "nixos";
-use crate::layout::{Filesystem, Layout, PartType, Partition, Role, SizePolicy, Table, ALIGN};
 
 /// A raw-efi image's trees, one per partition.
 pub(super) struct RawEfi {
