@@ -376,7 +376,8 @@ impl Input<'_> {
 /// first; then the layout that plans them (borrowing them).
 pub(crate) trait DiskFormat {
     fn layout<'t>(&'t self, i: &Input) -> Result<Layout<'t>>;
-    /// The ESP's tree, where the format has one.
+    /// The ESP's tree, where the format has one, once `layout` has made
+    /// it (its entries may name the root hash, known only then).
     fn esp(&self) -> Option<&Tree> {
         None
     }
