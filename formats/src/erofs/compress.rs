@@ -1,7 +1,7 @@
 //! EROFS compression (LZ4, LZ4HC) for the kernel's readers since Linux
 //! 5.3: fixed-size output, one 4 KiB physical cluster per extent, the
-//! compressed bytes at the block's end (LZ4_0PADDING), the legacy (full)
-//! 8-byte index per 4 KiB logical cluster.
+//! compressed bytes at the block's end (LZ4_0PADDING); the indexes that
+//! map them are `zindex.rs`.
 //!
 //! Compressing happens while planning, so the map still comes before the
 //! bytes: each file is cut into segments of [`SEGMENT`] bytes, compressed
@@ -22,8 +22,16 @@ use rayon::prelude::*;
 use super::BS;
 use crate::tree::{NodeId, Tree};
 
-/// Input per compressed segment (a multiple of the block size).
-pub const SEGMENT: u64 = 4 << 20;
+/// Input per compressed segment (a multiple of the block size): 16 MiB,
+/// as erofs-utils' threaded mkfs cuts files. Each segment's last block is
+/// on average half used (4 MiB segments cost 23 blocks more on the
+/// 2 GiB corpus than one stream), so fewer cuts make smaller images; files
+/// are many, so the cores stay busy.
+pub const SEGMENT: u64 = 16 << 20;
+/// The most input one extent takes (LZ4 packs up to about 255:1, so only
+/// runs of one byte reach it): the compact indexes count a position's
+/// distance to its extent's head in 11 bits.
+pub const EXTENT_MAX_IN: usize = 256 * BS as usize;
 /// Input compressed between appends to the scratch file (bounds memory).
 const BATCH: u64 = 64 << 20;
 
@@ -92,7 +100,7 @@ fn compress_segment(data: &[u8], c: Compression) -> std::io::Result<Seg> {
     let mut pos = 0;
     let mut dst = vec![0u8; bs];
     while pos < data.len() {
-        let rest = &data[pos..];
+        let rest = &data[pos..data.len().min(pos + EXTENT_MAX_IN)];
         let (used, written) = match (rest.len() > bs, c) {
             (false, _) | (true, Compression::None) => Ok((0, 0)),
             (true, Compression::Lz4) => lzzzz::lz4::compress_fill(rest, &mut dst),
@@ -192,64 +200,6 @@ pub(crate) fn compress_all(
     Ok((packed, Some(Scratch { file, size })))
 }
 
-/// The legacy lcluster type of an index.
-const PLAIN: u16 = 0;
-const HEAD: u16 = 1;
-const NONHEAD: u16 = 2;
-
-/// The bytes after a compressed inode: the 8-byte map header (LZ4, 4 KiB
-/// logical clusters), 8 reserved bytes, then one 8-byte index per 4 KiB
-/// of the file: HEAD (or PLAIN, raw) where an extent starts, with where
-/// in the cluster and its block; NONHEAD for clusters inside an extent,
-/// with the distances back to its head and on to the next.
-pub(crate) fn index_bytes(extents: &[Extent], size: u64, blkaddr: u64) -> Vec<u8> {
-    let mut out = vec![0u8; 16];
-    let idx = |out: &mut Vec<u8>, ty: u16, ofs: u64, u: [u8; 4]| {
-        out.extend(ty.to_le_bytes());
-        out.extend((ofs as u16).to_le_bytes());
-        out.extend(u);
-    };
-    let mut clusterofs = 0u64;
-    for (k, e) in extents.iter().enumerate() {
-        let ty = if e.raw { PLAIN } else { HEAD };
-        let blk = ((blkaddr + k as u64) as u32).to_le_bytes();
-        let mut count = e.len as u64;
-        let mut d1 = (clusterofs + count) / BS;
-        if d1 == 0 {
-            // The last extent, inside one logical cluster.
-            idx(&mut out, ty, clusterofs, blk);
-            clusterofs = 0;
-            continue;
-        }
-        let mut d0 = 0u64;
-        let head_ofs = clusterofs;
-        loop {
-            if d0 == 0 {
-                idx(&mut out, ty, head_ofs, blk);
-            } else {
-                let mut u = [0u8; 4];
-                u[..2].copy_from_slice(&(d0 as u16).to_le_bytes());
-                u[2..].copy_from_slice(&(d1 as u16).to_le_bytes());
-                idx(&mut out, NONHEAD, head_ofs, u);
-            }
-            count -= BS - clusterofs;
-            clusterofs = 0;
-            d0 += 1;
-            d1 -= 1;
-            if clusterofs + count < BS {
-                break;
-            }
-        }
-        clusterofs = count;
-    }
-    if clusterofs > 0 {
-        // The file ends inside a cluster an extent entered: its index.
-        idx(&mut out, PLAIN, clusterofs, [0; 4]);
-    }
-    debug_assert_eq!(out.len() as u64, 16 + 8 * size.div_ceil(BS));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,27 +239,5 @@ mod tests {
             seg.extents.len() < data.len() / BS as usize / 4,
             "it compresses"
         );
-    }
-
-    #[test]
-    fn one_index_per_logical_cluster_heads_where_extents_start() {
-        let e = |len, raw| Extent { len, raw };
-        // 5000 + 9000 + 2000 = 16000 bytes: 4 clusters.
-        let ext = [e(5000, false), e(9000, false), e(2000, true)];
-        let b = index_bytes(&ext, 16000, 100);
-        assert_eq!(b.len(), 16 + 4 * 8);
-        let at = |i: usize| &b[16 + 8 * i..24 + 8 * i];
-        let u16_at = |s: &[u8], o: usize| u16::from_le_bytes([s[o], s[o + 1]]);
-        // Cluster 0: extent 0 starts at 0.
-        assert_eq!((u16_at(at(0), 0), u16_at(at(0), 2)), (HEAD, 0));
-        assert_eq!(u32::from_le_bytes(at(0)[4..].try_into().unwrap()), 100);
-        // Cluster 1: extent 1 starts at 5000 - 4096 = 904.
-        assert_eq!((u16_at(at(1), 0), u16_at(at(1), 2)), (HEAD, 904));
-        // Cluster 2: inside extent 1 (one back to its head, one on).
-        assert_eq!(u16_at(at(2), 0), NONHEAD);
-        assert_eq!((u16_at(at(2), 4), u16_at(at(2), 6)), (1, 1));
-        // Cluster 3: the raw extent starts at 14000 - 12288 = 1712.
-        assert_eq!((u16_at(at(3), 0), u16_at(at(3), 2)), (PLAIN, 1712));
-        assert_eq!(u32::from_le_bytes(at(3)[4..].try_into().unwrap()), 102);
     }
 }

@@ -4,13 +4,13 @@
 //! (`write.rs`).
 //!
 //! Layout (4 KiB blocks): block 0 holds the superblock at byte 1024; the
-//! metadata area starts at block 1 and holds every inode (32-byte slots,
-//! addressed by nid = slot number), each followed by its inline tail (the
+//! metadata area starts right after it, in block 0, and holds every inode
+//! (32-byte slots, addressed by nid = slot number from byte 0), each followed by its inline tail (the
 //! last partial block of a file, directory or symlink, when it fits in the
 //! same block as the inode), smaller ones filling what larger ones left
 //! at the ends of blocks; then each inode's whole data blocks, in the
 //! inodes' order. Inodes are placed breadth first from the root (the
-//! first, nid 0, which the superblock's 16-bit `root_nid` can always
+//! first, nid 36, which the superblock's 16-bit `root_nid` can always
 //! name), children in name order, a hard link's node once. Every node has the one timestamp
 //! (the superblock's build time), so inodes are the compact 32-byte form
 //! unless a size, owner or link count needs the 64-byte one.
@@ -22,6 +22,7 @@
 
 pub mod compress;
 mod write;
+mod zindex;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -33,15 +34,18 @@ pub use write::Written;
 
 pub const BS: u64 = 4096;
 pub const MAGIC: u32 = 0xE0F5_E1E2;
-/// Blocks before the metadata area (the superblock's).
-const META_BLKADDR: u64 = 1;
+/// The metadata area's first block: block 0, shared with the superblock
+/// (inodes start after it, as mkfs.erofs places them).
+const META_BLKADDR: u64 = 0;
+/// The superblock's end: the first inode's place (nid 36).
+const SB_END: u64 = 1024 + 128;
 const COMPACT: u64 = 32;
 const EXTENDED: u64 = 64;
 const DIRENT: usize = 12;
 
 /// i_format's data layouts.
 const FLAT_PLAIN: u16 = 0;
-const COMPRESSED_FULL: u16 = 1;
+const COMPRESSED_COMPACT: u16 = 3;
 const FLAT_INLINE: u16 = 2;
 /// feature_incompat: compressed data ends its block (LZ4_0PADDING).
 const ZERO_PADDING: u32 = 1;
@@ -105,10 +109,10 @@ impl Ino {
     pub fn nid(&self) -> u64 {
         (self.pos - META_BLKADDR * BS) / COMPACT
     }
-    /// The bytes after a compressed inode: map header, reserved, indexes.
+    /// The bytes after a compressed inode: map header and indexes.
     fn zmeta_len(&self) -> u64 {
         match self.packed {
-            Some(_) => 16 + 8 * self.size.div_ceil(BS),
+            Some(_) => zindex::len(self.size),
             None => 0,
         }
     }
@@ -285,8 +289,9 @@ pub fn plan<'t>(tree: &'t Tree, opts: &Options) -> Result<Plan<'t>, ErofsError> 
 
 /// The metadata area as it fills: the frontier, and the holes left
 /// behind it (the ends of blocks an inode and its tail did not fit in),
-/// which later inodes fill, each the smallest hole that holds it, as
-/// mkfs.erofs fills its metadata blocks. Positions are 32-byte aligned.
+/// which later inodes fill (`hole`: best fit, as mkfs.erofs fills its
+/// metadata blocks, but for 32-byte leftovers). Positions are 32-byte
+/// aligned.
 struct Meta {
     frontier: u64,
     /// (free bytes, start), smallest first.
@@ -296,7 +301,7 @@ struct Meta {
 impl Meta {
     fn new() -> Meta {
         Meta {
-            frontier: META_BLKADDR * BS,
+            frontier: SB_END,
             holes: BTreeSet::new(),
         }
     }
@@ -305,14 +310,24 @@ impl Meta {
     /// the smallest hole that holds them, else the frontier's block, else
     /// the next one.
     fn in_block(&mut self, len: u64) -> u64 {
-        if let Some(&(free, at)) = self.holes.range((len, 0)..).next() {
-            self.holes.remove(&(free, at));
-            if free > len {
-                self.holes.insert((free - len, at + len));
-            }
-            return at;
+        self.hole(len).unwrap_or_else(|| self.run_on(len, len))
+    }
+
+    /// The hole `len` bytes go in, taken: the smallest that holds them,
+    /// unless that would leave 32 bytes (room for only an inode without
+    /// data, of which a tree has few); then the smallest that leaves more,
+    /// if there is one.
+    fn hole(&mut self, len: u64) -> Option<u64> {
+        let best = *self.holes.range((len, 0)..).next()?;
+        let (free, at) = match best.0 == len + COMPACT {
+            true => (self.holes.range((len + 2 * COMPACT, 0)..).next()).map_or(best, |h| *h),
+            false => best,
+        };
+        self.holes.remove(&(free, at));
+        if free > len {
+            self.holes.insert((free - len, at + len));
         }
-        self.run_on(len, len)
+        Some(at)
     }
 
     /// Where `len` bytes go at the frontier, their first `head` in one
@@ -338,10 +353,13 @@ fn place(ino: &mut Ino, meta: &mut Meta) {
     let isize = ino.isize();
     if let Some(p) = &ino.packed {
         // A compressed file: its map header and indexes follow the inode
-        // (8-byte entries, never across a block), its data all in blocks.
-        ino.layout = COMPRESSED_FULL;
+        // (packs of 8 or 32 bytes, aligned, never across a block), in a
+        // hole they fit in or at the frontier, running on into the next
+        // blocks; its data all in blocks.
+        ino.layout = COMPRESSED_COMPACT;
         ino.blocks = p.extents.len() as u64;
-        ino.pos = meta.run_on(isize, isize + ino.zmeta_len());
+        let len = (isize + ino.zmeta_len()).next_multiple_of(COMPACT);
+        ino.pos = meta.hole(len).unwrap_or_else(|| meta.run_on(isize, len));
         return;
     }
     let tail = ino.size % BS;

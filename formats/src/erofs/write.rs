@@ -1,12 +1,14 @@
 //! Streaming the planned EROFS image out in ascending order: the
-//! superblock, the metadata area block by block (inodes and their inline
+//! superblock and the metadata area block by block (inodes and their inline
 //! tails, read from the host as they come), then every inode's data
 //! blocks. Every byte up to the end is written (padding as zeros).
 
 use std::io::SeekFrom;
 use std::os::unix::fs::FileExt;
 
-use super::{ErofsError, Ino, Plan, BS, COMPACT, FLAT_INLINE, MAGIC, META_BLKADDR, ZERO_PADDING};
+use super::{
+    ErofsError, Ino, Plan, BS, COMPACT, FLAT_INLINE, MAGIC, META_BLKADDR, SB_END, ZERO_PADDING,
+};
 use crate::sink::{named, Sink};
 use crate::tree::{Content, Kind, Node};
 
@@ -23,9 +25,6 @@ impl Plan<'_> {
     pub fn write<W: Sink + ?Sized>(&self, out: &mut W, base: u64) -> Result<Written, ErofsError> {
         let werr = |offset: u64| move |err| ErofsError::Write { offset, err };
         out.seek(SeekFrom::Start(base)).map_err(werr(base))?;
-        let mut block0 = vec![0u8; BS as usize];
-        block0[1024..1024 + 128].copy_from_slice(&self.superblock());
-        out.write_all(&block0).map_err(werr(base))?;
         self.write_meta(out, base)?;
         for ino in self.inodes.iter().filter(|i| i.blocks > 0) {
             let at = base + ino.blkaddr * BS;
@@ -62,6 +61,8 @@ impl Plan<'_> {
         let first = META_BLKADDR * BS;
         let end = self.meta_end.div_ceil(BS) * BS;
         let mut block = vec![0u8; BS as usize];
+        // Block 0 holds the superblock, then the first inodes.
+        block[1024..SB_END as usize].copy_from_slice(&self.superblock());
         let mut at = first; // the block being assembled
         let flush = |out: &mut W, block: &mut Vec<u8>, at: u64| {
             out.write_all(block)
@@ -89,7 +90,7 @@ impl Plan<'_> {
                 })?);
             }
             if let Some(p) = &ino.packed {
-                bytes.extend(super::compress::index_bytes(
+                bytes.extend(super::zindex::index_bytes(
                     &p.extents,
                     ino.size,
                     ino.blkaddr,
