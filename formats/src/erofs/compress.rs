@@ -5,7 +5,8 @@
 //!
 //! Compressing happens while planning, so the map still comes before the
 //! bytes: each file is cut into segments of [`SEGMENT`] bytes, compressed
-//! on every core (rayon), and the segments' blocks are appended to a
+//! on every core (each thread taking the next segment as it finishes one,
+//! `ordered::map_in_order`), and the segments' blocks are appended to a
 //! scratch file in file and segment order, the same bytes for any thread
 //! count; writing copies them from there. Within a segment, each extent
 //! is the most input LZ4 fits in one block (`compress_fill`, LZ4's
@@ -16,8 +17,6 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-
-use rayon::prelude::*;
 
 use super::BS;
 use crate::tree::{NodeId, Tree};
@@ -32,8 +31,10 @@ pub const SEGMENT: u64 = 16 << 20;
 /// runs of one byte reach it): the compact indexes count a position's
 /// distance to its extent's head in 11 bits.
 pub const EXTENT_MAX_IN: usize = 256 * BS as usize;
-/// Input compressed between appends to the scratch file (bounds memory).
-const BATCH: u64 = 64 << 20;
+/// Input compressed ahead of the segment being appended (bounds the
+/// compressed blocks held; a large segment does not leave the other cores
+/// idle while small files queue behind it).
+const AHEAD: u64 = 64 << 20;
 
 /// `--compression`: none, lz4, or lz4hc with a level (1 to 12, default 9).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -159,19 +160,24 @@ pub(crate) fn compress_all(
     let mut size = 0u64;
     let mut per_file: Vec<(Vec<Extent>, u64)> = vec![(Vec::new(), 0); files.len()];
     let mut started = vec![false; files.len()];
-    let mut at = 0;
-    while at < units.len() {
-        let mut end = at;
-        let mut input = 0;
-        while end < units.len() && (end == at || input + units[end].2 <= BATCH) {
-            input += units[end].2;
-            end += 1;
-        }
-        let segs: Vec<Seg> = units[at..end]
-            .par_iter()
-            .map(|&(i, off, len)| compress_segment(&read(tree, files[i].0, off, len)?, c))
-            .collect::<std::io::Result<_>>()?;
-        for (&(i, _, _), seg) in units[at..end].iter().zip(segs) {
+    // Where each unit starts in the input, for how far a thread may run ahead.
+    let starts: Vec<u64> = units
+        .iter()
+        .scan(0, |at, u| {
+            *at += u.2;
+            Some(*at - u.2)
+        })
+        .collect();
+    crate::ordered::map_in_order(
+        units.len(),
+        rayon::current_num_threads(),
+        |taken, u| starts[u] - starts[taken] < AHEAD,
+        |u| {
+            let (i, off, len) = units[u];
+            compress_segment(&read(tree, files[i].0, off, len)?, c)
+        },
+        |u, seg| {
+            let i = units[u].0;
             if !started[i] {
                 started[i] = true;
                 per_file[i].1 = size;
@@ -179,9 +185,9 @@ pub(crate) fn compress_all(
             per_file[i].0.extend(seg.extents);
             file.write_all(&seg.blocks)?;
             size += seg.blocks.len() as u64;
-        }
-        at = end;
-    }
+            Ok(())
+        },
+    )?;
     file.flush()?;
     let packed = files
         .iter()
