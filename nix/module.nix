@@ -41,7 +41,7 @@ let
       };
   head = {
     ProtectVersion = "%A";
-    Verify = "no";
+    Verify = if up.keyring != null then "yes" else "no";
   };
   transfers = {
     "50-nixos-root" = {
@@ -224,6 +224,18 @@ in
         default = "none";
         description = "How the published root artefacts are compressed (`forge update --compress xz`): the transfers match those names.";
       };
+      keyring = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = lib.literalExpression "./import-pubring.gpg";
+        description = ''
+          The OpenPGP public key `forge update --sign KEY` writes beside
+          the artefacts (`import-pubring.gpg`): installed as
+          /etc/systemd/import-pubring.gpg, and the transfers then verify
+          each SHA256SUMS against its SHA256SUMS.gpg (Verify=yes), so the
+          machine installs only versions signed with that key.
+        '';
+      };
     };
     package = mkOption {
       type = types.package;
@@ -330,6 +342,9 @@ in
       systemd.sysupdate = {
         enable = true;
         inherit transfers;
+      };
+      environment.etc."systemd/import-pubring.gpg" = mkIf (up.keyring != null) {
+        source = up.keyring;
       };
       # sysupdate alone would replace the last good version while the
       # running one is still on trial (systemd#34827): update only after

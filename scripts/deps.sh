@@ -29,12 +29,13 @@ pkgs=(
   binutils                      # objdump: reads the Unified Kernel Images' PE sections
   cryptsetup-bin                # veritysetup: judges the dm-verity hash partition (verify, dump, format)
   sbsigntool                    # sbverify: judges forge's Authenticode signatures on systemd-boot and the UKIs
-  systemd-container             # systemd-dissect: reads the verity and verity-sig partitions as systemd does
+  systemd-container             # systemd-dissect: reads verity partitions as systemd does; systemd-pull/-import, which sysupdate runs
   erofs-utils                   # fsck.erofs (--extract), dump.erofs: judge forge's EROFS
   xz-utils python3-yaml         # forge lxc: xz -t judges its tarballs, PyYAML its metadata.yaml
   xorriso                       # hybrid ISOs (foreign images flash writes); reads them back
   genisoimage                   # isoinfo: reads forge's ISOs (Rock Ridge, Joliet, El Torito)
   b3sum                         # BLAKE3 of the manifest's ranges, computed independently
+  gpg gpgv                      # forge update --sign's SHA256SUMS.gpg: gpgv judges it, systemd-pull runs gpg
   tmux                          # flash station: its live rows, read with tmux capture-pane
 )
 # The arm64 busybox and kernel are only downloaded (apt-get download, by

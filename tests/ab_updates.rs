@@ -241,6 +241,140 @@ fn install_version_2(verity: bool, compress: Option<&str>) {
     version_2_installed(d.path(), &img, &report, verity);
 }
 
+/// systemd-sysupdate (as [`sysupdate`]) in a mount namespace of its own
+/// whose /etc/systemd holds only `keyring`, as import-pubring.gpg: the
+/// keyring systemd-pull gives gpg to check a SHA256SUMS.gpg, installed
+/// without touching the host's /etc.
+fn sysupdate_trusting(defs: &Path, keyring: &Path, etc: &Path) -> Command {
+    let _ = std::fs::remove_dir_all(etc);
+    std::fs::create_dir_all(etc).unwrap();
+    std::fs::copy(keyring, etc.join("import-pubring.gpg")).unwrap();
+    let inner = sysupdate(defs);
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/systemd && exec "$@""#)
+        .arg(etc)
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            c.env(k, v);
+        }
+    }
+    c
+}
+
+/// `forge update --sign KEY` also signs SHA256SUMS as systemd-sysupdate
+/// checks it (SHA256SUMS.gpg, OpenPGP, by the same Ed25519 key) and
+/// writes the key a machine trusts (import-pubring.gpg); its definitions
+/// say Verify=yes. gpg and gpgv verify it (and refuse an edited list).
+/// sysupdate fetching over HTTP (url-file: systemd-pull and gpg check the
+/// signature) refuses version 2 when the machine trusts another key or
+/// SHA256SUMS was changed, the empty slot untouched, and installs it when
+/// the list is the signed one and the machine holds the key.
+#[test]
+fn sysupdate_over_http_installs_only_what_the_machines_key_signed() {
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    version_1_image(&img, false);
+    let publ = d.path().join("pub");
+    std::fs::create_dir_all(&publ).unwrap();
+    let server = HttpServer::start(&publ, &[]);
+    let url = server.url("");
+    let (sk, _) = nix_keys_named(d.path(), "updates.example-1");
+    let (other, _) = nix_keys_named(d.path(), "other.example-1");
+    let signed = ["--version", "2", "--seed", "two", "--json", "--sign"];
+    let report = json(
+        slots_cmd("update", &signed)
+            .arg(&sk)
+            .args(["--source", &url, "-o"])
+            .arg(&publ),
+    );
+    let theirs = d.path().join("theirs");
+    ok(slots_cmd("update", &signed)
+        .arg(&other)
+        .arg("-o")
+        .arg(&theirs));
+    // The bytes are the key's and the inputs': made again, the same.
+    let again = d.path().join("again");
+    ok(slots_cmd("update", &signed).arg(&sk).arg("-o").arg(&again));
+    for f in ["SHA256SUMS.gpg", "import-pubring.gpg"] {
+        assert_eq!(
+            std::fs::read(publ.join(f)).unwrap(),
+            std::fs::read(again.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    let gpg_dir = tempfile::tempdir().unwrap();
+    let gpgv = |ring: &Path, sums: &Path| {
+        Command::new("gpgv")
+            .arg("--homedir")
+            .arg(gpg_dir.path())
+            .arg("--keyring")
+            .arg(ring)
+            .arg(publ.join("SHA256SUMS.gpg"))
+            .arg(sums)
+            .output()
+            .unwrap()
+    };
+    let (ring, sums) = (publ.join("import-pubring.gpg"), publ.join("SHA256SUMS"));
+    let good = gpgv(&ring, &sums);
+    let said = String::from_utf8_lossy(&good.stderr).to_string();
+    assert!(
+        good.status.success() && said.contains("updates.example-1"),
+        "{said}"
+    );
+    assert!(!gpgv(&theirs.join("import-pubring.gpg"), &sums)
+        .status
+        .success());
+    let list = std::fs::read_to_string(&sums).unwrap();
+    let edited = d.path().join("edited");
+    std::fs::write(&edited, list.replace("nixos_2.efi", "nixos_2.EFI")).unwrap();
+    assert!(!gpgv(&ring, &edited).status.success());
+    ok(Command::new("gpg")
+        .arg("--homedir")
+        .arg(gpg_dir.path())
+        .args(["--batch", "--no-default-keyring", "--keyring"])
+        .arg(&ring)
+        .arg("--verify")
+        .arg(publ.join("SHA256SUMS.gpg"))
+        .arg(&sums));
+
+    let esp = d.path().join("esp");
+    pull_esp(&img, gpt(&img)[0].2, &esp);
+    let defs = d.path().join("defs");
+    definitions_for(&publ, &img, &esp, &defs);
+    for f in dir_entries(&defs) {
+        let text = std::fs::read_to_string(defs.join(&f)).unwrap();
+        assert!(
+            text.contains("Verify=yes") && text.contains("Type=url-file"),
+            "{f}: {text}"
+        );
+    }
+    let etc = d.path().join("etc-systemd");
+    let empty = || names(&img).contains(&"_empty".to_string());
+    // Another key trusted: refused, nothing written.
+    let e =
+        fails(sysupdate_trusting(&defs, &theirs.join("import-pubring.gpg"), &etc).arg("update"));
+    assert!(
+        empty() && e.contains("Signature verification failed"),
+        "{e}"
+    );
+    // The list changed after signing: refused.
+    std::fs::write(&sums, list.replace("nixos_2.efi", "nixos_2.EFI")).unwrap();
+    let e = fails(sysupdate_trusting(&defs, &ring, &etc).arg("update"));
+    assert!(
+        empty() && e.contains("Signature verification failed"),
+        "{e}"
+    );
+    // The signed list, the machine holding the key: installed.
+    std::fs::write(&sums, &list).unwrap();
+    ok(sysupdate_trusting(&defs, &ring, &etc).arg("update"));
+    assert_eq!(names(&img), ["ESP", "nixos_1", "nixos_2", "state"]);
+    version_2_installed(d.path(), &img, &report, false);
+    assert!(server.log().contains("SHA256SUMS.gpg"), "{}", server.log());
+}
+
 /// `packed` (forge update --compress `c`'s report, in `publ`) lists
 /// compressed partition artefacts whose size and SHA-256 are the files'
 /// (as SHA256SUMS has them) and which decompress, by the real tool, to
@@ -366,7 +500,8 @@ fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_ve
         .filter(|n| n.starts_with("nixos_3"))
         .collect();
     assert_eq!(listed, after, "{sums3}");
-    // With --sign, SHA256SUMS.sig: the Nix key's Ed25519 signature of it.
+    // With --sign, SHA256SUMS.sig: the Nix key's Ed25519 signature of it
+    // (and the OpenPGP one: sysupdate_over_http_… below).
     let (sk, pk) = nix_keys_named(d.path(), "updates.example-1");
     ok(slots_cmd(
         "update",
@@ -382,13 +517,18 @@ fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_ve
     assert!(openssl_verifies(d.path(), &pk, &sums, &sig));
     std::fs::write(&sums, both.replace("nixos_3", "nixos_4")).unwrap();
     assert!(!openssl_verifies(d.path(), &pk, &sums, &sig));
-    // Published again unsigned, the old signature goes.
+    // Published again unsigned, the old signatures and key go.
+    for f in ["SHA256SUMS.gpg", "import-pubring.gpg"] {
+        assert!(publ.join(f).exists(), "{f}");
+    }
     ok(
         slots_cmd("update", &["--verity", "--version", "3", "--seed", "three"])
             .arg("-o")
             .arg(&publ),
     );
-    assert!(!publ.join("SHA256SUMS.sig").exists());
+    for f in ["SHA256SUMS.sig", "SHA256SUMS.gpg", "import-pubring.gpg"] {
+        assert!(!publ.join(f).exists(), "{f}");
+    }
 }
 
 #[test]

@@ -9,57 +9,7 @@
 use nixforge_tests::flashing::*;
 use nixforge_tests::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-
-/// tests/tools/httpserve.py serving `dir` on a free port, stopped on drop.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    scheme: &'static str,
-}
-
-impl Server {
-    fn start(dir: &Path, args: &[&str]) -> Server {
-        let port = free_port();
-        let log = dir.join(format!("http-{port}.log"));
-        let mut child = Command::new("python3")
-            .arg(workspace().join("tests/tools/httpserve.py"))
-            .arg(dir)
-            .arg(port.to_string())
-            .arg("--log")
-            .arg(&log)
-            .args(args)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        await_listening(&mut child, port, "httpserve.py", &log);
-        let scheme = if args.contains(&"--tls") {
-            "https"
-        } else {
-            "http"
-        };
-        Server {
-            child,
-            port,
-            log,
-            scheme,
-        }
-    }
-    fn url(&self, name: &str) -> String {
-        format!("{}://127.0.0.1:{}/{name}", self.scheme, self.port)
-    }
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::process::Output;
 
 /// A zeroed card of `size` bytes (its backing file).
 fn card(dir: &Path, size: u64) -> PathBuf {
@@ -118,7 +68,7 @@ fn a_zst_image_and_its_bmap_flash_from_a_url_and_a_dropped_download_resumes_with
     let sum = sha256_file(&img);
     // The first GET of the .zst drops after 3 MiB (past the first MiB,
     // so the write has begun); flash resumes it at that byte.
-    let s = Server::start(d.path(), &["--ranges", "--drop-at", &(3 << 20).to_string()]);
+    let s = HttpServer::start(d.path(), &["--ranges", "--drop-at", &(3 << 20).to_string()]);
     let card = card(d.path(), size);
     let o = flash_to(&card, &s.url("disk.img.zst"), &["--sha256", &sum], None);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -198,7 +148,7 @@ fn https_flashes_with_a_certificate_the_system_trusts_and_refuses_one_it_does_no
     let tls = d.path().join("tls");
     std::fs::create_dir(&tls).unwrap();
     let (ca, cert, key) = tls_files(&tls);
-    let s = Server::start(
+    let s = HttpServer::start(
         d.path(),
         &[
             "--ranges",
@@ -250,7 +200,7 @@ fn a_server_without_ranges_is_read_again_before_the_first_write_and_fails_cleanl
     let size = len(&img);
     // Dropped inside the first MiB, read while nothing is written: the
     // download starts over and the card gets the image.
-    let early = Server::start(d.path(), &["--drop-at", &(512 << 10).to_string()]);
+    let early = HttpServer::start(d.path(), &["--drop-at", &(512 << 10).to_string()]);
     let card = card(d.path(), size);
     let o = flash_to(&card, &early.url("disk.img"), &["--no-bmap"], None);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -264,7 +214,7 @@ fn a_server_without_ranges_is_read_again_before_the_first_write_and_fails_cleanl
     // Dropped at 16 MiB, after writing began: no range to resume with, so
     // the write fails with its tables wiped (exit 1): the image's, there
     // from the flash above.
-    let late = Server::start(d.path(), &["--drop-at", &(16 << 20).to_string()]);
+    let late = HttpServer::start(d.path(), &["--drop-at", &(16 << 20).to_string()]);
     let o = flash_to(&card, &late.url("disk.img"), &[], None);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");

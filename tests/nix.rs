@@ -235,6 +235,20 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
         url,
         &["--compress", "xz"],
     );
+    // A keyring: installed where systemd-pull looks, and every transfer
+    // verifies SHA256SUMS, as forge update --sign writes them.
+    let ring = "/srv/keys/import-pubring.gpg";
+    let signed = format!(
+        "{{ enable = true; updates = {{ enable = true; url = \"{url}\"; keyring = \"{ring}\"; }}; }}"
+    );
+    let got = module_config_of(&signed, "", Some("7"));
+    assert_eq!(
+        got["environment"]["etc"]["systemd/import-pubring.gpg"]["source"],
+        json!(ring)
+    );
+    let d = tempfile::tempdir().unwrap();
+    let (sk, _) = nix_keys_named(d.path(), "updates.example-1");
+    same_transfers(&got, url, &["--sign", sk.to_str().unwrap()]);
     // Without a version to name the slot, the module says so.
     let got = module_config_of(&settings, "", None);
     assert_eq!(got["assertions"][2]["assertion"], json!(false));

@@ -23,6 +23,7 @@ let
       enum = values: { inherit values; };
       listOf = t: { listOf = t; };
       either = a: b: { either = [ a b ]; };
+      nullOr = t: { nullOr = t; };
     };
     mkIf = condition: content: {
       _type = "if";

@@ -2,7 +2,9 @@
 //! out by `forge image --slots 2`: the root filesystem (and its hash tree
 //! and signature with `--verity`) as raw partition images (xz streams of
 //! them with `--compress xz`), the UKI, and
-//! `SHA256SUMS` (with `--sign`, `SHA256SUMS.sig`), named as systemd-sysupdate
+//! `SHA256SUMS` (with `--sign`, `SHA256SUMS.sig` and the OpenPGP
+//! `SHA256SUMS.gpg` sysupdate checks, and the key's `import-pubring.gpg`),
+//! named as systemd-sysupdate
 //! matches them (`transfers`). The image is planned exactly as `forge image`
 //! plans it, and only those partitions are written, so a slot's bytes in an
 //! image of the same version are the artefact's.
@@ -19,6 +21,8 @@ use crate::image::{self, slots, trees, DiskFormat};
 use crate::layout::{Layout, Partition, Role};
 use crate::output::AtomicOutput;
 use crate::Progress;
+use formats::sign::nixkey::SecretKey;
+use formats::sign::openpgp;
 use formats::tree::{Content, Kind};
 pub use transfers::{Compress, Source};
 
@@ -61,6 +65,10 @@ pub struct Report {
 
 /// The checksum list's name, as systemd-sysupdate fetches it.
 pub const SUMS: &str = "SHA256SUMS";
+/// What a signed run writes beside it: the Nix key's signature, the
+/// OpenPGP one systemd-pull checks, and the OpenPGP public key a machine
+/// keeps as /etc/systemd/import-pubring.gpg.
+const SIGNED: [&str; 3] = ["SHA256SUMS.sig", "SHA256SUMS.gpg", "import-pubring.gpg"];
 
 pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
     if o.image.slots != 2 {
@@ -95,25 +103,16 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         let sums_path = o.dir.join(SUMS);
         outs.push(text_file(&sums_path, &sums)?);
         let signature = match &i.signers.manifest {
-            Some(key) => {
-                let path = o.dir.join(format!("{SUMS}.sig"));
-                outs.push(text_file(
-                    &path,
-                    &format!("{}\n", key.sign(sums.as_bytes())),
-                )?);
-                Some(path)
-            }
+            Some(key) => Some(sign_sums(o, key, &sums, &mut outs)?),
             None => {
-                // An earlier run's signature is of another SHA256SUMS.
-                let old = o.dir.join(format!("{SUMS}.sig"));
-                if old.exists() {
-                    stale.push(old);
-                }
+                // An earlier run's signatures are of another SHA256SUMS.
+                stale.extend(SIGNED.iter().map(|f| o.dir.join(f)).filter(|p| p.exists()));
                 None
             }
         };
+        let verify = signature.is_some();
         let transfers = match &o.source {
-            Some(s) => transfer_files(o, s, &layout, &mut outs)?,
+            Some(s) => transfer_files(o, s, &layout, verify, &mut outs)?,
             None => Vec::new(),
         };
         crate::output::commit_all(outs, &lock)?;
@@ -264,11 +263,35 @@ fn sums_text(dir: &Path, version: &str, made: &[Artefact]) -> Result<(String, Ve
 }
 
 fn text_file(path: &Path, text: &str) -> Result<AtomicOutput> {
+    bytes_file(path, text.as_bytes())
+}
+
+fn bytes_file(path: &Path, bytes: &[u8]) -> Result<AtomicOutput> {
     let mut out = AtomicOutput::create(path)?;
     out.file()
-        .write_all(text.as_bytes())
+        .write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(out)
+}
+
+/// `SHA256SUMS` signed with `key`: `SHA256SUMS.sig` (Nix's format),
+/// `SHA256SUMS.gpg` (OpenPGP, made at SOURCE_DATE_EPOCH) and the key's
+/// OpenPGP public half; the first's path.
+fn sign_sums(
+    o: &Options,
+    key: &SecretKey,
+    sums: &str,
+    outs: &mut Vec<AtomicOutput>,
+) -> Result<PathBuf> {
+    let [sig, gpg, ring] = SIGNED.map(|f| o.dir.join(f));
+    outs.push(text_file(
+        &sig,
+        &format!("{}\n", key.sign(sums.as_bytes())),
+    )?);
+    let detached = openpgp::detached_signature(key, sums.as_bytes(), o.image.epoch);
+    outs.push(bytes_file(&gpg, &detached)?);
+    outs.push(bytes_file(&ring, &openpgp::public_keyring(key))?);
+    Ok(sig)
 }
 
 /// `DIR/sysupdate.d/*.conf` for the partitions this layout has.
@@ -276,6 +299,7 @@ fn transfer_files(
     o: &Options,
     source: &Source,
     layout: &Layout,
+    verify: bool,
     outs: &mut Vec<AtomicOutput>,
 ) -> Result<Vec<PathBuf>> {
     let has = |r: Role| layout.partitions.iter().any(|p| p.role == r);
@@ -283,7 +307,7 @@ fn transfer_files(
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     let mut paths = Vec::new();
     let (verity, sig) = (has(Role::RootVerity), has(Role::RootVeritySig));
-    for (name, text) in transfers::all(source, verity, sig, o.compress) {
+    for (name, text) in transfers::all(source, verity, sig, o.compress, verify) {
         let path = d.join(name);
         outs.push(text_file(&path, &text)?);
         paths.push(path);

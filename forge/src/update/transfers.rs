@@ -121,30 +121,40 @@ pub fn version_of(name: &str) -> Option<&str> {
 }
 
 /// The head every definition shares: the running version is never
-/// replaced (`%A`, the booted image's IMAGE_VERSION); sysupdate checks
-/// SHA256SUMS.gpg only when asked, and forge signs with a Nix key
-/// instead (`SHA256SUMS.sig`).
-fn transfer(what: &str) -> String {
-    format!("# Made by forge update: {what}.\n[Transfer]\nProtectVersion=%A\nVerify=no\n\n")
+/// replaced (`%A`, the booted image's IMAGE_VERSION); with `verify`
+/// (`forge update --sign`) sysupdate takes only a SHA256SUMS whose
+/// SHA256SUMS.gpg a key in the machine's import-pubring.gpg made.
+fn transfer(what: &str, verify: bool) -> String {
+    let v = if verify { "yes" } else { "no" };
+    format!("# Made by forge update: {what}.\n[Transfer]\nProtectVersion=%A\nVerify={v}\n\n")
 }
 
 /// The definition installing `kind` artefacts (compressed as `c`) into
 /// their A/B partitions (`uuid`: their names carry the partition GUID).
-pub fn partition(source: &Source, kind: &PartitionKind, uuid: bool, c: Option<Compress>) -> String {
+pub fn partition(
+    source: &Source,
+    kind: &PartitionKind,
+    uuid: bool,
+    c: Option<Compress>,
+    verify: bool,
+) -> String {
     let u = if uuid { "_@u" } else { "" };
     format!(
         "{}{}\n[Target]\nType=partition\nPath=auto\nMatchPattern={PREFIX}@v\nMatchPartitionType={}\nReadOnly=1\nInstancesMax=2\n",
-        transfer(&format!("the {} partition of each version", kind.partition_type)),
+        transfer(
+            &format!("the {} partition of each version", kind.partition_type),
+            verify
+        ),
         source.section(&format!("{PREFIX}@v{u}.{}{}", kind.suffix, ext(c))),
         kind.partition_type,
     )
 }
 
 /// The definition installing each version's UKI with [`TRIES`] boot tries.
-pub fn uki(source: &Source) -> String {
+pub fn uki(source: &Source, verify: bool) -> String {
     format!(
         "{}{}\n[Target]\nType=regular-file\nPath=/EFI/Linux\nPathRelativeTo=boot\nMatchPattern={PREFIX}@v+@l-@d.efi {PREFIX}@v+@l.efi {PREFIX}@v.efi\nMode=0444\nTriesLeft={TRIES}\nTriesDone=0\nInstancesMax=2\n",
-        transfer("each version's Unified Kernel Image"),
+        transfer("each version's Unified Kernel Image", verify),
         source.section(&format!("{PREFIX}@v.efi")),
     )
 }
@@ -156,24 +166,25 @@ pub fn all(
     verity: bool,
     signed: bool,
     c: Option<Compress>,
+    verify: bool,
 ) -> Vec<(String, String)> {
     let mut v = vec![(
         "50-nixos-root.conf".to_string(),
-        partition(source, &ROOT, verity, c),
+        partition(source, &ROOT, verity, c, verify),
     )];
     if verity {
         v.push((
             "51-nixos-verity.conf".into(),
-            partition(source, &VERITY, true, c),
+            partition(source, &VERITY, true, c, verify),
         ));
     }
     if signed {
         v.push((
             "52-nixos-verity-sig.conf".into(),
-            partition(source, &VERITY_SIG, false, c),
+            partition(source, &VERITY_SIG, false, c, verify),
         ));
     }
-    v.push(("60-nixos-uki.conf".into(), uki(source)));
+    v.push(("60-nixos-uki.conf".into(), uki(source, verify)));
     v
 }
 
@@ -185,9 +196,9 @@ mod tests {
     fn definitions_name_the_slots_and_entries_forge_image_makes() {
         let s = Source::parse("https://updates.example/nixos/");
         assert_eq!(s, Source::Url("https://updates.example/nixos".into()));
-        let root = partition(&s, &ROOT, false, None);
+        let root = partition(&s, &ROOT, false, None, false);
         assert!(root.contains("Type=url-file\nPath=https://updates.example/nixos\nMatchPattern=nixos_@v.root.raw\n"), "{root}");
-        let verity = partition(&s, &VERITY, true, None);
+        let verity = partition(&s, &VERITY, true, None, true);
         assert!(
             verity.contains("MatchPattern=nixos_@v_@u.verity.raw\n"),
             "{verity}"
@@ -200,13 +211,14 @@ mod tests {
             root.contains("MatchPattern=nixos_@v\nMatchPartitionType=root\n"),
             "{root}"
         );
-        let e = uki(&Source::parse("/srv/u"));
+        let e = uki(&Source::parse("/srv/u"), false);
         assert!(
             e.contains("Type=regular-file\nPath=/srv/u\nMatchPattern=nixos_@v.efi\n"),
             "{e}"
         );
         assert!(e.contains("TriesLeft=3\n"), "{e}");
-        let names: Vec<_> = all(&s, true, false, None)
+        assert!(e.contains("Verify=no\n") && verity.contains("Verify=yes\n"));
+        let names: Vec<_> = all(&s, true, false, None, false)
             .into_iter()
             .map(|x| x.0)
             .collect();
@@ -219,7 +231,7 @@ mod tests {
             ]
         );
         assert_eq!(artefact("2", &VERITY, None, None), "nixos_2.verity.raw");
-        let xz = partition(&s, &ROOT, true, Some(Compress::Xz));
+        let xz = partition(&s, &ROOT, true, Some(Compress::Xz), false);
         assert!(
             xz.contains("MatchPattern=nixos_@v_@u.root.raw.xz\n"),
             "{xz}"

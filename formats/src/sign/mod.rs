@@ -10,6 +10,7 @@
 pub mod authenticode;
 pub mod image_sig;
 pub mod nixkey;
+pub mod openpgp;
 pub mod pkcs7;
 
 use der::{Decode, DecodePem, Encode};

@@ -44,6 +44,11 @@ impl SecretKey {
         format!("{}:{}", self.name, B64.encode(sig.to_bytes()))
     }
 
+    /// The Ed25519 key (OpenPGP signs with it too).
+    pub(crate) fn ed25519(&self) -> &ed25519_dalek::SigningKey {
+        &self.key
+    }
+
     /// The public key, as Nix writes it.
     pub fn public(&self) -> String {
         format!(
