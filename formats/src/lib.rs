@@ -19,7 +19,6 @@ pub mod manifest;
 pub mod mbr;
 pub mod nar;
 pub mod nixbase32;
-pub mod ordered;
 pub mod ovf;
 pub mod pe;
 pub mod qcow2;

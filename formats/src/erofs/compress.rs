@@ -5,10 +5,11 @@
 //!
 //! Compressing happens while planning, so the map still comes before the
 //! bytes: each file is cut into segments of [`SEGMENT`] bytes, compressed
-//! on every core (each thread taking the next segment as it finishes one,
-//! `ordered::map_in_order`), and the segments' blocks are appended to a
-//! scratch file in file and segment order, the same bytes for any thread
-//! count; writing copies them from there. Within a segment, each extent
+//! on every core (each thread taking the next largest segment as it
+//! finishes one), and each segment's blocks are appended to a scratch file
+//! as it is done, its run recorded for its file; the extents are the same
+//! for any thread count, and so are the image's bytes; writing copies the
+//! runs from there. Within a segment, each extent
 //! is the most input LZ4 fits in one block (`compress_fill`, LZ4's
 //! `destSize`); an extent that would not take less room than its input is
 //! stored as one raw block of 4 KiB, and so is a segment's last 4 KiB or
@@ -17,6 +18,8 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use super::BS;
 use crate::tree::{NodeId, Tree};
@@ -31,11 +34,6 @@ pub const SEGMENT: u64 = 16 << 20;
 /// runs of one byte reach it): the compact indexes count a position's
 /// distance to its extent's head in 11 bits.
 pub const EXTENT_MAX_IN: usize = 256 * BS as usize;
-/// Input compressed ahead of the segment being appended (bounds the
-/// compressed blocks held; a large segment does not leave the other cores
-/// idle while small files queue behind it).
-const AHEAD: u64 = 64 << 20;
-
 /// `--compression`: none, lz4, or lz4hc with a level (1 to 12, default 9).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compression {
@@ -73,12 +71,12 @@ pub struct Extent {
     pub raw: bool,
 }
 
-/// A compressed file: its extents in order, and where their blocks start
-/// in the scratch file.
+/// A compressed file: its extents in order, and where their blocks are in
+/// the scratch file: one run (offset, bytes) per segment, in order.
 #[derive(Clone, Debug)]
 pub(crate) struct Packed {
     pub extents: Vec<Extent>,
-    pub scratch_at: u64,
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// The compressed blocks of every compressed file, in one unnamed file.
@@ -156,54 +154,85 @@ pub(crate) fn compress_all(
                 .map(move |k| (i, k * SEGMENT, SEGMENT.min(size - k * SEGMENT)))
         })
         .collect();
-    let mut file = tempfile::NamedTempFile::new()?;
-    let mut size = 0u64;
-    let mut per_file: Vec<(Vec<Extent>, u64)> = vec![(Vec::new(), 0); files.len()];
-    let mut started = vec![false; files.len()];
-    // Where each unit starts in the input, for how far a thread may run ahead.
-    let starts: Vec<u64> = units
-        .iter()
-        .scan(0, |at, u| {
-            *at += u.2;
-            Some(*at - u.2)
-        })
-        .collect();
-    crate::ordered::map_in_order(
-        units.len(),
-        rayon::current_num_threads(),
-        |taken, u| starts[u] - starts[taken] < AHEAD,
-        |u| {
-            let (i, off, len) = units[u];
-            compress_segment(&read(tree, files[i].0, off, len)?, c)
-        },
-        |u, seg| {
-            let i = units[u].0;
-            if !started[i] {
-                started[i] = true;
-                per_file[i].1 = size;
-            }
-            per_file[i].0.extend(seg.extents);
-            file.write_all(&seg.blocks)?;
-            size += seg.blocks.len() as u64;
-            Ok(())
-        },
-    )?;
-    file.flush()?;
+    let (file, size, done) = compress_units(tree, files, &units, c)?;
+    let mut per_file: Vec<Packed> = vec![
+        Packed {
+            extents: Vec::new(),
+            runs: Vec::new(),
+        };
+        files.len()
+    ];
+    for (&(i, _, _), (extents, run)) in units.iter().zip(done) {
+        per_file[i].extents.extend(extents);
+        per_file[i].runs.push(run);
+    }
     let packed = files
         .iter()
         .zip(per_file)
-        .filter(|((_, size), (ext, _))| (ext.len() as u64) < size.div_ceil(BS))
-        .map(|(&(id, _), (extents, scratch_at))| {
-            (
-                id,
-                Packed {
-                    extents,
-                    scratch_at,
-                },
-            )
-        })
+        .filter(|((_, size), p)| (p.extents.len() as u64) < size.div_ceil(BS))
+        .map(|(&(id, _), p)| (id, p))
         .collect();
     Ok((packed, Some(Scratch { file, size })))
+}
+
+/// One segment's extents and its run in the scratch file.
+type Done = (Vec<Extent>, (u64, u64));
+
+/// Compress every unit (file index, offset, length) on every core, the
+/// largest first (so the last ones taken are small and no core waits long
+/// at the end), each appended to the scratch file as it is done. Where a
+/// segment lands there depends on timing; what each unit records does
+/// not, nor does the image, which copies the runs in file order.
+fn compress_units(
+    tree: &Tree,
+    files: &[(NodeId, u64)],
+    units: &[(usize, u64, u64)],
+    c: Compression,
+) -> std::io::Result<(tempfile::NamedTempFile, u64, Vec<Done>)> {
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&u| std::cmp::Reverse(units[u].2));
+    let scratch = Mutex::new((tempfile::NamedTempFile::new()?, 0u64));
+    let done: Vec<OnceLock<Done>> = units.iter().map(|_| OnceLock::new()).collect();
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<std::io::Error>> = Mutex::new(None);
+    let one = |u: usize| -> std::io::Result<Done> {
+        let (i, off, len) = units[u];
+        let seg = compress_segment(&read(tree, files[i].0, off, len)?, c)?;
+        let mut s = scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let at = s.1;
+        s.0.write_all(&seg.blocks)?;
+        s.1 += seg.blocks.len() as u64;
+        Ok((seg.extents, (at, seg.blocks.len() as u64)))
+    };
+    std::thread::scope(|s| {
+        for _ in 0..rayon::current_num_threads().max(1) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= order.len() {
+                    return;
+                }
+                match one(order[k]) {
+                    Ok(d) => drop(done[order[k]].set(d)),
+                    Err(e) => {
+                        next.store(order.len(), Ordering::Relaxed);
+                        let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                        f.get_or_insert(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    let (mut file, size) = scratch.into_inner().unwrap_or_else(|e| e.into_inner());
+    file.flush()?;
+    let done = done
+        .into_iter()
+        .map(|d| d.into_inner().expect("every unit compressed"))
+        .collect();
+    Ok((file, size, done))
 }
 
 #[cfg(test)]

@@ -187,7 +187,10 @@ impl Plan<'_> {
         let node = self.tree.node(ino.node);
         let span = ino.blocks * BS;
         if let (Some(p), Some(s)) = (&ino.packed, &self.scratch) {
-            return out.put_host(s.file.path(), p.scratch_at, span, span, s.size);
+            for &(at, len) in &p.runs {
+                out.put_host(s.file.path(), at, len, len, s.size)?;
+            }
+            return Ok(());
         }
         let len = span.min(ino.size);
         if let Kind::File {
