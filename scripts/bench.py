@@ -18,7 +18,7 @@ byte-identical, and a median more than 5 % worse, or a peak RSS more than
 import argparse, json, os, shutil, statistics, subprocess, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchkit import (REPO, FORGE, FLASH, sh, worse, measure,  # noqa: E402
+from benchkit import (REPO, FORGE, FLASH, sh, worse, measure, loop_device,  # noqa: E402
                       measure_pair, measure_group, disk_limit, disk_rate)
 from bench_formats import formats_bench, iso_bench  # noqa: E402
 from bench_sources import sources_bench  # noqa: E402
@@ -83,6 +83,7 @@ def main():
         ext4_and_images(res, c, top, a, w, store, only)
     if "erofs" in only:
         erofs_bench(res, c, top, a, w)
+        erofs_cards(res, c, top, a, w)
     if "updates" in only:
         updates_bench(res, c, top, a, w)
     if "vm" in only:
@@ -486,6 +487,33 @@ def erofs_bench(res, c, top, a, w):
     sh(f"rm -f {w}/i.img*")
 
 
+def erofs_cards(res, c, top, a, w):
+    """Issue 30: the sd-aarch64 card (`.img.zst`) with an EROFS root (lz4hc)
+    against the ext4 one: each card's compressed file and the bytes flash
+    writes (the bmap's mapped ranges), and flash (write + verify) of each
+    to the same loop device, alternated."""
+    print("sd-aarch64 cards with EROFS and ext4 roots, flashed", file=sys.stderr)
+    fw, csd = firmware(w), aarch64_corpus(c, top, a)
+    size = 0
+    for fs in ("ext4", "erofs"):
+        out = f"{w}/card-{fs}.img.zst"
+        sh(f"{FORGE} image {top} --root {csd} --format sd-aarch64 --firmware {fw} "
+           f"--state-size none --root-fs {fs} -o {out} 2>/dev/null")
+        bmap = open(out + ".bmap").read()
+        field = lambda name: int(bmap.split(f"<{name}>")[1].split("<")[0])  # noqa: E731
+        size = max(size, field("BlocksCount") * field("BlockSize"))
+        res.append({"name": f"card ({fs} root): .img.zst", "bytes": os.path.getsize(out)})
+        res.append({"name": f"card ({fs} root): written by flash (mapped)",
+                    "bytes": field("MappedBlocksCount") * field("BlockSize")})
+    with loop_device(os.path.join(w, "card-target"), size + (64 << 20)) as dev:
+        flash = f"{FLASH} {{}} {dev} --yes --allow-non-removable --quiet"
+        res.extend(measure_pair(
+            ("card: flash .img.zst, ext4 root (write + verify)", flash.format(f"{w}/card-ext4.img.zst")),
+            ("card: flash .img.zst, EROFS root (write + verify)", flash.format(f"{w}/card-erofs.img.zst")),
+            a.runs))
+    sh(f"rm -f {w}/card-*")
+
+
 def updates_bench(res, c, top, a, w):
     """Issue 27: forge update (a version's root filesystem, UKI and
     SHA256SUMS) against forge image --slots 2 of the same system and
@@ -642,30 +670,26 @@ def flash_bench(res, c, top, a, w):
     img = os.path.join(w, "flash.img")
     sh(f"{FORGE} image {top} --root {c} --format raw-efi -o {img} 2>/dev/null")
     size = os.path.getsize(img)
-    backing = os.path.join(w, "flash-target")
-    sh(f"truncate -s {size + (64 << 20)} {backing}")
-    dev = sh(f"losetup -f --show {backing}").strip()
     try:
-        res.extend(measure_group([
-            ("dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none"),
-            ("bmaptool copy", f"bmaptool -q copy {img} {dev}"),
-            ("flash (write + verify)", f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet"),
-        ], a.runs))
-        # Issue 26: the same image signed, flashed with --trust (each range
-        # checked against its signed hash before it is written, no
-        # separate pass over the source), alternated with dd.
-        key = os.path.join(w, "bench-key")
-        sh(f"nix-store --generate-binary-cache-key bench-1 {key}.sk {key}.pk")
-        res.append(measure(f"forge sign --key (the manifest of a {size >> 20} MiB image)",
-                           f"{FORGE} sign {img} --key {key}.sk", a.runs))
-        res.extend(measure_pair(
-            ("signed: dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none"),
-            ("signed: flash --trust (write + verify)",
-             f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet --trust {key}.pk"),
-            a.runs))
+        with loop_device(os.path.join(w, "flash-target"), size + (64 << 20)) as dev:
+            res.extend(measure_group([
+                ("dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none"),
+                ("bmaptool copy", f"bmaptool -q copy {img} {dev}"),
+                ("flash (write + verify)", f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet"),
+            ], a.runs))
+            # Issue 26: the same image signed, flashed with --trust (each range
+            # checked against its signed hash before it is written, no
+            # separate pass over the source), alternated with dd.
+            key = os.path.join(w, "bench-key")
+            sh(f"nix-store --generate-binary-cache-key bench-1 {key}.sk {key}.pk")
+            res.append(measure(f"forge sign --key (the manifest of a {size >> 20} MiB image)",
+                               f"{FORGE} sign {img} --key {key}.sk", a.runs))
+            res.extend(measure_pair(
+                ("signed: dd bs=4M oflag=direct conv=fsync", f"dd if={img} of={dev} bs=4M oflag=direct conv=fsync status=none"),
+                ("signed: flash --trust (write + verify)",
+                 f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet --trust {key}.pk"),
+                a.runs))
     finally:
-        sh(f"partx -d {dev} || true; losetup -d {dev}")
-        os.unlink(backing)
         for f in (img, img + ".bmap", img + ".layout.json", img + ".sig"):
             if os.path.exists(f):
                 os.unlink(f)
@@ -680,19 +704,15 @@ def provision_bench(res, c, top, a, w):
     ident = os.path.join(w, "prov-identity")
     os.makedirs(ident, exist_ok=True)
     open(os.path.join(ident, "hostname"), "w").write("bench\n")
-    backing = os.path.join(w, "prov-target")
-    sh(f"rm -f {backing}; truncate -s 32G {backing}")
-    dev = sh(f"losetup -f --show {backing}").strip()
-    flash = f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet"
     try:
-        res.extend(measure_pair(
-            ("provision: flash (write + verify), 32 GiB device", flash),
-            ("provision: flash --fill --identity --generate-host-keys, 32 GiB device",
-             f"{flash} --fill --identity {ident} --generate-host-keys"),
-            max(a.runs, 6)))
+        with loop_device(os.path.join(w, "prov-target"), 32 << 30) as dev:
+            flash = f"{FLASH} {img} {dev} --yes --allow-non-removable --quiet"
+            res.extend(measure_pair(
+                ("provision: flash (write + verify), 32 GiB device", flash),
+                ("provision: flash --fill --identity --generate-host-keys, 32 GiB device",
+                 f"{flash} --fill --identity {ident} --generate-host-keys"),
+                max(a.runs, 6)))
     finally:
-        sh(f"partx -d {dev} || true; losetup -d {dev}")
-        os.unlink(backing)
         for f in (img, img + ".bmap", img + ".layout.json"):
             os.unlink(f)
 

@@ -72,6 +72,8 @@ def report(res, a, out):
          "erofs: forge image --root-fs erofs --erofs-compression lz4", "(none)"),
         ("forge image --root-fs erofs, none / ext4 root, alternated",
          "erofs: forge image --root-fs erofs --erofs-compression none", "erofs: forge image (ext4 root)", "≤ 1.5"),
+        ("flash of the sd-aarch64 card, EROFS root / ext4 root, alternated",
+         "card: flash .img.zst, EROFS root (write + verify)", "card: flash .img.zst, ext4 root (write + verify)", "(none)"),
         ("forge update / forge image --slots 2, alternated", "updates: forge update (root, UKI, SHA256SUMS)",
          "updates: forge image --slots 2 --uki", "≤ 0.6"),
         ("forge .vhdx / forge raw", "formats: forge .vhdx", "formats: forge raw .img", "≤ 1.15"),

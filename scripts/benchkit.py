@@ -2,7 +2,7 @@
 binaries are, and how a command is timed: whole processes, wall seconds
 and peak RSS from GNU time, medians, alternated with what they are
 compared with."""
-import os, statistics, subprocess, sys, tempfile
+import contextlib, os, statistics, subprocess, sys, tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -117,3 +117,16 @@ def disk_rate(w):
         best = max(best, (1 << 30) / 1e6 / max(t, 1e-3))
         sh(f"rm -f {w}/rate.bin")
     return best
+
+
+@contextlib.contextmanager
+def loop_device(backing, size):
+    """A loop device over a new sparse file `backing` of `size` bytes,
+    detached and removed afterwards (its partitions first)."""
+    sh(f"rm -f {backing}; truncate -s {size} {backing}")
+    dev = sh(f"losetup -f --show {backing}").strip()
+    try:
+        yield dev
+    finally:
+        sh(f"partx -d {dev} || true; losetup -d {dev}")
+        os.unlink(backing)
