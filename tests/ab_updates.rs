@@ -290,6 +290,13 @@ fn sysupdate_over_http_installs_only_what_the_machines_key_signed() {
             .args(["--source", &url, "-o"])
             .arg(&publ),
     );
+    for (k, f) in [
+        ("signature", "SHA256SUMS.sig"),
+        ("openpgp_signature", "SHA256SUMS.gpg"),
+        ("keyring", "import-pubring.gpg"),
+    ] {
+        assert_eq!(report[k], json!(publ.join(f)), "{report}");
+    }
     let theirs = d.path().join("theirs");
     ok(slots_cmd("update", &signed)
         .arg(&other)

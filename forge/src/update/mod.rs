@@ -58,8 +58,14 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verity: Option<formats::manifest::Verity>,
     pub sums: PathBuf,
+    /// With `--sign`: `SHA256SUMS.sig`, `SHA256SUMS.gpg` and
+    /// `import-pubring.gpg`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signature: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub openpgp_signature: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyring: Option<PathBuf>,
     pub transfers: Vec<PathBuf>,
 }
 
@@ -102,12 +108,12 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         let (sums, mut stale) = sums_text(&o.dir, &version, &made)?;
         let sums_path = o.dir.join(SUMS);
         outs.push(text_file(&sums_path, &sums)?);
-        let signature = match &i.signers.manifest {
-            Some(key) => Some(sign_sums(o, key, &sums, &mut outs)?),
+        let [signature, openpgp_signature, keyring] = match &i.signers.manifest {
+            Some(key) => sign_sums(o, key, &sums, &mut outs)?.map(Some),
             None => {
                 // An earlier run's signatures are of another SHA256SUMS.
                 stale.extend(SIGNED.iter().map(|f| o.dir.join(f)).filter(|p| p.exists()));
-                None
+                [None, None, None]
             }
         };
         let verify = signature.is_some();
@@ -128,6 +134,8 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             verity,
             sums: sums_path,
             signature,
+            openpgp_signature,
+            keyring,
             transfers,
         })
     })
@@ -276,13 +284,13 @@ fn bytes_file(path: &Path, bytes: &[u8]) -> Result<AtomicOutput> {
 
 /// `SHA256SUMS` signed with `key`: `SHA256SUMS.sig` (Nix's format),
 /// `SHA256SUMS.gpg` (OpenPGP, made at SOURCE_DATE_EPOCH) and the key's
-/// OpenPGP public half; the first's path.
+/// OpenPGP public half; their paths.
 fn sign_sums(
     o: &Options,
     key: &SecretKey,
     sums: &str,
     outs: &mut Vec<AtomicOutput>,
-) -> Result<PathBuf> {
+) -> Result<[PathBuf; 3]> {
     let [sig, gpg, ring] = SIGNED.map(|f| o.dir.join(f));
     outs.push(text_file(
         &sig,
@@ -291,7 +299,7 @@ fn sign_sums(
     let detached = openpgp::detached_signature(key, sums.as_bytes(), o.image.epoch);
     outs.push(bytes_file(&gpg, &detached)?);
     outs.push(bytes_file(&ring, &openpgp::public_keyring(key))?);
-    Ok(sig)
+    Ok([sig, gpg, ring])
 }
 
 /// `DIR/sysupdate.d/*.conf` for the partitions this layout has.
