@@ -5,10 +5,10 @@
 //!
 //! Layout (4 KiB blocks): block 0 holds the superblock at byte 1024; the
 //! metadata area starts right after it, in block 0, and holds every inode
-//! (32-byte slots, addressed by nid = slot number from byte 0), each followed by its inline tail (the
-//! last partial block of a file, directory or symlink, when it fits in the
-//! same block as the inode), smaller ones filling what larger ones left
-//! at the ends of blocks; then each inode's whole data blocks, in the
+//! (32-byte slots, addressed by nid = slot number from byte 0), each
+//! followed by its inline tail (the last partial block of a file,
+//! directory or symlink, when it fits in the same block as the inode),
+//! smaller ones filling what larger ones left at the ends of blocks; then each inode's whole data blocks, in the
 //! inodes' order. Inodes are placed breadth first from the root (the
 //! first, nid 36, which the superblock's 16-bit `root_nid` can always
 //! name), children in name order, a hard link's node once. Every node has the one timestamp
@@ -307,7 +307,7 @@ impl Meta {
     }
 
     /// Where `len` bytes go that must stay in one block (`len <= BS`):
-    /// the smallest hole that holds them, else the frontier's block, else
+    /// a hole that holds them (`hole`), else the frontier's block, else
     /// the next one.
     fn in_block(&mut self, len: u64) -> u64 {
         self.hole(len).unwrap_or_else(|| self.run_on(len, len))
