@@ -5,8 +5,9 @@ BUILD    ?= build
 FIX      := $(BUILD)/fixtures
 CARGO    ?= cargo
 export NIXFORGE_FIXTURES := $(abspath $(FIX))
-# systemd 254's sysupdate, unpacked from bookworm-backports (the judge of
-# forge update and --slots 2), never installed over the system's.
+# systemd 254's sysupdate and bless-boot, unpacked from bookworm-backports
+# (the judges of forge update, --slots 2 and the NixOS module's guard),
+# never installed over the system's.
 TOOLS    := $(BUILD)/tools
 export NIXFORGE_SYSTEMD_TOOLS := $(abspath $(TOOLS)/systemd)
 

@@ -58,27 +58,70 @@ let
         InstancesMax = "2";
       };
     };
-    "60-nixos-uki" = {
+  } // bootTransfers;
+  # The files booting a version (`forge update` publishes them, as
+  # image::slots::BootFile names them): its UKI, or a type 1 entry and
+  # the kernel and initrd it names; the entry with three boot tries.
+  bootFile =
+    {
+      dir,
+      suffix,
+      counted,
+    }:
+    {
       Transfer = head;
       Source = source // {
-        MatchPattern = "nixos_@v.efi";
+        MatchPattern = "nixos_@v${suffix}";
       };
       Target = {
         Type = "regular-file";
-        Path = "/EFI/Linux";
+        Path = dir;
         PathRelativeTo = "boot";
-        MatchPattern = [
-          "nixos_@v+@l-@d.efi"
-          "nixos_@v+@l.efi"
-          "nixos_@v.efi"
-        ];
+        MatchPattern =
+          if counted then
+            [
+              "nixos_@v+@l-@d${suffix}"
+              "nixos_@v+@l${suffix}"
+              "nixos_@v${suffix}"
+            ]
+          else
+            "nixos_@v${suffix}";
         Mode = "0444";
+        InstancesMax = "2";
+      } // lib.optionalAttrs counted {
         TriesLeft = "3";
         TriesDone = "0";
-        InstancesMax = "2";
       };
     };
-  };
+  bootTransfers =
+    if up.bootEntry == "uki" then
+      {
+        "60-nixos-uki" = bootFile {
+          dir = "/EFI/Linux";
+          suffix = ".efi";
+          counted = true;
+        };
+      }
+    else
+      {
+        "60-nixos-linux" = bootFile {
+          dir = "/EFI/nixos";
+          suffix = ".linux";
+          counted = false;
+        };
+        "62-nixos-entry" = bootFile {
+          dir = "/loader/entries";
+          suffix = ".conf";
+          counted = true;
+        };
+      }
+      // lib.optionalAttrs config.boot.initrd.enable {
+        "61-nixos-initrd" = bootFile {
+          dir = "/EFI/nixos";
+          suffix = ".initrd";
+          counted = false;
+        };
+      };
   mkImage = (import ./lib.nix).mkImage;
   # An image variant: only system.build.image and the file's name, so the
   # variant's toplevel is the system's own.
@@ -107,7 +150,9 @@ let
         ] ++ lib.optionals up.enable [
           "--slots"
           "2"
+        ] ++ lib.optionals (up.enable && up.bootEntry == "uki") [
           "--uki"
+        ] ++ lib.optionals up.enable [
           "--version"
           (toString version)
         ] ++ extraArgs ++ cfg.extraArgs;
@@ -202,8 +247,9 @@ in
         type = types.bool;
         default = false;
         description = ''
-          A/B updates: the image gets two root slots and a UKI per version
-          (forge image --slots 2 --uki --version system.image.version), and
+          A/B updates: the image gets two root slots and a boot entry per
+          version (forge image --slots 2 --uki --version
+          system.image.version; see bootEntry), and
           systemd-sysupdate installs the versions `forge update` publishes
           at `url` into the other slot, with boot counting (three tries,
           then systemd-boot falls back). It runs only once the running
@@ -223,6 +269,19 @@ in
         ];
         default = "none";
         description = "How the published root artefacts are compressed (`forge update --compress xz`): the transfers match those names.";
+      };
+      bootEntry = mkOption {
+        type = types.enum [
+          "uki"
+          "type1"
+        ];
+        default = "uki";
+        description = ''
+          What boots each version: a Unified Kernel Image (`--uki`, which
+          Secure Boot and a verity root's signed command line need), or a
+          Boot Loader Specification type 1 entry naming the version's kernel
+          and initrd (for systemd packages without the EFI stub).
+        '';
       };
       keyring = mkOption {
         type = types.nullOr types.path;

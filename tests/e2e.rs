@@ -2,6 +2,8 @@
 //! one file's with `cargo test --test e2e FILE::` (e.g. `flash::`), any
 //! test by a part of its name.
 
+#[path = "ab_boots.rs"]
+mod ab_boots;
 #[path = "ab_updates.rs"]
 mod ab_updates;
 #[path = "closure.rs"]

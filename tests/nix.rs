@@ -67,7 +67,7 @@ fn module_config(settings: &str, host_name: &str) -> Value {
 }
 
 /// The same, for a system with `system.image.version`.
-fn module_config_of(settings: &str, host_name: &str, version: Option<&str>) -> Value {
+pub(crate) fn module_config_of(settings: &str, host_name: &str, version: Option<&str>) -> Value {
     let mut c = Command::new("nix-instantiate");
     c.args(["--eval", "--strict", "--json"])
         .arg(workspace().join("tests/nix/eval-module.nix"))
@@ -81,6 +81,9 @@ fn module_config_of(settings: &str, host_name: &str, version: Option<&str>) -> V
 
 const TOPLEVEL: &str = "/nix/store/00000000000000000000000000000000-nixos-system-stub";
 const FORGE: &str = "/nix/store/11111111111111111111111111111111-nixforge/bin/forge";
+/// The stub's systemd package and shell (tests/nix/eval-module.nix).
+pub(crate) const SYSTEMD: &str = "/nix/store/22222222222222222222222222222222-systemd";
+pub(crate) const SHELL: &str = "/nix/store/33333333333333333333333333333333-bash/bin/bash";
 
 /// An image variant as the stub evaluates it: the file's extension and the
 /// derivation that runs forge.
@@ -205,7 +208,7 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
     let url = "https://updates.example/nixos/";
     let settings = format!("{{ enable = true; updates = {{ enable = true; url = \"{url}\"; }}; }}");
     let got = module_config_of(&settings, "", Some("7"));
-    same_transfers(&got, url, &[]);
+    same_transfers(&got, url, &["--uki"]);
     assert_eq!(got["assertions"][2]["assertion"], json!(true));
     assert_eq!(
         got["fileSystems"]["/"]["device"],
@@ -233,7 +236,7 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
     same_transfers(
         &module_config_of(&xz, "", Some("7")),
         url,
-        &["--compress", "xz"],
+        &["--uki", "--compress", "xz"],
     );
     // A keyring: installed where systemd-pull looks, and every transfer
     // verifies SHA256SUMS, as forge update --sign writes them.
@@ -248,7 +251,20 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
     );
     let d = tempfile::tempdir().unwrap();
     let (sk, _) = nix_keys_named(d.path(), "updates.example-1");
-    same_transfers(&got, url, &["--sign", sk.to_str().unwrap()]);
+    same_transfers(&got, url, &["--uki", "--sign", sk.to_str().unwrap()]);
+    // Type 1 entries: the image without --uki, the kernel, initrd and
+    // entry transfers, as forge update without --uki writes them.
+    let type1 = format!(
+        "{{ enable = true; updates = {{ enable = true; url = \"{url}\"; bootEntry = \"type1\"; }}; }}"
+    );
+    let got = module_config_of(&type1, "", Some("7"));
+    let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string()
+            .ends_with(r#""--slots","2","--version","7"]"#),
+        "{args}"
+    );
+    same_transfers(&got, url, &[]);
     // Without a version to name the slot, the module says so.
     let got = module_config_of(&settings, "", None);
     assert_eq!(got["assertions"][2]["assertion"], json!(false));
@@ -265,7 +281,11 @@ fn same_transfers(got: &Value, url: &str, extra: &[&str]) {
         .arg("--root")
         .arg(&sys.root)
         .args(extra)
-        .args(["--uki-stub", STUB, "--version", "7", "--source", url, "-o"])
+        .args(match extra.contains(&"--uki") {
+            true => &["--uki-stub", STUB][..],
+            false => &[],
+        })
+        .args(["--version", "7", "--source", url, "-o"])
         .arg(d.path()));
     let mut files = dir_entries(&d.path().join("sysupdate.d"));
     let mut names: Vec<String> = got["systemd"]["sysupdate"]["transfers"]

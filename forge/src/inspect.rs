@@ -43,7 +43,7 @@ pub struct Slot {
     pub partition: u32,
     /// None: an empty slot (`_empty`).
     pub version: Option<String>,
-    /// The UKI in the ESP's EFI/Linux/ booting it.
+    /// The UKI in the ESP's EFI/Linux/ booting it, or its type 1 entry.
     pub entry: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tries_left: Option<u32>,
@@ -62,7 +62,7 @@ fn slots_of(parts: &[Part]) -> Vec<Slot> {
     let entries: Vec<Entry> = parts
         .iter()
         .flat_map(|p| &p.boot_entries)
-        .filter(|e| e.loader == "uki")
+        .filter(|e| e.loader == "uki" || e.file.starts_with("/loader/entries/"))
         .filter_map(|e| {
             let name = e.file.rsplit('/').next()?;
             let (v, tries) = slots::parse_entry(name)?;

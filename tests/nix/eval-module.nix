@@ -39,6 +39,7 @@ let
     };
     optionals = c: l: if c then l else [ ];
     optionalString = c: s: if c then s else "";
+    optionalAttrs = c: a: if c then a else { };
     hasPrefix = p: s: builtins.substring 0 (builtins.stringLength p) s == p;
     removeSuffix =
       x: s:
@@ -72,6 +73,7 @@ let
     networking.hostName = hostName;
     system.image.version = imageVersion;
     systemd.package = "/nix/store/22222222222222222222222222222222-systemd";
+    boot.initrd.enable = true;
   };
 
   merge =

@@ -22,8 +22,9 @@ pub struct UpdateArgs {
     ))]
     compress: Option<update::Compress>,
     /// forge image's options: those that shape the root filesystem and the
-    /// boot entry (--root-fs, --verity, --uki-stub, the keys, --seed,
-    /// --version) must be the image's; -o is the artefacts' directory.
+    /// boot entry (--root-fs, --verity, --uki and --uki-stub, the keys,
+    /// --seed, --version) must be the image's; -o is the artefacts'
+    /// directory.
     #[command(flatten)]
     image: ImageArgs,
 }
@@ -32,7 +33,6 @@ pub fn run(a: UpdateArgs) -> Result<()> {
     let json = a.image.json();
     let mut image = a.image.options()?;
     image.slots = 2;
-    image.uki = true;
     let dir = image.output.clone();
     let made = forge::output::make_parents(&dir.join(update::SUMS))?;
     let o = update::Options {

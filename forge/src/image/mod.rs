@@ -160,9 +160,6 @@ fn check_slots(o: &Options) -> Result<()> {
     if o.format != Format::RawEfi {
         bail!("--slots 2 is for --format raw-efi (and its VM containers); sd-aarch64 cards are not laid out for A/B updates yet");
     }
-    if !o.uki {
-        bail!("--slots 2 needs --uki: the boot entry an update installs is one Unified Kernel Image per version");
-    }
     if o.root_mode == RootMode::Rw {
         bail!(
             "--slots 2 holds read-only roots that updates replace whole; not with --root-mode rw"
@@ -270,7 +267,7 @@ pub struct Options {
     /// `--sign`: a Nix secret key file; `IMAGE.sig`, its signature of the
     /// layout manifest, is one more sidecar.
     pub sign: Option<PathBuf>,
-    /// `--slots`: 1, or 2 for A/B updates (raw-efi with --uki).
+    /// `--slots`: 1, or 2 for A/B updates (raw-efi).
     pub slots: u8,
     /// `--version`: the installed slot's version (default: the system's
     /// `nixos-version`).

@@ -2,8 +2,10 @@
 //! finds them: the installed slot's partitions (root, and with `--verity`
 //! its hash and signature) carry the GPT name `nixos_VERSION`, the other
 //! slot's the same types named `_empty`, holding nothing, as large as the
-//! first. The boot entry is a UKI named `nixos_VERSION+3.efi`: three tries
-//! for systemd-boot's boot counting before it falls back.
+//! first. The boot entry is a UKI named `nixos_VERSION+3.efi`, or without
+//! `--uki` a type 1 entry `loader/entries/nixos_VERSION+3.conf` naming the
+//! version's kernel and initrd: three tries for systemd-boot's boot
+//! counting before it falls back.
 //!
 //! A slot's filesystem is sized to its content, so `forge update` makes the
 //! same bytes without knowing the disk; the slot around it (`--root-size`,
@@ -28,21 +30,89 @@ pub fn slot_name(version: &str) -> String {
     format!("{PREFIX}{version}")
 }
 
-/// The boot entry (a UKI) of `version` as it lands on the ESP, with its
-/// tries left; `tries: None` for the update artefact, which
-/// systemd-sysupdate renames as it installs it (`TriesLeft=`).
-pub fn entry_name(version: &str, tries: Option<u32>) -> String {
-    match tries {
-        Some(n) => format!("{PREFIX}{version}+{n}.efi"),
-        None => format!("{PREFIX}{version}.efi"),
+/// A file on the ESP that boots a version, as `forge update` publishes it
+/// (`nixos_VERSION` and its suffix) and systemd-sysupdate installs it: a
+/// UKI, or a type 1 entry and the kernel and initrd it names. The entry
+/// itself is `counted`: on the ESP its name carries the tries left
+/// (`nixos_2+3.efi`), which systemd-boot counts down and a good boot drops.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BootFile {
+    /// Its directory on the ESP.
+    pub dir: &'static str,
+    /// What follows `nixos_VERSION` in its name.
+    pub suffix: &'static str,
+    pub counted: bool,
+    /// What it is, for people.
+    pub what: &'static str,
+    /// The name of the transfer definition installing it (the entry's
+    /// sorts after the files it names: sysupdate installs in that order).
+    pub transfer: &'static str,
+}
+
+pub const UKI: BootFile = BootFile {
+    dir: "/EFI/Linux",
+    suffix: ".efi",
+    counted: true,
+    what: "Unified Kernel Image",
+    transfer: "60-nixos-uki",
+};
+pub const LINUX: BootFile = BootFile {
+    dir: "/EFI/nixos",
+    suffix: ".linux",
+    counted: false,
+    what: "kernel",
+    transfer: "60-nixos-linux",
+};
+pub const INITRD: BootFile = BootFile {
+    dir: "/EFI/nixos",
+    suffix: ".initrd",
+    counted: false,
+    what: "initrd",
+    transfer: "61-nixos-initrd",
+};
+pub const ENTRY: BootFile = BootFile {
+    dir: "/loader/entries",
+    suffix: ".conf",
+    counted: true,
+    what: "type 1 boot entry",
+    transfer: "62-nixos-entry",
+};
+
+impl BootFile {
+    /// Its name for `version`: as published (`tries: None`; sysupdate
+    /// adds them as it installs, `TriesLeft=`), or on the ESP with `tries`.
+    pub fn name(&self, version: &str, tries: Option<u32>) -> String {
+        match tries.filter(|_| self.counted) {
+            Some(n) => format!("{PREFIX}{version}+{n}{}", self.suffix),
+            None => format!("{PREFIX}{version}{}", self.suffix),
+        }
+    }
+
+    /// Its path on the ESP in a new image: counted ones with [`TRIES`].
+    pub fn on_esp(&self, version: &str) -> String {
+        format!("{}/{}", self.dir, self.name(version, Some(TRIES)))
+    }
+}
+
+/// The files that boot a version: its UKI (`--uki`), else a type 1 entry,
+/// the kernel, and the initrd when the system has one; the entry last.
+pub fn boot_files(uki: bool, initrd: bool) -> Vec<&'static BootFile> {
+    match (uki, initrd) {
+        (true, _) => vec![&UKI],
+        (false, true) => vec![&LINUX, &INITRD, &ENTRY],
+        (false, false) => vec![&LINUX, &ENTRY],
     }
 }
 
 /// What an ESP entry's file name says (`nixos_V.efi`, `nixos_V+L.efi`,
-/// `nixos_V+L-D.efi`): the version, and the tries left and done while
-/// boot counting goes on (None: marked good, or never counted).
+/// `nixos_V+L-D.conf`: a UKI or a type 1 entry): the version, and the
+/// tries left and done while boot counting goes on (None: marked good, or
+/// never counted).
 pub fn parse_entry(file: &str) -> Option<(String, Option<(u32, u32)>)> {
-    let stem = file.strip_prefix(PREFIX)?.strip_suffix(".efi")?;
+    let stem = file.strip_prefix(PREFIX)?;
+    let stem = [&UKI, &ENTRY]
+        .iter()
+        .find_map(|f| stem.strip_suffix(f.suffix))?;
     let Some((version, tries)) = stem.split_once('+') else {
         return Some((stem.to_string(), None));
     };
@@ -140,8 +210,15 @@ mod tests {
         for v in ["", "1_2", "1+3", "-1", ".1", "a b", "1/2", &"9".repeat(31)] {
             assert!(check_version(v).is_err(), "{v:?}");
         }
-        assert_eq!(entry_name("2", Some(3)), "nixos_2+3.efi");
-        assert_eq!(entry_name("2", None), "nixos_2.efi");
+        assert_eq!(UKI.name("2", Some(3)), "nixos_2+3.efi");
+        assert_eq!(UKI.name("2", None), "nixos_2.efi");
+        assert_eq!(ENTRY.on_esp("2"), "/loader/entries/nixos_2+3.conf");
+        assert_eq!(LINUX.on_esp("2"), "/EFI/nixos/nixos_2.linux");
+        assert_eq!(
+            parse_entry("nixos_2+1-2.conf"),
+            Some(("2".into(), Some((1, 2))))
+        );
+        assert_eq!(parse_entry("nixos_2.linux"), None);
         assert_eq!(parse_entry("nixos_2.efi"), Some(("2".into(), None)));
         assert_eq!(
             parse_entry("nixos_2+3.efi"),

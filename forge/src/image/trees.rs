@@ -225,8 +225,9 @@ pub struct EspOptions<'a> {
     pub uki_stub: Option<std::path::PathBuf>,
     /// `--secure-boot-key`: systemd-boot and the UKIs signed with it.
     pub secure_boot: Option<&'a formats::sign::Signer>,
-    /// `--slots 2`: the installed version, whose one UKI is named for
-    /// sysupdate and boot counting (`image::slots::entry_name`).
+    /// `--slots 2`: the installed version, whose one entry (a UKI or a
+    /// type 1 entry) is named for sysupdate and boot counting
+    /// (`image::slots::BootFile`).
     pub version: Option<String>,
 }
 
@@ -285,10 +286,16 @@ pub fn esp_tree(
                 None => "nixos-generation-1.efi",
             }
         }
-        None => {
-            type1_entries(&mut t, store, closure, o)?;
-            "nixos-generation-1.conf"
-        }
+        None => match &o.version {
+            Some(v) => {
+                type1_slot_entry(&mut t, store, closure, o, v)?;
+                "nixos_*"
+            }
+            None => {
+                type1_entries(&mut t, store, closure, o)?;
+                "nixos-generation-1.conf"
+            }
+        },
     };
     let loader = t.mkdir_p(b"/loader", 0o755)?;
     let conf = format!(
@@ -328,6 +335,49 @@ fn type1_entries(t: &mut Tree, store: &Store, closure: &Closure, o: &EspOptions)
     for e in boot_entries(closure, o.epoch, &o.extra) {
         t.insert(entries_dir, e.file.as_bytes(), Node::bytes(e.text, 0o644))?;
     }
+    Ok(())
+}
+
+/// `--slots 2` without `--uki`: the installed version's type 1 entry,
+/// named for sysupdate with its boot tries and ordered by its version
+/// (systemd-boot's `default nixos_*` takes the newest not found bad), and
+/// the kernel and initrd it names, under names of that version (an update
+/// installs the next version's beside them).
+fn type1_slot_entry(
+    t: &mut Tree,
+    store: &Store,
+    closure: &Closure,
+    o: &EspOptions,
+    version: &str,
+) -> Result<()> {
+    use super::slots::{ENTRY, INITRD, LINUX};
+    let spec = &closure.bootspec.spec;
+    if let Some(dt) = &spec.devicetree {
+        anyhow::bail!("--slots 2 without --uki: the system's boot entry names a devicetree ({dt}), which forge's A/B entries do not carry yet; use --uki");
+    }
+    let mut text = format!("title NixOS\nsort-key nixos\nversion {version}\n");
+    for (key, f, file) in [
+        ("linux", &LINUX, Some(&spec.kernel)),
+        ("initrd", &INITRD, spec.initrd.as_ref()),
+    ] {
+        let Some(file) = file else { continue };
+        let dir = t.mkdir_p(f.dir.as_bytes(), 0o755)?;
+        let name = f.name(version, None);
+        t.add_host(
+            dir,
+            name.as_bytes(),
+            &store.physical(file),
+            Owner::default(),
+        )
+        .with_context(|| format!("adding {file} to the ESP"))?;
+        text.push_str(&format!("{key} {}/{name}\n", f.dir));
+    }
+    text.push_str(&format!("options {}\n", command_line(spec, &o.extra)));
+    let loader = t.mkdir_p(b"/loader", 0o755)?;
+    t.insert(loader, b"entries.srel", Node::bytes("type1\n", 0o644))?;
+    let entries = t.mkdir_p(ENTRY.dir.as_bytes(), 0o755)?;
+    let name = ENTRY.name(version, Some(super::slots::TRIES));
+    t.insert(entries, name.as_bytes(), Node::bytes(text, 0o644))?;
     Ok(())
 }
 

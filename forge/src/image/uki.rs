@@ -123,7 +123,7 @@ pub fn ukis(
     let stub = Stub { path: stub, bytes };
     let boot = &closure.bootspec;
     if let Some(v) = version {
-        let name = super::slots::entry_name(v, Some(super::slots::TRIES));
+        let name = super::slots::UKI.name(v, Some(super::slots::TRIES));
         return Ok(vec![(name, uki(&stub, store, &boot.spec, extra, version)?)]);
     }
     let mut out = vec![(

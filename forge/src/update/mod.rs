@@ -1,7 +1,8 @@
 //! `forge update`: a system version's update artefacts for machines laid
 //! out by `forge image --slots 2`: the root filesystem (and its hash tree
 //! and signature with `--verity`) as raw partition images (xz streams of
-//! them with `--compress xz`), the UKI, and
+//! them with `--compress xz`), the UKI (or the type 1 entry, kernel and
+//! initrd), and
 //! `SHA256SUMS` (with `--sign`, `SHA256SUMS.sig` and the OpenPGP
 //! `SHA256SUMS.gpg` sysupdate checks, and the key's `import-pubring.gpg`),
 //! named as systemd-sysupdate
@@ -17,7 +18,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::container;
-use crate::image::{self, slots, trees, DiskFormat};
+use crate::image::slots::{self, BootFile};
+use crate::image::{self, trees, DiskFormat};
 use crate::layout::{Layout, Partition, Role};
 use crate::output::AtomicOutput;
 use crate::Progress;
@@ -102,9 +104,12 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             outs.push(out);
             made.push(a);
         }
-        let (out, a) = write_uki(&o.dir, &version, format)?;
-        outs.push(out);
-        made.push(a);
+        let boot = boot_files(i);
+        for f in &boot {
+            let (out, a) = write_boot_file(&o.dir, &version, f, format)?;
+            outs.push(out);
+            made.push(a);
+        }
         let (sums, mut stale) = sums_text(&o.dir, &version, &made)?;
         let sums_path = o.dir.join(SUMS);
         outs.push(text_file(&sums_path, &sums)?);
@@ -118,7 +123,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         };
         let verify = signature.is_some();
         let transfers = match &o.source {
-            Some(s) => transfer_files(o, s, &layout, verify, &mut outs)?,
+            Some(s) => transfer_files(o, s, &layout, verify, &boot, &mut outs)?,
             None => Vec::new(),
         };
         crate::output::commit_all(outs, &lock)?;
@@ -192,31 +197,36 @@ fn write_partition(o: &Options, version: &str, p: &Partition) -> Result<(AtomicO
     Ok((out, Artefact { name, size, sha256 }))
 }
 
-/// The version's UKI, as the ESP of its image holds it (signed with
-/// `--secure-boot-key`), under the name sysupdate installs with tries.
-fn write_uki(
+/// The files that boot a version of this image (its UKI, or type 1
+/// entry, kernel and initrd).
+fn boot_files(i: &image::Input) -> Vec<&'static BootFile> {
+    slots::boot_files(i.o.uki, i.c.bootspec.spec.initrd.is_some())
+}
+
+/// One of them, as the ESP of its image holds it (a UKI signed with
+/// `--secure-boot-key`), under the name sysupdate installs it by.
+fn write_boot_file(
     dir: &Path,
     version: &str,
+    f: &BootFile,
     format: &dyn DiskFormat,
 ) -> Result<(AtomicOutput, Artefact)> {
-    let on_esp = slots::entry_name(version, Some(slots::TRIES));
+    let on_esp = f.on_esp(version);
     let bytes = format
         .esp()
-        .and_then(|t| {
-            Some((
-                t,
-                trees::lookup(t, format!("/EFI/Linux/{on_esp}").as_bytes())?,
-            ))
-        })
+        .and_then(|t| Some((t, trees::lookup(t, on_esp.as_bytes())?)))
         .and_then(|(t, id)| match &t.node(id).kind {
-            Kind::File {
-                content: Content::Bytes(b),
-                ..
-            } => Some(b.clone()),
+            Kind::File { content, .. } => Some(content.clone()),
             _ => None,
         })
-        .with_context(|| format!("internal: no EFI/Linux/{on_esp} on the planned ESP"))?;
-    let name = slots::entry_name(version, None);
+        .with_context(|| format!("internal: no {on_esp} on the planned ESP"))?;
+    let bytes: std::sync::Arc<[u8]> = match bytes {
+        Content::Bytes(b) => b,
+        Content::Host { path, .. } => std::fs::read(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .into(),
+    };
+    let name = f.name(version, None);
     let path = dir.join(&name);
     let mut out = AtomicOutput::create(&path)?;
     out.file()
@@ -308,6 +318,7 @@ fn transfer_files(
     source: &Source,
     layout: &Layout,
     verify: bool,
+    boot: &[&BootFile],
     outs: &mut Vec<AtomicOutput>,
 ) -> Result<Vec<PathBuf>> {
     let has = |r: Role| layout.partitions.iter().any(|p| p.role == r);
@@ -315,7 +326,7 @@ fn transfer_files(
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     let mut paths = Vec::new();
     let (verity, sig) = (has(Role::RootVerity), has(Role::RootVeritySig));
-    for (name, text) in transfers::all(source, verity, sig, o.compress, verify) {
+    for (name, text) in transfers::all(source, verity, sig, o.compress, verify, boot) {
         let path = d.join(name);
         outs.push(text_file(&path, &text)?);
         paths.push(path);

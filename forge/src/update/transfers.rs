@@ -2,9 +2,10 @@
 //! artefacts `forge update` writes: where sysupdate finds each version's
 //! files (a URL or a directory) and where it installs them (the A/B
 //! partitions `forge image --slots 2` lays out, the UKI into the ESP's
-//! `EFI/Linux/` with boot counting). The NixOS module generates the same.
+//! `EFI/Linux/`, or the type 1 entry and its kernel and initrd, with boot
+//! counting). The NixOS module generates the same.
 
-use crate::image::slots::{PREFIX, TRIES};
+use crate::image::slots::{self, BootFile, PREFIX, TRIES};
 
 /// Where the artefacts are published.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,12 +112,13 @@ pub fn version_of(name: &str) -> Option<&str> {
         .iter()
         .find_map(|c| stem.strip_suffix(c)?.strip_suffix('.'))
         .unwrap_or(stem);
-    let stem = [".efi", ROOT.suffix, VERITY.suffix, VERITY_SIG.suffix]
+    let boot = [&slots::UKI, &slots::LINUX, &slots::INITRD, &slots::ENTRY];
+    let parts = [ROOT.suffix, VERITY.suffix, VERITY_SIG.suffix].map(|s| (".", s));
+    let stem = boot
         .iter()
-        .find_map(|s| {
-            stem.strip_suffix(s.trim_start_matches('.'))?
-                .strip_suffix('.')
-        })?;
+        .map(|f| ("", f.suffix))
+        .chain(parts)
+        .find_map(|(dot, s)| stem.strip_suffix(s)?.strip_suffix(dot))?;
     stem.split('_').next()
 }
 
@@ -150,23 +152,35 @@ pub fn partition(
     )
 }
 
-/// The definition installing each version's UKI with [`TRIES`] boot tries.
-pub fn uki(source: &Source, verify: bool) -> String {
+/// The definition installing each version's boot file `f` (its UKI, or
+/// its type 1 entry, kernel or initrd) into the ESP; the entry with
+/// [`TRIES`] boot tries.
+pub fn boot_file(source: &Source, f: &BootFile, verify: bool) -> String {
+    let x = f.suffix;
+    let (patterns, tries) = match f.counted {
+        true => (
+            format!("{PREFIX}@v+@l-@d{x} {PREFIX}@v+@l{x} {PREFIX}@v{x}"),
+            format!("TriesLeft={TRIES}\nTriesDone=0\n"),
+        ),
+        false => (format!("{PREFIX}@v{x}"), String::new()),
+    };
     format!(
-        "{}{}\n[Target]\nType=regular-file\nPath=/EFI/Linux\nPathRelativeTo=boot\nMatchPattern={PREFIX}@v+@l-@d.efi {PREFIX}@v+@l.efi {PREFIX}@v.efi\nMode=0444\nTriesLeft={TRIES}\nTriesDone=0\nInstancesMax=2\n",
-        transfer("each version's Unified Kernel Image", verify),
-        source.section(&format!("{PREFIX}@v.efi")),
+        "{}{}\n[Target]\nType=regular-file\nPath={}\nPathRelativeTo=boot\nMatchPattern={patterns}\nMode=0444\n{tries}InstancesMax=2\n",
+        transfer(&format!("each version's {}", f.what), verify),
+        source.section(&format!("{PREFIX}@v{x}")),
+        f.dir,
     )
 }
 
 /// Every definition, by file name, in the order sysupdate applies them
-/// (the partitions before the entry that boots them).
+/// (the partitions before the `boot` files, the entry last).
 pub fn all(
     source: &Source,
     verity: bool,
     signed: bool,
     c: Option<Compress>,
     verify: bool,
+    boot: &[&BootFile],
 ) -> Vec<(String, String)> {
     let mut v = vec![(
         "50-nixos-root.conf".to_string(),
@@ -184,7 +198,9 @@ pub fn all(
             partition(source, &VERITY_SIG, false, c, verify),
         ));
     }
-    v.push(("60-nixos-uki.conf".into(), uki(source, verify)));
+    for f in boot {
+        v.push((format!("{}.conf", f.transfer), boot_file(source, f, verify)));
+    }
     v
 }
 
@@ -211,14 +227,38 @@ mod tests {
             root.contains("MatchPattern=nixos_@v\nMatchPartitionType=root\n"),
             "{root}"
         );
-        let e = uki(&Source::parse("/srv/u"), false);
+        let e = boot_file(&Source::parse("/srv/u"), &slots::UKI, false);
         assert!(
             e.contains("Type=regular-file\nPath=/srv/u\nMatchPattern=nixos_@v.efi\n"),
             "{e}"
         );
         assert!(e.contains("TriesLeft=3\n"), "{e}");
+        let k = boot_file(&s, &slots::LINUX, false);
+        assert!(k.contains("Path=/EFI/nixos\nPathRelativeTo=boot\nMatchPattern=nixos_@v.linux\nMode=0444\nInstancesMax=2\n"), "{k}");
+        let c = boot_file(&s, &slots::ENTRY, false);
+        assert!(c.contains("Path=/loader/entries\nPathRelativeTo=boot\nMatchPattern=nixos_@v+@l-@d.conf nixos_@v+@l.conf nixos_@v.conf\n"), "{c}");
+        let type1: Vec<_> = all(
+            &s,
+            false,
+            false,
+            None,
+            false,
+            &slots::boot_files(false, true),
+        )
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+        assert_eq!(
+            type1,
+            [
+                "50-nixos-root.conf",
+                "60-nixos-linux.conf",
+                "61-nixos-initrd.conf",
+                "62-nixos-entry.conf"
+            ]
+        );
         assert!(e.contains("Verify=no\n") && verity.contains("Verify=yes\n"));
-        let names: Vec<_> = all(&s, true, false, None, false)
+        let names: Vec<_> = all(&s, true, false, None, false, &[&slots::UKI])
             .into_iter()
             .map(|x| x.0)
             .collect();
@@ -245,6 +285,9 @@ mod tests {
         assert_eq!(version_of("nixos_25.05_8eb5-1.root.raw"), Some("25.05"));
         assert_eq!(version_of("nixos_25.05.efi"), Some("25.05"));
         assert_eq!(version_of("nixos_2.verity-sig.raw"), Some("2"));
+        assert_eq!(version_of("nixos_2.1.linux"), Some("2.1"));
+        assert_eq!(version_of("nixos_2.initrd"), Some("2"));
+        assert_eq!(version_of("nixos_2.conf"), Some("2"));
         assert_eq!(version_of("SHA256SUMS"), None);
         assert_eq!(version_of("nixos_2.img"), None);
         assert_eq!(
