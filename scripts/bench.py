@@ -718,7 +718,8 @@ def provision_bench(res, c, top, a, w):
 
 
 def scaling(out, a):
-    """Does forge ext4's time grow linearly with the tree? (issue 3)"""
+    """Does forge ext4's time grow linearly with the tree? (issue 3)
+    forge ext4 and mkfs.ext4 -d of each corpus alternated (issue 31)."""
     rows = []
     w = os.path.join(out, "work")
     os.makedirs(w, exist_ok=True)
@@ -733,8 +734,10 @@ def scaling(out, a):
         size = (size * 11 // 10 + (1 << 20) - 1) >> 20 << 20
         inodes = int(plan.split("inodes (")[1].split(" used")[0]) + 1000
         rm = f"rm -rf {w}/*"
-        f = measure(f"forge ext4 {mib}", f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --size {size}", a.runs, rm)
-        m = measure(f"mkfs.ext4 -d {mib}", f"truncate -s {size} {w}/x.img && mkfs.ext4 -q -F -N {inodes} -d {c} {w}/x.img", a.runs, rm)
+        f, m = measure_pair(
+            (f"forge ext4 {mib}", f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --size {size}", rm),
+            (f"mkfs.ext4 -d {mib}", f"truncate -s {size} {w}/x.img && mkfs.ext4 -q -F -N {inodes} -d {c} {w}/x.img", rm),
+            a.runs)
         sh(rm)
         rows.append((mib, data, entries, f, m))
     print("\n| corpus (requested) | data | entries | forge ext4 median / best | best s per GiB | peak RSS | mkfs.ext4 -d median / best | ratio of medians |")
