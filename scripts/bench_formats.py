@@ -65,7 +65,7 @@ def iso_bench(res, c, top, a, w):
     src = f"{w}-iso-inputs"
     sh(f"rm -rf {src} && mkdir -p {src}/esp {src}/root && {rm} && "
        f"{img} --format iso -o {w}/x.iso 2>/dev/null && "
-       f"osirrox -indev {w}/x.iso -extract / {src}/files 2>/dev/null && "
+       f"osirrox -indev stdio:{w}/x.iso -extract / {src}/files 2>/dev/null && "
        f"mcopy -s -i {src}/files/efi.img '::/*' {src}/esp/ && "
        f"fsck.erofs --extract={src}/root/t {src}/files/root.img >/dev/null")
     esp_kib = int(sh(f"stat -c %s {src}/files/efi.img")) // 1024
