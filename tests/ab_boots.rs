@@ -4,7 +4,9 @@
 //! systemd-boot counts each new version's tries and the fixture's stage 1
 //! marks a good boot as systemd-bless-boot does.
 
-use crate::ab_updates::{definitions_for, gpt, json, names, slots_cmd, sysupdate, ESP_DIRS};
+use crate::ab_updates::{
+    definitions_for, gpt, json, names, slots_cmd, sysupdate, ESP_DIRS, VERSION_1,
+};
 use nixforge_tests::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -127,17 +129,10 @@ impl Machine {
 fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blessed() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
-    let v1 = [
-        "--verity",
-        "--slots",
-        "2",
-        "--version",
-        "1",
-        "--seed",
-        "one",
-        "-o",
-    ];
-    ok(slots_cmd("image", &v1).arg(&img));
+    ok(slots_cmd("image", &["--verity"])
+        .args(VERSION_1)
+        .arg("-o")
+        .arg(&img));
     let m = Machine {
         esp_at: gpt(&img)[0].2,
         img,
@@ -192,8 +187,7 @@ fn type_1_entries_are_updated_counted_and_blessed_as_ukis_are() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
     let sys = system("x86_64");
-    let v1 = ["--slots", "2", "--version", "1", "--seed", "one", "-o"];
-    ok(forge_image_of(&sys).args(v1).arg(&img));
+    ok(forge_image_of(&sys).args(VERSION_1).arg("-o").arg(&img));
     let r = json(forge().args(["inspect", "--json"]).arg(&img));
     assert_eq!(
         r["slots"][0],
@@ -320,8 +314,7 @@ fn an_update_waits_until_the_running_version_is_marked_good() {
     // A version-1 machine, version 2 published for it.
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("disk.img");
-    let v1 = ["--slots", "2", "--version", "1", "--seed", "one", "-o"];
-    ok(slots_cmd("image", &v1).arg(&img));
+    ok(slots_cmd("image", &VERSION_1).arg("-o").arg(&img));
     let publ = d.path().join("pub");
     let v2 = ["--version", "2", "--seed", "two", "--source"];
     ok(slots_cmd("update", &v2).arg(&publ).arg("-o").arg(&publ));

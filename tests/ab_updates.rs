@@ -108,21 +108,15 @@ pub(crate) fn names(img: &Path) -> Vec<String> {
     gpt(img).into_iter().map(|p| p.0).collect()
 }
 
+/// The options of a version-1 image with two slots.
+pub(crate) const VERSION_1: [&str; 6] = ["--slots", "2", "--version", "1", "--seed", "one"];
+
 /// A version-1 image with two slots at `img`, checked: the slots' names,
 /// sizes and room, the empty slot without a filesystem, inspect's view.
 fn version_1_image(img: &Path, verity: bool) {
     let v: &[&str] = if verity { &["--verity"] } else { &[] };
-    let args = [
-        "--slots",
-        "2",
-        "--version",
-        "1",
-        "--seed",
-        "one",
-        "--json",
-        "-o",
-    ];
-    let layout = json(slots_cmd("image", v).args(args).arg(img));
+    let mut c = slots_cmd("image", v);
+    let layout = json(c.args(VERSION_1).args(["--json", "-o"]).arg(img));
     let parts = gpt(img);
     let r = json(forge().args(["inspect", "--json"]).arg(img));
     let want = json!([
