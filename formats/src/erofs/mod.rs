@@ -1,17 +1,18 @@
-//! EROFS (the kernel's Enhanced Read-Only File System), uncompressed: a
-//! pure plan from a tree description (`crate::tree`) that knows every
-//! byte's place before any is written, then one ascending stream
-//! (`write.rs`).
+//! EROFS (the kernel's Enhanced Read-Only File System), plain or with
+//! LZ4/LZ4HC clusters (`compress.rs`, indexes in `zindex.rs`): a pure plan
+//! from a tree description (`crate::tree`) that knows every byte's place
+//! before any is written, then one ascending stream (`write.rs`).
 //!
 //! Layout (4 KiB blocks): block 0 holds the superblock at byte 1024; the
 //! metadata area starts right after it, in block 0, and holds every inode
 //! (32-byte slots, addressed by nid = slot number from byte 0), each
 //! followed by its inline tail (the last partial block of a file,
 //! directory or symlink, when it fits in the same block as the inode),
-//! smaller ones filling what larger ones left at the ends of blocks; then each inode's whole data blocks, in the
-//! inodes' order. Inodes are placed breadth first from the root (the
-//! first, nid 36, which the superblock's 16-bit `root_nid` can always
-//! name), children in name order, a hard link's node once. Every node has the one timestamp
+//! smaller ones filling what larger ones left at the ends of blocks; then
+//! each inode's whole data blocks, in the inodes' order. Inodes are placed
+//! breadth first from the root (the first, nid 36, which the superblock's
+//! 16-bit `root_nid` can always name), children in name order, a hard
+//! link's node once. Every node has the one timestamp
 //! (the superblock's build time), so inodes are the compact 32-byte form
 //! unless a size, owner or link count needs the 64-byte one.
 //!

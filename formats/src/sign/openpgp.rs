@@ -83,14 +83,18 @@ fn key_body(key: &SecretKey) -> Vec<u8> {
     b
 }
 
+/// The key's body framed as fingerprints and certifications hash it
+/// (0x99, its 2-byte length, the body).
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x99];
+    out.extend((body.len() as u16).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
 /// The key's v4 fingerprint: SHA-1 of its framed body.
 pub fn fingerprint(key: &SecretKey) -> [u8; 20] {
-    let body = key_body(key);
-    let mut h = Sha1::new();
-    h.update([0x99]);
-    h.update((body.len() as u16).to_be_bytes());
-    h.update(&body);
-    h.finalize().into()
+    Sha1::digest(framed(&key_body(key))).into()
 }
 
 /// A signature packet of type `ty` made at `time`, whose digest covers
@@ -128,9 +132,7 @@ fn signature(key: &SecretKey, ty: u8, time: u32, extra: &[u8], prefix: &[u8]) ->
 pub fn public_keyring(key: &SecretKey) -> Vec<u8> {
     let body = key_body(key);
     let uid = key.name.as_bytes();
-    let mut prefix = vec![0x99];
-    prefix.extend((body.len() as u16).to_be_bytes());
-    prefix.extend(&body);
+    let mut prefix = framed(&body);
     prefix.push(0xB4);
     prefix.extend((uid.len() as u32).to_be_bytes());
     prefix.extend(uid);
