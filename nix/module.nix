@@ -43,21 +43,26 @@ let
     ProtectVersion = "%A";
     Verify = if up.keyring != null then "yes" else "no";
   };
-  transfers = {
-    "50-nixos-root" = {
-      Transfer = head;
-      Source = source // {
-        MatchPattern = "nixos_@v.root.raw${lib.optionalString (up.compression != "none") ".${up.compression}"}";
-      };
-      Target = {
-        Type = "partition";
-        Path = "auto";
-        MatchPattern = "nixos_@v";
-        MatchPartitionType = "root";
-        ReadOnly = "1";
-        InstancesMax = "2";
-      };
+  # A version's partition artefact of `type`; with verity its name
+  # carries the partition's GUID (`_@u`), which the root hash decides.
+  partition = suffix: type: {
+    Transfer = head;
+    Source = source // {
+      MatchPattern = "nixos_@v${lib.optionalString cfg.verity "_@u"}.${suffix}${lib.optionalString (up.compression != "none") ".${up.compression}"}";
     };
+    Target = {
+      Type = "partition";
+      Path = "auto";
+      MatchPattern = "nixos_@v";
+      MatchPartitionType = type;
+      ReadOnly = "1";
+      InstancesMax = "2";
+    };
+  };
+  transfers = {
+    "50-nixos-root" = partition "root.raw" "root";
+  } // lib.optionalAttrs cfg.verity {
+    "51-nixos-verity" = partition "verity.raw" "root-verity";
   } // bootTransfers;
   # The files booting a version (`forge update` publishes them, as
   # image::slots::BootFile names them): its UKI, or a type 1 entry and
@@ -147,6 +152,8 @@ let
         ] ++ lib.optionals (cfg.rootFs != "ext4") [
           "--root-fs"
           cfg.rootFs
+        ] ++ lib.optionals cfg.verity [
+          "--verity"
         ] ++ lib.optionals up.enable [
           "--slots"
           "2"
@@ -203,6 +210,19 @@ in
         as large as its content; the kernel needs EROFS, NixOS's has it).
       '';
     };
+    verity = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        A dm-verity root (forge image --verity): the kernel checks every
+        block read from the root against the hash tree in the root-verity
+        partition. The boot entry carries `roothash=`; systemd's veritysetup
+        generator in the initrd (systemd in the initrd is then required)
+        opens the partitions whose GUIDs are the hash's halves as
+        /dev/mapper/root, which is mounted at /. With updates, each version
+        brings its hash partition and finds its own slot by its hash.
+      '';
+    };
     state = mkOption {
       type = types.bool;
       default = true;
@@ -249,7 +269,8 @@ in
         description = ''
           A/B updates: the image gets two root slots and a boot entry per
           version (forge image --slots 2 --uki --version
-          system.image.version; see bootEntry), and
+          system.image.version; see bootEntry; --verity with
+          nixforge.verity), and
           systemd-sysupdate installs the versions `forge update` publishes
           at `url` into the other slot, with boot counting (three tries,
           then systemd-boot falls back). It runs only once the running
@@ -307,7 +328,14 @@ in
   config = mkIf cfg.enable (mkMerge [
     {
       fileSystems."/" = {
-        device = if up.enable then slotDevice else byLabel "nixos";
+        # systemd-veritysetup-generator names the volume of roothash= `root`.
+        device =
+          if cfg.verity then
+            "/dev/mapper/root"
+          else if up.enable then
+            slotDevice
+          else
+            byLabel "nixos";
         fsType = cfg.rootFs;
         options = if ro then [ "ro" ] else [ "defaults" ];
       };
@@ -325,8 +353,16 @@ in
           assertion = !up.enable || (cfg.layout == "raw-efi" && ro && version != null && up.url != "");
           message = "nixforge.updates needs layout \"raw-efi\", rootMode \"ro\", system.image.version (each version's slot is named for it) and nixforge.updates.url.";
         }
+        {
+          assertion = !cfg.verity || ro;
+          message = "nixforge.verity checks a read-only root: it needs nixforge.rootMode = \"ro\".";
+        }
       ];
     }
+    (mkIf cfg.verity {
+      boot.initrd.systemd.enable = true;
+      boot.initrd.systemd.dmVerity.enable = true;
+    })
     # A VM's /var disk (forge vm) is labelled `state` too.
     (mkIf (cfg.state || cfg.identityDisk) {
       fileSystems."/var" = {

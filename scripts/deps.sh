@@ -29,6 +29,7 @@ pkgs=(
   binutils                      # objdump: reads the Unified Kernel Images' PE sections
   cryptsetup-bin                # veritysetup: judges the dm-verity hash partition (verify, dump, format)
   sbsigntool                    # sbverify: judges forge's Authenticode signatures on systemd-boot and the UKIs
+  systemd                       # systemd-veritysetup-generator: opens the verity root from a UKI's roothash= as an initrd would
   systemd-container             # systemd-dissect: reads verity partitions as systemd does; systemd-pull/-import, which sysupdate runs
   erofs-utils                   # fsck.erofs (--extract), dump.erofs: judge forge's EROFS
   xz-utils python3-yaml         # forge lxc: xz -t judges its tarballs, PyYAML its metadata.yaml

@@ -180,6 +180,23 @@ fn version_2_installed(d: &Path, img: &Path, report: &Value, verity: bool) {
     let hex = |u: &str| u.replace('-', "");
     assert_eq!(hex(&after[1 + n].1), hash[..32]);
     assert_eq!(hex(&after[2 + n].1), hash[32..]);
+    // systemd's own generator, given the installed UKI's command line,
+    // opens these two partitions as the volume `root` (the NixOS module
+    // mounts /dev/mapper/root).
+    let cmdline = d.join("cmdline");
+    ok(Command::new("objcopy")
+        .args(["-O", "binary", "--only-section=.cmdline"])
+        .arg(d.join("pub/nixos_2.efi"))
+        .arg(&cmdline));
+    let by = |u: &str| format!("'/dev/disk/by-partuuid/{u}'");
+    assert_eq!(
+        verity_generator(&std::fs::read_to_string(&cmdline).unwrap(), d),
+        format!(
+            "attach 'root' {} {} '{hash}' ''",
+            by(&after[1 + n].1),
+            by(&after[2 + n].1)
+        )
+    );
     let b_hash = d.join("b-hash");
     let vsize = art(".verity.raw")["size"].as_u64().unwrap();
     extract(img, after[2 + n].2, vsize, &b_hash);
@@ -188,6 +205,27 @@ fn version_2_installed(d: &Path, img: &Path, report: &Value, verity: bool) {
         .arg(&b_root)
         .arg(&b_hash)
         .arg(hash));
+}
+
+/// What Debian's systemd-veritysetup-generator, run as in an initrd whose
+/// kernel command line is `cmdline`, has systemd-veritysetup do: the
+/// arguments of its `attach`.
+fn verity_generator(cmdline: &str, d: &Path) -> String {
+    let out = d.join("generated");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    ok(
+        Command::new("/lib/systemd/system-generators/systemd-veritysetup-generator")
+            .env("SYSTEMD_IN_INITRD", "1")
+            .env("SYSTEMD_PROC_CMDLINE", cmdline.trim_end_matches('\0'))
+            .args([&out, &out, &out]),
+    );
+    let unit = std::fs::read_to_string(out.join("systemd-veritysetup@root.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap_or_else(|| panic!("no ExecStart in {unit}"));
+    exec.split_once(' ').unwrap().1.to_string()
 }
 
 #[test]

@@ -150,6 +150,7 @@ fn expected(layout: &str, ro: bool) -> Value {
             {"assertion": layout != "sd-aarch64", "message": sd_message},
             {"assertion": true, "message": erofs_message},
             {"assertion": true, "message": UPDATES_MESSAGE},
+            {"assertion": true, "message": VERITY_MESSAGE},
         ],
         "boot": {"loader": {"grub": {"enable": false}}},
         "fileSystems": {
@@ -184,6 +185,9 @@ fn expected(layout: &str, ro: bool) -> Value {
 }
 
 const UPDATES_MESSAGE: &str = "nixforge.updates needs layout \"raw-efi\", rootMode \"ro\", system.image.version (each version's slot is named for it) and nixforge.updates.url.";
+
+const VERITY_MESSAGE: &str =
+    "nixforge.verity checks a read-only root: it needs nixforge.rootMode = \"ro\".";
 
 /// A sysupdate.d file as sections of keys and values.
 fn ini(text: &str) -> Value {
@@ -312,6 +316,57 @@ fn same_transfers(got: &Value, url: &str, extra: &[&str]) {
             }
         }
         assert_eq!(forge_says, module_says, "{f}");
+    }
+}
+
+#[test]
+fn the_module_mounts_the_verity_root_systemds_generator_opens_and_tells_forge() {
+    let got = module_config("{ enable = true; verity = true; }", "");
+    // systemd-veritysetup-generator names the volume of roothash= `root`
+    // (ab_updates::version_2_installed runs it on an installed UKI's
+    // command line).
+    assert_eq!(
+        got["fileSystems"]["/"],
+        json!({"device": "/dev/mapper/root", "fsType": "ext4", "options": ["ro"]})
+    );
+    // The generator and dm-verity in a systemd initrd, which wins over
+    // the identity's mkDefault.
+    assert_eq!(
+        got["boot"]["initrd"]["systemd"],
+        json!({"enable": true, "dmVerity": {"enable": true}})
+    );
+    assert_eq!(got["assertions"][3]["assertion"], json!(true));
+    let args = &got["image"]["modules"]["forge-qcow2"]["system"]["build"]["image"]["args"];
+    assert!(
+        args.to_string()
+            .ends_with(r#""--root-mode","ro","--verity"]"#),
+        "{args}"
+    );
+    let got = module_config("{ enable = true; verity = true; rootMode = \"rw\"; }", "");
+    assert_eq!(got["assertions"][3]["assertion"], json!(false));
+    // With updates: the root by its hash in either slot, and the root and
+    // hash transfers forge update --verity writes (GUIDs in the names).
+    let url = "https://updates.example/nixos";
+    for (entry, extra) in [
+        ("uki", &["--verity", "--uki"][..]),
+        ("type1", &["--verity", "--compress", "xz"][..]),
+    ] {
+        let xz = if entry == "type1" {
+            "compression = \"xz\";"
+        } else {
+            ""
+        };
+        let settings = format!(
+            "{{ enable = true; verity = true; updates = {{ enable = true; url = \"{url}\"; bootEntry = \"{entry}\"; {xz} }}; }}"
+        );
+        let got = module_config_of(&settings, "", Some("7"));
+        assert_eq!(got["fileSystems"]["/"]["device"], "/dev/mapper/root");
+        let args = &got["image"]["modules"]["forge-raw-efi"]["system"]["build"]["image"]["args"];
+        assert!(
+            args.to_string().contains(r#""--verity","--slots","2","#),
+            "{args}"
+        );
+        same_transfers(&got, url, extra);
     }
 }
 

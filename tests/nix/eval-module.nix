@@ -76,12 +76,19 @@ let
     boot.initrd.enable = true;
   };
 
+  # As the module system merges: a mkDefault value gives way to a plain
+  # one; two plain (or two default) values of one option must not differ.
+  isDefault = v: builtins.isAttrs v && v ? _default;
   merge =
     a: b:
     if a == null then
       b
     else if b == null then
       a
+    else if isDefault a != isDefault b then
+      (if isDefault a then b else a)
+    else if isDefault a then
+      (if a == b then a else throw "the module defaults one option twice: ${builtins.toJSON a} and ${builtins.toJSON b}")
     else if builtins.isAttrs a && builtins.isAttrs b && !(a ? _type) && !(b ? _type) then
       builtins.zipAttrsWith (
         n: vs: if builtins.length vs == 1 then builtins.head vs else merge (builtins.elemAt vs 0) (builtins.elemAt vs 1)
@@ -96,7 +103,7 @@ let
       else if v._type == "merge" then
         builtins.foldl' merge null (map resolve v.contents)
       else if v._type == "default" then
-        { default = resolve v.content; }
+        { _default = resolve v.content; }
       else
         throw "unknown marker ${v._type}"
     else if builtins.isAttrs v then
@@ -129,7 +136,18 @@ let
         exportReferencesGraph = drv.exportReferencesGraph;
       };
     };
-  resolved = resolve evaluated.config;
+  # mkDefault values as { default = …; } in the JSON.
+  unmark =
+    v:
+    if isDefault v then
+      { default = unmark v._default; }
+    else if builtins.isAttrs v then
+      builtins.mapAttrs (_: unmark) v
+    else if builtins.isList v then
+      map unmark v
+    else
+      v;
+  resolved = unmark (resolve evaluated.config);
 in
 if resolved ? image then
   resolved // { image.modules = builtins.mapAttrs (_: variant) resolved.image.modules; }
