@@ -501,17 +501,6 @@ fn image_err(sys_path: &Path, root: &Path, out_dir: &Path, extra: &[&str]) -> St
     e
 }
 
-/// A hard-linked copy of a fixture store without its database.
-fn store_copy(sys: &System) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(d.path().join("nix")).unwrap();
-    ok(Command::new("cp")
-        .arg("-al")
-        .arg(sys.root.join("nix/store"))
-        .arg(d.path().join("nix/")));
-    d
-}
-
 #[test]
 fn closure_without_systemd_boot_is_refused() {
     let sys = system("x86_64");

@@ -73,6 +73,19 @@ pub fn forge_image_of(sys: &System) -> Command {
     c
 }
 
+/// A hard-linked copy of a fixture store without its database: replace
+/// a file (remove, then write) rather than write into it, which would
+/// change the fixture's.
+pub fn store_copy(sys: &System) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("nix")).unwrap();
+    ok(Command::new("cp")
+        .arg("-al")
+        .arg(sys.root.join("nix/store"))
+        .arg(d.path().join("nix/")));
+    d
+}
+
 /// Debian 12's EFI stub (systemd-boot-efi); the fixture system has none.
 pub const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 

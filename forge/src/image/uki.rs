@@ -75,7 +75,8 @@ struct Stub<'a> {
 }
 
 /// One UKI: the stub and the entry's sections, in ukify's (254) order:
-/// `.osrel`, `.cmdline`, `.uname`, `.initrd`, and `.linux` last.
+/// `.osrel`, `.cmdline`, `.dtb` (the bootspec's devicetree, which the
+/// stub installs for the kernel), `.uname`, `.initrd`, and `.linux` last.
 fn uki(
     stub: &Stub,
     store: &Store,
@@ -90,11 +91,15 @@ fn uki(
     let cmdline = command_line(spec, extra);
     let linux = read(&spec.kernel)?;
     let initrd = spec.initrd.as_deref().map(read).transpose()?;
+    let dtb = spec.devicetree.as_deref().map(read).transpose()?;
     let uname = uname(&linux);
     let mut sections: Vec<(&str, &[u8])> = vec![
         (".osrel", osrel.as_bytes()),
         (".cmdline", cmdline.as_bytes()),
     ];
+    if let Some(d) = &dtb {
+        sections.push((".dtb", d));
+    }
     if let Some(u) = &uname {
         sections.push((".uname", u.as_bytes()));
     }
