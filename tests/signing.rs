@@ -411,6 +411,13 @@ fn inspect_shows_the_signatures_and_verify_checks_the_root_whole() {
         "{text}"
     );
     assert!(text.contains("cmdline init=/nix/store/"), "{text}");
+    // The partition rows' columns line up, `root-x86-64-verity` and all.
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" at ") && l.contains(" size "))
+        .collect();
+    let at: Vec<usize> = rows.iter().map(|l| l.find(" at ").unwrap()).collect();
+    assert!(rows.len() == 5 && at.iter().all(|&a| a == at[0]), "{text}");
     assert!(
         text.contains("verified over") && text.contains(&format!("signed by {snakeoil}")),
         "{text}"

@@ -594,14 +594,28 @@ pub fn render(r: &Report) -> String {
     if let Some(v) = &r.disk.iso {
         s.push_str(&iso_line(v));
     }
-    for p in &r.disk.partitions {
+    // Columns as wide as their longest entry (`root-x86-64-verity-sig`).
+    let parts = &r.disk.partitions;
+    let ty_w = parts
+        .iter()
+        .map(|p| p.type_name.len())
+        .max()
+        .unwrap_or(0)
+        .max(14);
+    let name_w = parts
+        .iter()
+        .map(|p| p.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(10);
+    for p in parts {
         let fs = p
             .filesystem
             .as_ref()
             .map(|f| format!("{} label={:?} uuid={}", f.kind, f.label, f.uuid))
             .unwrap_or_else(|| "no known filesystem".into());
         s.push_str(&format!(
-            "  {} {:14} at {:>12} size {:>12} {:10} {}{}{}\n",
+            "  {} {:ty_w$} at {:>12} size {:>12} {:name_w$} {}{}{}\n",
             p.number,
             p.type_name,
             p.offset,
