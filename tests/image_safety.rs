@@ -79,6 +79,42 @@ fn killed_or_interrupted_forge_image_leaves_no_temporary_file() {
 }
 
 #[test]
+fn killed_forge_update_leaves_the_published_versions_as_they_were() {
+    use crate::ab_updates::slots_cmd;
+    let d = tempfile::tempdir().unwrap();
+    let publ = d.path().join("pub");
+    let update = |v: &str| {
+        let mut c = slots_cmd("update", &["--verity", "--version", v, "--source"]);
+        c.arg(&publ).arg("-o").arg(&publ);
+        c
+    };
+    ok(&mut update("1"));
+    // Every file by name and SHA-256, the definitions' too.
+    let published = || {
+        let defs = publ.join("sysupdate.d");
+        let files = |d: &Path| {
+            dir_entries(d)
+                .into_iter()
+                .filter(|n| n != "sysupdate.d")
+                .map(|n| (sha256_file(&d.join(&n)), n))
+                .collect::<Vec<_>>()
+        };
+        (files(&publ), files(&defs))
+    };
+    let before = published();
+    // Version 2's root is written (unnamed, not yet in the directory) when
+    // forge is killed; so is version 1 made again with another seed.
+    for (v, extra) in [("2", &[][..]), ("1", &["--seed", "again"][..])] {
+        let mut child = spawn_paused(update(v).args(extra), &format!("wrote nixos_{v}_"));
+        ok(Command::new("kill")
+            .arg("-KILL")
+            .arg(child.id().to_string()));
+        child.wait().unwrap();
+        assert_eq!(published(), before, "version {v} killed");
+    }
+}
+
+#[test]
 fn bmap_path_that_is_a_directory_leaves_no_image() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("x.img");
