@@ -127,31 +127,79 @@ let
           counted = false;
         };
       };
+  # The live system the forge-iso variant boots (nixforge.live), as
+  # nixpkgs' own ISO does with its squashfs: the ISO 9660 volume by its
+  # label (a CD, or a USB stick the ISO was written to, whole), the root
+  # filesystem image in it loop-mounted read-only, its store under a
+  # tmpfs overlay, everything else in memory. Its values override the
+  # disk's fileSystems whole, at nixpkgs' image-media priority.
+  live = cfg.live;
+  isoLabel = "NIXOS_ISO";
+  sysroot = lib.optionalString config.boot.initrd.systemd.enable "/sysroot";
+  liveFileSystems = {
+    "/" = {
+      device = "none";
+      fsType = "tmpfs";
+      options = [ "mode=0755" ];
+    };
+    "/iso" = {
+      device = byLabel isoLabel;
+      fsType = "iso9660";
+      options = [ "ro" ];
+      neededForBoot = true;
+    };
+    "/nix/.ro-root" = {
+      device = "${sysroot}/iso/root.img";
+      fsType = "erofs";
+      options = [
+        "loop"
+        "ro"
+      ];
+      neededForBoot = true;
+    };
+    "/nix/.rw-store" = {
+      device = "none";
+      fsType = "tmpfs";
+      options = [ "mode=0755" ];
+      neededForBoot = true;
+    };
+    "/nix/store".overlay = {
+      lowerdir = [ "/nix/.ro-root/nix/store" ];
+      upperdir = "/nix/.rw-store/store";
+      workdir = "/nix/.rw-store/work";
+    };
+  };
+  # The identity lives on a disk's state partition; a live system has none.
+  identity = cfg.identity && !live;
   mkImage = (import ./lib.nix).mkImage;
   # An image variant: only system.build.image and the file's name, so the
-  # variant's toplevel is the system's own.
+  # variant's toplevel is the system's own; the ISO's (`live`) also sets
+  # nixforge.live, so its toplevel is the live system's.
   variant =
     {
       format,
       extension,
       extraArgs ? [ ],
+      live ? false,
     }:
     { config, ... }:
     {
       image.extension = extension;
       system.build.image = mkImage {
         inherit pkgs format;
-        inherit (cfg) rootMode firmware;
+        inherit (cfg) firmware;
+        # The ISO's root image is read-only and EROFS, whatever the disk's.
+        rootMode = if live then "ro" else cfg.rootMode;
         forge = cfg.package;
         toplevel = config.system.build.toplevel;
         name = config.image.baseName;
         fileName = config.image.filePath;
-        extraArgs = lib.optionals (!cfg.state) [
+        extraArgs = lib.optionals (!cfg.state && !live) [
           "--state-size"
           "none"
-        ] ++ lib.optionals (cfg.rootFs != "ext4") [
+        ] ++ lib.optionals (cfg.rootFs != "ext4" || live) [
           "--root-fs"
-          cfg.rootFs
+          (if live then "erofs" else cfg.rootFs)
         ] ++ lib.optionals cfg.verity [
           "--verity"
         ] ++ lib.optionals up.enable [
@@ -164,7 +212,8 @@ let
           (toString version)
         ] ++ extraArgs ++ cfg.extraArgs;
       };
-    };
+    }
+    // lib.optionalAttrs live { nixforge.live = true; };
 in
 {
   options.nixforge = {
@@ -221,6 +270,16 @@ in
         opens the partitions whose GUIDs are the hash's halves as
         /dev/mapper/root, which is mounted at /. With updates, each version
         brings its hash partition and finds its own slot by its hash.
+      '';
+    };
+    live = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        The system as the forge-iso variant boots it (that variant sets
+        this): a live system whose root is memory, its store the ISO's
+        read-only root image under an overlay, and its Nix database copied
+        from that image at boot. Not for disk images.
       '';
     };
     state = mkOption {
@@ -357,8 +416,49 @@ in
           assertion = !cfg.verity || ro;
           message = "nixforge.verity checks a read-only root: it needs nixforge.rootMode = \"ro\".";
         }
+        {
+          assertion = !live || (cfg.layout == "raw-efi" && !up.enable && !cfg.verity);
+          message = "nixforge.live (the forge-iso variant) boots a raw-efi system from the ISO's root image: nixforge.updates and nixforge.verity are for disk images.";
+        }
       ];
     }
+    (mkIf live {
+      fileSystems = lib.mkOverride 60 liveFileSystems;
+      boot.initrd.kernelModules = [
+        "loop"
+        "overlay"
+      ];
+      boot.initrd.availableKernelModules = [
+        "iso9660"
+        "erofs"
+      ];
+      # forge's root image holds the store's Nix database; a live
+      # system's /nix/var is memory: copy it there before Nix starts.
+      systemd.services.nixforge-live-db = {
+        description = "The live system's Nix database, from the ISO's root image";
+        wantedBy = [ "sysinit.target" ];
+        before = [
+          "sysinit.target"
+          "shutdown.target"
+          "nix-daemon.socket"
+          "nix-daemon.service"
+        ];
+        conflicts = [ "shutdown.target" ];
+        unitConfig = {
+          DefaultDependencies = false;
+          ConditionPathExists = "!/nix/var/nix/db/db.sqlite";
+          RequiresMountsFor = [
+            "/nix/.ro-root"
+            "/nix/var"
+          ];
+        };
+        serviceConfig.Type = "oneshot";
+        script = ''
+          mkdir -p /nix/var/nix
+          cp -a /nix/.ro-root/nix/var/nix/db /nix/var/nix/
+        '';
+      };
+    })
     (mkIf cfg.verity {
       boot.initrd.systemd.enable = true;
       boot.initrd.systemd.dmVerity.enable = true;
@@ -416,6 +516,11 @@ in
           format = "raw-efi";
           extension = "tar.gz";
         };
+        forge-iso = variant {
+          format = "iso";
+          extension = "iso";
+          live = true;
+        };
       };
     })
     (mkIf (cfg.layout == "sd-aarch64") {
@@ -453,7 +558,7 @@ in
         serviceConfig.ExecCondition = "${pkgs.runtimeShell} -c 'case $(${config.systemd.package}/lib/systemd/systemd-bless-boot status) in good|clean) exit 0 ;; esac; exit 1'";
       };
     })
-    (mkIf cfg.identity {
+    (mkIf identity {
       environment.etc."machine-id" = {
         source = "/var/identity/machine-id";
         mode = "direct-symlink";
@@ -481,7 +586,7 @@ in
         neededForBoot = true;
       };
     })
-    (mkIf (cfg.identity && ro) {
+    (mkIf (identity && ro) {
       boot.initrd.systemd.enable = mkDefault true;
       system.etc.overlay.enable = mkDefault true;
       system.etc.overlay.mutable = mkDefault false;

@@ -34,6 +34,8 @@ mod image;
 mod image_safety;
 #[path = "iso.rs"]
 mod iso;
+#[path = "live_iso.rs"]
+mod live_iso;
 #[path = "lxc.rs"]
 mod lxc;
 #[path = "nix.rs"]

@@ -68,14 +68,21 @@ fn module_config(settings: &str, host_name: &str) -> Value {
 
 /// The same, for a system with `system.image.version`.
 pub(crate) fn module_config_of(settings: &str, host_name: &str, version: Option<&str>) -> Value {
+    let mut args = vec!["--argstr", "hostName", host_name];
+    if let Some(v) = version {
+        args.extend(["--argstr", "imageVersion", v]);
+    }
+    module_eval(settings, &args)
+}
+
+/// What the module sets given `settings` and more of the stub's
+/// arguments (`--arg NAME VALUE`, `--argstr NAME VALUE`).
+pub(crate) fn module_eval(settings: &str, args: &[&str]) -> Value {
     let mut c = Command::new("nix-instantiate");
     c.args(["--eval", "--strict", "--json"])
         .arg(workspace().join("tests/nix/eval-module.nix"))
         .args(["--arg", "settings", settings])
-        .args(["--argstr", "hostName", host_name]);
-    if let Some(v) = version {
-        c.args(["--argstr", "imageVersion", v]);
-    }
+        .args(args);
     serde_json::from_str(&ok(&mut c)).unwrap()
 }
 
@@ -151,6 +158,7 @@ fn expected(layout: &str, ro: bool) -> Value {
             {"assertion": true, "message": erofs_message},
             {"assertion": true, "message": UPDATES_MESSAGE},
             {"assertion": true, "message": VERITY_MESSAGE},
+            {"assertion": true, "message": LIVE_MESSAGE},
         ],
         "boot": {"loader": {"grub": {"enable": false}}},
         "fileSystems": {
@@ -170,7 +178,10 @@ fn expected(layout: &str, ro: bool) -> Value {
             "forge-vmdk": variant("raw-efi", "vmdk", &["--root-mode", mode]),
             "forge-ova": variant("raw-efi", "ova", &["--root-mode", mode]),
             "forge-gce": variant("raw-efi", "tar.gz", &["--root-mode", mode]),
+            "forge-iso": variant("iso", "iso", &["--root-mode", "ro", "--root-fs", "erofs"]),
         });
+        // The ISO boots the live system (tests/live_iso.rs).
+        v["image"]["modules"]["forge-iso"]["nixforge"] = json!({"live": true});
     } else {
         v["fileSystems"]["/boot/firmware"] = fs("FIRMWARE", "vfat", &["nofail", "noauto"]);
         v["boot"]["loader"]["generic-extlinux-compatible"] = json!({"enable": true});
@@ -186,6 +197,7 @@ fn expected(layout: &str, ro: bool) -> Value {
 
 const UPDATES_MESSAGE: &str = "nixforge.updates needs layout \"raw-efi\", rootMode \"ro\", system.image.version (each version's slot is named for it) and nixforge.updates.url.";
 
+pub(crate) const LIVE_MESSAGE: &str = "nixforge.live (the forge-iso variant) boots a raw-efi system from the ISO's root image: nixforge.updates and nixforge.verity are for disk images.";
 const VERITY_MESSAGE: &str =
     "nixforge.verity checks a read-only root: it needs nixforge.rootMode = \"ro\".";
 
@@ -486,6 +498,7 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
         "forge-vmdk",
         "forge-ova",
         "forge-gce",
+        "forge-iso",
     ] {
         let args = &got["image"]["modules"][v]["system"]["build"]["image"]["args"];
         assert!(

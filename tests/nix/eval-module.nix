@@ -11,6 +11,7 @@
   settings,
   hostName ? "",
   imageVersion ? null,
+  systemdInitrd ? false,
 }:
 let
   lib = {
@@ -34,8 +35,13 @@ let
       inherit contents;
     };
     mkDefault = content: {
-      _type = "default";
+      _type = "override";
+      priority = 1000;
       inherit content;
+    };
+    mkOverride = priority: content: {
+      _type = "override";
+      inherit priority content;
     };
     optionals = c: l: if c then l else [ ];
     optionalString = c: s: if c then s else "";
@@ -74,21 +80,24 @@ let
     system.image.version = imageVersion;
     systemd.package = "/nix/store/22222222222222222222222222222222-systemd";
     boot.initrd.enable = true;
+    boot.initrd.systemd.enable = systemdInitrd;
   };
 
-  # As the module system merges: a mkDefault value gives way to a plain
-  # one; two plain (or two default) values of one option must not differ.
-  isDefault = v: builtins.isAttrs v && v ? _default;
+  # As the module system merges: of an option's values, those of the
+  # highest priority (the lowest number: mkOverride 60 over a plain value,
+  # 100, over mkDefault, 1000) are kept; two kept values must not differ,
+  # or are attribute sets merged.
+  prio = v: if builtins.isAttrs v && v ? _prio then v._prio else 100;
   merge =
     a: b:
     if a == null then
       b
     else if b == null then
       a
-    else if isDefault a != isDefault b then
-      (if isDefault a then b else a)
-    else if isDefault a then
-      (if a == b then a else throw "the module defaults one option twice: ${builtins.toJSON a} and ${builtins.toJSON b}")
+    else if prio a != prio b then
+      (if prio a < prio b then a else b)
+    else if prio a != 100 then
+      (if a == b then a else throw "the module sets one option twice at one priority: ${builtins.toJSON a} and ${builtins.toJSON b}")
     else if builtins.isAttrs a && builtins.isAttrs b && !(a ? _type) && !(b ? _type) then
       builtins.zipAttrsWith (
         n: vs: if builtins.length vs == 1 then builtins.head vs else merge (builtins.elemAt vs 0) (builtins.elemAt vs 1)
@@ -102,8 +111,11 @@ let
         (if v.condition then resolve v.content else null)
       else if v._type == "merge" then
         builtins.foldl' merge null (map resolve v.contents)
-      else if v._type == "default" then
-        { _default = resolve v.content; }
+      else if v._type == "override" then
+        {
+          _prio = v.priority;
+          _value = resolve v.content;
+        }
       else
         throw "unknown marker ${v._type}"
     else if builtins.isAttrs v then
@@ -136,11 +148,13 @@ let
         exportReferencesGraph = drv.exportReferencesGraph;
       };
     };
-  # mkDefault values as { default = …; } in the JSON.
+  # mkDefault values as { default = …; } in the JSON, others as they are.
   unmark =
     v:
-    if isDefault v then
-      { default = unmark v._default; }
+    if prio v == 1000 then
+      { default = unmark v._value; }
+    else if prio v != 100 then
+      unmark v._value
     else if builtins.isAttrs v then
       builtins.mapAttrs (_: unmark) v
     else if builtins.isList v then
