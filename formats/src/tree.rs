@@ -197,7 +197,8 @@ impl Tree {
         owner: Owner,
     ) -> Result<NodeId, TreeError> {
         let mut links = HashMap::new();
-        self.add_host_inner(dir, name, src, owner, &mut links)
+        let md = fs::symlink_metadata(src).map_err(io_err(src))?;
+        self.add_host_inner(dir, name, src, md, owner, &mut links)
     }
 
     /// The host object at `src` read on its own, as [`Tree::add_host`]
@@ -257,22 +258,23 @@ impl Tree {
             n.perm = (md.mode() & 0o7777) as u16;
             (n.uid, n.gid) = owner.force.unwrap_or((md.uid(), md.gid()));
         }
-        for (cname, cpath) in read_dir_sorted(src)? {
-            self.add_host_inner(dir, &cname, &cpath, owner, &mut links)?;
+        for (cname, cpath, cmd) in read_dir_sorted(src)? {
+            self.add_host_inner(dir, &cname, &cpath, cmd, owner, &mut links)?;
         }
         Ok(())
     }
 
+    /// `md`: `src`'s own metadata (not its target's).
     fn add_host_inner(
         &mut self,
         dir: NodeId,
         name: &[u8],
         src: &Path,
+        md: fs::Metadata,
         owner: Owner,
         links: &mut HashMap<(u64, u64), NodeId>,
     ) -> Result<NodeId, TreeError> {
         check_name(name, || src.to_owned())?;
-        let md = fs::symlink_metadata(src).map_err(io_err(src))?;
         let ft = md.file_type();
         if !ft.is_dir() && md.nlink() > 1 {
             if let Some(&id) = links.get(&(md.dev(), md.ino())) {
@@ -326,8 +328,8 @@ impl Tree {
             },
         )?;
         if is_dir {
-            for (cname, cpath) in read_dir_sorted(src)? {
-                self.add_host_inner(id, &cname, &cpath, owner, links)?;
+            for (cname, cpath, cmd) in read_dir_sorted(src)? {
+                self.add_host_inner(id, &cname, &cpath, cmd, owner, links)?;
             }
         } else if md.nlink() > 1 {
             links.insert((md.dev(), md.ino()), id);
@@ -401,13 +403,16 @@ fn io_err(p: &Path) -> impl FnOnce(io::Error) -> TreeError + '_ {
     }
 }
 
-fn read_dir_sorted(dir: &Path) -> Result<Vec<(Vec<u8>, PathBuf)>, TreeError> {
+/// A directory's entries sorted by name, each with its own metadata,
+/// taken relative to the open directory (no walk of the whole path).
+fn read_dir_sorted(dir: &Path) -> Result<Vec<(Vec<u8>, PathBuf, fs::Metadata)>, TreeError> {
     let mut v = Vec::new();
     for e in fs::read_dir(dir).map_err(io_err(dir))? {
         let e = e.map_err(io_err(dir))?;
-        v.push((e.file_name().as_bytes().to_vec(), e.path()));
+        let md = e.metadata().map_err(io_err(&e.path()))?;
+        v.push((e.file_name().as_bytes().to_vec(), e.path(), md));
     }
-    v.sort();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(v)
 }
 

@@ -135,7 +135,8 @@ fn dump_node<W: Write>(path: &Path, f: &mut Framer<W>, buf: &mut [u8]) -> Result
 /// The length of the NAR of `path`, from its metadata alone (no file is
 /// read): what `dump` would write.
 pub fn size(path: &Path) -> Result<u64, NarError> {
-    Ok(framed(13) + size_node(path)?)
+    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
+    Ok(framed(13) + size_node(path, &md)?)
 }
 
 /// A framed string of `n` bytes: its length, itself, padding to 8.
@@ -143,8 +144,8 @@ fn framed(n: usize) -> u64 {
     8 + (n as u64).next_multiple_of(8)
 }
 
-fn size_node(path: &Path) -> Result<u64, NarError> {
-    let md = fs::symlink_metadata(path).map_err(io_err(path))?;
+/// `md`: `path`'s own metadata (not its target's).
+fn size_node(path: &Path, md: &fs::Metadata) -> Result<u64, NarError> {
     let ft = md.file_type();
     let mut t = framed(1) + framed(4); // "(" "type"
     if ft.is_symlink() {
@@ -158,10 +159,19 @@ fn size_node(path: &Path) -> Result<u64, NarError> {
         t += framed(8) + 8 + md.len().next_multiple_of(8);
     } else if ft.is_dir() {
         t += framed(9);
-        for name in sorted_entries(path)? {
-            let child = path.join(std::ffi::OsStr::from_bytes(&name));
+        // Each entry's metadata relative to the open directory: no walk
+        // of the whole path per file.
+        let mut entries = Vec::new();
+        for e in fs::read_dir(path).map_err(io_err(path))? {
+            let e = e.map_err(io_err(path))?;
+            let md = e.metadata().map_err(io_err(&e.path()))?;
+            entries.push((e.file_name(), md));
+        }
+        entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        for (name, md) in entries {
+            let child = path.join(&name);
             t += framed(5) + framed(1) + framed(4) + framed(name.len()) + framed(4);
-            t += size_node(&child)? + framed(1);
+            t += size_node(&child, &md)? + framed(1);
         }
     } else {
         return Err(NarError::FileType {
