@@ -155,6 +155,7 @@ let
         "loop"
         "ro"
       ];
+      depends = [ "/iso" ];
       neededForBoot = true;
     };
     "/nix/.rw-store" = {
