@@ -119,8 +119,10 @@ demo: deps fixtures build
 # it when the bytes change on purpose. `make bench-base` runs only that
 # comparison.
 BENCH_BASE ?= a4478d6
+# BENCH_ARGS: more options, e.g. "--throttle 400" (a disk-bound run on
+# any machine) or "--only vm,info --runs 5".
 bench: deps fixtures build
-	scripts/bench.py $(BUILD)/bench --base $(BENCH_BASE)
+	scripts/bench.py $(BUILD)/bench --base $(BENCH_BASE) $(BENCH_ARGS)
 
 bench-base: deps fixtures build
 	scripts/bench.py $(BUILD)/bench --base $(BENCH_BASE) --only base

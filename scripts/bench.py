@@ -19,7 +19,7 @@ import argparse, json, os, shutil, statistics, subprocess, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import (REPO, FORGE, FLASH, sh, worse, measure, loop_device,  # noqa: E402
-                      measure_pair, measure_group, disk_limit, disk_rate)
+                      measure_pair, measure_group, disk_limit, disk_rate, throttled)
 from bench_formats import formats_bench, iso_bench  # noqa: E402
 from bench_sources import sources_bench  # noqa: E402
 from bench_report import report  # noqa: E402
@@ -50,7 +50,17 @@ def main():
                     help="also run forge at git revision REV interleaved with this tree's")
     ap.add_argument("--scaling", action="store_true",
                     help="forge ext4 vs mkfs.ext4 -d on 512, 1024, 2048 and 4096 MiB corpora")
+    ap.add_argument("--throttle", type=int, metavar="MB_S",
+                    help="hold direct writes to OUT's disk to MB_S MB/s (a cgroup): a disk-bound run on any machine")
     a = ap.parse_args()
+    if a.throttle:
+        os.makedirs(a.out, exist_ok=True)
+        with throttled(os.path.abspath(a.out), a.throttle):
+            return run(a)
+    return run(a)
+
+
+def run(a):
     os.makedirs(a.out, exist_ok=True)
     out = os.path.abspath(a.out)
     if a.scaling:
@@ -64,8 +74,11 @@ def main():
     sh(f"tar -cf - -C {c} nix | cat > /dev/null")
     # The disk's own rate first, so runs on other machines read side by side.
     rate = disk_rate(w)
-    print(f"disk write rate (dd oflag=direct, 1 GiB, best of 3): {rate:.0f} MB/s", file=sys.stderr)
-    res = [{"name": "disk write rate (dd oflag=direct, 1 GiB, best of 3)", "mb_s": rate}]
+    name = "disk write rate (dd oflag=direct, 1 GiB, best of 3)"
+    if a.throttle:
+        name += f", throttled to {a.throttle} MB/s"
+    print(f"{name}: {rate:.0f} MB/s", file=sys.stderr)
+    res = [{"name": name, "mb_s": rate}]
 
     # Correctness first: on the full corpus (no Nix database, so scanning)
     # the closure must equal the corpus's own list.

@@ -130,3 +130,51 @@ def loop_device(backing, size):
     finally:
         sh(f"partx -d {dev} || true; losetup -d {dev}")
         os.unlink(backing)
+
+
+def whole_disk(w):
+    """'MAJ:MIN' of the disk holding directory `w` (a partition's disk),
+    or None where `w` is on no block device (tmpfs)."""
+    st = os.stat(w)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    sysfs = f"/sys/dev/block/{dev}"
+    if not os.path.exists(sysfs):
+        return None
+    if os.path.exists(os.path.join(sysfs, "partition")):
+        return open(os.path.join(sysfs, "..", "dev")).read().strip()
+    return dev
+
+
+@contextlib.contextmanager
+def throttled(w, mb_s):
+    """This process and its children in a cgroup whose writes to the disk
+    holding `w` are held to `mb_s` MB/s: a disk-bound machine, made on
+    any machine (`make bench BENCH_ARGS="--throttle 400"`). cgroup v1's blkio
+    (or v2's io.max) bounds direct I/O, as forge's image data and the
+    disk-limit dd write; buffered writes reach the disk through
+    writeback, which v1 does not charge to the cgroup."""
+    dev = whole_disk(w)
+    if dev is None:
+        sys.exit(f"--throttle: {w} is on no block device (tmpfs?): nothing to throttle")
+    v1 = "/sys/fs/cgroup/blkio"
+    if os.path.isdir(v1):
+        cg, knob, value = os.path.join(v1, "nixforge-bench"), "blkio.throttle.write_bps_device", f"{dev} {mb_s * 1000000}"
+        root = v1
+    elif "io" in open("/sys/fs/cgroup/cgroup.controllers").read().split():
+        sh("echo +io > /sys/fs/cgroup/cgroup.subtree_control")
+        cg, knob, value = "/sys/fs/cgroup/nixforge-bench", "io.max", f"{dev} wbps={mb_s * 1000000}"
+        root = "/sys/fs/cgroup"
+    else:
+        sys.exit("--throttle: no blkio or io cgroup controller here")
+    os.makedirs(cg, exist_ok=True)
+    with open(os.path.join(cg, knob), "w") as f:
+        f.write(value)
+    with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+    print(f"writes to {dev} throttled to {mb_s} MB/s ({cg})", file=sys.stderr)
+    try:
+        yield
+    finally:
+        with open(os.path.join(root, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        os.rmdir(cg)
