@@ -583,19 +583,10 @@ fn iso_line(v: &formats::manifest::IsoVolume) -> String {
     s
 }
 
-pub fn render(r: &Report) -> String {
-    let mut s = format!(
-        "{}: {} bytes, {} table, {}-byte sectors, disk {}\n",
-        r.image, r.disk.size, r.disk.table, r.disk.sector_size, r.disk.disk_id
-    );
-    for w in &r.warnings {
-        s.push_str(&format!("warning: {w}\n"));
-    }
-    if let Some(v) = &r.disk.iso {
-        s.push_str(&iso_line(v));
-    }
-    // Columns as wide as their longest entry (`root-x86-64-verity-sig`).
-    let parts = &r.disk.partitions;
+/// One row per partition, and under it what its boot entries say; the
+/// columns as wide as their longest entry (`root-x86-64-verity-sig`).
+fn partition_rows(parts: &[Part]) -> String {
+    let mut s = String::new();
     let ty_w = parts
         .iter()
         .map(|p| p.type_name.len())
@@ -632,6 +623,21 @@ pub fn render(r: &Report) -> String {
             }
         }
     }
+    s
+}
+
+pub fn render(r: &Report) -> String {
+    let mut s = format!(
+        "{}: {} bytes, {} table, {}-byte sectors, disk {}\n",
+        r.image, r.disk.size, r.disk.table, r.disk.sector_size, r.disk.disk_id
+    );
+    for w in &r.warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    if let Some(v) = &r.disk.iso {
+        s.push_str(&iso_line(v));
+    }
+    s.push_str(&partition_rows(&r.disk.partitions));
     if !r.slots.is_empty() {
         s.push_str("A/B slots:\n");
     }
