@@ -126,6 +126,14 @@ let
           suffix = ".initrd";
           counted = false;
         };
+      }
+      # systemd-boot's bootspec extension names a devicetree exactly then.
+      // lib.optionalAttrs config.boot.loader.systemd-boot.installDeviceTree {
+        "61-nixos-devicetree" = bootFile {
+          dir = "/EFI/nixos";
+          suffix = ".dtb";
+          counted = false;
+        };
       };
   # The live system the forge-iso variant boots (nixforge.live), as
   # nixpkgs' own ISO does with its squashfs: the ISO 9660 volume by its
@@ -360,8 +368,8 @@ in
         description = ''
           What boots each version: a Unified Kernel Image (`--uki`, which
           Secure Boot and a verity root's signed command line need), or a
-          Boot Loader Specification type 1 entry naming the version's kernel
-          and initrd (for systemd packages without the EFI stub).
+          Boot Loader Specification type 1 entry naming the version's kernel,
+          initrd and devicetree (for systemd packages without the EFI stub).
         '';
       };
       keyring = mkOption {

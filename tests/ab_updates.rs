@@ -582,6 +582,70 @@ fn an_update_root_is_the_slot_of_an_image_of_that_version_and_sums_keep_other_ve
 }
 
 #[test]
+fn type_1_slots_carry_the_devicetree_and_sysupdate_installs_the_next_versions() {
+    let sys = system("x86_64");
+    let (copy, dtb) = store_with_devicetree(&sys);
+    let forge_on = |verb: &str| {
+        let mut c = forge();
+        c.arg(verb)
+            .arg(&sys.toplevel)
+            .arg("--root")
+            .arg(copy.path());
+        c
+    };
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    ok(forge_on("image")
+        .args(["--slots", "2", "--version", "1", "--seed", "one", "-o"])
+        .arg(&img));
+    let esp = d.path().join("esp");
+    crate::ab_boots::pull_esp(&img, gpt(&img)[0].2, &esp);
+    let dtb = std::fs::read(&dtb).unwrap();
+    let entry =
+        |name: &str| std::fs::read_to_string(esp.join("loader/entries").join(name)).unwrap();
+    assert!(
+        entry("nixos_1+3.conf").contains("\ndevicetree /EFI/nixos/nixos_1.dtb\n"),
+        "{}",
+        entry("nixos_1+3.conf")
+    );
+    assert_eq!(
+        std::fs::read(esp.join("EFI/nixos/nixos_1.dtb")).unwrap(),
+        dtb
+    );
+
+    // Version 2's devicetree is published and installed beside version
+    // 1's, the entry naming it, by systemd-sysupdate 254.
+    let publ = d.path().join("pub");
+    ok(forge_on("update")
+        .args(["--version", "2", "--seed", "two", "--source"])
+        .arg(&publ)
+        .arg("-o")
+        .arg(&publ));
+    assert_eq!(std::fs::read(publ.join("nixos_2.dtb")).unwrap(), dtb);
+    let defs = d.path().join("defs");
+    definitions_for(&publ, &img, &esp, &defs);
+    assert!(defs.join("61-nixos-devicetree.conf").exists());
+    ok(sysupdate(&defs).arg("update"));
+    assert_eq!(
+        dir_entries(&esp.join("EFI/nixos")),
+        [
+            "nixos_1.dtb",
+            "nixos_1.initrd",
+            "nixos_1.linux",
+            "nixos_2.dtb",
+            "nixos_2.initrd",
+            "nixos_2.linux"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(esp.join("EFI/nixos/nixos_2.dtb")).unwrap(),
+        dtb
+    );
+    let e = entry("nixos_2+3-0.conf");
+    assert!(e.contains("\ndevicetree /EFI/nixos/nixos_2.dtb\n"), "{e}");
+}
+
+#[test]
 fn slot_images_refuse_what_they_cannot_hold_and_write_nothing() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("x.img");

@@ -86,6 +86,30 @@ pub fn store_copy(sys: &System) -> tempfile::TempDir {
     d
 }
 
+/// A [`store_copy`] of `sys` whose bootspec names a device tree (a Pi's,
+/// beside the kernel), where NixOS's systemd-boot extension names it; and
+/// that device tree's file.
+pub fn store_with_devicetree(sys: &System) -> (tempfile::TempDir, PathBuf) {
+    let copy = store_copy(sys);
+    let in_copy = |p: &str| copy.path().join(p.trim_start_matches('/'));
+    let spec_file = in_copy(&format!("{}/boot.json", sys.toplevel));
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
+    let kernel = spec["org.nixos.bootspec.v1"]["kernel"].as_str().unwrap();
+    let dtb = format!(
+        "{}/dtbs/rpi-3-b.dtb",
+        Path::new(kernel).parent().unwrap().display()
+    );
+    let src = fixtures().join("aarch64/inputs/kernel/dtbs/broadcom/bcm2837-rpi-3-b.dtb");
+    std::fs::create_dir_all(in_copy(&dtb).parent().unwrap()).unwrap();
+    std::fs::copy(&src, in_copy(&dtb)).unwrap();
+    spec["org.nixos.systemd-boot"]["devicetree"] = serde_json::json!(dtb);
+    // Replaced, not written into: the copy's files are the fixture's.
+    std::fs::remove_file(&spec_file).unwrap();
+    std::fs::write(&spec_file, spec.to_string()).unwrap();
+    (copy, src)
+}
+
 /// Debian 12's EFI stub (systemd-boot-efi); the fixture system has none.
 pub const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 

@@ -281,6 +281,15 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
         "{args}"
     );
     same_transfers(&got, url, &[]);
+    // A system whose bootspec names a devicetree (NixOS's systemd-boot
+    // installDeviceTree): its transfer too.
+    let sys = system("x86_64");
+    let (copy, _) = store_with_devicetree(&sys);
+    let got = module_eval(&type1, &["--argstr", "imageVersion", "7", "--arg", "deviceTree", "true"]);
+    assert!(got["systemd"]["sysupdate"]["transfers"]
+        .get("61-nixos-devicetree")
+        .is_some());
+    same_transfers_of(&got, url, &[], Path::new(&sys.toplevel), copy.path());
     // Without a version to name the slot, the module says so.
     let got = module_config_of(&settings, "", None);
     assert_eq!(got["assertions"][2]["assertion"], json!(false));
@@ -289,13 +298,18 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
 /// The module's transfers (in `got`) are the definitions `forge update
 /// --source url` writes, given `extra` options.
 fn same_transfers(got: &Value, url: &str, extra: &[&str]) {
-    let d = tempfile::tempdir().unwrap();
     let sys = system("x86_64");
+    same_transfers_of(got, url, extra, &sys.result, &sys.root);
+}
+
+/// The same for the system `toplevel` in the store under `root`.
+fn same_transfers_of(got: &Value, url: &str, extra: &[&str], toplevel: &Path, root: &Path) {
+    let d = tempfile::tempdir().unwrap();
     ok(forge()
         .arg("update")
-        .arg(&sys.result)
+        .arg(toplevel)
         .arg("--root")
-        .arg(&sys.root)
+        .arg(root)
         .args(extra)
         .args(match extra.contains(&"--uki") {
             true => &["--uki-stub", STUB][..],

@@ -3,7 +3,7 @@
 //! OVMF, which lists `EFI/Linux/` itself (there are no type 1 entries).
 
 use nixforge_tests::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -74,26 +74,8 @@ fn each_entry_is_a_uki_with_its_sections_and_no_type1_entries() {
 
 #[test]
 fn a_devicetree_the_bootspec_names_is_the_ukis_dtb_section() {
-    // The x86_64 fixture with a Pi's device tree beside its kernel, named
-    // where NixOS's bootspec names it (the systemd-boot extension).
     let sys = system("x86_64");
-    let copy = store_copy(&sys);
-    let in_copy = |p: &str| copy.path().join(p.trim_start_matches('/'));
-    let spec_file = in_copy(&format!("{}/boot.json", sys.toplevel));
-    let mut spec: Value = serde_json::from_slice(&std::fs::read(&spec_file).unwrap()).unwrap();
-    let kernel = spec["org.nixos.bootspec.v1"]["kernel"].as_str().unwrap();
-    let dtb = format!(
-        "{}/dtbs/rpi-3-b.dtb",
-        Path::new(kernel).parent().unwrap().display()
-    );
-    let src = fixtures().join("aarch64/inputs/kernel/dtbs/broadcom/bcm2837-rpi-3-b.dtb");
-    std::fs::create_dir_all(in_copy(&dtb).parent().unwrap()).unwrap();
-    std::fs::copy(&src, in_copy(&dtb)).unwrap();
-    spec["org.nixos.systemd-boot"]["devicetree"] = json!(dtb);
-    // Replaced, not written into: the copy's files are the fixture's.
-    std::fs::remove_file(&spec_file).unwrap();
-    std::fs::write(&spec_file, spec.to_string()).unwrap();
-
+    let (copy, src) = store_with_devicetree(&sys);
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     let out = ok(forge()

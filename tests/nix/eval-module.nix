@@ -12,6 +12,7 @@
   hostName ? "",
   imageVersion ? null,
   systemdInitrd ? false,
+  deviceTree ? false,
 }:
 let
   lib = {
@@ -81,6 +82,7 @@ let
     systemd.package = "/nix/store/22222222222222222222222222222222-systemd";
     boot.initrd.enable = true;
     boot.initrd.systemd.enable = systemdInitrd;
+    boot.loader.systemd-boot.installDeviceTree = deviceTree;
   };
 
   # As the module system merges: of an option's values, those of the

@@ -70,6 +70,13 @@ pub const INITRD: BootFile = BootFile {
     what: "initrd",
     transfer: "61-nixos-initrd",
 };
+pub const DTB: BootFile = BootFile {
+    dir: "/EFI/nixos",
+    suffix: ".dtb",
+    counted: false,
+    what: "devicetree",
+    transfer: "61-nixos-devicetree",
+};
 pub const ENTRY: BootFile = BootFile {
     dir: "/loader/entries",
     suffix: ".conf",
@@ -95,13 +102,17 @@ impl BootFile {
 }
 
 /// The files that boot a version: its UKI (`--uki`), else a type 1 entry,
-/// the kernel, and the initrd when the system has one; the entry last.
-pub fn boot_files(uki: bool, initrd: bool) -> Vec<&'static BootFile> {
-    match (uki, initrd) {
-        (true, _) => vec![&UKI],
-        (false, true) => vec![&LINUX, &INITRD, &ENTRY],
-        (false, false) => vec![&LINUX, &ENTRY],
+/// the kernel, and the initrd and devicetree when the system has them;
+/// the entry last.
+pub fn boot_files(uki: bool, initrd: bool, devicetree: bool) -> Vec<&'static BootFile> {
+    if uki {
+        return vec![&UKI];
     }
+    let mut v = vec![&LINUX];
+    v.extend(initrd.then_some(&INITRD));
+    v.extend(devicetree.then_some(&DTB));
+    v.push(&ENTRY);
+    v
 }
 
 /// What an ESP entry's file name says (`nixos_V.efi`, `nixos_V+L.efi`,

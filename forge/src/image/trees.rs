@@ -341,8 +341,8 @@ fn type1_entries(t: &mut Tree, store: &Store, closure: &Closure, o: &EspOptions)
 /// `--slots 2` without `--uki`: the installed version's type 1 entry,
 /// named for sysupdate with its boot tries and ordered by its version
 /// (systemd-boot's `default nixos_*` takes the newest not found bad), and
-/// the kernel and initrd it names, under names of that version (an update
-/// installs the next version's beside them).
+/// the kernel, initrd and devicetree it names, under names of that version
+/// (an update installs the next version's beside them).
 fn type1_slot_entry(
     t: &mut Tree,
     store: &Store,
@@ -350,15 +350,13 @@ fn type1_slot_entry(
     o: &EspOptions,
     version: &str,
 ) -> Result<()> {
-    use super::slots::{ENTRY, INITRD, LINUX};
+    use super::slots::{DTB, ENTRY, INITRD, LINUX};
     let spec = &closure.bootspec.spec;
-    if let Some(dt) = &spec.devicetree {
-        anyhow::bail!("--slots 2 without --uki: the system's boot entry names a devicetree ({dt}), which forge's A/B entries do not carry yet; use --uki");
-    }
     let mut text = format!("title NixOS\nsort-key nixos\nversion {version}\n");
     for (key, f, file) in [
         ("linux", &LINUX, Some(&spec.kernel)),
         ("initrd", &INITRD, spec.initrd.as_ref()),
+        ("devicetree", &DTB, spec.devicetree.as_ref()),
     ] {
         let Some(file) = file else { continue };
         let dir = t.mkdir_p(f.dir.as_bytes(), 0o755)?;

@@ -200,7 +200,8 @@ fn write_partition(o: &Options, version: &str, p: &Partition) -> Result<(AtomicO
 /// The files that boot a version of this image (its UKI, or type 1
 /// entry, kernel and initrd).
 fn boot_files(i: &image::Input) -> Vec<&'static BootFile> {
-    slots::boot_files(i.o.uki, i.c.bootspec.spec.initrd.is_some())
+    let spec = &i.c.bootspec.spec;
+    slots::boot_files(i.o.uki, spec.initrd.is_some(), spec.devicetree.is_some())
 }
 
 /// One of them, as the ESP of its image holds it (a UKI signed with

@@ -112,7 +112,13 @@ pub fn version_of(name: &str) -> Option<&str> {
         .iter()
         .find_map(|c| stem.strip_suffix(c)?.strip_suffix('.'))
         .unwrap_or(stem);
-    let boot = [&slots::UKI, &slots::LINUX, &slots::INITRD, &slots::ENTRY];
+    let boot = [
+        &slots::UKI,
+        &slots::LINUX,
+        &slots::INITRD,
+        &slots::DTB,
+        &slots::ENTRY,
+    ];
     let parts = [ROOT.suffix, VERITY.suffix, VERITY_SIG.suffix].map(|s| (".", s));
     let stem = boot
         .iter()
@@ -243,7 +249,7 @@ mod tests {
             false,
             None,
             false,
-            &slots::boot_files(false, true),
+            &slots::boot_files(false, true, false),
         )
         .into_iter()
         .map(|x| x.0)
@@ -287,6 +293,7 @@ mod tests {
         assert_eq!(version_of("nixos_2.verity-sig.raw"), Some("2"));
         assert_eq!(version_of("nixos_2.1.linux"), Some("2.1"));
         assert_eq!(version_of("nixos_2.initrd"), Some("2"));
+        assert_eq!(version_of("nixos_2.dtb"), Some("2"));
         assert_eq!(version_of("nixos_2.conf"), Some("2"));
         assert_eq!(version_of("SHA256SUMS"), None);
         assert_eq!(version_of("nixos_2.img"), None);
