@@ -86,6 +86,12 @@ pub fn store_copy(sys: &System) -> tempfile::TempDir {
     d
 }
 
+/// A JSON array of strings, as strings.
+pub fn json_strs(v: &serde_json::Value) -> Vec<&str> {
+    let a = v.as_array().unwrap_or_else(|| panic!("not an array: {v}"));
+    a.iter().map(|s| s.as_str().unwrap()).collect()
+}
+
 /// A [`store_copy`] of `sys` whose bootspec names a device tree (a Pi's,
 /// beside the kernel), where NixOS's systemd-boot extension names it; and
 /// that device tree's file.
@@ -116,7 +122,12 @@ pub const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 /// A raw-efi image of the x86_64 fixture with a UKI per entry (`--uki`,
 /// Debian's stub) at `img`, and its layout (`--json`).
 pub fn uki_image(img: &Path, extra: &[&str]) -> serde_json::Value {
-    let out = ok(forge_image_of(&system("x86_64"))
+    uki_image_with(forge_image_of(&system("x86_64")), img, extra)
+}
+
+/// The same, of the system `forge` (`forge image SYSTEM --root …`) names.
+pub fn uki_image_with(mut forge: Command, img: &Path, extra: &[&str]) -> serde_json::Value {
+    let out = ok(forge
         .args([
             "--format",
             "raw-efi",

@@ -50,13 +50,8 @@ fn the_live_system_of_the_iso_variant_is_the_iso_forge_writes() {
 
     // The ISO forge writes with the variant's arguments.
     let variant = module_eval("{ enable = true; }", &[]);
-    let args = &variant["image"]["modules"]["forge-iso"]["system"]["build"]["image"]["args"];
-    let args: Vec<&str> = args
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args =
+        json_strs(&variant["image"]["modules"]["forge-iso"]["system"]["build"]["image"]["args"]);
     let out = args.iter().position(|a| *a == "--output").unwrap();
     let sys = system("x86_64");
     let d = tempfile::tempdir().unwrap();
@@ -114,12 +109,7 @@ fn live_boot_script(got: &Value, root_img: &Path) -> String {
     let fs = &got["fileSystems"];
     let mount = |at: &str, device: &str| {
         let f = &fs[at];
-        let opts: Vec<&str> = f["options"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|o| o.as_str().unwrap())
-            .collect();
+        let opts = json_strs(&f["options"]);
         format!(
             "mkdir -p {at}\nmount -t {} -o {} {device} {at}\n",
             f["fsType"].as_str().unwrap(),

@@ -285,7 +285,17 @@ fn the_module_updates_are_the_slots_and_transfers_forge_makes() {
     // installDeviceTree): its transfer too.
     let sys = system("x86_64");
     let (copy, _) = store_with_devicetree(&sys);
-    let got = module_eval(&type1, &["--argstr", "imageVersion", "7", "--arg", "deviceTree", "true"]);
+    let got = module_eval(
+        &type1,
+        &[
+            "--argstr",
+            "imageVersion",
+            "7",
+            "--arg",
+            "deviceTree",
+            "true",
+        ],
+    );
     assert!(got["systemd"]["sysupdate"]["transfers"]
         .get("61-nixos-devicetree")
         .is_some());
@@ -442,13 +452,8 @@ fn the_module_sets_exactly_the_options_each_layout_needs() {
         "",
     );
     assert_eq!(got["assertions"][0]["assertion"], json!(true));
-    let args = &got["image"]["modules"]["forge-sd-aarch64"]["system"]["build"]["image"]["args"];
-    let args: Vec<&str> = args
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let args =
+        json_strs(&got["image"]["modules"]["forge-sd-aarch64"]["system"]["build"]["image"]["args"]);
     assert_eq!(
         &args[args.len() - 6..],
         [

@@ -587,18 +587,11 @@ fn iso_line(v: &formats::manifest::IsoVolume) -> String {
 /// columns as wide as their longest entry (`root-x86-64-verity-sig`).
 fn partition_rows(parts: &[Part]) -> String {
     let mut s = String::new();
-    let ty_w = parts
-        .iter()
-        .map(|p| p.type_name.len())
-        .max()
-        .unwrap_or(0)
-        .max(14);
-    let name_w = parts
-        .iter()
-        .map(|p| p.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(10);
+    let width = |of: fn(&Part) -> usize, least| parts.iter().map(of).fold(least, usize::max);
+    let (ty_w, name_w) = (
+        width(|p| p.type_name.len(), 14),
+        width(|p| p.name.len(), 10),
+    );
     for p in parts {
         let fs = p
             .filesystem
