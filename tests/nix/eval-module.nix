@@ -1,5 +1,6 @@
 # Evaluates nix/module.nix without nixpkgs: a stub `lib` whose mkIf,
-# mkMerge and mkDefault leave markers that `resolve` below applies, and a
+# mkMerge, mkDefault and mkOverride leave markers that `resolve` and
+# `merge` below apply (priorities as the module system has them), and a
 # stub `config` holding the module's own option defaults overridden by
 # `settings`. The result is the configuration the module sets, as JSON:
 # mkDefault values appear as { default = …; }, each image variant as the
