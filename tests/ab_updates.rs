@@ -210,7 +210,7 @@ fn version_2_installed(d: &Path, img: &Path, report: &Value, verity: bool) {
 /// What Debian's systemd-veritysetup-generator, run as in an initrd whose
 /// kernel command line is `cmdline`, has systemd-veritysetup do: the
 /// arguments of its `attach`.
-fn verity_generator(cmdline: &str, d: &Path) -> String {
+pub(crate) fn verity_generator(cmdline: &str, d: &Path) -> String {
     let out = d.join("generated");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out).unwrap();

@@ -405,6 +405,23 @@ fn sd_card_with_verity_boots_under_u_boot_through_dm_verity() {
     let fat = format!("{}@@{}", img.display(), part(&sd.layout, 1).0);
     let conf = ok(Command::new("mtype").args(["-i", &fat, "::/boot/extlinux/extlinux.conf"]));
     assert!(conf.contains(&format!(" roothash={hash}")), "{conf}");
+    // An MBR's PARTUUIDs do not come from the root hash: the line names
+    // the partitions, and systemd's own generator (as a NixOS initrd with
+    // nixforge.verity runs it) opens root from exactly partitions 2 and 3
+    // of this disk, as libblkid names them.
+    let line = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("APPEND "))
+        .unwrap_or_else(|| panic!("no APPEND in {conf}"));
+    let props = ok(Command::new("blkid").args(["-p", "-o", "udev"]).arg(&img));
+    let id = props
+        .lines()
+        .find_map(|l| l.strip_prefix("ID_PART_TABLE_UUID="))
+        .unwrap_or_else(|| panic!("no table id: {props}"));
+    assert_eq!(
+        crate::ab_updates::verity_generator(line, sd.dir.path()),
+        format!("attach 'root' '/dev/disk/by-partuuid/{id}-02' '/dev/disk/by-partuuid/{id}-03' '{hash}' ''")
+    );
     let bytes = std::fs::read(&img).unwrap();
     let cut = |n: usize, name: &str| {
         let (off, size) = part(&sd.layout, n);

@@ -242,13 +242,29 @@ impl SdAarch64 {
         if self.firmware.get().is_none() {
             let mut fw = self.firmware_files.clone();
             if self.boot_on_fw {
-                let extra = verity_params_line(verity);
+                let mut extra = verity_params_line(verity);
+                if verity.is_some() {
+                    extra.extend(mbr_verity_devices(i));
+                }
                 trees::extlinux(&mut fw, i.store, i.c, i.o.epoch, i.o.loader_timeout, &extra)?;
             }
             let _ = self.firmware.set(fw);
         }
         Ok(self.firmware.get().expect("made above"))
     }
+}
+
+/// The card's root and hash partitions as systemd's veritysetup
+/// generator is told them: an MBR's PARTUUIDs (signature-number) do not
+/// come from the root hash as GPT GUIDs do. Their numbers are the
+/// layout's order below: firmware, root, verity.
+fn mbr_verity_devices(i: &Input) -> [String; 2] {
+    let sig = crate::layout::mbr_signature(i.seed);
+    let dev = |n| format!("PARTUUID={}", crate::layout::mbr_partuuid(sig, n));
+    [
+        format!("systemd.verity_root_data={}", dev(2)),
+        format!("systemd.verity_root_hash={}", dev(3)),
+    ]
 }
 
 impl DiskFormat for SdAarch64 {

@@ -471,15 +471,13 @@ impl<'t> Layout<'t> {
                 sectors: lba(len)?,
             });
         }
-        let d = seed::derive(&self.seed, "mbr:signature");
-        let signature = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+        let signature = mbr_signature(&self.seed);
         Ok(TableBytes {
             head: mbr::encode(signature, &parts),
             tail: None,
             disk_id: format!("{signature:08x}"),
-            // The Pi's PARTUUID: <disk signature>-<partition number>.
             guids: (1..=parts.len())
-                .map(|n| format!("{signature:08x}-{n:02x}"))
+                .map(|n| mbr_partuuid(signature, n))
                 .collect(),
         })
     }
@@ -523,6 +521,18 @@ impl Placed<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// An MBR disk's signature, from the seed.
+pub fn mbr_signature(seed: &str) -> u32 {
+    let d = seed::derive(seed, "mbr:signature");
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+}
+
+/// An MBR partition's PARTUUID, as Linux gives it:
+/// `<disk signature>-<partition number>`, in hex.
+pub fn mbr_partuuid(signature: u32, number: usize) -> String {
+    format!("{signature:08x}-{number:02x}")
 }
 
 #[cfg(test)]
