@@ -191,11 +191,14 @@ def ext4_and_images(res, c, top, a, w, store, only):
     size = int(plan.split(": ")[1].split(" bytes")[0])
     size = (size * 11 // 10 + (1 << 20) - 1) >> 20 << 20
     inodes = int(plan.split("inodes (")[1].split(" used")[0]) + 1000
+    ext4 = f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --size {size}"
+    written = int(sh(f"{rm}; {ext4} 2>/dev/null && du --block-size=1 {w}/x.img").split()[0])
     # Alternated (issue 31): a drifting disk moves every ratio alike.
     res.extend(measure_group([
         ("tar -cf OUT tree && sync", f"tar -cf {w}/x.tar -C {c} nix && sync", rm),
         ("mkfs.ext4 -d", f"truncate -s {size} {w}/x.img && mkfs.ext4 -q -F -N {inodes} -d {c} {w}/x.img", rm),
-        ("forge ext4", f"{FORGE} ext4 {c} -o {w}/x.img --owner 0:0 --size {size}", rm),
+        ("forge ext4", ext4, rm),
+        disk_limit(w, written, "ext4: disk limit (dd oflag=direct of forge ext4's allocated bytes)"),
     ], a.runs))
 
     print("raw-efi image of the corpus", file=sys.stderr)

@@ -41,6 +41,8 @@ def report(res, a, out):
         ("forge .qcow2 / raw + qemu-img convert", "vm: forge .qcow2", "vm: forge raw + qemu-img convert -O qcow2", "≤ 0.55"),
         ("forge .qcow2 / forge raw", "vm: forge .qcow2", "vm: forge raw .img", "≤ 1.1"),
         ("forge .vhd / forge raw", "vm: forge .vhd (fixed)", "vm: forge raw .img", "≤ 1.05"),
+        ("forge ext4 / its disk limit", "forge ext4",
+         "ext4: disk limit (dd oflag=direct of forge ext4's allocated bytes)", "≤ 1.05 (disk-bound)"),
         ("forge raw / its disk limit", "vm: forge raw .img",
          "vm: disk limit (dd oflag=direct of the raw image's mapped bytes)", "≤ 1.05 (disk-bound)"),
         ("forge .qcow2 / the raw image's disk limit", "vm: forge .qcow2",
