@@ -198,7 +198,7 @@ fn write_partition(o: &Options, version: &str, p: &Partition) -> Result<(AtomicO
 }
 
 /// The files that boot a version of this image (its UKI, or type 1
-/// entry, kernel and initrd).
+/// entry, kernel, initrd and devicetree).
 fn boot_files(i: &image::Input) -> Vec<&'static BootFile> {
     let spec = &i.c.bootspec.spec;
     slots::boot_files(i.o.uki, spec.initrd.is_some(), spec.devicetree.is_some())
