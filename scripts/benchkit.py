@@ -160,7 +160,8 @@ def throttled(w, mb_s):
     if os.path.isdir(v1):
         cg, knob, value = os.path.join(v1, "nixforge-bench"), "blkio.throttle.write_bps_device", f"{dev} {mb_s * 1000000}"
         root = v1
-    elif "io" in open("/sys/fs/cgroup/cgroup.controllers").read().split():
+    elif os.path.exists("/sys/fs/cgroup/cgroup.controllers") and \
+            "io" in open("/sys/fs/cgroup/cgroup.controllers").read().split():
         sh("echo +io > /sys/fs/cgroup/cgroup.subtree_control")
         cg, knob, value = "/sys/fs/cgroup/nixforge-bench", "io.max", f"{dev} wbps={mb_s * 1000000}"
         root = "/sys/fs/cgroup"

@@ -183,14 +183,10 @@ fn version_2_installed(d: &Path, img: &Path, report: &Value, verity: bool) {
     // systemd's own generator, given the installed UKI's command line,
     // opens these two partitions as the volume `root` (the NixOS module
     // mounts /dev/mapper/root).
-    let cmdline = d.join("cmdline");
-    ok(Command::new("objcopy")
-        .args(["-O", "binary", "--only-section=.cmdline"])
-        .arg(d.join("pub/nixos_2.efi"))
-        .arg(&cmdline));
+    let cmdline = pe_section(&d.join("pub/nixos_2.efi"), ".cmdline", d);
     let by = |u: &str| format!("'/dev/disk/by-partuuid/{u}'");
     assert_eq!(
-        verity_generator(&std::fs::read_to_string(&cmdline).unwrap(), d),
+        verity_generator(std::str::from_utf8(&cmdline).unwrap(), d),
         format!(
             "attach 'root' {} {} '{hash}' ''",
             by(&after[1 + n].1),

@@ -86,6 +86,17 @@ pub fn store_copy(sys: &System) -> tempfile::TempDir {
     d
 }
 
+/// The bytes of section `name` of the PE file `pe` (objcopy's), by way
+/// of a file in `dir`.
+pub fn pe_section(pe: &Path, name: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("section{name}"));
+    ok(Command::new("objcopy")
+        .args(["-O", "binary", &format!("--only-section={name}")])
+        .arg(pe)
+        .arg(&out));
+    std::fs::read(&out).unwrap()
+}
+
 /// A JSON array of strings, as strings.
 pub fn json_strs(v: &serde_json::Value) -> Vec<&str> {
     let a = v.as_array().unwrap_or_else(|| panic!("not an array: {v}"));

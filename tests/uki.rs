@@ -63,19 +63,10 @@ fn each_entry_is_a_uki_with_its_sections_and_no_type1_entries() {
         names.iter().any(|n| n == ".text") && names.iter().any(|n| n == ".sbat"),
         "{headers}"
     );
-    let uname = dir.path().join("uname");
-    ok(Command::new("objcopy")
-        .args(["-O", "binary", "--only-section=.uname"])
-        .arg(&uki)
-        .arg(&uname));
+    let uname = String::from_utf8(pe_section(&uki, ".uname", dir.path())).unwrap();
     let kver = std::fs::read_to_string(fixtures().join("x86_64/kver")).unwrap();
-    assert_eq!(std::fs::read_to_string(&uname).unwrap(), kver.trim());
-    let cmdline = dir.path().join("cmdline");
-    ok(Command::new("objcopy")
-        .args(["-O", "binary", "--only-section=.cmdline"])
-        .arg(&uki)
-        .arg(&cmdline));
-    let cmdline = std::fs::read_to_string(&cmdline).unwrap();
+    assert_eq!(uname, kver.trim());
+    let cmdline = String::from_utf8(pe_section(&uki, ".cmdline", dir.path())).unwrap();
     let hash = layout["verity"]["root_hash"].as_str().unwrap();
     assert!(cmdline.starts_with("init=/nix/store/"), "{cmdline}");
     assert!(cmdline.ends_with(&format!(" roothash={hash}")), "{cmdline}");
@@ -106,12 +97,10 @@ fn a_devicetree_the_bootspec_names_is_the_ukis_dtb_section() {
         [".osrel", ".cmdline", ".dtb", ".uname", ".initrd", ".linux"],
         "{headers}"
     );
-    let got = dir.path().join("dtb");
-    ok(Command::new("objcopy")
-        .args(["-O", "binary", "--only-section=.dtb"])
-        .arg(&uki)
-        .arg(&got));
-    assert_eq!(std::fs::read(&got).unwrap(), std::fs::read(&src).unwrap());
+    assert_eq!(
+        pe_section(&uki, ".dtb", dir.path()),
+        std::fs::read(&src).unwrap()
+    );
 }
 
 #[test]
