@@ -5,8 +5,9 @@
 //! covers, once the image moves past its 32 MiB; the directory, footer
 //! and end-of-stream marker last.
 
-use flate2::{Compress, Compression, FlushCompress};
+use libdeflater::{CompressionLvl, Compressor};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
@@ -95,10 +96,22 @@ fn sector(pos: u64) -> io::Result<u32> {
         .map_err(|_| io::Error::other("VMDK: the stream is larger than 2 TiB of compressed data"))
 }
 
-/// A grain, zlib-compressed (what VMware and qemu inflate).
+/// A grain, zlib-compressed (what VMware and qemu inflate), by libdeflate
+/// at its default level: a grain is one whole buffer, which libdeflate
+/// compresses faster than zlib and smaller (8.5 against 10.8 s for the
+/// 2 GiB corpus, 2.6 % smaller; BENCHMARKS.md). One compressor a thread.
 fn compress(grain: &[u8]) -> io::Result<Vec<u8>> {
-    let c = Compress::new(Compression::default(), true);
-    super::compress_all(c, grain, FlushCompress::Finish)
+    thread_local! {
+        static Z: RefCell<Compressor> = RefCell::new(Compressor::new(CompressionLvl::default()));
+    }
+    Z.with_borrow_mut(|z| {
+        let mut out = vec![0u8; z.zlib_compress_bound(grain.len())];
+        let n = z
+            .zlib_compress(grain, &mut out)
+            .map_err(|e| io::Error::other(format!("deflate: {e}")))?;
+        out.truncate(n);
+        Ok(out)
+    })
 }
 
 impl Container for Vmdk {
