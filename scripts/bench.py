@@ -20,7 +20,7 @@ import argparse, json, os, shutil, statistics, subprocess, sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import (REPO, FORGE, FLASH, sh, worse, measure, loop_device,  # noqa: E402
                       measure_pair, measure_group, disk_limit, disk_rate, throttled)
-from bench_formats import formats_bench, iso_bench  # noqa: E402
+from bench_formats import formats_bench, lxc_bench, iso_bench  # noqa: E402
 from bench_sources import sources_bench  # noqa: E402
 from bench_report import report  # noqa: E402
 
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--mib", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--fixtures", default=os.path.join(REPO, "build/fixtures"))
-    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,iso,fleet,info,oci,flash,sources,provision",
+    ap.add_argument("--only", default="closure,ext4,image,sd,erofs,updates,vm,formats,lxc,iso,fleet,info,oci,flash,sources,provision",
                     help="comma-separated sections to run; `base` alone: only the comparison with --base")
     ap.add_argument("--base", metavar="REV",
                     help="also run forge at git revision REV interleaved with this tree's")
@@ -103,6 +103,8 @@ def run(a):
         vm_bench(res, c, top, a, w)
     if "formats" in only:
         formats_bench(res, c, top, a, w)
+    if "lxc" in only:
+        lxc_bench(res, c, top, a, w)
     if "iso" in only:
         iso_bench(res, c, top, a, w)
     if "fleet" in only:
