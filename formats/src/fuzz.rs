@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator from `seed` (any value; xorshift needs one bit set).
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
     pub fn word(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;

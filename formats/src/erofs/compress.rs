@@ -285,16 +285,9 @@ mod tests {
         }
     }
 
-    /// Bytes that do not repeat: xorshift.
-    fn noise(n: usize, mut x: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+    /// Bytes that do not repeat.
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        crate::fuzz::Rng::seeded(seed).bytes(n)
     }
 
     #[test]
