@@ -139,6 +139,25 @@ fn recorded_hashes_are_taken_sizes_checked_and_verify_nar_hashes() {
         e.contains(store_path) && e.contains("its NAR is") && e.contains("records"),
         "{e}"
     );
+    // forge image takes the recorded sizes and holds each path's to the
+    // tree it reads for the root (the closure walked once, not twice):
+    // the same refusal, and nothing written.
+    let out = tempfile::tempdir().unwrap();
+    let e = fails(
+        forge()
+            .arg("image")
+            .arg(&sys.result)
+            .arg("--root")
+            .arg(copy.path())
+            .args(["--format", "raw-efi", "-o"])
+            .arg(out.path().join("x.img")),
+    );
+    let e = the_error(&e);
+    assert!(
+        e.contains(store_path) && e.contains("its NAR is") && e.contains("records"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
 
 #[test]

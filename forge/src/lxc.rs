@@ -76,6 +76,8 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
         root: o.store_root.clone(),
         closure_info: o.closure_info.clone(),
         verify_nar: o.verify_nar,
+        // root_tree checks them as it reads each path.
+        sizes_later: true,
     };
     let c = closure::read_reported(&o.system, &opts, progress)?;
     let store = Store::new(&o.store_root);

@@ -193,6 +193,7 @@ fn closure(a: ClosureArgs) -> Result<()> {
             root: a.src.root,
             closure_info: a.src.closure_info,
             verify_nar: a.src.verify_nar,
+            sizes_later: false,
         },
     )
     .with_context(|| format!("reading the closure of {}", a.system.display()))?;

@@ -110,6 +110,13 @@ pub struct Fragment {
     top: NodeId,
 }
 
+impl Fragment {
+    /// Its tree, and the node that is the host object read.
+    pub fn parts(&self) -> (&Tree, NodeId) {
+        (&self.tree, self.top)
+    }
+}
+
 /// Data segments of sparse files are aligned to this (the ext4 block).
 pub const BLOCK: u64 = 4096;
 

@@ -106,6 +106,11 @@ pub struct Closure {
     pub warnings: Vec<String>,
     /// Sorted by path.
     pub paths: Vec<PathInfo>,
+    /// Where the sizes were recorded, when they were taken without being
+    /// checked ([`Options::sizes_later`]): whoever reads the paths' trees
+    /// must hold each NAR size to its path's.
+    #[serde(skip)]
+    pub sizes_unchecked: Option<PathBuf>,
 }
 
 pub struct Options {
@@ -115,6 +120,11 @@ pub struct Options {
     /// closure-info): else the recorded hash is taken and only the NAR's
     /// size is checked, from the tree's metadata, without reading a file.
     pub verify_nar: bool,
+    /// The caller reads every path's tree (`image::trees::root_tree`) and
+    /// checks the NAR sizes there ([`Closure::sizes_unchecked`]): the
+    /// recorded sizes are taken here, which spares a second walk that
+    /// stats every file of the closure.
+    pub sizes_later: bool,
 }
 
 /// An edge list: path → (references, deriver, hash recorded by Nix).
@@ -167,6 +177,8 @@ pub struct Paths {
     pub warnings: Vec<String>,
     /// Sorted by path.
     pub paths: Vec<PathInfo>,
+    /// As [`Closure::sizes_unchecked`].
+    pub sizes_unchecked: Option<PathBuf>,
 }
 
 /// [`read`], the error naming the system, the closure's size reported
@@ -204,6 +216,7 @@ pub fn read(system: &Path, opts: &Options) -> Result<Closure, ClosureError> {
         source: p.source,
         warnings: p.warnings,
         paths: p.paths,
+        sizes_unchecked: p.sizes_unchecked,
     })
 }
 
@@ -222,26 +235,26 @@ fn read_closure(store: &Store, toplevel: String, opts: &Options) -> Result<Paths
     let db_file = store.physical("/nix/var/nix/db/db.sqlite");
 
     let mut warnings = Vec::new();
-    let (source, paths) = if let Some(ci) = &opts.closure_info {
+    let later = opts.sizes_later && !opts.verify_nar;
+    let (source, paths, unchecked) = if let Some(ci) = &opts.closure_info {
         let g = registration::read_closure_info(ci)?.closure_of(&toplevel, ci)?;
-        (
-            Source::ClosureInfo,
-            hash_graph(store, g, &info_dir(opts), opts.verify_nar)?,
-        )
+        let from = info_dir(opts);
+        let paths = hash_graph(store, g, &from, opts.verify_nar, later)?;
+        (Source::ClosureInfo, paths, later.then_some(from))
     } else if db_file.exists() {
         let g = db::closure(&db_file, &toplevel)?;
-        (
-            Source::NixDb,
-            hash_graph(store, g, &db_file, opts.verify_nar)?,
-        )
+        let paths = hash_graph(store, g, &db_file, opts.verify_nar, later)?;
+        (Source::NixDb, paths, later.then_some(db_file))
     } else {
-        (Source::Scan, scan_closure(store, &toplevel, &mut warnings)?)
+        let paths = scan_closure(store, &toplevel, &mut warnings)?;
+        (Source::Scan, paths, None)
     };
     Ok(Paths {
         top: toplevel,
         source,
         warnings,
         paths,
+        sizes_unchecked: unchecked,
     })
 }
 
@@ -279,12 +292,15 @@ fn info_dir(opts: &Options) -> PathBuf {
 /// Every node of a graph Nix recorded, in parallel: with `verify`, each
 /// NAR hashed and held to the recorded hash; else the recorded hash
 /// taken and the NAR's size, from metadata alone, held to the recorded
-/// size (so the files are read once, by whoever writes them).
+/// size (so the files are read once, by whoever writes them), or with
+/// `sizes_later` the recorded size taken as it is, for the caller to
+/// check.
 fn hash_graph(
     store: &Store,
     g: Graph,
     from: &Path,
     verify: bool,
+    sizes_later: bool,
 ) -> Result<Vec<PathInfo>, ClosureError> {
     missing_check(store, &g)?;
     let nodes: Vec<(String, Node)> = g.nodes.into_iter().collect();
@@ -299,11 +315,10 @@ fn hash_graph(
                 })?),
             };
             let (hash, size) = match recorded {
-                Some(h) if !verify => {
-                    let physical = store.physical(&path);
-                    let size = nar::size(&physical)?;
-                    (h, size)
-                }
+                Some(h) if !verify => match node.recorded_size {
+                    Some(size) if sizes_later => (h, size),
+                    _ => (h, nar::size(&store.physical(&path))?),
+                },
                 _ => {
                     let (hash, size, _) = nar_digest(store, &path, None, buf)?;
                     if let Some(digest) = recorded.filter(|d| *d != hash) {

@@ -481,6 +481,8 @@ fn read_closure(o: &Options, progress: &dyn Progress) -> Result<Closure> {
         root: o.store_root.clone(),
         closure_info: o.closure_info.clone(),
         verify_nar: o.verify_nar,
+        // root_tree checks them as it reads each path.
+        sizes_later: true,
     };
     closure::read_reported(&o.system, &opts, progress)
 }

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use formats::tree::{Fragment, Kind, Node, NodeId, Owner, Tree, ROOT};
 
@@ -32,6 +32,24 @@ const MOUNT_POINTS: &[(&str, u16)] = &[
 /// nixpkgs' ids.gids.nixbld: NixOS keeps /nix/store root:nixbld 1775.
 const NIXBLD_GID: u32 = 30000;
 
+/// A path's NAR size, from the tree just read (the closure took the
+/// recorded one unchecked: `closure::Options::sizes_later`), held to the
+/// size `db` records, as the closure step would have held it.
+fn size_check(f: &Fragment, host: &Path, p: &closure::PathInfo, db: &Path) -> Result<()> {
+    let (tree, top) = f.parts();
+    let computed = formats::nar::tree_size(tree, top, host)?;
+    if computed != p.nar_size {
+        return Err(closure::ClosureError::SizeMismatch {
+            path: p.path.clone(),
+            computed,
+            recorded: p.nar_size,
+            db: db.to_owned(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// The root filesystem: the closure in /nix/store, its registration, the
 /// system profile links and the mount points.
 pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
@@ -43,8 +61,13 @@ pub fn root_tree(store: &Store, closure: &Closure, epoch: u32) -> Result<Tree> {
         force: Some((0, 0)),
     };
     let read = |p: &closure::PathInfo| {
-        Tree::read_host(&store.physical(&p.path), owner)
-            .with_context(|| format!("adding {} to the root filesystem", p.path))
+        let host = store.physical(&p.path);
+        let f = Tree::read_host(&host, owner)
+            .with_context(|| format!("adding {} to the root filesystem", p.path))?;
+        if let Some(db) = &closure.sizes_unchecked {
+            size_check(&f, &host, p, db)?;
+        }
+        Ok(f)
     };
     let fragments: Vec<Result<Fragment>> = closure.paths.par_iter().map(read).collect();
     for (p, f) in closure.paths.iter().zip(fragments) {

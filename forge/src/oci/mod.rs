@@ -305,6 +305,7 @@ pub fn build(o: &Options, progress: &dyn Progress) -> Result<Report> {
             root: o.store_root.clone(),
             closure_info: o.closure_info.clone(),
             verify_nar: o.verify_nar,
+            sizes_later: false,
         },
     )
     .with_context(|| format!("reading the closure of {}", o.path.display()))?;

@@ -14,11 +14,14 @@ mod scan;
 pub use scan::{is_name_char, RefScanner, HASH_LEN};
 
 use sha2::{Digest, Sha256};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+
+use crate::tree::{Kind, NodeId, Tree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NarError {
@@ -137,6 +140,40 @@ fn dump_node<W: Write>(path: &Path, f: &mut Framer<W>, buf: &mut [u8]) -> Result
 pub fn size(path: &Path) -> Result<u64, NarError> {
     let md = fs::symlink_metadata(path).map_err(io_err(path))?;
     Ok(framed(13) + size_node(path, &md)?)
+}
+
+/// The length of the NAR of node `id` of `tree` (a tree read from the
+/// host object at `host`, which names it in errors): what [`size`] gives
+/// for that object, from the tree alone (no file system call).
+pub fn tree_size(tree: &Tree, id: NodeId, host: &Path) -> Result<u64, NarError> {
+    fn node(tree: &Tree, id: NodeId, at: &Path) -> Result<u64, NarError> {
+        let n = tree.node(id);
+        let mut t = framed(1) + framed(4); // "(" "type"
+        match &n.kind {
+            Kind::Symlink { target } => t += framed(7) + framed(6) + framed(target.len()),
+            Kind::File { size, .. } => {
+                t += framed(7);
+                if n.perm & 0o100 != 0 {
+                    t += framed(10) + framed(0);
+                }
+                t += framed(8) + 8 + size.next_multiple_of(8);
+            }
+            Kind::Dir { children } => {
+                t += framed(9);
+                for (name, &child) in children {
+                    t += framed(5) + framed(1) + framed(4) + framed(name.len()) + framed(4);
+                    t += node(tree, child, &at.join(OsStr::from_bytes(name)))? + framed(1);
+                }
+            }
+            _ => {
+                return Err(NarError::FileType {
+                    path: at.to_owned(),
+                })
+            }
+        }
+        Ok(t + framed(1))
+    }
+    Ok(framed(13) + node(tree, id, host)?)
 }
 
 /// A framed string of `n` bytes: its length, itself, padding to 8.

@@ -96,17 +96,41 @@ fn size_from_metadata_equals_the_dumped_length() {
     std::fs::write(root.join("sub/deeper/nine"), b"123456789").unwrap();
     std::fs::write(root.join("sub/eight"), b"12345678").unwrap();
     symlink("../b", root.join("sub/link-with-a-longer-name")).unwrap();
+    std::fs::hard_link(root.join("sub/eight"), root.join("sub/eight-again")).unwrap();
     for p in [
         root.clone(),
         root.join("b"),
         root.join("sub/link-with-a-longer-name"),
         root.join("sub/empty"),
     ] {
-        assert_eq!(
-            size(&p).unwrap(),
-            nar_of(&p).len() as u64,
-            "{}",
-            p.display()
-        );
+        let dumped = nar_of(&p).len() as u64;
+        assert_eq!(size(&p).unwrap(), dumped, "{}", p.display());
+        // The same from the tree forge reads (owners forced, as the
+        // root's are; a hard link twice, as NAR holds it).
+        let owner = crate::tree::Owner {
+            force: Some((0, 0)),
+        };
+        let f = Tree::read_host(&p, owner).unwrap();
+        let (t, top) = f.parts();
+        assert_eq!(tree_size(t, top, &p).unwrap(), dumped, "{}", p.display());
     }
+}
+
+#[test]
+fn a_tree_with_what_nar_cannot_hold_is_refused_naming_it() {
+    let mut t = Tree::new(0o755);
+    let top = t.mkdir_p(b"/top", 0o755).unwrap();
+    let d = t.mkdir_p(b"/top/dev", 0o755).unwrap();
+    let fifo = crate::tree::Node {
+        kind: Kind::Fifo,
+        perm: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    t.insert(d, b"pipe", fifo).unwrap();
+    let e = tree_size(&t, top, Path::new("/store/x-top")).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "/store/x-top/dev/pipe: unsupported file type (NAR holds only files, directories and symlinks)"
+    );
 }
