@@ -98,7 +98,7 @@ fn sector(pos: u64) -> io::Result<u32> {
 
 /// A grain, zlib-compressed (what VMware and qemu inflate), by libdeflate
 /// at its default level: a grain is one whole buffer, which libdeflate
-/// compresses faster than zlib and smaller (8.5 against 10.8 s for the
+/// compresses faster than zlib and smaller (8.0–8.5 against 10.8 s for the
 /// 2 GiB corpus, 2.6 % smaller; BENCHMARKS.md). One compressor a thread.
 fn compress(grain: &[u8]) -> io::Result<Vec<u8>> {
     thread_local! {

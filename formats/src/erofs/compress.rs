@@ -14,8 +14,8 @@
 //! `destSize`); an extent that would not take less room than its input is
 //! stored as one raw block of 4 KiB, and so is a segment's last 4 KiB or
 //! less. LZ4HC searches only input where a quicker matcher found
-//! something to match (`fill_hc`). A file whose blocks would not be fewer than its plain blocks is
-//! not compressed.
+//! something to match (`fill_hc`). A file whose blocks would not be
+//! fewer than its plain blocks is not compressed.
 
 use std::collections::HashMap;
 use std::io::Write;
