@@ -156,8 +156,9 @@ const fn literal_capacity(block: usize) -> usize {
 /// the corpus's compression time went to such blocks: already compressed
 /// files). Compressible input goes straight to LZ4HC.
 fn fill_hc(src: &[u8], dst: &mut [u8], level: i32) -> std::io::Result<(usize, usize)> {
-    let literals = literal_capacity(dst.len());
-    let nothing = |(used, _): (usize, usize)| used <= literals;
+    const LITERALS: usize = literal_capacity(BS as usize);
+    debug_assert_eq!(dst.len(), BS as usize, "one block out");
+    let nothing = |(used, _): (usize, usize)| used <= LITERALS;
     if nothing(fill(src, dst, None)?) && level > 2 && nothing(fill(src, dst, Some(2))?) {
         return Ok((0, 0));
     }

@@ -148,30 +148,23 @@ pub fn size(path: &Path) -> Result<u64, NarError> {
 pub fn tree_size(tree: &Tree, id: NodeId, host: &Path) -> Result<u64, NarError> {
     fn node(tree: &Tree, id: NodeId, at: &Path) -> Result<u64, NarError> {
         let n = tree.node(id);
-        let mut t = framed(1) + framed(4); // "(" "type"
         match &n.kind {
-            Kind::Symlink { target } => t += framed(7) + framed(6) + framed(target.len()),
-            Kind::File { size, .. } => {
-                t += framed(7);
-                if n.perm & 0o100 != 0 {
-                    t += framed(10) + framed(0);
-                }
-                t += framed(8) + 8 + size.next_multiple_of(8);
-            }
+            Kind::Symlink { target } => Ok(symlink_node(target.len())),
+            Kind::File { size, .. } => Ok(file_node(n.perm & 0o100 != 0, *size)),
             Kind::Dir { children } => {
-                t += framed(9);
+                let mut t = dir_node();
                 for (name, &child) in children {
-                    t += framed(5) + framed(1) + framed(4) + framed(name.len()) + framed(4);
-                    t += node(tree, child, &at.join(OsStr::from_bytes(name)))? + framed(1);
+                    t += dir_entry(
+                        name.len(),
+                        node(tree, child, &at.join(OsStr::from_bytes(name)))?,
+                    );
                 }
+                Ok(t)
             }
-            _ => {
-                return Err(NarError::FileType {
-                    path: at.to_owned(),
-                })
-            }
+            _ => Err(NarError::FileType {
+                path: at.to_owned(),
+            }),
         }
-        Ok(t + framed(1))
     }
     Ok(framed(13) + node(tree, id, host)?)
 }
@@ -181,21 +174,45 @@ fn framed(n: usize) -> u64 {
     8 + (n as u64).next_multiple_of(8)
 }
 
+/// A node's "(" "type" … ")" around what its kind adds.
+fn node_of(kind: u64) -> u64 {
+    framed(1) + framed(4) + kind + framed(1)
+}
+
+/// A symlink node whose target is `target_len` bytes.
+fn symlink_node(target_len: usize) -> u64 {
+    node_of(framed(7) + framed(6) + framed(target_len))
+}
+
+/// A regular file node of `len` bytes.
+fn file_node(executable: bool, len: u64) -> u64 {
+    let exec = if executable {
+        framed(10) + framed(0)
+    } else {
+        0
+    };
+    node_of(framed(7) + exec + framed(8) + 8 + len.next_multiple_of(8))
+}
+
+/// A directory node with no entries yet.
+fn dir_node() -> u64 {
+    node_of(framed(9))
+}
+
+/// One entry of a directory: its name and its node, `child` bytes.
+fn dir_entry(name_len: usize, child: u64) -> u64 {
+    framed(5) + framed(1) + framed(4) + framed(name_len) + framed(4) + child + framed(1)
+}
+
 /// `md`: `path`'s own metadata (not its target's).
 fn size_node(path: &Path, md: &fs::Metadata) -> Result<u64, NarError> {
     let ft = md.file_type();
-    let mut t = framed(1) + framed(4); // "(" "type"
     if ft.is_symlink() {
         let target = fs::read_link(path).map_err(io_err(path))?;
-        t += framed(7) + framed(6) + framed(target.as_os_str().len());
+        Ok(symlink_node(target.as_os_str().len()))
     } else if ft.is_file() {
-        t += framed(7); // "regular"
-        if md.permissions().mode() & 0o100 != 0 {
-            t += framed(10) + framed(0);
-        }
-        t += framed(8) + 8 + md.len().next_multiple_of(8);
+        Ok(file_node(md.permissions().mode() & 0o100 != 0, md.len()))
     } else if ft.is_dir() {
-        t += framed(9);
         // Each entry's metadata relative to the open directory: no walk
         // of the whole path per file.
         let mut entries = Vec::new();
@@ -205,17 +222,16 @@ fn size_node(path: &Path, md: &fs::Metadata) -> Result<u64, NarError> {
             entries.push((e.file_name(), md));
         }
         entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let mut t = dir_node();
         for (name, md) in entries {
-            let child = path.join(&name);
-            t += framed(5) + framed(1) + framed(4) + framed(name.len()) + framed(4);
-            t += size_node(&child, &md)? + framed(1);
+            t += dir_entry(name.len(), size_node(&path.join(&name), &md)?);
         }
+        Ok(t)
     } else {
-        return Err(NarError::FileType {
+        Err(NarError::FileType {
             path: path.to_owned(),
-        });
+        })
     }
-    Ok(t + framed(1))
 }
 
 /// The names in a directory, sorted bytewise as NAR requires.
