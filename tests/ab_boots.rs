@@ -152,6 +152,10 @@ fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blesse
         names(&m.img),
         ["ESP", "nixos_3", "nixos_3", "nixos_2", "nixos_2", "state"]
     );
+    // inspect names the system systemd-boot would start: 3, on trial.
+    let unblessed = std::fs::read_link(fixture.join("result-unblessed")).unwrap();
+    let r = json(forge().args(["inspect", "--json"]).arg(&m.img));
+    assert_eq!(r["toplevel"], unblessed.to_str().unwrap(), "{r}");
     for (boot, left) in [(2, 2), (3, 1), (4, 0)] {
         m.boot(&format!("version=3 blessed=no boots={boot}"));
         let want = format!("nixos_3+{left}-{}.efi", 3 - left);
@@ -175,6 +179,8 @@ fn an_updated_machine_boots_the_new_version_and_rolls_back_from_one_never_blesse
         (json!("2"), json!("good")),
         "{r}"
     );
+    // Version 3 failed: the default entry is version 2's.
+    assert_eq!(r["toplevel"], system("x86_64").toplevel, "{r}");
 }
 
 /// The files in a directory of the machine's ESP copy, by name.

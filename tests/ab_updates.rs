@@ -125,6 +125,8 @@ fn version_1_image(img: &Path, verity: bool) {
         {"partition": 2 + 1 + verity as u32, "version": null, "entry": null, "state": "empty"},
     ]);
     assert_eq!(r["slots"], want);
+    // The system the default entry (`nixos_*`, a glob) starts.
+    assert_eq!(r["toplevel"], system("x86_64").toplevel, "{r}");
     let want: &[&str] = match verity {
         true => &["ESP", "nixos_1", "nixos_1", "_empty", "_empty", "state"],
         false => &["ESP", "nixos_1", "_empty", "state"],

@@ -288,13 +288,15 @@ fn toplevel_of(parts: &[Part]) -> Option<String> {
         .iter()
         .find(|e| e.file.ends_with("/loader.conf"))
         .and_then(|e| e.fields.iter().find(|(k, _)| k == "default"))
-        .map(|(_, v)| format!("/{v}"));
-    let chosen = entries.into_iter().filter(|e| {
-        default
-            .as_ref()
-            .is_none_or(|d| e.file.ends_with(d.as_str()))
-    });
+        .map(|(_, v)| v.as_str());
+    let chosen: Vec<&BootEntry> = match default {
+        Some(pattern) => crate::image::slots::default_entry(&entries, pattern)
+            .into_iter()
+            .collect(),
+        None => entries,
+    };
     chosen
+        .iter()
         .flat_map(|e| &e.fields)
         .filter(|(k, _)| matches!(k.as_str(), "options" | "APPEND" | "cmdline"))
         .flat_map(|(_, v)| v.split_whitespace())
@@ -626,6 +628,9 @@ pub fn render(r: &Report) -> String {
     );
     for w in &r.warnings {
         s.push_str(&format!("warning: {w}\n"));
+    }
+    if let Some(t) = &r.disk.toplevel {
+        s.push_str(&format!("  the default boot entry starts {t}\n"));
     }
     if let Some(v) = &r.disk.iso {
         s.push_str(&iso_line(v));

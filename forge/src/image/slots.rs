@@ -14,7 +14,7 @@
 use anyhow::{bail, Result};
 
 use crate::closure::{Closure, Store};
-use crate::layout::{Filesystem, Partition, SizePolicy, ALIGN};
+use crate::layout::{BootEntry, Filesystem, Partition, SizePolicy, ALIGN};
 
 /// The GPT name of a slot no version has been installed in.
 pub const EMPTY: &str = "_empty";
@@ -151,6 +151,64 @@ pub fn check_version(v: &str) -> Result<()> {
     Ok(())
 }
 
+/// Two versions in the order systemd orders them (the UAPI Version Format
+/// Specification: sysupdate's newest, systemd-boot's menu): segments of
+/// digits compare as numbers and beat letters; `~` sorts before anything,
+/// even the end (`2~rc1` < `2`); `-`, `^` and `.` each start a segment
+/// that sorts below one that does not; a longer version is newer.
+pub fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let valid = |c: &u8| c.is_ascii_alphanumeric() || b"~-^.".contains(c);
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        a = &a[a.iter().position(valid).unwrap_or(a.len())..];
+        b = &b[b.iter().position(valid).unwrap_or(b.len())..];
+        if let Some(o) = marker(&mut a, &mut b, b'~') {
+            return o;
+        }
+        if a.is_empty() || b.is_empty() {
+            return a.len().cmp(&b.len());
+        }
+        for m in *b"-^." {
+            if let Some(o) = marker(&mut a, &mut b, m) {
+                return o;
+            }
+        }
+        let digits = |s: &[u8]| s.iter().take_while(|c| c.is_ascii_digit()).count();
+        let (na, nb) = (digits(a), digits(b));
+        let (order, la, lb) = if na > 0 || nb > 0 {
+            let (ta, tb) = (no_zeros(&a[..na]), no_zeros(&b[..nb]));
+            let o = (na > 0).cmp(&(nb > 0));
+            (o.then(ta.len().cmp(&tb.len())).then(ta.cmp(tb)), na, nb)
+        } else {
+            let letters = |s: &[u8]| s.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+            let (la, lb) = (letters(a), letters(b));
+            (a[..la].cmp(&b[..lb]), la, lb)
+        };
+        if order.is_ne() {
+            return order;
+        }
+        // Equal segments (or none: a marker, taken next time round).
+        (a, b) = (&a[la..], &b[lb..]);
+    }
+}
+
+/// [`version_order`]'s marker rule: `m` starting one side only makes
+/// that side the older; starting both, it is taken off both.
+fn marker(a: &mut &[u8], b: &mut &[u8], m: u8) -> Option<std::cmp::Ordering> {
+    match (a.first() == Some(&m), b.first() == Some(&m)) {
+        (true, true) => {
+            (*a, *b) = (&a[1..], &b[1..]);
+            None
+        }
+        (false, false) => None,
+        (am, bm) => Some(bm.cmp(&am)),
+    }
+}
+
+fn no_zeros(digits: &[u8]) -> &[u8] {
+    &digits[digits.iter().take_while(|&&c| c == b'0').count()..]
+}
+
 /// `--version`, else the system's `nixos-version` file; checked.
 pub fn version_of(given: Option<&str>, store: &Store, c: &Closure) -> Result<String> {
     let v = match given {
@@ -209,6 +267,48 @@ pub fn empty_twins<'t>(installed: &[Partition<'t>], sizes: &[u64]) -> Vec<Partit
         .collect()
 }
 
+/// The entry systemd-boot starts by default: the first, in its menu's
+/// order, whose id (its file name without the boot counter,
+/// `nixos_2+3.efi` → `nixos_2.efi`) matches loader.conf's `default` glob.
+/// The menu puts entries with no tries left last, then sorts by id,
+/// newest version first; so of two slots the newer boots, unless it has
+/// failed.
+pub fn default_entry<'e>(entries: &[&'e BootEntry], pattern: &str) -> Option<&'e BootEntry> {
+    let id = |e: &BootEntry| {
+        let name = e.file.rsplit('/').next().unwrap_or_default();
+        let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
+        let counter = stem.rsplit_once('+').filter(|(_, c)| {
+            let (left, done) = c.split_once('-').unwrap_or((c, "0"));
+            left.parse::<u32>().is_ok() && done.parse::<u32>().is_ok()
+        });
+        let stem = counter.map_or(stem, |(s, _)| s);
+        let left = counter.and_then(|(_, c)| c.split('-').next()?.parse::<u32>().ok());
+        let failed = left == Some(0);
+        (failed, format!("{stem}.{ext}").to_lowercase())
+    };
+    let mut menu: Vec<(bool, String, &BootEntry)> = entries
+        .iter()
+        .filter(|e| e.loader == "uki" || e.file.starts_with("/loader/entries/"))
+        .map(|e| {
+            let (failed, id) = id(e);
+            (failed, id, *e)
+        })
+        .filter(|(_, id, _)| glob(pattern.to_lowercase().as_bytes(), id.as_bytes()))
+        .collect();
+    menu.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| version_order(&b.1, &a.1)));
+    menu.first().map(|m| m.2)
+}
+
+/// A shell glob (`*`, `?`, no classes) matching the whole of `s`.
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((b'?', rest)) => !s.is_empty() && glob(rest, &s[1..]),
+        Some((c, rest)) => s.first() == Some(c) && glob(rest, &s[1..]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +340,70 @@ mod tests {
             Some(("2.1".into(), Some((0, 3))))
         );
         assert_eq!(parse_entry("nixos-generation-1.efi"), None);
+    }
+
+    #[test]
+    fn the_default_entry_is_the_newest_match_not_found_bad() {
+        let entry = |file: &str| BootEntry {
+            loader: "uki".into(),
+            file: format!("/EFI/Linux/{file}"),
+            fields: Vec::new(),
+        };
+        let all = [
+            entry("nixos_2+0-3.efi"),
+            entry("nixos_1.efi"),
+            entry("nixos_10+2-1.efi"),
+            entry("other_99.efi"),
+            entry("nixos_9.efi"),
+        ];
+        fn pick(of: &[&BootEntry], p: &str) -> Option<String> {
+            default_entry(of, p).map(|e| e.file.clone())
+        }
+        let refs: Vec<&BootEntry> = all.iter().collect();
+        // 10 is newer than 9 (numbers, not letters) and has tries left.
+        assert_eq!(
+            pick(&refs, "nixos_*"),
+            Some("/EFI/Linux/nixos_10+2-1.efi".into())
+        );
+        // The counter is not part of the id; case does not matter.
+        assert_eq!(
+            pick(&refs, "NIXOS_2.efi"),
+            Some("/EFI/Linux/nixos_2+0-3.efi".into())
+        );
+        // A failed entry is chosen only when nothing else matches.
+        let bad_and_old = [&all[0], &all[1]];
+        assert_eq!(
+            pick(&bad_and_old, "nixos_?.efi"),
+            Some("/EFI/Linux/nixos_1.efi".into())
+        );
+        assert_eq!(
+            pick(&refs, "nixos_??.efi"),
+            Some("/EFI/Linux/nixos_10+2-1.efi".into())
+        );
+        assert_eq!(pick(&refs, "nothing*"), None);
+        assert!(glob(b"a*b?c", b"a--bxc") && !glob(b"a*b?c", b"a--bc"));
+    }
+
+    #[test]
+    fn versions_order_as_systemd_orders_them() {
+        use std::cmp::Ordering::*;
+        // Each older than the next (the UAPI specification's examples
+        // and sysupdate's everyday cases).
+        let rising = [
+            "1~rc1", "1", "1-2", "1.0", "1.1", "1.1^p1", "1.2", "1.10", "2~", "2", "2.0", "2a",
+            "10", "25.05", "25.05.1", "25.11",
+        ];
+        for w in rising.windows(2) {
+            assert_eq!(version_order(w[0], w[1]), Less, "{} < {}", w[0], w[1]);
+            assert_eq!(version_order(w[1], w[0]), Greater, "{} > {}", w[1], w[0]);
+        }
+        for (a, b) in [("1", "1"), ("007", "7"), ("1.a", "1.a"), ("1_", "1")] {
+            assert_eq!(version_order(a, b), Equal, "{a} = {b}");
+        }
+        assert_eq!(version_order("a", "1"), Less, "digits beat letters");
+        assert_eq!(version_order("2.0", "2a"), Less, "a marker is older");
+        assert_eq!(version_order("abc", "abd"), Less);
+        assert_eq!(version_order("ab", "abc"), Less);
         assert_eq!(parse_entry("nixos_2+x.efi"), None);
     }
 

@@ -14,7 +14,8 @@ pub mod transfers;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use std::io::Write;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::container;
@@ -213,31 +214,49 @@ fn write_boot_file(
     format: &dyn DiskFormat,
 ) -> Result<(AtomicOutput, Artefact)> {
     let on_esp = f.on_esp(version);
-    let bytes = format
+    let (planned, bytes) = format
         .esp()
         .and_then(|t| Some((t, trees::lookup(t, on_esp.as_bytes())?)))
         .and_then(|(t, id)| match &t.node(id).kind {
-            Kind::File { content, .. } => Some(content.clone()),
+            Kind::File { size, content } => Some((*size, content.clone())),
             _ => None,
         })
         .with_context(|| format!("internal: no {on_esp} on the planned ESP"))?;
-    let bytes: std::sync::Arc<[u8]> = match bytes {
-        Content::Bytes(b) => b,
-        Content::Host { path, .. } => std::fs::read(&path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .into(),
-    };
     let name = f.name(version, None);
     let path = dir.join(&name);
     let mut out = AtomicOutput::create(&path)?;
-    out.file()
-        .write_all(&bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    let a = Artefact {
-        name,
-        size: bytes.len() as u64,
-        sha256: formats::manifest::sha256_hex(&bytes),
+    let writing = || format!("writing {}", path.display());
+    let sha256 = match bytes {
+        Content::Bytes(b) => {
+            out.file().write_all(&b).with_context(writing)?;
+            formats::manifest::sha256_hex(&b)
+        }
+        // Streamed, hashed on the way (a kernel or initrd can be large),
+        // and held to the size the image's ESP was planned with.
+        Content::Host { path: from, .. } => {
+            let reading = || format!("reading {}", from.display());
+            let mut src = std::fs::File::open(&from).with_context(reading)?;
+            let (mut sha, mut n, mut buf) = (Sha256::new(), 0u64, vec![0; 1 << 20]);
+            loop {
+                let got = match src.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => r.with_context(reading)?,
+                };
+                if got == 0 {
+                    break;
+                }
+                out.file().write_all(&buf[..got]).with_context(writing)?;
+                sha.update(&buf[..got]);
+                n += got as u64;
+            }
+            if n != planned {
+                bail!("{}: {n} bytes, but {planned} when the image was planned (changed while forge ran?)", from.display());
+            }
+            format!("{:x}", sha.finalize())
+        }
     };
+    let size = planned;
+    let a = Artefact { name, size, sha256 };
     Ok((out, a))
 }
 
