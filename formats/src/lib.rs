@@ -11,6 +11,7 @@ pub mod ext4;
 pub mod fat;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
+pub mod glob;
 pub mod gnu_sparse;
 pub mod gpt;
 pub mod identity;
