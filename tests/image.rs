@@ -770,4 +770,6 @@ fn inspect_reads_back_layout_and_entries_as_blkid_sees_them() {
         text.contains("root-x86-64") && text.contains("read-only") && text.contains("title NixOS"),
         "{text}"
     );
+    let starts = format!("the default boot entry starts {}\n", sys.toplevel);
+    assert!(text.contains(&starts), "{text}");
 }
