@@ -126,14 +126,23 @@ pub fn parse_entry(file: &str) -> Option<(String, Option<(u32, u32)>)> {
     let stem = [&UKI, &ENTRY]
         .iter()
         .find_map(|f| stem.strip_suffix(f.suffix))?;
-    let Some((version, tries)) = stem.split_once('+') else {
-        return Some((stem.to_string(), None));
-    };
-    let (left, done) = tries.split_once('-').unwrap_or((tries, "0"));
-    Some((
-        version.to_string(),
-        Some((left.parse().ok()?, done.parse().ok()?)),
-    ))
+    match split_counter(stem) {
+        (version, _) if version.contains('+') => None,
+        (version, tries) => Some((version.to_string(), tries)),
+    }
+}
+
+/// A file name's stem and its boot counter (`STEM+LEFT` or
+/// `STEM+LEFT-DONE`: tries left and done), if it has one.
+fn split_counter(stem: &str) -> (&str, Option<(u32, u32)>) {
+    let counted = stem.rsplit_once('+').and_then(|(s, c)| {
+        let (left, done) = c.split_once('-').unwrap_or((c, "0"));
+        Some((s, (left.parse().ok()?, done.parse().ok()?)))
+    });
+    match counted {
+        Some((s, tries)) => (s, Some(tries)),
+        None => (stem, None),
+    }
 }
 
 /// A version sysupdate can order and our names keep unambiguous:
@@ -279,13 +288,8 @@ pub fn default_entry<'e>(entries: &[&'e BootEntry], pattern: &str) -> Option<&'e
     let id = |e: &BootEntry| {
         let name = e.file.rsplit('/').next().unwrap_or_default();
         let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
-        let counter = stem.rsplit_once('+').filter(|(_, c)| {
-            let (left, done) = c.split_once('-').unwrap_or((c, "0"));
-            left.parse::<u32>().is_ok() && done.parse::<u32>().is_ok()
-        });
-        let stem = counter.map_or(stem, |(s, _)| s);
-        let left = counter.and_then(|(_, c)| c.split('-').next()?.parse::<u32>().ok());
-        let failed = left == Some(0);
+        let (stem, tries) = split_counter(stem);
+        let failed = tries.is_some_and(|(left, _)| left == 0);
         (failed, format!("{stem}.{ext}").to_lowercase())
     };
     let mut menu: Vec<(bool, String, &BootEntry)> = entries
