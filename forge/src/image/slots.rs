@@ -292,6 +292,7 @@ pub fn default_entry<'e>(entries: &[&'e BootEntry], pattern: &str) -> Option<&'e
         let failed = tries.is_some_and(|(left, _)| left == 0);
         (failed, format!("{stem}.{ext}").to_lowercase())
     };
+    let pattern = pattern.to_lowercase();
     let mut menu: Vec<(bool, String, &BootEntry)> = entries
         .iter()
         .filter(|e| e.loader == "uki" || e.file.starts_with("/loader/entries/"))
@@ -299,7 +300,7 @@ pub fn default_entry<'e>(entries: &[&'e BootEntry], pattern: &str) -> Option<&'e
             let (failed, id) = id(e);
             (failed, id, *e)
         })
-        .filter(|(_, id, _)| glob(&pattern.to_lowercase(), id))
+        .filter(|(_, id, _)| glob(&pattern, id))
         .collect();
     menu.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| version_order(&b.1, &a.1)));
     menu.first().map(|m| m.2)
