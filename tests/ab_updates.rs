@@ -685,6 +685,23 @@ fn slot_images_refuse_what_they_cannot_hold_and_write_nothing() {
         the_error(&e).contains("--compress zst: systemd-sysupdate installs through systemd-import, which decompresses zstd only from systemd 258"),
         "{e}"
     );
+    // A disk container's options do nothing to partition images.
+    for (args, flag) in [
+        (&["--compression", "deflate"][..], "--compression"),
+        (&["--vhd-type", "fixed"][..], "--vhd-type"),
+    ] {
+        let e = fails(
+            slots_cmd("update", &[&["--version", "2"][..], args].concat())
+                .arg("-o")
+                .arg(&publ),
+        );
+        assert!(
+            the_error(&e).starts_with(&format!(
+                "error: {flag}: forge update writes partition images, not a disk container"
+            )),
+            "{e}"
+        );
+    }
     assert_eq!(dir_entries(d.path()), Vec::<String>::new());
 
     // Without --version, the system's nixos-version names the slot.

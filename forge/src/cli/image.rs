@@ -189,6 +189,16 @@ impl ImageArgs {
         self.json
     }
 
+    /// The options given that only a disk container reads (`forge update`
+    /// writes partition images, not a container).
+    pub fn container_only(&self) -> Option<&'static str> {
+        match (self.vhd_type.is_some(), self.compression.is_some()) {
+            (true, _) => Some("--vhd-type"),
+            (_, true) => Some("--compression"),
+            _ => None,
+        }
+    }
+
     /// The library's options (`forge update` takes the same).
     pub fn options(self) -> Result<image::Options> {
         let a = self;

@@ -6,6 +6,13 @@ use super::image::ImageArgs;
 use forge::update;
 
 #[derive(clap::Args)]
+#[command(mut_arg("output", |a| a.value_name("DIR").help(
+    "The artefacts' directory (made when its parent exists): the root partition's \
+     image (nixos_VERSION….root.raw; .raw.xz with --compress) and, with --verity, its \
+     hash and signature partitions' images, the boot entry (a UKI, or a type 1 entry \
+     with its kernel and initrd), SHA256SUMS of every version in it, and sysupdate.d/ \
+     with --source"
+)))]
 pub struct UpdateArgs {
     /// Where the artefacts come from: an http(s) URL or a directory; with
     /// it, `OUTPUT/sysupdate.d/*.conf`, the transfer definitions that
@@ -30,6 +37,12 @@ pub struct UpdateArgs {
 }
 
 pub fn run(a: UpdateArgs) -> Result<()> {
+    if let Some(flag) = a.image.container_only() {
+        anyhow::bail!(
+            "{flag}: forge update writes partition images, not a disk container \
+             (--compress xz compresses them)"
+        );
+    }
     let json = a.image.json();
     let mut image = a.image.options()?;
     image.slots = 2;
