@@ -139,7 +139,12 @@ fn uki_options_out_of_place_are_refused_writing_nothing() {
         "{err}"
     );
     let x86 = system("x86_64");
-    let cases: [(&[&str], &str); 3] = [
+    let stubs = tempfile::tempdir().unwrap();
+    let far = stubs.path().join("far.efi");
+    std::fs::write(&far, stub_with_headers_past_its_end()).unwrap();
+    let far_arg = far.to_str().unwrap();
+    let far_err = format!("the EFI stub {far_arg}: not a PE image (headers past the end)");
+    let cases: [(&[&str], &str); 4] = [
         // The fixture's systemd has no stub beside systemd-boot.
         (&[], "no EFI stub beside the system's systemd-boot"),
         (&["--uki-stub", "/nonexistent/stub"], "/nonexistent/stub"),
@@ -148,6 +153,9 @@ fn uki_options_out_of_place_are_refused_writing_nothing() {
             &["--uki-stub", "/etc/hostname"],
             "the EFI stub /etc/hostname: not a PE image",
         ),
+        // A PE32+ whose headers (where the sections are added) are said to
+        // reach past the file: it panicked before.
+        (&["--uki-stub", far_arg], &far_err),
     ];
     for (i, (args, want)) in cases.into_iter().enumerate() {
         let err = fails(
@@ -160,4 +168,22 @@ fn uki_options_out_of_place_are_refused_writing_nothing() {
         assert!(the_error(&err).contains(want), "{err}");
     }
     assert_eq!(dir_entries(dir.path()), Vec::<String>::new());
+}
+
+/// A PE32+ of 1.5 KiB, no sections, whose optional header is said to be
+/// 60 KiB and its headers 64 KiB.
+fn stub_with_headers_past_its_end() -> Vec<u8> {
+    let mut b = vec![0u8; 0x600];
+    let mut put = |at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+    put(0, b"MZ");
+    put(0x3C, &0x80u32.to_le_bytes());
+    put(0x80, b"PE\0\0");
+    put(0x84 + 16, &0xF000u16.to_le_bytes());
+    let opt = 0x84 + 20;
+    put(opt, &0x20Bu16.to_le_bytes());
+    put(opt + 32, &0x1000u32.to_le_bytes());
+    put(opt + 36, &0x200u32.to_le_bytes());
+    put(opt + 60, &0x10000u32.to_le_bytes());
+    put(opt + 108, &16u32.to_le_bytes());
+    b
 }

@@ -69,6 +69,8 @@ pub(crate) fn layout(b: &[u8]) -> Result<Layout, PeError> {
     if section_align == 0 || file_align == 0 {
         return Err(PeError::NotPe("zero alignment"));
     }
+    // The checksum, which a writer clears, is there too.
+    u32_at(b, optional + 64)?;
     Ok(Layout {
         coff,
         optional,
@@ -110,6 +112,9 @@ fn align(v: u64, a: u32) -> u64 {
 /// `stub` with `add` appended as new sections, in order.
 pub fn add_sections(stub: &[u8], add: &[(&str, &[u8])]) -> Result<Vec<u8>, PeError> {
     let l = layout(stub)?;
+    if l.size_of_headers as usize > stub.len() {
+        return Err(PeError::NotPe("headers past the end"));
+    }
     let table_end = l.sections + (l.count + add.len()) * SECTION_HEADER;
     if table_end > l.size_of_headers as usize {
         return Err(PeError::NoRoom(add.len()));
@@ -235,6 +240,16 @@ mod tests {
         assert!(matches!(
             add_sections(&stub(), &[(".toolongname", b"")]),
             Err(PeError::Name(_))
+        ));
+        // Headers said to reach past the file (no sections, their table
+        // far out).
+        let mut far = stub();
+        far[0x84 + 2..0x84 + 4].copy_from_slice(&0u16.to_le_bytes());
+        far[0x84 + 16..0x84 + 18].copy_from_slice(&0xF000u16.to_le_bytes());
+        put32(&mut far, 0x84 + 20 + 60, 0x10000);
+        assert!(matches!(
+            add_sections(&far, &[(".osrel", b"ID=x\n")]),
+            Err(PeError::NotPe("headers past the end"))
         ));
     }
 }

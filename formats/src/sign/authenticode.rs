@@ -37,6 +37,10 @@ fn cert_table(b: &[u8]) -> Result<Option<(usize, usize)>, PeError> {
     let size = u32_at(b, l.optional + CERT_DIR + 4)? as usize;
     match size {
         0 => Ok(None),
+        // The table is file data after the headers (which hold its entry).
+        _ if at < (l.size_of_headers as usize).max(l.optional + CERT_DIR + 8) => {
+            Err(PeError::NotPe("a certificate table inside the headers"))
+        }
         _ if at.checked_add(size).is_some_and(|end| end <= b.len()) => Ok(Some((at, size))),
         _ => Err(PeError::NotPe("a certificate table past the end")),
     }
@@ -223,5 +227,60 @@ mod tests {
         forged[n - 20] ^= 1;
         let sig = signature(&forged).unwrap().unwrap();
         assert!(sig.digest_matches && !sig.valid, "{sig:?}");
+    }
+
+    /// A signed image whose header fields (the PE offset, the section
+    /// count, the optional header's size, the headers' size, each section's
+    /// sizes and offsets, the certificate table's entry) take values at
+    /// random, from the edges (0, small, near the file's length, huge) or
+    /// any, some bytes anywhere set too, or cut short: every reader
+    /// answers, none panics.
+    #[test]
+    fn mutated_images_never_panic_the_readers() {
+        let signed = sign(&image(), &test_signer()).unwrap();
+        let opt = 0x84 + 20;
+        let mut fields = vec![0x3C, 0x84 + 2, 0x84 + 16, opt + 60, opt + DIRECTORIES];
+        fields.extend([opt + CERT_DIR, opt + CERT_DIR + 4]);
+        fields.extend((8..24).step_by(4).map(|o| opt + 240 + o));
+        crate::fuzz::run("authenticode", 400, |r| {
+            let mut b = signed.clone();
+            let len = b.len() as u32;
+            for _ in 0..1 + r.below(3) {
+                let at = fields[r.below(fields.len())];
+                let edges = [0, 8, 0x100, len - 0x100, len - 8, len, len + 8, u32::MAX];
+                let v = match r.below(3) {
+                    0 => r.word() as u32,
+                    _ => edges[r.below(edges.len())],
+                };
+                let w = if at == 0x84 + 2 || at == 0x84 + 16 {
+                    2
+                } else {
+                    4
+                };
+                b[at..at + w].copy_from_slice(&v.to_le_bytes()[..w]);
+            }
+            for _ in 0..r.below(3) {
+                let i = r.below(b.len());
+                b[i] = r.word() as u8;
+            }
+            if r.below(4) == 0 {
+                b.truncate(r.below(b.len() + 1));
+            }
+            let _ = crate::pe::sections(&b);
+            let _ = crate::pe::add_sections(&b, &[(".osrel", b"ID=x\n")]);
+            let _ = digest(&b);
+            let _ = signature(&b);
+            let _ = unsigned(&b);
+        });
+    }
+
+    #[test]
+    fn a_certificate_table_inside_the_headers_is_an_error() {
+        let mut b = image();
+        let dir = 0x84 + 20 + CERT_DIR;
+        let n = b.len() as u32;
+        b[dir..dir + 4].copy_from_slice(&0x100u32.to_le_bytes());
+        b[dir + 4..dir + 8].copy_from_slice(&(n - 0x100).to_le_bytes());
+        assert!(unsigned(&b).is_err());
     }
 }
