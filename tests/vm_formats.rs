@@ -206,3 +206,59 @@ fn inspect_reads_each_new_format_as_its_raw_image_and_flash_refuses_the_vm_ones(
         assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
     }
 }
+
+/// VM disks damaged where their tables are: inspect refuses each in one
+/// line naming the file (a VHDX whose metadata table runs past its region
+/// panicked before, and the OVA below kept inspect reading forever).
+#[test]
+fn inspect_refuses_damaged_vm_disks_in_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let patch = |p: &Path, at: u64, bytes: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    };
+    let endless = forge_vm(d.path(), "endless.vhdx", &[]);
+    // The metadata's item count at its largest, no item found before it.
+    let meta = 2 << 20;
+    patch(&endless, meta + 10, &[0xFF, 0xFF]);
+    for i in 0..8 {
+        patch(&endless, meta + 32 + 32 * i, &[0; 16]);
+    }
+    let short = forge_vm(d.path(), "short.vhdx", &[]);
+    let bat_at = 3 << 20;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap()
+        .set_len(bat_at + 8)
+        .unwrap();
+    let far = forge_vm(d.path(), "far.vmdk", &[]);
+    let n = std::fs::metadata(&far).unwrap().len();
+    // The footer's grain directory sector, far past the end.
+    patch(&far, n - 1024 + 56, &(1u64 << 40).to_le_bytes());
+    // An OVA whose first member's size (GNU base-256) is 2^64 - 512: the
+    // walk to the next member came back to the same header, forever.
+    let round = forge_vm(d.path(), "round.ova", &[]);
+    let field = [0x80u8, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFE, 0];
+    patch(&round, 124, &field);
+    for (p, want) in [
+        (
+            &round,
+            "OVA: the member at byte 0 says it is 18446744073709551104 bytes",
+        ),
+        (&endless, "VHDX: not a dynamic VHDX forge reads"),
+        (&short, "VHDX: its block table ends at byte"),
+        (&far, "VMDK: its grain directory (byte 562949953421312"),
+    ] {
+        let out = forge().arg("inspect").arg(p).output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {e}", p.display());
+        let line = the_error(&e);
+        assert!(
+            line.contains(&p.display().to_string()) && line.contains(want),
+            "{}: {e}",
+            p.display()
+        );
+    }
+}

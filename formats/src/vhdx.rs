@@ -212,10 +212,11 @@ pub struct Parsed {
 
 /// The facts [`head`] wrote, read from a file's first 4 MiB (None: not a
 /// VHDX forge reads: another block size, a differencing disk, a log to
-/// replay, a checksum that does not match).
+/// replay, a checksum that does not match, a table or item that points
+/// outside its region, a size past [`MAX_SIZE`]).
 pub fn parse(h: &[u8]) -> Option<Parsed> {
-    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
-    let le64 = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+    let le32 = |b: &[u8], o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let le64 = |b: &[u8], o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
     let valid =
         |b: &[u8], sig: &[u8]| b.starts_with(sig) && checksummed(b.to_vec())[4..8] == b[4..8];
     if h.len() < BAT_AT as usize || !h.starts_with(b"vhdxfile") {
@@ -233,37 +234,53 @@ pub fn parse(h: &[u8]) -> Option<Parsed> {
         .into_iter()
         .map(|at| &h[at..at + (64 << 10)])
         .find(|r| valid(r, b"regi"))?;
-    let region = |g: &str| {
-        (0..le32(regions, 8) as usize)
-            .map(|i| 16 + 32 * i)
-            .find(|&e| regions[e..e + 16] == guid(g))
-            .map(|e| le64(regions, e + 16))
-    };
+    let region = |g: &str| le64(entry(regions, 16, le32(regions, 8)? as usize, g)?, 16);
     let (bat_at, meta_at) = (region(BAT_GUID)?, region(METADATA_GUID)? as usize);
-    let m = h.get(meta_at..meta_at + MIB as usize)?;
-    let item = |g: &str| {
-        (0..u16::from_le_bytes([m[10], m[11]]) as usize)
-            .map(|i| 32 + 32 * i)
-            .find(|&e| m[e..e + 16] == guid(g))
-            .map(|e| le32(m, e + 16) as usize)
-    };
+    let m = h.get(meta_at..meta_at.checked_add(MIB as usize)?)?;
+    let count = u16::from_le_bytes([m[10], m[11]]) as usize;
+    let item = |g: &str| Some(le32(entry(m, 32, count, g)?, 16)? as usize);
     let params = item(FILE_PARAMETERS)?;
-    let block = le32(m, params) as u64;
-    if le32(m, params + 4) & 2 != 0 || block == 0 || !block.is_power_of_two() {
+    let block = le32(m, params)? as u64;
+    // The spec's block sizes: a power of two from 1 to 256 MiB.
+    if le32(m, params + 4)? & 2 != 0
+        || !block.is_power_of_two()
+        || !(MIB..=256 * MIB).contains(&block)
+    {
         return None;
     }
+    let size = le64(m, item(VIRTUAL_DISK_SIZE)?)?;
+    check_size(size).ok()?;
     Some(Parsed {
-        size: le64(m, item(VIRTUAL_DISK_SIZE)?),
+        size,
         block,
         bat_at,
     })
 }
 
+/// The first of `count` 32-byte entries from byte `first` of `table`
+/// (those inside it) that starts with the GUID `g`.
+fn entry<'t>(table: &'t [u8], first: usize, count: usize, g: &str) -> Option<&'t [u8]> {
+    (0..count)
+        .map(|i| first + 32 * i)
+        .map_while(|e| table.get(e..e + 32))
+        .find(|e| e[..16] == guid(g))
+}
+
 impl Parsed {
     /// The BAT's entries to read: (payload block, byte offset of its entry).
     pub fn entries(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        (0..self.size.div_ceil(self.block)).map(move |i| (i, self.entry_at(i)))
+    }
+
+    fn entry_at(&self, i: u64) -> u64 {
         let ratio = (1u64 << 23) * LOGICAL_SECTOR as u64 / self.block;
-        (0..self.size.div_ceil(self.block)).map(move |i| (i, self.bat_at + (i + i / ratio) * 8))
+        self.bat_at.saturating_add((i + i / ratio) * 8)
+    }
+
+    /// Where the last payload entry ends: the file must reach it.
+    pub fn bat_end(&self) -> u64 {
+        self.entry_at(self.size.div_ceil(self.block) - 1)
+            .saturating_add(8)
     }
 }
 
@@ -296,5 +313,41 @@ mod tests {
         bad[(128 << 10) + 100] ^= 1;
         assert!(parse(&bad).is_none(), "both headers' checksums fail");
         assert!(check_size(size + 1).is_err() && check_size(MAX_SIZE + 512).is_err());
+    }
+
+    /// The head with the region tables' and metadata's numbers set at
+    /// random (the tables' checksums made right again, most times, so the
+    /// reader gets past them), or any byte: `parse` answers, never panics.
+    #[test]
+    fn mutated_heads_never_panic_the_reader() {
+        let base = head(10 << 30, [9; 16]);
+        let (regions, meta) = (192usize << 10, METADATA_AT as usize);
+        crate::fuzz::run("vhdx::parse", 300, |r| {
+            let mut h = base.clone();
+            for _ in 0..1 + r.below(4) {
+                let at = match r.below(3) {
+                    0 => regions + 8 + r.below(16 + 32 * 3),
+                    1 => meta + 8 + r.below(32 + 32 * 6),
+                    _ => r.below(h.len()),
+                };
+                let v = match r.below(2) {
+                    0 => r.word().to_le_bytes(),
+                    _ => [0xFF; 8],
+                };
+                let n = (1 + r.below(8)).min(h.len() - at);
+                h[at..at + n].copy_from_slice(&v[..n]);
+            }
+            if r.below(4) != 0 {
+                let fixed = checksummed(h[regions..regions + (64 << 10)].to_vec());
+                h[regions..regions + (64 << 10)].copy_from_slice(&fixed);
+            }
+            if let Some(p) = parse(&h) {
+                assert!(
+                    p.size <= MAX_SIZE && p.block >= MIB,
+                    "{:?}",
+                    (p.size, p.block)
+                );
+            }
+        });
     }
 }

@@ -147,7 +147,7 @@ pub fn parse_tail(t: &[u8]) -> Option<Parsed> {
         return None;
     }
     Some(Parsed {
-        size: le64(512 + 12) * SECTOR,
+        size: le64(512 + 12).checked_mul(SECTOR)?,
         gd: le64(512 + 56),
     })
 }

@@ -20,9 +20,20 @@ pub(super) fn vhdx(f: &File) -> io::Result<(File, u64)> {
     let p = vhdx::parse(&head).ok_or_else(|| {
         bad(
             "VHDX",
-            "not a dynamic VHDX forge reads (checksums, a log to replay, a parent)",
+            "not a dynamic VHDX forge reads (checksums, a log to replay, a parent, \
+             a table pointing outside its region)",
         )
     })?;
+    let len = f.metadata()?.len();
+    if p.bat_end() > len {
+        return Err(bad(
+            "VHDX",
+            &format!(
+                "its block table ends at byte {}, past the file's {len}",
+                p.bat_end()
+            ),
+        ));
+    }
     sparse(p.size, |out| {
         let mut buf = vec![0u8; p.block as usize];
         for (i, entry_at) in p.entries() {
@@ -53,8 +64,15 @@ pub(super) fn vmdk(f: &File, base: u64, len: u64) -> io::Result<(File, u64)> {
             .map(|e| u32::from_le_bytes(e.try_into().expect("4 bytes")) as u64)
             .collect()
     };
-    let mut gd = vec![0u8; (vmdk::tables(p.size) * 4) as usize];
-    f.read_exact_at(&mut gd, base + p.gd * vmdk::SECTOR)?;
+    let (gd_at, gd_len) = (p.gd.saturating_mul(vmdk::SECTOR), vmdk::tables(p.size) * 4);
+    if gd_at.saturating_add(gd_len) > len {
+        return Err(bad(
+            "VMDK",
+            &format!("its grain directory (byte {gd_at}, {gd_len} bytes) lies past its end"),
+        ));
+    }
+    let mut gd = vec![0u8; gd_len as usize];
+    f.read_exact_at(&mut gd, base + gd_at)?;
     sparse(p.size, |out| {
         let mut gt = vec![0u8; (vmdk::GT_ENTRIES * 4) as usize];
         let mut grain = vec![0u8; vmdk::GRAIN as usize];
@@ -127,8 +145,15 @@ pub(super) fn ova(f: &File, len: u64) -> io::Result<(File, u64)> {
         }
         let size = number(&h[124..136]);
         let end = h[..100].iter().position(|&c| c == 0).unwrap_or(100);
+        let room = len - at - 512;
         if h[..end].ends_with(b".vmdk") {
-            return vmdk(f, at + 512, size.min(len - at - 512));
+            return vmdk(f, at + 512, size.min(room));
+        }
+        if size > room {
+            return Err(bad(
+                "OVA",
+                &format!("the member at byte {at} says it is {size} bytes, past the end"),
+            ));
         }
         at += 512 + size.next_multiple_of(512);
     }
@@ -177,7 +202,7 @@ pub(super) fn gce(f: &File) -> io::Result<(File, u64)> {
     sparse(size, |out| {
         let mut buf = vec![0u8; 1 << 20];
         for (mut at, len) in regions.into_iter().filter(|r| r.1 > 0) {
-            if at + len > size {
+            if at.checked_add(len).is_none_or(|end| end > size) {
                 return Err(bad("GCE", "a region past disk.raw's size"));
             }
             let mut left = len;
