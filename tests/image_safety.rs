@@ -268,6 +268,69 @@ fn inspect_of_a_truncated_image_warns() {
     );
 }
 
+/// An ESP whose root directory's cluster chain comes back to itself:
+/// inspect read it on until the kernel killed it for its memory; now it
+/// warns, and `forge sign` (which reads the ESP) refuses in one line,
+/// writing nothing.
+#[test]
+fn an_esp_whose_cluster_chain_loops_is_a_warning_or_a_refusal() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("x.img");
+    ok(&mut raw_efi(&img, "one"));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let esp = 1 << 20;
+    let mut boot = [0u8; 512];
+    f.read_exact_at(&mut boot, esp).unwrap();
+    let le = |o: usize, n: usize| {
+        boot[o..o + n]
+            .iter()
+            .rev()
+            .fold(0u64, |v, &b| v << 8 | b as u64)
+    };
+    let (sector, reserved, root) = (le(11, 2), le(14, 2), le(44, 4));
+    f.write_all_at(
+        &(root as u32).to_le_bytes(),
+        esp + reserved * sector + root * 4,
+    )
+    .unwrap();
+    drop(f);
+    let out = ok(forge().arg("inspect").arg(&img));
+    assert!(
+        out.contains(&format!(
+            "warning: partition 1: its boot entries cannot be read: FAT cluster chain loops (at cluster {root})"
+        )),
+        "{out}"
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let key = snakeoil_key(keys.path());
+    let signed = d.path().join("signed.img");
+    let e = fails(
+        forge()
+            .arg("sign")
+            .arg(&img)
+            .arg("-o")
+            .arg(&signed)
+            .arg("--secure-boot-key")
+            .arg(&key)
+            .args(["--secure-boot-cert", SNAKEOIL_CERT]),
+    );
+    assert!(
+        the_error(&e).ends_with(&format!(
+            "{}: FAT cluster chain loops (at cluster {root})",
+            img.display()
+        )),
+        "{e}"
+    );
+    let mut left = dir_entries(d.path());
+    left.sort();
+    assert_eq!(left, ["x.img", "x.img.bmap", "x.img.layout.json"]);
+}
+
 #[test]
 fn forge_fat_refuses_two_names_that_differ_only_in_case() {
     let d = tempfile::tempdir().unwrap();

@@ -123,8 +123,13 @@ fn role(p: &Part) -> Option<Role> {
 
 /// What each partition holds (its filesystem, boot entries, role; an MBR
 /// partition's name from its label), and the root's hash device if one
-/// is there.
-fn read_parts(f: &mut File, parts: &mut [Part], table: &str) -> Option<formats::verity::Found> {
+/// is there. Boot entries that cannot be read are a warning.
+fn read_parts(
+    f: &mut File,
+    parts: &mut [Part],
+    table: &str,
+    warnings: &mut Vec<String>,
+) -> Option<formats::verity::Found> {
     let mut verity = None;
     for p in parts.iter_mut() {
         p.filesystem = filesystem(f, p.offset).ok().flatten();
@@ -139,11 +144,18 @@ fn read_parts(f: &mut File, parts: &mut [Part], table: &str) -> Option<formats::
                 verity = Some(found);
             }
         }
-        p.boot_entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
-            Some("vfat") => systemd_boot_entries(f, p.offset).unwrap_or_default(),
-            Some("ext4") => extlinux_entries(f, p.offset).unwrap_or_default(),
-            _ => Vec::new(),
+        let entries = match p.filesystem.as_ref().map(|fs| fs.kind.as_str()) {
+            Some("vfat") => systemd_boot_entries(f, p.offset).map_err(Into::into),
+            Some("ext4") => extlinux_entries(f, p.offset),
+            _ => Ok(Vec::new()),
         };
+        p.boot_entries = entries.unwrap_or_else(|e| {
+            warnings.push(format!(
+                "partition {}: its boot entries cannot be read: {e:#}",
+                p.number
+            ));
+            Vec::new()
+        });
         if table == "mbr" {
             p.name = p
                 .filesystem
@@ -223,7 +235,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
     let (table, sector, disk_id, mut parts) =
         gpt.or(mbr)
             .unwrap_or(("none", 512, String::new(), Vec::new()));
-    let verity = read_parts(&mut f, &mut parts, table);
+    let verity = read_parts(&mut f, &mut parts, table, &mut warnings);
     let head_sha256 = Some(crate::layout::report::head_sha256(&first));
     let toplevel = toplevel_of(&parts);
     match formats::manifest::read_beside(path) {

@@ -50,8 +50,11 @@ impl<R: Read + Seek> Volume<R> {
         let reserved = u16at(14);
         let fats = b[16] as u64;
         let fat_sectors = u32at(36) as u64;
-        if sector == 0 || spc == 0 {
-            return Err(bad("FAT boot sector with zero sector or cluster size"));
+        // The sizes FAT allows: directory entries then tile every cluster.
+        if !(512..=4096).contains(&sector) || !sector.is_power_of_two() || !spc.is_power_of_two() {
+            return Err(bad(&format!(
+                "FAT boot sector with a sector size of {sector} or {spc} sectors a cluster"
+            )));
         }
         Ok(Volume {
             base,
@@ -78,12 +81,18 @@ impl<R: Read + Seek> Volume<R> {
         Ok(u32::from_le_bytes(e) & 0x0FFF_FFFF)
     }
 
+    /// The clusters from `first` on, up to `limit` bytes. A cluster met
+    /// twice is an error (a loop would read on forever): so what is read
+    /// is bounded by the volume's bytes.
     fn chain(&mut self, first: u32, limit: Option<u64>) -> io::Result<Vec<u8>> {
         let cb = self.sector * self.spc;
         let mut out = Vec::new();
         let mut c = first;
-        let mut guard = 0u64;
+        let mut seen = std::collections::HashSet::new();
         while (2..0x0FFF_FFF7).contains(&c) {
+            if !seen.insert(c) {
+                return Err(bad(&format!("FAT cluster chain loops (at cluster {c})")));
+            }
             let mut buf = vec![0u8; cb as usize];
             self.r.seek(SeekFrom::Start(
                 self.base + self.data_start + (c as u64 - 2) * cb,
@@ -94,10 +103,6 @@ impl<R: Read + Seek> Volume<R> {
                 break;
             }
             c = self.next(c)?;
-            guard += 1;
-            if guard > 1 << 24 {
-                return Err(bad("FAT cluster chain loops"));
-            }
         }
         if let Some(l) = limit {
             out.truncate(l as usize);
