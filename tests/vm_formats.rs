@@ -210,6 +210,7 @@ fn inspect_reads_each_new_format_as_its_raw_image_and_flash_refuses_the_vm_ones(
 /// VM disks damaged where their tables are: inspect refuses each in one
 /// line naming the file (a VHDX whose metadata table runs past its region
 /// panicked before, and the OVA below kept inspect reading forever).
+/// Each is refused before anything of its size is allocated.
 #[test]
 fn inspect_refuses_damaged_vm_disks_in_one_line() {
     let d = tempfile::tempdir().unwrap();
@@ -242,7 +243,11 @@ fn inspect_refuses_damaged_vm_disks_in_one_line() {
     let round = forge_vm(d.path(), "round.ova", &[]);
     let field = [0x80u8, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFE, 0];
     patch(&round, 124, &field);
+    // A dynamic VHD whose block table is said to start far past its end.
+    let table = forge_vm(d.path(), "table.vhd", &["--vhd-type", "dynamic"]);
+    patch(&table, 512 + 16, &(1u64 << 50).to_be_bytes());
     for (p, want) in [
+        (&table, "VHD: its block table (byte 1125899906842624"),
         (
             &round,
             "OVA: the member at byte 0 says it is 18446744073709551104 bytes",

@@ -218,7 +218,7 @@ fn dynamic_vhd(f: &File, foot: vhd::Footer) -> io::Result<(File, u64)> {
     let be64 = |o: usize| u64::from_be_bytes(h[o..o + 8].try_into().expect("8 bytes"));
     let be32 = |o: usize| u32::from_be_bytes(h[o..o + 4].try_into().expect("4 bytes"));
     let (table_at, entries, block) = (be64(16), be32(28) as u64, be32(32) as u64);
-    if block == 0 || !block.is_power_of_two() || block > 256 << 20 {
+    if !block.is_power_of_two() || !(512..=256 << 20).contains(&block) {
         return Err(bad("block size"));
     }
     if foot.size > vhd::MAX_SIZE {
@@ -226,6 +226,13 @@ fn dynamic_vhd(f: &File, foot: vhd::Footer) -> io::Result<(File, u64)> {
     }
     if entries.checked_mul(block).is_none_or(|n| n < foot.size) || entries > foot.size / block + 1 {
         return Err(bad("the block table does not match the disk's size"));
+    }
+    let len = f.metadata()?.len();
+    if table_at.saturating_add(entries * 4) > len {
+        return Err(bad(&format!(
+            "its block table (byte {table_at}, {} bytes) lies past its end",
+            entries * 4
+        )));
     }
     let mut table = vec![0u8; (entries * 4) as usize];
     f.read_exact_at(&mut table, table_at)?;
