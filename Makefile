@@ -100,8 +100,9 @@ test-boots: deps fixtures test-bins
 test-flash: deps fixtures test-bins
 	NIXFORGE_BIN_DIR=$(abspath $(TEST_BIN)) $(CARGO) test -p nixforge-tests --test e2e -- --test-threads=2 flash:: flash_safety:: trust::
 
-# The parsers' property tests (tables, a device's own table, bmap, zstd frames, registration,
-# bootspec; every test named *never_panic) for FUZZ_SECS each, on a fresh
+# The parsers' property tests (tables, a device's own table, bmap, zstd
+# frames, qcow2, ISO 9660, VHDX, FAT, PE/Authenticode, registration,
+# bootspec; every test named *never_panic*) for FUZZ_SECS each, on a fresh
 # seed (printed). `make test` runs them briefly with a fixed seed.
 FUZZ_SECS ?= 120
 fuzz:
