@@ -451,6 +451,20 @@ fn inspect_shows_the_signatures_and_verify_checks_the_root_whole() {
     );
     // Without --verify it reads as before (inspect does not hash the root).
     ok(forge().arg("inspect").arg(&bad));
+    // A hash device that claims 2^40 data blocks: refused by the root
+    // partition's size (it was hashed by its own number, until memory
+    // ran out).
+    let hash = seen["partitions"][2]["offset"].as_u64().unwrap();
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[(hash + 72) as usize..(hash + 80) as usize].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&bad, &bytes).unwrap();
+    let err = fails(forge().arg("inspect").arg("--verify").arg(&bad));
+    assert!(
+        the_error(&err).contains(&format!(
+            "the hash device at offset {hash} covers 1099511627776 blocks of 4096 bytes, more than the root partition's"
+        )),
+        "{err}"
+    );
 }
 
 /// A Nix key pair made by Nix itself, into `dir`: (secret key file,

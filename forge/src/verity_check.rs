@@ -48,6 +48,16 @@ pub fn check(path: &Path, r: &Report) -> Result<Verified> {
             hash.offset
         );
     };
+    // Its numbers are the image's: check them before hashing by them.
+    if found.data_blocks > root.size / verity::BLOCK as u64 {
+        bail!(
+            "{}: the hash device at offset {} covers {} blocks of 4096 bytes, more than the root partition's {} bytes hold",
+            what(),
+            hash.offset,
+            found.data_blocks,
+            root.size
+        );
+    }
     let size = found.data_blocks * verity::BLOCK as u64;
     let mut h = verity::Hasher::new(found.params);
     f.seek(SeekFrom::Start(root.offset)).with_context(what)?;
