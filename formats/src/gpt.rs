@@ -247,9 +247,23 @@ impl Gpt {
         let mut disk_guid = [0u8; 16];
         disk_guid.copy_from_slice(&h[56..72]);
         let mut partitions = Vec::new();
-        for e in arr.chunks(size) {
+        for (i, e) in arr.chunks(size).enumerate() {
             if e[0..16].iter().all(|&b| b == 0) {
                 continue;
+            }
+            let lba = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes"));
+            let (first, last) = (lba(32), lba(40));
+            // Every reader takes (last + 1 - first) * sector as the size.
+            if last < first
+                || last
+                    .checked_add(1)
+                    .and_then(|l| l.checked_mul(sector))
+                    .is_none()
+            {
+                return Err(bad(format!(
+                    "partition {}: LBAs {first}..={last} are not a valid range",
+                    i + 1
+                )));
             }
             let g = |o: usize| from_disk(e[o..o + 16].try_into().expect("16 bytes"));
             let units: Vec<u16> = e[56..128]
@@ -260,8 +274,8 @@ impl Gpt {
             partitions.push(Partition {
                 type_guid: g(0),
                 guid: g(16),
-                first_lba: u64::from_le_bytes(e[32..40].try_into().expect("8 bytes")),
-                last_lba: u64::from_le_bytes(e[40..48].try_into().expect("8 bytes")),
+                first_lba: first,
+                last_lba: last,
                 attributes: u64::from_le_bytes(e[48..56].try_into().expect("8 bytes")),
                 name: String::from_utf16_lossy(&units),
             });
@@ -304,6 +318,23 @@ mod tests {
             let mut read = |o: u64, n: usize| Ok(disk[o as usize..o as usize + n].to_vec());
             let back = Gpt::parse(&mut read, sector, 64 << 20).unwrap().unwrap();
             assert_eq!(back, g);
+            // An entry that ends before it starts, or whose end in bytes
+            // is past any number: every reader would compute its size.
+            for last in [g.partitions[0].first_lba - 1, u64::MAX / sector] {
+                let mut bad = g.clone();
+                bad.partitions[0].last_lba = last;
+                let mut read = |o: u64, n: usize| {
+                    let mut disk = bad.primary();
+                    disk.resize(o as usize + n, 0);
+                    Ok(disk[o as usize..].to_vec())
+                };
+                let e = Gpt::parse(&mut read, sector, 64 << 20).unwrap_err();
+                assert!(
+                    e.to_string().contains("partition 1: LBAs")
+                        && e.to_string().contains("not a valid range"),
+                    "{e}"
+                );
+            }
         }
     }
 
