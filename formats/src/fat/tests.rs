@@ -205,15 +205,7 @@ fn damaged_volumes_never_panic_or_hang_the_reader() {
     let mut t = Tree::new(0o755);
     let d = t.mkdir_p(b"/loader/entries", 0o755).unwrap();
     let text = b"title NixOS\n".repeat(600);
-    let file = |b: &[u8]| crate::tree::Node {
-        kind: Kind::File {
-            size: b.len() as u64,
-            content: Content::Bytes(Arc::from(b)),
-        },
-        perm: 0o644,
-        uid: 0,
-        gid: 0,
-    };
+    let file = |b: &[u8]| crate::tree::Node::bytes(b, 0o644);
     t.insert(d, b"a.conf", file(&text)).unwrap();
     t.insert(d, b"b.conf", file(b"x")).unwrap();
     let p = plan(&t, &opts(40 << 20)).unwrap();
